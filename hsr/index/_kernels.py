@@ -1,0 +1,663 @@
+"""numba kernels of the half-space reporting tree.
+
+Everything here is a module-level function over flat arrays; ``tree.py`` holds the arrays.
+
+The canonical score
+-------------------
+The library defines ``score(q, k)`` as the dot product summed **in dimension order** in the
+working dtype (float32 unless float64 is asked for), each product rounded, no fused
+multiply-add::
+
+    acc = q[0] * k[0];  for j in range(1, d): acc = acc + q[j] * k[j]
+
+Every path that reports keys (tree leaves, the brute-force scan's verification, the oracle
+:func:`canonical_scores`) computes exactly this, so "exact" has one meaning and every backend
+returns the same set for ``score >= tau``, even for thresholds that tie a score to the last
+bit. numba compiles without ``fastmath`` so LLVM neither reorders the sum nor contracts it
+into FMAs.
+
+Tree layout (one static tree; a forest is a list of them)
+----------------------------------------------------------
+``n`` keys, dimension ``d``, ``L = n_levels``; nodes are in heap order (root 0, children of
+``i`` are ``2i+1`` and ``2i+2``), ``n_nodes = 2**(L+1) - 1``, leaves are the last level.
+Node ``j`` of level ``l`` owns tree positions ``[j*n >> l, (j+1)*n >> l)``, so ranges are
+implicit and leaf sizes differ by at most one.
+
+==============  ======================  ==================================================
+array           shape, dtype            meaning
+==============  ======================  ==================================================
+ids             (n,) int64              caller's id of the key at each tree position
+kf              (n*d,) float32/64       keys in tree order, one ``(d, e - s)`` block per
+                                        leaf [s, e) at offset ``s*d`` (key t of the leaf,
+                                        dimension j at ``s*d + j*(e-s) + t``): a leaf is one
+                                        contiguous read, scored key-parallel while each
+                                        score keeps its dimension order
+node_start/end  (n_nodes,) int64        the node's range of tree positions
+center          (n_nodes, d) float32    mean of the node's keys, in the rotated basis
+radius          (n_nodes,) float64      max distance from ``center`` (rotated basis);
+                                        -1 marks an unbounded node (always scanned)
+lo, hi          (n_nodes, d) float32    bounding box in the rotated basis, rounded outward
+maxnorm         (n_nodes,) float64      largest key norm in the node (scales the slack)
+==============  ======================  ==================================================
+
+Bounds of node ``v`` for query ``q`` (``qr = R q`` the rotated query)::
+
+    ball:  <qr, c> -/+ |q| r        box:  sum_j min/max(qr_j lo_j, qr_j hi_j)
+
+and the node's interval is the intersection of both, widened by
+``slack = slack_rel * |q| * maxnorm + slack_abs``, which covers the rounding of the rotation,
+of the bounds themselves and of the canonical score (see ``tree.py``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+# --------------------------------------------------------------------------------------
+# canonical scores
+
+
+@njit(cache=True, nogil=True)
+def _dot_canonical(q, keys, i):
+    acc = q[0] * keys[i, 0]
+    for j in range(1, q.shape[0]):
+        acc = acc + q[j] * keys[i, j]
+    return acc
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def canonical_scores(Q, K):
+    """All canonical scores ``(m, n)`` by the definition above (the O(mn) oracle)."""
+    m = Q.shape[0]
+    n = K.shape[0]
+    out = np.empty((m, n), dtype=K.dtype)
+    for i in prange(m):
+        q = Q[i]
+        for t in range(n):
+            out[i, t] = _dot_canonical(q, K, t)
+    return out
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def verify_candidates(Q, K, rows, cols, out):
+    """Canonical score of each candidate pair ``(rows[c], cols[c])`` into ``out[c]``."""
+    for c in prange(rows.shape[0]):
+        out[c] = _dot_canonical(Q[rows[c]], K, cols[c])
+
+
+# --------------------------------------------------------------------------------------
+# build
+
+
+@njit(cache=True, nogil=True)
+def _select(proj, perm, s, e, k):
+    """Partial sort of ``proj[s:e]`` (with ``perm`` alongside) so that positions < k hold the
+    smallest values (Hoare quickselect, median-of-three pivot). Equal values split evenly, so
+    duplicated keys do not degrade it."""
+    lo = s
+    hi = e - 1
+    while hi > lo:
+        mid = (lo + hi) // 2
+        a = proj[lo]
+        b = proj[mid]
+        c = proj[hi]
+        if a > b:
+            a, b = b, a
+        if b > c:
+            b = c
+            if a > b:
+                b = a
+        pivot = b
+        i = lo
+        j = hi
+        while i <= j:
+            while proj[i] < pivot:
+                i += 1
+            while proj[j] > pivot:
+                j -= 1
+            if i <= j:
+                tp = proj[i]
+                proj[i] = proj[j]
+                proj[j] = tp
+                ti = perm[i]
+                perm[i] = perm[j]
+                perm[j] = ti
+                i += 1
+                j -= 1
+        if k <= j:
+            hi = j
+        elif k >= i:
+            lo = i
+        else:
+            return
+
+
+@njit(cache=True, nogil=True)
+def _split_direction(keys, perm, s, e, use_pca, n_sample):
+    """Unit direction to split keys ``perm[s:e]`` along.
+
+    ``use_pca``: the top principal direction of a strided sample (two power iterations from
+    the sample point farthest from the mean). Otherwise the coordinate of widest spread."""
+    d = keys.shape[1]
+    cnt = e - s
+    ns = min(cnt, n_sample)
+    mu = np.zeros(d)
+    for a in range(ns):
+        p = perm[s + (a * cnt) // ns]
+        for j in range(d):
+            mu[j] += keys[p, j]
+    for j in range(d):
+        mu[j] /= ns
+    v = np.zeros(d)
+    if not use_pca:
+        lo = np.full(d, np.inf)
+        hi = np.full(d, -np.inf)
+        for a in range(ns):
+            p = perm[s + (a * cnt) // ns]
+            for j in range(d):
+                x = keys[p, j]
+                if x < lo[j]:
+                    lo[j] = x
+                if x > hi[j]:
+                    hi[j] = x
+        best = 0
+        for j in range(d):
+            if hi[j] - lo[j] > hi[best] - lo[best]:
+                best = j
+        v[best] = 1.0
+        return v
+    far = -1.0
+    for a in range(ns):
+        p = perm[s + (a * cnt) // ns]
+        dist = 0.0
+        for j in range(d):
+            t = keys[p, j] - mu[j]
+            dist += t * t
+        if dist > far:
+            far = dist
+            for j in range(d):
+                v[j] = keys[p, j] - mu[j]
+    w = np.zeros(d)
+    for _ in range(2):
+        nv = 0.0
+        for j in range(d):
+            nv += v[j] * v[j]
+        if nv == 0.0:
+            break
+        w[:] = 0.0
+        for a in range(ns):
+            p = perm[s + (a * cnt) // ns]
+            proj = 0.0
+            for j in range(d):
+                proj += (keys[p, j] - mu[j]) * v[j]
+            for j in range(d):
+                w[j] += proj * (keys[p, j] - mu[j])
+        nw = 0.0
+        for j in range(d):
+            nw += w[j] * w[j]
+        if nw == 0.0:
+            break
+        v[:] = w
+    nv = 0.0
+    for j in range(d):
+        nv += v[j] * v[j]
+    if nv == 0.0:
+        v[0] = 1.0
+    return v
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def build_permutation(keys, perm, n_levels, use_pca, n_sample):
+    """Reorder ``perm`` (positions of ``keys`` rows) level by level so every node's range is
+    split at its median along the node's split direction."""
+    n = perm.shape[0]
+    d = keys.shape[1]
+    for level in range(n_levels):
+        for jn in prange(1 << level):
+            s = (jn * n) >> level
+            e = ((jn + 1) * n) >> level
+            mid = ((2 * jn + 1) * n) >> (level + 1)
+            if e - s < 2:
+                continue
+            v = _split_direction(keys, perm, s, e, use_pca, n_sample)
+            proj = np.empty(e - s)
+            for a in range(s, e):
+                p = perm[a]
+                acc = 0.0
+                for j in range(d):
+                    acc += keys[p, j] * v[j]
+                proj[a - s] = acc
+            sub = perm[s:e]
+            _select(proj, sub, 0, e - s, mid - s)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def build_bounds(kr, norms, n_levels, center, radius, lo, hi, maxnorm):
+    """Fill the node arrays from rotated keys ``kr (n, d)`` in tree order.
+
+    Leaves read their keys; an internal node's box, centre and max norm come from its
+    children, its radius from a pass over its keys (exact radii keep the top levels tight)."""
+    n = kr.shape[0]
+    d = kr.shape[1]
+    for level in range(n_levels, -1, -1):
+        first = (1 << level) - 1
+        for jn in prange(1 << level):
+            v = first + jn
+            s = (jn * n) >> level
+            e = ((jn + 1) * n) >> level
+            cnt = e - s
+            if level == n_levels:
+                mn = 0.0
+                for j in range(d):
+                    acc = 0.0
+                    l = np.inf
+                    h = -np.inf
+                    for a in range(s, e):
+                        x = kr[a, j]
+                        acc += x
+                        if x < l:
+                            l = x
+                        if x > h:
+                            h = x
+                    center[v, j] = acc / max(cnt, 1)
+                    lo[v, j] = l
+                    hi[v, j] = h
+                for a in range(s, e):
+                    if norms[a] > mn:
+                        mn = norms[a]
+                maxnorm[v] = mn
+            else:
+                c1 = 2 * v + 1
+                c2 = 2 * v + 2
+                s1 = (2 * jn * n) >> (level + 1)
+                n1 = (((2 * jn + 1) * n) >> (level + 1)) - s1
+                n2 = cnt - n1
+                for j in range(d):
+                    center[v, j] = (n1 * np.float64(center[c1, j]) + n2 * np.float64(center[c2, j])) / max(cnt, 1)
+                    lo[v, j] = min(lo[c1, j], lo[c2, j])
+                    hi[v, j] = max(hi[c1, j], hi[c2, j])
+                maxnorm[v] = max(maxnorm[c1], maxnorm[c2])
+            r2 = 0.0
+            for a in range(s, e):
+                acc = 0.0
+                for j in range(d):
+                    t = np.float64(kr[a, j]) - np.float64(center[v, j])
+                    acc += t * t
+                if acc > r2:
+                    r2 = acc
+            # widen by a relative ulp-scale margin: the radius is compared against exact
+            # distances that we only know to float64 rounding
+            radius[v] = np.sqrt(r2) * (1.0 + 1e-12) + 1e-300
+
+
+# --------------------------------------------------------------------------------------
+# query
+
+
+@njit(cache=True, nogil=True)
+def _node_bounds(v, qr, qnorm, center, radius, lo, hi, maxnorm, slack_rel, slack_abs):
+    """(upper, lower) bound of the canonical score over node ``v``'s keys."""
+    if radius[v] < 0.0:
+        return np.inf, -np.inf
+    d = qr.shape[0]
+    dc = 0.0
+    bu = 0.0
+    bl = 0.0
+    for j in range(d):
+        x = qr[j]
+        dc += x * center[v, j]
+        a = x * lo[v, j]
+        b = x * hi[v, j]
+        if a > b:
+            bu += a
+            bl += b
+        else:
+            bu += b
+            bl += a
+    qrad = qnorm * radius[v]
+    ub = min(dc + qrad, bu)
+    lb = max(dc - qrad, bl)
+    slack = slack_rel * qnorm * maxnorm[v] + slack_abs
+    return ub + slack, lb - slack
+
+
+@njit(cache=True, nogil=True)
+def _scan(q, kf, base, stride, cnt, acc):
+    """Canonical scores of a block of ``cnt`` keys stored as ``kf[base + j*stride + t]``
+    (dimension j, key t) into ``acc[:cnt]``."""
+    q0 = q[0]
+    for t in range(cnt):
+        acc[t] = q0 * kf[base + t]
+    for j in range(1, q.shape[0]):
+        qj = q[j]
+        off = base + j * stride
+        for t in range(cnt):
+            acc[t] = acc[t] + qj * kf[off + t]
+
+
+@njit(cache=True, nogil=True)
+def _leaf_block(v, node_start, node_end, d, fixed_stride):
+    """(base, stride, cnt) of leaf ``v``'s key block: a tree stores leaf [s, e) as a
+    ``(d, e - s)`` block at ``s*d``; the buffer is one ``(d, capacity)`` block."""
+    s = node_start[v]
+    e = node_end[v]
+    if fixed_stride > 0:
+        return s, fixed_stride, e - s
+    return s * d, e - s, e - s
+
+
+@njit(cache=True, nogil=True)
+def _leaf_span(v, n_levels):
+    """First and one-past-last leaf under node ``v`` (heap order)."""
+    level = 0
+    while (1 << (level + 1)) - 1 <= v:
+        level += 1
+    jn = v - ((1 << level) - 1)
+    width = 1 << (n_levels - level)
+    first = (1 << n_levels) - 1 + jn * width
+    return first, first + width
+
+
+@njit(cache=True, nogil=True)
+def _max_leaf(node_start, node_end, n_levels):
+    n_nodes = node_start.shape[0]
+    if n_levels == 0:
+        return max(node_end[0] - node_start[0], 1)
+    # leaf sizes differ by at most one
+    return node_end[n_nodes - 1] - node_start[n_nodes - 1] + 1
+
+
+@njit(cache=True, nogil=True)
+def _record_hit(hits, v, fill):
+    if fill or hits[0] < 0:
+        return
+    h = hits[0]
+    if h + 1 >= hits.shape[0]:
+        hits[0] = -1
+        return
+    hits[h + 1] = v
+    hits[0] = h + 1
+
+
+@njit(cache=True, nogil=True)
+def _fill_from_hits(q, tau, kf, fixed_stride, ids, alive, has_dead, n_levels, node_start,
+                    node_end, with_scores, out_ids, out_scores, pos, hits):
+    """Fill pass over the nodes the count pass recorded: leaves are rescanned and compared
+    again; whole nodes are reported as in the traversal."""
+    d = q.shape[0]
+    acc = np.empty(_max_leaf(node_start, node_end, n_levels), dtype=kf.dtype)
+    first_leaf = (1 << n_levels) - 1
+    found = 0
+    for h in range(1, hits[0] + 1):
+        v = hits[h]
+        if v >= first_leaf:
+            f0, f1 = v, v + 1
+            whole = False
+        else:
+            f0, f1 = _leaf_span(v, n_levels)
+            whole = True
+        if whole and not with_scores:
+            for t in range(node_start[v], node_end[v]):
+                gid = ids[t]
+                if has_dead and alive[gid] == 0:
+                    continue
+                out_ids[pos + found] = gid
+                found += 1
+            continue
+        for leaf in range(f0, f1):
+            base, stride, cnt = _leaf_block(leaf, node_start, node_end, d, fixed_stride)
+            _scan(q, kf, base, stride, cnt, acc)
+            ls = node_start[leaf]
+            for t in range(cnt):
+                if whole or acc[t] >= tau:
+                    gid = ids[ls + t]
+                    if has_dead and alive[gid] == 0:
+                        continue
+                    out_ids[pos + found] = gid
+                    out_scores[pos + found] = acc[t]
+                    found += 1
+    return found
+
+
+@njit(cache=True, nogil=True)
+def _range_one(q, qr, qnorm, tau, kf, fixed_stride, ids, alive, has_dead, n_levels, node_start,
+               node_end, center, radius, lo, hi, maxnorm, slack_rel, slack_abs, with_scores,
+               out_ids, out_scores, pos, fill, stats, hits):
+    """Four-case traversal for one query. ``fill`` False counts only; True writes results
+    from ``pos``. Returns the number of keys reported; ``stats`` gets [visited, scored].
+
+    The count pass records the nodes that reported something in ``hits[1:]`` (``hits[0]``
+    their number, -1 on overflow); the fill pass then revisits only those instead of
+    traversing again, unless the list overflowed."""
+    d = q.shape[0]
+    if fill and hits[0] >= 0:
+        return _fill_from_hits(q, tau, kf, fixed_stride, ids, alive, has_dead, n_levels,
+                               node_start, node_end, with_scores, out_ids, out_scores, pos, hits)
+    acc = np.empty(_max_leaf(node_start, node_end, n_levels), dtype=kf.dtype)
+    stack = np.empty(2 * n_levels + 4, dtype=np.int64)
+    stack[0] = 0
+    top = 1
+    first_leaf = (1 << n_levels) - 1
+    found = 0
+    visited = 0
+    scored = 0
+    while top > 0:
+        top -= 1
+        v = stack[top]
+        s = node_start[v]
+        e = node_end[v]
+        if e <= s:
+            continue
+        visited += 1
+        ub, lb = _node_bounds(v, qr, qnorm, center, radius, lo, hi, maxnorm, slack_rel, slack_abs)
+        if ub < tau:
+            continue
+        if lb >= tau and radius[v] >= 0.0:
+            # wholly inside: report without comparisons; scores only if the caller wants them
+            if with_scores and fill:
+                f0, f1 = _leaf_span(v, n_levels)
+                for leaf in range(f0, f1):
+                    base, stride, cnt = _leaf_block(leaf, node_start, node_end, d, fixed_stride)
+                    _scan(q, kf, base, stride, cnt, acc)
+                    ls = node_start[leaf]
+                    for t in range(cnt):
+                        gid = ids[ls + t]
+                        if has_dead and alive[gid] == 0:
+                            continue
+                        out_ids[pos + found] = gid
+                        out_scores[pos + found] = acc[t]
+                        found += 1
+            elif has_dead:
+                for t in range(s, e):
+                    gid = ids[t]
+                    if alive[gid] != 0:
+                        if fill:
+                            out_ids[pos + found] = gid
+                        found += 1
+            else:
+                if fill:
+                    for t in range(s, e):
+                        out_ids[pos + found + t - s] = ids[t]
+                found += e - s
+            _record_hit(hits, v, fill)
+            continue
+        if v >= first_leaf:
+            base, stride, cnt = _leaf_block(v, node_start, node_end, d, fixed_stride)
+            _scan(q, kf, base, stride, cnt, acc)
+            scored += cnt
+            before = found
+            for t in range(cnt):
+                if acc[t] >= tau:
+                    gid = ids[s + t]
+                    if has_dead and alive[gid] == 0:
+                        continue
+                    if fill:
+                        out_ids[pos + found] = gid
+                        out_scores[pos + found] = acc[t]
+                    found += 1
+            if found > before:
+                _record_hit(hits, v, fill)
+            continue
+        stack[top] = 2 * v + 2
+        stack[top + 1] = 2 * v + 1
+        top += 2
+    stats[0] += visited
+    stats[1] += scored
+    return found
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def tree_range_count(Q, QR, qnorm, tau, kf, fixed_stride, ids, alive, has_dead, n_levels,
+                     node_start, node_end, center, radius, lo, hi, maxnorm, slack_rel, slack_abs,
+                     with_scores, counts, stats, hits):
+    """Count pass: ``counts[i]`` keys reported for query i; ``stats[i] += [visited, scored]``;
+    ``hits[i]`` the nodes that reported (see ``_range_one``)."""
+    dummy_ids = np.empty(0, dtype=np.int64)
+    dummy_sc = np.empty(0, dtype=kf.dtype)
+    for i in prange(Q.shape[0]):
+        hits[i, 0] = 0
+        counts[i] = _range_one(Q[i], QR[i], qnorm[i], tau[i], kf, fixed_stride, ids, alive,
+                               has_dead, n_levels, node_start, node_end, center, radius, lo, hi,
+                               maxnorm, slack_rel, slack_abs, with_scores, dummy_ids, dummy_sc,
+                               0, False, stats[i], hits[i])
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def tree_range_fill(Q, QR, qnorm, tau, kf, fixed_stride, ids, alive, has_dead, n_levels,
+                    node_start, node_end, center, radius, lo, hi, maxnorm, slack_rel, slack_abs,
+                    with_scores, offsets, out_ids, out_scores, hits):
+    """Fill pass: query i writes its results from ``offsets[i]``."""
+    for i in prange(Q.shape[0]):
+        st = np.zeros(2, dtype=np.int64)
+        _range_one(Q[i], QR[i], qnorm[i], tau[i], kf, fixed_stride, ids, alive, has_dead,
+                   n_levels, node_start, node_end, center, radius, lo, hi, maxnorm, slack_rel,
+                   slack_abs, with_scores, out_ids, out_scores, offsets[i], True, st, hits[i])
+
+
+# --------------------------------------------------------------------------------------
+# best-first top-k
+
+
+@njit(cache=True, nogil=True)
+def _heap_push_max(hk, hv, size, key, val):
+    """Max-heap on ``hk`` with payload ``hv``; returns the new size."""
+    i = size
+    hk[i] = key
+    hv[i] = val
+    while i > 0:
+        p = (i - 1) // 2
+        if hk[p] >= hk[i]:
+            break
+        hk[p], hk[i] = hk[i], hk[p]
+        hv[p], hv[i] = hv[i], hv[p]
+        i = p
+    return size + 1
+
+
+@njit(cache=True, nogil=True)
+def _heap_pop_max(hk, hv, size):
+    """Remove the top of the max-heap; returns the new size (top read before calling)."""
+    size -= 1
+    hk[0] = hk[size]
+    hv[0] = hv[size]
+    i = 0
+    while True:
+        l = 2 * i + 1
+        r = l + 1
+        b = i
+        if l < size and hk[l] > hk[b]:
+            b = l
+        if r < size and hk[r] > hk[b]:
+            b = r
+        if b == i:
+            break
+        hk[b], hk[i] = hk[i], hk[b]
+        hv[b], hv[i] = hv[i], hv[b]
+        i = b
+    return size
+
+
+@njit(cache=True, nogil=True)
+def _topk_insert(ts, ti, k, score, gid):
+    """Keep the k best (score, id) in a min-heap (ts[0] is the k-th best). Ties on score are
+    broken toward the smaller id so results do not depend on traversal order."""
+    if score < ts[0] or (score == ts[0] and gid >= ti[0]):
+        return
+    ts[0] = score
+    ti[0] = gid
+    i = 0
+    while True:
+        l = 2 * i + 1
+        r = l + 1
+        b = i
+        if l < k and (ts[l] < ts[b] or (ts[l] == ts[b] and ti[l] > ti[b])):
+            b = l
+        if r < k and (ts[r] < ts[b] or (ts[r] == ts[b] and ti[r] > ti[b])):
+            b = r
+        if b == i:
+            break
+        ts[b], ts[i] = ts[i], ts[b]
+        ti[b], ti[i] = ti[i], ti[b]
+        i = b
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def tree_topk(Q, QR, qnorm, kf, fixed_stride, ids, alive, has_dead, n_levels, node_start,
+              node_end, center, radius, lo, hi, maxnorm, slack_rel, slack_abs, top_s, top_i, stats):
+    """Best-first search by upper bound; updates each query's running top-k heap
+    (``top_s``, ``top_i`` of shape (m, k), min-heaps, initialised to -inf / -1 by the caller
+    and carried across the trees of a forest)."""
+    n_nodes = node_start.shape[0]
+    k = top_s.shape[1]
+    for i in prange(Q.shape[0]):
+        q = Q[i]
+        ts = top_s[i]
+        ti = top_i[i]
+        hk = np.empty(n_nodes + 1)
+        hv = np.empty(n_nodes + 1, dtype=np.int64)
+        acc = np.empty(_max_leaf(node_start, node_end, n_levels), dtype=kf.dtype)
+        first_leaf = (1 << n_levels) - 1
+        ub, lb = _node_bounds(0, QR[i], qnorm[i], center, radius, lo, hi, maxnorm, slack_rel, slack_abs)
+        size = _heap_push_max(hk, hv, 0, ub, 0)
+        visited = 0
+        scored = 0
+        while size > 0:
+            ub = hk[0]
+            v = hv[0]
+            size = _heap_pop_max(hk, hv, size)
+            if ub < ts[0]:
+                break
+            s = node_start[v]
+            e = node_end[v]
+            if e <= s:
+                continue
+            visited += 1
+            if v >= first_leaf:
+                base, stride, cnt = _leaf_block(v, node_start, node_end, q.shape[0], fixed_stride)
+                _scan(q, kf, base, stride, cnt, acc)
+                scored += cnt
+                for t in range(cnt):
+                    gid = ids[s + t]
+                    if has_dead and alive[gid] == 0:
+                        continue
+                    _topk_insert(ts, ti, k, np.float64(acc[t]), gid)
+                continue
+            for c in range(2 * v + 1, 2 * v + 3):
+                cub, clb = _node_bounds(c, QR[i], qnorm[i], center, radius, lo, hi, maxnorm, slack_rel, slack_abs)
+                if cub >= ts[0]:
+                    size = _heap_push_max(hk, hv, size, cub, c)
+        stats[i, 0] += visited
+        stats[i, 1] += scored
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def pack_leaves(kp, starts, ends, kf):
+    """Lay out keys ``kp (n, d)`` (tree order) as one ``(d, e - s)`` block per leaf."""
+    d = kp.shape[1]
+    for v in prange(starts.shape[0]):
+        s = starts[v]
+        cnt = ends[v] - s
+        for j in range(d):
+            for t in range(cnt):
+                kf[s * d + j * cnt + t] = kp[s + t, j]

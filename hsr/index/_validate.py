@@ -1,0 +1,97 @@
+"""Input normalisation at the library boundary.
+
+Every public entry point passes its arrays through these helpers, so kernels see only
+C-contiguous float32 (or float64) arrays of the right rank, with no NaN or Inf, and numba
+never recompiles for a stray dtype.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["as_float_array", "as_tau", "resolve_dtype", "is_torch", "to_numpy"]
+
+_FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
+
+
+def is_torch(x) -> bool:
+    """True when ``x`` is a torch tensor (checked without importing torch)."""
+    return type(x).__module__.startswith("torch") and hasattr(x, "detach")
+
+
+def to_numpy(x, name: str) -> np.ndarray:
+    """Turn a numpy array, torch tensor or sequence into a numpy array, without copying floats
+    that are already float32/float64. bfloat16 and float16 tensors become float32."""
+    if is_torch(x):
+        import torch
+
+        if not (x.is_floating_point()):
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+        t = x.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        if t.dtype in (torch.float16, torch.bfloat16):
+            t = t.float()
+        return t.numpy()
+    arr = np.asarray(x)
+    if arr.dtype.kind not in "f":
+        raise TypeError(
+            f"{name} must have a floating dtype (one of {', '.join(_FLOAT_NAMES)}), got {arr.dtype}"
+        )
+    return arr
+
+
+def resolve_dtype(dtype) -> np.dtype:
+    """The computation dtype: float32 (default) or float64."""
+    if dtype is None:
+        return np.dtype(np.float32)
+    dt = np.dtype(dtype)
+    if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise TypeError(f"dtype must be float32 or float64, got {dt}")
+    return dt
+
+
+def as_float_array(x, name: str, dtype: np.dtype, ndim: int = 2, dim: int | None = None) -> np.ndarray:
+    """Validate ``x`` and return it as a C-contiguous ``dtype`` array.
+
+    Parameters
+    ----------
+    x : array_like or torch.Tensor
+        Floating-point input.
+    name : str
+        Used in error messages.
+    dtype : numpy dtype
+        float32 or float64.
+    ndim : int
+        Required rank. A 1-D input is accepted where ``ndim == 2`` and promoted to one row.
+    dim : int, optional
+        Required size of the last axis.
+    """
+    arr = to_numpy(x, name)
+    if ndim == 2 and arr.ndim == 1:
+        arr = arr[None, :]
+    if arr.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {arr.shape}")
+    if dim is not None and arr.shape[-1] != dim:
+        raise ValueError(f"{name} has dimension {arr.shape[-1]}, the index has dimension {dim}")
+    arr = np.ascontiguousarray(arr, dtype=dtype)
+    if arr.size and not np.isfinite(arr).all():
+        raise ValueError(f"{name} contains NaN or Inf")
+    return arr
+
+
+def as_tau(tau, m: int) -> np.ndarray:
+    """Thresholds as a float64 array of shape ``(m,)`` (a scalar is broadcast)."""
+    if is_torch(tau):
+        tau = tau.detach().cpu().double().numpy()
+    t = np.asarray(tau)
+    if t.dtype.kind not in "fiu":
+        raise TypeError(f"tau must be numeric, got dtype {t.dtype}")
+    t = t.astype(np.float64)
+    if t.ndim == 0:
+        t = np.full(m, float(t))
+    elif t.shape != (m,):
+        raise ValueError(f"tau must be a scalar or have shape ({m},), got shape {t.shape}")
+    if not np.isfinite(t).all():
+        raise ValueError("tau contains NaN or Inf")
+    return np.ascontiguousarray(t)

@@ -1,0 +1,759 @@
+"""``HSRIndex``: exact half-space reporting over a growing set of keys.
+
+A thin class over the numba kernels of ``_kernels.py``. It holds
+
+* every key ever added, in the caller's id order (``_keys``, ``(capacity, d)``), with an
+  ``_alive`` flag per id (removal is a tombstone);
+* a *forest* of static partition trees (:class:`_Tree`) over disjoint sets of ids, sizes
+  kept roughly geometric by logarithmic merging (Bentley and Saxe), so an append costs
+  ``O(log n)`` amortised rebuild work per key rather than a rebuild of everything;
+* a small *buffer* of the most recent keys, scanned exactly (it is a tree with one unbounded
+  node), flushed into the forest when full.
+
+A query runs the four-case traversal on every tree and on the buffer and concatenates the
+results per query (count pass, prefix sum, fill pass).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import zipfile
+
+import numpy as np
+
+from . import _kernels as K
+from ._validate import as_float_array, as_tau, resolve_dtype
+
+__all__ = ["HSRIndex", "BruteForceIndex", "SearchStats"]
+
+_FORMAT = "hsr-index"
+_FORMAT_VERSION = 1
+
+#: ``method="auto"`` scans by brute force below this many live keys.
+AUTO_MIN_KEYS = 4096
+#: ``method="auto"`` falls back to brute force when a pilot of the batch's queries makes the
+#: trees score more than this fraction of the keys (the blocked BLAS scan is then faster).
+AUTO_MAX_SCAN = 0.35
+#: The count pass remembers up to this many reporting nodes per query and tree, so the fill
+#: pass revisits only them; a query with more traverses again.
+_HITS = 256
+
+
+class SearchStats:
+    """Per-query work counters of one search.
+
+    Attributes
+    ----------
+    nodes_visited : ndarray, (m,) int64
+        Tree nodes whose bounds were evaluated.
+    keys_scored : ndarray, (m,) int64
+        Keys whose score was computed to compare it with tau (leaf scans; every live key
+        for the brute-force scan).
+    keys_reported : ndarray, (m,) int64
+        Size of each result.
+    n_keys : int
+        Live keys in the index at search time.
+    method : str
+        ``"tree"`` or ``"brute"``.
+    """
+
+    def __init__(self, nodes_visited, keys_scored, keys_reported, n_keys, method):
+        self.nodes_visited = nodes_visited
+        self.keys_scored = keys_scored
+        self.keys_reported = keys_reported
+        self.n_keys = n_keys
+        self.method = method
+
+    @property
+    def scan_fraction(self) -> float:
+        """Mean fraction of the live keys scored per query: the honest measure of pruning."""
+        if self.n_keys == 0 or self.keys_scored.size == 0:
+            return 0.0
+        return float(self.keys_scored.mean() / self.n_keys)
+
+    def __repr__(self):
+        return (f"SearchStats(method={self.method!r}, queries={self.keys_scored.size}, "
+                f"n_keys={self.n_keys}, scan_fraction={self.scan_fraction:.4f}, "
+                f"mean_reported={self.keys_reported.mean() if self.keys_reported.size else 0:.1f})")
+
+
+class _Tree:
+    """Arrays of one static tree; see the table in ``_kernels.py``."""
+
+    __slots__ = ("ids", "kf", "stride", "n_levels", "node_start", "node_end", "center", "radius",
+                 "lo", "hi", "maxnorm")
+    _ARRAYS = ("ids", "kf", "node_start", "node_end", "center", "radius", "lo", "hi", "maxnorm")
+
+    @property
+    def n(self) -> int:
+        return int(self.node_end[0])
+
+    def args(self):
+        return (self.kf, self.stride, self.ids, self.n_levels, self.node_start, self.node_end,
+                self.center, self.radius, self.lo, self.hi, self.maxnorm)
+
+
+def _node_ranges(n: int, n_levels: int):
+    starts = []
+    ends = []
+    for level in range(n_levels + 1):
+        j = np.arange(1 << level, dtype=np.int64)
+        starts.append((j * n) >> level)
+        ends.append(((j + 1) * n) >> level)
+    return np.concatenate(starts), np.concatenate(ends)
+
+
+def _n_levels(n: int, leaf_size: int) -> int:
+    if n <= leaf_size:
+        return 0
+    return int(math.ceil(math.log2(n / leaf_size)))
+
+
+def _build_tree(keys: np.ndarray, ids: np.ndarray, rot: np.ndarray, leaf_size: int,
+                use_pca: bool) -> _Tree:
+    """Build one static tree over ``keys (n, d)`` whose caller ids are ``ids (n,)``."""
+    n, d = keys.shape
+    dt = keys.dtype
+    L = _n_levels(n, leaf_size)
+    perm = np.arange(n, dtype=np.int64)
+    K.build_permutation(keys, perm, L, use_pca, 32)
+    kp = keys[perm]
+    kr = np.empty_like(kp)
+    for s in range(0, n, 65536):  # rotate in chunks: a float64 copy of 1M keys is 512 MB
+        kr[s:s + 65536] = kp[s:s + 65536].astype(np.float64) @ rot.T
+    norms = np.sqrt(np.einsum("ij,ij->i", kp, kp, dtype=np.float64))
+    n_nodes = (1 << (L + 1)) - 1
+    t = _Tree()
+    t.ids = np.ascontiguousarray(ids[perm], dtype=np.int64)
+    t.n_levels = L
+    t.stride = 0
+    t.node_start, t.node_end = _node_ranges(n, L)
+    first_leaf = (1 << L) - 1
+    t.kf = np.empty(n * d, dtype=dt)
+    K.pack_leaves(kp, t.node_start[first_leaf:], t.node_end[first_leaf:], t.kf)
+    t.center = np.empty((n_nodes, d), dtype=dt)
+    t.radius = np.empty(n_nodes)
+    t.lo = np.empty((n_nodes, d), dtype=dt)
+    t.hi = np.empty((n_nodes, d), dtype=dt)
+    t.maxnorm = np.empty(n_nodes)
+    K.build_bounds(kr, norms, L, t.center, t.radius, t.lo, t.hi, t.maxnorm)
+    return t
+
+
+def _empty_buffer(capacity: int, d: int, dt) -> _Tree:
+    """The append buffer: one node with radius -1 (unbounded, so always scanned)."""
+    t = _Tree()
+    t.ids = np.zeros(capacity, dtype=np.int64)
+    t.kf = np.zeros(d * capacity, dtype=dt)
+    t.stride = capacity
+    t.n_levels = 0
+    t.node_start = np.zeros(1, dtype=np.int64)
+    t.node_end = np.zeros(1, dtype=np.int64)
+    t.center = np.zeros((1, d), dtype=dt)
+    t.radius = np.full(1, -1.0)
+    t.lo = np.zeros((1, d), dtype=dt)
+    t.hi = np.zeros((1, d), dtype=dt)
+    t.maxnorm = np.zeros(1)
+    return t
+
+
+def _pca_rotation(keys: np.ndarray, seed: int) -> np.ndarray:
+    """Orthogonal ``(d, d)`` float64 matrix whose rows are the keys' principal axes, from a
+    seeded sample of at most 8192 keys."""
+    n, d = keys.shape
+    if n < 2:
+        return np.eye(d)
+    rng = np.random.default_rng(seed)
+    sample = keys if n <= 8192 else keys[np.sort(rng.choice(n, 8192, replace=False))]
+    x = sample.astype(np.float64)
+    x = x - x.mean(axis=0)
+    w, v = np.linalg.eigh(x.T @ x)
+    return np.ascontiguousarray(v[:, ::-1].T)
+
+
+class HSRIndex:
+    """Exact half-space reporting: ``{j : score(q, k_j) >= tau}`` for batches of queries.
+
+    A forest of partition trees over the keys (principal-direction median splits; each node
+    bounded by a ball and by a box in a global PCA basis). The comparison is inclusive
+    (``>=``), scores are the library's canonical dot products (summed in dimension order in
+    the working dtype, see :func:`hsr.index.canonical_scores`), and every backend returns
+    exactly the same set.
+
+    Parameters
+    ----------
+    keys : array_like or torch.Tensor, (n, d), optional
+        Initial keys; float16/bfloat16/float32/float64. Their ids are ``0 .. n-1``.
+    dim : int, optional
+        Dimension, needed only when no keys are given.
+    leaf_size : int, default 32
+        Keys per leaf (leaves hold ``leaf_size // 2`` to ``leaf_size`` keys).
+    split : {"pca", "axis"}, default "pca"
+        Split direction: the node's top principal direction, or its widest coordinate.
+    rotate : bool, default True
+        Bound boxes in the keys' principal basis (True) or in the input coordinates.
+    method : {"auto", "tree", "brute"}, default "auto"
+        ``"brute"`` is the exact blocked BLAS scan and builds no tree; ``"auto"`` builds the
+        trees and, per batch, uses the scan when fewer than ``AUTO_MIN_KEYS`` keys are live or
+        when a pilot of up to 8 of the batch's queries scores more than ``AUTO_MAX_SCAN`` of
+        the keys.
+    buffer_size : int, default 1024
+        Appended keys wait in an exactly-scanned buffer of this size before joining the forest.
+    dtype : {None, "float32", "float64"}
+        Working dtype; float32 unless float64 is asked for.
+    seed : int, default 0
+        Seeds the sample for the PCA basis. Same keys and seed, identical trees.
+
+    Examples
+    --------
+    >>> import numpy as np, hsr
+    >>> rng = np.random.default_rng(0)
+    >>> keys = rng.standard_normal((5000, 16)).astype(np.float32)
+    >>> index = hsr.HSRIndex(keys)
+    >>> q = rng.standard_normal((3, 16)).astype(np.float32)
+    >>> lims, ids, scores = index.range_search(q, 8.0)
+    >>> dense = hsr.index.canonical_scores(q, keys)
+    >>> all(set(ids[lims[i]:lims[i+1]]) == set(np.flatnonzero(dense[i] >= 8.0)) for i in range(3))
+    True
+    """
+
+    def __init__(self, keys=None, *, dim=None, leaf_size=32, split="pca", rotate=True,
+                 method="auto", buffer_size=1024, dtype=None, seed=0):
+        if split not in ("pca", "axis"):
+            raise ValueError(f"split must be 'pca' or 'axis', got {split!r}")
+        if method not in ("auto", "tree", "brute"):
+            raise ValueError(f"method must be 'auto', 'tree' or 'brute', got {method!r}")
+        if not isinstance(leaf_size, (int, np.integer)) or leaf_size < 1:
+            raise ValueError(f"leaf_size must be a positive integer, got {leaf_size!r}")
+        if not isinstance(buffer_size, (int, np.integer)) or buffer_size < 1:
+            raise ValueError(f"buffer_size must be a positive integer, got {buffer_size!r}")
+        self.dtype = resolve_dtype(dtype)
+        self.leaf_size = int(leaf_size)
+        self.split = split
+        self.rotate = bool(rotate)
+        self.method = method
+        self.buffer_size = int(buffer_size)
+        self.seed = int(seed)
+        if keys is None:
+            if dim is None:
+                raise ValueError("give keys, or dim for an empty index")
+            arr = np.zeros((0, int(dim)), dtype=self.dtype)
+        else:
+            arr = as_float_array(keys, "keys", self.dtype, ndim=2, dim=dim)
+        if arr.shape[1] < 1:
+            raise ValueError("keys must have dimension >= 1")
+        self.dim = arr.shape[1]
+        self._keys = np.zeros((max(arr.shape[0], 16), self.dim), dtype=self.dtype)
+        self._alive = np.zeros(self._keys.shape[0], dtype=np.uint8)
+        self._n_total = 0
+        self._n_dead = 0
+        self._max_norm = 0.0
+        self._trees: list[_Tree] = []
+        self._rot = None
+        self._buffer = None if method == "brute" else _empty_buffer(self.buffer_size, self.dim, self.dtype)
+        eps = 2.0 ** -24 if self.dtype == np.float32 else 2.0 ** -53
+        tiny = 2.0 ** -148 if self.dtype == np.float32 else 2.0 ** -1072
+        # bounds are widened by slack_rel*|q|*maxnorm + slack_abs: twice the worst-case
+        # rounding of a d-term canonical sum, plus the float64 rotation error
+        self._slack_rel = 2.0 * (self.dim + 4) * eps + 64.0 * self.dim * 2.0 ** -53
+        self._slack_abs = (self.dim + 4) * tiny
+        self._gamma = self.dim * eps / (1.0 - self.dim * eps)
+        self._overflow = 1e37 if self.dtype == np.float32 else 1e300
+        if arr.shape[0]:
+            self.add(arr)
+
+    # ------------------------------------------------------------------ size and content
+    def __len__(self) -> int:
+        return self._n_total - self._n_dead
+
+    @property
+    def n_total(self) -> int:
+        """Ids handed out so far (live and removed)."""
+        return self._n_total
+
+    @property
+    def n_trees(self) -> int:
+        """Static trees in the forest (the buffer not counted)."""
+        return len(self._trees)
+
+    def get_keys(self, ids) -> np.ndarray:
+        """Keys ``(len(ids), d)`` of the given ids (removed ones included)."""
+        ids = self._check_ids(ids, allow_dead=True)
+        return self._keys[ids].copy()
+
+    def __repr__(self):
+        return (f"HSRIndex(n={len(self)}, dim={self.dim}, dtype={self.dtype.name}, trees={self.n_trees}, "
+                f"buffered={0 if self._buffer is None else self._buffer.n}, leaf_size={self.leaf_size}, "
+                f"method={self.method!r})")
+
+    # ------------------------------------------------------------------ grow and shrink
+    def add(self, keys) -> np.ndarray:
+        """Append keys ``(k, d)`` (or one key ``(d,)``); returns their new ids ``(k,)`` int64.
+
+        Amortised cost: the keys wait in a scanned buffer of ``buffer_size``; a full buffer is
+        merged with every smaller tree into one new tree (logarithmic method), so each key is
+        rebuilt ``O(log(n / buffer_size))`` times over its life.
+        """
+        arr = as_float_array(keys, "keys", self.dtype, ndim=2, dim=self.dim)
+        k = arr.shape[0]
+        start = self._n_total
+        if start + k > self._keys.shape[0]:
+            cap = max(2 * self._keys.shape[0], start + k)
+            nk = np.zeros((cap, self.dim), dtype=self.dtype)
+            nk[:start] = self._keys[:start]
+            na = np.zeros(cap, dtype=np.uint8)
+            na[:start] = self._alive[:start]
+            self._keys, self._alive = nk, na
+        self._keys[start:start + k] = arr
+        self._alive[start:start + k] = 1
+        self._n_total += k
+        if k:
+            self._max_norm = max(self._max_norm, float(np.sqrt(np.einsum("ij,ij->i", arr, arr, dtype=np.float64).max())))
+        new_ids = np.arange(start, start + k, dtype=np.int64)
+        if self._buffer is not None and k:
+            self._insert(new_ids)
+        return new_ids
+
+    def _insert(self, new_ids: np.ndarray) -> None:
+        buf = self._buffer
+        nb = buf.n
+        if nb + len(new_ids) < self.buffer_size:
+            buf.ids[nb:nb + len(new_ids)] = new_ids
+            buf.kf.reshape(self.dim, self.buffer_size)[:, nb:nb + len(new_ids)] = self._keys[new_ids].T
+            buf.node_end[0] = nb + len(new_ids)
+            return
+        pending = np.concatenate([buf.ids[:nb], new_ids])
+        buf.node_end[0] = 0
+        self._merge_in(pending)
+
+    def _merge_in(self, ids: np.ndarray) -> None:
+        ids = ids[self._alive[ids] == 1]
+        while self._trees and self._trees[-1].n <= len(ids):
+            t = self._trees.pop()
+            ids = np.concatenate([ids, t.ids[self._alive[t.ids] == 1]])
+        if len(ids) == 0:
+            return
+        ids = np.sort(ids)  # the tree depends on the set of ids only, not on merge history
+        self._trees.append(self._build(ids))
+        self._trees.sort(key=lambda t: -t.n)
+
+    def _build(self, ids: np.ndarray) -> _Tree:
+        keys = np.ascontiguousarray(self._keys[ids])
+        if self._rot is None:
+            self._rot = _pca_rotation(keys, self.seed) if self.rotate else np.eye(self.dim)
+        return _build_tree(keys, ids, self._rot, self.leaf_size, self.split == "pca")
+
+    def remove(self, ids) -> None:
+        """Delete keys by id. Trees keep their bounds (still valid for the survivors); a tree
+        that is more than half dead is rebuilt from its live keys.
+
+        Raises
+        ------
+        ValueError
+            An id out of range, repeated, or already removed.
+        """
+        ids = self._check_ids(ids, allow_dead=False)
+        if len(np.unique(ids)) != len(ids):
+            raise ValueError("remove: ids contain duplicates")
+        self._alive[ids] = 0
+        self._n_dead += len(ids)
+        rebuilt = []
+        for t in list(self._trees):
+            live = int(self._alive[t.ids].sum())
+            if 2 * live < t.n:
+                self._trees.remove(t)
+                rebuilt.append(t.ids[self._alive[t.ids] == 1])
+        for r in rebuilt:
+            if len(r):
+                self._trees.append(self._build(np.sort(r)))
+        self._trees.sort(key=lambda t: -t.n)
+
+    def _check_ids(self, ids, allow_dead: bool) -> np.ndarray:
+        arr = np.asarray(ids)
+        if arr.dtype.kind not in "iu":
+            if arr.size == 0:
+                arr = arr.astype(np.int64)
+            else:
+                raise TypeError(f"ids must be integers, got dtype {arr.dtype}")
+        arr = arr.astype(np.int64).ravel()
+        bad = (arr < 0) | (arr >= self._n_total)
+        if bad.any():
+            raise ValueError(f"ids out of range [0, {self._n_total}): {arr[bad][:5].tolist()}")
+        if not allow_dead and (self._alive[arr] == 0).any():
+            raise ValueError(f"ids already removed: {arr[self._alive[arr] == 0][:5].tolist()}")
+        return arr
+
+    def rebuild(self) -> None:
+        """Rebuild everything as one tree over the live keys (fresh PCA basis)."""
+        if self.method == "brute":
+            return
+        live = np.flatnonzero(self._alive[:self._n_total]).astype(np.int64)
+        self._trees = []
+        self._rot = None
+        self._buffer = _empty_buffer(self.buffer_size, self.dim, self.dtype)
+        if len(live):
+            self._trees.append(self._build(live))
+
+    # ------------------------------------------------------------------ queries
+    def _prepare(self, queries, tau):
+        Q = as_float_array(queries, "queries", self.dtype, ndim=2, dim=self.dim)
+        t = as_tau(tau, Q.shape[0])
+        if Q.shape[0] and self._max_norm > 0:
+            qmax = float(np.sqrt(np.einsum("ij,ij->i", Q, Q, dtype=np.float64).max()))
+            if qmax * self._max_norm >= self._overflow:
+                raise ValueError(
+                    f"|q|*|k| reaches {qmax * self._max_norm:.3g}: scores would overflow {self.dtype.name}; "
+                    "rescale the inputs or build the index with dtype='float64'")
+        return Q, t
+
+    def _components(self):
+        comps = list(self._trees)
+        if self._buffer is not None and self._buffer.n > 0:
+            comps.append(self._buffer)
+        return comps
+
+    def _rotated(self, Q):
+        rot = self._rot if self._rot is not None else np.eye(self.dim)
+        Q64 = Q.astype(np.float64)
+        return np.ascontiguousarray(Q64 @ rot.T), np.sqrt(np.einsum("ij,ij->i", Q64, Q64))
+
+    def _choose_method(self, Q, tau) -> str:
+        if self.method != "auto":
+            return self.method
+        live = len(self)
+        if live < AUTO_MIN_KEYS:
+            return "brute"
+        m = Q.shape[0]
+        pick = np.unique(np.linspace(0, m - 1, min(m, 8)).astype(np.int64))
+        counts, stats, _ = self._forest_count(Q[pick], tau[pick], with_scores=False)
+        return "brute" if stats[:, 1].mean() > AUTO_MAX_SCAN * live else "tree"
+
+    def _forest_count(self, Q, tau, with_scores):
+        comps = self._components()
+        QR, qn = self._rotated(Q)
+        m = Q.shape[0]
+        counts = np.zeros((len(comps), m), dtype=np.int64)
+        stats = np.zeros((m, 2), dtype=np.int64)
+        hits = np.empty((len(comps), m, _HITS), dtype=np.int64)
+        has_dead = self._n_dead > 0
+        for c, t in enumerate(comps):
+            K.tree_range_count(Q, QR, qn, tau, t.kf, t.stride, t.ids, self._alive, has_dead, t.n_levels,
+                               t.node_start, t.node_end, t.center, t.radius, t.lo, t.hi, t.maxnorm,
+                               self._slack_rel, self._slack_abs, with_scores, counts[c], stats, hits[c])
+        return counts, stats, hits
+
+    def range_search(self, queries, tau, *, return_scores=True, return_stats=False):
+        """All keys with ``score(q_i, k) >= tau_i``, for each query, as CSR.
+
+        Parameters
+        ----------
+        queries : array_like or torch.Tensor, (m, d) or (d,)
+        tau : float or array_like (m,)
+            Inclusive thresholds, one for all queries or one per query.
+        return_scores : bool, default True
+            When False, keys of a node whose lower bound is at least tau are reported without
+            computing their scores (``scores`` is then not meaningful for them).
+        return_stats : bool, default False
+            Also return a :class:`SearchStats`.
+
+        Returns
+        -------
+        lims : ndarray, (m + 1,) int64
+            Query i's results are ``ids[lims[i]:lims[i+1]]``, in no particular order.
+        ids : ndarray, (lims[-1],) int64
+            The caller's key ids.
+        scores : ndarray, (lims[-1],) float32 (float64 for a float64 index)
+            Their canonical scores.
+        stats : SearchStats
+            Only with ``return_stats=True``.
+        """
+        Q, t = self._prepare(queries, tau)
+        m = Q.shape[0]
+        method = "brute" if (len(self) == 0 or m == 0) else self._choose_method(Q, t)
+        if method == "brute":
+            lims, ids, scores = self._brute_range(Q, t)
+            visited = np.zeros(m, dtype=np.int64)
+            scored = np.full(m, len(self), dtype=np.int64)
+        else:
+            lims, ids, scores, stats = self._forest_range(Q, t, return_scores)
+            visited, scored = stats[:, 0].copy(), stats[:, 1].copy()
+        if not return_stats:
+            return lims, ids, scores
+        return lims, ids, scores, SearchStats(visited, scored, np.diff(lims), len(self), method)
+
+    def _forest_range(self, Q, tau, with_scores):
+        comps = self._components()
+        counts, stats, hits = self._forest_count(Q, tau, with_scores)
+        m = Q.shape[0]
+        lims = np.zeros(m + 1, dtype=np.int64)
+        np.cumsum(counts.sum(axis=0), out=lims[1:])
+        ids = np.empty(lims[-1], dtype=np.int64)
+        scores = np.zeros(lims[-1], dtype=self.dtype)
+        QR, qn = self._rotated(Q)
+        offsets = lims[:-1].copy()
+        has_dead = self._n_dead > 0
+        for c, t in enumerate(comps):
+            K.tree_range_fill(Q, QR, qn, tau, t.kf, t.stride, t.ids, self._alive, has_dead, t.n_levels,
+                              t.node_start, t.node_end, t.center, t.radius, t.lo, t.hi, t.maxnorm,
+                              self._slack_rel, self._slack_abs, with_scores, offsets, ids, scores, hits[c])
+            offsets += counts[c]
+        return lims, ids, scores, stats
+
+    def _brute_range(self, Q, tau, q_chunk=256, k_chunk=32768):
+        """Exact blocked scan: BLAS scores pick candidates within a rounding band of tau
+        (``2*gamma_d*|q|*max|k|``), and the canonical kernel decides each candidate."""
+        m = Q.shape[0]
+        n = self._n_total
+        keys = self._keys[:n]
+        alive = self._alive[:n]
+        knorm = np.sqrt(np.einsum("ij,ij->i", keys, keys, dtype=np.float64)) if n else np.zeros(0)
+        qn = np.sqrt(np.einsum("ij,ij->i", Q, Q, dtype=np.float64))
+        rows, cols = [], []
+        for qs in range(0, m, q_chunk):
+            Qc = Q[qs:qs + q_chunk]
+            for ks in range(0, n, k_chunk):
+                S = Qc @ keys[ks:ks + k_chunk].T
+                band = 2.2 * self._gamma * qn[qs:qs + q_chunk] * knorm[ks:ks + k_chunk].max() + self._slack_abs
+                r, c = np.nonzero(S >= (tau[qs:qs + q_chunk] - band)[:, None])
+                rows.append(r + qs)
+                cols.append(c + ks)
+        rows = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+        cols = np.concatenate(cols) if cols else np.zeros(0, dtype=np.int64)
+        keep = alive[cols] == 1
+        rows, cols = rows[keep].astype(np.int64), cols[keep].astype(np.int64)
+        order = np.argsort(rows, kind="stable")
+        rows, cols = rows[order], cols[order]
+        sc = np.empty(len(rows), dtype=self.dtype)
+        K.verify_candidates(Q, keys, rows, cols, sc)
+        keep = sc >= tau[rows]
+        rows, cols, sc = rows[keep], cols[keep], sc[keep]
+        lims = np.zeros(m + 1, dtype=np.int64)
+        np.cumsum(np.bincount(rows, minlength=m), out=lims[1:])
+        return lims, cols, sc
+
+    def query(self, q, tau):
+        """The paper's QUERY(a, b) for one query ``(d,)``: returns ``(ids, scores)`` of the keys
+        with ``score >= tau``."""
+        qa = as_float_array(q, "q", self.dtype, ndim=1, dim=self.dim)
+        lims, ids, scores = self.range_search(qa[None, :], tau)
+        return ids, scores
+
+    def count(self, queries, tau) -> np.ndarray:
+        """Number of keys with ``score >= tau`` per query, ``(m,)`` int64. Whole nodes are
+        counted without computing their scores."""
+        Q, t = self._prepare(queries, tau)
+        if len(self) == 0 or Q.shape[0] == 0:
+            return np.zeros(Q.shape[0], dtype=np.int64)
+        if self._choose_method(Q, t) == "brute":
+            return np.diff(self._brute_range(Q, t)[0])
+        counts, _, _ = self._forest_count(Q, t, with_scores=False)
+        return counts.sum(axis=0)
+
+    def topk(self, queries, k: int, *, return_stats=False):
+        """The ``k`` highest-scoring keys per query, best first (ties: smaller id first).
+
+        Best-first search over the same bounds: nodes are opened in order of upper bound,
+        and the search stops when the best unopened bound is below the k-th best score.
+
+        Returns
+        -------
+        ids : ndarray, (m, k) int64
+            -1 where fewer than k keys are live.
+        scores : ndarray, (m, k)
+            -inf where fewer than k keys are live.
+        """
+        if not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        Q, _ = self._prepare(queries, 0.0)
+        m = Q.shape[0]
+        top_s = np.full((m, k), -np.inf)
+        top_i = np.full((m, k), -1, dtype=np.int64)
+        stats = np.zeros((m, 2), dtype=np.int64)
+        method = "tree" if self.method != "brute" else "brute"
+        if len(self) and m:
+            if method == "brute":
+                self._brute_topk(Q, top_s, top_i)
+                stats[:, 1] = len(self)
+            else:
+                QR, qn = self._rotated(Q)
+                for t in self._components():
+                    K.tree_topk(Q, QR, qn, t.kf, t.stride, t.ids, self._alive, self._n_dead > 0, t.n_levels,
+                                t.node_start, t.node_end, t.center, t.radius, t.lo, t.hi, t.maxnorm,
+                                self._slack_rel, self._slack_abs, top_s, top_i, stats)
+        order = np.lexsort((np.where(top_i < 0, np.iinfo(np.int64).max, top_i), -top_s), axis=1) \
+            if m else np.zeros((0, k), dtype=np.int64)
+        ids = np.take_along_axis(top_i, order, axis=1)
+        scores = np.take_along_axis(top_s, order, axis=1).astype(self.dtype)
+        if return_stats:
+            st = SearchStats(stats[:, 0], stats[:, 1], (ids >= 0).sum(axis=1), len(self), method)
+            return ids, scores, st
+        return ids, scores
+
+    def _brute_topk(self, Q, top_s, top_i):
+        n = self._n_total
+        keys = self._keys[:n]
+        dead = self._alive[:n] == 0
+        k = top_s.shape[1]
+        kk = min(k, len(self))
+        knmax = float(np.sqrt(np.einsum("ij,ij->i", keys, keys, dtype=np.float64).max()))
+        for qs in range(0, Q.shape[0], 256):
+            Qc = Q[qs:qs + 256]
+            S = (Qc @ keys.T).astype(np.float64)
+            S[:, dead] = -np.inf
+            kth = -np.partition(-S, kk - 1, axis=1)[:, kk - 1]
+            band = 2.2 * self._gamma * np.sqrt(np.einsum("ij,ij->i", Qc, Qc, dtype=np.float64)) * knmax + self._slack_abs
+            r, c = np.nonzero(S >= (kth - band)[:, None])
+            sc = np.empty(len(r), dtype=self.dtype)
+            K.verify_candidates(Qc, keys, r.astype(np.int64), c.astype(np.int64), sc)
+            order = np.lexsort((c, -sc.astype(np.float64), r))
+            r, c, sc = r[order], c[order], sc[order]
+            starts = np.searchsorted(r, np.arange(len(Qc)))
+            for i in range(len(Qc)):
+                j = starts[i]
+                take = min(kk, np.searchsorted(r, i, side="right") - j)
+                top_i[qs + i, :take] = c[j:j + take]
+                top_s[qs + i, :take] = sc[j:j + take]
+
+    # ------------------------------------------------------------------ persistence
+    def _state(self):
+        meta = {
+            "format": _FORMAT, "version": _FORMAT_VERSION, "dim": self.dim,
+            "dtype": self.dtype.name, "leaf_size": self.leaf_size, "split": self.split,
+            "rotate": self.rotate, "method": self.method, "buffer_size": self.buffer_size,
+            "seed": self.seed, "n_total": self._n_total, "n_dead": self._n_dead,
+            "max_norm": self._max_norm, "n_trees": len(self._trees),
+            "n_levels": [t.n_levels for t in self._trees],
+            "has_buffer": self._buffer is not None,
+        }
+        arrays = {"keys": self._keys[:self._n_total], "alive": self._alive[:self._n_total]}
+        if self._rot is not None:
+            arrays["rot"] = self._rot
+        comps = list(self._trees) + ([self._buffer] if self._buffer is not None else [])
+        for i, t in enumerate(comps):
+            name = f"t{i}" if i < len(self._trees) else "buf"
+            for a in _Tree._ARRAYS:
+                arrays[f"{name}_{a}"] = getattr(t, a)
+        meta["sha256"] = _digest(arrays)
+        return meta, arrays
+
+    @classmethod
+    def _from_state(cls, meta, arrays):
+        if meta.get("format") != _FORMAT or meta.get("version") != _FORMAT_VERSION:
+            raise ValueError(f"not an hsr index file of version {_FORMAT_VERSION}: {meta.get('format')!r} "
+                             f"version {meta.get('version')!r}")
+        if _digest(arrays) != meta.get("sha256"):
+            raise ValueError("hsr index file is corrupted: checksum mismatch")
+        self = cls.__new__(cls)
+        self.dtype = np.dtype(meta["dtype"])
+        self.dim = int(meta["dim"])
+        self.leaf_size = int(meta["leaf_size"])
+        self.split = meta["split"]
+        self.rotate = bool(meta["rotate"])
+        self.method = meta["method"]
+        self.buffer_size = int(meta["buffer_size"])
+        self.seed = int(meta["seed"])
+        n_total = int(meta["n_total"])
+        keys = arrays["keys"]
+        if keys.shape != (n_total, self.dim) or keys.dtype != self.dtype:
+            raise ValueError("hsr index file is inconsistent: keys array has the wrong shape or dtype")
+        self._keys = np.zeros((max(n_total, 16), self.dim), dtype=self.dtype)
+        self._keys[:n_total] = keys
+        self._alive = np.zeros(self._keys.shape[0], dtype=np.uint8)
+        self._alive[:n_total] = arrays["alive"]
+        self._n_total = n_total
+        self._n_dead = int(meta["n_dead"])
+        self._max_norm = float(meta["max_norm"])
+        self._rot = arrays.get("rot")
+        self._trees = []
+        for i, L in enumerate(meta["n_levels"]):
+            self._trees.append(_tree_from(arrays, f"t{i}", int(L), n_total, self.dim))
+        self._buffer = _tree_from(arrays, "buf", 0, n_total, self.dim) if meta["has_buffer"] else None
+        eps = 2.0 ** -24 if self.dtype == np.float32 else 2.0 ** -53
+        tiny = 2.0 ** -148 if self.dtype == np.float32 else 2.0 ** -1072
+        self._slack_rel = 2.0 * (self.dim + 4) * eps + 64.0 * self.dim * 2.0 ** -53
+        self._slack_abs = (self.dim + 4) * tiny
+        self._gamma = self.dim * eps / (1.0 - self.dim * eps)
+        self._overflow = 1e37 if self.dtype == np.float32 else 1e300
+        return self
+
+    def save(self, path) -> None:
+        """Write the index to ``path`` (a zip of ``.npy`` arrays with a JSON header and a
+        SHA-256 of the arrays; no pickle, so loading runs no code)."""
+        meta, arrays = self._state()
+        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as zf:
+            zf.writestr("meta.json", json.dumps(meta))
+            for name, arr in arrays.items():
+                buf = io.BytesIO()
+                np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+                zf.writestr(name + ".npy", buf.getvalue())
+
+    @classmethod
+    def load(cls, path) -> "HSRIndex":
+        """Read an index written by :meth:`save`.
+
+        Raises
+        ------
+        ValueError
+            The file is truncated, corrupted, or not an hsr index.
+        """
+        try:
+            with zipfile.ZipFile(path, "r") as zf:
+                meta = json.loads(zf.read("meta.json").decode("utf-8"))
+                arrays = {}
+                for name in zf.namelist():
+                    if name.endswith(".npy"):
+                        arrays[name[:-4]] = np.load(io.BytesIO(zf.read(name)), allow_pickle=False)
+        except (zipfile.BadZipFile, KeyError, EOFError, json.JSONDecodeError, UnicodeDecodeError,
+                zipfile.LargeZipFile, OSError, ValueError) as exc:
+            if isinstance(exc, FileNotFoundError):
+                raise
+            raise ValueError(f"cannot read hsr index from {path!s}: truncated or corrupted ({exc})") from exc
+        try:
+            return cls._from_state(meta, arrays)
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"hsr index file {path!s} is inconsistent: missing {exc}") from exc
+
+    def __getstate__(self):
+        return self._state()
+
+    def __setstate__(self, state):
+        meta, arrays = state
+        other = type(self)._from_state(meta, arrays)
+        self.__dict__.update(other.__dict__)
+
+
+def _digest(arrays) -> str:
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(name.encode())
+        h.update(str(a.dtype).encode())
+        h.update(str(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _tree_from(arrays, name, n_levels, n_total, d) -> _Tree:
+    t = _Tree()
+    for a in _Tree._ARRAYS:
+        setattr(t, a, np.ascontiguousarray(arrays[f"{name}_{a}"]))
+    t.n_levels = n_levels
+    t.stride = 0 if name != "buf" else t.kf.shape[0] // d
+    n_nodes = (1 << (n_levels + 1)) - 1
+    ok = (t.node_start.shape == (n_nodes,) and t.node_end.shape == (n_nodes,)
+          and t.center.shape == (n_nodes, d) and t.lo.shape == (n_nodes, d) and t.hi.shape == (n_nodes, d)
+          and t.radius.shape == (n_nodes,) and t.maxnorm.shape == (n_nodes,)
+          and t.kf.ndim == 1 and t.kf.shape[0] >= t.n * d and t.ids.shape[0] >= t.n
+          and (t.ids[:t.n] >= 0).all() and (t.ids[:t.n] < n_total).all())
+    if not ok:
+        raise ValueError(f"hsr index file is inconsistent: tree {name!r} arrays do not fit together")
+    return t
+
+
+def BruteForceIndex(keys=None, *, dim=None, dtype=None) -> HSRIndex:
+    """The exact blocked BLAS scan behind the :class:`HSRIndex` interface (builds no tree):
+    the naive O(mn) baseline and the oracle the trees are tested against."""
+    return HSRIndex(keys, dim=dim, dtype=dtype, method="brute")
