@@ -38,6 +38,8 @@ radius          (n_nodes,) float64      max distance from ``center`` (rotated ba
                                         -1 marks an unbounded node (always scanned)
 lo, hi          (n_nodes, d) float32    bounding box in the rotated basis, rounded outward
 maxnorm         (n_nodes,) float64      largest key norm in the node (scales the slack)
+minid, maxid    (n_nodes,) int64        smallest / largest caller id in the node (ids are
+                                        cache positions, so causal queries prune by them)
 ==============  ======================  ==================================================
 
 Bounds of node ``v`` for query ``q`` (``qr = R q`` the rotated query)::
@@ -381,7 +383,7 @@ def _record_hit(hits, v, fill):
 
 
 @njit(cache=True, nogil=True)
-def _fill_from_hits(q, tau, kf, fixed_stride, ids, alive, has_dead, n_levels, node_start,
+def _fill_from_hits(q, tau, lim, kf, fixed_stride, ids, alive, has_dead, n_levels, node_start,
                     node_end, with_scores, out_ids, out_scores, pos, hits):
     """Fill pass over the nodes the count pass recorded: leaves are rescanned and compared
     again; whole nodes are reported as in the traversal."""
@@ -412,7 +414,7 @@ def _fill_from_hits(q, tau, kf, fixed_stride, ids, alive, has_dead, n_levels, no
             for t in range(cnt):
                 if whole or acc[t] >= tau:
                     gid = ids[ls + t]
-                    if has_dead and alive[gid] == 0:
+                    if gid > lim or (has_dead and alive[gid] == 0):
                         continue
                     out_ids[pos + found] = gid
                     out_scores[pos + found] = acc[t]
@@ -421,18 +423,19 @@ def _fill_from_hits(q, tau, kf, fixed_stride, ids, alive, has_dead, n_levels, no
 
 
 @njit(cache=True, nogil=True)
-def _range_one(q, qr, qnorm, tau, kf, fixed_stride, ids, alive, has_dead, n_levels, node_start,
-               node_end, center, radius, lo, hi, maxnorm, slack_rel, slack_abs, with_scores,
-               out_ids, out_scores, pos, fill, stats, hits):
+def _range_one(q, qr, qnorm, tau, lim, kf, fixed_stride, ids, alive, has_dead, n_levels,
+               node_start, node_end, center, radius, lo, hi, maxnorm, minid, maxid, slack_rel,
+               slack_abs, with_scores, out_ids, out_scores, pos, fill, stats, hits):
     """Four-case traversal for one query. ``fill`` False counts only; True writes results
     from ``pos``. Returns the number of keys reported; ``stats`` gets [visited, scored].
 
     The count pass records the nodes that reported something in ``hits[1:]`` (``hits[0]``
     their number, -1 on overflow); the fill pass then revisits only those instead of
-    traversing again, unless the list overflowed."""
+    traversing again, unless the list overflowed. Only ids ``<= lim`` are reported (causal
+    attention: a node whose smallest id is past the limit is pruned by position)."""
     d = q.shape[0]
     if fill and hits[0] >= 0:
-        return _fill_from_hits(q, tau, kf, fixed_stride, ids, alive, has_dead, n_levels,
+        return _fill_from_hits(q, tau, lim, kf, fixed_stride, ids, alive, has_dead, n_levels,
                                node_start, node_end, with_scores, out_ids, out_scores, pos, hits)
     acc = np.empty(_max_leaf(node_start, node_end, n_levels), dtype=kf.dtype)
     stack = np.empty(2 * n_levels + 4, dtype=np.int64)
@@ -447,13 +450,13 @@ def _range_one(q, qr, qnorm, tau, kf, fixed_stride, ids, alive, has_dead, n_leve
         v = stack[top]
         s = node_start[v]
         e = node_end[v]
-        if e <= s:
+        if e <= s or minid[v] > lim:
             continue
         visited += 1
         ub, lb = _node_bounds(v, qr, qnorm, center, radius, lo, hi, maxnorm, slack_rel, slack_abs)
         if ub < tau:
             continue
-        if lb >= tau and radius[v] >= 0.0:
+        if lb >= tau and radius[v] >= 0.0 and maxid[v] <= lim:
             # wholly inside: report without comparisons; scores only if the caller wants them
             if with_scores and fill:
                 f0, f1 = _leaf_span(v, n_levels)
@@ -490,7 +493,7 @@ def _range_one(q, qr, qnorm, tau, kf, fixed_stride, ids, alive, has_dead, n_leve
             for t in range(cnt):
                 if acc[t] >= tau:
                     gid = ids[s + t]
-                    if has_dead and alive[gid] == 0:
+                    if gid > lim or (has_dead and alive[gid] == 0):
                         continue
                     if fill:
                         out_ids[pos + found] = gid
@@ -508,31 +511,32 @@ def _range_one(q, qr, qnorm, tau, kf, fixed_stride, ids, alive, has_dead, n_leve
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def tree_range_count(Q, QR, qnorm, tau, kf, fixed_stride, ids, alive, has_dead, n_levels,
-                     node_start, node_end, center, radius, lo, hi, maxnorm, slack_rel, slack_abs,
-                     with_scores, counts, stats, hits):
+def tree_range_count(Q, QR, qnorm, tau, lim, kf, fixed_stride, ids, alive, has_dead, n_levels,
+                     node_start, node_end, center, radius, lo, hi, maxnorm, minid, maxid,
+                     slack_rel, slack_abs, with_scores, counts, stats, hits):
     """Count pass: ``counts[i]`` keys reported for query i; ``stats[i] += [visited, scored]``;
     ``hits[i]`` the nodes that reported (see ``_range_one``)."""
     dummy_ids = np.empty(0, dtype=np.int64)
     dummy_sc = np.empty(0, dtype=kf.dtype)
     for i in prange(Q.shape[0]):
         hits[i, 0] = 0
-        counts[i] = _range_one(Q[i], QR[i], qnorm[i], tau[i], kf, fixed_stride, ids, alive,
-                               has_dead, n_levels, node_start, node_end, center, radius, lo, hi,
-                               maxnorm, slack_rel, slack_abs, with_scores, dummy_ids, dummy_sc,
-                               0, False, stats[i], hits[i])
+        counts[i] = _range_one(Q[i], QR[i], qnorm[i], tau[i], lim[i], kf, fixed_stride, ids,
+                               alive, has_dead, n_levels, node_start, node_end, center, radius,
+                               lo, hi, maxnorm, minid, maxid, slack_rel, slack_abs, with_scores,
+                               dummy_ids, dummy_sc, 0, False, stats[i], hits[i])
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def tree_range_fill(Q, QR, qnorm, tau, kf, fixed_stride, ids, alive, has_dead, n_levels,
-                    node_start, node_end, center, radius, lo, hi, maxnorm, slack_rel, slack_abs,
-                    with_scores, offsets, out_ids, out_scores, hits):
+def tree_range_fill(Q, QR, qnorm, tau, lim, kf, fixed_stride, ids, alive, has_dead, n_levels,
+                    node_start, node_end, center, radius, lo, hi, maxnorm, minid, maxid,
+                    slack_rel, slack_abs, with_scores, offsets, out_ids, out_scores, hits):
     """Fill pass: query i writes its results from ``offsets[i]``."""
     for i in prange(Q.shape[0]):
         st = np.zeros(2, dtype=np.int64)
-        _range_one(Q[i], QR[i], qnorm[i], tau[i], kf, fixed_stride, ids, alive, has_dead,
-                   n_levels, node_start, node_end, center, radius, lo, hi, maxnorm, slack_rel,
-                   slack_abs, with_scores, out_ids, out_scores, offsets[i], True, st, hits[i])
+        _range_one(Q[i], QR[i], qnorm[i], tau[i], lim[i], kf, fixed_stride, ids, alive, has_dead,
+                   n_levels, node_start, node_end, center, radius, lo, hi, maxnorm, minid, maxid,
+                   slack_rel, slack_abs, with_scores, out_ids, out_scores, offsets[i], True, st,
+                   hits[i])
 
 
 # --------------------------------------------------------------------------------------
@@ -603,8 +607,9 @@ def _topk_insert(ts, ti, k, score, gid):
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def tree_topk(Q, QR, qnorm, kf, fixed_stride, ids, alive, has_dead, n_levels, node_start,
-              node_end, center, radius, lo, hi, maxnorm, slack_rel, slack_abs, top_s, top_i, stats):
+def tree_topk(Q, QR, qnorm, lim, kf, fixed_stride, ids, alive, has_dead, n_levels, node_start,
+              node_end, center, radius, lo, hi, maxnorm, minid, maxid, slack_rel, slack_abs,
+              top_s, top_i, stats):
     """Best-first search by upper bound; updates each query's running top-k heap
     (``top_s``, ``top_i`` of shape (m, k), min-heaps, initialised to -inf / -1 by the caller
     and carried across the trees of a forest)."""
@@ -630,7 +635,7 @@ def tree_topk(Q, QR, qnorm, kf, fixed_stride, ids, alive, has_dead, n_levels, no
                 break
             s = node_start[v]
             e = node_end[v]
-            if e <= s:
+            if e <= s or minid[v] > lim[i]:
                 continue
             visited += 1
             if v >= first_leaf:
@@ -639,7 +644,7 @@ def tree_topk(Q, QR, qnorm, kf, fixed_stride, ids, alive, has_dead, n_levels, no
                 scored += cnt
                 for t in range(cnt):
                     gid = ids[s + t]
-                    if has_dead and alive[gid] == 0:
+                    if gid > lim[i] or (has_dead and alive[gid] == 0):
                         continue
                     _topk_insert(ts, ti, k, np.float64(acc[t]), gid)
                 continue
@@ -661,3 +666,24 @@ def pack_leaves(kp, starts, ends, kf):
         for j in range(d):
             for t in range(cnt):
                 kf[s * d + j * cnt + t] = kp[s + t, j]
+
+
+@njit(cache=True, nogil=True)
+def build_id_ranges(ids, node_start, node_end, n_levels, minid, maxid):
+    """Per-node smallest and largest id, leaves first, then parents from children."""
+    first_leaf = (1 << n_levels) - 1
+    n_nodes = node_start.shape[0]
+    for v in range(n_nodes - 1, -1, -1):
+        if v >= first_leaf:
+            lo = np.iinfo(np.int64).max
+            hi = -1
+            for t in range(node_start[v], node_end[v]):
+                if ids[t] < lo:
+                    lo = ids[t]
+                if ids[t] > hi:
+                    hi = ids[t]
+            minid[v] = lo
+            maxid[v] = hi
+        else:
+            minid[v] = min(minid[2 * v + 1], minid[2 * v + 2])
+            maxid[v] = max(maxid[2 * v + 1], maxid[2 * v + 2])

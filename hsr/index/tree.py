@@ -84,16 +84,13 @@ class _Tree:
     """Arrays of one static tree; see the table in ``_kernels.py``."""
 
     __slots__ = ("ids", "kf", "stride", "n_levels", "node_start", "node_end", "center", "radius",
-                 "lo", "hi", "maxnorm")
-    _ARRAYS = ("ids", "kf", "node_start", "node_end", "center", "radius", "lo", "hi", "maxnorm")
+                 "lo", "hi", "maxnorm", "minid", "maxid")
+    _ARRAYS = ("ids", "kf", "node_start", "node_end", "center", "radius", "lo", "hi", "maxnorm",
+               "minid", "maxid")
 
     @property
     def n(self) -> int:
         return int(self.node_end[0])
-
-    def args(self):
-        return (self.kf, self.stride, self.ids, self.n_levels, self.node_start, self.node_end,
-                self.center, self.radius, self.lo, self.hi, self.maxnorm)
 
 
 def _node_ranges(n: int, n_levels: int):
@@ -140,6 +137,9 @@ def _build_tree(keys: np.ndarray, ids: np.ndarray, rot: np.ndarray, leaf_size: i
     t.hi = np.empty((n_nodes, d), dtype=dt)
     t.maxnorm = np.empty(n_nodes)
     K.build_bounds(kr, norms, L, t.center, t.radius, t.lo, t.hi, t.maxnorm)
+    t.minid = np.empty(n_nodes, dtype=np.int64)
+    t.maxid = np.empty(n_nodes, dtype=np.int64)
+    K.build_id_ranges(t.ids, t.node_start, t.node_end, L, t.minid, t.maxid)
     return t
 
 
@@ -157,6 +157,8 @@ def _empty_buffer(capacity: int, d: int, dt) -> _Tree:
     t.lo = np.zeros((1, d), dtype=dt)
     t.hi = np.zeros((1, d), dtype=dt)
     t.maxnorm = np.zeros(1)
+    t.minid = np.zeros(1, dtype=np.int64)
+    t.maxid = np.zeros(1, dtype=np.int64)
     return t
 
 
@@ -324,6 +326,8 @@ class HSRIndex:
             buf.ids[nb:nb + len(new_ids)] = new_ids
             buf.kf.reshape(self.dim, self.buffer_size)[:, nb:nb + len(new_ids)] = self._keys[new_ids].T
             buf.node_end[0] = nb + len(new_ids)
+            buf.minid[0] = buf.ids[0]
+            buf.maxid[0] = buf.ids[nb + len(new_ids) - 1]
             return
         pending = np.concatenate([buf.ids[:nb], new_ids])
         buf.node_end[0] = 0
@@ -398,16 +402,17 @@ class HSRIndex:
             self._trees.append(self._build(live))
 
     # ------------------------------------------------------------------ queries
-    def _prepare(self, queries, tau):
+    def _prepare(self, queries, tau, max_id=None):
         Q = as_float_array(queries, "queries", self.dtype, ndim=2, dim=self.dim)
         t = as_tau(tau, Q.shape[0])
+        lim = _as_limits(max_id, Q.shape[0])
         if Q.shape[0] and self._max_norm > 0:
             qmax = float(np.sqrt(np.einsum("ij,ij->i", Q, Q, dtype=np.float64).max()))
             if qmax * self._max_norm >= self._overflow:
                 raise ValueError(
                     f"|q|*|k| reaches {qmax * self._max_norm:.3g}: scores would overflow {self.dtype.name}; "
                     "rescale the inputs or build the index with dtype='float64'")
-        return Q, t
+        return Q, t, lim
 
     def _components(self):
         comps = list(self._trees)
@@ -420,7 +425,7 @@ class HSRIndex:
         Q64 = Q.astype(np.float64)
         return np.ascontiguousarray(Q64 @ rot.T), np.sqrt(np.einsum("ij,ij->i", Q64, Q64))
 
-    def _choose_method(self, Q, tau) -> str:
+    def _choose_method(self, Q, tau, lim) -> str:
         if self.method != "auto":
             return self.method
         live = len(self)
@@ -428,10 +433,10 @@ class HSRIndex:
             return "brute"
         m = Q.shape[0]
         pick = np.unique(np.linspace(0, m - 1, min(m, 8)).astype(np.int64))
-        counts, stats, _ = self._forest_count(Q[pick], tau[pick], with_scores=False)
+        counts, stats, _ = self._forest_count(Q[pick], tau[pick], lim[pick], with_scores=False)
         return "brute" if stats[:, 1].mean() > AUTO_MAX_SCAN * live else "tree"
 
-    def _forest_count(self, Q, tau, with_scores):
+    def _forest_count(self, Q, tau, lim, with_scores):
         comps = self._components()
         QR, qn = self._rotated(Q)
         m = Q.shape[0]
@@ -440,12 +445,13 @@ class HSRIndex:
         hits = np.empty((len(comps), m, _HITS), dtype=np.int64)
         has_dead = self._n_dead > 0
         for c, t in enumerate(comps):
-            K.tree_range_count(Q, QR, qn, tau, t.kf, t.stride, t.ids, self._alive, has_dead, t.n_levels,
-                               t.node_start, t.node_end, t.center, t.radius, t.lo, t.hi, t.maxnorm,
-                               self._slack_rel, self._slack_abs, with_scores, counts[c], stats, hits[c])
+            K.tree_range_count(Q, QR, qn, tau, lim, t.kf, t.stride, t.ids, self._alive, has_dead,
+                               t.n_levels, t.node_start, t.node_end, t.center, t.radius, t.lo, t.hi,
+                               t.maxnorm, t.minid, t.maxid, self._slack_rel, self._slack_abs,
+                               with_scores, counts[c], stats, hits[c])
         return counts, stats, hits
 
-    def range_search(self, queries, tau, *, return_scores=True, return_stats=False):
+    def range_search(self, queries, tau, *, max_id=None, return_scores=True, return_stats=False):
         """All keys with ``score(q_i, k) >= tau_i``, for each query, as CSR.
 
         Parameters
@@ -453,6 +459,9 @@ class HSRIndex:
         queries : array_like or torch.Tensor, (m, d) or (d,)
         tau : float or array_like (m,)
             Inclusive thresholds, one for all queries or one per query.
+        max_id : int or array_like (m,) of int, optional
+            Report only ids ``<= max_id[i]`` (causal attention: ids are cache positions). Nodes
+            whose smallest id is past the limit are pruned without computing anything.
         return_scores : bool, default True
             When False, keys of a node whose lower bound is at least tau are reported without
             computing their scores (``scores`` is then not meaningful for them).
@@ -470,23 +479,23 @@ class HSRIndex:
         stats : SearchStats
             Only with ``return_stats=True``.
         """
-        Q, t = self._prepare(queries, tau)
+        Q, t, lim = self._prepare(queries, tau, max_id)
         m = Q.shape[0]
-        method = "brute" if (len(self) == 0 or m == 0) else self._choose_method(Q, t)
+        method = "brute" if (len(self) == 0 or m == 0) else self._choose_method(Q, t, lim)
         if method == "brute":
-            lims, ids, scores = self._brute_range(Q, t)
+            lims, ids, scores = self._brute_range(Q, t, lim)
             visited = np.zeros(m, dtype=np.int64)
             scored = np.full(m, len(self), dtype=np.int64)
         else:
-            lims, ids, scores, stats = self._forest_range(Q, t, return_scores)
+            lims, ids, scores, stats = self._forest_range(Q, t, lim, return_scores)
             visited, scored = stats[:, 0].copy(), stats[:, 1].copy()
         if not return_stats:
             return lims, ids, scores
         return lims, ids, scores, SearchStats(visited, scored, np.diff(lims), len(self), method)
 
-    def _forest_range(self, Q, tau, with_scores):
+    def _forest_range(self, Q, tau, lim, with_scores):
         comps = self._components()
-        counts, stats, hits = self._forest_count(Q, tau, with_scores)
+        counts, stats, hits = self._forest_count(Q, tau, lim, with_scores)
         m = Q.shape[0]
         lims = np.zeros(m + 1, dtype=np.int64)
         np.cumsum(counts.sum(axis=0), out=lims[1:])
@@ -496,13 +505,14 @@ class HSRIndex:
         offsets = lims[:-1].copy()
         has_dead = self._n_dead > 0
         for c, t in enumerate(comps):
-            K.tree_range_fill(Q, QR, qn, tau, t.kf, t.stride, t.ids, self._alive, has_dead, t.n_levels,
-                              t.node_start, t.node_end, t.center, t.radius, t.lo, t.hi, t.maxnorm,
-                              self._slack_rel, self._slack_abs, with_scores, offsets, ids, scores, hits[c])
+            K.tree_range_fill(Q, QR, qn, tau, lim, t.kf, t.stride, t.ids, self._alive, has_dead,
+                              t.n_levels, t.node_start, t.node_end, t.center, t.radius, t.lo, t.hi,
+                              t.maxnorm, t.minid, t.maxid, self._slack_rel, self._slack_abs,
+                              with_scores, offsets, ids, scores, hits[c])
             offsets += counts[c]
         return lims, ids, scores, stats
 
-    def _brute_range(self, Q, tau, q_chunk=256, k_chunk=32768):
+    def _brute_range(self, Q, tau, lim, q_chunk=256, k_chunk=32768):
         """Exact blocked scan: BLAS scores pick candidates within a rounding band of tau
         (``2*gamma_d*|q|*max|k|``), and the canonical kernel decides each candidate."""
         m = Q.shape[0]
@@ -522,7 +532,7 @@ class HSRIndex:
                 cols.append(c + ks)
         rows = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
         cols = np.concatenate(cols) if cols else np.zeros(0, dtype=np.int64)
-        keep = alive[cols] == 1
+        keep = (alive[cols] == 1) & (cols <= lim[rows])
         rows, cols = rows[keep].astype(np.int64), cols[keep].astype(np.int64)
         order = np.argsort(rows, kind="stable")
         rows, cols = rows[order], cols[order]
@@ -534,25 +544,25 @@ class HSRIndex:
         np.cumsum(np.bincount(rows, minlength=m), out=lims[1:])
         return lims, cols, sc
 
-    def query(self, q, tau):
+    def query(self, q, tau, *, max_id=None):
         """The paper's QUERY(a, b) for one query ``(d,)``: returns ``(ids, scores)`` of the keys
         with ``score >= tau``."""
         qa = as_float_array(q, "q", self.dtype, ndim=1, dim=self.dim)
-        lims, ids, scores = self.range_search(qa[None, :], tau)
+        lims, ids, scores = self.range_search(qa[None, :], tau, max_id=max_id)
         return ids, scores
 
-    def count(self, queries, tau) -> np.ndarray:
+    def count(self, queries, tau, *, max_id=None) -> np.ndarray:
         """Number of keys with ``score >= tau`` per query, ``(m,)`` int64. Whole nodes are
         counted without computing their scores."""
-        Q, t = self._prepare(queries, tau)
+        Q, t, lim = self._prepare(queries, tau, max_id)
         if len(self) == 0 or Q.shape[0] == 0:
             return np.zeros(Q.shape[0], dtype=np.int64)
-        if self._choose_method(Q, t) == "brute":
-            return np.diff(self._brute_range(Q, t)[0])
-        counts, _, _ = self._forest_count(Q, t, with_scores=False)
+        if self._choose_method(Q, t, lim) == "brute":
+            return np.diff(self._brute_range(Q, t, lim)[0])
+        counts, _, _ = self._forest_count(Q, t, lim, with_scores=False)
         return counts.sum(axis=0)
 
-    def topk(self, queries, k: int, *, return_stats=False):
+    def topk(self, queries, k: int, *, max_id=None, return_stats=False):
         """The ``k`` highest-scoring keys per query, best first (ties: smaller id first).
 
         Best-first search over the same bounds: nodes are opened in order of upper bound,
@@ -567,7 +577,7 @@ class HSRIndex:
         """
         if not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
-        Q, _ = self._prepare(queries, 0.0)
+        Q, _, lim = self._prepare(queries, 0.0, max_id)
         m = Q.shape[0]
         top_s = np.full((m, k), -np.inf)
         top_i = np.full((m, k), -1, dtype=np.int64)
@@ -575,14 +585,15 @@ class HSRIndex:
         method = "tree" if self.method != "brute" else "brute"
         if len(self) and m:
             if method == "brute":
-                self._brute_topk(Q, top_s, top_i)
+                self._brute_topk(Q, lim, top_s, top_i)
                 stats[:, 1] = len(self)
             else:
                 QR, qn = self._rotated(Q)
                 for t in self._components():
-                    K.tree_topk(Q, QR, qn, t.kf, t.stride, t.ids, self._alive, self._n_dead > 0, t.n_levels,
-                                t.node_start, t.node_end, t.center, t.radius, t.lo, t.hi, t.maxnorm,
-                                self._slack_rel, self._slack_abs, top_s, top_i, stats)
+                    K.tree_topk(Q, QR, qn, lim, t.kf, t.stride, t.ids, self._alive, self._n_dead > 0,
+                                t.n_levels, t.node_start, t.node_end, t.center, t.radius, t.lo, t.hi,
+                                t.maxnorm, t.minid, t.maxid, self._slack_rel, self._slack_abs, top_s,
+                                top_i, stats)
         order = np.lexsort((np.where(top_i < 0, np.iinfo(np.int64).max, top_i), -top_s), axis=1) \
             if m else np.zeros((0, k), dtype=np.int64)
         ids = np.take_along_axis(top_i, order, axis=1)
@@ -592,7 +603,7 @@ class HSRIndex:
             return ids, scores, st
         return ids, scores
 
-    def _brute_topk(self, Q, top_s, top_i):
+    def _brute_topk(self, Q, lim, top_s, top_i):
         n = self._n_total
         keys = self._keys[:n]
         dead = self._alive[:n] == 0
@@ -603,9 +614,11 @@ class HSRIndex:
             Qc = Q[qs:qs + 256]
             S = (Qc @ keys.T).astype(np.float64)
             S[:, dead] = -np.inf
+            S[np.arange(n)[None, :] > lim[qs:qs + 256, None]] = -np.inf
             kth = -np.partition(-S, kk - 1, axis=1)[:, kk - 1]
+            kth = np.where(np.isneginf(kth), np.inf, kth)  # rows with fewer than k keys
             band = 2.2 * self._gamma * np.sqrt(np.einsum("ij,ij->i", Qc, Qc, dtype=np.float64)) * knmax + self._slack_abs
-            r, c = np.nonzero(S >= (kth - band)[:, None])
+            r, c = np.nonzero((S >= (kth - band)[:, None]) | ((S > -np.inf) & np.isinf(kth)[:, None]))
             sc = np.empty(len(r), dtype=self.dtype)
             K.verify_candidates(Qc, keys, r.astype(np.int64), c.astype(np.int64), sc)
             order = np.lexsort((c, -sc.astype(np.float64), r))
@@ -723,6 +736,21 @@ class HSRIndex:
         meta, arrays = state
         other = type(self)._from_state(meta, arrays)
         self.__dict__.update(other.__dict__)
+
+
+def _as_limits(max_id, m: int) -> np.ndarray:
+    """Per-query inclusive id limits, ``(m,)`` int64 (no limit: int64 max)."""
+    if max_id is None:
+        return np.full(m, np.iinfo(np.int64).max, dtype=np.int64)
+    a = np.asarray(max_id)
+    if a.dtype.kind not in "iu":
+        raise TypeError(f"max_id must be integer, got dtype {a.dtype}")
+    a = a.astype(np.int64)
+    if a.ndim == 0:
+        return np.full(m, int(a), dtype=np.int64)
+    if a.shape != (m,):
+        raise ValueError(f"max_id must be a scalar or have shape ({m},), got shape {a.shape}")
+    return np.ascontiguousarray(a)
 
 
 def _digest(arrays) -> str:

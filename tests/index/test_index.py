@@ -307,3 +307,24 @@ def test_canonical_scores_are_the_defined_sum():
                 acc = np.float32(acc + np.float32(Q[i, t] * K[j, t]))
             assert S[i, j] == acc
     np.testing.assert_allclose(S, Q.astype(np.float64) @ K.T.astype(np.float64), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["tree", "brute"])
+def test_max_id_limits_results(method):
+    rng = np.random.default_rng(9)
+    K = fixture_keys(rng, 2000, 6, "lattice")
+    idx = hsr.HSRIndex(K[:1500], method=method, leaf_size=8, buffer_size=300)
+    idx.add(K[1500:])  # some keys in the buffer
+    Q = fixture_keys(rng, 40, 6, "lattice")
+    lim = rng.integers(-1, 2100, size=40)
+    S = canonical_scores(Q, K).astype(np.float64)
+    tau = S[:, 7]
+    lims, ids, _ = idx.range_search(Q, tau, max_id=lim)
+    want = [set(np.flatnonzero((S[i] >= tau[i]) & (np.arange(2000) <= lim[i])).tolist()) for i in range(40)]
+    assert as_sets(lims, ids) == want
+    tid, ts = idx.topk(Q, 5, max_id=lim)
+    for i in range(40):
+        ok = np.flatnonzero(np.arange(2000) <= lim[i])
+        order = ok[np.lexsort((ok, -S[i, ok]))][:5]
+        assert tid[i, :len(order)].tolist() == order.tolist()
+        assert (tid[i, len(order):] == -1).all()

@@ -1,0 +1,269 @@
+"""numba kernels for attention on the index.
+
+``relu_from_csr``: ReLU^alpha attention from the CSR of reported keys.
+
+``softmax_certified``: best-first softmax over a forest with a certified dropped mass.
+Nodes of every tree sit in one max-heap keyed by their upper bound ``u``. The mass of the
+unopened nodes is at most ``R = sum count_v * exp(scale*u_v)``; opened leaves add their exact
+terms to ``Z`` (accumulated online, relative to the running max score, with R kept relative to
+the largest root bound, and the two compared in logs so nothing overflows or underflows). The search stops when ``R <= eps * Z`` (eps mode) or when the best
+unopened bound is below tau (threshold mode), and reports ``(R + D) / (Z + R + D)`` as the
+certified dropped fraction (``D`` = exact mass of scored-but-dropped keys in threshold mode).
+Because the dropped fraction ``x / (Z + x)`` grows with the dropped mass ``x <= R + D``, the
+certificate holds on any input.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from ..index._kernels import _leaf_block, _max_leaf, _node_bounds, _scan
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def relu_from_csr(lims, ids, scores, values, scale, bias, alpha, out, wsum):
+    """``out[i] = sum_j w_ij v_j / sum_j w_ij`` with ``w = relu(scale*score - bias_i)**alpha``
+    over query i's reported keys; zeros where nothing fires."""
+    dv = values.shape[1]
+    for i in prange(lims.shape[0] - 1):
+        acc = np.zeros(dv)
+        tot = 0.0
+        for p in range(lims[i], lims[i + 1]):
+            z = scale * np.float64(scores[p]) - bias[i]
+            if z > 0.0:
+                w = z ** alpha
+                tot += w
+                row = values[ids[p]]
+                for c in range(dv):
+                    acc[c] += w * row[c]
+        wsum[i] = tot
+        if tot > 0.0:
+            for c in range(dv):
+                out[i, c] = acc[c] / tot
+        else:
+            for c in range(dv):
+                out[i, c] = 0.0
+
+
+@njit(cache=True, nogil=True)
+def _heap_push(hk, ht, hv, size, key, t, v):
+    i = size
+    hk[i] = key
+    ht[i] = t
+    hv[i] = v
+    while i > 0:
+        p = (i - 1) // 2
+        if hk[p] >= hk[i]:
+            break
+        hk[p], hk[i] = hk[i], hk[p]
+        ht[p], ht[i] = ht[i], ht[p]
+        hv[p], hv[i] = hv[i], hv[p]
+        i = p
+    return size + 1
+
+
+@njit(cache=True, nogil=True)
+def _heap_pop(hk, ht, hv, size):
+    size -= 1
+    hk[0] = hk[size]
+    ht[0] = ht[size]
+    hv[0] = hv[size]
+    i = 0
+    while True:
+        l = 2 * i + 1
+        r = l + 1
+        b = i
+        if l < size and hk[l] > hk[b]:
+            b = l
+        if r < size and hk[r] > hk[b]:
+            b = r
+        if b == i:
+            break
+        hk[b], hk[i] = hk[i], hk[b]
+        ht[b], ht[i] = ht[i], ht[b]
+        hv[b], hv[i] = hv[i], hv[b]
+        i = b
+    return size
+
+
+@njit(cache=True, nogil=True)
+def _keep_leaf(q, tr, v, scale, st, mode, tau, lim, alive, has_dead, values, acc_out, acc,
+               fill, out_ids, out_scores, pos):
+    """Score leaf ``v`` of tree ``tr`` into the online-softmax state
+    ``st = [m_run, Z, D, kept, scored]`` (Z, D relative to exp(m_run)); ``acc_out`` holds the
+    unnormalised output relative to exp(m_run)."""
+    kf, stride, ids, node_start, node_end = tr[0], tr[1], tr[2], tr[4], tr[5]
+    base, bs, cnt = _leaf_block(v, node_start, node_end, q.shape[0], stride)
+    _scan(q, kf, base, bs, cnt, acc)
+    ls = node_start[v]
+    dv = values.shape[1]
+    st[4] += cnt
+    for t in range(cnt):
+        gid = ids[ls + t]
+        if gid > lim or (has_dead and alive[gid] == 0):
+            continue
+        sc = np.float64(acc[t])
+        z = scale * sc
+        if z > st[0]:
+            # new running max: rescale what was accumulated so far
+            r = np.exp(st[0] - z)
+            st[1] *= r
+            st[2] *= r
+            for c in range(dv):
+                acc_out[c] *= r
+            st[0] = z
+        w = np.exp(z - st[0])
+        if mode == 1 and sc < tau:
+            st[2] += w
+            continue
+        st[1] += w
+        row = values[gid]
+        for c in range(dv):
+            acc_out[c] += w * row[c]
+        if fill:
+            k = int(st[3])
+            out_ids[pos + k] = gid
+            out_scores[pos + k] = acc[t]
+        st[3] += 1.0
+
+
+#: floor of each remainder term exp(scale*u - M_ref): an underflowed term would under-count
+#: the remainder, so it is rounded up instead (conservative)
+_TINY = 1e-290
+
+
+@njit(cache=True, nogil=True)
+def _remainder(trees, hk, ht, hv, size, scale, mref):
+    R = 0.0
+    for h in range(size):
+        tr = trees[ht[h]]
+        R += (tr[5][hv[h]] - tr[4][hv[h]]) * max(np.exp(scale * hk[h] - mref), _TINY)
+    return R
+
+
+@njit(cache=True, nogil=True)
+def _log_ratio_ok(R, mref, st, eps):
+    """True when R * exp(mref) <= eps * Z * exp(m_run), compared in logs."""
+    if st[1] <= 0.0:
+        return False
+    if R <= 0.0:
+        return True
+    return np.log(R) + mref <= np.log(eps) + np.log(st[1]) + st[0]
+
+
+@njit(cache=True, nogil=True)
+def _softmax_one(q, qr, qnorm, trees, alive, has_dead, values, scale, mode, eps, tau, lim,
+                 slack_rel, slack_abs, out_row, info, fill, out_ids, out_scores, pos):
+    """One query; ``info`` gets [lse, certified dropped fraction, kept, scored, visited].
+
+    Kept mass Z is accumulated online relative to the running max score (as FlashAttention
+    does); the remainder R relative to ``M_ref = scale * max root bound``, so no term of either
+    overflows; they are compared in logs."""
+    total_nodes = 0
+    max_leaf = 1
+    for tr in trees:
+        total_nodes += tr[4].shape[0]
+        max_leaf = max(max_leaf, _max_leaf(tr[4], tr[5], tr[3]))
+    hk = np.empty(total_nodes + 1)
+    ht = np.empty(total_nodes + 1, dtype=np.int64)
+    hv = np.empty(total_nodes + 1, dtype=np.int64)
+    acc = np.empty(max_leaf, dtype=values.dtype)
+    dv = values.shape[1]
+    acc_out = np.zeros(dv)
+    st = np.zeros(5)
+    st[0] = -np.inf
+    visited = 0
+    size = 0
+    mref = -np.inf
+    for ti in range(len(trees)):
+        tr = trees[ti]
+        if tr[5][0] <= tr[4][0] or tr[11][0] > lim:
+            continue
+        visited += 1
+        if tr[7][0] < 0.0:  # the unbounded buffer: scan it now
+            _keep_leaf(q, tr, 0, scale, st, mode, tau, lim, alive, has_dead, values, acc_out,
+                       acc, fill, out_ids, out_scores, pos)
+        else:
+            ub, lb = _node_bounds(0, qr, qnorm, tr[6], tr[7], tr[8], tr[9], tr[10], slack_rel, slack_abs)
+            size = _heap_push(hk, ht, hv, size, ub, ti, 0)
+            mref = max(mref, scale * ub)
+    R = _remainder(trees, hk, ht, hv, size, scale, mref)
+    while size > 0:
+        if mode == 0 and _log_ratio_ok(R, mref, st, eps):
+            # the running R drifts with rounding: decide on an exact recount
+            R = _remainder(trees, hk, ht, hv, size, scale, mref)
+            if _log_ratio_ok(R, mref, st, eps):
+                break
+        if mode == 1 and hk[0] < tau:
+            break
+        ub = hk[0]
+        ti = ht[0]
+        v = hv[0]
+        size = _heap_pop(hk, ht, hv, size)
+        tr = trees[ti]
+        node_start, node_end = tr[4], tr[5]
+        R -= (node_end[v] - node_start[v]) * max(np.exp(scale * ub - mref), _TINY)
+        if v >= (1 << tr[3]) - 1:
+            _keep_leaf(q, tr, v, scale, st, mode, tau, lim, alive, has_dead, values, acc_out,
+                       acc, fill, out_ids, out_scores, pos)
+            continue
+        for c in range(2 * v + 1, 2 * v + 3):
+            if node_end[c] <= node_start[c] or tr[11][c] > lim:
+                continue
+            visited += 1
+            cub, clb = _node_bounds(c, qr, qnorm, tr[6], tr[7], tr[8], tr[9], tr[10], slack_rel, slack_abs)
+            size = _heap_push(hk, ht, hv, size, cub, ti, c)
+            R += (node_end[c] - node_start[c]) * max(np.exp(scale * cub - mref), _TINY)
+    R = _remainder(trees, hk, ht, hv, size, scale, mref) * (1.0 + 1e-12)
+    Z = st[1]
+    D = st[2]
+    if Z > 0.0:
+        for c in range(dv):
+            out_row[c] = acc_out[c] / Z
+        info[0] = st[0] + np.log(Z)
+    else:
+        out_row[:] = 0.0
+        info[0] = -np.inf
+    # dropped fraction (R e^mref + D e^m) / (Z e^m + R e^mref + D e^m), in logs
+    if R > 0.0 and mref > -np.inf:
+        lr = np.log(R) + mref
+        if Z + D > 0.0:
+            lzd = np.log(Z + D) + st[0]
+            lz = np.log(Z) + st[0] if Z > 0.0 else -np.inf
+            top = max(lr, lzd)
+            den = np.log(np.exp(lr - top) + np.exp(lzd - top)) + top
+            info[1] = 1.0 - np.exp(lz - den)
+        else:
+            info[1] = 1.0
+    else:
+        info[1] = D / (Z + D) if Z + D > 0.0 else 0.0
+    info[2] = st[3]
+    info[3] = st[4]
+    info[4] = visited
+    return int(st[3])
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def softmax_certified(Q, QR, qnorm, trees, alive, has_dead, values, scale, mode, eps, tau, lim,
+                      slack_rel, slack_abs, out, info):
+    """Certified softmax for every query (see the module docstring). ``mode`` 0: stop when
+    the certified remainder is at most ``eps`` times the mass found; 1: keep ``score >= tau``."""
+    dummy_i = np.empty(0, dtype=np.int64)
+    dummy_s = np.empty(0, dtype=values.dtype)
+    for i in prange(Q.shape[0]):
+        _softmax_one(Q[i], QR[i], qnorm[i], trees, alive, has_dead, values, scale, mode, eps,
+                     tau[i], lim[i], slack_rel, slack_abs, out[i], info[i], False, dummy_i,
+                     dummy_s, 0)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def softmax_selection(Q, QR, qnorm, trees, alive, has_dead, values, scale, mode, eps, tau, lim,
+                      slack_rel, slack_abs, lims, out_ids, out_scores):
+    """Second pass of :func:`softmax_certified` writing each query's kept keys as CSR."""
+    for i in prange(Q.shape[0]):
+        row = np.empty(values.shape[1])
+        inf = np.empty(5)
+        _softmax_one(Q[i], QR[i], qnorm[i], trees, alive, has_dead, values, scale, mode, eps,
+                     tau[i], lim[i], slack_rel, slack_abs, row, inf, True, out_ids, out_scores,
+                     lims[i])

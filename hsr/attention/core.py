@@ -1,0 +1,256 @@
+"""``hsr_attention``: attention computed only where the index reports keys.
+
+ReLU^alpha attention (``kind="relu"``)
+    ``A = ReLU(s * q k^T - b) ** alpha``, ``out = D^-1 A V``. Entry (i, j) is non-zero exactly
+    when ``<q_i, k_j> > b / s``, so the keys with ``score >= b / s`` (one half-space query) are
+    all the keys that matter: the result equals dense attention up to float rounding. A row
+    where nothing fires is zeros.
+
+Softmax attention (``kind="softmax"``)
+    Best-first over the index's node bounds; keeps every key it scores and returns, per query,
+    a certified upper bound ``eps_cert`` on the fraction of the softmax mass it dropped
+    (module ``_kernels``). Then ``|out - out_dense|_inf <= 2 * eps_cert * |V|_inf``. Modes:
+    ``eps`` (stop once the certified remainder is at most ``eps`` times the mass found),
+    ``tau`` (keep ``score >= tau``), ``topk`` (keep the keys scoring at least the k-th best).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from numba.typed import List
+
+from ..index._validate import as_float_array, is_torch, to_numpy
+from . import _kernels as AK
+from .kv import KVCacheIndex, KVIndex, _framework_out
+
+__all__ = ["hsr_attention", "AttentionInfo", "paper_bias"]
+
+
+@dataclass
+class AttentionInfo:
+    """Per-query statistics of one ``hsr_attention`` call (arrays shaped like q without d).
+
+    Attributes
+    ----------
+    keys_scored : int64 array
+        Keys whose score was computed.
+    keys_selected : int64 array
+        Keys that contributed (reported by the index / kept by the softmax search).
+    dropped_bound : float64 array
+        Softmax: certified upper bound on the dropped fraction of the softmax mass. ReLU: 0.
+    lse : float64 array
+        Softmax: log of the kept mass ``log sum_kept exp(s * score)``. ReLU: log of ``D_ii``.
+    n_keys : int
+        Keys in the cache.
+    """
+
+    keys_scored: np.ndarray
+    keys_selected: np.ndarray
+    dropped_bound: np.ndarray
+    lse: np.ndarray
+    n_keys: int
+
+    @property
+    def scan_fraction(self) -> float:
+        return float(self.keys_scored.mean() / max(self.n_keys, 1)) if self.keys_scored.size else 0.0
+
+
+def paper_bias(q, keys, scale=None, n=None, sample=2048, seed=0) -> float:
+    """The paper's threshold ``b = sigma * sqrt(0.4 * ln n)``, with ``sigma`` the standard
+    deviation of the scaled scores ``scale * <q, k>`` over the given queries and a seeded
+    sample of at most ``sample`` keys. About ``n^{4/5}`` keys per row then fire when scores
+    are roughly Gaussian."""
+    Q = as_float_array(q, "q", np.float32)
+    K = as_float_array(keys, "keys", np.float32, dim=Q.shape[1])
+    n = K.shape[0] if n is None else n
+    if K.shape[0] == 0 or n < 2:
+        return 0.0
+    s = Q.shape[1] ** -0.5 if scale is None else scale
+    rng = np.random.default_rng(seed)
+    pick = K if K.shape[0] <= sample else K[rng.choice(K.shape[0], sample, replace=False)]
+    sigma = float(np.std(s * (Q.astype(np.float64) @ pick.T.astype(np.float64))))
+    return sigma * math.sqrt(0.4 * math.log(n))
+
+
+def _check_common(kind, alpha, eps, tau, topk, scale):
+    if kind not in ("relu", "softmax"):
+        raise ValueError(f"kind must be 'relu' or 'softmax', got {kind!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, np.integer)) or alpha < 1:
+        raise ValueError(f"alpha must be a positive integer, got {alpha!r}")
+    if scale is not None and (not np.isfinite(scale) or scale <= 0):
+        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+    if kind == "softmax":
+        given = sum(x is not None for x in (eps, tau, topk))
+        if given > 1:
+            raise ValueError("give at most one of eps, tau and topk")
+        if eps is not None and not (0.0 < eps < 1.0):
+            raise ValueError(f"eps must be in (0, 1), got {eps!r}")
+        if topk is not None and (isinstance(topk, bool) or not isinstance(topk, (int, np.integer)) or topk < 1):
+            raise ValueError(f"topk must be a positive integer, got {topk!r}")
+    elif any(x is not None for x in (eps, tau, topk)):
+        raise ValueError("eps, tau and topk apply to kind='softmax' only")
+
+
+def _trees_of(index):
+    """The forest as a numba typed list of tuples (see ``_kernels``)."""
+    out = List()
+    for t in index._components():
+        out.append((t.kf, np.int64(t.stride), t.ids, np.int64(t.n_levels), t.node_start, t.node_end,
+                    t.center, t.radius, t.lo, t.hi, t.maxnorm, t.minid, t.maxid))
+    return out
+
+
+def _attend_head(kvi: KVIndex, Q, kind, alpha, bias, scale, eps, tau, topk, lim):
+    """Attention of queries ``Q (m, d)`` float32 against one head; returns out and info rows."""
+    index = kvi.index
+    m = Q.shape[0]
+    out = np.zeros((m, kvi.value_dim), dtype=np.float32)
+    scored = np.zeros(m, dtype=np.int64)
+    selected = np.zeros(m, dtype=np.int64)
+    dropped = np.zeros(m)
+    lse = np.full(m, -np.inf)
+    if len(index) == 0 or m == 0:
+        return out, scored, selected, dropped, lse
+    if kind == "relu":
+        lims, ids, sc, st = index.range_search(Q, bias / scale, max_id=lim, return_stats=True)
+        wsum = np.zeros(m)
+        AK.relu_from_csr(lims, ids, sc, kvi.values, float(scale), bias, int(alpha), out, wsum)
+        with np.errstate(divide="ignore"):
+            lse = np.log(wsum)
+        return out, st.keys_scored, np.diff(lims), dropped, lse
+    if index.method == "brute" or not index._trees and index._buffer is None:
+        raise ValueError("softmax with a certificate needs the index's trees: build the index with "
+                         "method='tree' or 'auto', not 'brute'")
+    if topk is not None:
+        ids, sc = index.topk(Q, int(topk), max_id=lim)
+        tau_arr = np.where(ids[:, -1] >= 0, sc[:, -1].astype(np.float64), -np.inf)
+        mode = 1
+    elif tau is not None:
+        tau_arr = np.broadcast_to(np.asarray(tau, dtype=np.float64), (m,)).copy()
+        mode = 1
+    else:
+        tau_arr = np.zeros(m)
+        mode = 0
+    QR, qn = index._rotated(Q)
+    info = np.zeros((m, 5))
+    AK.softmax_certified(Q, QR, qn, _trees_of(index), index._alive, index._n_dead > 0, kvi.values,
+                         float(scale), mode, float(eps if eps is not None else 0.0), tau_arr, lim,
+                         index._slack_rel, index._slack_abs, out, info)
+    return out, info[:, 3].astype(np.int64), info[:, 2].astype(np.int64), info[:, 1], info[:, 0]
+
+
+def hsr_attention(q, index, *, kind="relu", alpha=2, bias=0.0, scale=None, eps=None, tau=None,
+                  topk=None, causal=False, return_info=False):
+    """Attention of ``q`` over an indexed KV cache, computed only at the keys the index reports.
+
+    Parameters
+    ----------
+    q : array or tensor
+        ``(m, d)`` or ``(d,)`` for a :class:`KVIndex`; ``(B, Hq, M, D)`` for a
+        :class:`KVCacheIndex` with ``Hq`` a multiple of its kv heads (grouped-query attention:
+        query head h reads kv head ``h // (Hq // Hkv)``). float16/bfloat16/float32.
+    index : KVIndex or KVCacheIndex
+    kind : {"relu", "softmax"}
+    alpha : int, default 2
+        ReLU power.
+    bias : float, array (Hq,) or "paper"
+        ReLU threshold b (entries fire where ``s * <q, k> > b``). ``"paper"`` uses
+        :func:`paper_bias` per head: ``sigma * sqrt(0.4 ln n)``.
+    scale : float, default ``1/sqrt(d)``
+    eps : float in (0, 1), softmax only
+        Target certified dropped fraction (default 1e-3 when no tau/topk is given).
+    tau : float, softmax only
+        Keep keys with ``<q, k> >= tau`` (raw, unscaled score).
+    topk : int, softmax only
+        Keep the keys scoring at least the k-th best score.
+    causal : bool
+        Queries are the last positions of the cache: query j of M sits at ``n - M + j`` and
+        sees ids ``<= n - M + j``. The index prunes nodes by position as well as by score.
+    return_info : bool
+        Also return an :class:`AttentionInfo`.
+
+    Returns
+    -------
+    out : like q, last dim ``dv``
+        In q's framework, dtype and device.
+
+    Examples
+    --------
+    >>> import numpy as np, hsr
+    >>> rng = np.random.default_rng(0)
+    >>> k = rng.standard_normal((4096, 32)).astype(np.float32)
+    >>> v = rng.standard_normal((4096, 32)).astype(np.float32)
+    >>> kv = hsr.KVIndex(k, v)
+    >>> q = rng.standard_normal((4, 32)).astype(np.float32)
+    >>> out = hsr.hsr_attention(q, kv, alpha=2, bias=0.5)
+    >>> ref = hsr.dense_relu_attention(q, k, v, alpha=2, bias=0.5)
+    >>> bool(np.allclose(out, ref, rtol=1e-4, atol=1e-5))
+    True
+    """
+    _check_common(kind, alpha, eps, tau, topk, scale)
+    if kind == "softmax" and eps is None and tau is None and topk is None:
+        eps = 1e-3
+    if isinstance(index, KVIndex):
+        heads = [[index]]
+        Qn = to_numpy(q, "q")
+        single = Qn.ndim == 1
+        Qn = as_float_array(Qn, "q", np.float32, ndim=2, dim=index.dim)[None, None]
+    elif isinstance(index, KVCacheIndex):
+        heads = index.heads
+        Qn = to_numpy(q, "q")
+        single = False
+        if Qn.ndim != 4 or Qn.shape[0] != index.batch or Qn.shape[-1] != index.dim:
+            raise ValueError(f"q must be (batch={index.batch}, heads, seq, dim={index.dim}), got {Qn.shape}")
+        if Qn.shape[1] % index.kv_heads:
+            raise ValueError(f"query heads ({Qn.shape[1]}) must be a multiple of kv heads ({index.kv_heads})")
+        Qn = np.ascontiguousarray(Qn, dtype=np.float32)
+        if not np.isfinite(Qn).all():
+            raise ValueError("q contains NaN or Inf")
+    else:
+        raise TypeError(f"index must be a KVIndex or KVCacheIndex, got {type(index).__name__}")
+    B, Hq, M, d = Qn.shape
+    group = Hq // len(heads[0])
+    s = float(scale) if scale is not None else d ** -0.5
+    if isinstance(bias, str):
+        if bias != "paper":
+            raise ValueError(f"bias must be a number, an array of one per head, or 'paper', got {bias!r}")
+        bias_h = None
+    else:
+        bias_h = np.broadcast_to(np.asarray(bias, dtype=np.float64), (Hq,)) if np.ndim(bias) else np.full(Hq, float(bias))
+        if np.ndim(bias) and np.shape(bias) != (Hq,):
+            raise ValueError(f"bias must be a scalar or have shape ({Hq},), got {np.shape(bias)}")
+        if not np.isfinite(bias_h).all():
+            raise ValueError("bias contains NaN or Inf")
+    dv = heads[0][0].value_dim
+    out = np.zeros((B, Hq, M, dv), dtype=np.float32)
+    info = [np.zeros((B, Hq, M), dtype=np.int64), np.zeros((B, Hq, M), dtype=np.int64),
+            np.zeros((B, Hq, M)), np.zeros((B, Hq, M))]
+    for b in range(B):
+        for hk, kvi in enumerate(heads[b]):
+            n = kvi.index.n_total
+            Qg = Qn[b, hk * group:(hk + 1) * group].reshape(group * M, d)
+            lim = np.tile(np.arange(M, dtype=np.int64) + (n - M), group) if causal \
+                else np.full(group * M, np.iinfo(np.int64).max, dtype=np.int64)
+            if bias_h is None:
+                live = kvi.index.get_keys(np.flatnonzero(kvi.index._alive[:n]))
+                bq = np.repeat([paper_bias(Qn[b, hk * group + g], live, s) for g in range(group)], M)
+            else:
+                bq = np.repeat(bias_h[hk * group:(hk + 1) * group], M)
+            o, sc, sel, dr, ls = _attend_head(kvi, Qg, kind, alpha, np.ascontiguousarray(bq), s, eps, tau, topk, lim)
+            out[b, hk * group:(hk + 1) * group] = o.reshape(group, M, dv)
+            for arr, val in zip(info, (sc, sel, dr, ls)):
+                arr[b, hk * group:(hk + 1) * group] = val.reshape(group, M)
+    if isinstance(index, KVIndex):
+        out = out[0, 0]
+        info = [a[0, 0] for a in info]
+        if single:
+            out = out[0]
+            info = [a[0] for a in info]
+    result = _framework_out(out, q)
+    if return_info:
+        n_keys = len(heads[0][0])
+        return result, AttentionInfo(info[0], info[1], info[2], info[3], n_keys)
+    return result

@@ -1,0 +1,130 @@
+"""Indexed KV caches: keys in an :class:`~hsr.HSRIndex`, values beside them.
+
+``KVIndex`` is one attention head; ``KVCacheIndex`` is a whole ``(batch, kv_heads, seq, dim)``
+cache, one ``KVIndex`` per (batch, kv head), for grouped-query attention. A key's id is its
+position in the cache, so causal attention is an id limit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..index import HSRIndex
+from ..index._validate import as_float_array, is_torch, to_numpy
+
+__all__ = ["KVIndex", "KVCacheIndex"]
+
+
+class KVIndex:
+    """Keys ``(n, d)`` with an index over them and values ``(n, dv)`` beside them (one head).
+
+    Parameters
+    ----------
+    keys : (n, d) array or tensor
+    values : (n, dv) array or tensor
+    **index_kwargs
+        Passed to :class:`~hsr.HSRIndex` (``leaf_size``, ``method``, ``buffer_size``, ...).
+
+    Notes
+    -----
+    Values are kept in float32. ``append`` adds a decode step's keys and values; the index
+    grows incrementally (buffer plus logarithmic merging), with no rebuild per step.
+    """
+
+    def __init__(self, keys, values, **index_kwargs):
+        K = as_float_array(keys, "keys", np.float32, ndim=2)
+        V = as_float_array(values, "values", np.float32, ndim=2)
+        if K.shape[0] != V.shape[0]:
+            raise ValueError(f"keys and values differ in length: {K.shape[0]} vs {V.shape[0]}")
+        self.index = HSRIndex(K, dim=K.shape[1], **index_kwargs)
+        self.value_dim = V.shape[1]
+        self._values = np.zeros((max(16, V.shape[0]), V.shape[1]), dtype=np.float32)
+        self._values[:V.shape[0]] = V
+
+    @property
+    def dim(self) -> int:
+        return self.index.dim
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def values(self) -> np.ndarray:
+        """Values ``(n_total, dv)`` float32, row i belonging to key id i."""
+        return self._values[:self.index.n_total]
+
+    def append(self, keys, values) -> np.ndarray:
+        """Add keys ``(t, d)`` and values ``(t, dv)`` (or one of each); returns their ids."""
+        K = as_float_array(keys, "keys", np.float32, ndim=2, dim=self.dim)
+        V = as_float_array(values, "values", np.float32, ndim=2, dim=self.value_dim)
+        if K.shape[0] != V.shape[0]:
+            raise ValueError(f"keys and values differ in length: {K.shape[0]} vs {V.shape[0]}")
+        start = self.index.n_total
+        if start + len(V) > self._values.shape[0]:
+            nv = np.zeros((max(2 * self._values.shape[0], start + len(V)), self.value_dim), dtype=np.float32)
+            nv[:start] = self._values[:start]
+            self._values = nv
+        self._values[start:start + len(V)] = V
+        return self.index.add(K)
+
+    def __repr__(self):
+        return f"KVIndex(n={len(self)}, dim={self.dim}, value_dim={self.value_dim})"
+
+
+class KVCacheIndex:
+    """A ``(batch, kv_heads, seq, dim)`` KV cache with one :class:`KVIndex` per (batch, head).
+
+    Parameters
+    ----------
+    keys : (B, Hkv, S, D) array or tensor (post-RoPE, as attention receives them)
+    values : (B, Hkv, S, Dv) array or tensor
+    **index_kwargs
+        Passed to each head's :class:`~hsr.HSRIndex`.
+    """
+
+    def __init__(self, keys, values, **index_kwargs):
+        K = to_numpy(keys, "keys")
+        V = to_numpy(values, "values")
+        if K.ndim != 4 or V.ndim != 4:
+            raise ValueError(f"keys and values must be (batch, kv_heads, seq, dim), got {K.shape} and {V.shape}")
+        if K.shape[:3] != V.shape[:3]:
+            raise ValueError(f"keys {K.shape} and values {V.shape} differ in batch, heads or length")
+        self.batch, self.kv_heads = K.shape[0], K.shape[1]
+        self.heads = [[KVIndex(K[b, h], V[b, h], **index_kwargs) for h in range(K.shape[1])]
+                      for b in range(K.shape[0])]
+
+    def __len__(self) -> int:
+        return len(self.heads[0][0]) if self.batch else 0
+
+    @property
+    def dim(self) -> int:
+        return self.heads[0][0].dim
+
+    @property
+    def value_dim(self) -> int:
+        return self.heads[0][0].value_dim
+
+    def append(self, keys, values) -> None:
+        """Append ``(B, Hkv, t, D)`` keys and ``(B, Hkv, t, Dv)`` values (a decode step: t = 1)."""
+        K = to_numpy(keys, "keys")
+        V = to_numpy(values, "values")
+        if K.shape[:2] != (self.batch, self.kv_heads) or V.shape[:3] != K.shape[:3] or K.ndim != 4:
+            raise ValueError(f"append expects ({self.batch}, {self.kv_heads}, t, dim) keys and values, "
+                             f"got {K.shape} and {V.shape}")
+        for b in range(self.batch):
+            for h in range(self.kv_heads):
+                self.heads[b][h].append(K[b, h], V[b, h])
+
+    def __repr__(self):
+        return (f"KVCacheIndex(batch={self.batch}, kv_heads={self.kv_heads}, seq={len(self)}, "
+                f"dim={self.dim})")
+
+
+def _framework_out(out: np.ndarray, like):
+    """Return ``out`` in the framework, dtype and device of ``like``."""
+    if is_torch(like):
+        import torch
+
+        return torch.from_numpy(out).to(device=like.device, dtype=like.dtype)
+    dt = np.asarray(like).dtype
+    return out.astype(dt if dt.kind == "f" else np.float32)
