@@ -4,6 +4,18 @@ dense references, and PowerAttention patterns."""
 from .core import AttentionInfo, hsr_attention, paper_bias
 from .dense import dense_relu_attention, dense_softmax_attention
 from .kv import KVCacheIndex, KVIndex
+from .power import (BlockLists, DilatedPattern, FullPattern, LongNetPattern, Pattern, PowerPattern,
+                    SlidingWindowPattern, StrideSlashPattern, dilated_pattern, full_pattern,
+                    kernel_block_lists, longnet_pattern, matched_baselines, power_attention,
+                    power_pattern, sliding_window_pattern, stride_slash_pattern, to_block_mask)
+from .receptive import (coverage_by_layer, hop_distances, hops_to_full_coverage, plot_receptive,
+                        reach_bitsets, receptive_summary)
 
 __all__ = ["hsr_attention", "AttentionInfo", "paper_bias", "dense_relu_attention",
-           "dense_softmax_attention", "KVIndex", "KVCacheIndex"]
+           "dense_softmax_attention", "KVIndex", "KVCacheIndex",
+           "Pattern", "BlockLists", "PowerPattern", "SlidingWindowPattern", "StrideSlashPattern",
+           "DilatedPattern", "LongNetPattern", "FullPattern", "power_pattern", "sliding_window_pattern",
+           "stride_slash_pattern", "dilated_pattern", "longnet_pattern", "full_pattern",
+           "matched_baselines", "to_block_mask", "kernel_block_lists", "power_attention",
+           "hop_distances", "coverage_by_layer", "hops_to_full_coverage", "reach_bitsets",
+           "receptive_summary", "plot_receptive"]
