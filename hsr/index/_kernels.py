@@ -210,11 +210,14 @@ def _split_direction(keys, perm, s, e, use_pca, n_sample):
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def build_permutation(keys, perm, n_levels, use_pca, n_sample):
-    """Reorder ``perm`` (positions of ``keys`` rows) level by level so every node's range is
-    split at its median along the node's split direction."""
+def build_permutation(kw, perm, n_levels, use_pca, n_sample):
+    """Reorder the rows of ``kw`` (a working copy of the keys) and ``perm`` (their positions
+    in the caller's array) level by level, so every node's range is split at its median along
+    the node's split direction. Rows move with ``perm`` so each level reads them
+    sequentially: gathering them through ``perm`` instead costs a cache miss per key per level."""
     n = perm.shape[0]
-    d = keys.shape[1]
+    d = kw.shape[1]
+    ident = np.arange(n)
     for level in range(n_levels):
         for jn in prange(1 << level):
             s = (jn * n) >> level
@@ -222,16 +225,19 @@ def build_permutation(keys, perm, n_levels, use_pca, n_sample):
             mid = ((2 * jn + 1) * n) >> (level + 1)
             if e - s < 2:
                 continue
-            v = _split_direction(keys, perm, s, e, use_pca, n_sample)
-            proj = np.empty(e - s)
-            for a in range(s, e):
-                p = perm[a]
+            v = _split_direction(kw, ident, s, e, use_pca, n_sample)
+            cnt = e - s
+            # no BLAS here: OpenBLAS called from numba's worker threads can deadlock
+            proj = np.empty(cnt)
+            for a in range(cnt):
                 acc = 0.0
                 for j in range(d):
-                    acc += keys[p, j] * v[j]
-                proj[a - s] = acc
-            sub = perm[s:e]
-            _select(proj, sub, 0, e - s, mid - s)
+                    acc += kw[s + a, j] * v[j]
+                proj[a] = acc
+            order = np.arange(cnt)
+            _select(proj, order, 0, cnt, mid - s)
+            kw[s:e] = kw[s:e][order]
+            perm[s:e] = perm[s:e][order]
 
 
 @njit(cache=True, nogil=True, parallel=True)

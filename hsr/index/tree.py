@@ -116,8 +116,8 @@ def _build_tree(keys: np.ndarray, ids: np.ndarray, rot: np.ndarray, leaf_size: i
     dt = keys.dtype
     L = _n_levels(n, leaf_size)
     perm = np.arange(n, dtype=np.int64)
-    K.build_permutation(keys, perm, L, use_pca, 32)
-    kp = keys[perm]
+    kp = keys.copy()  # reordered in place into tree order
+    K.build_permutation(kp, perm, L, use_pca, 32)
     kr = np.empty_like(kp)
     for s in range(0, n, 65536):  # rotate in chunks: a float64 copy of 1M keys is 512 MB
         kr[s:s + 65536] = kp[s:s + 65536].astype(np.float64) @ rot.T
