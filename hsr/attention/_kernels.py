@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ..index._kernels import _leaf_block, _max_leaf, _node_bounds, _scan
+from ..index._kernels import _leaf_block, _max_leaf, _node_bounds, _scan_block
 
 
 @njit(cache=True, nogil=True, parallel=True)
@@ -95,7 +95,7 @@ def _keep_leaf(q, tr, v, scale, st, mode, tau, lim, alive, has_dead, values, acc
     unnormalised output relative to exp(m_run)."""
     kf, stride, ids, node_start, node_end = tr[0], tr[1], tr[2], tr[4], tr[5]
     base, bs, cnt = _leaf_block(v, node_start, node_end, q.shape[0], stride)
-    _scan(q, kf, base, bs, cnt, acc)
+    _scan_block(q, kf, base, bs, cnt, acc)
     ls = node_start[v]
     dv = values.shape[1]
     st[4] += cnt
@@ -164,7 +164,7 @@ def _softmax_one(q, qr, qnorm, trees, alive, has_dead, values, scale, mode, eps,
     max_leaf = 1
     for tr in trees:
         total_nodes += tr[4].shape[0]
-        max_leaf = max(max_leaf, _max_leaf(tr[4], tr[5], tr[3]))
+        max_leaf = max(max_leaf, _max_leaf(tr[1]))
     hk = np.empty(total_nodes + 1)
     ht = np.empty(total_nodes + 1, dtype=np.int64)
     hv = np.empty(total_nodes + 1, dtype=np.int64)

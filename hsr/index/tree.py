@@ -93,20 +93,22 @@ class _Tree:
         return int(self.node_end[0])
 
 
-def _node_ranges(n: int, n_levels: int):
+def _node_ranges(n: int, n_levels: int, width: int):
+    """Position ranges of every node: leaf i owns [i*width, (i+1)*width) clipped to n, and a
+    node owns the union of its leaves."""
     starts = []
     ends = []
     for level in range(n_levels + 1):
+        span = width << (n_levels - level)
         j = np.arange(1 << level, dtype=np.int64)
-        starts.append((j * n) >> level)
-        ends.append(((j + 1) * n) >> level)
+        starts.append(np.minimum(j * span, n))
+        ends.append(np.minimum((j + 1) * span, n))
     return np.concatenate(starts), np.concatenate(ends)
 
 
-def _n_levels(n: int, leaf_size: int) -> int:
-    if n <= leaf_size:
-        return 0
-    return int(math.ceil(math.log2(n / leaf_size)))
+def _n_levels(n: int, width: int) -> int:
+    leaves = -(-n // width)
+    return 0 if leaves <= 1 else int(math.ceil(math.log2(leaves)))
 
 
 def _build_tree(keys: np.ndarray, ids: np.ndarray, rot: np.ndarray, leaf_size: int,
@@ -114,29 +116,30 @@ def _build_tree(keys: np.ndarray, ids: np.ndarray, rot: np.ndarray, leaf_size: i
     """Build one static tree over ``keys (n, d)`` whose caller ids are ``ids (n,)``."""
     n, d = keys.shape
     dt = keys.dtype
-    L = _n_levels(n, leaf_size)
+    W = leaf_size
+    L = _n_levels(n, W)
+    n_nodes = (1 << (L + 1)) - 1
+    t = _Tree()
+    t.n_levels = L
+    t.stride = W
+    t.node_start, t.node_end = _node_ranges(n, L, W)
     perm = np.arange(n, dtype=np.int64)
     kp = keys.copy()  # reordered in place into tree order
-    K.build_permutation(kp, perm, L, use_pca, 32)
+    K.build_permutation(kp, perm, L, t.node_start, t.node_end, use_pca, 32)
     kr = np.empty_like(kp)
     for s in range(0, n, 65536):  # rotate in chunks: a float64 copy of 1M keys is 512 MB
         kr[s:s + 65536] = kp[s:s + 65536].astype(np.float64) @ rot.T
     norms = np.sqrt(np.einsum("ij,ij->i", kp, kp, dtype=np.float64))
-    n_nodes = (1 << (L + 1)) - 1
-    t = _Tree()
     t.ids = np.ascontiguousarray(ids[perm], dtype=np.int64)
-    t.n_levels = L
-    t.stride = 0
-    t.node_start, t.node_end = _node_ranges(n, L)
     first_leaf = (1 << L) - 1
-    t.kf = np.empty(n * d, dtype=dt)
-    K.pack_leaves(kp, t.node_start[first_leaf:], t.node_end[first_leaf:], t.kf)
+    t.kf = np.zeros(-(-n // W) * W * d, dtype=dt)
+    K.pack_leaves(kp, t.node_start[first_leaf:], t.node_end[first_leaf:], W, t.kf)
     t.center = np.empty((n_nodes, d), dtype=dt)
     t.radius = np.empty(n_nodes)
     t.lo = np.empty((n_nodes, d), dtype=dt)
     t.hi = np.empty((n_nodes, d), dtype=dt)
     t.maxnorm = np.empty(n_nodes)
-    K.build_bounds(kr, norms, L, t.center, t.radius, t.lo, t.hi, t.maxnorm)
+    K.build_bounds(kr, norms, L, t.node_start, t.node_end, t.center, t.radius, t.lo, t.hi, t.maxnorm)
     t.minid = np.empty(n_nodes, dtype=np.int64)
     t.maxid = np.empty(n_nodes, dtype=np.int64)
     K.build_id_ranges(t.ids, t.node_start, t.node_end, L, t.minid, t.maxid)
@@ -192,7 +195,8 @@ class HSRIndex:
     dim : int, optional
         Dimension, needed only when no keys are given.
     leaf_size : int, default 32
-        Keys per leaf (leaves hold ``leaf_size // 2`` to ``leaf_size`` keys).
+        Keys per leaf (every leaf is full but the last). 32 takes a faster, fixed-width
+        scan kernel; other sizes a generic one.
     split : {"pca", "axis"}, default "pca"
         Split direction: the node's top principal direction, or its widest coordinate.
     rotate : bool, default True
@@ -639,6 +643,7 @@ class HSRIndex:
             "seed": self.seed, "n_total": self._n_total, "n_dead": self._n_dead,
             "max_norm": self._max_norm, "n_trees": len(self._trees),
             "n_levels": [t.n_levels for t in self._trees],
+            "strides": [t.stride for t in self._trees],
             "has_buffer": self._buffer is not None,
         }
         arrays = {"keys": self._keys[:self._n_total], "alive": self._alive[:self._n_total]}
@@ -681,9 +686,10 @@ class HSRIndex:
         self._max_norm = float(meta["max_norm"])
         self._rot = arrays.get("rot")
         self._trees = []
-        for i, L in enumerate(meta["n_levels"]):
-            self._trees.append(_tree_from(arrays, f"t{i}", int(L), n_total, self.dim))
-        self._buffer = _tree_from(arrays, "buf", 0, n_total, self.dim) if meta["has_buffer"] else None
+        for i, (L, W) in enumerate(zip(meta["n_levels"], meta["strides"])):
+            self._trees.append(_tree_from(arrays, f"t{i}", int(L), int(W), n_total, self.dim))
+        self._buffer = _tree_from(arrays, "buf", 0, self.buffer_size, n_total, self.dim) \
+            if meta["has_buffer"] else None
         eps = 2.0 ** -24 if self.dtype == np.float32 else 2.0 ** -53
         tiny = 2.0 ** -148 if self.dtype == np.float32 else 2.0 ** -1072
         self._slack_rel = 2.0 * (self.dim + 4) * eps + 64.0 * self.dim * 2.0 ** -53
@@ -764,17 +770,18 @@ def _digest(arrays) -> str:
     return h.hexdigest()
 
 
-def _tree_from(arrays, name, n_levels, n_total, d) -> _Tree:
+def _tree_from(arrays, name, n_levels, stride, n_total, d) -> _Tree:
     t = _Tree()
     for a in _Tree._ARRAYS:
         setattr(t, a, np.ascontiguousarray(arrays[f"{name}_{a}"]))
     t.n_levels = n_levels
-    t.stride = 0 if name != "buf" else t.kf.shape[0] // d
+    t.stride = stride
     n_nodes = (1 << (n_levels + 1)) - 1
     ok = (t.node_start.shape == (n_nodes,) and t.node_end.shape == (n_nodes,)
           and t.center.shape == (n_nodes, d) and t.lo.shape == (n_nodes, d) and t.hi.shape == (n_nodes, d)
           and t.radius.shape == (n_nodes,) and t.maxnorm.shape == (n_nodes,)
-          and t.kf.ndim == 1 and t.kf.shape[0] >= t.n * d and t.ids.shape[0] >= t.n
+          and t.kf.ndim == 1 and t.stride >= 1 and t.kf.shape[0] >= -(-t.n // t.stride) * t.stride * d
+          and t.ids.shape[0] >= t.n
           and (t.ids[:t.n] >= 0).all() and (t.ids[:t.n] < n_total).all())
     if not ok:
         raise ValueError(f"hsr index file is inconsistent: tree {name!r} arrays do not fit together")
