@@ -1,0 +1,47 @@
+"""hsr.kernels: Triton GPU kernels and their thin launch wrappers.
+
+Importing this package does not import triton (CPU-only users have none); the kernels'
+modules are loaded on first attribute access:
+
+- ``block_sparse_attention`` (``hsr.kernels.block_sparse``): FlashAttention-style attention
+  over a BSR block list (FlexAttention ``BlockMask`` convention), prefill and split-KV decode.
+- ``selected_attention`` (``hsr.kernels.selected``): softmax / ReLU^alpha attention over a
+  CSR list of selected keys per query row.
+- ``GPUBlockIndex``, ``hsr_decode`` (``hsr.kernels.search``): the exact block filter on the
+  GPU (ball + per-subspace bounds), its plan (search) and run (attention) halves, and the
+  fused filter + attention decode.
+- dense references in ``hsr.kernels._reference`` (torch only).
+
+See docs/kernels.md.
+"""
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {
+    "block_sparse_attention": "block_sparse",
+    "merge_partials": "block_sparse",
+    "selected_attention": "selected",
+    "GPUBlockIndex": "search",
+    "build_index": "search",
+    "hsr_decode": "search",
+    "block_mask_dense": "_reference",
+    "masked_attention": "_reference",
+    "block_sparse_reference": "_reference",
+    "selected_reference": "_reference",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name):
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'hsr.kernels' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{mod}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,38 @@
+"""Compatibility shims for running the kernels under the Triton CPU interpreter.
+
+Triton 3.6's interpreter converts a scalar tensor to a Python int with ``int(array)``, which
+numpy >= 2.4 refuses for the 1-element arrays the interpreter uses for scalars ("only
+0-dimensional arrays can be converted to Python scalars"); every loop whose bound is a
+loaded or computed scalar then fails. ``patch_interpreter()`` replaces that one conversion
+with ``int(array.reshape(-1)[0])``. It only runs when ``TRITON_INTERPRET=1`` and never
+touches the compiled (GPU) path.
+"""
+from __future__ import annotations
+
+import os
+
+_PATCHED = False
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def patch_interpreter() -> None:
+    global _PATCHED
+    if _PATCHED or not interpreting():
+        return
+    try:
+        from triton.runtime import interpreter as _interp
+    except Exception:  # pragma: no cover - triton layout changed
+        return
+    orig = getattr(_interp, "_patch_lang_tensor", None)
+    if orig is None:  # pragma: no cover
+        return
+
+    def _patched(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    _interp._patch_lang_tensor = _patched
+    _PATCHED = True

@@ -1,0 +1,446 @@
+"""Block-sparse attention over a BSR block list (FlexAttention ``BlockMask`` convention).
+
+Two kernels and a merge:
+
+- ``_bsa_prefill_kernel``: one program per (query tile of ``BLOCK_M`` rows, batch*query head);
+  FlashAttention-style online softmax over the key blocks listed for the tile's query block,
+  each block walked in ``BLOCK_N``-key sub-tiles. Memory traffic: Q and O once, and per
+  (query tile, listed block) one read of the block's K and V (GQA heads of a group re-read
+  the same K/V, mostly from L2). FLOPs: ``4 * D * (#allowed query-key pairs, tile-rounded)``.
+- ``_bsa_decode_kernel``: split-KV for few queries. One program per (split of the block
+  list, batch, group of query heads): the ``HPP * M`` query rows of all query heads that share
+  a kv head (and a block list) are stacked into one tile so that each K/V tile is read once
+  for the whole group. Each program writes a partial output (normalised) and its lse;
+  ``_merge_kernel`` combines the splits. The tile gathers ``BLOCK_N`` keys from
+  ``BLOCK_N // UNIT`` contiguous runs of ``UNIT`` keys, so small blocks (16/32/64 keys, as
+  the HSR index uses) still feed a wide tile.
+- ``_merge_kernel``: ``out = sum_s exp(lse_s - lse) * out_s``, ``lse = logsumexp_s lse_s``.
+
+Conventions (queries are the last ``M`` of ``N`` positions; list rows; GQA) are those of
+``hsr.kernels._reference`` and docs/kernels.md.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._compat import interpreting as _interpreting
+from ._compat import patch_interpreter
+from ._reference import list_row_offset
+
+patch_interpreter()
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _dot(a, b, UPCAST: tl.constexpr):
+    # The CPU interpreter cannot multiply bf16 and float32 inputs should not drop to tf32:
+    # UPCAST does the product in float32 (ieee). On the GPU with 16-bit inputs it is False.
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _prefill_tile(q, m_i, l_i, acc, k_base, v_base, start, k_hi, N, t_abs, offs_m, offs_d,
+                  offs_n0, skn, svn, qk_scale, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  CAUSAL: tl.constexpr, UPCAST: tl.constexpr, K_ROWMAJOR: tl.constexpr,
+                  BLOCK_PTR: tl.constexpr):
+    # one BLOCK_N-key sub-tile [start, start + BLOCK_N) of a listed block ending at k_hi
+    offs_n = start + offs_n0
+    kmask = offs_n < k_hi
+    if BLOCK_PTR:
+        # rows in [k_hi, N) are real memory; they are masked out of the scores below
+        kp_ = tl.make_block_ptr(k_base, (N, HEAD_DIM), (skn, 1), (start, 0),
+                                (BLOCK_N, HEAD_DIM), (1, 0))
+        kr = tl.load(kp_, boundary_check=(0,), padding_option="zero")
+        s = _dot(q, tl.trans(kr), UPCAST) * qk_scale
+    elif K_ROWMAJOR:
+        kr = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :],
+                     mask=kmask[:, None], other=0.0)
+        s = _dot(q, tl.trans(kr), UPCAST) * qk_scale
+    else:
+        kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None],
+                     mask=kmask[None, :], other=0.0)
+        s = _dot(q, kt, UPCAST) * qk_scale
+    need_mask = start + BLOCK_N > k_hi
+    if CAUSAL:
+        need_mask = need_mask | (start + BLOCK_N - 1 > t_abs)
+    if need_mask:
+        keep = kmask[None, :]
+        if CAUSAL:
+            keep = keep & (offs_n[None, :] <= offs_m[:, None])
+        s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if BLOCK_PTR:
+        vp_ = tl.make_block_ptr(v_base, (N, HEAD_DIM), (svn, 1), (start, 0),
+                                (BLOCK_N, HEAD_DIM), (1, 0))
+        vt = tl.load(vp_, boundary_check=(0,), padding_option="zero")
+    else:
+        vt = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :],
+                     mask=kmask[:, None], other=0.0)
+    if UPCAST:
+        acc = acc * alpha[:, None] + _dot(p, vt, UPCAST)
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _bsa_prefill_kernel(
+    Q, K, V, O, LSE, KVN, KVI,
+    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, slb, slh,
+    snb, snh, snr, sib, sih, sir, sic,
+    Hq, M, N, GROUP, LIST_GROUP, ROW_OFF, qk_scale,
+    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+    K_ROWMAJOR: tl.constexpr, BLOCK_PTR: tl.constexpr, FLAT: tl.constexpr,
+):
+    tl.static_assert(BLOCK_SIZE % BLOCK_M == 0)
+    tl.static_assert(BLOCK_SIZE % BLOCK_N == 0)
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hq
+    h = pid_bh % Hq
+    hk = h // GROUP
+    lh = h // LIST_GROUP
+    q0 = N - M
+    # ---- query tile in absolute positions (so a tile never straddles a query block)
+    t_abs = (q0 // BLOCK_M) * BLOCK_M + pid_m * BLOCK_M
+    offs_m = t_abs + tl.arange(0, BLOCK_M)
+    rows = offs_m - q0
+    row_ok = (rows >= 0) & (rows < M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + b.to(tl.int64) * sqb + h * sqh + rows[:, None].to(tl.int64) * sqm
+                + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    lrow = t_abs // BLOCK_SIZE - ROW_OFF
+    nblk = tl.load(KVN + b * snb + lh * snh + lrow * snr)
+    kvi_base = KVI + b * sib + lh * sih + lrow * sir
+    k_base = K + b.to(tl.int64) * skb + hk * skh
+    v_base = V + b.to(tl.int64) * svb + hk * svh
+    q_hi = tl.minimum(t_abs + BLOCK_M, N)  # one past the last query position of the tile
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    if FLAT:
+        # one flat loop over (listed block, sub-tile) pairs, so that the software pipeline
+        # runs across block boundaries (a block of 128 keys is only 1-4 sub-tiles); the
+        # sub-tiles wholly above the diagonal are fully masked (wasted only there)
+        SUB: tl.constexpr = BLOCK_SIZE // BLOCK_N
+        for t in range(0, nblk * SUB):
+            kb = tl.load(kvi_base + (t // SUB) * sic)
+            k_lo = kb * BLOCK_SIZE
+            k_hi = tl.minimum(k_lo + BLOCK_SIZE, N)
+            if CAUSAL:
+                k_hi = tl.minimum(k_hi, q_hi)
+            start = k_lo + (t % SUB) * BLOCK_N
+            m_i, l_i, acc = _prefill_tile(q, m_i, l_i, acc, k_base, v_base, start, k_hi, N,
+                                          t_abs, offs_m, offs_d, offs_n0, skn, svn, qk_scale,
+                                          BLOCK_N, HEAD_DIM, CAUSAL, UPCAST, K_ROWMAJOR,
+                                          BLOCK_PTR)
+    else:
+        for j in range(0, nblk):
+            kb = tl.load(kvi_base + j * sic)
+            k_lo = kb * BLOCK_SIZE
+            k_hi = tl.minimum(k_lo + BLOCK_SIZE, N)
+            if CAUSAL:
+                k_hi = tl.minimum(k_hi, q_hi)
+            for start in range(k_lo, k_hi, BLOCK_N):
+                m_i, l_i, acc = _prefill_tile(q, m_i, l_i, acc, k_base, v_base, start, k_hi,
+                                              N, t_abs, offs_m, offs_d, offs_n0, skn, svn,
+                                              qk_scale, BLOCK_N, HEAD_DIM, CAUSAL, UPCAST,
+                                              K_ROWMAJOR, BLOCK_PTR)
+    # ---- epilogue: empty rows give 0 and lse = -inf
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(l_i > 0.0, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453,
+                   float("-inf"))
+    tl.store(O + b.to(tl.int64) * sob + h * soh + rows[:, None].to(tl.int64) * som
+             + offs_d[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + b * slb + h * slh + rows, lse, mask=row_ok)
+
+
+@triton.jit
+def _bsa_decode_kernel(
+    Q, K, V, POS, OP, LSEP, KVN, KVI,
+    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, spb, sph,
+    snb, snh, snr, sib, sih, sir, sic,
+    Hq, M, N, NVALID, GROUP, HPP, LIST_GROUP, LROW, NUM_SPLITS, BH_ROWS, qk_scale,
+    BLOCK_SIZE: tl.constexpr, UNIT: tl.constexpr, BLOCK_N: tl.constexpr,
+    ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_POS: tl.constexpr, UPCAST: tl.constexpr,
+):
+    tl.static_assert(BLOCK_N % UNIT == 0)
+    tl.static_assert(BLOCK_SIZE % UNIT == 0)
+    UPB: tl.constexpr = BLOCK_SIZE // UNIT
+    pid_s = tl.program_id(0)
+    pid_g = tl.program_id(1)
+    n_groups = Hq // HPP
+    b = pid_g // n_groups
+    h0 = (pid_g % n_groups) * HPP
+    hk = h0 // GROUP
+    lh = h0 // LIST_GROUP
+    # ---- stacked query rows: row r is head h0 + r // M, query m = r % M
+    offs_r = tl.arange(0, ROWS)
+    r_ok = offs_r < HPP * M
+    head = h0 + offs_r // M
+    mrow = offs_r % M
+    qpos = NVALID - M + mrow
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + b.to(tl.int64) * sqb + head[:, None] * sqh + mrow[:, None] * sqm
+                + offs_d[None, :], mask=r_ok[:, None], other=0.0)
+    nblk = tl.load(KVN + b * snb + lh * snh + LROW * snr)
+    kvi_base = KVI + b * sib + lh * sih + LROW * sir
+    k_base = K + b.to(tl.int64) * skb + hk * skh
+    v_base = V + b.to(tl.int64) * svb + hk * svh
+    # split the ACTUAL list (not its allocated length) evenly over the NUM_SPLITS programs
+    TU: tl.constexpr = BLOCK_N // UNIT
+    n_units = nblk * UPB
+    tiles_per = tl.cdiv(tl.cdiv(n_units, TU), NUM_SPLITS)
+    u_lo = pid_s * tiles_per * TU
+    u_hi = tl.minimum(u_lo + tiles_per * TU, n_units)
+
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    for u0 in range(u_lo, u_hi, BLOCK_N // UNIT):
+        u = u0 + offs_n0 // UNIT
+        u_ok = u < u_hi
+        blk = tl.load(kvi_base + (u // UPB) * sic, mask=u_ok, other=0)
+        key = blk * BLOCK_SIZE + (u % UPB) * UNIT + offs_n0 % UNIT
+        kmask = u_ok & (key < N)
+        if HAS_POS:
+            # pad rows (pos >= NVALID) are masked out of the loads: their bytes are not read
+            pos = tl.load(POS + b.to(tl.int64) * spb + hk * sph + key, mask=kmask, other=0)
+            kmask = kmask & (pos < NVALID)
+        else:
+            pos = key
+        kt = tl.load(k_base + key[None, :] * skn + offs_d[:, None],
+                     mask=kmask[None, :], other=0.0)
+        keep = kmask & (pos < NVALID)
+        keep2 = keep[None, :]
+        if CAUSAL:
+            keep2 = keep2 & (pos[None, :] <= qpos[:, None])
+        s = _dot(q, kt, UPCAST) * qk_scale
+        s = tl.where(keep2, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        vt = tl.load(v_base + key[:, None] * svn + offs_d[None, :],
+                     mask=kmask[:, None], other=0.0)
+        if UPCAST:
+            acc = acc * alpha[:, None] + _dot(p, vt, UPCAST)
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+        m_i = m_new
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(l_i > 0.0, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453,
+                   float("-inf"))
+    # partials laid out (split, B*Hq*M, D) / (split, B*Hq*M), row = (b*Hq + head)*M + m
+    prow = (b * Hq + head) * M + mrow
+    tl.store(OP + (pid_s * BH_ROWS + prow[:, None]).to(tl.int64) * HEAD_DIM + offs_d[None, :],
+             out, mask=r_ok[:, None])
+    tl.store(LSEP + pid_s * BH_ROWS + prow, lse, mask=r_ok)
+
+
+@triton.jit
+def _merge_kernel(OP, LSEP, O, LSE, S, BH_ROWS, M,
+                  sob, soh, som, HqM,
+                  BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr):
+    row = tl.program_id(0)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, HEAD_DIM)
+    s_ok = offs_s < S
+    lse_s = tl.load(LSEP + offs_s * BH_ROWS + row, mask=s_ok, other=float("-inf"))
+    mx = tl.max(lse_s, 0)
+    mx_use = tl.where(mx == float("-inf"), 0.0, mx)
+    w = tl.exp(lse_s - mx_use)
+    tot = tl.sum(w, 0)
+    o_s = tl.load(OP + (offs_s[:, None] * BH_ROWS + row).to(tl.int64) * HEAD_DIM
+                  + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+    tot_safe = tl.where(tot > 0.0, tot, 1.0)
+    out = tl.sum(o_s * w[:, None], 0) / tot_safe
+    lse = tl.where(tot > 0.0, mx_use + tl.log(tot_safe), float("-inf"))
+    b = row // HqM
+    rem = row % HqM
+    h = rem // M
+    m = rem % M
+    tl.store(O + b.to(tl.int64) * sob + h * soh + m * som + offs_d, out.to(O.dtype.element_ty))
+    tl.store(LSE + row, lse)
+
+
+# ----------------------------------------------------------------------------- wrappers
+
+def _num_sms(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def _check_lists(kv_num_blocks, kv_indices, B, Hq, Hkv):
+    assert kv_num_blocks.dim() == 3 and kv_indices.dim() == 4, \
+        "BSR lists: (Bl, Hl, R) and (Bl, Hl, R, max_blocks)"
+    Bl, Hl, R = kv_num_blocks.shape
+    assert kv_indices.shape[:3] == (Bl, Hl, R)
+    assert Bl in (1, B), f"list batch dim {Bl} must be 1 or {B}"
+    assert Hl in (1, Hkv, Hq), f"list head dim {Hl} must be 1, Hkv={Hkv} or Hq={Hq}"
+    assert kv_num_blocks.dtype == torch.int32 and kv_indices.dtype == torch.int32
+    list_group = Hq // Hl if Hl > 1 else Hq  # h // list_group -> list head (0 when Hl == 1)
+    return Bl, Hl, R, list_group
+
+
+def _list_strides(kv_num_blocks, kv_indices):
+    Bl, Hl = kv_num_blocks.shape[:2]
+    sn = list(kv_num_blocks.stride())
+    si = list(kv_indices.stride())
+    if Bl == 1:
+        sn[0] = si[0] = 0
+    if Hl == 1:
+        sn[1] = si[1] = 0
+    return sn, si
+
+
+def merge_partials(o_part, lse_part, out, lse, M):
+    """Combine split partials ``(S, B*Hq*M, D)`` / ``(S, B*Hq*M)`` into ``out`` ``(B,Hq,M,D)``
+    and ``lse`` ``(B,Hq,M)`` (contiguous float32)."""
+    S, BHM, D = o_part.shape
+    Hq = out.shape[1]
+    _merge_kernel[(BHM,)](
+        o_part, lse_part, out, lse, S, BHM, M,
+        out.stride(0), out.stride(1), out.stride(2), Hq * M,
+        BLOCK_S=max(triton.next_power_of_2(S), 2), HEAD_DIM=D)
+
+
+def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, *, block_size=128, causal=True,
+                           scale=None, return_lse=False, block_m=None, block_n=None,
+                           num_splits=None, num_warps=None, num_stages=None,
+                           k_rowmajor=True, block_ptr=False, flat=True, positions=None,
+                           n_valid=None):
+    """Block-sparse attention over a BSR block list.
+
+    Parameters
+    ----------
+    q : Tensor ``(B, Hq, M, D)`` float16/bfloat16/float32, last dim contiguous.
+    k, v : Tensor ``(B, Hkv, N, D)``, same dtype, ``Hq % Hkv == 0``, last dim contiguous.
+    kv_num_blocks : int32 ``(Bl, Hl, R)``; ``Bl in {1, B}``, ``Hl in {1, Hkv, Hq}``.
+    kv_indices : int32 ``(Bl, Hl, R, max_blocks)``; key-block ids at granularity
+        ``block_size``; the first ``kv_num_blocks`` entries of a row are used (any order;
+        duplicates would be counted twice).
+    block_size : int, query- and key-block granularity; multiple of the kernel tiles.
+    causal : bool, mask key position > query position (query ``i`` sits at ``N - M + i``).
+    scale : float, default ``1/sqrt(D)``.
+    return_lse : bool, also return the natural-log lse ``(B, Hq, M)`` float32.
+    block_m, block_n, num_splits, num_warps, num_stages : tuning knobs (tiles must divide
+        ``block_size``); defaults 128x64 prefill tiles, 64-key decode tiles, about four
+        programs per multiprocessor for decode.
+    positions, n_valid : internal (HSR index): int32 ``(B, Hkv, N)`` absolute position of each
+        stored key (keys may be permuted) and the number of real positions; only the
+        decode path accepts them.
+
+    Returns
+    -------
+    out ``(B, Hq, M, D)`` in q's dtype (and lse). Rows with no allowed key: zeros, lse -inf.
+
+    The list row of query ``i`` is ``(N - M + i) // block_size - off`` with ``off = 0`` when
+    ``R == ceil(N / block_size)`` and ``off = (N - M) // block_size`` otherwise.
+    """
+    assert q.dim() == 4 and k.dim() == 4 and v.shape == k.shape
+    B, Hq, M, D = q.shape
+    _, Hkv, N, Dk = k.shape
+    assert k.shape[0] == B and Dk == D and Hq % Hkv == 0
+    assert D in (16, 32, 64, 128, 256), "head dim must be a power of two in [16, 256]"
+    assert q.dtype == k.dtype == v.dtype
+    assert q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
+    # per-element offsets inside one (batch, head) are int32 in the kernels
+    assert N * max(k.stride(2), v.stride(2)) < 2 ** 31
+    Bl, Hl, R, list_group = _check_lists(kv_num_blocks, kv_indices, B, Hq, Hkv)
+    nvalid = N if n_valid is None else int(n_valid)
+    # the block list is at absolute positions of the real sequence (n_valid when padded)
+    off = 0 if positions is not None else list_row_offset(R, M, nvalid, block_size)
+    group = Hq // Hkv
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    upcast = _interpreting() or q.dtype == torch.float32
+    sn, si = _list_strides(kv_num_blocks, kv_indices)
+    out = torch.empty_like(q)
+    lse = torch.empty(B, Hq, M, device=q.device, dtype=torch.float32)
+
+    one_qblock = (nvalid - M) // block_size == (nvalid - 1) // block_size
+    hpp = group if Hl in (1, Hkv) else 1  # query heads stacked per decode program
+    rows = hpp * M
+    if positions is not None:
+        # permuted keys (HSR index): one list row for all queries; decode path only
+        assert R == 1 and rows <= 128, "positions need a single list row and few queries"
+        one_qblock = True
+    if one_qblock and rows <= 128:
+        # ---- decode path: split-KV, grouped heads
+        ROWS = max(16, triton.next_power_of_2(rows))
+        UNIT = min(block_size, 64) if block_n is None else min(block_size, block_n)
+        BLOCK_N = 64 if block_n is None else block_n
+        BLOCK_N = max(BLOCK_N, UNIT)
+        assert block_size % UNIT == 0 and BLOCK_N % UNIT == 0
+        max_units = kv_indices.shape[-1] * (block_size // UNIT)
+        tile_units = BLOCK_N // UNIT
+        n_tiles = max(1, -(-max_units // tile_units))
+        n_prog = B * (Hq // hpp)
+        if num_splits is None:
+            num_splits = max(1, min(n_tiles, -(-4 * _num_sms(q.device) // n_prog)))
+        num_splits = max(1, min(num_splits, n_tiles))
+        BHM = B * Hq * M
+        o_part = torch.empty(num_splits, BHM, D, device=q.device, dtype=torch.float32)
+        l_part = torch.empty(num_splits, BHM, device=q.device, dtype=torch.float32)
+        if positions is not None:
+            assert positions.shape == (B, Hkv, N) and positions.dtype == torch.int32
+            pos_t, spb, sph = positions, positions.stride(0), positions.stride(1)
+        else:
+            pos_t, spb, sph = kv_num_blocks, 0, 0
+        lrow = 0 if positions is not None else (nvalid - 1) // block_size - off
+        _bsa_decode_kernel[(num_splits, n_prog)](
+            q, k, v, pos_t, o_part, l_part, kv_num_blocks, kv_indices,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), spb, sph,
+            sn[0], sn[1], sn[2], si[0], si[1], si[2], si[3],
+            Hq, M, N, nvalid, group, hpp, list_group, lrow, num_splits, BHM,
+            scale * LOG2E,
+            BLOCK_SIZE=block_size, UNIT=UNIT, BLOCK_N=BLOCK_N, ROWS=ROWS, HEAD_DIM=D,
+            CAUSAL=causal, HAS_POS=positions is not None, UPCAST=upcast,
+            num_warps=num_warps or 4, num_stages=num_stages or 3)
+        merge_partials(o_part, l_part, out, lse, M)
+    else:
+        BLOCK_M = block_m or min(128, block_size)
+        BLOCK_N = block_n or min(64, block_size)
+        if upcast:
+            BLOCK_M, BLOCK_N = min(BLOCK_M, 32), min(BLOCK_N, 32)
+            BLOCK_M, BLOCK_N = min(BLOCK_M, block_size), min(BLOCK_N, block_size)
+        assert block_size % BLOCK_M == 0 and block_size % BLOCK_N == 0, \
+            "block_size must be a multiple of the kernel tiles"
+        n_mt = (N - 1) // BLOCK_M - (N - M) // BLOCK_M + 1
+        nw = num_warps or (8 if (BLOCK_M >= 128 and D >= 128) else 4)
+        _bsa_prefill_kernel[(n_mt, B * Hq)](
+            q, k, v, out, lse, kv_num_blocks, kv_indices,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            lse.stride(0), lse.stride(1),
+            sn[0], sn[1], sn[2], si[0], si[1], si[2], si[3],
+            Hq, M, N, group, list_group, off, scale * LOG2E,
+            BLOCK_SIZE=block_size, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=D,
+            CAUSAL=causal, UPCAST=upcast, K_ROWMAJOR=bool(k_rowmajor),
+            BLOCK_PTR=bool(block_ptr), FLAT=bool(flat), num_warps=nw,
+            num_stages=num_stages or 3)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,667 @@
+"""The exact half-space filter on the GPU, and the fused HSR decode.
+
+Index layout (``GPUBlockIndex``, one per (batch, kv head); all arrays on the keys' device)::
+
+    kp, vp      (B, Hkv, Np, D)  keys / values, permuted so that blocks of C keys are tight;
+                                 Np = nb * C, pad rows are zero
+    pos         (B, Hkv, Np)     int32 absolute position of each stored key; pads hold PAD_POS
+                                 (> any real position), so the causal test drops them
+    centre      (B, Hkv, nb, D)  block centre (mean of the block's real keys), rounded to the
+                                 keys' dtype; the radii below are measured from the ROUNDED
+                                 centre, so the bounds hold for what is stored
+    radius      (B, Hkv, nb)     float32 max_j ||k_j - c|| (ball bound); empty blocks -1e30
+    sub_radius  (B, Hkv, nb, S)  float32 max_j ||k_j[s] - c[s]|| over S equal slices of D
+                                 (of R^T (k - c) when the index has a rotation R)
+    kmax        (B, Hkv)         float32 max_j ||k_j|| (for the rounding slack)
+    rot         (B, Hkv, D, D)   float32 orthonormal PCA basis, or None (rotate=False)
+
+Upper bound of a block for a query q (both valid, the kernel takes the smaller)::
+
+    ub_ball = <q, c> + ||q|| * radius
+    ub_sub  = <q, c> + sum_s ||q[s]|| * sub_radius[s]
+
+Filter: a block survives for query row r when ``ub >= tau_r - slack_r`` with
+``slack_r = SLACK_REL * ||q_r|| * max_j ||k_j||`` (float32 rounding of the bound and of the
+scores is far below this; SLACK_REL = 1e-3 by default), so no key with ``<q,k> >= tau`` is
+ever dropped. Scores inside surviving blocks are exact (float32 accumulation of the stored
+16-bit values); reported keys satisfy ``score >= tau`` (``>=``, like the CPU index).
+
+Block order: ``method="kmeans"`` (default) clusters each (batch, kv head)'s keys and pads
+every cluster to a multiple of C, so no block mixes clusters; ``method="pca"`` sorts keys by
+recursive median bisection along each group's principal direction (a PCA tree whose leaves
+are the blocks, no padding, but equal-size splits cut clusters); ``method="none"`` keeps
+positional order (Quest-like pages); or pass ``perm`` (e.g. the CPU index's leaf order).
+
+Plan / run:
+
+- ``index.search(q, tau)``   (plan) -> the union over each kv head's query rows of the
+  surviving blocks, compacted in one kernel (ids into the permuted layout); with
+  ``per_row=True`` also per-query-row BSR ``(kv_num_blocks, kv_indices)``.
+- ``index.search_keys(q, tau)`` (plan) -> CSR ``(indptr, indices, scores)`` of exactly the
+  keys with ``score >= tau`` (indices are absolute positions into the ORIGINAL k/v).
+- ``index.attend(q, plan)`` (run) -> block-sparse decode over the union lists.
+- ``hsr_decode(q, index, ..., mode="fused")``: one fused kernel (filter + attention, split
+  over the block range, grouped query heads) and the split merge; ``mode="planned"`` is
+  search + attend (faster on the GPU: see docs/kernels.md).
+
+Softmax semantics: each query row attends to every real, causal key of every block that
+survives for ANY query head of its kv-head group (a superset of {score >= tau}; more of the
+softmax mass than the threshold set), unless ``exact_set=True``, which keeps only keys with
+``score >= tau``. ReLU^alpha: weights ``relu(scale*s - bias)**alpha`` over keys with
+``s >= tau``; with ``tau = bias/scale`` (the default) this is exact ReLU^alpha attention.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ._compat import interpreting, patch_interpreter
+from .block_sparse import LOG2E, _dot, _num_sms, block_sparse_attention, merge_partials
+
+patch_interpreter()
+
+PAD_POS = 1 << 30
+SLACK_REL = 1e-3
+
+
+# ----------------------------------------------------------------------------- kernels
+
+@triton.jit
+def _upper_bounds(q, qn, qsn, CENT, RAD, SRAD, cb, c_ok, offs_d,
+                  S: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
+    # q (ROWS, D), qn (ROWS,), qsn (ROWS, S); block ids cb (NB,) -> ub (ROWS, NB) float32
+    cent = tl.load(CENT + cb[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :],
+                   mask=c_ok[:, None], other=0.0)
+    rad = tl.load(RAD + cb, mask=c_ok, other=-1e30)
+    offs_s = tl.arange(0, S)
+    srad = tl.load(SRAD + cb[:, None].to(tl.int64) * S + offs_s[None, :], mask=c_ok[:, None],
+                   other=0.0)
+    qc = _dot(q, tl.trans(cent), UPCAST)
+    ub_ball = qc + qn[:, None] * rad[None, :]
+    ub_sub = qc + tl.sum(qsn[:, None, :] * srad[None, :, :], 2)
+    return tl.minimum(ub_ball, ub_sub)
+
+
+@triton.jit
+def _load_group_queries(Q, TAU, tau_scalar, KMAX, ROT, b, hk, sqb, sqh, sqm, stb, sth, G, M,
+                        Hkv, slack_rel, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                        S: tl.constexpr, TAU_TENSOR: tl.constexpr, ROTATE: tl.constexpr):
+    # The G*M query rows of kv head hk stacked as one tile; their norms, per-subspace norms,
+    # thresholds and the filter's rounding slack (SLACK_REL * ||q|| * max||k||).
+    offs_r = tl.arange(0, ROWS)
+    r_ok = offs_r < G * M
+    head = hk * G + offs_r // M
+    mrow = offs_r % M
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + b.to(tl.int64) * sqb + head[:, None] * sqh + mrow[:, None] * sqm
+                + offs_d[None, :], mask=r_ok[:, None], other=0.0)
+    qf = q.to(tl.float32)
+    qn = tl.sqrt(tl.sum(qf * qf, 1))
+    if ROTATE:
+        # subspace norms of q R (R orthonormal float32, columns = principal directions)
+        DS: tl.constexpr = HEAD_DIM // S
+        offs_s = tl.arange(0, S)
+        offs_j = tl.arange(0, DS)
+        rbase = ROT + (b * Hkv + hk).to(tl.int64) * HEAD_DIM * HEAD_DIM
+        qsn = tl.zeros([ROWS, S], tl.float32)
+        for si in tl.static_range(S):
+            r_s = tl.load(rbase + offs_d[:, None] * HEAD_DIM + si * DS + offs_j[None, :])
+            qr = tl.dot(qf, r_s, input_precision="ieee")
+            nrm = tl.sqrt(tl.sum(qr * qr, 1))
+            qsn = tl.where(offs_s[None, :] == si, nrm[:, None], qsn)
+    else:
+        qsn = tl.sqrt(tl.sum(tl.reshape(qf * qf, (ROWS, S, HEAD_DIM // S)), 2))
+    if TAU_TENSOR:
+        tau = tl.load(TAU + b * stb + head * sth + mrow, mask=r_ok, other=float("inf"))
+    else:
+        tau = tl.where(r_ok, tau_scalar, float("inf"))
+    kmax = tl.load(KMAX + b * Hkv + hk)
+    thr = tau - slack_rel * qn * kmax
+    return q, qn, qsn, thr, tau, r_ok, head, mrow
+
+
+@triton.jit
+def _block_filter_kernel(
+    Q, TAU, tau_scalar, KMAX, ROT, CENT, RAD, SRAD, FLAGS, UCNT, UIDX,
+    sqb, sqh, sqm, stb, sth, Hkv, Hq, M, NB_TOTAL, slack_rel,
+    ROWS: tl.constexpr, NB: tl.constexpr, HEAD_DIM: tl.constexpr, S: tl.constexpr,
+    TAU_TENSOR: tl.constexpr, ROTATE: tl.constexpr, WRITE_FLAGS: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    # FLAGS int8 (B, Hq, M, NB_TOTAL): 1 where the block's upper bound >= tau - slack
+    # (only with WRITE_FLAGS). Union over the kv head's rows, compacted: UCNT (B*Hkv,) int32
+    # (zeroed by the caller) counts, UIDX (B*Hkv, NB_TOTAL) int32 receives the surviving
+    # block ids, in no particular order (one atomic per program reserves its slots).
+    pid_c = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hkv
+    hk = pid_bh % Hkv
+    G = Hq // Hkv
+    q, qn, qsn, thr, tau, r_ok, head, mrow = _load_group_queries(
+        Q, TAU, tau_scalar, KMAX, ROT, b, hk, sqb, sqh, sqm, stb, sth, G, M, Hkv, slack_rel,
+        ROWS, HEAD_DIM, S, TAU_TENSOR, ROTATE)
+    cb = pid_c * NB + tl.arange(0, NB)
+    c_ok = cb < NB_TOTAL
+    base = (b * Hkv + hk).to(tl.int64) * NB_TOTAL
+    offs_d = tl.arange(0, HEAD_DIM)
+    ub = _upper_bounds(q, qn, qsn, CENT + base * HEAD_DIM, RAD + base, SRAD + base * S,
+                       cb, c_ok, offs_d, S, HEAD_DIM, UPCAST)
+    surv = ((ub >= thr[:, None]) & r_ok[:, None] & c_ok[None, :]).to(tl.int32)
+    if WRITE_FLAGS:
+        frow = (b * Hq + head) * M + mrow
+        tl.store(FLAGS + frow[:, None].to(tl.int64) * NB_TOTAL + cb[None, :], surv.to(tl.int8),
+                 mask=r_ok[:, None] & c_ok[None, :])
+    any_row = tl.max(surv, 0)
+    n = tl.sum(any_row, 0)
+    if n > 0:
+        start = tl.atomic_add(UCNT + pid_bh, n)
+        slot = start + tl.cumsum(any_row, 0) - any_row
+        tl.store(UIDX + pid_bh.to(tl.int64) * NB_TOTAL + slot, cb, mask=any_row > 0)
+
+
+@triton.jit
+def _hsr_decode_kernel(
+    Q, TAU, tau_scalar, KMAX, ROT, CENT, RAD, SRAD, KP, VP, POS, OP, LSEP,
+    sqb, sqh, sqm, stb, sth, Hkv, Hq, M, NB_TOTAL, NVALID, BLOCKS_PER_SPLIT, BHM,
+    qk_scale, bias, slack_rel, visited,
+    TAU_TENSOR: tl.constexpr, ROTATE: tl.constexpr, C: tl.constexpr, ROWS: tl.constexpr,
+    NB: tl.constexpr, HEAD_DIM: tl.constexpr,
+    S: tl.constexpr, KIND: tl.constexpr, ALPHA: tl.constexpr, MASK_TAU: tl.constexpr,
+    COUNT: tl.constexpr, UPCAST: tl.constexpr,
+):
+    # Fused filter + attention for one (split of the block range, batch, kv head):
+    # bounds of NB blocks at a time -> for each block that survives for any row of the
+    # group: K/V of its C keys once for all G*M query rows. Writes a normalised partial and
+    # its lse (softmax) or log(sum of weights) (relu) for _merge_kernel.
+    pid_s = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hkv
+    hk = pid_bh % Hkv
+    G = Hq // Hkv
+    q, qn, qsn, thr, tau, r_ok, head, mrow = _load_group_queries(
+        Q, TAU, tau_scalar, KMAX, ROT, b, hk, sqb, sqh, sqm, stb, sth, G, M, Hkv, slack_rel,
+        ROWS, HEAD_DIM, S, TAU_TENSOR, ROTATE)
+    qpos = NVALID - M + mrow
+    base = (b * Hkv + hk).to(tl.int64) * NB_TOTAL
+    kbase = base * C
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_c = tl.arange(0, C)
+    offs_nb = tl.arange(0, NB)
+    blk_lo = pid_s * BLOCKS_PER_SPLIT
+    blk_hi = tl.minimum(blk_lo + BLOCKS_PER_SPLIT, NB_TOTAL)
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
+    n_vis = 0
+    for c0 in range(blk_lo, blk_hi, NB):
+        cb = c0 + offs_nb
+        c_ok = cb < blk_hi
+        ub = _upper_bounds(q, qn, qsn, CENT + base * HEAD_DIM, RAD + base, SRAD + base * S,
+                           cb, c_ok, offs_d, S, HEAD_DIM, UPCAST)
+        surv = ((ub >= thr[:, None]) & r_ok[:, None] & c_ok[None, :]).to(tl.int32)
+        any_row = tl.max(surv, 0)  # (NB,)
+        for i in range(0, NB):
+            flag = tl.sum(tl.where(offs_nb == i, any_row, 0), 0)
+            if flag > 0:
+                if COUNT:
+                    n_vis += 1
+                key = (c0 + i) * C + offs_c
+                kt = tl.load(KP + (kbase + key[None, :]) * HEAD_DIM + offs_d[:, None])
+                pos = tl.load(POS + kbase + key)
+                s = _dot(q, kt, UPCAST)
+                keep = (pos[None, :] < NVALID) & (pos[None, :] <= qpos[:, None])
+                if MASK_TAU:
+                    keep = keep & (s >= tau[:, None])
+                vt = tl.load(VP + (kbase + key[:, None]) * HEAD_DIM + offs_d[None, :])
+                if KIND == 0:
+                    s2 = tl.where(keep, s * qk_scale, float("-inf"))
+                    m_new = tl.maximum(m_i, tl.max(s2, 1))
+                    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+                    p = tl.math.exp2(s2 - m_use[:, None])
+                    alpha = tl.math.exp2(m_i - m_use)
+                    l_i = l_i * alpha + tl.sum(p, 1)
+                    if UPCAST:
+                        acc = acc * alpha[:, None] + _dot(p, vt, UPCAST)
+                    else:
+                        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+                    m_i = m_new
+                else:
+                    wb = tl.maximum(s * qk_scale - bias, 0.0)
+                    w = wb
+                    for _ in tl.static_range(ALPHA - 1):
+                        w = w * wb
+                    w = tl.where(keep, w, 0.0)
+                    l_i = l_i + tl.sum(w, 1)
+                    if UPCAST:
+                        acc = acc + _dot(w, vt, UPCAST)
+                    else:
+                        acc = acc + tl.dot(w.to(vt.dtype), vt)
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    if KIND == 0:
+        lse = tl.where(l_i > 0.0, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453,
+                       float("-inf"))
+    else:
+        lse = tl.where(l_i > 0.0, tl.log(l_safe), float("-inf"))
+    prow = (b * Hq + head) * M + mrow
+    tl.store(OP + (pid_s * BHM + prow[:, None]).to(tl.int64) * HEAD_DIM + offs_d[None, :],
+             out, mask=r_ok[:, None])
+    tl.store(LSEP + pid_s * BHM + prow, lse, mask=r_ok)
+    if COUNT:
+        tl.atomic_add(visited + pid_bh, n_vis)
+
+
+# ----------------------------------------------------------------------------- build
+
+def _principal_dirs(X, valid, iters=4, generator=None):
+    """Approximate top principal direction of each group. X (..., S, D) f32, valid (..., S)."""
+    w = valid.to(X.dtype)[..., None]
+    cnt = w.sum(-2, keepdim=True).clamp_min(1.0)
+    mu = (X * w).sum(-2, keepdim=True) / cnt
+    Xc = (X - mu) * w
+    v = torch.randn(X.shape[:-2] + (X.shape[-1], 1), device=X.device, dtype=X.dtype,
+                    generator=generator)
+    for _ in range(iters):
+        v = Xc.transpose(-1, -2) @ (Xc @ v)
+        v = v / v.norm(dim=-2, keepdim=True).clamp_min(1e-30)
+    return (Xc @ v)[..., 0]
+
+
+def _bisect_order(kf, valid, block, seed=0):
+    G, Np, D = kf.shape
+    L = int(round(math.log2(Np // block)))
+    gen = torch.Generator(device=kf.device)
+    gen.manual_seed(seed)
+    perm = torch.arange(Np, device=kf.device).expand(G, Np).contiguous()
+    for level in range(L):
+        groups = 1 << level
+        S = Np // groups
+        X = torch.gather(kf, 1, perm[..., None].expand(G, Np, D)).view(G, groups, S, D)
+        vl = torch.gather(valid, 1, perm).view(G, groups, S)
+        proj = _principal_dirs(X, vl, generator=gen)
+        proj = torch.where(vl, proj, torch.full_like(proj, float("inf")))
+        order = torch.argsort(proj, dim=-1, stable=True)
+        perm = torch.gather(perm.view(G, groups, S), 2, order).view(G, Np)
+    return perm
+
+
+def _nearest(x, xn, cent, chunk=1 << 16):
+    """argmin_j ||x_i - c_j||^2, in row chunks; the products in bf16 on the GPU (only the
+    assignment depends on them; every bound is computed afterwards in float32)."""
+    out = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+    cn = (cent * cent).sum(1)[None]
+    lowp = x.is_cuda
+    ct = cent.T.to(torch.bfloat16) if lowp else cent.T
+    for i in range(0, x.shape[0], chunk):
+        xi = x[i:i + chunk]
+        prod = (xi.to(torch.bfloat16) @ ct).float() if lowp else xi @ ct
+        out[i:i + chunk] = (xn[i:i + chunk] - 2 * prod + cn).argmin(1)
+    return out
+
+
+def _kmeans_order(kf, n_real, block, n_clusters=None, iters=8, seed=0):
+    """Padded cluster layout: k-means on each group's real keys (rows < n_real of kf
+    (G, >=n_real+1, D)), keys sorted by cluster, each cluster padded to a multiple of
+    ``block`` with the zero row ``n_real`` so that no block mixes two clusters.
+    Returns order (G, Np) of source rows."""
+    G, _, D = kf.shape
+    N = n_real
+    C = block
+    K = n_clusters or max(1, min(N // C, 8192))
+    gen = torch.Generator(device=kf.device)
+    gen.manual_seed(seed)
+    assign = torch.empty(G, N, dtype=torch.long, device=kf.device)
+    for g in range(G):
+        x = kf[g, :N]
+        xn = (x * x).sum(1, keepdim=True)
+        # k-means||-style seeding: a few rounds, each sampling points with probability
+        # proportional to the squared distance to the centres chosen so far
+        cent = x[torch.randint(0, N, (1,), generator=gen, device=kf.device)]
+        rounds = 5
+        for r in range(rounds):
+            c_new = cent if r == 0 else cent[-m:]
+            d_new = (xn - 2 * (x @ c_new.T) + (c_new * c_new).sum(1)[None]).min(1).values
+            d = d_new.clamp_min(0) if r == 0 else torch.minimum(d, d_new.clamp_min(0))
+            m = min(N, -(-K // rounds) if r < rounds - 1 else K - cent.shape[0])
+            if m <= 0:
+                break
+            if float(d.sum()) <= 0:
+                pick = torch.randint(0, N, (m,), generator=gen, device=kf.device)
+            else:
+                pick = torch.multinomial(d, m, replacement=False, generator=gen)
+            cent = torch.cat([cent, x[pick]])
+        cent = cent[:K].clone()
+        K_g = cent.shape[0]
+        for _ in range(iters):
+            a = _nearest(x, xn, cent)
+            cnt = torch.bincount(a, minlength=K_g).float()
+            s = torch.zeros_like(cent).index_add_(0, a, x)
+            upd = cnt > 0
+            cent[upd] = s[upd] / cnt[upd, None]
+        assign[g] = a
+    cnt = torch.zeros(G, K, dtype=torch.long, device=kf.device)
+    cnt.scatter_add_(1, assign, torch.ones_like(assign))
+    pad = (cnt + C - 1) // C * C
+    start = torch.cumsum(cnt, 1) - cnt
+    pstart = torch.cumsum(pad, 1) - pad
+    Np = int(pad.sum(1).max().item())
+    sort_idx = torch.argsort(assign * (N + 1) + torch.arange(N, device=kf.device), dim=1)
+    a_sorted = torch.gather(assign, 1, sort_idx)
+    rank = torch.arange(N, device=kf.device)[None] - torch.gather(start, 1, a_sorted)
+    slot = torch.gather(pstart, 1, a_sorted) + rank
+    order = torch.full((G, Np), N, dtype=torch.long, device=kf.device)
+    order.scatter_(1, slot, sort_idx)
+    return order
+
+
+@dataclass
+class GPUBlockIndex:
+    """Block index of a KV cache (see module docstring for every array)."""
+    kp: torch.Tensor
+    vp: torch.Tensor
+    pos: torch.Tensor
+    centre: torch.Tensor
+    radius: torch.Tensor
+    sub_radius: torch.Tensor
+    block: int
+    n_sub: int
+    n_valid: int
+    kmax: torch.Tensor  # (B, Hkv) float32 max ||k||
+    rot: torch.Tensor | None = None  # (B, Hkv, D, D) float32 orthonormal, or None
+
+    def _rot_arg(self):
+        return self.rot if self.rot is not None else self.kmax
+
+    @property
+    def num_blocks(self) -> int:
+        return self.centre.shape[2]
+
+    @property
+    def shape(self):
+        return self.kp.shape
+
+    def summary_bytes(self) -> int:
+        ts = (self.centre, self.radius, self.sub_radius) + ((self.rot,) if self.rot is not None
+                                                            else ())
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    # ------------------------------------------------------------------ plan
+    def _tau_args(self, q, tau):
+        """(tensor or None, scalar, strides) for the kernels' TAU / tau_scalar arguments."""
+        B, Hq, M, D = q.shape
+        if torch.is_tensor(tau):
+            if not (tau.shape == (B, Hq, M) and tau.dtype == torch.float32
+                    and tau.is_contiguous() and tau.device == q.device):
+                tau = tau.to(device=q.device, dtype=torch.float32).expand(B, Hq, M).contiguous()
+            return tau, 0.0, tau.stride(0), tau.stride(1)
+        return None, float(tau), 0, 0
+
+    def _filter(self, q, tau, write_flags):
+        B, Hq, M, D = q.shape
+        Hkv = self.kp.shape[1]
+        tau_t, tau_s, stb, sth = self._tau_args(q, tau)
+        nb = self.num_blocks
+        flags = (torch.empty(B, Hq, M, nb, device=q.device, dtype=torch.int8) if write_flags
+                 else None)
+        ucnt = torch.zeros(B, Hkv, 1, device=q.device, dtype=torch.int32)
+        uidx = torch.empty(B, Hkv, 1, nb, device=q.device, dtype=torch.int32)
+        G = Hq // Hkv
+        ROWS = max(16, triton.next_power_of_2(G * M))
+        NB = 32 if nb >= 32 else max(16, triton.next_power_of_2(nb))
+        _block_filter_kernel[(triton.cdiv(nb, NB), B * Hkv)](
+            q, tau_t if tau_t is not None else ucnt, tau_s, self.kmax, self._rot_arg(),
+            self.centre, self.radius, self.sub_radius, flags if flags is not None else ucnt,
+            ucnt, uidx,
+            q.stride(0), q.stride(1), q.stride(2), stb, sth,
+            Hkv, Hq, M, nb, SLACK_REL,
+            ROWS=ROWS, NB=NB, HEAD_DIM=D, S=self.n_sub, TAU_TENSOR=tau_t is not None,
+            ROTATE=self.rot is not None, WRITE_FLAGS=write_flags,
+            UPCAST=interpreting() or q.dtype == torch.float32, num_warps=4)
+        return flags, ucnt, uidx
+
+    def block_flags(self, q, tau):
+        """int8 ``(B, Hq, M, nb)``: 1 where the block's bound passes ``tau - slack``."""
+        return self._filter(q, tau, True)[0]
+
+    def search(self, q, tau, per_row=False):
+        """Plan: surviving blocks as BSR lists for ``attend``/``block_sparse_attention``.
+
+        Returns a dict with ``union_num_blocks`` int32 ``(B, Hkv, 1)`` and
+        ``union_indices`` int32 ``(B, Hkv, 1, nb)``: for each kv head, the blocks that
+        survive for ANY of its query rows (ids into the permuted layout, unordered; one
+        kernel, compacted with an atomic counter). With ``per_row=True`` also
+        ``kv_num_blocks (B, Hq, M)``, ``kv_indices (B, Hq, M, nb)`` (ascending ids, per
+        query row) and ``flags``."""
+        flags, ucnt, uidx = self._filter(q, tau, per_row)
+        plan = {"union_num_blocks": ucnt, "union_indices": uidx}
+        if per_row:
+            plan["kv_num_blocks"] = flags.sum(-1, dtype=torch.int32)
+            plan["kv_indices"] = torch.sort(flags, dim=-1, descending=True,
+                                            stable=True).indices.to(torch.int32)
+            plan["flags"] = flags
+        return plan
+
+    def search_keys(self, q, tau, plan=None):
+        """Plan: CSR of exactly the keys with ``<q, k> >= tau`` (float32 scores of the
+        stored values). Returns ``(indptr int64 (B*Hq*M+1,), indices int32 (nnz,) absolute
+        positions, scores float32 (nnz,))`` in (b, h, m) row order, positions ascending
+        within a block."""
+        B, Hq, M, D = q.shape
+        Hkv = self.kp.shape[1]
+        G = Hq // Hkv
+        C = self.block
+        if plan is None or "kv_indices" not in plan:
+            plan = self.search(q, tau, per_row=True)
+        tau_t, tau_s, _, _ = self._tau_args(q, tau)
+        if tau_t is None:
+            tau_t = torch.full((B, Hq, M), tau_s, device=q.device, dtype=torch.float32)
+        num, idx = plan["kv_num_blocks"], plan["kv_indices"]
+        L = max(int(num.max().item()), 1)
+        idx = idx[..., :L].long()  # (B,Hq,M,L)
+        okb = torch.arange(L, device=q.device) < num[..., None]
+        keyid = (idx[..., None] * C + torch.arange(C, device=q.device)).view(B, Hq, M, L * C)
+        hk = torch.arange(Hq, device=q.device) // G
+        grp = (torch.arange(B, device=q.device)[:, None] * Hkv + hk[None, :]).view(B, Hq, 1, 1)
+        Np = self.kp.shape[2]
+        flat_row = (grp * Np + keyid).view(-1)
+        kk = self.kp.view(-1, D).index_select(0, flat_row).view(B, Hq, M, L * C, D)
+        sc = (kk.float() @ q.float()[..., None])[..., 0]  # (B,Hq,M,L*C)
+        pos = self.pos.view(-1).index_select(0, flat_row).view(B, Hq, M, L * C)
+        keep = (okb[..., None].expand(B, Hq, M, L, C).reshape(B, Hq, M, L * C)
+                & (pos < self.n_valid) & (sc >= tau_t[..., None]))
+        counts = keep.sum(-1).view(-1)
+        indptr = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=q.device)
+        indptr[1:] = torch.cumsum(counts, 0)
+        flat = keep.view(-1, L * C)
+        indices = pos.view(-1, L * C)[flat].to(torch.int32)
+        scores = sc.view(-1, L * C)[flat]
+        return indptr, indices, scores
+
+    # ------------------------------------------------------------------ run
+    def attend(self, q, plan, *, scale=None, return_lse=False, **kw):
+        """Run (softmax): block-sparse decode over each kv head's union of surviving
+        blocks, on the permuted K/V with positions (causal)."""
+        return block_sparse_attention(
+            q, self.kp, self.vp, plan["union_num_blocks"], plan["union_indices"],
+            block_size=self.block, causal=True, scale=scale, return_lse=return_lse,
+            positions=self.pos, n_valid=self.n_valid, **kw)
+
+    def tau_for_fraction(self, q, fraction, sample=4096, seed=0):
+        """Threshold per query row ``(B, Hq, M)`` that keeps about ``fraction`` of the keys,
+        estimated from an evenly strided sample of ``sample`` stored keys."""
+        B, Hq, M, D = q.shape
+        Hkv = self.kp.shape[1]
+        Np = self.kp.shape[2]
+        step = max(1, Np // sample)
+        ks = self.kp[:, :, ::step].float()
+        ps = self.pos[:, :, ::step]
+        ks = ks.repeat_interleave(Hq // Hkv, dim=1)
+        ps = ps.repeat_interleave(Hq // Hkv, dim=1)
+        sc = q.float() @ ks.transpose(-1, -2)  # (B,Hq,M,ns)
+        sc = sc.masked_fill((ps >= self.n_valid)[:, :, None, :], float("nan"))
+        return torch.nanquantile(sc, 1.0 - fraction, dim=-1).float()
+
+
+def build_index(k, v, *, block=32, n_sub=8, method="kmeans", perm=None, rotate=False, seed=0,
+                n_clusters=None):
+    """Build a ``GPUBlockIndex`` over ``k, v (B, Hkv, N, D)``.
+
+    block : keys per block C (16, 32 or 64). n_sub : subspaces S (power of two dividing D).
+    method : ``"kmeans"`` (8 Lloyd iterations with ``n_clusters`` = N / (2 C) centroids,
+        keys sorted by cluster, every cluster padded to a multiple of C so that no block
+        mixes clusters; about N/4 pad rows on average), ``"pca"`` (recursive principal-direction
+        median bisection; pads N up to C * 2**ceil(log2(N/C))) or ``"none"`` (positional
+        pages, Quest-like). perm : optional
+        ``(B, Hkv, N)`` int64 permutation of ``[0, N)`` per (batch, kv head), used as is.
+    rotate : measure the per-subspace radii in each kv head's PCA basis (eigenvectors of the
+        key covariance, descending variance, so the first subspace holds the top principal
+        directions); the kernels rotate q by the same float32 matrix. The ball bound and
+        <q, c> are rotation invariant.
+    """
+    assert k.dim() == 4 and v.shape == k.shape
+    B, Hkv, N, D = k.shape
+    assert block in (16, 32, 64, 128) and D % n_sub == 0
+    dev = k.device
+    C = block
+    nb = -(-N // C)
+    if method == "pca" and perm is None:
+        nb = 1 << max(0, math.ceil(math.log2(nb)))
+    Np = nb * C
+    G = B * Hkv
+    Nsrc = max(Np, N + 1)  # source rows: the N keys, then zero rows (row N is a pad row)
+    kf = torch.zeros(G, Nsrc, D, device=dev, dtype=torch.float32)
+    kf[:, :N] = k.reshape(G, N, D).float()
+    valid = torch.zeros(G, Nsrc, device=dev, dtype=torch.bool)
+    valid[:, :N] = True
+    if method == "kmeans" and perm is None:
+        order = _kmeans_order(kf, N, C, n_clusters=n_clusters, seed=seed)
+        Np = order.shape[1]
+        nb = Np // C
+    elif perm is not None:
+        perm = perm.reshape(G, N).to(dev).long()
+        order = torch.cat([perm, torch.arange(N, Np, device=dev).expand(G, Np - N)], 1)
+    elif method == "pca":
+        order = _bisect_order(kf[:, :Np], valid[:, :Np], C, seed=seed)
+    elif method == "none":
+        order = torch.arange(Np, device=dev).expand(G, Np)
+    else:
+        raise ValueError(method)
+    order = order.contiguous()
+    kpad = torch.zeros(G, Nsrc, D, device=dev, dtype=k.dtype)
+    kpad[:, :N] = k.reshape(G, N, D)
+    vpad = torch.zeros(G, Nsrc, D, device=dev, dtype=v.dtype)
+    vpad[:, :N] = v.reshape(G, N, D)
+    gidx = order[..., None].expand(G, Np, D)
+    kp = torch.gather(kpad, 1, gidx)
+    vp = torch.gather(vpad, 1, gidx)
+    vm = torch.gather(valid, 1, order)
+    pos = torch.where(vm, order, torch.full_like(order, PAD_POS)).to(torch.int32)
+    # ---- bounds, from the stored (rounded) values
+    kb = kp.float().view(G, nb, C, D)
+    w = vm.view(G, nb, C, 1).float()
+    cnt = w.sum(2)
+    centre = ((kb * w).sum(2) / cnt.clamp_min(1.0)).to(k.dtype)
+    diff = (kb - centre.float()[:, :, None]) * w
+    d2 = diff.pow(2)
+    inflate = 1.0 + 1e-5
+    radius = d2.sum(-1).max(-1).values.sqrt() * inflate
+    radius = torch.where(cnt[..., 0] > 0, radius, torch.full_like(radius, -1e30))
+    rot = None
+    if rotate:
+        mu = kf[:, :N].mean(1, keepdim=True)
+        xc = kf[:, :N] - mu
+        cov = xc.transpose(1, 2) @ xc
+        evals, evecs = torch.linalg.eigh(cov.double())
+        rot = evecs.flip(-1).float().contiguous()  # (G, D, D), columns by descending variance
+        del xc, cov
+        d2 = (diff @ rot[:, None]).pow(2)
+        del diff
+    sub = d2.view(G, nb, C, n_sub, D // n_sub).sum(-1).max(2).values.sqrt() * inflate
+    sub = torch.where(cnt > 0, sub, torch.zeros_like(sub))
+    kmax = (kf[:, :N].norm(dim=-1).max(-1).values).view(B, Hkv).contiguous()
+    return GPUBlockIndex(
+        kp=kp.view(B, Hkv, Np, D).contiguous(), vp=vp.view(B, Hkv, Np, D).contiguous(),
+        pos=pos.view(B, Hkv, Np).contiguous(), centre=centre.view(B, Hkv, nb, D).contiguous(),
+        radius=radius.view(B, Hkv, nb).contiguous(),
+        sub_radius=sub.view(B, Hkv, nb, n_sub).contiguous(), block=C, n_sub=n_sub,
+        n_valid=N, kmax=kmax, rot=None if rot is None else rot.view(B, Hkv, D, D).contiguous())
+
+
+def hsr_decode(q, index: GPUBlockIndex, *, tau=None, top_fraction=None, kind="softmax",
+               alpha=2, bias=0.0, scale=None, exact_set=False, return_lse=False,
+               num_splits=None, count_visited=False, mode=None):
+    """Fused filter + attention for a few new queries against an indexed KV cache.
+
+    q : ``(B, Hq, M, D)`` (queries at the last M positions; M small, usually 1).
+    tau : float or ``(B, Hq, M)`` threshold on ``<q, k>`` (unscaled). Default: for relu
+        ``bias / scale`` (exact ReLU^alpha attention); for softmax from ``top_fraction``.
+    top_fraction : keep about this fraction (sampled estimate, ``index.tau_for_fraction``).
+    kind : ``"softmax"`` or ``"relu"`` (see module docstring for what is kept).
+    count_visited : also return the number of blocks read per (B, Hkv) (int32).
+    mode : ``"fused"`` (one kernel: filter + attention, then the split merge) or
+        ``"planned"`` (``index.search`` then ``index.attend``: the filter kernel compacts the
+        surviving blocks, and the split-KV decode kernel spreads them evenly over its
+        programs; softmax without ``exact_set`` only; 1.3-2x faster on an H100). Default:
+        ``"planned"`` where it applies, else ``"fused"``.
+
+    Returns out ``(B, Hq, M, D)`` in q's dtype (and lse, and visited counts).
+    """
+    B, Hq, M, D = q.shape
+    _, Hkv, Np, Dk = index.kp.shape
+    assert Dk == D and Hq % Hkv == 0 and q.dtype == index.kp.dtype
+    assert q.stride(-1) == 1
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if tau is None:
+        if kind == "relu" and top_fraction is None:
+            tau = bias / scale
+        else:
+            assert top_fraction is not None, "give tau or top_fraction"
+            tau = index.tau_for_fraction(q, top_fraction)
+    if mode is None:
+        mode = ("planned" if kind == "softmax" and not exact_set and not count_visited
+                and num_splits is None else "fused")
+    if mode == "planned":
+        assert kind == "softmax" and not exact_set and not count_visited, \
+            "planned mode: softmax over whole surviving blocks"
+        plan = index.search(q, tau)
+        return index.attend(q, plan, scale=scale, return_lse=return_lse)
+    assert mode == "fused"
+    tau_t, tau_s, stb, sth = index._tau_args(q, tau)
+    G = Hq // Hkv
+    ROWS = max(16, triton.next_power_of_2(G * M))
+    assert ROWS <= 128, "hsr_decode stacks G*M query rows into one tile (<= 128)"
+    nb = index.num_blocks
+    NB = 32 if nb >= 32 else max(16, triton.next_power_of_2(nb))
+    n_chunks = triton.cdiv(nb, NB)
+    if num_splits is None:
+        num_splits = max(1, min(n_chunks, -(-4 * _num_sms(q.device) // (B * Hkv))))
+    chunks_per_split = -(-n_chunks // num_splits)
+    num_splits = -(-n_chunks // chunks_per_split)
+    BHM = B * Hq * M
+    o_part = torch.empty(num_splits, BHM, D, device=q.device, dtype=torch.float32)
+    l_part = torch.empty(num_splits, BHM, device=q.device, dtype=torch.float32)
+    visited = (torch.zeros(B * Hkv, device=q.device, dtype=torch.int32) if count_visited
+               else l_part)
+    kind_id = 0 if kind == "softmax" else 1
+    _hsr_decode_kernel[(num_splits, B * Hkv)](
+        q, tau_t if tau_t is not None else l_part, tau_s, index.kmax, index._rot_arg(),
+        index.centre,
+        index.radius, index.sub_radius, index.kp, index.vp, index.pos, o_part, l_part,
+        q.stride(0), q.stride(1), q.stride(2), stb, sth,
+        Hkv, Hq, M, nb, index.n_valid, chunks_per_split * NB, BHM,
+        scale * LOG2E if kind_id == 0 else scale, float(bias), SLACK_REL, visited,
+        TAU_TENSOR=tau_t is not None, ROTATE=index.rot is not None, C=index.block, ROWS=ROWS,
+        NB=NB, HEAD_DIM=D, S=index.n_sub, KIND=kind_id,
+        ALPHA=int(alpha), MASK_TAU=bool(exact_set or kind_id == 1), COUNT=count_visited,
+        UPCAST=interpreting() or q.dtype == torch.float32, num_warps=4)
+    out = torch.empty_like(q)
+    lse = torch.empty(B, Hq, M, device=q.device, dtype=torch.float32)
+    merge_partials(o_part, l_part, out, lse, M)
+    res = (out, lse) if return_lse else (out,)
+    if count_visited:
+        res = res + (visited.view(B, Hkv),)
+    return res if len(res) > 1 else res[0]

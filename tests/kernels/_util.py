@@ -1,0 +1,24 @@
+import torch
+
+
+def rand_lists(Bl, Hl, R, nkb, max_blocks, gen, empty_rows=True, full_rows=True):
+    """Random BSR lists: random counts (some 0, some all blocks), distinct shuffled ids."""
+    maxb = max(1, min(max_blocks, nkb))
+    num = torch.randint(0, maxb + 1, (Bl, Hl, R), generator=gen, dtype=torch.int32)
+    idx = torch.zeros(Bl, Hl, R, maxb, dtype=torch.int32)
+    for b in range(Bl):
+        for h in range(Hl):
+            for r in range(R):
+                idx[b, h, r] = torch.randperm(nkb, generator=gen)[:maxb].int()
+    flat = num.view(-1)
+    if empty_rows and flat.numel() > 1:
+        flat[0] = 0
+    if full_rows and flat.numel() > 2:
+        flat[-1] = maxb
+    return num, idx
+
+
+def full_lists(Bl, Hl, R, nkb):
+    num = torch.full((Bl, Hl, R), nkb, dtype=torch.int32)
+    idx = torch.arange(nkb, dtype=torch.int32).expand(Bl, Hl, R, nkb).contiguous()
+    return num, idx
