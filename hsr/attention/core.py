@@ -177,6 +177,15 @@ def hsr_attention(q, index, *, kind="relu", alpha=2, bias=0.0, scale=None, eps=N
     out : like q, last dim ``dv``
         In q's framework, dtype and device.
 
+    Notes
+    -----
+    On the GPU: pass a ``hsr.kernels.GPUBlockIndex`` (built with ``hsr.kernels.build_index``
+    from CUDA ``(B, Hkv, N, D)`` keys and values) and CUDA queries ``(B, Hq, M, D)``; the call
+    runs the Triton filter + attention (``hsr.kernels.hsr_decode``). ReLU^alpha is exact there
+    too; softmax keeps the keys of the blocks that may hold a score ``>= tau`` (``tau=``
+    required: the certified ``eps`` mode is CPU-only). A :class:`KVIndex` /
+    :class:`KVCacheIndex` always runs the CPU (numba) path, for CPU or CUDA queries.
+
     Examples
     --------
     >>> import numpy as np, hsr
@@ -191,6 +200,8 @@ def hsr_attention(q, index, *, kind="relu", alpha=2, bias=0.0, scale=None, eps=N
     True
     """
     _check_common(kind, alpha, eps, tau, topk, scale)
+    if type(index).__name__ == "GPUBlockIndex":
+        return _gpu_attention(q, index, kind, alpha, bias, scale, eps, tau, topk, causal, return_info)
     if kind == "softmax" and eps is None and tau is None and topk is None:
         eps = 1e-3
     if isinstance(index, KVIndex):
@@ -254,3 +265,22 @@ def hsr_attention(q, index, *, kind="relu", alpha=2, bias=0.0, scale=None, eps=N
         n_keys = len(heads[0][0])
         return result, AttentionInfo(info[0], info[1], info[2], info[3], n_keys)
     return result
+
+
+def _gpu_attention(q, index, kind, alpha, bias, scale, eps, tau, topk, causal, return_info):
+    """``hsr_attention`` over a ``hsr.kernels.GPUBlockIndex``: the Triton filter + attention."""
+    from ..kernels import hsr_decode
+
+    if not (is_torch(q) and q.device == index.kp.device):
+        raise TypeError(f"a GPUBlockIndex on {index.kp.device} takes query tensors (B, Hq, M, D) on "
+                        "the same device")
+    if return_info:
+        raise ValueError("return_info is not available on the GPU path")
+    if not causal and q.shape[2] > 1:
+        raise ValueError("the GPU path attends the last M positions causally: pass causal=True for M > 1")
+    if kind == "softmax" and (eps is not None or topk is not None or tau is None):
+        raise ValueError("on the GPU, softmax keeps the blocks that may score >= tau: give tau= "
+                         "(the certified eps mode and topk are CPU-only)")
+    if isinstance(bias, str):
+        raise ValueError("bias='paper' is CPU-only; give a number")
+    return hsr_decode(q, index, tau=tau, kind=kind, alpha=int(alpha), bias=float(bias), scale=scale)
