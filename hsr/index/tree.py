@@ -193,7 +193,7 @@ class HSRIndex:
     """Exact half-space reporting: ``{j : score(q, k_j) >= tau}`` for batches of queries.
 
     A forest of partition trees over the keys (principal-direction median splits; each node
-    bounded by a ball and by a box in a global PCA basis). The comparison is inclusive
+    bounded by a ball and by a box). The comparison is inclusive
     (``>=``), scores are the library's canonical dot products (summed in dimension order in
     the working dtype, see :func:`hsr.index.canonical_scores`), and every backend returns
     exactly the same set.
