@@ -323,23 +323,25 @@ class HSRIndex:
         self._alive[start:start + k] = 1
         self._n_total += k
         if k:
-            self._max_norm = max(self._max_norm, float(np.sqrt(np.einsum("ij,ij->i", arr, arr, dtype=np.float64).max())))
+            a64 = arr.astype(np.float64)
+            self._max_norm = max(self._max_norm, math.sqrt(float((a64 * a64).sum(axis=1).max())))
         new_ids = np.arange(start, start + k, dtype=np.int64)
         if self._buffer is not None and k:
-            self._insert(new_ids)
+            self._insert(start, k)
         return new_ids
 
-    def _insert(self, new_ids: np.ndarray) -> None:
+    def _insert(self, start: int, k: int) -> None:
+        """Append ids ``start .. start+k-1`` (already in ``_keys``) to the buffer, or flush it."""
         buf = self._buffer
-        nb = buf.n
-        if nb + len(new_ids) < self.buffer_size:
-            buf.ids[nb:nb + len(new_ids)] = new_ids
-            buf.kf.reshape(self.dim, self.buffer_size)[:, nb:nb + len(new_ids)] = self._keys[new_ids].T
-            buf.node_end[0] = nb + len(new_ids)
+        nb = int(buf.node_end[0])
+        if nb + k < self.buffer_size:
+            buf.ids[nb:nb + k] = np.arange(start, start + k)
+            buf.kf.reshape(self.dim, self.buffer_size)[:, nb:nb + k] = self._keys[start:start + k].T
+            buf.node_end[0] = nb + k
             buf.minid[0] = buf.ids[0]
-            buf.maxid[0] = buf.ids[nb + len(new_ids) - 1]
+            buf.maxid[0] = start + k - 1
             return
-        pending = np.concatenate([buf.ids[:nb], new_ids])
+        pending = np.concatenate([buf.ids[:nb], np.arange(start, start + k, dtype=np.int64)])
         buf.node_end[0] = 0
         self._merge_in(pending)
 
