@@ -243,11 +243,13 @@ def build_permutation(kw, perm, n_levels, node_start, node_end, use_pca, n_sampl
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def build_bounds(kr, norms, n_levels, node_start, node_end, center, radius, lo, hi, maxnorm):
-    """Fill the node arrays from rotated keys ``kr (n, d)`` in tree order.
+def build_bounds(kr, norms, n_levels, node_start, node_end, center, radius, lo, hi, maxnorm,
+                 exact_radius_max):
+    """Fill the node arrays from keys ``kr (n, d)`` (bounds' basis) in tree order.
 
     Leaves read their keys; an internal node's box, centre and max norm come from its
-    children, its radius from a pass over its keys (exact radii keep the top levels tight).
+    children; its radius from a pass over its keys when it holds at most
+    ``exact_radius_max`` keys, else from its children by the triangle inequality.
     Empty nodes (past the last key) get an empty box and are never visited."""
     d = kr.shape[1]
     for level in range(n_levels, -1, -1):
@@ -287,6 +289,21 @@ def build_bounds(kr, norms, n_levels, node_start, node_end, center, radius, lo, 
                     lo[v, j] = min(lo[c1, j], lo[c2, j])
                     hi[v, j] = max(hi[c1, j], hi[c2, j])
                 maxnorm[v] = max(maxnorm[c1], maxnorm[c2])
+            if level < n_levels and cnt > exact_radius_max:
+                # a big node: the triangle inequality over its children (their centres and
+                # radii) bounds every key's distance; one exact pass per level over all keys
+                # would cost n*d per level
+                rr = 0.0
+                for c in range(2 * v + 1, 2 * v + 3):
+                    if node_end[c] <= node_start[c]:
+                        continue
+                    dd = 0.0
+                    for j in range(d):
+                        t = np.float64(center[c, j]) - np.float64(center[v, j])
+                        dd += t * t
+                    rr = max(rr, np.sqrt(dd) + radius[c])
+                radius[v] = rr * (1.0 + 1e-12) + 1e-300
+                continue
             r2 = 0.0
             for a in range(s, e):
                 acc = 0.0

@@ -37,6 +37,9 @@ AUTO_MIN_KEYS = 4096
 #: ``method="auto"`` falls back to brute force when a pilot of the batch's queries makes the
 #: trees score more than this fraction of the keys (the blocked BLAS scan is then faster).
 AUTO_MAX_SCAN = 0.35
+#: Nodes with more keys get their radius from their children (triangle inequality) instead of
+#: a pass over their keys: the exact pass over the top levels cost about half the build.
+_EXACT_RADIUS_MAX = 4096
 #: Principal coordinates the build's splits look at (see ``_build_tree``).
 _SKETCH_DIMS = 16
 #: The count pass remembers up to this many reporting nodes per query and tree, so the fill
@@ -149,7 +152,8 @@ def _build_tree(keys: np.ndarray, ids: np.ndarray, rot: np.ndarray, leaf_size: i
     t.lo = np.empty((n_nodes, d), dtype=dt)
     t.hi = np.empty((n_nodes, d), dtype=dt)
     t.maxnorm = np.empty(n_nodes)
-    K.build_bounds(kr, norms, L, t.node_start, t.node_end, t.center, t.radius, t.lo, t.hi, t.maxnorm)
+    K.build_bounds(kr, norms, L, t.node_start, t.node_end, t.center, t.radius, t.lo, t.hi, t.maxnorm,
+                   _EXACT_RADIUS_MAX)
     t.minid = np.empty(n_nodes, dtype=np.int64)
     t.maxid = np.empty(n_nodes, dtype=np.int64)
     K.build_id_ranges(t.ids, t.node_start, t.node_end, L, t.minid, t.maxid)
