@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ..index._kernels import _leaf_block, _max_leaf, _node_bounds, _scan_block
+from ..index._kernels import _heap_pop, _heap_push, _leaf_block, _max_leaf, _node_bounds, _scan_block
 
 
 @njit(cache=True, nogil=True, parallel=True)
@@ -44,47 +44,6 @@ def relu_from_csr(lims, ids, scores, values, scale, bias, alpha, out, wsum):
         else:
             for c in range(dv):
                 out[i, c] = 0.0
-
-
-@njit(cache=True, nogil=True)
-def _heap_push(hk, ht, hv, size, key, t, v):
-    i = size
-    hk[i] = key
-    ht[i] = t
-    hv[i] = v
-    while i > 0:
-        p = (i - 1) // 2
-        if hk[p] >= hk[i]:
-            break
-        hk[p], hk[i] = hk[i], hk[p]
-        ht[p], ht[i] = ht[i], ht[p]
-        hv[p], hv[i] = hv[i], hv[p]
-        i = p
-    return size + 1
-
-
-@njit(cache=True, nogil=True)
-def _heap_pop(hk, ht, hv, size):
-    size -= 1
-    hk[0] = hk[size]
-    ht[0] = ht[size]
-    hv[0] = hv[size]
-    i = 0
-    while True:
-        l = 2 * i + 1
-        r = l + 1
-        b = i
-        if l < size and hk[l] > hk[b]:
-            b = l
-        if r < size and hk[r] > hk[b]:
-            b = r
-        if b == i:
-            break
-        hk[b], hk[i] = hk[i], hk[b]
-        ht[b], ht[i] = ht[i], ht[b]
-        hv[b], hv[i] = hv[i], hv[b]
-        i = b
-    return size
 
 
 @njit(cache=True, nogil=True)

@@ -589,26 +589,29 @@ def tree_range_fill(Q, QR, qnorm, tau, lim, kf, fixed_stride, ids, alive, has_de
 
 
 @njit(cache=True, nogil=True)
-def _heap_push_max(hk, hv, size, key, val):
-    """Max-heap on ``hk`` with payload ``hv``; returns the new size."""
+def _heap_push(hk, ht, hv, size, key, t, v):
+    """Max-heap on ``hk`` with payloads ``ht`` (tree) and ``hv`` (node); returns the new size."""
     i = size
     hk[i] = key
-    hv[i] = val
+    ht[i] = t
+    hv[i] = v
     while i > 0:
         p = (i - 1) // 2
         if hk[p] >= hk[i]:
             break
         hk[p], hk[i] = hk[i], hk[p]
+        ht[p], ht[i] = ht[i], ht[p]
         hv[p], hv[i] = hv[i], hv[p]
         i = p
     return size + 1
 
 
 @njit(cache=True, nogil=True)
-def _heap_pop_max(hk, hv, size):
-    """Remove the top of the max-heap; returns the new size (top read before calling)."""
+def _heap_pop(hk, ht, hv, size):
+    """Remove the top of the max-heap (read it first); returns the new size."""
     size -= 1
     hk[0] = hk[size]
+    ht[0] = ht[size]
     hv[0] = hv[size]
     i = 0
     while True:
@@ -622,6 +625,7 @@ def _heap_pop_max(hk, hv, size):
         if b == i:
             break
         hk[b], hk[i] = hk[i], hk[b]
+        ht[b], ht[i] = ht[i], ht[b]
         hv[b], hv[i] = hv[i], hv[b]
         i = b
     return size
@@ -665,17 +669,18 @@ def tree_topk(Q, QR, qnorm, lim, kf, fixed_stride, ids, alive, has_dead, n_level
         ts = top_s[i]
         ti = top_i[i]
         hk = np.empty(n_nodes + 1)
+        ht = np.zeros(n_nodes + 1, dtype=np.int64)  # one tree: the tree payload stays 0
         hv = np.empty(n_nodes + 1, dtype=np.int64)
         acc = np.empty(_max_leaf(fixed_stride), dtype=kf.dtype)
         first_leaf = (1 << n_levels) - 1
         ub, lb = _node_bounds(0, QR[i], qnorm[i], center, radius, lo, hi, maxnorm, slack_rel, slack_abs)
-        size = _heap_push_max(hk, hv, 0, ub, 0)
+        size = _heap_push(hk, ht, hv, 0, ub, 0, 0)
         visited = 0
         scored = 0
         while size > 0:
             ub = hk[0]
             v = hv[0]
-            size = _heap_pop_max(hk, hv, size)
+            size = _heap_pop(hk, ht, hv, size)
             if ub < ts[0]:
                 break
             s = node_start[v]
@@ -696,7 +701,7 @@ def tree_topk(Q, QR, qnorm, lim, kf, fixed_stride, ids, alive, has_dead, n_level
             for c in range(2 * v + 1, 2 * v + 3):
                 cub, clb = _node_bounds(c, QR[i], qnorm[i], center, radius, lo, hi, maxnorm, slack_rel, slack_abs)
                 if cub >= ts[0]:
-                    size = _heap_push_max(hk, hv, size, cub, c)
+                    size = _heap_push(hk, ht, hv, size, cub, 0, c)
         stats[i, 0] += visited
         stats[i, 1] += scored
 
