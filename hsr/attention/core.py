@@ -121,7 +121,7 @@ def _attend_head(kvi: KVIndex, Q, kind, alpha, bias, scale, eps, tau, topk, lim)
         with np.errstate(divide="ignore"):
             lse = np.log(wsum)
         return out, st.keys_scored, np.diff(lims), dropped, lse
-    if index.method == "brute" or not index._trees and index._buffer is None:
+    if index.method == "brute":  # a brute-force index has no trees to bound the remainder
         raise ValueError("softmax with a certificate needs the index's trees: build the index with "
                          "method='tree' or 'auto', not 'brute'")
     if topk is not None:

@@ -453,9 +453,9 @@ class HSRIndex:
         counts, stats, _ = self._forest_count(Q[pick], tau[pick], lim[pick], with_scores=False)
         return "brute" if stats[:, 1].mean() > AUTO_MAX_SCAN * live else "tree"
 
-    def _forest_count(self, Q, tau, lim, with_scores):
+    def _forest_count(self, Q, tau, lim, with_scores, rotated=None):
         comps = self._components()
-        QR, qn = self._rotated(Q)
+        QR, qn = self._rotated(Q) if rotated is None else rotated
         m = Q.shape[0]
         counts = np.zeros((len(comps), m), dtype=np.int64)
         stats = np.zeros((m, 2), dtype=np.int64)
@@ -512,13 +512,13 @@ class HSRIndex:
 
     def _forest_range(self, Q, tau, lim, with_scores):
         comps = self._components()
-        counts, stats, hits = self._forest_count(Q, tau, lim, with_scores)
+        QR, qn = self._rotated(Q)
+        counts, stats, hits = self._forest_count(Q, tau, lim, with_scores, (QR, qn))
         m = Q.shape[0]
         lims = np.zeros(m + 1, dtype=np.int64)
         np.cumsum(counts.sum(axis=0), out=lims[1:])
         ids = np.empty(lims[-1], dtype=np.int64)
         scores = np.zeros(lims[-1], dtype=self.dtype)
-        QR, qn = self._rotated(Q)
         offsets = lims[:-1].copy()
         has_dead = self._n_dead > 0
         for c, t in enumerate(comps):
