@@ -122,6 +122,8 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=str, default=None, help="comma-separated layer ids (default: all)")
     ap.add_argument("--cache-dir", default="bench/cache")
     ap.add_argument("--recapture", action="store_true", help="ignore an existing cache file")
+    ap.add_argument("--values", action="store_true", help="also capture the values (v) of each layer")
+    ap.add_argument("--no-stats", action="store_true", help="capture only; skip the O(n^2) statistics")
     ap.add_argument("--query-samples", type=int, default=512)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "real_keys_stats.json"))
     args = ap.parse_args(argv)
@@ -132,7 +134,10 @@ def main(argv=None) -> int:
     if args.recapture or not path.exists():
         model, tok = realdata.load_smollm2()
         t_load = time.perf_counter() - t0
-        cap = realdata.capture_qk(model, tok, None, n_tokens=args.n_tokens, layers=layers)
+        # past the trained 8K the geometry is still the real model's (RoPE evaluated further out),
+        # but the model was not trained there: the capture's meta records "extrapolated"
+        cap = realdata.capture_qk(model, tok, None, n_tokens=args.n_tokens, layers=layers,
+                                  with_values=args.values, extrapolate=True)
         del model
         t1 = time.perf_counter()
         realdata.save_capture(path, cap)
@@ -151,6 +156,8 @@ def main(argv=None) -> int:
     print(f"model: {meta['num_hidden_layers']} layers, {meta['num_attention_heads']} q heads, "
           f"{meta['num_key_value_heads']} kv heads, head_dim {meta['head_dim']}, "
           f"max_pos {meta['max_position_embeddings']}, rope {meta['rope']}")
+    if args.no_stats:
+        return 0
 
     t0 = time.perf_counter()
     per_layer = {}

@@ -246,7 +246,7 @@ def hsr_attention(q, index, *, kind="relu", alpha=2, bias=0.0, scale=None, eps=N
             lim = np.tile(np.arange(M, dtype=np.int64) + (n - M), group) if causal \
                 else np.full(group * M, np.iinfo(np.int64).max, dtype=np.int64)
             if bias_h is None:
-                live = kvi.index.get_keys(np.flatnonzero(kvi.index._alive[:n]))
+                live = kvi.index.get_keys(kvi.index.live_ids())
                 bq = np.repeat([paper_bias(Qn[b, hk * group + g], live, s) for g in range(group)], M)
             else:
                 bq = np.repeat(bias_h[hk * group:(hk + 1) * group], M)

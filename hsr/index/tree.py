@@ -295,6 +295,10 @@ class HSRIndex:
         """Static trees in the forest (the buffer not counted)."""
         return len(self._trees)
 
+    def live_ids(self) -> np.ndarray:
+        """Ids of the keys not removed, ascending, ``(len(self),)`` int64."""
+        return np.flatnonzero(self._alive[:self._n_total]).astype(np.int64)
+
     def get_keys(self, ids) -> np.ndarray:
         """Keys ``(len(ids), d)`` of the given ids (removed ones included)."""
         ids = self._check_ids(ids, allow_dead=True)

@@ -330,6 +330,7 @@ def capture_qk(
     with_outputs: bool = False,
     with_pre_rope: bool = False,
     early_stop: bool = True,
+    extrapolate: bool = False,
 ) -> dict:
     """Run one causal forward pass over ``n_tokens`` tokens and return post-RoPE q/k per layer.
 
@@ -338,7 +339,9 @@ def capture_qk(
     (``1/sqrt(head_dim)``), ``meta`` (model facts, timing) and optionally ``v`` (values),
     ``out`` (the model's attention output, ``(heads, seq, head_dim)``, before ``o_proj``) and
     ``k_pre`` (keys before RoPE). ``text`` defaults to :func:`real_text`. With ``early_stop``
-    the forward pass stops after the deepest requested layer.
+    the forward pass stops after the deepest requested layer. ``extrapolate=True`` allows more
+    tokens than the model's ``max_position_embeddings`` (RoPE is evaluated past the trained
+    range: real geometry of a real model, but outside what it was trained on).
     """
     import torch
 
@@ -350,7 +353,7 @@ def capture_qk(
         if not 0 <= l < n_layers:
             raise ValueError(f"layer {l} out of range [0, {n_layers})")
     max_pos = getattr(cfg, "max_position_embeddings", None)
-    if max_pos is not None and n_tokens > max_pos:
+    if max_pos is not None and n_tokens > max_pos and not extrapolate:
         raise ValueError(f"n_tokens={n_tokens} exceeds max_position_embeddings={max_pos}")
 
     ids = real_token_ids(tokenizer, n_tokens, text)
@@ -405,6 +408,7 @@ def capture_qk(
         "rope": _rope_info(cfg),
         "dtype": str(next(model.parameters()).dtype),
         "capture_seconds": elapsed,
+        "extrapolated": bool(max_pos is not None and n_tokens > max_pos),
         "python": sys.version.split()[0],
         "token_sha1": hashlib.sha1(ids.tobytes()).hexdigest(),
         "text": "pydoc_data.topics (sorted keys, whitespace-cleaned)" if text is None else "user text",
@@ -457,12 +461,14 @@ def reference_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: floa
 # cache
 # --------------------------------------------------------------------------------------------
 def save_capture(path, capture: dict) -> pathlib.Path:
-    """Save ``q``/``k`` (float16), ``token_ids`` and ``meta`` to an ``.npz`` (no pickles)."""
+    """Save ``q``/``k`` (and ``v`` when captured; float16), ``token_ids`` and ``meta`` to an
+    ``.npz`` (no pickles)."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {}
+    names = ("q", "k", "v") if "v" in capture else ("q", "k")
     for l in capture["layers"]:
-        for name in ("q", "k"):
+        for name in names:
             a = np.asarray(capture[name][l], dtype=np.float32)
             if np.abs(a).max() >= 65504:
                 raise OverflowError(f"{name}[{l}] overflows float16")
@@ -478,14 +484,14 @@ def save_capture(path, capture: dict) -> pathlib.Path:
 
 
 def load_capture(path, layers: Sequence[int] | None = None) -> dict:
-    """Load a capture written by :func:`save_capture`; ``q``/``k`` come back as float32."""
+    """Load a capture written by :func:`save_capture`; ``q``/``k`` (``v``) come back as float32."""
     with np.load(pathlib.Path(path), allow_pickle=False) as z:
         stored = [int(x) for x in z["layers"]]
         want = stored if layers is None else [int(x) for x in layers]
         missing = [l for l in want if l not in stored]
         if missing:
             raise KeyError(f"layers {missing} not in {path} (has {stored})")
-        return {
+        out = {
             "q": {l: z[f"q_{l}"].astype(np.float32) for l in want},
             "k": {l: z[f"k_{l}"].astype(np.float32) for l in want},
             "layers": want,
@@ -493,6 +499,9 @@ def load_capture(path, layers: Sequence[int] | None = None) -> dict:
             "scale": float(z["scale"]),
             "meta": json.loads(str(z["meta"])),
         }
+        if f"v_{want[0]}" in z.files:
+            out["v"] = {l: z[f"v_{l}"].astype(np.float32) for l in want}
+        return out
 
 
 def default_cache_dir() -> pathlib.Path:
