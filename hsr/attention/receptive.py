@@ -26,7 +26,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from hsr.attention.power import Pattern, matched_baselines
+from .baselines import matched_baselines
+from .patterns import Pattern
 
 __all__ = [
     "hop_distances",
