@@ -1,5 +1,5 @@
 """hsr.attention: attention built on an index (ReLU^alpha, certified softmax, KV caches),
-dense references, and PowerAttention patterns."""
+dense references, PowerAttention patterns, and the hybrid of a pattern with an index."""
 
 from .core import AttentionInfo, hsr_attention, paper_bias
 from .dense import dense_relu_attention, dense_softmax_attention
@@ -7,6 +7,7 @@ from .kv import KVCacheIndex, KVIndex
 from .baselines import matched_baselines
 from .blocks import BlockLists, kernel_block_lists
 from .flex import to_block_mask
+from .hybrid import hybrid_attention
 from .patterns import (DilatedPattern, FullPattern, LongNetPattern, Pattern, PowerPattern,
                        SlidingWindowPattern, StrideSlashPattern, dilated_pattern, full_pattern,
                        longnet_pattern, power_pattern, sliding_window_pattern, stride_slash_pattern)
@@ -20,5 +21,6 @@ __all__ = ["hsr_attention", "AttentionInfo", "paper_bias", "dense_relu_attention
            "DilatedPattern", "LongNetPattern", "FullPattern", "power_pattern", "sliding_window_pattern",
            "stride_slash_pattern", "dilated_pattern", "longnet_pattern", "full_pattern",
            "matched_baselines", "to_block_mask", "kernel_block_lists", "power_attention",
+           "hybrid_attention",
            "hop_distances", "coverage_by_layer", "hops_to_full_coverage", "reach_bitsets",
            "receptive_summary", "plot_receptive"]

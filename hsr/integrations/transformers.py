@@ -27,8 +27,8 @@ Backends (all causal; queries are the last ``q_len`` positions of the cache)
     or one of its baselines).
 ``register_hybrid_attention(pattern=, tau= | topk=)``
     Softmax over the union of the pattern's keys and the keys the index reports (score
-    ``>= tau``, or the ``topk`` best). A CPU reference (:func:`hybrid_attention`): the union is
-    materialised as a boolean mask per query chunk.
+    ``>= tau``, or the ``topk`` best). A CPU reference (:func:`hsr.attention.hybrid.hybrid_attention`,
+    re-exported here): the union is materialised as a boolean mask per query chunk.
 
 The cache: :class:`HSRCache` is a ``DynamicCache`` whose layers (:class:`HSRLayer`) keep a
 :class:`hsr.KVCacheIndex` in step with the stored keys and values: the prefill builds it, every
@@ -64,7 +64,8 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
-from ..attention.core import hsr_attention, paper_bias
+from ..attention.core import hsr_attention
+from ..attention.hybrid import hybrid_attention, remove_key_padding
 from ..attention.kv import KVCacheIndex
 
 try:  # the module imports without transformers; registration then raises
@@ -350,25 +351,12 @@ class HSRLayer(DynamicLayer):
         return f"HSRLayer(n={self.get_seq_length()}, indexed={self.n_indexed}, builds={self.n_builds})"
 
 
-def _remove_pad(index: KVCacheIndex, key_padding: np.ndarray, holder=None) -> None:
-    n = index.heads[0][0].index.n_total if index.batch else 0
-    if key_padding.shape != (index.batch, n):
-        raise ValueError(f"key padding {key_padding.shape} does not match the index ({index.batch}, {n})")
-    removed = getattr(holder, "_removed", None)
-    pad = ~key_padding
-    if removed is not None and removed.shape[0] == pad.shape[0]:
-        m = min(removed.shape[1], pad.shape[1])
-        new = pad.copy()
-        new[:, :m] &= ~removed[:, :m]
-    else:
-        new = pad
-    for b in range(index.batch):
-        ids = np.flatnonzero(new[b, :n])
-        if ids.size:
-            for kvi in index.heads[b]:
-                kvi.index.remove(ids)
+def _remove_pad(index: KVCacheIndex, key_padding: np.ndarray, holder: Optional[HSRLayer] = None) -> None:
+    """Remove pad keys from ``index``; with a ``holder`` layer, skip the ids it removed before
+    and remember the new pad mask there (an id cannot be removed twice)."""
+    removed = remove_key_padding(index, key_padding, getattr(holder, "_removed", None))
     if holder is not None:
-        holder._removed = pad.copy()
+        holder._removed = removed
 
 
 class HSRCache(DynamicCache):
@@ -618,101 +606,6 @@ def _pattern_kept(pattern, N: int, M: int) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# hybrid (CPU reference)
-# --------------------------------------------------------------------------------------------
-def hybrid_attention(query, key, value, index: Optional[KVCacheIndex], pattern, *, tau=None, topk=None,
-                     scale=None, key_padding=None, q_chunk: int = 512, return_info=False):
-    """Causal softmax over ``pattern``'s keys united with the keys the index reports.
-
-    Parameters
-    ----------
-    query : torch.Tensor (B, Hq, M, D)
-        The last M positions of the cache.
-    key, value : torch.Tensor (B, Hkv, N, D)
-    index : KVCacheIndex or None
-        Over ``key``/``value`` (ids = positions). Built here when None.
-    pattern : hsr.attention.power.Pattern
-    tau : float or "paper"
-        Index reports keys with raw score ``<q, k> >= tau`` (``"paper"``: per query head
-        ``b / scale`` with ``b = sigma sqrt(0.4 ln n)``, :func:`hsr.paper_bias`).
-    topk : int
-        Index reports the ``topk`` best keys instead. Give exactly one of tau and topk.
-    scale : float, default ``1/sqrt(D)``
-    key_padding : (B, N) bool, optional
-        False at pad keys (excluded everywhere).
-    q_chunk : int
-        Queries per materialised mask chunk (memory ``q_chunk * N`` bools per head group).
-
-    Returns
-    -------
-    out : torch.Tensor (B, Hq, M, D), dtype of query
-    info : dict, with ``return_info``: keys_scored, keys_selected, search_s, attend_s.
-
-    Notes
-    -----
-    A reference implementation: the union is a dense boolean mask per query chunk and the
-    softmax runs in float32 SDPA over all N keys with that mask, so its cost is dense. It shows
-    what the union computes (quality), not how fast a kernel over it would be.
-    """
-    if (tau is None) == (topk is None):
-        raise ValueError("give exactly one of tau and topk")
-    B, Hq, M, D = query.shape
-    Hkv, N = key.shape[1], key.shape[2]
-    g = Hq // Hkv
-    s = D ** -0.5 if scale is None else float(scale)
-    if index is None:
-        index = KVCacheIndex(key.detach(), value.detach())
-        if key_padding is not None:
-            _remove_pad(index, key_padding)
-    pmask = torch.from_numpy(pattern.dense_mask(N, M))  # (M, N), causal included
-    qn = query.detach().float().cpu().numpy()
-    lim_all = np.arange(M, dtype=np.int64) + (N - M)
-    out = torch.empty(B, Hq, M, value.shape[-1], dtype=query.dtype, device=query.device)
-    info = {"keys_scored": 0, "keys_selected": 0, "search_s": 0.0, "attend_s": 0.0}
-    for b in range(B):
-        for hk in range(Hkv):
-            hidx = index.heads[b][hk].index
-            Qg = np.ascontiguousarray(qn[b, hk * g:(hk + 1) * g].reshape(g * M, D))
-            lim = np.tile(lim_all, g)
-            t0 = time.perf_counter()
-            rep = torch.zeros(g * M, N, dtype=torch.bool)
-            if topk is not None:
-                ids, _, st = hidx.topk(Qg, int(topk), max_id=lim, return_stats=True)
-                rows = np.repeat(np.arange(g * M), ids.shape[1])
-                ok = ids.ravel() >= 0
-                rep[torch.from_numpy(rows[ok]), torch.from_numpy(ids.ravel()[ok])] = True
-            else:
-                if isinstance(tau, str):
-                    if tau != "paper":
-                        raise ValueError(f"tau must be a number or 'paper', got {tau!r}")
-                    live = hidx.get_keys(np.flatnonzero(hidx._alive[:hidx.n_total]))
-                    t = np.repeat([paper_bias(qn[b, hk * g + j], live, s) / s for j in range(g)], M)
-                else:
-                    t = float(tau)
-                lims, ids, _, st = hidx.range_search(Qg, t, max_id=lim, return_stats=True)
-                rows = np.repeat(np.arange(g * M), np.diff(lims))
-                rep[torch.from_numpy(rows), torch.from_numpy(ids)] = True
-            info["search_s"] += time.perf_counter() - t0
-            info["keys_scored"] += int(st.keys_scored.sum())
-            t0 = time.perf_counter()
-            mask = rep.view(g, M, N) | pmask[None]
-            if key_padding is not None:
-                mask &= torch.from_numpy(key_padding[b])[None, None, :]
-            info["keys_selected"] += int(mask.sum())
-            kk = key[b:b + 1, hk:hk + 1].float()
-            vv = value[b:b + 1, hk:hk + 1].float()
-            for c0 in range(0, M, q_chunk):
-                c1 = min(M, c0 + q_chunk)
-                qq = query[b:b + 1, hk * g:(hk + 1) * g, c0:c1].float()
-                o = torch.nn.functional.scaled_dot_product_attention(
-                    qq, kk.expand(1, g, N, D), vv.expand(1, g, N, vv.shape[-1]),
-                    attn_mask=mask[None, :, c0:c1], scale=s)
-                out[b, hk * g:(hk + 1) * g, c0:c1] = torch.nan_to_num(o[0]).to(query.dtype)
-            info["attend_s"] += time.perf_counter() - t0
-    return (out, info) if return_info else out
-
-
-# --------------------------------------------------------------------------------------------
 # registration
 # --------------------------------------------------------------------------------------------
 def _register(backend: HSRAttentionBackend) -> HSRAttentionBackend:
@@ -782,7 +675,7 @@ def register_power_attention(name: str = "power", pattern=None, *, block_size: i
     ``power_pattern(block_size, window, sink)`` (defaults scaled to an 8K context: 64-token
     blocks, a 4-block window, one sink block; the paper uses 256 / 5 / 1 at 128K).
     """
-    from ..attention.power import Pattern, power_pattern
+    from ..attention.patterns import Pattern, power_pattern
 
     pattern = power_pattern(block_size=block_size, window=window, sink=sink) if pattern is None else pattern
     if not isinstance(pattern, Pattern):
@@ -798,7 +691,7 @@ def register_hybrid_attention(name: str = "hybrid", pattern=None, *, tau=None, t
     The index reports keys with raw score ``>= tau`` (a number, or ``"paper"``) or the
     ``topk`` best; default ``tau="paper"``. See :func:`hybrid_attention`.
     """
-    from ..attention.power import Pattern, power_pattern
+    from ..attention.patterns import Pattern, power_pattern
 
     if tau is None and topk is None:
         tau = "paper"
