@@ -18,7 +18,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ..index._kernels import _heap_pop, _heap_push, _leaf_block, _max_leaf, _node_bounds, _scan_block
+from ..index._kernels import (_dot_canonical, _heap_pop, _heap_push, _leaf_block, _max_leaf, _node_bounds,
+                              _scan_block)
 
 
 @njit(cache=True, nogil=True, parallel=True)
@@ -62,29 +63,37 @@ def _keep_leaf(q, tr, v, scale, st, mode, tau, lim, alive, has_dead, values, acc
         gid = ids[ls + t]
         if gid > lim or (has_dead and alive[gid] == 0):
             continue
-        sc = np.float64(acc[t])
-        z = scale * sc
-        if z > st[0]:
-            # new running max: rescale what was accumulated so far
-            r = np.exp(st[0] - z)
-            st[1] *= r
-            st[2] *= r
-            for c in range(dv):
-                acc_out[c] *= r
-            st[0] = z
-        w = np.exp(z - st[0])
-        if mode == 1 and sc < tau:
-            st[2] += w
-            continue
-        st[1] += w
-        row = values[gid]
-        for c in range(dv):
-            acc_out[c] += w * row[c]
-        if fill:
-            k = int(st[3])
+        if _accumulate(np.float64(acc[t]), gid, scale, st, mode, tau, values, acc_out) and fill:
+            k = int(st[3]) - 1
             out_ids[pos + k] = gid
             out_scores[pos + k] = acc[t]
-        st[3] += 1.0
+
+
+@njit(cache=True, nogil=True)
+def _accumulate(sc, gid, scale, st, mode, tau, values, acc_out):
+    """Add key ``gid`` with canonical score ``sc`` to the online-softmax state
+    ``st = [m_run, Z, D, kept, scored]`` (Z, D relative to exp(m_run)); in threshold mode a
+    score below tau goes to the exact dropped mass D. Returns True when the key is kept."""
+    dv = values.shape[1]
+    z = scale * sc
+    if z > st[0]:
+        # new running max: rescale what was accumulated so far
+        r = np.exp(st[0] - z)
+        st[1] *= r
+        st[2] *= r
+        for c in range(dv):
+            acc_out[c] *= r
+        st[0] = z
+    w = np.exp(z - st[0])
+    if mode == 1 and sc < tau:
+        st[2] += w
+        return False
+    st[1] += w
+    row = values[gid]
+    for c in range(dv):
+        acc_out[c] += w * row[c]
+    st[3] += 1.0
+    return True
 
 
 #: floor of each remainder term exp(scale*u - M_ref): an underflowed term would under-count
@@ -175,6 +184,16 @@ def _softmax_one(q, qr, qnorm, trees, alive, has_dead, values, scale, mode, eps,
             size = _heap_push(hk, ht, hv, size, cub, ti, c)
             R += (node_end[c] - node_start[c]) * max(np.exp(scale * cub - mref), _TINY)
     R = _remainder(trees, hk, ht, hv, size, scale, mref) * (1.0 + 1e-12)
+    _finish(st, R, mref, acc_out, out_row, info)
+    info[4] = visited
+    return int(st[3])
+
+
+@njit(cache=True, nogil=True)
+def _finish(st, R, mref, acc_out, out_row, info):
+    """Normalise the output and write [lse, certified dropped fraction, kept, scored] into
+    ``info[:4]``, from the state ``st``, the remainder bound ``R`` (relative to exp(mref))."""
+    dv = acc_out.shape[0]
     Z = st[1]
     D = st[2]
     if Z > 0.0:
@@ -199,8 +218,6 @@ def _softmax_one(q, qr, qnorm, trees, alive, has_dead, values, scale, mode, eps,
         info[1] = D / (Z + D) if Z + D > 0.0 else 0.0
     info[2] = st[3]
     info[3] = st[4]
-    info[4] = visited
-    return int(st[3])
 
 
 @njit(cache=True, nogil=True, parallel=True)
@@ -226,3 +243,85 @@ def softmax_selection(Q, QR, qnorm, trees, alive, has_dead, values, scale, mode,
         _softmax_one(Q[i], QR[i], qnorm[i], trees, alive, has_dead, values, scale, mode, eps,
                      tau[i], lim[i], slack_rel, slack_abs, row, inf, True, out_ids, out_scores,
                      lims[i])
+
+
+# --------------------------------------------------------------------------------------
+# certified softmax from per-key bounds (the code filter)
+
+#: buckets of the keys' bounds, each one e-fold of scaled score wide; the last takes the rest
+_NB = 48
+
+
+@njit(cache=True, nogil=True)
+def _bounds_one(q, keys, alive, has_dead, ub, values, scale, mode, eps, tau, lim, out_row, info):
+    """Certified softmax of one query from per-key upper bounds ``ub (n,)`` of the canonical
+    scores. Keys are bucketed by bound (counting sort, one e-fold of ``scale * ub`` per
+    bucket) and scored bucket by bucket from the top; the remainder is the bound mass of the
+    unscored buckets, so the certificate is as tight as the per-key bounds.
+    ``info`` gets [lse, certified dropped fraction, kept, scored, codes evaluated]."""
+    n = ub.shape[0]
+    top = min(lim, n - 1)
+    dv = values.shape[1]
+    acc_out = np.zeros(dv)
+    st = np.zeros(5)
+    st[0] = -np.inf
+    mref = -np.inf
+    visible = 0
+    for j in range(top + 1):
+        if has_dead and alive[j] == 0:
+            continue
+        visible += 1
+        mref = max(mref, scale * ub[j])
+    start = np.zeros(_NB + 1, dtype=np.int64)
+    mass = np.zeros(_NB)
+    bucket = np.empty(max(top + 1, 0), dtype=np.int32)
+    for j in range(top + 1):
+        if has_dead and alive[j] == 0:
+            bucket[j] = -1
+            continue
+        if mode == 1:
+            b = 0 if ub[j] >= tau else _NB - 1  # ub < tau proves score < tau: never scored
+        else:
+            gap = mref - scale * ub[j]
+            b = _NB - 1 if gap >= _NB - 1 else int(gap)
+        bucket[j] = b
+        start[b + 1] += 1
+        mass[b] += max(np.exp(scale * ub[j] - mref), _TINY)
+    for b in range(_NB):
+        start[b + 1] += start[b]
+    order = np.empty(visible, dtype=np.int64)
+    fill = start[:_NB].copy()
+    for j in range(top + 1):
+        b = bucket[j]
+        if b >= 0:
+            order[fill[b]] = j
+            fill[b] += 1
+    done = 0
+    for b in range(_NB):
+        if mode == 1 and b > 0:
+            break
+        if mode == 0 and b > 0:
+            R = 0.0
+            for c in range(b, _NB):
+                R += mass[c]
+            if _log_ratio_ok(R, mref, st, eps):
+                break
+        for p in range(start[b], start[b + 1]):
+            j = order[p]
+            st[4] += 1.0
+            _accumulate(np.float64(_dot_canonical(q, keys, j)), j, scale, st, mode, tau, values, acc_out)
+        done = b + 1
+    R = 0.0
+    for c in range(done, _NB):
+        R += mass[c]
+    _finish(st, R * (1.0 + 1e-12), mref, acc_out, out_row, info)
+    info[4] = visible
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def softmax_from_bounds(Q, keys, alive, has_dead, ub, values, scale, mode, eps, tau, lim, out, info):
+    """Certified softmax for every query from per-key bounds ``ub (m, n)``; modes as in
+    :func:`softmax_certified`."""
+    for i in prange(Q.shape[0]):
+        _bounds_one(Q[i], keys, alive, has_dead, ub[i], values, scale, mode, eps, tau[i], lim[i], out[i],
+                    info[i])

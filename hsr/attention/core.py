@@ -20,7 +20,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from numba.typed import List
 
 from ..index._validate import as_float_array, is_torch, to_numpy
 from . import _kernels as AK
@@ -94,13 +93,8 @@ def _check_common(kind, alpha, eps, tau, topk, scale):
         raise ValueError("eps, tau and topk apply to kind='softmax' only")
 
 
-def _trees_of(index):
-    """The forest as a numba typed list of tuples (see ``_kernels``)."""
-    out = List()
-    for t in index._components():
-        out.append((t.kf, np.int64(t.stride), t.ids, np.int64(t.n_levels), t.node_start, t.node_end,
-                    t.center, t.radius, t.lo, t.hi, t.maxnorm, t.minid, t.maxid))
-    return out
+#: rows of per-key bounds computed at once by the code-backed softmax (bounds are (rows, n))
+_BOUND_ROWS = 256
 
 
 def _attend_head(kvi: KVIndex, Q, kind, alpha, bias, scale, eps, tau, topk, lim):
@@ -121,9 +115,9 @@ def _attend_head(kvi: KVIndex, Q, kind, alpha, bias, scale, eps, tau, topk, lim)
         with np.errstate(divide="ignore"):
             lse = np.log(wsum)
         return out, st.keys_scored, np.diff(lims), dropped, lse
-    if index.method == "brute":  # a brute-force index has no trees to bound the remainder
-        raise ValueError("softmax with a certificate needs the index's trees: build the index with "
-                         "method='tree' or 'auto', not 'brute'")
+    if index.backend == "brute":  # a brute-force index has nothing to bound the remainder with
+        raise ValueError("softmax with a certificate needs bounds: build the index with "
+                         "method='auto', 'code' or 'tree', not 'brute'")
     if topk is not None:
         ids, sc = index.topk(Q, int(topk), max_id=lim)
         tau_arr = np.where(ids[:, -1] >= 0, sc[:, -1].astype(np.float64), -np.inf)
@@ -134,11 +128,19 @@ def _attend_head(kvi: KVIndex, Q, kind, alpha, bias, scale, eps, tau, topk, lim)
     else:
         tau_arr = np.zeros(m)
         mode = 0
-    QR, qn = index._rotated(Q)
     info = np.zeros((m, 5))
-    AK.softmax_certified(Q, QR, qn, _trees_of(index), index._alive, index._n_dead > 0, kvi.values,
-                         float(scale), mode, float(eps if eps is not None else 0.0), tau_arr, lim,
-                         index._slack_rel, index._slack_abs, out, info)
+    kv = index.key_view()
+    e = float(eps if eps is not None else 0.0)
+    if index.backend == "code":
+        for s in range(0, m, _BOUND_ROWS):
+            sl = slice(s, s + _BOUND_ROWS)
+            ub, _ = index.score_bounds(Q[sl])
+            AK.softmax_from_bounds(Q[sl], kv.keys, kv.alive, kv.has_dead, ub, kvi.values, float(scale), mode, e,
+                                   tau_arr[sl], lim[sl], out[sl], info[sl])
+    else:
+        fv = index.forest_view(Q)
+        AK.softmax_certified(Q, fv.rotated, fv.qnorm, fv.trees, kv.alive, kv.has_dead, kvi.values, float(scale),
+                             mode, e, tau_arr, lim, fv.slack_rel, fv.slack_abs, out, info)
     return out, info[:, 3].astype(np.int64), info[:, 2].astype(np.int64), info[:, 1], info[:, 0]
 
 

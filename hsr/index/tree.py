@@ -21,18 +21,24 @@ import io
 import json
 import math
 import zipfile
+from typing import NamedTuple
 
 import numpy as np
+from numba.typed import List
 
 from . import _kernels as K
 from ._validate import as_float_array, as_tau, resolve_dtype
+from .codes import ROTATIONS, CodeStore
 
-__all__ = ["HSRIndex", "BruteForceIndex", "SearchStats"]
+__all__ = ["HSRIndex", "BruteForceIndex", "SearchStats", "KeyView", "ForestView"]
 
 _FORMAT = "hsr-index"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 
-#: ``method="auto"`` scans by brute force below this many live keys.
+#: ``method="auto"`` uses the code filter from this dimension up (partition-tree bounds prune
+#: little there: measured on real model keys at d = 64, docs/benchmarks.md), trees below it.
+AUTO_CODE_MIN_DIM = 16
+#: ``method="auto"`` (trees) scans by brute force below this many live keys.
 AUTO_MIN_KEYS = 4096
 #: ``method="auto"`` falls back to brute force when a pilot of the batch's queries makes the
 #: trees score more than this fraction of the keys (the blocked BLAS scan is then faster).
@@ -55,22 +61,27 @@ class SearchStats:
     nodes_visited : ndarray, (m,) int64
         Tree nodes whose bounds were evaluated.
     keys_scored : ndarray, (m,) int64
-        Keys whose score was computed to compare it with tau (leaf scans; every live key
-        for the brute-force scan).
+        Keys whose canonical full-precision score was computed to compare it with tau (leaf
+        scans; the candidates the code filter let through; every live key for the
+        brute-force scan).
     keys_reported : ndarray, (m,) int64
         Size of each result.
     n_keys : int
         Live keys in the index at search time.
     method : str
-        ``"tree"`` or ``"brute"``.
+        ``"tree"``, ``"code"`` or ``"brute"``.
+    codes_evaluated : ndarray, (m,) int64
+        Keys whose compressed code was read to bound their score (code filter only; zeros
+        for the other methods).
     """
 
-    def __init__(self, nodes_visited, keys_scored, keys_reported, n_keys, method):
+    def __init__(self, nodes_visited, keys_scored, keys_reported, n_keys, method, codes_evaluated=None):
         self.nodes_visited = nodes_visited
         self.keys_scored = keys_scored
         self.keys_reported = keys_reported
         self.n_keys = n_keys
         self.method = method
+        self.codes_evaluated = np.zeros_like(keys_scored) if codes_evaluated is None else codes_evaluated
 
     @property
     def scan_fraction(self) -> float:
@@ -83,6 +94,49 @@ class SearchStats:
         return (f"SearchStats(method={self.method!r}, queries={self.keys_scored.size}, "
                 f"n_keys={self.n_keys}, scan_fraction={self.scan_fraction:.4f}, "
                 f"mean_reported={self.keys_reported.mean() if self.keys_reported.size else 0:.1f})")
+
+
+class KeyView(NamedTuple):
+    """The index's keys as kernels that score them canonically need them (read-only views).
+
+    Attributes
+    ----------
+    keys : ndarray, (n_total, d), the working dtype
+        Row i is key id i (removed ids included).
+    alive : ndarray, (n_total,) uint8
+        0 where the id was removed.
+    has_dead : bool
+        Whether any id was removed (kernels skip the liveness test otherwise).
+    """
+
+    keys: np.ndarray
+    alive: np.ndarray
+    has_dead: bool
+
+
+class ForestView(NamedTuple):
+    """The partition-tree forest and a batch of queries in its bounds' basis, for kernels that
+    traverse it (the certified softmax).
+
+    Attributes
+    ----------
+    trees : numba typed list of tuples
+        One tuple per tree (and the append buffer): ``(kf, stride, ids, n_levels, node_start,
+        node_end, center, radius, lo, hi, maxnorm, minid, maxid)``, the arrays of the table
+        in ``hsr/index/_kernels.py``.
+    rotated : ndarray, (m, d) float64
+        The queries in the bounds' basis.
+    qnorm : ndarray, (m,) float64
+        The queries' norms.
+    slack_rel, slack_abs : float
+        The rounding slack of the node bounds (``slack_rel * |q| * maxnorm + slack_abs``).
+    """
+
+    trees: object
+    rotated: np.ndarray
+    qnorm: np.ndarray
+    slack_rel: float
+    slack_abs: float
 
 
 class _Tree:
@@ -218,11 +272,16 @@ class HSRIndex:
         Measured on clustered and real keys, the principal basis pruned no better (slightly
         worse) and costs an n*d^2 product per build, hence the default. Splits always follow
         the principal directions.
-    method : {"auto", "tree", "brute"}, default "auto"
-        ``"brute"`` is the exact blocked BLAS scan and builds no tree; ``"auto"`` builds the
-        trees and, per batch, uses the scan when fewer than ``AUTO_MIN_KEYS`` keys are live or
-        when a pilot of up to 8 of the batch's queries scores more than ``AUTO_MAX_SCAN`` of
-        the keys.
+    method : {"auto", "code", "tree", "brute"}, default "auto"
+        ``"code"`` is the code filter (per-key int8 codes with an exact error bound, then the
+        canonical score of the few candidates; appends are O(d), nothing is rebuilt);
+        ``"tree"`` the partition-tree forest; ``"brute"`` the exact blocked BLAS scan.
+        ``"auto"`` is ``"code"`` from dimension ``AUTO_CODE_MIN_DIM`` up; below it, the trees,
+        with the scan per batch when fewer than ``AUTO_MIN_KEYS`` keys are live or when a
+        pilot of up to 8 of the batch's queries scores more than ``AUTO_MAX_SCAN`` of the keys.
+        The resolved choice is :attr:`backend`.
+    code_rotation : {"random", "pca", "none"}, default "random"
+        Code filter only: rotation applied before quantising (see :class:`hsr.index.codes.CodeStore`).
     buffer_size : int, default 1024
         Appended keys wait in an exactly-scanned buffer of this size before joining the forest.
     dtype : {None, "float32", "float64"}
@@ -244,11 +303,13 @@ class HSRIndex:
     """
 
     def __init__(self, keys=None, *, dim=None, leaf_size=32, split="pca", rotate=False,
-                 method="auto", buffer_size=1024, dtype=None, seed=0):
+                 method="auto", buffer_size=1024, dtype=None, seed=0, code_rotation="random"):
         if split not in ("pca", "axis"):
             raise ValueError(f"split must be 'pca' or 'axis', got {split!r}")
-        if method not in ("auto", "tree", "brute"):
-            raise ValueError(f"method must be 'auto', 'tree' or 'brute', got {method!r}")
+        if method not in ("auto", "code", "tree", "brute"):
+            raise ValueError(f"method must be 'auto', 'code', 'tree' or 'brute', got {method!r}")
+        if code_rotation not in ROTATIONS:
+            raise ValueError(f"code_rotation must be one of {ROTATIONS}, got {code_rotation!r}")
         if not isinstance(leaf_size, (int, np.integer)) or leaf_size < 1:
             raise ValueError(f"leaf_size must be a positive integer, got {leaf_size!r}")
         if not isinstance(buffer_size, (int, np.integer)) or buffer_size < 1:
@@ -269,6 +330,8 @@ class HSRIndex:
         if arr.shape[1] < 1:
             raise ValueError("keys must have dimension >= 1")
         self.dim = arr.shape[1]
+        self.code_rotation = code_rotation
+        self.backend = _resolve_backend(method, self.dim)
         self._keys = np.zeros((max(arr.shape[0], 16), self.dim), dtype=self.dtype)
         self._alive = np.zeros(self._keys.shape[0], dtype=np.uint8)
         self._n_total = 0
@@ -276,7 +339,8 @@ class HSRIndex:
         self._max_norm = 0.0
         self._trees: list[_Tree] = []
         self._rot = None
-        self._buffer = None if method == "brute" else _empty_buffer(self.buffer_size, self.dim, self.dtype)
+        self._buffer = _empty_buffer(self.buffer_size, self.dim, self.dtype) if self.backend == "tree" else None
+        self._codes = self._new_codes() if self.backend == "code" else None
         self._slack_rel, self._slack_abs, self._gamma, self._overflow = _precision(self.dtype, self.dim, self.rotate)
         if arr.shape[0]:
             self.add(arr)
@@ -295,6 +359,44 @@ class HSRIndex:
         """Static trees in the forest (the buffer not counted)."""
         return len(self._trees)
 
+    def key_view(self) -> KeyView:
+        """Read-only views of the keys and their liveness (see :class:`KeyView`)."""
+        keys = self._keys[:self._n_total].view()
+        alive = self._alive[:self._n_total].view()
+        keys.flags.writeable = False
+        alive.flags.writeable = False
+        return KeyView(keys, alive, self._n_dead > 0)
+
+    def forest_view(self, queries) -> ForestView:
+        """The forest and ``queries (m, d)`` in its bounds' basis (tree backend only)."""
+        if self.backend != "tree":
+            raise ValueError(f"forest_view needs the tree backend; this index uses {self.backend!r}")
+        Q = as_float_array(queries, "queries", self.dtype, ndim=2, dim=self.dim)
+        trees = List()
+        for t in self._components():
+            trees.append((t.kf, np.int64(t.stride), t.ids, np.int64(t.n_levels), t.node_start, t.node_end,
+                          t.center, t.radius, t.lo, t.hi, t.maxnorm, t.minid, t.maxid))
+        QR, qn = self._rotated(Q)
+        return ForestView(trees, QR, qn, self._slack_rel, self._slack_abs)
+
+    def score_bounds(self, queries):
+        """Sound per-key bounds of the canonical scores from the codes (code backend only).
+
+        Parameters
+        ----------
+        queries : array_like, (m, d)
+
+        Returns
+        -------
+        upper, lower : ndarray, (m, n_total) float64
+            ``lower[i, j] <= score(q_i, k_j) <= upper[i, j]`` for every id j (removed ids
+            included; mask them with :meth:`key_view`).
+        """
+        if self.backend != "code":
+            raise ValueError(f"score_bounds needs the code backend; this index uses {self.backend!r}")
+        Q, _, _ = self._prepare(queries, 0.0)
+        return self._synced_codes().upper_bounds(Q, self._max_norm)
+
     def live_ids(self) -> np.ndarray:
         """Ids of the keys not removed, ascending, ``(len(self),)`` int64."""
         return np.flatnonzero(self._alive[:self._n_total]).astype(np.int64)
@@ -305,17 +407,29 @@ class HSRIndex:
         return self._keys[ids].copy()
 
     def __repr__(self):
+        if self.backend == "code":
+            return (f"HSRIndex(n={len(self)}, dim={self.dim}, dtype={self.dtype.name}, backend='code', "
+                    f"code_rotation={self.code_rotation!r}, method={self.method!r})")
         return (f"HSRIndex(n={len(self)}, dim={self.dim}, dtype={self.dtype.name}, trees={self.n_trees}, "
                 f"buffered={0 if self._buffer is None else self._buffer.n}, leaf_size={self.leaf_size}, "
                 f"method={self.method!r})")
+
+    def _new_codes(self) -> CodeStore:
+        u = 2.0 ** -24 if self.dtype == np.float32 else 2.0 ** -53
+        return CodeStore(self.dim, self.code_rotation, self.seed, u)
+
+    def code_bytes_per_key(self) -> int:
+        """Bytes the code filter reads per key (code, step, error); 0 for other backends."""
+        return self._codes.nbytes_per_key() if self._codes is not None else 0
 
     # ------------------------------------------------------------------ grow and shrink
     def add(self, keys) -> np.ndarray:
         """Append keys ``(k, d)`` (or one key ``(d,)``); returns their new ids ``(k,)`` int64.
 
-        Amortised cost: the keys wait in a scanned buffer of ``buffer_size``; a full buffer is
-        merged with every smaller tree into one new tree (logarithmic method), so each key is
-        rebuilt ``O(log(n / buffer_size))`` times over its life.
+        Cost: with the code filter, ``O(d)`` per key (a copy now; the code is written by the
+        next search, in one batch). With trees, the keys wait in a scanned buffer of
+        ``buffer_size``; a full buffer is merged with every smaller tree into one new tree
+        (logarithmic method), so each key is rebuilt ``O(log(n / buffer_size))`` times.
         """
         arr = as_float_array(keys, "keys", self.dtype, ndim=2, dim=self.dim)
         k = arr.shape[0]
@@ -331,8 +445,8 @@ class HSRIndex:
         self._alive[start:start + k] = 1
         self._n_total += k
         if k:
-            a64 = arr.astype(np.float64)
-            self._max_norm = max(self._max_norm, math.sqrt(float((a64 * a64).sum(axis=1).max())))
+            sq = np.einsum("ij,ij->i", arr, arr, dtype=np.float64)
+            self._max_norm = max(self._max_norm, math.sqrt(float(sq.max())))
         new_ids = np.arange(start, start + k, dtype=np.int64)
         if self._buffer is not None and k:
             self._insert(start, k)
@@ -411,8 +525,12 @@ class HSRIndex:
         return arr
 
     def rebuild(self) -> None:
-        """Rebuild everything as one tree over the live keys (fresh PCA basis)."""
-        if self.method == "brute":
+        """Rebuild everything as one tree over the live keys (fresh PCA basis); with the code
+        filter, re-code every key (a fresh ``"pca"`` rotation from the current keys)."""
+        if self.backend == "code":
+            self._codes = self._new_codes()
+            return
+        if self.backend == "brute":
             return
         live = np.flatnonzero(self._alive[:self._n_total]).astype(np.int64)
         self._trees = []
@@ -447,8 +565,8 @@ class HSRIndex:
         return np.ascontiguousarray(QR), np.sqrt(np.einsum("ij,ij->i", Q64, Q64))
 
     def _choose_method(self, Q, tau, lim) -> str:
-        if self.method != "auto":
-            return self.method
+        if self.method != "auto" or self.backend == "code":
+            return self.backend
         live = len(self)
         if live < AUTO_MIN_KEYS:
             return "brute"
@@ -503,7 +621,11 @@ class HSRIndex:
         Q, t, lim = self._prepare(queries, tau, max_id)
         m = Q.shape[0]
         method = "brute" if (len(self) == 0 or m == 0) else self._choose_method(Q, t, lim)
-        if method == "brute":
+        coded = None
+        if method == "code":
+            lims, ids, scores, coded, scored = self._code_range(Q, t, lim)
+            visited = np.zeros(m, dtype=np.int64)
+        elif method == "brute":
             lims, ids, scores = self._brute_range(Q, t, lim)
             visited = np.zeros(m, dtype=np.int64)
             scored = np.full(m, len(self), dtype=np.int64)
@@ -512,7 +634,16 @@ class HSRIndex:
             visited, scored = stats[:, 0].copy(), stats[:, 1].copy()
         if not return_stats:
             return lims, ids, scores
-        return lims, ids, scores, SearchStats(visited, scored, np.diff(lims), len(self), method)
+        return lims, ids, scores, SearchStats(visited, scored, np.diff(lims), len(self), method, coded)
+
+    def _synced_codes(self) -> CodeStore:
+        """The code store with every key coded (appends are coded lazily, in one batch)."""
+        self._codes.sync(self._keys[:self._n_total])
+        return self._codes
+
+    def _code_range(self, Q, tau, lim):
+        cs = self._synced_codes()
+        return cs.range_search(Q, tau, lim, self._keys, self._alive, self._n_dead > 0, self._max_norm)
 
     def _forest_range(self, Q, tau, lim, with_scores):
         comps = self._components()
@@ -578,7 +709,10 @@ class HSRIndex:
         Q, t, lim = self._prepare(queries, tau, max_id)
         if len(self) == 0 or Q.shape[0] == 0:
             return np.zeros(Q.shape[0], dtype=np.int64)
-        if self._choose_method(Q, t, lim) == "brute":
+        method = self._choose_method(Q, t, lim)
+        if method == "code":
+            return np.diff(self._code_range(Q, t, lim)[0])
+        if method == "brute":
             return np.diff(self._brute_range(Q, t, lim)[0])
         counts, _, _ = self._forest_count(Q, t, lim, with_scores=False)
         return counts.sum(axis=0)
@@ -603,9 +737,12 @@ class HSRIndex:
         top_s = np.full((m, k), -np.inf)
         top_i = np.full((m, k), -1, dtype=np.int64)
         stats = np.zeros((m, 2), dtype=np.int64)
-        method = "tree" if self.method != "brute" else "brute"
+        method = self.backend
         if len(self) and m:
-            if method == "brute":
+            if method == "code":
+                self._synced_codes().topk(Q, int(k), lim, self._keys, self._alive, self._n_dead > 0,
+                                          self._max_norm, top_s, top_i, stats)
+            elif method == "brute":
                 self._brute_topk(Q, lim, top_s, top_i)
                 stats[:, 1] = len(self)
             else:
@@ -620,7 +757,9 @@ class HSRIndex:
         ids = np.take_along_axis(top_i, order, axis=1)
         scores = np.take_along_axis(top_s, order, axis=1).astype(self.dtype)
         if return_stats:
-            st = SearchStats(stats[:, 0], stats[:, 1], (ids >= 0).sum(axis=1), len(self), method)
+            codes = stats[:, 0].copy() if method == "code" else None
+            visited = np.zeros(m, dtype=np.int64) if method == "code" else stats[:, 0]
+            st = SearchStats(visited, stats[:, 1], (ids >= 0).sum(axis=1), len(self), method, codes)
             return ids, scores, st
         return ids, scores
 
@@ -662,10 +801,15 @@ class HSRIndex:
             "n_levels": [t.n_levels for t in self._trees],
             "strides": [t.stride for t in self._trees],
             "has_buffer": self._buffer is not None,
+            "backend": self.backend, "code_rotation": self.code_rotation,
         }
         arrays = {"keys": self._keys[:self._n_total], "alive": self._alive[:self._n_total]}
         if self._rot is not None:
             arrays["rot"] = self._rot
+        if self._codes is not None:
+            cmeta, carrays = self._codes.state()
+            meta["codes"] = cmeta
+            arrays.update(carrays)
         comps = list(self._trees) + ([self._buffer] if self._buffer is not None else [])
         for i, t in enumerate(comps):
             name = f"t{i}" if i < len(self._trees) else "buf"
@@ -676,7 +820,7 @@ class HSRIndex:
 
     @classmethod
     def _from_state(cls, meta, arrays):
-        if meta.get("format") != _FORMAT or meta.get("version") != _FORMAT_VERSION:
+        if meta.get("format") != _FORMAT or meta.get("version") not in (1, _FORMAT_VERSION):
             raise ValueError(f"not an hsr index file of version {_FORMAT_VERSION}: {meta.get('format')!r} "
                              f"version {meta.get('version')!r}")
         if _digest(arrays) != meta.get("sha256"):
@@ -688,6 +832,11 @@ class HSRIndex:
         self.split = meta["split"]
         self.rotate = bool(meta["rotate"])
         self.method = meta["method"]
+        self.code_rotation = meta.get("code_rotation", "random")
+        self.backend = meta.get("backend", _resolve_backend(self.method, int(meta["dim"])))
+        if self.backend not in ("code", "tree", "brute") or self.code_rotation not in ROTATIONS:
+            raise ValueError(f"hsr index file is inconsistent: backend {self.backend!r}, "
+                             f"code_rotation {self.code_rotation!r}")
         self.buffer_size = int(meta["buffer_size"])
         self.seed = int(meta["seed"])
         n_total = int(meta["n_total"])
@@ -708,6 +857,12 @@ class HSRIndex:
         self._buffer = _tree_from(arrays, "buf", 0, self.buffer_size, n_total, self.dim) \
             if meta["has_buffer"] else None
         self._slack_rel, self._slack_abs, self._gamma, self._overflow = _precision(self.dtype, self.dim, self.rotate)
+        self._codes = None
+        if self.backend == "code":
+            u = 2.0 ** -24 if self.dtype == np.float32 else 2.0 ** -53
+            # codes are derived data: recomputed from the keys at the first search, so a file
+            # cannot carry codes that disagree with its keys
+            self._codes = CodeStore.from_state(self.dim, meta["codes"], arrays, u)
         return self
 
     def save(self, path) -> None:
@@ -754,6 +909,13 @@ class HSRIndex:
         meta, arrays = state
         other = type(self)._from_state(meta, arrays)
         self.__dict__.update(other.__dict__)
+
+
+def _resolve_backend(method: str, dim: int) -> str:
+    """The structure an index holds for ``method`` at dimension ``dim``."""
+    if method == "auto":
+        return "code" if dim >= AUTO_CODE_MIN_DIM else "tree"
+    return method
 
 
 def _precision(dtype, d: int, rotate: bool):

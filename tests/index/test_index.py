@@ -53,7 +53,7 @@ def fixture_keys(rng, n, d, kind):
     return K
 
 
-METHODS = ["tree", "brute", "auto"]
+METHODS = ["tree", "code", "brute", "auto"]
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -164,7 +164,7 @@ def test_topk_matches_sorted_scores():
     K = fixture_keys(rng, 3000, 10, "lattice")  # many ties: smaller id wins
     Q = fixture_keys(rng, 7, 10, "lattice")
     S = canonical_scores(Q, K).astype(np.float64)
-    for method in ("tree", "brute"):
+    for method in ("tree", "code", "brute"):
         idx = hsr.HSRIndex(K, method=method, leaf_size=16)
         ids, sc = idx.topk(Q, 25)
         for i in range(len(Q)):
@@ -309,7 +309,7 @@ def test_canonical_scores_are_the_defined_sum():
     np.testing.assert_allclose(S, Q.astype(np.float64) @ K.T.astype(np.float64), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["tree", "brute"])
+@pytest.mark.parametrize("method", ["tree", "code", "brute"])
 def test_max_id_limits_results(method):
     rng = np.random.default_rng(9)
     K = fixture_keys(rng, 2000, 6, "lattice")

@@ -1,0 +1,176 @@
+"""numba kernels of the code filter: per-key int8 codes with an exact per-key error bound.
+
+Everything is a module-level function over flat arrays; ``codes.py`` holds the arrays.
+
+Layout (``n`` keys, dimension ``d``, padded dimension ``dp = d`` rounded up to even)
+-----------------------------------------------------------------------------------
+
+==============  ======================  ==================================================
+array           shape, dtype            meaning
+==============  ======================  ==================================================
+rot             (dp, d) float64         rotation (rows = the basis; zero rows pad d to dp)
+codes           (n_blocks, dp, 32)      int8 codes of ``rot @ k``, 32 keys per block in id
+                int8                    order, transposed (lane t = key ``32*b + t``), so a
+                                        block is one contiguous 32*dp-byte read and the 32
+                                        sums run in vector lanes
+scale           (n,) float32            per-key step ``s``: ``rot @ k ~= s * c``, ``|c| <= 127``
+err             (n,) float32            ``>= ||k - rot^T (s c)||``, rounded up (see below)
+==============  ======================  ==================================================
+
+The bound
+---------
+For any matrix ``R``, ``<q, k> = <R q, s c> + <q, k - R^T s c>``, so by Cauchy-Schwarz
+
+    <q, k>  <=  s * <R q, c>  +  ||q|| * ||k - R^T s c||
+
+The query side is quantised too, so the inner loop is an exact integer dot product:
+``R q = a * qi + rq`` with ``qi`` int16 and ``|rq_j| <= a / 2``; then
+``s <R q, c> <= s * a * <qi, c> + ||rq|| * s ||c||``. ``<qi, c>`` is summed in int32 (exact:
+``QMAX`` keeps it from overflowing) in pairs of dimensions, which LLVM turns into the
+multiply-add-pairs instructions of the CPU. The remaining terms (``||rq|| * max_j s_j ||c_j||``,
+the float64 evaluation, the rotation's rounding, and the gap between the canonical float32
+score and the real dot product) are one per-query slack computed in ``codes.py``; a key is a
+*candidate* when its bound reaches ``tau - slack`` and is then decided by its canonical score.
+So no key whose canonical score is ``>= tau`` is ever dropped.
+
+``err`` is computed in float64 from the rotated key ``x = R k`` as ``||x - s c||`` plus the
+distance between that and ``||k - R^T s c||``: ``(defect(R) + 2 dp^1.5 2^-53) ||k||``, where
+``defect(R) >= ||R^T R - I||_2`` is measured once (``codes.py``), then rounded up to float32.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from ._kernels import _dot_canonical
+
+#: keys per code block (one transposed block is read at once, its sums run in vector lanes)
+BLOCK = 32
+#: largest code magnitude: int8 codes in [-127, 127]
+CMAX = 127
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def quantize(x, knorm, defect, start, codes, scale, err):
+    """Quantise rotated keys ``x (k, dp)`` float64 (ids ``start .. start+k-1``) in place into
+    ``codes``, ``scale`` and ``err``; ``knorm (k,)`` are the keys' norms (float64)."""
+    k, dp = x.shape
+    rel = 4.0 * dp * 2.0 ** -53
+    for i in prange(k):
+        gid = start + i
+        b = gid // BLOCK
+        t = gid % BLOCK
+        amax = 0.0
+        for j in range(dp):
+            a = abs(x[i, j])
+            if a > amax:
+                amax = a
+        s = np.float32(amax / CMAX)
+        if np.float64(s) * CMAX < amax:  # round the step up so codes stay within +-127
+            s = np.nextafter(s, np.float32(np.inf))
+        s64 = np.float64(s)
+        e2 = 0.0
+        for j in range(dp):
+            c = 0.0
+            if s64 > 0.0:
+                c = np.rint(x[i, j] / s64)
+                if c > CMAX:
+                    c = CMAX
+                elif c < -CMAX:
+                    c = -CMAX
+            codes[b, j, t] = np.int8(c)
+            r = x[i, j] - s64 * c
+            e2 += r * r
+        e = np.sqrt(e2) * (1.0 + rel) + (defect + rel) * knorm[i] + 1e-300
+        e32 = np.float32(e)
+        if np.float64(e32) < e:
+            e32 = np.nextafter(e32, np.float32(np.inf))
+        scale[gid] = s
+        err[gid] = e32
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _block_dot(qi, codes, b, acc):
+    """``acc[t] = <qi, codes[b, :, t]>`` exactly in int32, dimensions taken in pairs."""
+    dp = qi.shape[0]
+    for t in range(BLOCK):
+        acc[t] = 0
+    for j in range(0, dp, 2):
+        q0 = np.int32(qi[j])
+        q1 = np.int32(qi[j + 1])
+        for t in range(BLOCK):
+            acc[t] += q0 * np.int32(codes[b, j, t]) + q1 * np.int32(codes[b, j + 1, t])
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def code_range(QI, qa, qn, thr, tau, lim, Q, keys, codes, scale, err, alive, has_dead, n,
+               task_tile, task_part, tile_r0, tile_r1, part_b0, part_b1, cap, buf_ids, buf_sc,
+               counts, stats):
+    """Filter, then verify: every key with canonical ``score(Q[r], k) >= tau[r]`` and id
+    ``<= lim[r]``, for the (row tile, block range) tasks listed.
+
+    Row r's hits of block range p go to ``buf_ids[r, p, :cap]`` / ``buf_sc[r, p, :cap]`` in id
+    order; ``counts[r, p]`` receives the number of hits (it may exceed ``cap``: the caller then
+    re-runs that task with a larger buffer). ``stats[r, p, 0]`` counts codes evaluated,
+    ``stats[r, p, 1]`` keys verified in full precision (candidates).
+    """
+    for ti in prange(task_tile.shape[0]):
+        tile = task_tile[ti]
+        p = task_part[ti]
+        r0 = tile_r0[tile]
+        r1 = tile_r1[tile]
+        acc = np.zeros(BLOCK, dtype=np.int32)
+        top = 0
+        for r in range(r0, r1):
+            counts[r, p] = 0
+            stats[r, p, 0] = 0
+            stats[r, p, 1] = 0
+            top = max(top, min(lim[r], n - 1))
+        for b in range(part_b0[p], part_b1[p]):
+            first = b * BLOCK
+            if first > top:
+                break
+            for r in range(r0, r1):
+                last = min(lim[r], n - 1)
+                if first > last:
+                    continue
+                _block_dot(QI[r], codes, b, acc)
+                cnt = min(BLOCK, last - first + 1)
+                stats[r, p, 0] += cnt
+                a = qa[r]
+                qnr = qn[r]
+                th = thr[r]
+                for t in range(cnt):
+                    gid = first + t
+                    ub = np.float64(scale[gid]) * a * np.float64(acc[t]) + qnr * np.float64(err[gid])
+                    if ub >= th:
+                        if has_dead and alive[gid] == 0:
+                            continue
+                        stats[r, p, 1] += 1
+                        sc = _dot_canonical(Q[r], keys, gid)
+                        if sc >= tau[r]:
+                            c = counts[r, p]
+                            if c < cap:
+                                buf_ids[r, p, c] = gid
+                                buf_sc[r, p, c] = sc
+                            counts[r, p] = c + 1
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def code_centres(QI, qa, codes, scale, n, out):
+    """``out[r, j] = s_j * a_r * <qi_r, c_j>`` for ids ``j < n``, float64 ``(m, n)``: the
+    centre of key j's score interval (its half-width is ``||q|| err_j`` plus the query's
+    slack). Parallel over blocks; every row reads a block while it is in cache."""
+    m = QI.shape[0]
+    nb = (n + BLOCK - 1) // BLOCK
+    for b in prange(nb):
+        acc = np.zeros(BLOCK, dtype=np.int32)
+        first = b * BLOCK
+        cnt = min(BLOCK, n - first)
+        for r in range(m):
+            _block_dot(QI[r], codes, b, acc)
+            a = qa[r]
+            for t in range(cnt):
+                out[r, first + t] = np.float64(scale[first + t]) * a * np.float64(acc[t])
+

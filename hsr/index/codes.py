@@ -1,0 +1,269 @@
+"""The code filter: per-key int8 codes with an exact error bound, and filter-then-verify.
+
+:class:`CodeStore` holds the codes of a growing key set (the keys themselves stay with the
+:class:`~hsr.HSRIndex`, which owns ids, liveness and the full-precision rows). A search reads
+every visible key's code once per tile of queries, keeps the keys whose upper bound reaches
+``tau - slack`` and decides each of those by its canonical score (``_code_kernels`` explains
+the bound and why nothing whose canonical score is ``>= tau`` is ever dropped).
+
+Growth is ``O(d)`` per key: appending writes the key's code, step and error; nothing is
+rebuilt. Coding is lazy: keys appended since the last search are coded in one batch by the
+next search (``sync``), so a decode step's ``add`` is a copy.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from . import _code_kernels as CK
+from ._kernels import verify_candidates
+
+__all__ = ["CodeStore", "ROTATIONS"]
+
+ROTATIONS = ("random", "pca", "none")
+#: query rows that share one read of a code block (a GQA group of query heads fits)
+_TILE_ROWS = 8
+_EPS64 = 2.0 ** -53
+
+
+def _rotation(kind: str, d: int, dp: int, sample: np.ndarray | None, seed: int) -> np.ndarray:
+    """``(dp, d)`` float64 rotation: a seeded random orthogonal matrix, the principal axes of
+    ``sample`` (rows sorted by variance), or the identity; rows ``d .. dp-1`` are zero."""
+    rot = np.zeros((dp, d))
+    if kind == "none":
+        rot[:d] = np.eye(d)
+    elif kind == "random":
+        g = np.random.default_rng(seed).standard_normal((d, d))
+        qm, rm = np.linalg.qr(g)
+        rot[:d] = (qm * np.sign(np.diag(rm))).T  # sign fix: a Haar-distributed rotation
+    else:
+        if sample is None or sample.shape[0] < 2:
+            rot[:d] = np.eye(d)
+        else:
+            x = sample.astype(np.float64)
+            x = x - x.mean(axis=0)
+            _, v = np.linalg.eigh(x.T @ x)
+            rot[:d] = v[:, ::-1].T
+    return rot
+
+
+def _defect(rot: np.ndarray) -> float:
+    """An upper bound on ``||R^T R - I||_2`` (its Frobenius norm, padded for its rounding)."""
+    d = rot.shape[1]
+    g = rot.T @ rot - np.eye(d)
+    return float(np.sqrt((g * g).sum())) * (1.0 + 1e-6) + 4.0 * d * d * _EPS64
+
+
+class CodeStore:
+    """int8 codes of keys ``0 .. n-1`` after a rotation, with per-key steps and error bounds.
+
+    Parameters
+    ----------
+    dim : int
+        Key dimension ``d``.
+    rotation : {"random", "pca", "none"}
+        Applied before quantising: a seeded random orthogonal matrix spreads each key's
+        energy evenly over the coordinates (a smaller largest coordinate, so a finer step);
+        ``"pca"`` uses the principal axes of the first keys coded.
+    seed : int
+        Seeds the random rotation.
+    canonical_eps : float
+        Unit roundoff of the index's working dtype (``2**-24`` for float32): sizes the gap
+        between a canonical score and the real dot product.
+    """
+
+    def __init__(self, dim: int, rotation: str = "random", seed: int = 0, canonical_eps: float = 2.0 ** -24):
+        if rotation not in ROTATIONS:
+            raise ValueError(f"rotation must be one of {ROTATIONS}, got {rotation!r}")
+        self.dim = int(dim)
+        self.dp = self.dim + (self.dim % 2)
+        self.rotation = rotation
+        self.seed = int(seed)
+        self._u = float(canonical_eps)
+        # |<qi, c>| <= dp * QMAX * 127 must fit int32
+        self.qmax = int(min(32767, (2 ** 31 - 1) // (CK.CMAX * self.dp)))
+        self.rot = None
+        self.defect = 0.0
+        self.codes = np.zeros((0, self.dp, CK.BLOCK), dtype=np.int8)
+        self.scale = np.zeros(0, dtype=np.float32)
+        self.err = np.zeros(0, dtype=np.float32)
+        self.n = 0
+        self.max_err = 0.0
+        self._cap_hint = 64
+
+    # ------------------------------------------------------------------ growth
+    def _reserve(self, n: int) -> None:
+        if n <= self.scale.shape[0]:
+            return
+        cap = max(n, 2 * self.scale.shape[0], 1024)
+        cap = -(-cap // CK.BLOCK) * CK.BLOCK
+        codes = np.zeros((cap // CK.BLOCK, self.dp, CK.BLOCK), dtype=np.int8)
+        codes[:self.codes.shape[0]] = self.codes
+        scale = np.zeros(cap, dtype=np.float32)
+        scale[:self.n] = self.scale[:self.n]
+        err = np.zeros(cap, dtype=np.float32)
+        err[:self.n] = self.err[:self.n]
+        self.codes, self.scale, self.err = codes, scale, err
+
+    def sync(self, keys: np.ndarray) -> None:
+        """Code the keys ``keys[self.n:]`` (rows = ids; the working dtype of the index)."""
+        n = keys.shape[0]
+        if n <= self.n:
+            return
+        if self.rot is None:
+            self.rot = _rotation(self.rotation, self.dim, self.dp, keys[:8192], self.seed)
+            self.defect = _defect(self.rot)
+        self._reserve(n)
+        for s in range(self.n, n, 1 << 16):  # bounded float64 temporaries
+            e = min(n, s + (1 << 16))
+            k = keys[s:e]
+            x = k @ self.rot.T if self.rotation != "none" else np.pad(k.astype(np.float64), ((0, 0), (0, self.dp - self.dim)))
+            knorm = np.sqrt(np.einsum("ij,ij->i", k, k, dtype=np.float64))
+            CK.quantize(np.ascontiguousarray(x, dtype=np.float64), knorm, self.defect, s, self.codes, self.scale,
+                        self.err)
+            self.max_err = max(self.max_err, float(self.err[s:e].max()))
+        self.n = n
+
+    def nbytes_per_key(self) -> int:
+        """Bytes a scan reads per key: the code, its step and its error."""
+        return self.dp + 8
+
+    # ------------------------------------------------------------------ queries
+    def _queries(self, Q: np.ndarray, tau: np.ndarray, max_norm: float):
+        """Quantised rotated queries and the per-query thresholds of the filter.
+
+        Returns ``QI (m, dp) int16``, ``qa (m,)`` (query step), ``qn (m,)`` (norms) and
+        ``thr (m,)``: ``tau - slack``, the slack covering every rounding between a key's
+        bound and its canonical score (see ``_code_kernels``)."""
+        Q64 = Q.astype(np.float64)
+        qr = Q64 @ self.rot.T
+        amax = np.abs(qr).max(axis=1)
+        qa = np.where(amax > 0, amax / self.qmax, 1.0)
+        QI = np.rint(qr / qa[:, None]).astype(np.int16)
+        rq = np.sqrt(((qr - qa[:, None] * QI) ** 2).sum(axis=1))
+        qrn = np.sqrt((qr * qr).sum(axis=1))
+        qn = np.sqrt((Q64 * Q64).sum(axis=1))
+        d = self.dim
+        w = (1.0 + self.defect) * (1.0 + 1e-12) * max_norm + self.max_err  # >= max_j s_j ||c_j||
+        slack = (rq * (1.0 + 2 * d * _EPS64) * w
+                 + 2.0 * _EPS64 * qrn * w
+                 + 8.0 * _EPS64 * (qrn * w + qn * self.max_err)
+                 + 2.0 * d ** 1.5 * _EPS64 * qn * w
+                 + 2.0 * (d * self._u / (1.0 - d * self._u)) * qn * max_norm
+                 + (d + 4) * 2.0 ** -148)
+        thr = tau - slack
+        thr = thr - 4.0 * _EPS64 * np.abs(thr)
+        return QI, qa, qn, thr, slack
+
+    def range_search(self, Q, tau, lim, keys, alive, has_dead, max_norm):
+        """CSR ``(lims, ids, scores, codes_evaluated, keys_verified)`` of the keys with
+        canonical ``score >= tau`` and id ``<= lim``; ids ascending within each row."""
+        n = self.n
+        m = Q.shape[0]
+        QI, qa, qn, thr, _ = self._queries(Q, tau, max_norm)
+        nb = -(-n // CK.BLOCK)
+        n_tiles = -(-m // _TILE_ROWS)
+        # enough tasks for every thread even for one decode query: split the blocks too
+        n_parts = int(max(1, min(nb, -(-2 * numba.get_num_threads() // n_tiles))))
+        part_b = np.linspace(0, nb, n_parts + 1).astype(np.int64)
+        tile_r = np.minimum(np.arange(n_tiles + 1, dtype=np.int64) * _TILE_ROWS, m)
+        task_tile = np.repeat(np.arange(n_tiles, dtype=np.int64), n_parts)
+        task_part = np.tile(np.arange(n_parts, dtype=np.int64), n_tiles)
+        per_part = -(-nb // n_parts) * CK.BLOCK
+        cap = int(min(per_part, self._cap_hint))
+        counts = np.zeros((m, n_parts), dtype=np.int64)
+        stats = np.zeros((m, n_parts, 2), dtype=np.int64)
+        buf_ids = np.empty((m, n_parts, cap), dtype=np.int64)
+        buf_sc = np.empty((m, n_parts, cap), dtype=keys.dtype)
+        CK.code_range(QI, qa, qn, thr, tau, lim, Q, keys, self.codes, self.scale, self.err, alive, has_dead, n,
+                      task_tile, task_part, tile_r[:-1], tile_r[1:], part_b[:-1], part_b[1:], cap, buf_ids,
+                      buf_sc, counts, stats)
+        over = counts > cap
+        if over.any():  # rare: re-run only the tasks whose hits did not fit
+            cap2 = int(counts.max())
+            rows, parts = np.nonzero(over)
+            tiles = rows // _TILE_ROWS
+            redo = np.unique(tiles * n_parts + parts)
+            c2 = np.zeros_like(counts)
+            s2 = np.zeros_like(stats)
+            b2_ids = np.empty((m, n_parts, cap2), dtype=np.int64)
+            b2_sc = np.empty((m, n_parts, cap2), dtype=keys.dtype)
+            CK.code_range(QI, qa, qn, thr, tau, lim, Q, keys, self.codes, self.scale, self.err, alive, has_dead,
+                          n, redo // n_parts, redo % n_parts, tile_r[:-1], tile_r[1:], part_b[:-1], part_b[1:],
+                          cap2, b2_ids, b2_sc, c2, s2)
+        total = counts.sum(axis=1)
+        lims = np.zeros(m + 1, dtype=np.int64)
+        np.cumsum(total, out=lims[1:])
+        ids = np.empty(lims[-1], dtype=np.int64)
+        scores = np.empty(lims[-1], dtype=keys.dtype)
+        off = lims[:-1].copy()
+        for p in range(n_parts):  # rows' parts in id order, so ids ascend within each row
+            for r in np.flatnonzero(counts[:, p]):
+                c = counts[r, p]
+                src_i, src_s = (b2_ids, b2_sc) if c > cap else (buf_ids, buf_sc)
+                ids[off[r]:off[r] + c] = src_i[r, p, :c]
+                scores[off[r]:off[r] + c] = src_s[r, p, :c]
+                off[r] += c
+        # the next search starts with room for what this one found
+        self._cap_hint = int(min(max(64, 1.25 * counts.max(initial=0)), 1 << 20))
+        return lims, ids, scores, stats[:, :, 0].sum(axis=1), stats[:, :, 1].sum(axis=1)
+
+    def upper_bounds(self, Q, max_norm):
+        """Upper and lower bounds of the canonical scores of every coded key, ``(m, n)``
+        float64 each: ``centre +/- (||q|| err_j + slack)``."""
+        QI, qa, qn, _, slack = self._queries(Q, np.zeros(Q.shape[0]), max_norm)
+        centre = np.empty((Q.shape[0], self.n))
+        if self.n:
+            CK.code_centres(QI, qa, self.codes, self.scale, self.n, centre)
+        half = qn[:, None] * self.err[None, :self.n].astype(np.float64) + slack[:, None]
+        half *= 1.0 + 4 * _EPS64
+        return centre + half, centre - half
+
+    def topk(self, Q, k, lim, keys, alive, has_dead, max_norm, top_s, top_i, stats, chunk=64):
+        """Exact top-k: the k-th largest lower bound is a threshold every top-k key clears;
+        keys whose upper bound reaches it are scored canonically."""
+        n = self.n
+        ids_all = np.arange(n)
+        for s in range(0, Q.shape[0], chunk):
+            Qc = Q[s:s + chunk]
+            ub, lb = self.upper_bounds(Qc, max_norm)
+            vis = ids_all[None, :] <= lim[s:s + chunk, None]
+            if has_dead:
+                vis &= alive[None, :n] == 1
+            lb = np.where(vis, lb, -np.inf)
+            ub = np.where(vis, ub, -np.inf)
+            for i in range(Qc.shape[0]):
+                nv = int(vis[i].sum())
+                kk = min(k, nv)
+                if kk == 0:
+                    continue
+                t = np.partition(lb[i], n - kk)[n - kk]
+                cand = np.flatnonzero(ub[i] >= t)
+                sc = np.empty(len(cand), dtype=keys.dtype)
+                verify_candidates(Qc[i:i + 1], keys, np.zeros(len(cand), dtype=np.int64), cand, sc)
+                order = np.lexsort((cand, -sc.astype(np.float64)))[:kk]
+                top_i[s + i, :kk] = cand[order]
+                top_s[s + i, :kk] = sc[order]
+                stats[s + i, 0] = nv
+                stats[s + i, 1] = len(cand)
+
+    # ------------------------------------------------------------------ persistence
+    def state(self):
+        """``(meta, arrays)`` for saving; codes are recomputed from the keys on load."""
+        meta = {"rotation": self.rotation, "seed": self.seed}
+        arrays = {} if self.rot is None else {"code_rot": self.rot}
+        return meta, arrays
+
+    @classmethod
+    def from_state(cls, dim, meta, arrays, canonical_eps):
+        cs = cls(dim, meta["rotation"], meta["seed"], canonical_eps)
+        rot = arrays.get("code_rot")
+        if rot is not None:
+            rot = np.ascontiguousarray(rot, dtype=np.float64)
+            if rot.shape != (cs.dp, cs.dim) or not np.isfinite(rot).all():
+                raise ValueError("hsr index file is inconsistent: code rotation has the wrong shape")
+            cs.rot = rot
+            cs.defect = _defect(rot)
+        return cs
+
