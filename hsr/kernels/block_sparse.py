@@ -30,21 +30,9 @@ import triton.language as tl
 from ._compat import interpreting as _interpreting
 from ._compat import patch_interpreter
 from ._reference import list_row_offset
+from ._softmax import LN2, LOG2E, _dot, _online_softmax_step, _softmax_epilogue  # noqa: F401  (LN2, _dot: re-exported)
 
 patch_interpreter()
-
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-
-
-@triton.jit
-def _dot(a, b, UPCAST: tl.constexpr):
-    # The CPU interpreter cannot multiply bf16 and float32 inputs should not drop to tf32:
-    # UPCAST does the product in float32 (ieee). On the GPU with 16-bit inputs it is False.
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        return tl.dot(a, b)
 
 
 @triton.jit
@@ -77,11 +65,6 @@ def _prefill_tile(q, m_i, l_i, acc, k_base, v_base, start, k_hi, N, t_abs, offs_
         if CAUSAL:
             keep = keep & (offs_n[None, :] <= offs_m[:, None])
         s = tl.where(keep, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_use[:, None])
-    alpha = tl.math.exp2(m_i - m_use)
-    l_i = l_i * alpha + tl.sum(p, 1)
     if BLOCK_PTR:
         vp_ = tl.make_block_ptr(v_base, (N, HEAD_DIM), (svn, 1), (start, 0),
                                 (BLOCK_N, HEAD_DIM), (1, 0))
@@ -89,11 +72,7 @@ def _prefill_tile(q, m_i, l_i, acc, k_base, v_base, start, k_hi, N, t_abs, offs_
     else:
         vt = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :],
                      mask=kmask[:, None], other=0.0)
-    if UPCAST:
-        acc = acc * alpha[:, None] + _dot(p, vt, UPCAST)
-    else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
-    return m_new, l_i, acc
+    return _online_softmax_step(s, vt, m_i, l_i, acc, UPCAST)
 
 
 @triton.jit
@@ -163,10 +142,8 @@ def _bsa_prefill_kernel(
                                               qk_scale, BLOCK_N, HEAD_DIM, CAUSAL, UPCAST,
                                               K_ROWMAJOR, BLOCK_PTR)
     # ---- epilogue: empty rows give 0 and lse = -inf
-    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    l_safe, lse = _softmax_epilogue(m_i, l_i)
     out = acc / l_safe[:, None]
-    lse = tl.where(l_i > 0.0, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453,
-                   float("-inf"))
     tl.store(O + b.to(tl.int64) * sob + h * soh + rows[:, None].to(tl.int64) * som
              + offs_d[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None])
     tl.store(LSE + b * slb + h * slh + rows, lse, mask=row_ok)
@@ -236,22 +213,11 @@ def _bsa_decode_kernel(
             keep2 = keep2 & (pos[None, :] <= qpos[:, None])
         s = _dot(q, kt, UPCAST) * qk_scale
         s = tl.where(keep2, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
         vt = tl.load(v_base + key[:, None] * svn + offs_d[None, :],
                      mask=kmask[:, None], other=0.0)
-        if UPCAST:
-            acc = acc * alpha[:, None] + _dot(p, vt, UPCAST)
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
-        m_i = m_new
-    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+        m_i, l_i, acc = _online_softmax_step(s, vt, m_i, l_i, acc, UPCAST)
+    l_safe, lse = _softmax_epilogue(m_i, l_i)
     out = acc / l_safe[:, None]
-    lse = tl.where(l_i > 0.0, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453,
-                   float("-inf"))
     # partials laid out (split, B*Hq*M, D) / (split, B*Hq*M), row = (b*Hq + head)*M + m
     prow = (b * Hq + head) * M + mrow
     tl.store(OP + (pid_s * BH_ROWS + prow[:, None]).to(tl.int64) * HEAD_DIM + offs_d[None, :],

@@ -9,7 +9,8 @@ Index layout (``GPUBlockIndex``, one per (batch, kv head); all arrays on the key
     centre      (B, Hkv, nb, D)  block centre (mean of the block's real keys), rounded to the
                                  keys' dtype; the radii below are measured from the ROUNDED
                                  centre, so the bounds hold for what is stored
-    radius      (B, Hkv, nb)     float32 max_j ||k_j - c|| (ball bound); empty blocks -1e30
+    radius      (B, Hkv, nb)     float32 max_j ||k_j - c|| (ball bound); empty blocks
+                                 EMPTY_RADIUS (-1e30)
     sub_radius  (B, Hkv, nb, S)  float32 max_j ||k_j[s] - c[s]|| over S equal slices of D
                                  (of R^T (k - c) when the index has a rotation R)
     kmax        (B, Hkv)         float32 max_j ||k_j|| (for the rounding slack)
@@ -60,12 +61,16 @@ import triton
 import triton.language as tl
 
 from ._compat import interpreting, patch_interpreter
-from .block_sparse import LOG2E, _dot, _num_sms, block_sparse_attention, merge_partials
+from ._softmax import LOG2E, _dot, _online_softmax_step, _softmax_epilogue, _weighted_values
+from .block_sparse import _num_sms, block_sparse_attention, merge_partials
 
 patch_interpreter()
 
 PAD_POS = 1 << 30
 SLACK_REL = 1e-3
+#: radius of a block with no real key: its upper bound is far below any threshold
+EMPTY_RADIUS = -1e30
+_EMPTY_RADIUS = tl.constexpr(EMPTY_RADIUS)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -76,7 +81,7 @@ def _upper_bounds(q, qn, qsn, CENT, RAD, SRAD, cb, c_ok, offs_d,
     # q (ROWS, D), qn (ROWS,), qsn (ROWS, S); block ids cb (NB,) -> ub (ROWS, NB) float32
     cent = tl.load(CENT + cb[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :],
                    mask=c_ok[:, None], other=0.0)
-    rad = tl.load(RAD + cb, mask=c_ok, other=-1e30)
+    rad = tl.load(RAD + cb, mask=c_ok, other=_EMPTY_RADIUS)
     offs_s = tl.arange(0, S)
     srad = tl.load(SRAD + cb[:, None].to(tl.int64) * S + offs_s[None, :], mask=c_ok[:, None],
                    other=0.0)
@@ -219,16 +224,7 @@ def _hsr_decode_kernel(
                 vt = tl.load(VP + (kbase + key[:, None]) * HEAD_DIM + offs_d[None, :])
                 if KIND == 0:
                     s2 = tl.where(keep, s * qk_scale, float("-inf"))
-                    m_new = tl.maximum(m_i, tl.max(s2, 1))
-                    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-                    p = tl.math.exp2(s2 - m_use[:, None])
-                    alpha = tl.math.exp2(m_i - m_use)
-                    l_i = l_i * alpha + tl.sum(p, 1)
-                    if UPCAST:
-                        acc = acc * alpha[:, None] + _dot(p, vt, UPCAST)
-                    else:
-                        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
-                    m_i = m_new
+                    m_i, l_i, acc = _online_softmax_step(s2, vt, m_i, l_i, acc, UPCAST)
                 else:
                     wb = tl.maximum(s * qk_scale - bias, 0.0)
                     w = wb
@@ -236,17 +232,14 @@ def _hsr_decode_kernel(
                         w = w * wb
                     w = tl.where(keep, w, 0.0)
                     l_i = l_i + tl.sum(w, 1)
-                    if UPCAST:
-                        acc = acc + _dot(w, vt, UPCAST)
-                    else:
-                        acc = acc + tl.dot(w.to(vt.dtype), vt)
-    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-    out = acc / l_safe[:, None]
+                    acc = acc + _weighted_values(w, vt, UPCAST)
     if KIND == 0:
-        lse = tl.where(l_i > 0.0, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453,
-                       float("-inf"))
+        l_safe, lse = _softmax_epilogue(m_i, l_i)
     else:
+        # the lse slot carries log(sum of weights), so the split merge averages correctly
+        l_safe = tl.where(l_i > 0.0, l_i, 1.0)
         lse = tl.where(l_i > 0.0, tl.log(l_safe), float("-inf"))
+    out = acc / l_safe[:, None]
     prow = (b * Hq + head) * M + mrow
     tl.store(OP + (pid_s * BHM + prow[:, None]).to(tl.int64) * HEAD_DIM + offs_d[None, :],
              out, mask=r_ok[:, None])
@@ -569,7 +562,7 @@ def build_index(k, v, *, block=32, n_sub=8, method="kmeans", perm=None, rotate=F
     d2 = diff.pow(2)
     inflate = 1.0 + 1e-5
     radius = d2.sum(-1).max(-1).values.sqrt() * inflate
-    radius = torch.where(cnt[..., 0] > 0, radius, torch.full_like(radius, -1e30))
+    radius = torch.where(cnt[..., 0] > 0, radius, torch.full_like(radius, EMPTY_RADIUS))
     rot = None
     if rotate:
         mu = kf[:, :N].mean(1, keepdim=True)

@@ -19,7 +19,8 @@ import triton
 import triton.language as tl
 
 from ._compat import interpreting, patch_interpreter
-from .block_sparse import LOG2E, _num_sms, merge_partials
+from ._softmax import LOG2E, _online_softmax_step_row, _softmax_epilogue
+from .block_sparse import _num_sms, merge_partials
 
 patch_interpreter()
 
@@ -64,13 +65,7 @@ def _selected_kernel(
         vv = tl.load(v_base + idx[:, None] * svn + offs_d[None, :], mask=ok[:, None], other=0.0)
         if KIND == 0:
             s = tl.where(ok, s * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 0))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(s - m_use)
-            alpha = tl.math.exp2(m_i - m_use)
-            l_i = l_i * alpha + tl.sum(p, 0)
-            acc = acc * alpha + tl.sum(p[:, None] * vv.to(tl.float32), 0)
-            m_i = m_new
+            m_i, l_i, acc = _online_softmax_step_row(s, vv, m_i, l_i, acc)
         else:
             base = tl.maximum(s * qk_scale - bias, 0.0)
             w = base
@@ -79,13 +74,13 @@ def _selected_kernel(
             w = tl.where(ok, w, 0.0)
             l_i = l_i + tl.sum(w, 0)
             acc = acc + tl.sum(w[:, None] * vv.to(tl.float32), 0)
-    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-    out = acc / l_safe
     if KIND == 0:
-        lse = tl.where(l_i > 0.0, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453,
-                       float("-inf"))
+        l_safe, lse = _softmax_epilogue(m_i, l_i)
     else:
+        # the lse slot carries log(sum of weights), so the split merge averages correctly
+        l_safe = tl.where(l_i > 0.0, l_i, 1.0)
         lse = tl.where(l_i > 0.0, tl.log(l_safe), float("-inf"))
+    out = acc / l_safe
     tl.store(OP + (pid_s * BHM + row).to(tl.int64) * HEAD_DIM + offs_d, out)
     tl.store(LSEP + pid_s * BHM + row, lse)
 

@@ -1,0 +1,118 @@
+"""Shared Triton pieces of the attention kernels: the online softmax and its constants.
+
+This module owns
+
+* the named constants ``LOG2E`` / ``LN2`` (host floats) and their ``tl.constexpr`` twins for
+  use inside kernels (Triton only lets a jitted function read a global that is a constexpr);
+* ``_dot``: ``tl.dot`` in float32 (ieee) when asked to upcast;
+* ``_weighted_values``: weights times a value tile, accumulated in float32;
+* ``_online_softmax_step`` (a tile of query rows) and ``_online_softmax_step_row`` (one query
+  row): the FlashAttention update of the running max ``m_i``, the normaliser ``l_i`` and the
+  accumulator ``acc`` with one tile of scores;
+* ``_softmax_epilogue``: the division by ``l_i`` and the natural-log lse, with empty rows
+  (no finite score) giving 0 and ``-inf``.
+
+Convention: scores reach these helpers already multiplied by ``scale * LOG2E`` (the wrappers
+fold ``LOG2E`` into ``qk_scale``), so every exponential is an ``exp2`` and the running max
+``m_i`` is in base-2 units; masked scores are ``-inf``.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+#: log2(e): natural-log scores times LOG2E are base-2 scores, so exp(x) == exp2(x * LOG2E)
+LOG2E = 1.4426950408889634
+#: ln(2): a base-2 log-sum-exp times LN2 is the natural one
+LN2 = 0.6931471805599453
+
+_LN2 = tl.constexpr(LN2)
+
+
+@triton.jit
+def _dot(a, b, UPCAST: tl.constexpr):
+    # The CPU interpreter cannot multiply bf16 and float32 inputs should not drop to tf32:
+    # UPCAST does the product in float32 (ieee). On the GPU with 16-bit inputs it is False.
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _weighted_values(w, v, UPCAST: tl.constexpr):
+    """``w @ v`` in float32: w (ROWS, N) float32 weights, v (N, D) values.
+
+    Without UPCAST the weights are cast to v's 16-bit dtype so the product runs on tensor
+    cores (FlashAttention does the same with P); the accumulation stays float32.
+    """
+    if UPCAST:
+        return _dot(w, v, UPCAST)
+    else:
+        return tl.dot(w.to(v.dtype), v)
+
+
+@triton.jit
+def _rescale(m_i, m_tile):
+    """New running max and the base-2 max to subtract from the scores.
+
+    A row whose max is still -inf (every score so far masked) subtracts 0 instead, so that
+    ``exp2(-inf - -inf)`` (NaN) never happens: its weights are exp2(-inf) = 0.
+    """
+    m_new = tl.maximum(m_i, m_tile)
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return m_new, m_use
+
+
+@triton.jit
+def _online_softmax_step(s, v, m_i, l_i, acc, UPCAST: tl.constexpr):
+    """One online-softmax update for a tile of query rows.
+
+    Parameters
+    ----------
+    s : (ROWS, N) float32
+        Base-2 scores of the tile (``scale * LOG2E * <q, k>``), ``-inf`` where masked.
+    v : (N, D)
+        The tile's values (masked keys may hold anything finite: their weight is 0).
+    m_i, l_i : (ROWS,) float32
+        Running base-2 max and normaliser ``sum exp2(s - m_i)``.
+    acc : (ROWS, D) float32
+        Running ``sum exp2(s - m_i) v``.
+
+    Returns
+    -------
+    m_i, l_i, acc
+        Updated; ``acc / l_i`` is the softmax average over every tile so far.
+    """
+    m_new, m_use = _rescale(m_i, tl.max(s, 1))
+    p = tl.math.exp2(s - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)  # rescales what was accumulated under the old max
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _weighted_values(p, v, UPCAST)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _online_softmax_step_row(s, v, m_i, l_i, acc):
+    """The same update for a single query row (no ``tl.dot``: a row is below its 16-row
+    minimum): s (N,) float32 base-2 scores, v (N, D), m_i and l_i float32 scalars, acc (D,)
+    float32."""
+    m_new, m_use = _rescale(m_i, tl.max(s, 0))
+    p = tl.math.exp2(s - m_use)
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 0)
+    acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _softmax_epilogue(m_i, l_i):
+    """``(l_safe, lse)`` from the running base-2 max and normaliser (any shape, elementwise).
+
+    ``l_safe`` is ``l_i`` with empty rows (``l_i == 0``) replaced by 1, so ``acc / l_safe``
+    gives 0 there; ``lse`` is the natural-log log-sum-exp of the scaled scores, ``-inf`` for
+    empty rows (what the split merge expects).
+    """
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    lse = tl.where(l_i > 0.0, (m_i + tl.math.log2(l_safe)) * _LN2, float("-inf"))
+    return l_safe, lse
