@@ -31,6 +31,8 @@ from ._compat import interpreting as _interpreting
 from ._compat import patch_interpreter
 from ._reference import list_row_offset
 from ._softmax import LN2, LOG2E, _dot, _online_softmax_step, _softmax_epilogue  # noqa: F401  (LN2, _dot: re-exported)
+from ._validate import (MAX_STACKED_ROWS, MIN_TILE, check_attention_inputs, check_block_lists,
+                        check_int32_offsets, check_positions, check_tile)
 
 patch_interpreter()
 
@@ -254,21 +256,10 @@ def _merge_kernel(OP, LSEP, O, LSE, S, BH_ROWS, M,
 # ----------------------------------------------------------------------------- wrappers
 
 def _num_sms(device) -> int:
+    """Multiprocessors of a CUDA device; 4 elsewhere (the interpreter: keeps grids small)."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4
-
-
-def _check_lists(kv_num_blocks, kv_indices, B, Hq, Hkv):
-    assert kv_num_blocks.dim() == 3 and kv_indices.dim() == 4, \
-        "BSR lists: (Bl, Hl, R) and (Bl, Hl, R, max_blocks)"
-    Bl, Hl, R = kv_num_blocks.shape
-    assert kv_indices.shape[:3] == (Bl, Hl, R)
-    assert Bl in (1, B), f"list batch dim {Bl} must be 1 or {B}"
-    assert Hl in (1, Hkv, Hq), f"list head dim {Hl} must be 1, Hkv={Hkv} or Hq={Hq}"
-    assert kv_num_blocks.dtype == torch.int32 and kv_indices.dtype == torch.int32
-    list_group = Hq // Hl if Hl > 1 else Hq  # h // list_group -> list head (0 when Hl == 1)
-    return Bl, Hl, R, list_group
 
 
 def _list_strides(kv_num_blocks, kv_indices):
@@ -323,20 +314,22 @@ def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, *, block_size=128
     -------
     out ``(B, Hq, M, D)`` in q's dtype (and lse). Rows with no allowed key: zeros, lse -inf.
 
+    Raises
+    ------
+    ValueError
+        Bad shapes, head dim, strides, block lists, tile sizes or positions (checked before
+        any launch; see ``hsr.kernels._validate``).
+    TypeError
+        Non-tensor inputs, q/k/v dtypes that differ or are not 16/32-bit floats, lists not int32.
+
     The list row of query ``i`` is ``(N - M + i) // block_size - off`` with ``off = 0`` when
     ``R == ceil(N / block_size)`` and ``off = (N - M) // block_size`` otherwise.
     """
-    assert q.dim() == 4 and k.dim() == 4 and v.shape == k.shape
-    B, Hq, M, D = q.shape
-    _, Hkv, N, Dk = k.shape
-    assert k.shape[0] == B and Dk == D and Hq % Hkv == 0
-    assert D in (16, 32, 64, 128, 256), "head dim must be a power of two in [16, 256]"
-    assert q.dtype == k.dtype == v.dtype
-    assert q.dtype in (torch.float16, torch.bfloat16, torch.float32)
-    assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
-    # per-element offsets inside one (batch, head) are int32 in the kernels
-    assert N * max(k.stride(2), v.stride(2)) < 2 ** 31
-    Bl, Hl, R, list_group = _check_lists(kv_num_blocks, kv_indices, B, Hq, Hkv)
+    B, Hq, M, D, Hkv, N = check_attention_inputs(q, k, v)
+    check_tile("block_m", block_m)
+    check_tile("block_n", block_n)
+    check_int32_offsets(N, k, v)
+    Bl, Hl, R, list_group = check_block_lists(kv_num_blocks, kv_indices, B, Hq, Hkv, q.device)
     nvalid = N if n_valid is None else int(n_valid)
     # the block list is at absolute positions of the real sequence (n_valid when padded)
     off = 0 if positions is not None else list_row_offset(R, M, nvalid, block_size)
@@ -352,15 +345,17 @@ def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, *, block_size=128
     rows = hpp * M
     if positions is not None:
         # permuted keys (HSR index): one list row for all queries; decode path only
-        assert R == 1 and rows <= 128, "positions need a single list row and few queries"
+        check_positions(positions, B, Hkv, N, R, rows)
         one_qblock = True
-    if one_qblock and rows <= 128:
+    if one_qblock and rows <= MAX_STACKED_ROWS:
         # ---- decode path: split-KV, grouped heads
-        ROWS = max(16, triton.next_power_of_2(rows))
+        ROWS = max(MIN_TILE, triton.next_power_of_2(rows))
         UNIT = min(block_size, 64) if block_n is None else min(block_size, block_n)
         BLOCK_N = 64 if block_n is None else block_n
         BLOCK_N = max(BLOCK_N, UNIT)
-        assert block_size % UNIT == 0 and BLOCK_N % UNIT == 0
+        if block_size % UNIT != 0 or BLOCK_N % UNIT != 0:
+            raise ValueError(f"block_size ({block_size}) and the decode tile ({BLOCK_N} keys) must be "
+                             f"multiples of the gather unit ({UNIT} keys): pick block_n dividing block_size")
         max_units = kv_indices.shape[-1] * (block_size // UNIT)
         tile_units = BLOCK_N // UNIT
         n_tiles = max(1, -(-max_units // tile_units))
@@ -372,7 +367,6 @@ def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, *, block_size=128
         o_part = torch.empty(num_splits, BHM, D, device=q.device, dtype=torch.float32)
         l_part = torch.empty(num_splits, BHM, device=q.device, dtype=torch.float32)
         if positions is not None:
-            assert positions.shape == (B, Hkv, N) and positions.dtype == torch.int32
             pos_t, spb, sph = positions, positions.stride(0), positions.stride(1)
         else:
             pos_t, spb, sph = kv_num_blocks, 0, 0
@@ -394,8 +388,9 @@ def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, *, block_size=128
         if upcast:
             BLOCK_M, BLOCK_N = min(BLOCK_M, 32), min(BLOCK_N, 32)
             BLOCK_M, BLOCK_N = min(BLOCK_M, block_size), min(BLOCK_N, block_size)
-        assert block_size % BLOCK_M == 0 and block_size % BLOCK_N == 0, \
-            "block_size must be a multiple of the kernel tiles"
+        if block_size % BLOCK_M != 0 or block_size % BLOCK_N != 0:
+            raise ValueError(f"block_size ({block_size}) must be a multiple of the kernel tiles "
+                             f"(block_m={BLOCK_M}, block_n={BLOCK_N})")
         n_mt = (N - 1) // BLOCK_M - (N - M) // BLOCK_M + 1
         nw = num_warps or (8 if (BLOCK_M >= 128 and D >= 128) else 4)
         _bsa_prefill_kernel[(n_mt, B * Hq)](

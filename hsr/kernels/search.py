@@ -54,7 +54,10 @@ softmax mass than the threshold set), unless ``exact_set=True``, which keeps onl
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Optional
 
 import torch
 import triton
@@ -62,6 +65,8 @@ import triton.language as tl
 
 from ._compat import interpreting, patch_interpreter
 from ._softmax import LOG2E, _dot, _online_softmax_step, _softmax_epilogue, _weighted_values
+from ._validate import (MAX_STACKED_ROWS, MIN_TILE, check_attention_inputs, check_index_build,
+                        check_kind)
 from .block_sparse import _num_sms, block_sparse_attention, merge_partials
 
 patch_interpreter()
@@ -71,6 +76,84 @@ SLACK_REL = 1e-3
 #: radius of a block with no real key: its upper bound is far below any threshold
 EMPTY_RADIUS = -1e30
 _EMPTY_RADIUS = tl.constexpr(EMPTY_RADIUS)
+#: blocks whose bounds one filter program computes at a time (fewer for a small index)
+FILTER_BLOCKS = 32
+
+
+def _filter_tiles(rows: int, nb: int):
+    """Tile sizes of the filter kernels: ``ROWS`` stacked query rows (the ``G * M`` rows of
+    one kv head, rounded up to a power of two) and ``NB`` blocks per step, both at least
+    ``tl.dot``'s minimum."""
+    ROWS = max(MIN_TILE, triton.next_power_of_2(rows))
+    NB = FILTER_BLOCKS if nb >= FILTER_BLOCKS else max(MIN_TILE, triton.next_power_of_2(nb))
+    return ROWS, NB
+
+
+@dataclass(frozen=True, eq=False)
+class SearchPlan:
+    """Plan returned by :meth:`GPUBlockIndex.search`: the blocks that survive the filter.
+
+    Block ids index the index's permuted layout (block ``j`` holds stored keys
+    ``j * block .. (j + 1) * block - 1``). ``nb`` is ``index.num_blocks``.
+
+    Attributes
+    ----------
+    union_num_blocks : torch.Tensor, int32, shape (B, Hkv, 1)
+        For each kv head, how many blocks survive for ANY of its query rows.
+    union_indices : torch.Tensor, int32, shape (B, Hkv, 1, nb)
+        Those blocks in the first ``union_num_blocks`` entries, unordered (compacted with
+        an atomic counter); the rest is not written. The BSR lists ``attend`` runs on.
+    kv_num_blocks : torch.Tensor or None, int32, shape (B, Hq, M)
+        Per query row, the number of surviving blocks (``per_row=True`` only).
+    kv_indices : torch.Tensor or None, int32, shape (B, Hq, M, nb)
+        Per query row, the surviving blocks ascending in the first ``kv_num_blocks``
+        entries (``per_row=True`` only).
+    flags : torch.Tensor or None, int8, shape (B, Hq, M, nb)
+        1 where a block survives for that query row (``per_row=True`` only).
+
+    Notes
+    -----
+    The plan used to be a dict; ``plan["union_indices"]`` and ``"kv_indices" in plan`` still
+    work, with a ``DeprecationWarning``.
+    """
+
+    union_num_blocks: torch.Tensor
+    union_indices: torch.Tensor
+    kv_num_blocks: Optional[torch.Tensor] = None
+    kv_indices: Optional[torch.Tensor] = None
+    flags: Optional[torch.Tensor] = None
+
+    @property
+    def per_row(self) -> bool:
+        """Whether the per-query-row lists are present."""
+        return self.kv_indices is not None
+
+    def _present(self):
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+
+    def __getitem__(self, key):
+        warnings.warn("SearchPlan is no longer a dict: use plan.%s" % key, DeprecationWarning,
+                      stacklevel=2)
+        if key not in self._present():
+            raise KeyError(f"{key!r} is not in this plan (per_row={self.per_row})")
+        return getattr(self, key)
+
+    def __contains__(self, key):
+        warnings.warn("SearchPlan is no longer a dict: test plan.per_row or the attribute",
+                      DeprecationWarning, stacklevel=2)
+        return key in self._present()
+
+    @classmethod
+    def from_dict(cls, plan) -> "SearchPlan":
+        """A plan from the dict layout of earlier versions (a plan is returned as is)."""
+        if isinstance(plan, cls):
+            return plan
+        if not isinstance(plan, Mapping):
+            raise TypeError(f"plan must be a SearchPlan (from index.search), got {type(plan).__name__}")
+        unknown = set(plan) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown plan entries {sorted(unknown)}")
+        return cls(**plan)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -394,17 +477,14 @@ class GPUBlockIndex:
         return None, float(tau), 0, 0
 
     def _filter(self, q, tau, write_flags):
-        B, Hq, M, D = q.shape
-        Hkv = self.kp.shape[1]
+        B, Hq, M, D, Hkv, _ = check_attention_inputs(q, self.kp, self.vp)
         tau_t, tau_s, stb, sth = self._tau_args(q, tau)
         nb = self.num_blocks
         flags = (torch.empty(B, Hq, M, nb, device=q.device, dtype=torch.int8) if write_flags
                  else None)
         ucnt = torch.zeros(B, Hkv, 1, device=q.device, dtype=torch.int32)
         uidx = torch.empty(B, Hkv, 1, nb, device=q.device, dtype=torch.int32)
-        G = Hq // Hkv
-        ROWS = max(16, triton.next_power_of_2(G * M))
-        NB = 32 if nb >= 32 else max(16, triton.next_power_of_2(nb))
+        ROWS, NB = _filter_tiles((Hq // Hkv) * M, nb)
         _block_filter_kernel[(triton.cdiv(nb, NB), B * Hkv)](
             q, tau_t if tau_t is not None else ucnt, tau_s, self.kmax, self._rot_arg(),
             self.centre, self.radius, self.sub_radius, flags if flags is not None else ucnt,
@@ -423,36 +503,46 @@ class GPUBlockIndex:
     def search(self, q, tau, per_row=False):
         """Plan: surviving blocks as BSR lists for ``attend``/``block_sparse_attention``.
 
-        Returns a dict with ``union_num_blocks`` int32 ``(B, Hkv, 1)`` and
-        ``union_indices`` int32 ``(B, Hkv, 1, nb)``: for each kv head, the blocks that
-        survive for ANY of its query rows (ids into the permuted layout, unordered; one
-        kernel, compacted with an atomic counter). With ``per_row=True`` also
-        ``kv_num_blocks (B, Hq, M)``, ``kv_indices (B, Hq, M, nb)`` (ascending ids, per
-        query row) and ``flags``."""
+        Parameters
+        ----------
+        q : torch.Tensor, shape (B, Hq, M, D)
+        tau : float or torch.Tensor, shape (B, Hq, M)
+            Threshold on ``<q, k>``.
+        per_row : bool
+            Also build the per-query-row lists (sorted with ``torch.sort``; slower).
+
+        Returns
+        -------
+        SearchPlan
+            ``union_num_blocks`` int32 ``(B, Hkv, 1)`` and ``union_indices`` int32
+            ``(B, Hkv, 1, nb)``: for each kv head, the blocks that survive for ANY of its
+            query rows (one kernel, compacted with an atomic counter). With ``per_row=True``
+            also ``kv_num_blocks (B, Hq, M)``, ``kv_indices (B, Hq, M, nb)`` and ``flags``.
+        """
         flags, ucnt, uidx = self._filter(q, tau, per_row)
-        plan = {"union_num_blocks": ucnt, "union_indices": uidx}
-        if per_row:
-            plan["kv_num_blocks"] = flags.sum(-1, dtype=torch.int32)
-            plan["kv_indices"] = torch.sort(flags, dim=-1, descending=True,
-                                            stable=True).indices.to(torch.int32)
-            plan["flags"] = flags
-        return plan
+        if not per_row:
+            return SearchPlan(ucnt, uidx)
+        return SearchPlan(
+            ucnt, uidx, kv_num_blocks=flags.sum(-1, dtype=torch.int32),
+            kv_indices=torch.sort(flags, dim=-1, descending=True, stable=True).indices.to(torch.int32),
+            flags=flags)
 
     def search_keys(self, q, tau, plan=None):
         """Plan: CSR of exactly the keys with ``<q, k> >= tau`` (float32 scores of the
-        stored values). Returns ``(indptr int64 (B*Hq*M+1,), indices int32 (nnz,) absolute
+        stored values), from ``plan`` when it has the per-row lists. Returns ``(indptr int64 (B*Hq*M+1,), indices int32 (nnz,) absolute
         positions, scores float32 (nnz,))`` in (b, h, m) row order, positions ascending
         within a block."""
         B, Hq, M, D = q.shape
         Hkv = self.kp.shape[1]
         G = Hq // Hkv
         C = self.block
-        if plan is None or "kv_indices" not in plan:
+        plan = None if plan is None else SearchPlan.from_dict(plan)
+        if plan is None or not plan.per_row:
             plan = self.search(q, tau, per_row=True)
         tau_t, tau_s, _, _ = self._tau_args(q, tau)
         if tau_t is None:
             tau_t = torch.full((B, Hq, M), tau_s, device=q.device, dtype=torch.float32)
-        num, idx = plan["kv_num_blocks"], plan["kv_indices"]
+        num, idx = plan.kv_num_blocks, plan.kv_indices
         L = max(int(num.max().item()), 1)
         idx = idx[..., :L].long()  # (B,Hq,M,L)
         okb = torch.arange(L, device=q.device) < num[..., None]
@@ -477,9 +567,10 @@ class GPUBlockIndex:
     # ------------------------------------------------------------------ run
     def attend(self, q, plan, *, scale=None, return_lse=False, **kw):
         """Run (softmax): block-sparse decode over each kv head's union of surviving
-        blocks, on the permuted K/V with positions (causal)."""
+        blocks (a :class:`SearchPlan`), on the permuted K/V with positions (causal)."""
+        plan = SearchPlan.from_dict(plan)
         return block_sparse_attention(
-            q, self.kp, self.vp, plan["union_num_blocks"], plan["union_indices"],
+            q, self.kp, self.vp, plan.union_num_blocks, plan.union_indices,
             block_size=self.block, causal=True, scale=scale, return_lse=return_lse,
             positions=self.pos, n_valid=self.n_valid, **kw)
 
@@ -514,10 +605,13 @@ def build_index(k, v, *, block=32, n_sub=8, method="kmeans", perm=None, rotate=F
         key covariance, descending variance, so the first subspace holds the top principal
         directions); the kernels rotate q by the same float32 matrix. The ball bound and
         <q, c> are rotation invariant.
+
+    Raises ``ValueError`` for k/v of different shapes or not 4-D, a ``block`` outside
+    (16, 32, 64, 128), an ``n_sub`` that is not a power of two dividing D, or an unknown
+    ``method``.
     """
-    assert k.dim() == 4 and v.shape == k.shape
+    check_index_build(k, v, block, n_sub)
     B, Hkv, N, D = k.shape
-    assert block in (16, 32, 64, 128) and D % n_sub == 0
     dev = k.device
     C = block
     nb = -(-N // C)
@@ -542,7 +636,7 @@ def build_index(k, v, *, block=32, n_sub=8, method="kmeans", perm=None, rotate=F
     elif method == "none":
         order = torch.arange(Np, device=dev).expand(G, Np)
     else:
-        raise ValueError(method)
+        raise ValueError(f"method must be 'kmeans', 'pca' or 'none' (or give perm), got {method!r}")
     order = order.contiguous()
     kpad = torch.zeros(G, Nsrc, D, device=dev, dtype=k.dtype)
     kpad[:, :N] = k.reshape(G, N, D)
@@ -602,33 +696,40 @@ def hsr_decode(q, index: GPUBlockIndex, *, tau=None, top_fraction=None, kind="so
         ``"planned"`` where it applies, else ``"fused"``.
 
     Returns out ``(B, Hq, M, D)`` in q's dtype (and lse, and visited counts).
+
+    Raises ``ValueError`` for q that does not match the index (shape, head dim, strides),
+    an unknown ``kind`` or ``mode``, softmax without ``tau`` or ``top_fraction``, a planned
+    mode with ReLU / ``exact_set`` / ``count_visited``, or more than 128 stacked query rows;
+    ``TypeError`` when q's dtype is not the index's.
     """
-    B, Hq, M, D = q.shape
-    _, Hkv, Np, Dk = index.kp.shape
-    assert Dk == D and Hq % Hkv == 0 and q.dtype == index.kp.dtype
-    assert q.stride(-1) == 1
+    B, Hq, M, D, Hkv, _ = check_attention_inputs(q, index.kp, index.vp)
+    kind_id = check_kind(kind)
+    if mode not in (None, "fused", "planned"):
+        raise ValueError(f"mode must be 'fused', 'planned' or None, got {mode!r}")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if tau is None:
         if kind == "relu" and top_fraction is None:
             tau = bias / scale
         else:
-            assert top_fraction is not None, "give tau or top_fraction"
+            if top_fraction is None:
+                raise ValueError("softmax needs a threshold: give tau or top_fraction")
             tau = index.tau_for_fraction(q, top_fraction)
     if mode is None:
         mode = ("planned" if kind == "softmax" and not exact_set and not count_visited
                 and num_splits is None else "fused")
     if mode == "planned":
-        assert kind == "softmax" and not exact_set and not count_visited, \
-            "planned mode: softmax over whole surviving blocks"
+        if kind != "softmax" or exact_set or count_visited:
+            raise ValueError("mode='planned' is softmax over whole surviving blocks: it takes no "
+                             "kind='relu', exact_set or count_visited (use mode='fused')")
         plan = index.search(q, tau)
         return index.attend(q, plan, scale=scale, return_lse=return_lse)
-    assert mode == "fused"
     tau_t, tau_s, stb, sth = index._tau_args(q, tau)
     G = Hq // Hkv
-    ROWS = max(16, triton.next_power_of_2(G * M))
-    assert ROWS <= 128, "hsr_decode stacks G*M query rows into one tile (<= 128)"
     nb = index.num_blocks
-    NB = 32 if nb >= 32 else max(16, triton.next_power_of_2(nb))
+    ROWS, NB = _filter_tiles(G * M, nb)
+    if ROWS > MAX_STACKED_ROWS:
+        raise ValueError(f"hsr_decode stacks the G*M = {G * M} query rows of a kv head into one tile "
+                         f"of at most {MAX_STACKED_ROWS} rows: use fewer queries per call")
     n_chunks = triton.cdiv(nb, NB)
     if num_splits is None:
         num_splits = max(1, min(n_chunks, -(-4 * _num_sms(q.device) // (B * Hkv))))
@@ -639,7 +740,6 @@ def hsr_decode(q, index: GPUBlockIndex, *, tau=None, top_fraction=None, kind="so
     l_part = torch.empty(num_splits, BHM, device=q.device, dtype=torch.float32)
     visited = (torch.zeros(B * Hkv, device=q.device, dtype=torch.int32) if count_visited
                else l_part)
-    kind_id = 0 if kind == "softmax" else 1
     _hsr_decode_kernel[(num_splits, B * Hkv)](
         q, tau_t if tau_t is not None else l_part, tau_s, index.kmax, index._rot_arg(),
         index.centre,

@@ -20,6 +20,7 @@ import triton.language as tl
 
 from ._compat import interpreting, patch_interpreter
 from ._softmax import LOG2E, _online_softmax_step_row, _softmax_epilogue
+from ._validate import check_alpha, check_attention_inputs, check_kind, check_tensor
 from .block_sparse import _num_sms, merge_partials
 
 patch_interpreter()
@@ -104,16 +105,21 @@ def selected_attention(q, k, v, indptr, indices, *, kind="softmax", alpha=2, bia
 
     Rows with no selected key, or (relu) whose weights are all zero: output zeros,
     lse ``-inf``.
+
+    Raises
+    ------
+    ValueError
+        Bad shapes, head dim, strides, ``indptr`` length, ``kind`` or ``alpha`` (before any
+        launch). q, k, v may differ in dtype: the kernel upcasts each to float32.
     """
-    assert q.dim() == 4 and k.dim() == 4 and v.shape == k.shape
-    B, Hq, M, D = q.shape
-    Hkv, N = k.shape[1], k.shape[2]
-    assert Hq % Hkv == 0 and k.shape[-1] == D and D in (16, 32, 64, 128, 256)
-    assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
-    assert indptr.dim() == 1 and indptr.numel() == B * Hq * M + 1
-    assert kind in ("softmax", "relu")
-    alpha = int(alpha)
-    assert alpha >= 1
+    # each of q, k, v is upcast to float32 in the kernel: their dtypes need not match
+    B, Hq, M, D, Hkv, N = check_attention_inputs(q, k, v, check_dtypes=False)
+    check_tensor("indptr", indptr, 1, f"(B*Hq*M + 1,) = ({B * Hq * M + 1},)")
+    if indptr.numel() != B * Hq * M + 1:
+        raise ValueError(f"indptr must have B*Hq*M + 1 = {B * Hq * M + 1} entries, got {indptr.numel()}")
+    check_tensor("indices", indices, 1, "(nnz,)")
+    kind_id = check_kind(kind)
+    alpha = check_alpha(alpha)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     BHM = B * Hq * M
     if max_row_len is None:
@@ -127,7 +133,6 @@ def selected_attention(q, k, v, indptr, indices, *, kind="softmax", alpha=2, bia
     num_splits = max(1, -(-max(max_row_len, 1) // chunk))
     o_part = torch.empty(num_splits, BHM, D, device=q.device, dtype=torch.float32)
     l_part = torch.empty(num_splits, BHM, device=q.device, dtype=torch.float32)
-    kind_id = 0 if kind == "softmax" else 1
     _selected_kernel[(num_splits, BHM)](
         q, k, v, indptr, indices, o_part, l_part,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

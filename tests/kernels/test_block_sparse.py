@@ -135,7 +135,7 @@ def test_block_size_not_multiple_of_tile_rejected(device):
     gen = torch.Generator().manual_seed(7)
     q, k, v = _inputs(1, 1, 1, 48, 48, 32, torch.float16, device, gen)
     num, idx = full_lists(1, 1, 2, 2)
-    with pytest.raises(AssertionError):
+    with pytest.raises(ValueError, match="multiple of the kernel tiles"):
         block_sparse_attention(q, k, v, num.to(device), idx.to(device), block_size=24,
                                block_m=16, block_n=16)
 

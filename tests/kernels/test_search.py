@@ -67,12 +67,12 @@ def test_filter_prunes_clustered_keys(device):
     idx = build_index(k.to(device), v.to(device), block=16, n_sub=4)
     tau = torch.quantile(_scores(q, k), 0.99, dim=-1)
     plan = idx.search(q.to(device), tau.to(device), per_row=True)
-    frac = plan["kv_num_blocks"].float().mean().item() / idx.num_blocks
+    frac = plan.kv_num_blocks.float().mean().item() / idx.num_blocks
     assert frac < 0.6, frac
     # the compacted union (one kernel, atomic slots) is the union of the per-row flags
-    union = plan["flags"].cpu().view(1, 1, 2, -1).amax(2)[0, 0].bool()
-    n = int(plan["union_num_blocks"].view(-1)[0])
-    got = plan["union_indices"].cpu().view(-1)[:n].long().sort().values
+    union = plan.flags.cpu().view(1, 1, 2, -1).amax(2)[0, 0].bool()
+    n = int(plan.union_num_blocks.view(-1)[0])
+    got = plan.union_indices.cpu().view(-1)[:n].long().sort().values
     assert torch.equal(got, torch.nonzero(union).flatten())
 
 
@@ -109,9 +109,9 @@ def test_hsr_decode_softmax_and_plan_run(exact_set, device):
     if exact_set:
         mask = sc >= tau[..., None]
     else:
-        fl = plan["union_num_blocks"]  # union over each kv head's group
+        fl = plan.union_num_blocks  # union over each kv head's group
         mask = torch.zeros(B, Hkv, N, dtype=torch.bool)
-        uidx = plan["union_indices"].cpu()
+        uidx = plan.union_indices.cpu()
         for b in range(B):
             for h in range(Hkv):
                 blocks = uidx[b, h, 0, :int(fl[b, h, 0])].long()

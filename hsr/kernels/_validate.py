@@ -1,0 +1,173 @@
+"""Input checks shared by the launch wrappers of the Triton kernels.
+
+This module owns the checks that several wrappers (``block_sparse_attention``,
+``selected_attention``, ``hsr_decode``, ``build_index``) make on their arguments before any
+launch, and the limits they check against. A bad shape, head dimension or list raises
+``ValueError``, a wrong type or dtype ``TypeError``, each with a message that names the
+argument; nothing here is an ``assert`` (asserts vanish under ``python -O``, and a bad call
+must not reach a kernel, where it reads out of bounds or fails to compile).
+
+It imports torch only, not triton.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+#: head dimensions the kernels compile for (powers of two: ``tl.arange`` needs them; >= 16:
+#: ``tl.dot`` needs every side >= 16)
+HEAD_DIMS = (16, 32, 64, 128, 256)
+#: value dtypes of q, k, v
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: the decode kernels stack the query rows of one kv head (query heads x queries) into one
+#: tile; more rows than this would not fit the registers of a program
+MAX_STACKED_ROWS = 128
+#: smallest tile side of ``tl.dot``
+MIN_TILE = 16
+#: keys per block of a GPUBlockIndex
+INDEX_BLOCKS = (16, 32, 64, 128)
+
+
+def _is_pow2(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
+
+def check_tensor(name: str, x, ndim: int, layout: str) -> None:
+    """``x`` must be a torch tensor with ``ndim`` dimensions (``layout`` names them)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must have shape {layout}, got {tuple(x.shape)}")
+
+
+def check_attention_inputs(q, k, v, *, check_dtypes: bool = True) -> Tuple[int, int, int, int, int, int]:
+    """Check the q, k, v of a kernel wrapper.
+
+    Parameters
+    ----------
+    q : torch.Tensor, shape (B, Hq, M, D)
+    k, v : torch.Tensor, shape (B, Hkv, N, D)
+        ``Hq % Hkv == 0``; ``D`` in :data:`HEAD_DIMS`; one device; last dimension contiguous.
+    check_dtypes : bool
+        Also require one dtype among :data:`FLOAT_DTYPES` for all three (the block kernels
+        feed them to ``tl.dot`` together; the selected-entry kernel upcasts each one itself).
+
+    Returns
+    -------
+    B, Hq, M, D, Hkv, N : int
+    """
+    check_tensor("q", q, 4, "(batch, heads, q_len, head_dim)")
+    check_tensor("k", k, 4, "(batch, kv_heads, kv_len, head_dim)")
+    check_tensor("v", v, 4, "(batch, kv_heads, kv_len, head_dim)")
+    if v.shape != k.shape:
+        raise ValueError(f"v must have the shape of k, got v {tuple(v.shape)} and k {tuple(k.shape)}")
+    B, Hq, M, D = q.shape
+    Bk, Hkv, N, Dk = k.shape
+    if Bk != B:
+        raise ValueError(f"batch mismatch: q has {B}, k and v have {Bk}")
+    if Dk != D:
+        raise ValueError(f"head dim mismatch: q has {D}, k and v have {Dk}")
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of kv heads ({Hkv})")
+    if D not in HEAD_DIMS:
+        raise ValueError(f"head dim must be a power of two in [16, 256], got {D}")
+    if check_dtypes:
+        if not q.dtype == k.dtype == v.dtype:
+            raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        if q.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"dtype must be float16, bfloat16 or float32, got {q.dtype}")
+    if not q.device == k.device == v.device:
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dimension (head_dim), got strides {t.stride()}")
+    return B, Hq, M, D, Hkv, N
+
+
+def check_int32_offsets(N: int, k, v) -> None:
+    """Offsets inside one (batch, head) are int32 in the kernels: ``N * row stride < 2**31``."""
+    stride = max(k.stride(2), v.stride(2))
+    if N * stride >= 2 ** 31:
+        raise ValueError(f"k/v too long for the kernels' int32 offsets: kv_len {N} x row stride {stride} "
+                         f">= 2**31 elements per (batch, head)")
+
+
+def check_block_lists(kv_num_blocks, kv_indices, B: int, Hq: int, Hkv: int, device) -> Tuple[int, int, int, int]:
+    """Check BSR block lists ``kv_num_blocks (Bl, Hl, R)``, ``kv_indices (Bl, Hl, R, max_blocks)``.
+
+    ``Bl`` must be 1 or ``B`` and ``Hl`` one of 1, ``Hkv``, ``Hq`` (broadcast otherwise); both
+    int32 on the device of q.
+
+    Returns
+    -------
+    Bl, Hl, R : int
+    list_group : int
+        Query heads per list head: query head ``h`` reads list head ``h // list_group``.
+    """
+    check_tensor("kv_num_blocks", kv_num_blocks, 3, "(Bl, Hl, R)")
+    check_tensor("kv_indices", kv_indices, 4, "(Bl, Hl, R, max_blocks)")
+    Bl, Hl, R = kv_num_blocks.shape
+    if kv_indices.shape[:3] != (Bl, Hl, R):
+        raise ValueError(f"kv_indices {tuple(kv_indices.shape)} must start with the shape of "
+                         f"kv_num_blocks {(Bl, Hl, R)}")
+    if Bl not in (1, B):
+        raise ValueError(f"block-list batch dim {Bl} must be 1 or {B}")
+    if Hl not in (1, Hkv, Hq):
+        raise ValueError(f"block-list head dim {Hl} must be 1, Hkv={Hkv} or Hq={Hq}")
+    if kv_num_blocks.dtype != torch.int32 or kv_indices.dtype != torch.int32:
+        raise TypeError(f"kv_num_blocks and kv_indices must be int32, got {kv_num_blocks.dtype} and "
+                        f"{kv_indices.dtype}")
+    if kv_num_blocks.device != device or kv_indices.device != device:
+        raise ValueError(f"block lists must be on the device of q ({device}), got {kv_num_blocks.device} "
+                         f"and {kv_indices.device}")
+    list_group = Hq // Hl if Hl > 1 else Hq  # h // list_group -> list head (0 when Hl == 1)
+    return Bl, Hl, R, list_group
+
+
+def check_positions(positions, B: int, Hkv: int, N: int, R: int, rows: int) -> None:
+    """Positions of permuted keys (HSR index): int32 ``(B, Hkv, N)``, one list row, few queries."""
+    if R != 1 or rows > MAX_STACKED_ROWS:
+        raise ValueError(f"positions need a single list row (got {R}) and at most {MAX_STACKED_ROWS} "
+                         f"stacked query rows (got {rows})")
+    check_tensor("positions", positions, 3, f"({B}, {Hkv}, {N})")
+    if tuple(positions.shape) != (B, Hkv, N):
+        raise ValueError(f"positions must have shape {(B, Hkv, N)}, got {tuple(positions.shape)}")
+    if positions.dtype != torch.int32:
+        raise TypeError(f"positions must be int32, got {positions.dtype}")
+
+
+def check_tile(name: str, value) -> None:
+    """A tile size given by the caller (``block_m``, ``block_n``): ``None`` (the default) or a
+    power of two >= :data:`MIN_TILE` (``tl.arange`` and ``tl.dot`` need both)."""
+    if value is not None and (int(value) < MIN_TILE or not _is_pow2(int(value))):
+        raise ValueError(f"{name} must be a power of two >= {MIN_TILE}, got {value!r}")
+
+
+def check_kind(kind) -> int:
+    """``0`` for ``"softmax"``, ``1`` for ``"relu"`` (the kernels' KIND)."""
+    if kind not in ("softmax", "relu"):
+        raise ValueError(f"kind must be 'softmax' or 'relu', got {kind!r}")
+    return 0 if kind == "softmax" else 1
+
+
+def check_alpha(alpha) -> int:
+    """ReLU power: an integer >= 1 (the kernels unroll ``alpha - 1`` products)."""
+    a = int(alpha)  # as before: a float is truncated
+    if a < 1:
+        raise ValueError(f"alpha must be an integer >= 1, got {alpha!r}")
+    return a
+
+
+def check_index_build(k, v, block: int, n_sub: int) -> None:
+    """Arguments of ``build_index``: k, v ``(B, Hkv, N, D)`` of one shape; ``block`` in
+    :data:`INDEX_BLOCKS`; ``n_sub`` a power of two dividing ``D``."""
+    check_tensor("k", k, 4, "(batch, kv_heads, kv_len, head_dim)")
+    check_tensor("v", v, 4, "(batch, kv_heads, kv_len, head_dim)")
+    if v.shape != k.shape:
+        raise ValueError(f"v must have the shape of k, got v {tuple(v.shape)} and k {tuple(k.shape)}")
+    if block not in INDEX_BLOCKS:
+        raise ValueError(f"block must be one of {INDEX_BLOCKS}, got {block!r}")
+    D = k.shape[-1]
+    if not _is_pow2(int(n_sub)) or D % int(n_sub) != 0:
+        raise ValueError(f"n_sub must be a power of two dividing the head dim {D}, got {n_sub!r}")
