@@ -164,8 +164,9 @@ def hsr_attention(q, index, *, kind="relu", alpha=2, bias=0.0, scale=None, eps=N
     scale : float, default ``1/sqrt(d)``
     eps : float in (0, 1), softmax only
         Target certified dropped fraction (default 1e-3 when no tau/topk is given).
-    tau : float, softmax only
-        Keep keys with ``<q, k> >= tau`` (raw, unscaled score).
+    tau : float or array (Hq,), softmax only
+        Keep keys with ``<q, k> >= tau`` (raw, unscaled score), one threshold for all query
+        heads or one per query head.
     topk : int, softmax only
         Keep the keys scoring at least the k-th best score.
     causal : bool
@@ -181,7 +182,11 @@ def hsr_attention(q, index, *, kind="relu", alpha=2, bias=0.0, scale=None, eps=N
 
     Notes
     -----
-    On the GPU: pass a ``hsr.kernels.GPUBlockIndex`` (built with ``hsr.kernels.build_index``
+    On the GPU: pass a ``hsr.kernels.CodeKVCache`` (``KVCacheIndex.to("cuda")``, or built from
+    CUDA ``(B, Hkv, N, D)`` keys and values) and CUDA queries ``(B, Hq, M, D)``: the code filter,
+    the compaction of the survivors and the attention run as three Triton launches. ReLU^alpha
+    is exact there; softmax keeps the keys with ``score >= tau`` (``tau=`` required). Or pass a
+    ``hsr.kernels.GPUBlockIndex`` (built with ``hsr.kernels.build_index``
     from CUDA ``(B, Hkv, N, D)`` keys and values) and CUDA queries ``(B, Hq, M, D)``; the call
     runs the Triton filter + attention (``hsr.kernels.hsr_decode``). ReLU^alpha is exact there
     too; softmax keeps the keys of the blocks that may hold a score ``>= tau`` (``tau=``
@@ -202,6 +207,14 @@ def hsr_attention(q, index, *, kind="relu", alpha=2, bias=0.0, scale=None, eps=N
     True
     """
     _check_common(kind, alpha, eps, tau, topk, scale)
+    gpu_attention = getattr(index, "hsr_attention", None)
+    if callable(gpu_attention):  # a device index (hsr.kernels.CodeKVCache) runs its own kernels
+        if eps is not None or topk is not None or return_info:
+            raise ValueError(f"{type(index).__name__} keeps the keys with score >= tau: eps, topk and "
+                             "return_info are CPU-only")
+        if isinstance(bias, str):
+            raise ValueError("bias='paper' is CPU-only; give a number")
+        return gpu_attention(q, kind=kind, alpha=int(alpha), bias=bias, scale=scale, tau=tau, causal=causal)
     if type(index).__name__ == "GPUBlockIndex":
         return _gpu_attention(q, index, kind, alpha, bias, scale, eps, tau, topk, causal, return_info)
     if kind == "softmax" and eps is None and tau is None and topk is None:
@@ -237,6 +250,13 @@ def hsr_attention(q, index, *, kind="relu", alpha=2, bias=0.0, scale=None, eps=N
             raise ValueError(f"bias must be a scalar or have shape ({Hq},), got {np.shape(bias)}")
         if not np.isfinite(bias_h).all():
             raise ValueError("bias contains NaN or Inf")
+    if tau is not None:
+        tau_h = np.asarray(tau, dtype=np.float64)
+        if tau_h.ndim and tau_h.shape != (Hq,):
+            raise ValueError(f"tau must be a scalar or have shape ({Hq},), got {tau_h.shape}")
+        if not np.isfinite(tau_h).all():
+            raise ValueError("tau contains NaN or Inf")
+        tau_h = np.broadcast_to(tau_h, (Hq,))
     dv = heads[0][0].value_dim
     out = np.zeros((B, Hq, M, dv), dtype=np.float32)
     info = [np.zeros((B, Hq, M), dtype=np.int64), np.zeros((B, Hq, M), dtype=np.int64),
@@ -252,7 +272,8 @@ def hsr_attention(q, index, *, kind="relu", alpha=2, bias=0.0, scale=None, eps=N
                 bq = np.repeat([paper_bias(Qn[b, hk * group + g], live, s) for g in range(group)], M)
             else:
                 bq = np.repeat(bias_h[hk * group:(hk + 1) * group], M)
-            o, sc, sel, dr, ls = _attend_head(kvi, Qg, kind, alpha, np.ascontiguousarray(bq), s, eps, tau, topk, lim)
+            tq = None if tau is None else np.repeat(tau_h[hk * group:(hk + 1) * group], M)
+            o, sc, sel, dr, ls = _attend_head(kvi, Qg, kind, alpha, np.ascontiguousarray(bq), s, eps, tq, topk, lim)
             out[b, hk * group:(hk + 1) * group] = o.reshape(group, M, dv)
             for arr, val in zip(info, (sc, sel, dr, ls)):
                 arr[b, hk * group:(hk + 1) * group] = val.reshape(group, M)

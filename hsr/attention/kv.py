@@ -115,6 +115,30 @@ class KVCacheIndex:
             for h in range(self.kv_heads):
                 self.heads[b][h].append(K[b, h], V[b, h])
 
+    def to(self, device, *, dtype=None, seed: int = 0):
+        """This cache on another device: a :class:`hsr.kernels.CodeKVCache` (per-key int8 codes
+        over the same keys and values, stacked to ``(B, Hkv, n, D)``) that
+        :func:`hsr.hsr_attention` runs with Triton kernels. Removed keys are not supported
+        there (a ValueError says so).
+
+        Parameters
+        ----------
+        device : str or torch.device, e.g. ``"cuda"``
+        dtype : torch dtype, default bfloat16 on CUDA, float32 elsewhere
+        """
+        import torch
+
+        from ..kernels.codes import CodeKVCache
+
+        dev = torch.device(device)
+        if any(len(kv) != kv.index.n_total for row in self.heads for kv in row):
+            raise ValueError("a cache with removed keys cannot move to the device: positions would shift")
+        dt = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+        ids = self.heads[0][0].index.live_ids()
+        k = np.stack([np.stack([kv.index.get_keys(ids) for kv in row]) for row in self.heads])
+        v = np.stack([np.stack([kv.values for kv in row]) for row in self.heads])
+        return CodeKVCache(torch.from_numpy(k).to(dev, dt), torch.from_numpy(v).to(dev, dt), seed=seed)
+
     def __repr__(self):
         return (f"KVCacheIndex(batch={self.batch}, kv_heads={self.kv_heads}, seq={len(self)}, "
                 f"dim={self.dim})")

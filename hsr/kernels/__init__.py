@@ -7,6 +7,8 @@ modules are loaded on first attribute access:
   over a BSR block list (FlexAttention ``BlockMask`` convention), prefill and split-KV decode.
 - ``selected_attention`` (``hsr.kernels.selected``): softmax / ReLU^alpha attention over a
   CSR list of selected keys per query row.
+- ``CodeKVCache``, ``CodePlan`` (``hsr.kernels.codes``): the code filter on the GPU: a KV
+  cache with per-key int8 codes, filter (plan) -> compacted survivors -> attention (run).
 - ``GPUBlockIndex``, ``hsr_decode`` (``hsr.kernels.search``): the exact block filter on the
   GPU (ball + per-subspace bounds), its plan (search) and run (attention) halves, and the
   fused filter + attention decode.
@@ -19,6 +21,8 @@ from __future__ import annotations
 import importlib
 
 _LAZY = {
+    "CodeKVCache": "codes",
+    "CodePlan": "codes",
     "block_sparse_attention": "block_sparse",
     "merge_partials": "block_sparse",
     "selected_attention": "selected",

@@ -1,0 +1,138 @@
+"""The GPU code filter (``hsr.kernels.CodeKVCache``) against float64 dense references.
+
+Under the Triton interpreter on the CPU in CI, on the GPU where there is one. Integer-valued
+keys and queries make every score exact in fp32, so ties at tau are tested exactly; for
+real-valued inputs keys within fp32 rounding of tau are left out of the comparison.
+"""
+import math
+
+import pytest
+import torch
+
+from hsr.kernels.codes import CodeKVCache
+
+
+def _inputs(B, Hkv, G, M, N, D, dtype, device, lattice, seed):
+    g = torch.Generator().manual_seed(seed)
+    if lattice:
+        k = torch.randint(-3, 4, (B, Hkv, N, D), generator=g).double()
+        q = torch.randint(-3, 4, (B, Hkv * G, M, D), generator=g).double()
+    else:
+        k = torch.randn(B, Hkv, N, D, generator=g, dtype=torch.float64) * 2
+        q = torch.randn(B, Hkv * G, M, D, generator=g, dtype=torch.float64)
+    k[:, :, 0] = 0  # a zero key
+    k[:, :, 2] = k[:, :, 1]  # duplicates
+    v = torch.randn(B, Hkv, N, D, generator=g, dtype=torch.float64)
+    return [x.to(dtype).to(device) for x in (q, k, v)]
+
+
+def _reference(q, k, v, tau, kind, alpha, bias, scale):
+    """Dense float64 attention over keys with score >= tau (causal: last M positions)."""
+    B, Hq, M, D = q.shape
+    G = Hq // k.shape[1]
+    kk = k.double().repeat_interleave(G, 1)
+    vv = v.double().repeat_interleave(G, 1)
+    s = q.double() @ kk.transpose(-1, -2)
+    N = k.shape[2]
+    pos = torch.arange(N, device=q.device)
+    lim = N - M + torch.arange(M, device=q.device)
+    keep = (s >= tau[..., None]) & (pos[None, :] <= lim[:, None])
+    if kind == "softmax":
+        z = torch.where(keep, s * scale, -math.inf)
+        w = torch.exp(z - z.amax(-1, keepdim=True).clamp_min(-1e300))
+        w = torch.where(keep, w, 0.0)
+    else:
+        w = torch.where(keep, torch.clamp(s * scale - bias, min=0) ** alpha, 0.0)
+    den = w.sum(-1, keepdim=True)
+    out = torch.where(den > 0, (w @ vv) / torch.where(den > 0, den, 1.0), 0.0)
+    return out, s, keep
+
+
+@pytest.mark.parametrize("lattice", [True, False])
+@pytest.mark.parametrize("B,Hkv,G,M,N,D", [(1, 1, 1, 1, 70, 32), (2, 2, 3, 1, 200, 64), (1, 2, 2, 3, 129, 32)])
+def test_filter_keeps_every_key_and_attention_matches(device, lattice, B, Hkv, G, M, N, D):
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    q, k, v = _inputs(B, Hkv, G, M, N, D, dtype, device, lattice, seed=N + D)
+    cache = CodeKVCache(k, v, seed=1)
+    scale = D ** -0.5
+    s_all = q.double() @ k.double().repeat_interleave(G, 1).transpose(-1, -2)
+    srt = s_all.sort(-1).values
+    if lattice:  # per-row thresholds that tie existing scores exactly (fp32 sums are exact)
+        tau = srt[..., 2 * N // 3].clone()
+    else:  # halfway between two scores: no key within fp32 rounding of tau
+        tau = (srt[..., 2 * N // 3] + srt[..., 2 * N // 3 + 1]) / 2
+    tau = tau.float()  # GPU thresholds are float32 (lattice ties and midpoints are exact in it)
+    plan = cache.search(q, tau)
+    cnt = plan.count.cpu()
+    surv = [set(plan.surv[i, :cnt[i]].cpu().tolist()) for i in range(B * Hkv)]
+    for b in range(B):
+        for hq in range(Hkv * G):
+            need = set(torch.nonzero(s_all[b, hq, -1] >= tau[b, hq, -1].double()).flatten().cpu().tolist())
+            assert need <= surv[b * Hkv + hq // G]  # no false negative
+    for kind in ("softmax", "relu"):
+        bias = 0.3 if kind == "relu" else 0.0
+        t = torch.full_like(tau, bias / scale) if kind == "relu" else tau
+        plan = cache.search(q, t, bias=bias)
+        out, lse = cache.attend_plan(q, plan, kind=kind, alpha=2, scale=scale)
+        ref, s, keep = _reference(q, k, v, t.double(), kind, 2, bias, scale)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: P is rounded for the PV product
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+        empty = ~keep.any(-1)
+        assert (out[empty] == 0).all() and torch.isneginf(lse[empty]).all()
+
+
+def test_append_codes_new_keys(device):
+    dtype = torch.float32
+    q, k, v = _inputs(1, 2, 2, 1, 300, 32, dtype, device, False, seed=3)
+    cache = CodeKVCache(k[:, :, :100], v[:, :, :100], capacity=64)
+    for s in range(100, 300, 37):
+        cache.append(k[:, :, s:s + 37], v[:, :, s:s + 37])
+    assert len(cache) == 300
+    full = CodeKVCache(k, v)
+    torch.testing.assert_close(cache.codes[:, :, :300], full.codes[:, :, :300])
+    torch.testing.assert_close(cache.err[:, :, :300], full.err[:, :, :300])
+    out = cache.attend(q, kind="relu", bias=0.2)
+    ref, *_ = _reference(q, k, v, torch.full(q.shape[:3], 0.2 / 32 ** -0.5, dtype=torch.float64, device=q.device),
+                         "relu", 2, 0.2, 32 ** -0.5)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_inputs(device):
+    q, k, v = _inputs(1, 2, 2, 1, 40, 32, torch.float32, device, False, seed=4)
+    with pytest.raises(ValueError, match="head dim"):
+        CodeKVCache(k[..., :24], v[..., :24])
+    with pytest.raises(ValueError, match="NaN"):
+        CodeKVCache(k.clone().fill_(math.nan), v)
+    with pytest.raises(TypeError, match="dtype"):
+        CodeKVCache(k.int(), v.int())
+    cache = CodeKVCache(k, v)
+    with pytest.raises(ValueError, match="does not fit"):
+        cache.search(q[:, :, :, :16], 0.0)
+    with pytest.raises(ValueError, match="tau="):
+        cache.attend(q, kind="softmax")
+    with pytest.raises(ValueError, match="kind"):
+        cache.attend(q, tau=0.0, kind="linear")
+    with pytest.raises(ValueError, match="tau must"):
+        cache.search(q, torch.zeros(5, device=q.device))
+    with pytest.raises(ValueError, match="float32"):
+        cache.search(q, torch.zeros(4, dtype=torch.float64, device=q.device))
+
+
+def test_kvcacheindex_to_device_and_hsr_attention(device):
+    import numpy as np
+
+    import hsr
+
+    rng = np.random.default_rng(5)
+    k = rng.standard_normal((1, 2, 150, 32)).astype(np.float32)
+    v = rng.standard_normal((1, 2, 150, 32)).astype(np.float32)
+    q = rng.standard_normal((1, 4, 1, 32)).astype(np.float32)
+    cpu = hsr.KVCacheIndex(k, v)
+    gpu = cpu.to(device, dtype=torch.float32)
+    assert len(gpu) == 150
+    out_gpu = hsr.hsr_attention(torch.from_numpy(q).to(device), gpu, kind="relu", alpha=2, bias=0.4)
+    out_cpu = hsr.hsr_attention(q, cpu, kind="relu", alpha=2, bias=0.4)
+    np.testing.assert_allclose(out_gpu.cpu().numpy(), out_cpu, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="CPU-only"):
+        hsr.hsr_attention(torch.from_numpy(q).to(device), gpu, kind="softmax", eps=1e-3)
