@@ -56,7 +56,6 @@ def _is_pow2(x):
     return (x >= 1) & ((x & (x - 1)) == 0)
 
 
-
 @dataclass(frozen=True)
 class Pattern:
     """Base class of a static causal block-sparse pattern.
