@@ -129,12 +129,11 @@ def run(args):
                 sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
                 t_sdpa = triton.testing.do_bench(sdpa, warmup=25, rep=200, return_mode="median")
                 if kind == "real" and args.tune:
-                    for bn in (64, 128, 256):
-                        for nw in (4, 8):
-                            f = graph(lambda: cache.search(q, tau, block_n=bn, num_warps=nw))
-                            t = triton.testing.do_bench(f, warmup=25, rep=200, return_mode="median")
-                            print(f"  tune filter n={n} B={B} block_n={bn} warps={nw}: {t*1e3:.1f} us "
-                                  f"({cache.keys_read_bytes() / (t * 1e-3) / bw * 100:.0f}% of copy bw)")
+                    for bn, nw, ns in ((128, 4, 3), (256, 4, 2), (256, 4, 3), (256, 8, 3), (256, 8, 4)):
+                        f = graph(lambda: cache.search(q, tau, block_n=bn, num_warps=nw, num_stages=ns))
+                        t = triton.testing.do_bench(f, warmup=25, rep=200, return_mode="median")
+                        print(f"  tune filter n={n} B={B} block_n={bn} warps={nw} stages={ns}: {t*1e3:.1f} us "
+                              f"({cache.keys_read_bytes() / (t * 1e-3) / bw * 100:.0f}% of copy bw)")
                 for akind in ("softmax", "relu"):
                     step = (lambda: cache.attend(q, tau=tau, kind="softmax")) if akind == "softmax" \
                         else (lambda: cache.attend(q, tau=tau, kind="relu", alpha=2, bias=bias))
@@ -149,12 +148,14 @@ def run(args):
                     t_graph = triton.testing.do_bench(replay, warmup=25, rep=200, return_mode="median")
                     filt = graph(lambda: cache.search(q, tau))
                     t_filter = triton.testing.do_bench(filt, warmup=25, rep=200, return_mode="median")
+                    run_only = graph(lambda: cache.attend_plan(q, plan, kind=akind, alpha=2))
+                    t_attend = triton.testing.do_bench(run_only, warmup=25, rep=200, return_mode="median")
                     code_bytes = cache.keys_read_bytes()
                     kv_row = 2 * 128 * 2  # K + V, bf16
                     ours_bytes = code_bytes + B * 4 * surv * kv_row
                     dense_bytes = B * 4 * n * kv_row
                     row = dict(keys=kind, n=n, B=B, attention=akind, sdpa_ms=t_sdpa, ours_graph_ms=t_graph,
-                               ours_eager_ms=t_eager, filter_ms=t_filter,
+                               ours_eager_ms=t_eager, filter_ms=t_filter, attend_ms=t_attend,
                                speedup_vs_sdpa=t_sdpa / t_graph,
                                dense_floor_ms=dense_bytes / bw * 1e3, ours_floor_ms=ours_bytes / bw * 1e3,
                                ours_over_floor=t_graph / (ours_bytes / bw * 1e3),
@@ -163,7 +164,7 @@ def run(args):
                                kept_fraction=kept / n, max_abs_err=err)
                     rows.append(row)
                     print(f"{kind:5s} n={n:6d} B={B} {akind:7s} sdpa {t_sdpa*1e3:7.1f} us  ours {t_graph*1e3:7.1f} us "
-                          f"(eager {t_eager*1e3:7.1f}, filter {t_filter*1e3:6.1f}) x{t_sdpa/t_graph:4.2f}  "
+                          f"(eager {t_eager*1e3:6.1f}, filter {t_filter*1e3:6.1f}, attend {t_attend*1e3:5.1f}) x{t_sdpa/t_graph:4.2f}  "
                           f"floor {row['ours_floor_ms']*1e3:6.1f} us (x{row['ours_over_floor']:.2f})  "
                           f"filter bw {row['filter_bandwidth_share']*100:4.0f}%  surv {surv/n*100:5.2f}%  "
                           f"kept {kept/n*100:5.2f}%  err {err:.2e}", flush=True)

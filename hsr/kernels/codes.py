@@ -21,9 +21,10 @@ Kernels (four launches per step and a memset, no host synchronisation, so a step
 captured in a CUDA graph):
 
 1. ``_rotate_kernel``: grid (B*Hkv, DP/32); the group's query rows times ``R^T`` (fp32 ieee).
-2. ``_code_filter_kernel``: grid (key tiles, B*Hkv); each program splits the rotated rows into
-   their int8 parts and thresholds (cheap, redundant across programs), then reads DP+8
-   bytes per key and appends the survivors.
+2. ``_code_filter_kernel``: a persistent grid (about four programs per multiprocessor);
+   each program splits the rotated rows into their int8 parts and thresholds once, then
+   strides over key tiles (pipelined loads), reads DP+8 bytes per key and appends the
+   survivors.
 3. ``_code_attend_kernel``: grid (splits, B*Hkv); each split walks its share of the survivor
    list, gathers K rows, computes the exact fp32 scores of the group's rows, keeps
    ``score >= tau`` (and the causal limit), and accumulates softmax (online) or ReLU^alpha.
@@ -139,46 +140,57 @@ def _query_parts(qr, q, tau, r_ok, maxn, maxe, defect, HEAD_DIM: tl.constexpr):
 @triton.jit
 def _code_filter_kernel(Q, QR, TAU, tau_scalar, MAXN, MAXE, CODES, SCALE, ERR, COUNT, SURV,
                         N, s_qb, s_qh, s_qm, s_tb, s_th, s_tm, s_cb, s_ch, s_cn, s_sb, s_sh,
-                        G, M, Hkv, SURV_STRIDE, defect,
+                        G, M, Hkv, SURV_STRIDE, defect, NPROG,
                         ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                        DP: tl.constexpr, TAU_TENSOR: tl.constexpr, UPCAST: tl.constexpr):
-    # QR fp32 (B*Hkv, ROWS, DP): the group's rotated query rows (_rotate_kernel). Each program
-    # re-derives the rows' int8 parts and thresholds (a few thousand flops, far below its
-    # tile's bytes), bounds BLOCK_N keys and appends the survivors of any row to
-    # SURV int32 (B*Hkv, SURV_STRIDE); COUNT int32 (B*Hkv,) (zeroed by the caller).
+                        DP: tl.constexpr, TAU_TENSOR: tl.constexpr, UPCAST: tl.constexpr,
+                        STAGES: tl.constexpr):
+    # QR fp32 (B*Hkv, ROWS, DP): the group's rotated query rows (_rotate_kernel). A persistent
+    # grid: NPROG programs per (batch, kv head) derive the rows' int8 parts and thresholds once,
+    # then stride over the key tiles (pipelined loads), append the survivors of any row to
+    # SURV int32 (B*Hkv, SURV_STRIDE) and count them in COUNT int32 (B*Hkv,) (zeroed by the
+    # caller).
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // Hkv
     h = pid_bh % Hkv
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
     offs_d = tl.arange(0, DP)
     offs_r = tl.arange(0, ROWS)
-    cbase = CODES + b.to(tl.int64) * s_cb + h.to(tl.int64) * s_ch
-    c = tl.load(cbase + offs_n[:, None].to(tl.int64) * s_cn + offs_d[None, :], mask=n_ok[:, None], other=0)
     q, r_ok, head, mrow = _load_query_rows(Q, s_qb, s_qh, s_qm, b, h, G, M, ROWS, HEAD_DIM)
     qr = tl.load(QR + (pid_bh.to(tl.int64) * ROWS + offs_r)[:, None] * DP + offs_d[None, :])
     tau = _load_rows(TAU, tau_scalar, s_tb, s_th, s_tm, b, head, mrow, r_ok, 0.0, TAU_TENSOR)
     i1, i2, a1, a2, qn, thr = _query_parts(qr, q, tau, r_ok, tl.load(MAXN + pid_bh), tl.load(MAXE + pid_bh),
                                            defect, HEAD_DIM)
-    if UPCAST:  # the interpreter's int8 matmul would wrap: integer-valued fp32 sums are exact
-        p1 = tl.dot(i1, tl.trans(c.to(tl.float32)), input_precision="ieee")
-        p2 = tl.dot(i2, tl.trans(c.to(tl.float32)), input_precision="ieee")
+    if UPCAST:
+        q1 = i1
+        q2 = i2
     else:
-        p1 = tl.dot(i1.to(tl.int8), tl.trans(c)).to(tl.float32)  # exact int32, |.| < 2^24
-        p2 = tl.dot(i2.to(tl.int8), tl.trans(c)).to(tl.float32)
+        q1 = i1.to(tl.int8)
+        q2 = i2.to(tl.int8)
+    cbase = CODES + b.to(tl.int64) * s_cb + h.to(tl.int64) * s_ch
     sbase = b.to(tl.int64) * s_sb + h.to(tl.int64) * s_sh
-    s = tl.load(SCALE + sbase + offs_n, mask=n_ok, other=0.0)
-    e = tl.load(ERR + sbase + offs_n, mask=n_ok, other=0.0)
-    ub = s[None, :] * (a1[:, None] * p1 + a2[:, None] * p2) + qn[:, None] * e[None, :]
-    hit = tl.where(ub >= thr[:, None], 1, 0)
-    keep = (tl.max(hit, 0) > 0) & n_ok
-    keep_i = keep.to(tl.int32)
-    cnt = tl.sum(keep_i, 0)
-    if cnt > 0:
-        base = tl.atomic_add(COUNT + pid_bh, cnt)
-        pos = base + tl.cumsum(keep_i, 0) - 1
-        tl.store(SURV + pid_bh.to(tl.int64) * SURV_STRIDE + pos, offs_n, mask=keep)
+    obase = SURV + pid_bh.to(tl.int64) * SURV_STRIDE
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    for tile in tl.range(pid_n, n_tiles, NPROG, num_stages=STAGES):
+        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        c = tl.load(cbase + offs_n[:, None].to(tl.int64) * s_cn + offs_d[None, :], mask=n_ok[:, None], other=0)
+        if UPCAST:  # the interpreter's int8 matmul would wrap: integer-valued fp32 sums are exact
+            p1 = tl.dot(q1, tl.trans(c.to(tl.float32)), input_precision="ieee")
+            p2 = tl.dot(q2, tl.trans(c.to(tl.float32)), input_precision="ieee")
+        else:
+            p1 = tl.dot(q1, tl.trans(c)).to(tl.float32)  # exact int32, |.| < 2^24
+            p2 = tl.dot(q2, tl.trans(c)).to(tl.float32)
+        s = tl.load(SCALE + sbase + offs_n, mask=n_ok, other=0.0)
+        e = tl.load(ERR + sbase + offs_n, mask=n_ok, other=0.0)
+        ub = s[None, :] * (a1[:, None] * p1 + a2[:, None] * p2) + qn[:, None] * e[None, :]
+        hit = tl.where(ub >= thr[:, None], 1, 0)
+        keep = (tl.max(hit, 0) > 0) & n_ok
+        keep_i = keep.to(tl.int32)
+        cnt = tl.sum(keep_i, 0)
+        if cnt > 0:
+            base = tl.atomic_add(COUNT + pid_bh, cnt)
+            pos = base + tl.cumsum(keep_i, 0) - 1
+            tl.store(obase + pos, offs_n, mask=keep)
 
 
 @triton.jit
@@ -429,7 +441,7 @@ class CodeKVCache:
                              f"got {tuple(x.shape)}")
         return t, 0.0, t.stride()
 
-    def search(self, q, tau, *, bias=0.0, block_n: int = 128, num_warps: int = 4) -> CodePlan:
+    def search(self, q, tau, *, bias=0.0, block_n: int = 256, num_warps: int = 4, num_stages: int = 3) -> CodePlan:
         """Filter (plan): the keys whose bound reaches ``tau - slack`` for any row of their group.
 
         Parameters
@@ -439,7 +451,8 @@ class CodeKVCache:
             Raw-score thresholds (``<q, k> >= tau`` is kept).
         bias : float or float32 Tensor, same shapes
             ReLU bias, carried to :meth:`attend_plan`.
-        block_n, num_warps : tuning of the filter kernel (keys per program, warps).
+        block_n, num_warps, num_stages : tuning of the filter kernel (keys per tile, warps,
+            pipelined tile loads).
         """
         self._check_q(q)
         B, Hq, M, D = q.shape
@@ -454,14 +467,17 @@ class CodeKVCache:
             q, self.rot32, QR, q.stride(0), q.stride(1), q.stride(2), G, M, self.Hkv,
             ROWS=rows, HEAD_DIM=D, DP=self.DP, BLOCK_J=32, num_warps=4)
         self._count.zero_()
-        grid = (triton.cdiv(self.n, block_n), BH)
+        n_tiles = triton.cdiv(self.n, block_n)
+        # persistent: about four programs per multiprocessor in all, each striding over tiles
+        nprog = max(1, min(n_tiles, -(-4 * _num_sms(dev) // BH)))
+        grid = (nprog, BH)
         _code_filter_kernel[grid](
             q, QR, self._count if tau_t is None else tau_t, tau_s, self._maxn32, self._maxe32, self.codes,
             self.scale, self.err, self._count, self._surv, self.n, q.stride(0), q.stride(1), q.stride(2),
             ts[0], ts[1], ts[2], self.codes.stride(0), self.codes.stride(1), self.codes.stride(2),
             self.scale.stride(0), self.scale.stride(1), G, M, self.Hkv, self._surv.stride(0), self.defect,
-            ROWS=rows, BLOCK_N=block_n, HEAD_DIM=D, DP=self.DP, TAU_TENSOR=tau_t is not None,
-            UPCAST=interpreting(), num_warps=num_warps)
+            nprog, ROWS=rows, BLOCK_N=block_n, HEAD_DIM=D, DP=self.DP, TAU_TENSOR=tau_t is not None,
+            UPCAST=interpreting(), STAGES=num_stages, num_warps=num_warps)
         return CodePlan(self._surv, self._count, (tau_t, tau_s), (bias_t, bias_s), rows, M)
 
     # ------------------------------------------------------------------ run (attend)

@@ -131,8 +131,10 @@ def test_padding_mask_supported_and_other_masks_rejected():
     mask = (causal[None] & keypad[:, None, :])[:, None]
     out, _ = be(_module(), q, k, v, mask, scaling=0.25)
     ref = _dense(q, k, v, mask=mask, scale=0.25)
-    torch.testing.assert_close(out[1, 7:], ref[1, 7:], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(out[0], ref[0], atol=1e-5, rtol=1e-5)
+    # the certified softmax drops at most eps of the mass: |out - ref| <= 2 eps max|v|
+    tol = 2 * 1e-3 * float(v.abs().max()) + 1e-5
+    torch.testing.assert_close(out[1, 7:], ref[1, 7:], atol=tol, rtol=0)
+    torch.testing.assert_close(out[0], ref[0], atol=tol, rtol=0)
     bad = mask.clone()
     bad[0, 0, 20, 3] = False  # a hole that is not key padding
     with pytest.raises(ValueError, match="key padding"):
@@ -258,7 +260,9 @@ def test_real_model_hsr_softmax_matches_dense(smollm2):
     assert len(worst) == model.config.num_hidden_layers
     assert all(e <= b for e, b in worst), worst
     assert be.stats.max_dropped <= 1e-3
-    assert (out - ref).abs().max().item() < 1e-2
+    # eps = 1e-3 really drops up to 0.1% of each row's mass now (per-key bounds stop early);
+    # through 30 layers that moved the logits by 0.05 at most (measured), hence 0.1
+    assert (out - ref).abs().max().item() < 0.1
     assert (out.argmax(-1) == ref.argmax(-1)).float().mean().item() >= 0.99
 
     # greedy decoding of 10 tokens through an HSRCache: same tokens, index appended per step
@@ -292,8 +296,9 @@ def test_real_model_padded_batch(smollm2):
         model.set_attn_implementation("t_hsr_model_pad")
         out = model(batch, attention_mask=att).logits
         model.set_attn_implementation("sdpa")
-    assert (out[0] - ref[0]).abs().max().item() < 1e-2
-    assert (out[1, 15:] - ref[1, 15:]).abs().max().item() < 1e-2
+    # eps = 1e-3 drops up to 0.1% of the mass per row: logits move by a few 1e-2 (measured 0.035)
+    assert (out[0] - ref[0]).abs().max().item() < 0.1
+    assert (out[1, 15:] - ref[1, 15:]).abs().max().item() < 0.1
 
 
 @pytest.mark.model
