@@ -141,7 +141,7 @@ def run(args):
                     ref = reference(q, k, v, tau, akind, scale, bias)
                     err = float((out.float() - ref).abs().max())
                     plan = cache.search(q, tau, bias=bias if akind == "relu" else 0.0)
-                    surv = plan.count.double().mean().item()
+                    surv = plan.n_survivors().double().mean().item()
                     kept = float((dense_scores(q, k) >= tau[..., None]).sum(-1).double().mean())
                     t_eager = triton.testing.do_bench(step, warmup=25, rep=200, return_mode="median")
                     replay = graph(step)

@@ -15,7 +15,7 @@ two exact int8 tensor-core products with int32 accumulation; ``||rq|| * max s||c
 rounding of the fp32 bound arithmetic, and the gap between the kernel's fp32-accumulated
 score and the real dot product make one per-row slack. A key *survives* when its bound
 reaches ``tau - slack`` for any query row of its kv head's group (the GQA group shares one
-read of the codes); survivors are compacted per (batch, kv head) with one atomic per program.
+read of the codes); each filter program writes its survivors to its own segment of the list.
 
 Kernels (four launches per step and a memset, no host synchronisation, so a step can be
 captured in a CUDA graph):
@@ -140,15 +140,16 @@ def _query_parts(qr, q, tau, r_ok, maxn, maxe, defect, HEAD_DIM: tl.constexpr):
 @triton.jit
 def _code_filter_kernel(Q, QR, TAU, tau_scalar, MAXN, MAXE, CODES, SCALE, ERR, COUNT, SURV,
                         N, s_qb, s_qh, s_qm, s_tb, s_th, s_tm, s_cb, s_ch, s_cn, s_sb, s_sh,
-                        G, M, Hkv, SURV_STRIDE, defect, NPROG,
+                        G, M, Hkv, SURV_STRIDE, SEG, defect, NPROG,
                         ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                         DP: tl.constexpr, TAU_TENSOR: tl.constexpr, UPCAST: tl.constexpr,
                         STAGES: tl.constexpr):
     # QR fp32 (B*Hkv, ROWS, DP): the group's rotated query rows (_rotate_kernel). A persistent
     # grid: NPROG programs per (batch, kv head) derive the rows' int8 parts and thresholds once,
-    # then stride over the key tiles (pipelined loads), append the survivors of any row to
-    # SURV int32 (B*Hkv, SURV_STRIDE) and count them in COUNT int32 (B*Hkv,) (zeroed by the
-    # caller).
+    # then stride over the key tiles (pipelined loads). Program p appends the survivors of any
+    # row to its own segment SURV[bh, p*SEG : (p+1)*SEG] (int32, ascending positions) and writes
+    # their number to COUNT[bh, p]: no atomics (thousands of tiles of one head would contend on
+    # one counter) and a deterministic survivor order.
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // Hkv
@@ -168,8 +169,9 @@ def _code_filter_kernel(Q, QR, TAU, tau_scalar, MAXN, MAXE, CODES, SCALE, ERR, C
         q2 = i2.to(tl.int8)
     cbase = CODES + b.to(tl.int64) * s_cb + h.to(tl.int64) * s_ch
     sbase = b.to(tl.int64) * s_sb + h.to(tl.int64) * s_sh
-    obase = SURV + pid_bh.to(tl.int64) * SURV_STRIDE
+    obase = SURV + pid_bh.to(tl.int64) * SURV_STRIDE + pid_n.to(tl.int64) * SEG
     n_tiles = tl.cdiv(N, BLOCK_N)
+    found = 0
     for tile in tl.range(pid_n, n_tiles, NPROG, num_stages=STAGES):
         offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
@@ -186,18 +188,17 @@ def _code_filter_kernel(Q, QR, TAU, tau_scalar, MAXN, MAXE, CODES, SCALE, ERR, C
         hit = tl.where(ub >= thr[:, None], 1, 0)
         keep = (tl.max(hit, 0) > 0) & n_ok
         keep_i = keep.to(tl.int32)
-        cnt = tl.sum(keep_i, 0)
-        if cnt > 0:
-            base = tl.atomic_add(COUNT + pid_bh, cnt)
-            pos = base + tl.cumsum(keep_i, 0) - 1
-            tl.store(obase + pos, offs_n, mask=keep)
+        pos = found + tl.cumsum(keep_i, 0) - 1
+        tl.store(obase + pos, offs_n, mask=keep)
+        found += tl.sum(keep_i, 0)
+    tl.store(COUNT + pid_bh * NPROG + pid_n, found)
 
 
 @triton.jit
 def _code_attend_kernel(Q, K, V, TAU, tau_scalar, BIAS, bias_scalar, SURV, COUNT, O_PART, L_PART,
                         s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
                         s_tb, s_th, s_tm, s_bb, s_bh, s_bm,
-                        N, M, G, Hkv, SURV_STRIDE, SPLITS, BHM, qk_scale, scale,
+                        N, M, G, Hkv, SURV_STRIDE, SEG, NPROG, SPLITS, BHM, qk_scale, scale,
                         ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                         KIND: tl.constexpr, ALPHA: tl.constexpr, UPCAST: tl.constexpr,
                         TAU_TENSOR: tl.constexpr, BIAS_TENSOR: tl.constexpr):
@@ -212,38 +213,36 @@ def _code_attend_kernel(Q, K, V, TAU, tau_scalar, BIAS, bias_scalar, SURV, COUNT
     tau = _load_rows(TAU, tau_scalar, s_tb, s_th, s_tm, b, head, mrow, r_ok, float("inf"), TAU_TENSOR)
     bias = _load_rows(BIAS, bias_scalar, s_bb, s_bh, s_bm, b, head, mrow, r_ok, 0.0, BIAS_TENSOR)
     limit = N - M + mrow  # causal: query m of M sits at N - M + m
-    cnt = tl.load(COUNT + pid_bh)
-    per = tl.cdiv(tl.cdiv(cnt, SPLITS), BLOCK_N) * BLOCK_N
-    start = pid_s * per
-    end = tl.minimum(cnt, start + per)
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
     kbase = K + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
     vbase = V + b.to(tl.int64) * s_vb + h.to(tl.int64) * s_vh
-    sbase = SURV + pid_bh.to(tl.int64) * SURV_STRIDE
-    for off in range(start, end, BLOCK_N):
-        offs_i = off + tl.arange(0, BLOCK_N)
-        i_ok = offs_i < end
-        idx = tl.load(sbase + offs_i, mask=i_ok, other=0)
-        k = tl.load(kbase + idx[:, None].to(tl.int64) * s_kn + offs_d[None, :], mask=i_ok[:, None], other=0.0)
-        v = tl.load(vbase + idx[:, None].to(tl.int64) * s_vn + offs_d[None, :], mask=i_ok[:, None], other=0.0)
-        if UPCAST:
-            sc = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
-        else:
-            sc = tl.dot(q, tl.trans(k))
-        keep = i_ok[None, :] & (sc >= tau[:, None]) & (idx[None, :] <= limit[:, None]) & r_ok[:, None]
-        if KIND == 0:
-            s2 = tl.where(keep, sc * qk_scale, float("-inf"))
-            m_i, l_i, acc = _online_softmax_step(s2, v, m_i, l_i, acc, UPCAST)
-        else:
-            z = tl.maximum(sc * scale - bias[:, None], 0.0)
-            w = z
-            for _ in tl.static_range(ALPHA - 1):
-                w = w * z
-            w = tl.where(keep, w, 0.0)
-            l_i += tl.sum(w, 1)
-            acc += tl.dot(w, v.to(tl.float32), input_precision="ieee")
+    for seg in range(pid_s, NPROG, SPLITS):  # split s takes the filter's segments s, s+SPLITS, ...
+        sbase = SURV + pid_bh.to(tl.int64) * SURV_STRIDE + seg * SEG
+        cnt = tl.load(COUNT + pid_bh * NPROG + seg)
+        for off in range(0, cnt, BLOCK_N):
+            offs_i = off + tl.arange(0, BLOCK_N)
+            i_ok = offs_i < cnt
+            idx = tl.load(sbase + offs_i, mask=i_ok, other=0)
+            k = tl.load(kbase + idx[:, None].to(tl.int64) * s_kn + offs_d[None, :], mask=i_ok[:, None], other=0.0)
+            v = tl.load(vbase + idx[:, None].to(tl.int64) * s_vn + offs_d[None, :], mask=i_ok[:, None], other=0.0)
+            if UPCAST:
+                sc = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+            else:
+                sc = tl.dot(q, tl.trans(k))
+            keep = i_ok[None, :] & (sc >= tau[:, None]) & (idx[None, :] <= limit[:, None]) & r_ok[:, None]
+            if KIND == 0:
+                s2 = tl.where(keep, sc * qk_scale, float("-inf"))
+                m_i, l_i, acc = _online_softmax_step(s2, v, m_i, l_i, acc, UPCAST)
+            else:
+                z = tl.maximum(sc * scale - bias[:, None], 0.0)
+                w = z
+                for _ in tl.static_range(ALPHA - 1):
+                    w = w * z
+                w = tl.where(keep, w, 0.0)
+                l_i += tl.sum(w, 1)
+                acc += tl.dot(w, v.to(tl.float32), input_precision="ieee")
     if KIND == 0:
         l_safe, lse = _softmax_epilogue(m_i, l_i)
     else:
@@ -278,10 +277,12 @@ class CodePlan:
 
     Attributes
     ----------
-    surv : Tensor, (B*Hkv, capacity) int32
-        Surviving key positions of each (batch, kv head), in no particular order; the first
-        ``count[bh]`` entries are valid.
-    count : Tensor, (B*Hkv,) int32
+    surv : Tensor, (B*Hkv, P * seg) int32
+        Surviving key positions of each (batch, kv head): filter program p wrote its
+        ``count[bh, p]`` survivors, ascending, at ``surv[bh, p*seg:]``.
+    count : Tensor, (B*Hkv, P) int32
+    seg : int
+        Length of one program's segment.
     tau, bias : (Tensor or None, float)
         The thresholds and ReLU biases as given: a ``(B, Hq, M)``-strided float32 tensor, or
         None and a number.
@@ -293,10 +294,21 @@ class CodePlan:
 
     surv: torch.Tensor
     count: torch.Tensor
+    seg: int
     tau: tuple
     bias: tuple
     rows: int
     m: int
+
+    def survivors(self, bh: int) -> torch.Tensor:
+        """The surviving key positions of (batch, kv head) ``bh``, ascending (host sync)."""
+        cnt = self.count[bh].tolist()
+        parts = [self.surv[bh, p * self.seg:p * self.seg + c] for p, c in enumerate(cnt)]
+        return torch.cat(parts) if parts else self.surv.new_zeros(0)
+
+    def n_survivors(self) -> torch.Tensor:
+        """Survivors per (batch, kv head), ``(B*Hkv,)`` int64 (on the device, no sync)."""
+        return self.count.sum(1)
 
 
 class CodeKVCache:
@@ -366,8 +378,6 @@ class CodeKVCache:
             err[:, :, :n] = self.err[:, :, :n]
         self.k, self.v, self.codes, self.scale, self.err = k, v, codes, scale, err
         self.capacity = cap
-        self._surv = torch.empty(B * H, cap, dtype=torch.int32, device=dev)
-        self._count = torch.zeros(B * H, dtype=torch.int32, device=dev)
 
     def __len__(self) -> int:
         return self.n
@@ -466,19 +476,22 @@ class CodeKVCache:
         _rotate_kernel[(BH, self.DP // 32)](
             q, self.rot32, QR, q.stride(0), q.stride(1), q.stride(2), G, M, self.Hkv,
             ROWS=rows, HEAD_DIM=D, DP=self.DP, BLOCK_J=32, num_warps=4)
-        self._count.zero_()
         n_tiles = triton.cdiv(self.n, block_n)
         # persistent: about four programs per multiprocessor in all, each striding over tiles
+        # and owning a segment of the survivor list big enough for all of its tiles
         nprog = max(1, min(n_tiles, -(-4 * _num_sms(dev) // BH)))
+        seg = triton.cdiv(n_tiles, nprog) * block_n
+        surv = torch.empty(BH, nprog * seg, dtype=torch.int32, device=dev)
+        count = torch.empty(BH, nprog, dtype=torch.int32, device=dev)
         grid = (nprog, BH)
         _code_filter_kernel[grid](
-            q, QR, self._count if tau_t is None else tau_t, tau_s, self._maxn32, self._maxe32, self.codes,
-            self.scale, self.err, self._count, self._surv, self.n, q.stride(0), q.stride(1), q.stride(2),
+            q, QR, count if tau_t is None else tau_t, tau_s, self._maxn32, self._maxe32, self.codes,
+            self.scale, self.err, count, surv, self.n, q.stride(0), q.stride(1), q.stride(2),
             ts[0], ts[1], ts[2], self.codes.stride(0), self.codes.stride(1), self.codes.stride(2),
-            self.scale.stride(0), self.scale.stride(1), G, M, self.Hkv, self._surv.stride(0), self.defect,
+            self.scale.stride(0), self.scale.stride(1), G, M, self.Hkv, surv.stride(0), seg, self.defect,
             nprog, ROWS=rows, BLOCK_N=block_n, HEAD_DIM=D, DP=self.DP, TAU_TENSOR=tau_t is not None,
             UPCAST=interpreting(), STAGES=num_stages, num_warps=num_warps)
-        return CodePlan(self._surv, self._count, (tau_t, tau_s), (bias_t, bias_s), rows, M)
+        return CodePlan(surv, count, seg, (tau_t, tau_s), (bias_t, bias_s), rows, M)
 
     # ------------------------------------------------------------------ run (attend)
     def attend_plan(self, q, plan: CodePlan, *, kind="softmax", alpha=2, scale=None, num_splits=None):
@@ -499,7 +512,9 @@ class CodeKVCache:
         G = Hq // self.Hkv
         s = float(scale) if scale is not None else D ** -0.5
         BH = B * self.Hkv
+        nprog = plan.count.shape[1]
         splits = int(num_splits or max(1, min(64, 2 * _num_sms(self.device) // BH)))
+        splits = min(splits, nprog)
         BHM = B * Hq * M
         if plan.m != M or plan.rows != max(16, triton.next_power_of_2(G * M)):
             raise ValueError("the plan was made for other queries (different M or group size)")
@@ -514,7 +529,7 @@ class CodeKVCache:
             bias_t if bias_t is not None else plan.count, bias_s, plan.surv, plan.count, o_part, l_part,
             q.stride(0), q.stride(1), q.stride(2), self.k.stride(0), self.k.stride(1), self.k.stride(2),
             self.v.stride(0), self.v.stride(1), self.v.stride(2), *ts, *bs,
-            self.n, M, G, self.Hkv, plan.surv.stride(0), splits, BHM, s * LOG2E, s,
+            self.n, M, G, self.Hkv, plan.surv.stride(0), plan.seg, nprog, splits, BHM, s * LOG2E, s,
             ROWS=plan.rows, BLOCK_N=64, HEAD_DIM=D, KIND=0 if kind == "softmax" else 1, ALPHA=int(alpha),
             UPCAST=interpreting() or q.dtype == torch.float32, TAU_TENSOR=tau_t is not None,
             BIAS_TENSOR=bias_t is not None, num_warps=4)

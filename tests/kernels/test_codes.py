@@ -63,8 +63,9 @@ def test_filter_keeps_every_key_and_attention_matches(device, lattice, B, Hkv, G
         tau = (srt[..., 2 * N // 3] + srt[..., 2 * N // 3 + 1]) / 2
     tau = tau.float()  # GPU thresholds are float32 (lattice ties and midpoints are exact in it)
     plan = cache.search(q, tau)
-    cnt = plan.count.cpu()
-    surv = [set(plan.surv[i, :cnt[i]].cpu().tolist()) for i in range(B * Hkv)]
+    surv = [plan.survivors(i).cpu() for i in range(B * Hkv)]
+    assert all((x[1:] > x[:-1]).all() for x in surv)  # ascending, no duplicates
+    surv = [set(x.tolist()) for x in surv]
     for b in range(B):
         for hq in range(Hkv * G):
             need = set(torch.nonzero(s_all[b, hq, -1] >= tau[b, hq, -1].double()).flatten().cpu().tolist())
