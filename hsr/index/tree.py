@@ -337,6 +337,7 @@ class HSRIndex:
         self._n_total = 0
         self._n_dead = 0
         self._max_norm = 0.0
+        self._max_norm_sq = 0.0
         self._trees: list[_Tree] = []
         self._rot = None
         self._buffer = _empty_buffer(self.buffer_size, self.dim, self.dtype) if self.backend == "tree" else None
@@ -431,6 +432,8 @@ class HSRIndex:
         ``buffer_size``; a full buffer is merged with every smaller tree into one new tree
         (logarithmic method), so each key is rebuilt ``O(log(n / buffer_size))`` times.
         """
+        if self._codes is not None and self._add_one_fast(keys):
+            return np.arange(self._n_total - 1, self._n_total, dtype=np.int64)
         arr = as_float_array(keys, "keys", self.dtype, ndim=2, dim=self.dim)
         k = arr.shape[0]
         start = self._n_total
@@ -447,10 +450,36 @@ class HSRIndex:
         if k:
             sq = np.einsum("ij,ij->i", arr, arr, dtype=np.float64)
             self._max_norm = max(self._max_norm, math.sqrt(float(sq.max())))
+            self._max_norm_sq = self._max_norm ** 2
         new_ids = np.arange(start, start + k, dtype=np.int64)
         if self._buffer is not None and k:
             self._insert(start, k)
         return new_ids
+
+    def _add_one_fast(self, keys) -> bool:
+        """The decode step's append (code backend): one key that is already a C-contiguous
+        array of the working dtype is copied with no further conversion. Returns False (and
+        leaves everything as it was) for anything else, which then takes the validating path;
+        a NaN/Inf or huge key always does (its squared norm is not below 1e30)."""
+        if type(keys) is not np.ndarray or keys.dtype != self.dtype or keys.size != self.dim \
+                or keys.ndim > 2 or not keys.flags.c_contiguous:
+            return False
+        row = keys.reshape(self.dim)
+        sq = float(np.dot(row, row))
+        if not sq < 1e30:
+            return False
+        start = self._n_total
+        if start == self._keys.shape[0]:
+            return False
+        self._keys[start] = row
+        self._alive[start] = 1
+        self._n_total = start + 1
+        if sq >= self._max_norm_sq * (1.0 - 1e-3):
+            # the float32 dot may be off by d*2^-24 relative: near the maximum, decide in float64
+            r64 = row.astype(np.float64)
+            self._max_norm_sq = max(self._max_norm_sq, float(np.dot(r64, r64)))
+            self._max_norm = max(self._max_norm, math.sqrt(self._max_norm_sq))
+        return True
 
     def _insert(self, start: int, k: int) -> None:
         """Append ids ``start .. start+k-1`` (already in ``_keys``) to the buffer, or flush it."""
@@ -850,6 +879,7 @@ class HSRIndex:
         self._n_total = n_total
         self._n_dead = int(meta["n_dead"])
         self._max_norm = float(meta["max_norm"])
+        self._max_norm_sq = self._max_norm ** 2
         self._rot = arrays.get("rot")
         self._trees = []
         for i, (L, W) in enumerate(zip(meta["n_levels"], meta["strides"])):

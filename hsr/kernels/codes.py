@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from ._compat import interpreting, patch_interpreter
-from ._softmax import LOG2E, _online_softmax_step, _softmax_epilogue
+from ._softmax import LOG2E, _online_softmax_step, _softmax_epilogue, _weighted_values
 from .block_sparse import _num_sms, merge_partials
 
 patch_interpreter()
@@ -242,7 +242,8 @@ def _code_attend_kernel(Q, K, V, TAU, tau_scalar, BIAS, bias_scalar, SURV, COUNT
                     w = w * z
                 w = tl.where(keep, w, 0.0)
                 l_i += tl.sum(w, 1)
-                acc += tl.dot(w, v.to(tl.float32), input_precision="ieee")
+                # weights rounded to v's 16-bit dtype for the tensor cores, as softmax rounds P
+                acc += _weighted_values(w, v, UPCAST)
     if KIND == 0:
         l_safe, lse = _softmax_epilogue(m_i, l_i)
     else:

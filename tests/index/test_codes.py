@@ -167,3 +167,13 @@ def test_save_load_recodes(tmp_path):
 def test_bad_code_arguments():
     with pytest.raises(ValueError, match="code_rotation"):
         hsr.HSRIndex(dim=4, code_rotation="hadamard")
+    idx = hsr.HSRIndex(np.ones((40, 16), dtype=np.float32), method="code")
+    for bad in (np.float32(np.nan), np.float32(np.inf)):
+        key = np.ones(16, dtype=np.float32)
+        key[3] = bad
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            idx.add(key)  # the single-key fast path hands bad keys to the validating path
+    assert len(idx) == 40
+    big = np.full(16, 1e17, dtype=np.float32)  # its float32 squared norm overflows: slow path
+    idx.add(big)
+    assert idx.get_keys([40])[0, 0] == np.float32(1e17)
