@@ -382,8 +382,8 @@ def _decode_one(B, Hq, Hkv, N, D, C, fam, bw):
         # real (non-pad) keys in the surviving blocks: pad rows are masked out of the loads
         plan0 = index.search(q, tau)
         real_per_block = (index.pos.view(B, Hkv, -1, C) < N).sum(-1)  # (B,Hkv,nb)
-        cnt = plan0["union_num_blocks"].view(B, Hkv)
-        ids = plan0["union_indices"].view(B, Hkv, -1).long().clamp(0, index.num_blocks - 1)
+        cnt = plan0.union_num_blocks.view(B, Hkv)
+        ids = plan0.union_indices.view(B, Hkv, -1).long().clamp(0, index.num_blocks - 1)
         okm = torch.arange(ids.shape[-1], device=ids.device)[None, None] < cnt[..., None]
         real_keys = int((torch.gather(real_per_block, 2, ids) * okm).sum())
         sparse_bytes = (index.summary_bytes() + real_keys * 2 * D * k.element_size()

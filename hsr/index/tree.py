@@ -604,6 +604,11 @@ class HSRIndex:
         counts, stats, _ = self._forest_count(Q[pick], tau[pick], lim[pick], with_scores=False)
         return "brute" if stats[:, 1].mean() > AUTO_MAX_SCAN * live else "tree"
 
+    def _tree_args(self, t: _Tree, has_dead: bool) -> tuple:
+        """The arguments every tree kernel takes after the queries, in the kernels' order."""
+        return (t.kf, t.stride, t.ids, self._alive, has_dead, t.n_levels, t.node_start, t.node_end, t.center,
+                t.radius, t.lo, t.hi, t.maxnorm, t.minid, t.maxid, self._slack_rel, self._slack_abs)
+
     def _forest_count(self, Q, tau, lim, with_scores, rotated=None):
         comps = self._components()
         QR, qn = self._rotated(Q) if rotated is None else rotated
@@ -613,10 +618,8 @@ class HSRIndex:
         hits = np.empty((len(comps), m, _HITS), dtype=np.int64)
         has_dead = self._n_dead > 0
         for c, t in enumerate(comps):
-            K.tree_range_count(Q, QR, qn, tau, lim, t.kf, t.stride, t.ids, self._alive, has_dead,
-                               t.n_levels, t.node_start, t.node_end, t.center, t.radius, t.lo, t.hi,
-                               t.maxnorm, t.minid, t.maxid, self._slack_rel, self._slack_abs,
-                               with_scores, counts[c], stats, hits[c])
+            K.tree_range_count(Q, QR, qn, tau, lim, *self._tree_args(t, has_dead), with_scores, counts[c], stats,
+                               hits[c])
         return counts, stats, hits
 
     def range_search(self, queries, tau, *, max_id=None, return_scores=True, return_stats=False):
@@ -686,10 +689,8 @@ class HSRIndex:
         offsets = lims[:-1].copy()
         has_dead = self._n_dead > 0
         for c, t in enumerate(comps):
-            K.tree_range_fill(Q, QR, qn, tau, lim, t.kf, t.stride, t.ids, self._alive, has_dead,
-                              t.n_levels, t.node_start, t.node_end, t.center, t.radius, t.lo, t.hi,
-                              t.maxnorm, t.minid, t.maxid, self._slack_rel, self._slack_abs,
-                              with_scores, offsets, ids, scores, hits[c])
+            K.tree_range_fill(Q, QR, qn, tau, lim, *self._tree_args(t, has_dead), with_scores, offsets, ids, scores,
+                              hits[c])
             offsets += counts[c]
         return lims, ids, scores, stats
 
@@ -777,10 +778,7 @@ class HSRIndex:
             else:
                 QR, qn = self._rotated(Q)
                 for t in self._components():
-                    K.tree_topk(Q, QR, qn, lim, t.kf, t.stride, t.ids, self._alive, self._n_dead > 0,
-                                t.n_levels, t.node_start, t.node_end, t.center, t.radius, t.lo, t.hi,
-                                t.maxnorm, t.minid, t.maxid, self._slack_rel, self._slack_abs, top_s,
-                                top_i, stats)
+                    K.tree_topk(Q, QR, qn, lim, *self._tree_args(t, self._n_dead > 0), top_s, top_i, stats)
         order = np.lexsort((np.where(top_i < 0, np.iinfo(np.int64).max, top_i), -top_s), axis=1) \
             if m else np.zeros((0, k), dtype=np.int64)
         ids = np.take_along_axis(top_i, order, axis=1)

@@ -27,6 +27,7 @@ _LAZY = {
     "merge_partials": "block_sparse",
     "selected_attention": "selected",
     "GPUBlockIndex": "search",
+    "SearchPlan": "search",
     "build_index": "search",
     "hsr_decode": "search",
     "block_mask_dense": "_reference",
