@@ -28,8 +28,8 @@ The query side is quantised too, so the inner loop is an exact integer dot produ
 ``s <R q, c> <= s * a * <qi, c> + ||rq|| * s ||c||``. ``<qi, c>`` is summed in int32 (exact:
 ``QMAX`` keeps it from overflowing) in pairs of dimensions, which LLVM turns into the
 multiply-add-pairs instructions of the CPU. The remaining terms (``||rq|| * max_j s_j ||c_j||``,
-the float64 evaluation, the rotation's rounding, and the gap between the canonical float32
-score and the real dot product) are one per-query slack computed in ``codes.py``; a key is a
+the float32 evaluation of the bound, the rotation's rounding, and the gap between the
+canonical score and the real dot product) are one per-query slack computed in ``codes.py``; a key is a
 *candidate* when its bound reaches ``tau - slack`` and is then decided by its canonical score.
 So no key whose canonical score is ``>= tau`` is ever dropped.
 
@@ -127,7 +127,7 @@ def _dot_canonical4(q, keys, i0, i1, i2, i3, out):
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def code_range(QI, qa, qn, thr, tau, lim, Q, keys, codes, scale, err, alive, has_dead, n,
+def code_range(QI, qa32, qn32, thr32, tau, lim, Q, keys, codes, scale, err, alive, has_dead, n,
                task_tile, task_part, tile_r0, tile_r1, part_b0, part_b1, cap, buf_ids, buf_sc,
                counts, stats):
     """Filter, then verify: every key with canonical ``score(Q[r], k) >= tau[r]`` and id
@@ -144,7 +144,7 @@ def code_range(QI, qa, qn, thr, tau, lim, Q, keys, codes, scale, err, alive, has
         r0 = tile_r0[tile]
         r1 = tile_r1[tile]
         cand = np.empty(BLOCK + 3, dtype=np.int64)
-        hit = np.empty(BLOCK, dtype=np.bool_)
+        ubs = np.empty(BLOCK, dtype=np.float32)
         sc4 = np.empty(4, dtype=keys.dtype)
         top = 0
         for r in range(r0, r1):
@@ -163,22 +163,22 @@ def code_range(QI, qa, qn, thr, tau, lim, Q, keys, codes, scale, err, alive, has
                 acc = _block_dot(QI, r, codes, b)
                 cnt = min(BLOCK, last - first + 1)
                 stats[r, p, 0] += cnt
-                a = qa[r]
-                qnr = qn[r]
-                th = thr[r]
-                # bounds of all 32 lanes without branches (vectorised; lanes past n have step
-                # and error 0 and are cut below), then the rare candidates one by one
-                nhit = 0
+                a = qa32[r]
+                qnr = qn32[r]
+                th = thr32[r]
+                # bounds of all 32 lanes in float32 without branches (vectorised; the float32
+                # rounding is part of the slack; lanes past n have step and error 0 and are cut
+                # below), then the rare candidates one by one
+                best = np.float32(-np.inf)
                 for t in range(BLOCK):
-                    ub = np.float64(scale[first + t]) * a * np.float64(acc[t]) + qnr * np.float64(err[first + t])
-                    h = ub >= th
-                    hit[t] = h
-                    nhit += h
-                if nhit == 0:
+                    ub = scale[first + t] * (a * np.float32(acc[t])) + qnr * err[first + t]
+                    ubs[t] = ub
+                    best = max(best, ub)
+                if best < th:
                     continue
                 nc = 0
                 for t in range(cnt):
-                    if hit[t] and not (has_dead and alive[first + t] == 0):
+                    if ubs[t] >= th and not (has_dead and alive[first + t] == 0):
                         cand[nc] = first + t
                         nc += 1
                 if nc == 0:

@@ -25,6 +25,7 @@ ROTATIONS = ("random", "pca", "none")
 #: query rows that share one read of a code block (a GQA group of query heads fits)
 _TILE_ROWS = 8
 _EPS64 = 2.0 ** -53
+_U32 = 2.0 ** -24
 
 
 def _rotation(kind: str, d: int, dp: int, sample: np.ndarray | None, seed: int) -> np.ndarray:
@@ -148,7 +149,7 @@ class CodeStore:
         w = (1.0 + self.defect) * (1.0 + 1e-12) * max_norm + self.max_err  # >= max_j s_j ||c_j||
         slack = (rq * (1.0 + 2 * d * _EPS64) * w
                  + 2.0 * _EPS64 * qrn * w
-                 + 8.0 * _EPS64 * (qrn * w + qn * self.max_err)
+                 + 16.0 * _U32 * (qrn * w + qn * self.max_err)  # the filter's float32 bound arithmetic
                  + 2.0 * d ** 1.5 * _EPS64 * qn * w
                  + 2.0 * (d * self._u / (1.0 - d * self._u)) * qn * max_norm
                  + (d + 4) * 2.0 ** -148)
@@ -162,6 +163,12 @@ class CodeStore:
         n = self.n
         m = Q.shape[0]
         QI, qa, qn, thr, _ = self._queries(Q, tau, max_norm)
+        # the filter runs in float32: the query step and norm as float32 (their rounding, like
+        # the float32 arithmetic, is inside the 16 u slack term) and the threshold rounded down
+        qa32 = qa.astype(np.float32)
+        qn32 = qn.astype(np.float32)
+        thr32 = thr.astype(np.float32)
+        thr32 = np.where(thr32.astype(np.float64) > thr, np.nextafter(thr32, np.float32(-np.inf)), thr32)
         nb = -(-n // CK.BLOCK)
         n_tiles = -(-m // _TILE_ROWS)
         # enough tasks for every thread even for one decode query: split the blocks too
@@ -176,7 +183,7 @@ class CodeStore:
         stats = np.zeros((m, n_parts, 2), dtype=np.int64)
         buf_ids = np.empty((m, n_parts, cap), dtype=np.int64)
         buf_sc = np.empty((m, n_parts, cap), dtype=keys.dtype)
-        CK.code_range(QI, qa, qn, thr, tau, lim, Q, keys, self.codes, self.scale, self.err, alive, has_dead, n,
+        CK.code_range(QI, qa32, qn32, thr32, tau, lim, Q, keys, self.codes, self.scale, self.err, alive, has_dead, n,
                       task_tile, task_part, tile_r[:-1], tile_r[1:], part_b[:-1], part_b[1:], cap, buf_ids,
                       buf_sc, counts, stats)
         over = counts > cap
@@ -189,8 +196,8 @@ class CodeStore:
             s2 = np.zeros_like(stats)
             b2_ids = np.empty((m, n_parts, cap2), dtype=np.int64)
             b2_sc = np.empty((m, n_parts, cap2), dtype=keys.dtype)
-            CK.code_range(QI, qa, qn, thr, tau, lim, Q, keys, self.codes, self.scale, self.err, alive, has_dead,
-                          n, redo // n_parts, redo % n_parts, tile_r[:-1], tile_r[1:], part_b[:-1], part_b[1:],
+            CK.code_range(QI, qa32, qn32, thr32, tau, lim, Q, keys, self.codes, self.scale, self.err, alive,
+                          has_dead, n, redo // n_parts, redo % n_parts, tile_r[:-1], tile_r[1:], part_b[:-1], part_b[1:],
                           cap2, b2_ids, b2_sc, c2, s2)
         total = counts.sum(axis=1)
         lims = np.zeros(m + 1, dtype=np.int64)
