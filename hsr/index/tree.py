@@ -398,6 +398,24 @@ class HSRIndex:
         Q, _, _ = self._prepare(queries, 0.0)
         return self._synced_codes().upper_bounds(Q, self._max_norm)
 
+    def to(self, device, *, dtype=None):
+        """This index on ``device``: ``"cpu"`` returns it as is; another device (``"cuda"``) gives
+        a :class:`hsr.kernels.codes.GPUCodeIndex` over the same keys and ids (the code filter
+        in Triton; ``range_search``, ``count`` and ``add`` take and return torch tensors).
+        ``dtype`` defaults to float32 (bfloat16/float16 halve the bytes). An index with removed
+        keys cannot move (ids would shift)."""
+        import torch
+
+        dev = torch.device(device)
+        if dev.type == "cpu":
+            return self
+        if self._n_dead:
+            raise ValueError("an index with removed keys cannot move to a device: ids would shift")
+        from ..kernels.codes import GPUCodeIndex
+
+        keys = torch.from_numpy(self._keys[:self._n_total]).to(dev, dtype or torch.float32)
+        return GPUCodeIndex(keys, seed=self.seed)
+
     def live_ids(self) -> np.ndarray:
         """Ids of the keys not removed, ascending, ``(len(self),)`` int64."""
         return np.flatnonzero(self._alive[:self._n_total]).astype(np.int64)

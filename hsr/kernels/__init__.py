@@ -23,6 +23,7 @@ import importlib
 _LAZY = {
     "CodeKVCache": "codes",
     "CodePlan": "codes",
+    "GPUCodeIndex": "codes",
     "block_sparse_attention": "block_sparse",
     "merge_partials": "block_sparse",
     "selected_attention": "selected",

@@ -51,7 +51,7 @@ from .block_sparse import _num_sms, merge_partials
 
 patch_interpreter()
 
-__all__ = ["CodeKVCache", "CodePlan"]
+__all__ = ["CodeKVCache", "CodePlan", "GPUCodeIndex"]
 
 CMAX = 127
 _EPS64 = 2.0 ** -53
@@ -256,6 +256,23 @@ def _code_attend_kernel(Q, K, V, TAU, tau_scalar, BIAS, bias_scalar, SURV, COUNT
     tl.store(L_PART + pid_s.to(tl.int64) * BHM + row, lse, mask=r_ok)
 
 
+@triton.jit
+def _score_rows_kernel(Q, K, SURV, OUT, S, s_q, s_k, s_o,
+                       ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    # OUT fp32 (ROWS, S): <Q[r], K[SURV[j]]> accumulated in fp32 (ieee) from the stored values,
+    # for a range search's survivors (every row against the union of survivors).
+    pid = tl.program_id(0)
+    offs_j = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    j_ok = offs_j < S
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_r = tl.arange(0, ROWS)
+    idx = tl.load(SURV + offs_j, mask=j_ok, other=0)
+    k = tl.load(K + idx[:, None].to(tl.int64) * s_k + offs_d[None, :], mask=j_ok[:, None], other=0.0)
+    q = tl.load(Q + offs_r[:, None] * s_q + offs_d[None, :])
+    sc = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+    tl.store(OUT + offs_r[:, None] * s_o + offs_j[None, :], sc, mask=j_ok[None, :])
+
+
 # ----------------------------------------------------------------------------- host side
 
 def _random_rotation(d: int, seed: int, device) -> torch.Tensor:
@@ -264,6 +281,12 @@ def _random_rotation(d: int, seed: int, device) -> torch.Tensor:
     a = torch.randn(d, d, generator=g, dtype=torch.float64)
     qm, rm = torch.linalg.qr(a)
     return (qm * torch.sign(torch.diagonal(rm))).T.contiguous().to(device)
+
+
+def _capturing() -> bool:
+    """Inside CUDA-graph capture a value check would synchronise (not allowed): it is skipped
+    there; the same call made eagerly (as the capture's warm-up is) checks."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _round_up_f32(x: torch.Tensor) -> torch.Tensor:
@@ -323,7 +346,8 @@ class CodeKVCache:
     Parameters
     ----------
     k, v : Tensor, (B, Hkv, n, D)
-        Post-RoPE keys and values (bf16/fp16/fp32; D a power of two in [16, 256]).
+        Post-RoPE keys and values (bf16/fp16/fp32; D a power of two in [16, 256]). ``v=None``
+        keeps keys only (an index: :meth:`search`, no attention).
     seed : int
         Seeds the random rotation.
     capacity : int, optional
@@ -331,8 +355,11 @@ class CodeKVCache:
     """
 
     def __init__(self, k, v, *, seed: int = 0, capacity: int | None = None):
+        self.has_values = v is not None
+        if v is None:
+            v = k  # validated alongside k, never stored
         if not (torch.is_tensor(k) and torch.is_tensor(v)):
-            raise TypeError("k and v must be torch tensors")
+            raise TypeError("k and v must be torch tensors (v may be None)")
         if k.dim() != 4 or v.shape[:3] != k.shape[:3] or v.dim() != 4:
             raise ValueError(f"k and v must be (B, Hkv, n, D) with the same B, Hkv, n; got {tuple(k.shape)} "
                              f"and {tuple(v.shape)}")
@@ -359,21 +386,22 @@ class CodeKVCache:
         self.n = 0
         self.max_norm = torch.zeros(B, Hkv, dtype=torch.float64, device=self.device)
         self.max_err = torch.zeros(B, Hkv, dtype=torch.float64, device=self.device)
-        self.append(k, v)
+        self.append(k, v if self.has_values else None)
 
     # ------------------------------------------------------------------ storage
     def _alloc(self, cap: int) -> None:
         B, H, D, dev = self.B, self.Hkv, self.D, self.device
         old = getattr(self, "k", None)
         k = torch.zeros(B, H, cap, D, dtype=self.dtype, device=dev)
-        v = torch.zeros(B, H, cap, D, dtype=self.dtype, device=dev)
+        v = torch.zeros(B, H, cap, D, dtype=self.dtype, device=dev) if self.has_values else None
         codes = torch.zeros(B, H, cap, self.DP, dtype=torch.int8, device=dev)
         scale = torch.zeros(B, H, cap, dtype=torch.float32, device=dev)
         err = torch.zeros(B, H, cap, dtype=torch.float32, device=dev)
         if old is not None:
             n = self.n
             k[:, :, :n] = self.k[:, :, :n]
-            v[:, :, :n] = self.v[:, :, :n]
+            if v is not None:
+                v[:, :, :n] = self.v[:, :, :n]
             codes[:, :, :n] = self.codes[:, :, :n]
             scale[:, :, :n] = self.scale[:, :, :n]
             err[:, :, :n] = self.err[:, :, :n]
@@ -384,19 +412,30 @@ class CodeKVCache:
         return self.n
 
     def append(self, k, v) -> None:
-        """Append ``(B, Hkv, t, D)`` keys and values: writes their codes, steps and error bounds."""
+        """Append ``(B, Hkv, t, D)`` keys and values (``v=None`` for a keys-only cache): writes
+        their codes, steps and error bounds."""
+        if (v is None) == self.has_values:
+            raise ValueError("this cache holds values: append keys and values" if self.has_values
+                             else "this cache holds keys only: append keys with v=None")
+        if v is None:
+            v = k
+        if not (torch.is_tensor(k) and torch.is_tensor(v)):
+            raise TypeError("k and v must be torch tensors")
         if k.dim() != 4 or k.shape[:2] != (self.B, self.Hkv) or k.shape[-1] != self.D or v.shape != k.shape:
             raise ValueError(f"append expects ({self.B}, {self.Hkv}, t, {self.D}) keys and values, got "
                              f"{tuple(k.shape)} and {tuple(v.shape)}")
         t = k.shape[2]
         if t == 0:
             return
+        if not _capturing() and not (torch.isfinite(k).all() and torch.isfinite(v).all()):
+            raise ValueError("appended k or v contains NaN or Inf")
         if self.n + t > self.capacity:
             self._alloc(max(2 * self.capacity, self.n + t))
         s, e = self.n, self.n + t
         kk = k.to(device=self.device, dtype=self.dtype)
         self.k[:, :, s:e] = kk
-        self.v[:, :, s:e] = v.to(device=self.device, dtype=self.dtype)
+        if self.has_values:
+            self.v[:, :, s:e] = v.to(device=self.device, dtype=self.dtype)
         k64 = kk.double()
         x = k64 @ self.rot.T
         amax = x.abs().amax(-1)
@@ -429,6 +468,8 @@ class CodeKVCache:
             raise ValueError(f"q must be {self.dtype} on {self.device}, got {q.dtype} on {q.device}")
         if M > self.n:
             raise ValueError(f"{M} query positions but only {self.n} keys: causal queries are the last positions")
+        if not _capturing() and not torch.isfinite(q).all():
+            raise ValueError("q contains NaN or Inf")
 
     def _per_row(self, x, q, name):
         """``(tensor or None, scalar, strides)`` of tau or bias: a number, or a tensor of shape
@@ -506,6 +547,8 @@ class CodeKVCache:
         """
         if kind not in ("softmax", "relu"):
             raise ValueError(f"kind must be 'softmax' or 'relu', got {kind!r}")
+        if not self.has_values:
+            raise ValueError("this cache holds keys only (v=None): no attention")
         if isinstance(alpha, bool) or not isinstance(alpha, int) or alpha < 1:
             raise ValueError(f"alpha must be a positive integer, got {alpha!r}")
         self._check_q(q)
@@ -564,3 +607,111 @@ class CodeKVCache:
     def __repr__(self):
         return (f"CodeKVCache(B={self.B}, Hkv={self.Hkv}, n={self.n}, D={self.D}, dtype={self.dtype}, "
                 f"device={self.device})")
+
+
+class GPUCodeIndex:
+    """An :class:`hsr.HSRIndex`'s keys on a device (``HSRIndex.to("cuda")``): the same range
+    search with the code filter, returning torch tensors.
+
+    Parameters
+    ----------
+    keys : Tensor, (n, d) on the device
+        Row i is key id i (``d`` a power of two in [16, 256]).
+    seed : int
+        Seeds the random rotation.
+
+    Notes
+    -----
+    Scores are fp32 accumulations of the stored values (ieee, in the order the hardware
+    chooses), so a key within fp32 rounding of tau may differ from the CPU's canonical set;
+    every other key is decided the same way. The filter never drops a key whose GPU score is
+    ``>= tau``.
+    """
+
+    #: query rows filtered together (one tile of the filter kernel)
+    ROWS = 64
+
+    def __init__(self, keys, *, seed: int = 0):
+        if not torch.is_tensor(keys) or keys.dim() != 2:
+            raise ValueError(f"keys must be a (n, d) tensor, got {type(keys).__name__} "
+                             f"{tuple(keys.shape) if torch.is_tensor(keys) else ''}")
+        self.cache = CodeKVCache(keys[None, None], None, seed=seed)
+
+    @property
+    def dim(self) -> int:
+        return self.cache.D
+
+    @property
+    def device(self):
+        return self.cache.device
+
+    def __len__(self) -> int:
+        return self.cache.n
+
+    def add(self, keys) -> torch.Tensor:
+        """Append keys ``(t, d)`` (or one ``(d,)``); returns their ids ``(t,)`` int64."""
+        if not torch.is_tensor(keys):
+            raise TypeError("keys must be a torch tensor")
+        k = keys.reshape(1, self.dim) if keys.dim() == 1 else keys
+        start = self.cache.n
+        self.cache.append(k[None, None], None)
+        return torch.arange(start, self.cache.n, device=self.device)
+
+    def range_search(self, queries, tau):
+        """Every key with score ``>= tau`` per query, as CSR torch tensors on the device.
+
+        Parameters
+        ----------
+        queries : Tensor, (m, d) or (d,)
+        tau : float or Tensor (m,)
+
+        Returns
+        -------
+        lims : Tensor, (m + 1,) int64
+        ids : Tensor, (lims[-1],) int64, ascending within each query
+        scores : Tensor, (lims[-1],) float32
+        """
+        q = queries.reshape(1, -1) if torch.is_tensor(queries) and queries.dim() == 1 else queries
+        if not torch.is_tensor(q) or q.dim() != 2 or q.shape[1] != self.dim:
+            raise ValueError(f"queries must be (m, {self.dim}) tensors")
+        q = q.to(device=self.device, dtype=self.cache.dtype).contiguous()
+        m = q.shape[0]
+        t = torch.as_tensor(tau, dtype=torch.float32, device=self.device)
+        t = t.expand(m).contiguous() if t.dim() == 0 else t.contiguous()
+        if t.shape != (m,):
+            raise ValueError(f"tau must be a scalar or have shape ({m},), got {tuple(t.shape)}")
+        if not torch.isfinite(t).all():
+            raise ValueError("tau contains NaN or Inf")
+        counts, ids, scores = [], [], []
+        for r0 in range(0, m, self.ROWS):
+            qc = q[r0:r0 + self.ROWS]
+            tc = t[r0:r0 + self.ROWS]
+            plan = self.cache.search(qc[None, :, None, :], tc[None, :, None])
+            surv = plan.survivors(0).contiguous()
+            rows = max(16, triton.next_power_of_2(qc.shape[0]))
+            qp = torch.zeros(rows, self.dim, dtype=qc.dtype, device=self.device)
+            qp[:qc.shape[0]] = qc
+            sc = torch.empty(rows, max(1, surv.numel()), dtype=torch.float32, device=self.device)
+            if surv.numel():
+                k = self.cache.k[0, 0]
+                _score_rows_kernel[(triton.cdiv(surv.numel(), 64),)](
+                    qp, k, surv, sc, surv.numel(), qp.stride(0), k.stride(0), sc.stride(0),
+                    ROWS=rows, BLOCK_N=64, HEAD_DIM=self.dim, num_warps=4)
+            sc = sc[:qc.shape[0], :surv.numel()]
+            keep = sc >= tc[:, None]
+            r, c = torch.nonzero(keep, as_tuple=True)  # row-major: ids ascend within a row
+            counts.append(keep.sum(1))
+            ids.append(surv[c].long())
+            scores.append(sc[r, c])
+        lims = torch.zeros(m + 1, dtype=torch.int64, device=self.device)
+        if m:
+            lims[1:] = torch.cumsum(torch.cat(counts), 0)
+        cat = lambda xs, dt: torch.cat(xs) if xs else torch.zeros(0, dtype=dt, device=self.device)
+        return lims, cat(ids, torch.int64), cat(scores, torch.float32)
+
+    def count(self, queries, tau) -> torch.Tensor:
+        """Number of keys with score ``>= tau`` per query, ``(m,)`` int64."""
+        return torch.diff(self.range_search(queries, tau)[0])
+
+    def __repr__(self):
+        return f"GPUCodeIndex(n={len(self)}, dim={self.dim}, device={self.device}, dtype={self.cache.dtype})"

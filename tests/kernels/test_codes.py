@@ -137,3 +137,41 @@ def test_kvcacheindex_to_device_and_hsr_attention(device):
     np.testing.assert_allclose(out_gpu.cpu().numpy(), out_cpu, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="CPU-only"):
         hsr.hsr_attention(torch.from_numpy(q).to(device), gpu, kind="softmax", eps=1e-3)
+
+
+@pytest.mark.parametrize("lattice", [True, False])
+def test_hsrindex_to_device_range_search_matches_cpu(device, lattice):
+    import numpy as np
+
+    import hsr
+
+    rng = np.random.default_rng(7)
+    if lattice:  # integer-valued: fp32 sums are exact, so ties at tau must agree exactly
+        K = rng.integers(-3, 4, (300, 32)).astype(np.float32)
+        Q = rng.integers(-3, 4, (70, 32)).astype(np.float32)
+    else:
+        K = rng.standard_normal((300, 32)).astype(np.float32)
+        Q = rng.standard_normal((70, 32)).astype(np.float32)
+    K[5] = 0
+    K[7] = K[8]
+    cpu = hsr.HSRIndex(K)
+    S = hsr.canonical_scores(Q, K).astype(np.float64)
+    srt = np.sort(S, axis=1)
+    tau = srt[:, 250] if lattice else (srt[:, 250] + srt[:, 251]) / 2
+    from hsr.kernels.codes import GPUCodeIndex
+
+    # on a CPU-only machine "cpu" means the index itself: build the Triton index directly there
+    gpu = cpu.to(device) if device != "cpu" else GPUCodeIndex(torch.from_numpy(K))
+    assert isinstance(gpu, GPUCodeIndex) and len(gpu) == 300
+    lims, ids, scores = gpu.range_search(torch.from_numpy(Q).to(device), torch.from_numpy(tau).float().to(device))
+    cl, ci, cs = cpu.range_search(Q, tau.astype(np.float32).astype(np.float64))
+    np.testing.assert_array_equal(lims.cpu().numpy(), cl)
+    np.testing.assert_array_equal(ids.cpu().numpy(), ci)
+    np.testing.assert_allclose(scores.cpu().numpy(), cs, rtol=1e-5, atol=1e-5)
+    assert gpu.count(torch.from_numpy(Q[:3]).to(device), 1e9).tolist() == [0, 0, 0]
+    new = gpu.add(torch.from_numpy(K[:4]).to(device))
+    assert new.tolist() == [300, 301, 302, 303] and len(gpu) == 304
+    assert cpu.to("cpu") is cpu
+    cpu.remove([1])
+    with pytest.raises(ValueError, match="removed"):
+        cpu.to("cuda")
