@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..index._validate import as_float_array, is_torch, to_numpy
+from ..index._validate import as_float_array, to_numpy
 from . import _kernels as AK
 from .kv import KVCacheIndex, KVIndex, _framework_out
 
@@ -207,16 +207,14 @@ def hsr_attention(q, index, *, kind="relu", alpha=2, bias=0.0, scale=None, eps=N
     True
     """
     _check_common(kind, alpha, eps, tau, topk, scale)
-    gpu_attention = getattr(index, "hsr_attention", None)
-    if callable(gpu_attention):  # a device index (hsr.kernels.CodeKVCache) runs its own kernels
+    device_attention = getattr(index, "hsr_attention", None)
+    if callable(device_attention):  # a device index (hsr.kernels) runs its own kernels
         if eps is not None or topk is not None or return_info:
-            raise ValueError(f"{type(index).__name__} keeps the keys with score >= tau: eps, topk and "
-                             "return_info are CPU-only")
+            raise ValueError(f"{type(index).__name__} keeps the keys with score >= tau (give tau=): eps, topk "
+                             "and return_info are CPU-only")
         if isinstance(bias, str):
             raise ValueError("bias='paper' is CPU-only; give a number")
-        return gpu_attention(q, kind=kind, alpha=int(alpha), bias=bias, scale=scale, tau=tau, causal=causal)
-    if type(index).__name__ == "GPUBlockIndex":
-        return _gpu_attention(q, index, kind, alpha, bias, scale, eps, tau, topk, causal, return_info)
+        return device_attention(q, kind=kind, alpha=int(alpha), bias=bias, scale=scale, tau=tau, causal=causal)
     if kind == "softmax" and eps is None and tau is None and topk is None:
         eps = 1e-3
     if isinstance(index, KVIndex):
@@ -289,21 +287,3 @@ def hsr_attention(q, index, *, kind="relu", alpha=2, bias=0.0, scale=None, eps=N
         return result, AttentionInfo(info[0], info[1], info[2], info[3], n_keys)
     return result
 
-
-def _gpu_attention(q, index, kind, alpha, bias, scale, eps, tau, topk, causal, return_info):
-    """``hsr_attention`` over a ``hsr.kernels.GPUBlockIndex``: the Triton filter + attention."""
-    from ..kernels import hsr_decode
-
-    if not (is_torch(q) and q.device == index.kp.device):
-        raise TypeError(f"a GPUBlockIndex on {index.kp.device} takes query tensors (B, Hq, M, D) on "
-                        "the same device")
-    if return_info:
-        raise ValueError("return_info is not available on the GPU path")
-    if not causal and q.shape[2] > 1:
-        raise ValueError("the GPU path attends the last M positions causally: pass causal=True for M > 1")
-    if kind == "softmax" and (eps is not None or topk is not None or tau is None):
-        raise ValueError("on the GPU, softmax keeps the blocks that may score >= tau: give tau= "
-                         "(the certified eps mode and topk are CPU-only)")
-    if isinstance(bias, str):
-        raise ValueError("bias='paper' is CPU-only; give a number")
-    return hsr_decode(q, index, tau=tau, kind=kind, alpha=int(alpha), bias=float(bias), scale=scale)

@@ -596,6 +596,8 @@ class CodeKVCache:
 
     def hsr_attention(self, q, *, kind="relu", alpha=2, bias=0.0, scale=None, tau=None, causal=True):
         """The :func:`hsr.hsr_attention` entry for this cache (``q (B, Hq, M, D)`` on its device)."""
+        if not (torch.is_tensor(q) and q.device == self.device):
+            raise TypeError(f"a CodeKVCache on {self.device} takes query tensors (B, Hq, M, D) on the same device")
         if not causal and q.shape[2] > 1:
             raise ValueError("the code cache attends the last M positions causally: pass causal=True for M > 1")
         return self.attend(q, tau=tau, kind=kind, alpha=alpha, bias=bias, scale=scale)

@@ -574,6 +574,18 @@ class GPUBlockIndex:
             block_size=self.block, causal=True, scale=scale, return_lse=return_lse,
             positions=self.pos, n_valid=self.n_valid, **kw)
 
+    def hsr_attention(self, q, *, kind="relu", alpha=2, bias=0.0, scale=None, tau=None, causal=True):
+        """The :func:`hsr.hsr_attention` entry for this index: the Triton filter + attention
+        (:func:`hsr_decode`) for CUDA queries ``(B, Hq, M, D)``; softmax needs ``tau=``."""
+        if not (torch.is_tensor(q) and q.device == self.kp.device):
+            raise TypeError(f"a GPUBlockIndex on {self.kp.device} takes query tensors (B, Hq, M, D) on "
+                            "the same device")
+        if not causal and q.shape[2] > 1:
+            raise ValueError("the GPU path attends the last M positions causally: pass causal=True for M > 1")
+        if kind == "softmax" and tau is None:
+            raise ValueError("on the GPU, softmax keeps the blocks that may score >= tau: give tau=")
+        return hsr_decode(q, self, tau=tau, kind=kind, alpha=int(alpha), bias=float(bias), scale=scale)
+
     def tau_for_fraction(self, q, fraction, sample=4096, seed=0):
         """Threshold per query row ``(B, Hq, M)`` that keeps about ``fraction`` of the keys,
         estimated from an evenly strided sample of ``sample`` stored keys."""
