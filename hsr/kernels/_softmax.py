@@ -9,6 +9,7 @@ This module owns
 * ``_online_softmax_step`` (a tile of query rows) and ``_online_softmax_step_row`` (one query
   row): the FlashAttention update of the running max ``m_i``, the normaliser ``l_i`` and the
   accumulator ``acc`` with one tile of scores;
+* ``_weights_epilogue``: the same for softmax or ReLU^alpha partials (``lse = log sum w``);
 * ``_softmax_epilogue``: the division by ``l_i`` and the natural-log lse, with empty rows
   (no finite score) giving 0 and ``-inf``.
 
@@ -115,4 +116,17 @@ def _softmax_epilogue(m_i, l_i):
     """
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     lse = tl.where(l_i > 0.0, (m_i + tl.math.log2(l_safe)) * _LN2, float("-inf"))
+    return l_safe, lse
+
+
+@triton.jit
+def _weights_epilogue(m_i, l_i, KIND: tl.constexpr):
+    """``(l_safe, lse)`` for softmax (``KIND == 0``: :func:`_softmax_epilogue`) or ReLU^alpha
+    (``KIND == 1``: ``lse = log(sum of weights)``, ``-inf`` for empty rows), so the split merge
+    (log-sum-exp weights) averages ReLU partials correctly too."""
+    if KIND == 0:
+        l_safe, lse = _softmax_epilogue(m_i, l_i)
+    else:
+        l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+        lse = tl.where(l_i > 0.0, tl.log(l_safe), float("-inf"))
     return l_safe, lse

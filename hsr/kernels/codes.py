@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from ._compat import interpreting, patch_interpreter
-from ._softmax import LOG2E, _online_softmax_step, _softmax_epilogue, _weighted_values
+from ._softmax import LOG2E, _online_softmax_step, _weighted_values, _weights_epilogue
 from .block_sparse import _num_sms, merge_partials
 
 patch_interpreter()
@@ -244,11 +244,7 @@ def _code_attend_kernel(Q, K, V, TAU, tau_scalar, BIAS, bias_scalar, SURV, COUNT
                 l_i += tl.sum(w, 1)
                 # weights rounded to v's 16-bit dtype for the tensor cores, as softmax rounds P
                 acc += _weighted_values(w, v, UPCAST)
-    if KIND == 0:
-        l_safe, lse = _softmax_epilogue(m_i, l_i)
-    else:
-        l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-        lse = tl.where(l_i > 0.0, tl.log(l_safe), float("-inf"))
+    l_safe, lse = _weights_epilogue(m_i, l_i, KIND)
     o = acc / l_safe[:, None]
     row = (b * Hkv * G + head).to(tl.int64) * M + mrow
     tl.store(O_PART + (pid_s.to(tl.int64) * BHM + row)[:, None] * HEAD_DIM + offs_d[None, :], o,

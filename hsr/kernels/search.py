@@ -64,7 +64,7 @@ import triton
 import triton.language as tl
 
 from ._compat import interpreting, patch_interpreter
-from ._softmax import LOG2E, _dot, _online_softmax_step, _softmax_epilogue, _weighted_values
+from ._softmax import LOG2E, _dot, _online_softmax_step, _weighted_values, _weights_epilogue
 from ._validate import (MAX_STACKED_ROWS, MIN_TILE, check_attention_inputs, check_index_build,
                         check_kind)
 from .block_sparse import _num_sms, block_sparse_attention, merge_partials
@@ -316,12 +316,7 @@ def _hsr_decode_kernel(
                     w = tl.where(keep, w, 0.0)
                     l_i = l_i + tl.sum(w, 1)
                     acc = acc + _weighted_values(w, vt, UPCAST)
-    if KIND == 0:
-        l_safe, lse = _softmax_epilogue(m_i, l_i)
-    else:
-        # the lse slot carries log(sum of weights), so the split merge averages correctly
-        l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-        lse = tl.where(l_i > 0.0, tl.log(l_safe), float("-inf"))
+    l_safe, lse = _weights_epilogue(m_i, l_i, KIND)
     out = acc / l_safe[:, None]
     prow = (b * Hq + head) * M + mrow
     tl.store(OP + (pid_s * BHM + prow[:, None]).to(tl.int64) * HEAD_DIM + offs_d[None, :],
