@@ -57,7 +57,6 @@ def _keep_leaf(q, tr, v, scale, st, mode, tau, lim, alive, has_dead, values, acc
     base, bs, cnt = _leaf_block(v, node_start, node_end, q.shape[0], stride)
     _scan_block(q, kf, base, bs, cnt, acc)
     ls = node_start[v]
-    dv = values.shape[1]
     st[4] += cnt
     for t in range(cnt):
         gid = ids[ls + t]
