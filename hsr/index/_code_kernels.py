@@ -48,6 +48,8 @@ from numba import njit, prange
 BLOCK = 32
 #: largest code magnitude: int8 codes in [-127, 127]
 CMAX = 127
+#: candidates a row collects before they are verified in one batch
+_PENDING = 64
 
 
 @njit(cache=True, nogil=True, parallel=True)
@@ -135,22 +137,24 @@ def code_range(QI, qa32, qn32, thr32, tau, lim, Q, keys, codes, scale, err, aliv
 
     Row r's hits of block range p go to ``buf_ids[r, p, :cap]`` / ``buf_sc[r, p, :cap]`` in id
     order; ``counts[r, p]`` receives the number of hits (it may exceed ``cap``: the caller then
-    re-runs that task with a larger buffer). ``stats[r, p, 0]`` counts codes evaluated,
-    ``stats[r, p, 1]`` keys verified in full precision (candidates).
+    re-runs that task with a larger buffer), ``stats[r, p]`` the keys verified in full
+    precision (candidates). Codes evaluated follow from the limits (ids ``<= min(lim, n-1)``).
     """
     for ti in prange(task_tile.shape[0]):
         tile = task_tile[ti]
         p = task_part[ti]
         r0 = tile_r0[tile]
         r1 = tile_r1[tile]
-        cand = np.empty(BLOCK + 3, dtype=np.int64)
         ubs = np.empty(BLOCK, dtype=np.float32)
         sc4 = np.empty(4, dtype=keys.dtype)
+        # each row's candidates wait here (ascending ids) and are verified in batches, so
+        # four independent score chains (and their key loads) are in flight at once
+        cand = np.empty((r1 - r0, _PENDING + BLOCK + 3), dtype=np.int64)
+        ncand = np.zeros(r1 - r0, dtype=np.int64)
         top = 0
         for r in range(r0, r1):
             counts[r, p] = 0
-            stats[r, p, 0] = 0
-            stats[r, p, 1] = 0
+            stats[r, p] = 0
             top = max(top, min(lim[r], n - 1))
         for b in range(part_b0[p], part_b1[p]):
             first = b * BLOCK
@@ -162,7 +166,6 @@ def code_range(QI, qa32, qn32, thr32, tau, lim, Q, keys, codes, scale, err, aliv
                     continue
                 acc = _block_dot(QI, r, codes, b)
                 cnt = min(BLOCK, last - first + 1)
-                stats[r, p, 0] += cnt
                 a = qa32[r]
                 qnr = qn32[r]
                 th = thr32[r]
@@ -176,26 +179,46 @@ def code_range(QI, qa32, qn32, thr32, tau, lim, Q, keys, codes, scale, err, aliv
                     best = max(best, ub)
                 if best < th:
                     continue
-                nc = 0
-                for t in range(cnt):
-                    if ubs[t] >= th and not (has_dead and alive[first + t] == 0):
-                        cand[nc] = first + t
-                        nc += 1
-                if nc == 0:
-                    continue
-                stats[r, p, 1] += nc
-                # verify the candidates four at a time; ids ascend, so results stay in id order
-                for x in range(nc, (nc + 3) // 4 * 4):
-                    cand[x] = cand[nc - 1]
-                for x in range(0, nc, 4):
-                    _dot_canonical4(Q[r], keys, cand[x], cand[x + 1], cand[x + 2], cand[x + 3], sc4)
-                    for y in range(min(4, nc - x)):
-                        if sc4[y] >= tau[r]:
-                            c = counts[r, p]
-                            if c < cap:
-                                buf_ids[r, p, c] = cand[x + y]
-                                buf_sc[r, p, c] = sc4[y]
-                            counts[r, p] = c + 1
+                _collect(r - r0, first, cnt, ubs, th, alive, has_dead, cand, ncand)
+                if ncand[r - r0] >= _PENDING:
+                    _verify(Q, r, r - r0, p, tau[r], keys, cand, ncand, sc4, cap, buf_ids, buf_sc, counts, stats)
+        for r in range(r0, r1):
+            _verify(Q, r, r - r0, p, tau[r], keys, cand, ncand, sc4, cap, buf_ids, buf_sc, counts, stats)
+
+
+@njit(cache=True, nogil=True)
+def _collect(i, first, cnt, ubs, th, alive, has_dead, cand, ncand):
+    """Append the lanes of one block whose bound reaches ``th`` to row slot i's pending list.
+    A function of its own, kept out of the filter's hot loop (which then compiles to a tight
+    vector loop: measured 2x faster than with this code inlined into it)."""
+    nc = ncand[i]
+    for t in range(cnt):
+        if ubs[t] >= th and not (has_dead and alive[first + t] == 0):
+            cand[i, nc] = first + t
+            nc += 1
+    ncand[i] = nc
+
+
+@njit(cache=True, nogil=True)
+def _verify(Q, r, i, p, tau_r, keys, cand, ncand, sc4, cap, buf_ids, buf_sc, counts, stats):
+    """Decide row r's pending candidates (slot i) by their canonical scores, four at a time,
+    appending the hits (ascending ids) to its buffer."""
+    nc = ncand[i]
+    if nc == 0:
+        return
+    stats[r, p] += nc
+    for x in range(nc, (nc + 3) // 4 * 4):
+        cand[i, x] = cand[i, nc - 1]
+    for x in range(0, nc, 4):
+        _dot_canonical4(Q[r], keys, cand[i, x], cand[i, x + 1], cand[i, x + 2], cand[i, x + 3], sc4)
+        for y in range(min(4, nc - x)):
+            if sc4[y] >= tau_r:
+                c = counts[r, p]
+                if c < cap:
+                    buf_ids[r, p, c] = cand[i, x + y]
+                    buf_sc[r, p, c] = sc4[y]
+                counts[r, p] = c + 1
+    ncand[i] = 0
 
 
 @njit(cache=True, nogil=True, parallel=True)
