@@ -25,20 +25,26 @@ from ..index._kernels import (_dot_canonical, _heap_pop, _heap_push, _leaf_block
 @njit(cache=True, nogil=True, parallel=True)
 def relu_from_csr(lims, ids, scores, values, scale, bias, alpha, out, wsum):
     """``out[i] = sum_j w_ij v_j / sum_j w_ij`` with ``w = relu(scale*score - bias_i)**alpha``
-    over query i's reported keys; zeros where nothing fires."""
+    over query i's reported keys; zeros where nothing fires. ``wsum[i]`` receives
+    ``log sum_j w_ij`` (-inf where nothing fires), computed without overflow for any alpha."""
     dv = values.shape[1]
     for i in prange(lims.shape[0] - 1):
         acc = np.zeros(dv)
         tot = 0.0
+        # weights (z / z_max) ** alpha lie in [0, 1] for any alpha (z ** alpha overflows float64
+        # from alpha ~ 300 on); the normalisation cancels the scale, and wsum gets it back in logs
+        zmax = 0.0
+        for p in range(lims[i], lims[i + 1]):
+            zmax = max(zmax, scale * np.float64(scores[p]) - bias[i])
         for p in range(lims[i], lims[i + 1]):
             z = scale * np.float64(scores[p]) - bias[i]
             if z > 0.0:
-                w = z ** alpha
+                w = (z / zmax) ** alpha
                 tot += w
                 row = values[ids[p]]
                 for c in range(dv):
                     acc[c] += w * row[c]
-        wsum[i] = tot
+        wsum[i] = np.log(tot) + alpha * np.log(zmax) if tot > 0.0 else -np.inf
         if tot > 0.0:
             for c in range(dv):
                 out[i, c] = acc[c] / tot

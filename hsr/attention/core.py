@@ -110,10 +110,8 @@ def _attend_head(kvi: KVIndex, Q, kind, alpha, bias, scale, eps, tau, topk, lim)
         return out, scored, selected, dropped, lse
     if kind == "relu":
         lims, ids, sc, st = index.range_search(Q, bias / scale, max_id=lim, return_stats=True)
-        wsum = np.zeros(m)
-        AK.relu_from_csr(lims, ids, sc, kvi.values, float(scale), bias, int(alpha), out, wsum)
-        with np.errstate(divide="ignore"):
-            lse = np.log(wsum)
+        lse = np.zeros(m)
+        AK.relu_from_csr(lims, ids, sc, kvi.values, float(scale), bias, int(alpha), out, lse)
         return out, st.keys_scored, np.diff(lims), dropped, lse
     if index.backend == "brute":  # a brute-force index has nothing to bound the remainder with
         raise ValueError("softmax with a certificate needs bounds: build the index with "

@@ -20,6 +20,8 @@ import hashlib
 import io
 import json
 import math
+import os
+import tempfile
 import zipfile
 from typing import NamedTuple
 
@@ -913,14 +915,31 @@ class HSRIndex:
 
     def save(self, path) -> None:
         """Write the index to ``path`` (a zip of ``.npy`` arrays with a JSON header and a
-        SHA-256 of the arrays; no pickle, so loading runs no code)."""
+        SHA-256 of the arrays; no pickle, so loading runs no code). Atomic: the file is written
+        beside the target, fsynced and renamed over it, so an interrupted save never loses the
+        previous file. The SHA-256 is an integrity check, not authentication: anyone can
+        recompute it, so :meth:`load` validates the arrays themselves too."""
         meta, arrays = self._state()
-        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as zf:
-            zf.writestr("meta.json", json.dumps(meta))
-            for name, arr in arrays.items():
-                buf = io.BytesIO()
-                np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
-                zf.writestr(name + ".npy", buf.getvalue())
+        path = os.fspath(path)
+        # atomic: write a temporary file beside the target, flush it to disk, then rename it
+        # over the target, so a process killed mid-save leaves the previous file intact
+        folder = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(prefix=".hsr-save-", suffix=".tmp", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_STORED) as zf:
+                    zf.writestr("meta.json", json.dumps(meta))
+                    for name, arr in arrays.items():
+                        buf = io.BytesIO()
+                        np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+                        zf.writestr(name + ".npy", buf.getvalue())
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
 
     @classmethod
     def load(cls, path) -> "HSRIndex":

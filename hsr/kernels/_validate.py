@@ -27,6 +27,9 @@ MAX_STACKED_ROWS = 128
 MIN_TILE = 16
 #: keys per block of a GPUBlockIndex
 INDEX_BLOCKS = (16, 32, 64, 128)
+#: largest ReLU power the kernels take: the power is unrolled at compile time and computed in
+#: fp32, where relu(.)**alpha of ordinary scores overflows beyond a few dozen
+MAX_ALPHA = 16
 
 
 def _is_pow2(n: int) -> bool:
@@ -171,3 +174,12 @@ def check_index_build(k, v, block: int, n_sub: int) -> None:
     D = k.shape[-1]
     if not _is_pow2(int(n_sub)) or D % int(n_sub) != 0:
         raise ValueError(f"n_sub must be a power of two dividing the head dim {D}, got {n_sub!r}")
+
+
+def check_alpha(alpha) -> int:
+    """The ReLU power: an integer in ``[1, MAX_ALPHA]`` on the GPU (the CPU path takes any)."""
+    if isinstance(alpha, bool) or not isinstance(alpha, int) or not 1 <= alpha <= MAX_ALPHA:
+        raise ValueError(f"alpha must be an integer in [1, {MAX_ALPHA}] on the GPU (the power is unrolled and "
+                         f"computed in fp32); got {alpha!r} (the CPU path, hsr.hsr_attention on a KVIndex, "
+                         "takes any alpha)")
+    return alpha

@@ -46,6 +46,7 @@ import triton
 import triton.language as tl
 
 from ._compat import interpreting, patch_interpreter
+from ._validate import check_alpha
 from ._softmax import LOG2E, _online_softmax_step, _weighted_values, _weights_epilogue
 from .block_sparse import _num_sms, merge_partials
 
@@ -545,8 +546,7 @@ class CodeKVCache:
             raise ValueError(f"kind must be 'softmax' or 'relu', got {kind!r}")
         if not self.has_values:
             raise ValueError("this cache holds keys only (v=None): no attention")
-        if isinstance(alpha, bool) or not isinstance(alpha, int) or alpha < 1:
-            raise ValueError(f"alpha must be a positive integer, got {alpha!r}")
+        check_alpha(alpha)
         self._check_q(q)
         B, Hq, M, D = q.shape
         G = Hq // self.Hkv

@@ -66,7 +66,7 @@ import triton.language as tl
 from ._compat import interpreting, patch_interpreter
 from ._softmax import LOG2E, _dot, _online_softmax_step, _weighted_values, _weights_epilogue
 from ._validate import (MAX_STACKED_ROWS, MIN_TILE, check_attention_inputs, check_index_build,
-                        check_kind)
+                        check_alpha, check_kind)
 from .block_sparse import _num_sms, block_sparse_attention, merge_partials
 
 patch_interpreter()
@@ -711,6 +711,8 @@ def hsr_decode(q, index: GPUBlockIndex, *, tau=None, top_fraction=None, kind="so
     """
     B, Hq, M, D, Hkv, _ = check_attention_inputs(q, index.kp, index.vp)
     kind_id = check_kind(kind)
+    if kind_id == 1:
+        check_alpha(int(alpha))
     if mode not in (None, "fused", "planned"):
         raise ValueError(f"mode must be 'fused', 'planned' or None, got {mode!r}")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)

@@ -202,3 +202,20 @@ def test_empty_cache_gives_zeros():
     kv = KVIndex(np.zeros((0, 4), np.float32), np.zeros((0, 3), np.float32))
     out = hsr_attention(np.ones((2, 4), np.float32), kv, kind="softmax")
     assert out.shape == (2, 3) and (out == 0).all()
+
+
+def test_large_alpha_is_stable():
+    """relu(z) ** alpha overflows float64 from alpha ~ 300: the weights are scaled by the row's
+    largest z first, so any alpha gives the average of the values at the top-scoring keys."""
+    rng = np.random.default_rng(11)
+    k = rng.standard_normal((500, 16)).astype(np.float32)
+    v = rng.standard_normal((500, 8)).astype(np.float32)
+    q = rng.standard_normal((3, 16)).astype(np.float32) * 4
+    kv = hsr.KVIndex(k, v)
+    for alpha in (5000, 10 ** 5, 2 ** 62):
+        out, info = hsr.hsr_attention(q, kv, alpha=alpha, bias=0.1, return_info=True)
+        assert np.isfinite(out).all() and np.isfinite(info.lse).all()
+        top = np.argmax(q @ k.T, axis=1)
+        np.testing.assert_allclose(out, v[top], rtol=1e-5, atol=1e-6)
+    out2 = hsr.hsr_attention(q, kv, alpha=3, bias=0.1)
+    np.testing.assert_allclose(out2, hsr.dense_relu_attention(q, k, v, alpha=3, bias=0.1), rtol=1e-4, atol=1e-5)

@@ -328,3 +328,24 @@ def test_max_id_limits_results(method):
         order = ok[np.lexsort((ok, -S[i, ok]))][:5]
         assert tid[i, :len(order)].tolist() == order.tolist()
         assert (tid[i, len(order):] == -1).all()
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    """A save that fails midway leaves the previous file as it was, and no temporary file."""
+    rng = np.random.default_rng(12)
+    K = fixture_keys(rng, 500, 8, "gauss")
+    path = tmp_path / "idx.hsr"
+    hsr.HSRIndex(K[:100]).save(path)
+    before = path.read_bytes()
+    big = hsr.HSRIndex(K)
+
+    def boom(*a, **k):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(np, "save", boom)
+    with pytest.raises(OSError, match="simulated"):
+        big.save(path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["idx.hsr"]
+    assert len(hsr.HSRIndex.load(path)) == 100
