@@ -235,6 +235,10 @@ def hsr_attention(q, index, *, kind="relu", alpha=2, bias=0.0, scale=None, eps=N
         raise TypeError(f"index must be a KVIndex or KVCacheIndex, got {type(index).__name__}")
     B, Hq, M, d = Qn.shape
     group = Hq // len(heads[0])
+    n_cache = heads[0][0].index.n_total if B else 0
+    if causal and M > n_cache:
+        raise ValueError(f"causal attention puts the {M} queries at the last positions of the cache, but it "
+                         f"holds {n_cache} keys: give at most {n_cache} queries (or causal=False)")
     s = float(scale) if scale is not None else d ** -0.5
     if isinstance(bias, str):
         if bias != "paper":

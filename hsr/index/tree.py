@@ -45,6 +45,10 @@ AUTO_MIN_KEYS = 4096
 #: ``method="auto"`` falls back to brute force when a pilot of the batch's queries makes the
 #: trees score more than this fraction of the keys (the blocked BLAS scan is then faster).
 AUTO_MAX_SCAN = 0.35
+#: Largest leaf of a tree, append buffer, and top-k (larger values only exhaust memory).
+MAX_LEAF_SIZE = 1 << 16
+MAX_BUFFER_SIZE = 1 << 24
+MAX_TOPK = 1 << 24
 #: Nodes with more keys get their radius from their children (triangle inequality) instead of
 #: a pass over their keys: the exact pass over the top levels cost about half the build.
 _EXACT_RADIUS_MAX = 4096
@@ -312,10 +316,12 @@ class HSRIndex:
             raise ValueError(f"method must be 'auto', 'code', 'tree' or 'brute', got {method!r}")
         if code_rotation not in ROTATIONS:
             raise ValueError(f"code_rotation must be one of {ROTATIONS}, got {code_rotation!r}")
-        if not isinstance(leaf_size, (int, np.integer)) or leaf_size < 1:
-            raise ValueError(f"leaf_size must be a positive integer, got {leaf_size!r}")
-        if not isinstance(buffer_size, (int, np.integer)) or buffer_size < 1:
-            raise ValueError(f"buffer_size must be a positive integer, got {buffer_size!r}")
+        if isinstance(leaf_size, bool) or not isinstance(leaf_size, (int, np.integer)) \
+                or not 1 <= leaf_size <= MAX_LEAF_SIZE:
+            raise ValueError(f"leaf_size must be an integer in [1, {MAX_LEAF_SIZE}], got {leaf_size!r}")
+        if isinstance(buffer_size, bool) or not isinstance(buffer_size, (int, np.integer)) \
+                or not 1 <= buffer_size <= MAX_BUFFER_SIZE:
+            raise ValueError(f"buffer_size must be an integer in [1, {MAX_BUFFER_SIZE}], got {buffer_size!r}")
         self.dtype = resolve_dtype(dtype)
         self.leaf_size = int(leaf_size)
         self.split = split
@@ -323,6 +329,9 @@ class HSRIndex:
         self.method = method
         self.buffer_size = int(buffer_size)
         self.seed = int(seed)
+        if keys is not None and dim is None and np.ndim(keys) == 1:
+            raise ValueError(f"keys must be (n, d), got a 1-D array of {np.shape(keys)[0]} values: pass "
+                             "keys[None] for one key, or dim= to say which it is")
         if keys is None:
             if dim is None:
                 raise ValueError("give keys, or dim for an empty index")
@@ -780,8 +789,8 @@ class HSRIndex:
         scores : ndarray, (m, k)
             -inf where fewer than k keys are live.
         """
-        if not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"k must be a positive integer, got {k!r}")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= MAX_TOPK:
+            raise ValueError(f"k must be an integer in [1, {MAX_TOPK}], got {k!r}")
         Q, _, lim = self._prepare(queries, 0.0, max_id)
         m = Q.shape[0]
         top_s = np.full((m, k), -np.inf)

@@ -219,3 +219,16 @@ def test_large_alpha_is_stable():
         np.testing.assert_allclose(out, v[top], rtol=1e-5, atol=1e-6)
     out2 = hsr.hsr_attention(q, kv, alpha=3, bias=0.1)
     np.testing.assert_allclose(out2, hsr.dense_relu_attention(q, k, v, alpha=3, bias=0.1), rtol=1e-4, atol=1e-5)
+
+
+def test_causal_needs_no_more_queries_than_keys_and_tau_finite():
+    rng = np.random.default_rng(13)
+    k = rng.standard_normal((1, 1, 5, 16)).astype(np.float32)
+    v = rng.standard_normal((1, 1, 5, 16)).astype(np.float32)
+    kv = hsr.KVCacheIndex(k, v)
+    q = rng.standard_normal((1, 2, 7, 16)).astype(np.float32)
+    with pytest.raises(ValueError, match="causal"):
+        hsr.hsr_attention(q, kv, causal=True)
+    assert hsr.hsr_attention(q, kv, causal=False).shape == (1, 2, 7, 16)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        hsr.hsr_attention(q, kv, kind="softmax", tau=float("nan"))

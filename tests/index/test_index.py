@@ -349,3 +349,17 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["idx.hsr"]
     assert len(hsr.HSRIndex.load(path)) == 100
+
+
+def test_sizes_and_shapes_validated():
+    K = np.ones((10, 4), dtype=np.float32)
+    with pytest.raises(ValueError, match="1-D"):
+        hsr.HSRIndex(np.ones(8, dtype=np.float32))
+    assert len(hsr.HSRIndex(np.ones(8, dtype=np.float32), dim=8)) == 1  # dim says it is one key
+    for bad in (0, 2 ** 40, True, 2.5):
+        with pytest.raises(ValueError, match="leaf_size"):
+            hsr.HSRIndex(K, leaf_size=bad)
+        with pytest.raises(ValueError, match="buffer_size"):
+            hsr.HSRIndex(K, buffer_size=bad)
+    with pytest.raises(ValueError, match="k must be"):
+        hsr.HSRIndex(K).topk(K[:1], 2 ** 40)
