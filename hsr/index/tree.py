@@ -876,50 +876,98 @@ class HSRIndex:
 
     @classmethod
     def _from_state(cls, meta, arrays):
+        if not isinstance(meta, dict):
+            raise ValueError(f"hsr index file is inconsistent: its header is a {type(meta).__name__}, not an object")
         if meta.get("format") != _FORMAT or meta.get("version") not in (1, _FORMAT_VERSION):
             raise ValueError(f"not an hsr index file of version {_FORMAT_VERSION}: {meta.get('format')!r} "
                              f"version {meta.get('version')!r}")
         if _digest(arrays) != meta.get("sha256"):
             raise ValueError("hsr index file is corrupted: checksum mismatch")
+        # the checksum authenticates nothing (anyone can recompute it): every field is checked,
+        # and every derived array (tree nodes and bounds, codes) is rebuilt from the keys
+        dim = _meta_int(meta, "dim", 1, 1 << 20)
+        dtype = meta.get("dtype")
+        if dtype not in ("float32", "float64"):
+            raise ValueError(f"hsr index file is inconsistent: dtype {dtype!r} (float32 or float64)")
+        method = meta.get("method")
+        if method not in ("auto", "code", "tree", "brute"):
+            raise ValueError(f"hsr index file is inconsistent: method {method!r}")
+        if meta.get("split") not in ("pca", "axis"):
+            raise ValueError(f"hsr index file is inconsistent: split {meta.get('split')!r}")
         self = cls.__new__(cls)
-        self.dtype = np.dtype(meta["dtype"])
-        self.dim = int(meta["dim"])
-        self.leaf_size = int(meta["leaf_size"])
+        self.dtype = np.dtype(dtype)
+        self.dim = dim
+        self.leaf_size = _meta_int(meta, "leaf_size", 1, MAX_LEAF_SIZE)
         self.split = meta["split"]
-        self.rotate = bool(meta["rotate"])
-        self.method = meta["method"]
+        self.rotate = bool(meta.get("rotate"))
+        self.method = method
         self.code_rotation = meta.get("code_rotation", "random")
-        self.backend = meta.get("backend", _resolve_backend(self.method, int(meta["dim"])))
+        self.backend = meta.get("backend", _resolve_backend(self.method, dim))
         if self.backend not in ("code", "tree", "brute") or self.code_rotation not in ROTATIONS:
             raise ValueError(f"hsr index file is inconsistent: backend {self.backend!r}, "
                              f"code_rotation {self.code_rotation!r}")
-        self.buffer_size = int(meta["buffer_size"])
-        self.seed = int(meta["seed"])
-        n_total = int(meta["n_total"])
-        keys = arrays["keys"]
-        if keys.shape != (n_total, self.dim) or keys.dtype != self.dtype:
+        self.buffer_size = _meta_int(meta, "buffer_size", 1, MAX_BUFFER_SIZE)
+        self.seed = _meta_int(meta, "seed", -(1 << 63), (1 << 63) - 1)
+        n_total = _meta_int(meta, "n_total", 0, 1 << 40)
+        keys = arrays.get("keys")
+        alive = arrays.get("alive")
+        if keys is None or keys.shape != (n_total, dim) or keys.dtype != self.dtype:
             raise ValueError("hsr index file is inconsistent: keys array has the wrong shape or dtype")
-        self._keys = np.zeros((max(n_total, 16), self.dim), dtype=self.dtype)
+        if alive is None or alive.shape != (n_total,) or alive.dtype != np.uint8 or (alive > 1).any():
+            raise ValueError("hsr index file is inconsistent: the liveness array is not 0/1 per key")
+        if keys.size and not np.isfinite(keys).all():
+            raise ValueError("hsr index file is inconsistent: keys contain NaN or Inf")
+        self._keys = np.zeros((max(n_total, 16), dim), dtype=self.dtype)
         self._keys[:n_total] = keys
         self._alive = np.zeros(self._keys.shape[0], dtype=np.uint8)
-        self._alive[:n_total] = arrays["alive"]
+        self._alive[:n_total] = alive
         self._n_total = n_total
-        self._n_dead = int(meta["n_dead"])
-        self._max_norm = float(meta["max_norm"])
+        self._n_dead = int(n_total - int(alive.sum()))
+        sq = np.einsum("ij,ij->i", keys, keys, dtype=np.float64) if n_total else np.zeros(1)
+        self._max_norm = math.sqrt(float(sq.max()))
         self._max_norm_sq = self._max_norm ** 2
-        self._rot = arrays.get("rot")
+        rot = arrays.get("rot")
+        if rot is not None:
+            rot = np.ascontiguousarray(rot, dtype=np.float64)
+            if rot.shape != (dim, dim) or not np.isfinite(rot).all() \
+                    or np.abs(rot @ rot.T - np.eye(dim)).max() > 1e-6:
+                raise ValueError("hsr index file is inconsistent: the PCA basis is not a (d, d) rotation")
+        self._rot = rot
+        self._slack_rel, self._slack_abs, self._gamma, self._overflow = _precision(self.dtype, dim, self.rotate)
         self._trees = []
-        for i, (L, W) in enumerate(zip(meta["n_levels"], meta["strides"])):
-            self._trees.append(_tree_from(arrays, f"t{i}", int(L), int(W), n_total, self.dim))
-        self._buffer = _tree_from(arrays, "buf", 0, self.buffer_size, n_total, self.dim) \
-            if meta["has_buffer"] else None
-        self._slack_rel, self._slack_abs, self._gamma, self._overflow = _precision(self.dtype, self.dim, self.rotate)
+        self._buffer = None
         self._codes = None
-        if self.backend == "code":
+        if self.backend == "tree":
+            self._buffer = _empty_buffer(self.buffer_size, dim, self.dtype)
+            groups = [_meta_ids(arrays, f"t{i}", n_total) for i in range(_meta_int(meta, "n_trees", 0, 1 << 16))]
+            buffered = _meta_ids(arrays, "buf", n_total) if meta.get("has_buffer") else np.zeros(0, dtype=np.int64)
+            every = np.concatenate(groups + [buffered])
+            if len(np.unique(every)) != len(every):
+                raise ValueError("hsr index file is inconsistent: a key id belongs to two trees")
+            live = np.flatnonzero(alive)
+            if not np.isin(live, every).all():
+                raise ValueError("hsr index file is inconsistent: live keys that no tree holds")
+            # a tree depends only on its set of ids (and the basis): rebuilt, it equals the saved one
+            for ids in groups:
+                ids = np.sort(ids[alive[ids] == 1])
+                if len(ids):
+                    self._trees.append(self._build(ids))
+            self._trees.sort(key=lambda t: -t.n)
+            for s0 in range(0, len(buffered), self.buffer_size):
+                part = np.sort(buffered[s0:s0 + self.buffer_size])
+                self._buffer.ids[:len(part)] = part
+                self._buffer.kf.reshape(dim, self.buffer_size)[:, :len(part)] = self._keys[part].T
+                self._buffer.node_end[0] = len(part)
+                self._buffer.minid[0] = part[0]
+                self._buffer.maxid[0] = part[-1]
+        elif self.backend == "code":
             u = 2.0 ** -24 if self.dtype == np.float32 else 2.0 ** -53
             # codes are derived data: recomputed from the keys at the first search, so a file
             # cannot carry codes that disagree with its keys
-            self._codes = CodeStore.from_state(self.dim, meta["codes"], arrays, u)
+            codes_meta = meta.get("codes")
+            if not isinstance(codes_meta, dict):
+                raise ValueError("hsr index file is inconsistent: no code settings")
+            self._codes = CodeStore.from_state(dim, codes_meta, arrays, u)
         return self
 
     def save(self, path) -> None:
@@ -961,20 +1009,23 @@ class HSRIndex:
         """
         try:
             with zipfile.ZipFile(path, "r") as zf:
+                info = zf.getinfo("meta.json")
+                if info.file_size > 1 << 20:
+                    raise ValueError("meta.json is larger than 1 MiB")
                 meta = json.loads(zf.read("meta.json").decode("utf-8"))
                 arrays = {}
                 for name in zf.namelist():
                     if name.endswith(".npy"):
-                        arrays[name[:-4]] = np.load(io.BytesIO(zf.read(name)), allow_pickle=False)
+                        arrays[name[:-4]] = _read_npy(zf, name)
+        except FileNotFoundError:
+            raise
         except (zipfile.BadZipFile, KeyError, EOFError, json.JSONDecodeError, UnicodeDecodeError,
-                zipfile.LargeZipFile, OSError, ValueError) as exc:
-            if isinstance(exc, FileNotFoundError):
-                raise
+                zipfile.LargeZipFile, OSError, ValueError, RecursionError, MemoryError) as exc:
             raise ValueError(f"cannot read hsr index from {path!s}: truncated or corrupted ({exc})") from exc
         try:
             return cls._from_state(meta, arrays)
-        except (KeyError, TypeError) as exc:
-            raise ValueError(f"hsr index file {path!s} is inconsistent: missing {exc}") from exc
+        except (KeyError, TypeError, IndexError, OverflowError, AttributeError) as exc:
+            raise ValueError(f"hsr index file {path!s} is inconsistent: {type(exc).__name__} {exc}") from exc
 
     def __getstate__(self):
         return self._state()
@@ -1038,22 +1089,43 @@ def _digest(arrays) -> str:
     return h.hexdigest()
 
 
-def _tree_from(arrays, name, n_levels, stride, n_total, d) -> _Tree:
-    t = _Tree()
-    for a in _Tree._ARRAYS:
-        setattr(t, a, np.ascontiguousarray(arrays[f"{name}_{a}"]))
-    t.n_levels = n_levels
-    t.stride = stride
-    n_nodes = (1 << (n_levels + 1)) - 1
-    ok = (t.node_start.shape == (n_nodes,) and t.node_end.shape == (n_nodes,)
-          and t.center.shape == (n_nodes, d) and t.lo.shape == (n_nodes, d) and t.hi.shape == (n_nodes, d)
-          and t.radius.shape == (n_nodes,) and t.maxnorm.shape == (n_nodes,)
-          and t.kf.ndim == 1 and t.stride >= 1 and t.kf.shape[0] >= -(-t.n // t.stride) * t.stride * d
-          and t.ids.shape[0] >= t.n
-          and (t.ids[:t.n] >= 0).all() and (t.ids[:t.n] < n_total).all())
-    if not ok:
-        raise ValueError(f"hsr index file is inconsistent: tree {name!r} arrays do not fit together")
-    return t
+def _meta_int(meta: dict, key: str, lo: int, hi: int) -> int:
+    """An integer field of a file's header, within ``[lo, hi]``."""
+    v = meta.get(key)
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise ValueError(f"hsr index file is inconsistent: {key} = {v!r} (an integer in [{lo}, {hi}])")
+    return v
+
+
+def _meta_ids(arrays: dict, name: str, n_total: int) -> np.ndarray:
+    """The caller ids a saved tree (or the buffer) holds, checked against the key count."""
+    ids = arrays.get(f"{name}_ids")
+    end = arrays.get(f"{name}_node_end")
+    if ids is None or end is None or ids.ndim != 1 or ids.dtype.kind not in "iu" or end.ndim != 1 or not len(end):
+        raise ValueError(f"hsr index file is inconsistent: tree {name!r} has no ids")
+    n = int(end[0])
+    if not 0 <= n <= len(ids):
+        raise ValueError(f"hsr index file is inconsistent: tree {name!r} claims {n} of {len(ids)} ids")
+    ids = ids[:n].astype(np.int64)
+    if n and (ids.min() < 0 or ids.max() >= n_total):
+        raise ValueError(f"hsr index file is inconsistent: tree {name!r} holds ids outside [0, {n_total})")
+    return ids
+
+
+def _read_npy(zf: zipfile.ZipFile, name: str) -> np.ndarray:
+    """One ``.npy`` member, its header checked against the member's size before anything is
+    allocated (a header may claim any shape)."""
+    info = zf.getinfo(name)
+    with zf.open(name) as fh:
+        version = np.lib.format.read_magic(fh)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(fh, max_header_size=1 << 16)
+    if dtype.hasobject:
+        raise ValueError(f"{name}: object arrays are not allowed")
+    need = float(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+    if need > info.file_size:
+        raise ValueError(f"{name}: its header claims {need:.0f} bytes, the file holds {info.file_size}")
+    return np.load(io.BytesIO(zf.read(name)), allow_pickle=False)
 
 
 def BruteForceIndex(keys=None, *, dim=None, dtype=None) -> HSRIndex:

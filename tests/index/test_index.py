@@ -363,3 +363,91 @@ def test_sizes_and_shapes_validated():
             hsr.HSRIndex(K, buffer_size=bad)
     with pytest.raises(ValueError, match="k must be"):
         hsr.HSRIndex(K).topk(K[:1], 2 ** 40)
+
+
+def _rewrite(path, out, meta_fn=None, arrays_fn=None, raw=None):
+    """Copy an index file, editing its header / arrays and recomputing the checksum (which
+    anyone can do: it authenticates nothing)."""
+    import io
+    import json
+    import zipfile
+
+    from hsr.index.tree import _digest
+
+    with zipfile.ZipFile(path) as zf:
+        meta = json.loads(zf.read("meta.json"))
+        arrays = {n[:-4]: np.load(io.BytesIO(zf.read(n))) for n in zf.namelist() if n.endswith(".npy")}
+    if arrays_fn:
+        arrays_fn(arrays)
+    meta["sha256"] = _digest(arrays)
+    if meta_fn:
+        meta = meta_fn(meta)
+    with zipfile.ZipFile(out, "w") as zf:
+        zf.writestr("meta.json", raw if raw is not None else json.dumps(meta))
+        for name, a in arrays.items():
+            buf = io.BytesIO()
+            np.save(buf, a)
+            zf.writestr(name + ".npy", buf.getvalue())
+
+
+@pytest.mark.parametrize("method", ["tree", "code"])
+def test_crafted_files_are_rejected_or_rebuilt(tmp_path, method):
+    rng = np.random.default_rng(14)
+    K = fixture_keys(rng, 2000, 8 if method == "tree" else 32, "clustered")
+    idx = hsr.HSRIndex(K[:1900], method=method, buffer_size=64)
+    idx.add(K[1900:1930])
+    src = tmp_path / "ok.hsr"
+    idx.save(src)
+    Q = fixture_keys(rng, 5, K.shape[1], "clustered")
+    tau = np.quantile(canonical_scores(Q, K[:1930]), 0.9, axis=1)
+    want = as_sets(*idx.range_search(Q, tau)[:2])
+    bad = tmp_path / "bad.hsr"
+    if method == "tree":
+        # wrong bounds and node ranges with a valid checksum: the trees are rebuilt from their ids
+        def scramble(a):
+            a["t0_radius"][:] = 0.0
+            a["t0_lo"][:] = 0.0
+            a["t0_hi"][:] = 0.0
+            a["t0_node_start"][:] = 10 ** 9
+        _rewrite(src, bad, arrays_fn=scramble)
+        assert as_sets(*hsr.HSRIndex.load(bad).range_search(Q, tau)[:2]) == want
+        _rewrite(src, bad, arrays_fn=lambda a: a["t0_ids"].__setitem__(0, 10 ** 9))
+        with pytest.raises(ValueError, match="outside"):
+            hsr.HSRIndex.load(bad)
+        _rewrite(src, bad, arrays_fn=lambda a: a["t0_ids"].__setitem__(1, a["t0_ids"][0]))
+        with pytest.raises(ValueError):
+            hsr.HSRIndex.load(bad)
+    for meta_fn, match in ((lambda m: [1, 2], "header"), (lambda m: 3, "header"),
+                           (lambda m: {**m, "dtype": "float16"}, "dtype"),
+                           (lambda m: {**m, "leaf_size": 2 ** 40}, "leaf_size"),
+                           (lambda m: {**m, "n_total": "many"}, "n_total")):
+        _rewrite(src, bad, meta_fn=meta_fn)
+        with pytest.raises(ValueError, match=match):
+            hsr.HSRIndex.load(bad)
+    _rewrite(src, bad, raw="[" * 100000 + "]" * 100000)  # deeply nested JSON
+    with pytest.raises(ValueError):
+        hsr.HSRIndex.load(bad)
+    _rewrite(src, bad, arrays_fn=lambda a: a.__setitem__("keys", np.full_like(a["keys"], np.nan)))
+    with pytest.raises(ValueError, match="NaN"):
+        hsr.HSRIndex.load(bad)
+
+
+def test_npy_header_claiming_huge_shape_is_rejected(tmp_path):
+    import zipfile
+
+    rng = np.random.default_rng(15)
+    idx = hsr.HSRIndex(fixture_keys(rng, 300, 8, "gauss"))
+    src = tmp_path / "ok.hsr"
+    idx.save(src)
+    with zipfile.ZipFile(src) as zf:
+        members = {n: zf.read(n) for n in zf.namelist()}
+    raw = bytearray(members["keys.npy"])
+    hdr = raw[:128].decode("latin1")
+    fake = hdr.replace("(300, 8)", "(10**12, 8)".replace("10**12", "1000000000000"))
+    members["keys.npy"] = fake.encode("latin1")[:len(hdr)].ljust(len(hdr), b" ") + bytes(raw[len(hdr):])
+    bad = tmp_path / "bad.hsr"
+    with zipfile.ZipFile(bad, "w") as zf:
+        for n, b in members.items():
+            zf.writestr(n, b)
+    with pytest.raises(ValueError, match="claims"):
+        hsr.HSRIndex.load(bad)
