@@ -98,7 +98,13 @@ _BOUND_ROWS = 256
 
 
 def _attend_head(kvi: KVIndex, Q, kind, alpha, bias, scale, eps, tau, topk, lim):
-    """Attention of queries ``Q (m, d)`` float32 against one head; returns out and info rows."""
+    """Attention of queries ``Q (m, d)`` float32 against one head; returns out and info rows.
+    The whole computation holds the index still (a concurrent append waits)."""
+    with kvi.index.reading():
+        return _attend_head_locked(kvi, Q, kind, alpha, bias, scale, eps, tau, topk, lim)
+
+
+def _attend_head_locked(kvi: KVIndex, Q, kind, alpha, bias, scale, eps, tau, topk, lim):
     index = kvi.index
     m = Q.shape[0]
     out = np.zeros((m, kvi.value_dim), dtype=np.float32)

@@ -59,13 +59,14 @@ class KVIndex:
         V = as_float_array(values, "values", np.float32, ndim=2, dim=self.value_dim)
         if K.shape[0] != V.shape[0]:
             raise ValueError(f"keys and values differ in length: {K.shape[0]} vs {V.shape[0]}")
-        start = self.index.n_total
-        if start + len(V) > self._values.shape[0]:
-            nv = np.zeros((max(2 * self._values.shape[0], start + len(V)), self.value_dim), dtype=np.float32)
-            nv[:start] = self._values[:start]
-            self._values = nv
-        self._values[start:start + len(V)] = V
-        return self.index.add(K)
+        with self.index.writing():  # values and keys change together: searches see both or neither
+            start = self.index.n_total
+            if start + len(V) > self._values.shape[0]:
+                nv = np.zeros((max(2 * self._values.shape[0], start + len(V)), self.value_dim), dtype=np.float32)
+                nv[:start] = self._values[:start]
+                self._values = nv
+            self._values[start:start + len(V)] = V
+            return self.index.add(K)
 
     def __repr__(self):
         return f"KVIndex(n={len(self)}, dim={self.dim}, value_dim={self.value_dim})"

@@ -16,6 +16,7 @@ results per query (count pass, prefix sum, fill pass).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -29,6 +30,7 @@ import numpy as np
 from numba.typed import List
 
 from . import _kernels as K
+from ._lock import RWLock
 from ._validate import as_float_array, as_tau, resolve_dtype
 from .codes import ROTATIONS, CodeStore
 
@@ -57,6 +59,33 @@ _SKETCH_DIMS = 16
 #: The count pass remembers up to this many reporting nodes per query and tree, so the fill
 #: pass revisits only them; a query with more traverses again.
 _HITS = 256
+
+
+def _reads(method):
+    """Run a search under the index's read lock (appended keys are coded first)."""
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        self._catch_up()
+        lock = self._lock
+        lock.acquire_read()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            lock.release_read()
+    return locked
+
+
+def _writes(method):
+    """Run a change under the index's write lock."""
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        lock = self._lock
+        lock.acquire_write()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            lock.release_write()
+    return locked
 
 
 class SearchStats:
@@ -310,6 +339,7 @@ class HSRIndex:
 
     def __init__(self, keys=None, *, dim=None, leaf_size=32, split="pca", rotate=False,
                  method="auto", buffer_size=1024, dtype=None, seed=0, code_rotation="random"):
+        self._lock = RWLock()
         if split not in ("pca", "axis"):
             raise ValueError(f"split must be 'pca' or 'axis', got {split!r}")
         if method not in ("auto", "code", "tree", "brute"):
@@ -371,6 +401,25 @@ class HSRIndex:
         """Static trees in the forest (the buffer not counted)."""
         return len(self._trees)
 
+    def reading(self):
+        """Context manager: hold the index still (searches may run, changes wait) for a
+        sequence of calls that must see one state, e.g. a search and then :meth:`key_view`."""
+        self._catch_up()
+        return self._lock.read()
+
+    def writing(self):
+        """Context manager: one change made of several calls (``KVIndex.append`` writes its
+        values and adds the keys under one write); searches wait."""
+        return self._lock.write()
+
+    def _catch_up(self) -> None:
+        """Code the keys appended since the last search (code backend), under the write lock.
+        Skipped by a thread that already reads: it searches the keys coded so far."""
+        if self._codes is None or self._codes.n >= self._n_total or self._lock.held() == "read":
+            return
+        with self._lock.write():
+            self._codes.sync(self._keys[:self._n_total])
+
     def key_view(self) -> KeyView:
         """Read-only views of the keys and their liveness (see :class:`KeyView`)."""
         keys = self._keys[:self._n_total].view()
@@ -379,6 +428,7 @@ class HSRIndex:
         alive.flags.writeable = False
         return KeyView(keys, alive, self._n_dead > 0)
 
+    @_reads
     def forest_view(self, queries) -> ForestView:
         """The forest and ``queries (m, d)`` in its bounds' basis (tree backend only)."""
         if self.backend != "tree":
@@ -391,6 +441,7 @@ class HSRIndex:
         QR, qn = self._rotated(Q)
         return ForestView(trees, QR, qn, self._slack_rel, self._slack_abs)
 
+    @_reads
     def score_bounds(self, queries):
         """Sound per-key bounds of the canonical scores from the codes (code backend only).
 
@@ -407,8 +458,9 @@ class HSRIndex:
         if self.backend != "code":
             raise ValueError(f"score_bounds needs the code backend; this index uses {self.backend!r}")
         Q, _, _ = self._prepare(queries, 0.0)
-        return self._synced_codes().upper_bounds(Q, self._max_norm)
+        return self._codes.upper_bounds(Q, self._max_norm)
 
+    @_reads
     def to(self, device, *, dtype=None):
         """This index on ``device``: ``"cpu"`` returns it as is; another device (``"cuda"``) gives
         a :class:`hsr.kernels.codes.GPUCodeIndex` over the same keys and ids (the code filter
@@ -427,10 +479,12 @@ class HSRIndex:
         keys = torch.from_numpy(self._keys[:self._n_total]).to(dev, dtype or torch.float32)
         return GPUCodeIndex(keys, seed=self.seed)
 
+    @_reads
     def live_ids(self) -> np.ndarray:
         """Ids of the keys not removed, ascending, ``(len(self),)`` int64."""
         return np.flatnonzero(self._alive[:self._n_total]).astype(np.int64)
 
+    @_reads
     def get_keys(self, ids) -> np.ndarray:
         """Keys ``(len(ids), d)`` of the given ids (removed ones included)."""
         ids = self._check_ids(ids, allow_dead=True)
@@ -453,6 +507,7 @@ class HSRIndex:
         return self._codes.nbytes_per_key() if self._codes is not None else 0
 
     # ------------------------------------------------------------------ grow and shrink
+    @_writes
     def add(self, keys) -> np.ndarray:
         """Append keys ``(k, d)`` (or one key ``(d,)``); returns their new ids ``(k,)`` int64.
 
@@ -542,6 +597,7 @@ class HSRIndex:
             self._rot = _pca_rotation(keys, self.seed)
         return _build_tree(keys, ids, self._rot, self.leaf_size, self.split == "pca", self.rotate)
 
+    @_writes
     def remove(self, ids) -> None:
         """Delete keys by id. Trees keep their bounds (still valid for the survivors); a tree
         that is more than half dead is rebuilt from its live keys.
@@ -582,6 +638,7 @@ class HSRIndex:
             raise ValueError(f"ids already removed: {arr[self._alive[arr] == 0][:5].tolist()}")
         return arr
 
+    @_writes
     def rebuild(self) -> None:
         """Rebuild everything as one tree over the live keys (fresh PCA basis); with the code
         filter, re-code every key (a fresh ``"pca"`` rotation from the current keys)."""
@@ -651,6 +708,7 @@ class HSRIndex:
                                hits[c])
         return counts, stats, hits
 
+    @_reads
     def range_search(self, queries, tau, *, max_id=None, return_scores=True, return_stats=False):
         """All keys with ``score(q_i, k) >= tau_i``, for each query, as CSR.
 
@@ -697,13 +755,8 @@ class HSRIndex:
             return lims, ids, scores
         return lims, ids, scores, SearchStats(visited, scored, np.diff(lims), len(self), method, coded)
 
-    def _synced_codes(self) -> CodeStore:
-        """The code store with every key coded (appends are coded lazily, in one batch)."""
-        self._codes.sync(self._keys[:self._n_total])
-        return self._codes
-
     def _code_range(self, Q, tau, lim):
-        cs = self._synced_codes()
+        cs = self._codes
         return cs.range_search(Q, tau, lim, self._keys, self._alive, self._n_dead > 0, self._max_norm)
 
     def _forest_range(self, Q, tau, lim, with_scores):
@@ -762,6 +815,7 @@ class HSRIndex:
         lims, ids, scores = self.range_search(qa[None, :], tau, max_id=max_id)
         return ids, scores
 
+    @_reads
     def count(self, queries, tau, *, max_id=None) -> np.ndarray:
         """Number of keys with ``score >= tau`` per query, ``(m,)`` int64. Whole nodes are
         counted without computing their scores."""
@@ -776,6 +830,7 @@ class HSRIndex:
         counts, _, _ = self._forest_count(Q, t, lim, with_scores=False)
         return counts.sum(axis=0)
 
+    @_reads
     def topk(self, queries, k: int, *, max_id=None, return_stats=False):
         """The ``k`` highest-scoring keys per query, best first (ties: smaller id first).
 
@@ -799,7 +854,7 @@ class HSRIndex:
         method = self.backend
         if len(self) and m:
             if method == "code":
-                self._synced_codes().topk(Q, int(k), lim, self._keys, self._alive, self._n_dead > 0,
+                self._codes.topk(Q, int(k), lim, self._keys, self._alive, self._n_dead > 0,
                                           self._max_norm, top_s, top_i, stats)
             elif method == "brute":
                 self._brute_topk(Q, lim, top_s, top_i)
@@ -895,6 +950,7 @@ class HSRIndex:
         if meta.get("split") not in ("pca", "axis"):
             raise ValueError(f"hsr index file is inconsistent: split {meta.get('split')!r}")
         self = cls.__new__(cls)
+        self._lock = RWLock()
         self.dtype = np.dtype(dtype)
         self.dim = dim
         self.leaf_size = _meta_int(meta, "leaf_size", 1, MAX_LEAF_SIZE)
@@ -970,6 +1026,7 @@ class HSRIndex:
             self._codes = CodeStore.from_state(dim, codes_meta, arrays, u)
         return self
 
+    @_reads
     def save(self, path) -> None:
         """Write the index to ``path`` (a zip of ``.npy`` arrays with a JSON header and a
         SHA-256 of the arrays; no pickle, so loading runs no code). Atomic: the file is written
@@ -1027,6 +1084,7 @@ class HSRIndex:
         except (KeyError, TypeError, IndexError, OverflowError, AttributeError) as exc:
             raise ValueError(f"hsr index file {path!s} is inconsistent: {type(exc).__name__} {exc}") from exc
 
+    @_reads
     def __getstate__(self):
         return self._state()
 

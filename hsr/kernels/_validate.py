@@ -155,10 +155,15 @@ def check_kind(kind) -> int:
 
 
 def check_alpha(alpha) -> int:
-    """ReLU power: an integer >= 1 (the kernels unroll ``alpha - 1`` products)."""
+    """ReLU power: an integer in ``[1, MAX_ALPHA]`` (the kernels unroll ``alpha - 1``
+    products in fp32, where ``relu(.) ** alpha`` of ordinary scores overflows beyond a few
+    dozen; the CPU path, ``hsr.hsr_attention`` on a ``KVIndex``, takes any alpha)."""
     a = int(alpha)  # as before: a float is truncated
     if a < 1:
         raise ValueError(f"alpha must be an integer >= 1, got {alpha!r}")
+    if a > MAX_ALPHA:
+        raise ValueError(f"alpha must be at most {MAX_ALPHA} on the GPU (the power is unrolled and computed in "
+                         f"fp32), got {alpha!r}; the CPU path (hsr.hsr_attention on a KVIndex) takes any alpha")
     return a
 
 
@@ -175,11 +180,3 @@ def check_index_build(k, v, block: int, n_sub: int) -> None:
     if not _is_pow2(int(n_sub)) or D % int(n_sub) != 0:
         raise ValueError(f"n_sub must be a power of two dividing the head dim {D}, got {n_sub!r}")
 
-
-def check_alpha(alpha) -> int:
-    """The ReLU power: an integer in ``[1, MAX_ALPHA]`` on the GPU (the CPU path takes any)."""
-    if isinstance(alpha, bool) or not isinstance(alpha, int) or not 1 <= alpha <= MAX_ALPHA:
-        raise ValueError(f"alpha must be an integer in [1, {MAX_ALPHA}] on the GPU (the power is unrolled and "
-                         f"computed in fp32); got {alpha!r} (the CPU path, hsr.hsr_attention on a KVIndex, "
-                         "takes any alpha)")
-    return alpha
