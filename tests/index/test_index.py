@@ -451,3 +451,28 @@ def test_npy_header_claiming_huge_shape_is_rejected(tmp_path):
             zf.writestr(n, b)
     with pytest.raises(ValueError, match="claims"):
         hsr.HSRIndex.load(bad)
+
+
+@pytest.mark.parametrize("method", ["tree", "code"])
+def test_byte_flips_end_in_valueerror_or_an_equal_index(tmp_path, method):
+    """Fuzz: any single flipped byte of a saved index is either caught (ValueError) or harmless
+    (the loaded index answers exactly like the original)."""
+    rng = np.random.default_rng(16)
+    K = fixture_keys(rng, 200, 16, "gauss")
+    idx = hsr.HSRIndex(K, method=method, leaf_size=8)
+    path = tmp_path / "ok.hsr"
+    idx.save(path)
+    raw = path.read_bytes()
+    Q = fixture_keys(rng, 4, 16, "gauss")
+    tau = np.quantile(canonical_scores(Q, K), 0.8, axis=1)
+    want = as_sets(*idx.range_search(Q, tau)[:2])
+    bad = tmp_path / "flip.hsr"
+    for pos in rng.choice(len(raw), size=150, replace=False):
+        flipped = bytearray(raw)
+        flipped[pos] ^= 0xFF
+        bad.write_bytes(bytes(flipped))
+        try:
+            back = hsr.HSRIndex.load(bad)
+        except ValueError:
+            continue
+        assert as_sets(*back.range_search(Q, tau)[:2]) == want, pos
