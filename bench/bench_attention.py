@@ -112,7 +112,7 @@ def main():
             Qp = K[n - a.prefill_queries:] + 0.3 * rng.standard_normal((a.prefill_queries, d)).astype(np.float32)
             run_case("clustered", K, V, Qp, True, rows)
     if a.real:
-        from hsr.integrations.realdata import get_real_qk
+        from hsr.testing.realdata import get_real_qk
 
         cap = get_real_qk(n_tokens=8192, layers=[10, 20])
         for layer in (10, 20):

@@ -25,7 +25,7 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from hsr.integrations import realdata  # noqa: E402
+from hsr.testing import realdata  # noqa: E402
 
 
 def main():

@@ -42,7 +42,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import hsr  # noqa: E402
-from hsr.integrations import realdata  # noqa: E402
+from hsr.testing import realdata  # noqa: E402
 
 
 def best(fn, rep=5):

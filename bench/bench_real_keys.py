@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import hsr  # noqa: E402
-from hsr.integrations.realdata import get_real_qk  # noqa: E402
+from hsr.testing.realdata import get_real_qk  # noqa: E402
 
 
 def med(fn, r=3):

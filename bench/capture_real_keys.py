@@ -4,7 +4,7 @@
     python bench/capture_real_keys.py --n-tokens 8192 --recapture
 
 Writes ``bench/cache/smollm2_qk_<n>.npz`` (float16 q/k of every layer, see
-``hsr.integrations.realdata``) and merges a summary into ``bench/results/real_keys_stats.json``
+``hsr.testing.realdata``) and merges a summary into ``bench/results/real_keys_stats.json``
 under ``runs["<n>"]``.
 
 Per layer and query head (query head h uses KV head h // 3), with scaled scores
@@ -35,7 +35,7 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from hsr.integrations import realdata  # noqa: E402
+from hsr.testing import realdata  # noqa: E402
 
 
 def mass_fraction(scores: np.ndarray, n_valid: np.ndarray, masses=(0.99, 0.999)) -> dict:

@@ -35,7 +35,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hsr.integrations import transformers as ht  # noqa: E402
-from hsr.integrations.realdata import load_smollm2, real_token_ids  # noqa: E402
+from hsr.testing.realdata import load_smollm2, real_token_ids  # noqa: E402
 
 
 def run(model, ids, n_prompt, steps, name, backend):

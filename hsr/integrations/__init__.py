@@ -1,5 +1,5 @@
-"""hsr.integrations: adapters to other libraries (transformers) and real-model data.
+"""hsr.integrations: adapters to other libraries (transformers).
 
 Importing this package imports neither transformers nor the model; use the submodules:
-``hsr.integrations.transformers`` and ``hsr.integrations.realdata``.
+``hsr.integrations.transformers`` (real-model data for the tests and benchmarks: ``hsr.testing.realdata``).
 """

@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from hsr.attention.power import power_attention, power_pattern  # noqa: E402
-from hsr.integrations import realdata  # noqa: E402
+from hsr.testing import realdata  # noqa: E402
 from hsr.integrations import transformers as ht  # noqa: E402
 
 
