@@ -1,36 +1,40 @@
 """``HSRIndex``: exact half-space reporting over a growing set of keys.
 
-A thin class over the numba kernels of ``_kernels.py``. It holds
+A thin class over the numba kernels. It holds every key ever added, in the caller's id order
+(``_keys``, ``(capacity, d)``), with an ``_alive`` flag per id (removal is a tombstone), and
+one of three backends (``index.backend``):
 
-* every key ever added, in the caller's id order (``_keys``, ``(capacity, d)``), with an
-  ``_alive`` flag per id (removal is a tombstone);
-* a *forest* of static partition trees (:class:`_Tree`) over disjoint sets of ids, sizes
-  kept roughly geometric by logarithmic merging (Bentley and Saxe), so an append costs
-  ``O(log n)`` amortised rebuild work per key rather than a rebuild of everything;
-* a small *buffer* of the most recent keys, scanned exactly (it is a tree with one unbounded
-  node), flushed into the forest when full.
+* ``"code"`` (the default from d = 16): a :class:`~hsr.index.codes.CodeStore` of per-key
+  int8 codes with exact error bounds; a search filters by the codes and verifies the few
+  candidates canonically (``codes.py``, ``_code_kernels.py``);
+* ``"tree"``: a *forest* of static partition trees (``_forest.py``) over disjoint sets of ids,
+  sizes kept roughly geometric by logarithmic merging (Bentley and Saxe), plus a small
+  exactly-scanned *buffer* of the most recent keys; a query runs the four-case traversal on
+  every tree and on the buffer (count pass, prefix sum, fill pass);
+* ``"brute"``: the exact blocked BLAS scan.
 
-A query runs the four-case traversal on every tree and on the buffer and concatenates the
-results per query (count pass, prefix sum, fill pass).
+Searches and changes are serialised by a readers-writer lock (``_lock.py``); files are read
+defensively (``_files.py``).
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
 import json
 import math
 import os
 import tempfile
 import zipfile
-from typing import NamedTuple
 
 import numpy as np
 from numba.typed import List
 
 from . import _kernels as K
+from ._files import _digest, _meta_ids, _meta_int, _read_npy
+from ._forest import _build_tree, _empty_buffer, _pca_rotation, _Tree
 from ._lock import RWLock
+from ._views import ForestView, KeyView, SearchStats
 from ._validate import as_float_array, as_tau, resolve_dtype
 from .codes import ROTATIONS, CodeStore
 
@@ -51,11 +55,6 @@ AUTO_MAX_SCAN = 0.35
 MAX_LEAF_SIZE = 1 << 16
 MAX_BUFFER_SIZE = 1 << 24
 MAX_TOPK = 1 << 24
-#: Nodes with more keys get their radius from their children (triangle inequality) instead of
-#: a pass over their keys: the exact pass over the top levels cost about half the build.
-_EXACT_RADIUS_MAX = 4096
-#: Principal coordinates the build's splits look at (see ``_build_tree``).
-_SKETCH_DIMS = 16
 #: The count pass remembers up to this many reporting nodes per query and tree, so the fill
 #: pass revisits only them; a query with more traverses again.
 _HITS = 256
@@ -86,200 +85,6 @@ def _writes(method):
         finally:
             lock.release_write()
     return locked
-
-
-class SearchStats:
-    """Per-query work counters of one search.
-
-    Attributes
-    ----------
-    nodes_visited : ndarray, (m,) int64
-        Tree nodes whose bounds were evaluated.
-    keys_scored : ndarray, (m,) int64
-        Keys whose canonical full-precision score was computed to compare it with tau (leaf
-        scans; the candidates the code filter let through; every live key for the
-        brute-force scan).
-    keys_reported : ndarray, (m,) int64
-        Size of each result.
-    n_keys : int
-        Live keys in the index at search time.
-    method : str
-        ``"tree"``, ``"code"`` or ``"brute"``.
-    codes_evaluated : ndarray, (m,) int64
-        Keys whose compressed code was read to bound their score (code filter only; zeros
-        for the other methods).
-    """
-
-    def __init__(self, nodes_visited, keys_scored, keys_reported, n_keys, method, codes_evaluated=None):
-        self.nodes_visited = nodes_visited
-        self.keys_scored = keys_scored
-        self.keys_reported = keys_reported
-        self.n_keys = n_keys
-        self.method = method
-        self.codes_evaluated = np.zeros_like(keys_scored) if codes_evaluated is None else codes_evaluated
-
-    @property
-    def scan_fraction(self) -> float:
-        """Mean fraction of the live keys scored per query: the honest measure of pruning."""
-        if self.n_keys == 0 or self.keys_scored.size == 0:
-            return 0.0
-        return float(self.keys_scored.mean() / self.n_keys)
-
-    def __repr__(self):
-        return (f"SearchStats(method={self.method!r}, queries={self.keys_scored.size}, "
-                f"n_keys={self.n_keys}, scan_fraction={self.scan_fraction:.4f}, "
-                f"mean_reported={self.keys_reported.mean() if self.keys_reported.size else 0:.1f})")
-
-
-class KeyView(NamedTuple):
-    """The index's keys as kernels that score them canonically need them (read-only views).
-
-    Attributes
-    ----------
-    keys : ndarray, (n_total, d), the working dtype
-        Row i is key id i (removed ids included).
-    alive : ndarray, (n_total,) uint8
-        0 where the id was removed.
-    has_dead : bool
-        Whether any id was removed (kernels skip the liveness test otherwise).
-    """
-
-    keys: np.ndarray
-    alive: np.ndarray
-    has_dead: bool
-
-
-class ForestView(NamedTuple):
-    """The partition-tree forest and a batch of queries in its bounds' basis, for kernels that
-    traverse it (the certified softmax).
-
-    Attributes
-    ----------
-    trees : numba typed list of tuples
-        One tuple per tree (and the append buffer): ``(kf, stride, ids, n_levels, node_start,
-        node_end, center, radius, lo, hi, maxnorm, minid, maxid)``, the arrays of the table
-        in ``hsr/index/_kernels.py``.
-    rotated : ndarray, (m, d) float64
-        The queries in the bounds' basis.
-    qnorm : ndarray, (m,) float64
-        The queries' norms.
-    slack_rel, slack_abs : float
-        The rounding slack of the node bounds (``slack_rel * |q| * maxnorm + slack_abs``).
-    """
-
-    trees: object
-    rotated: np.ndarray
-    qnorm: np.ndarray
-    slack_rel: float
-    slack_abs: float
-
-
-class _Tree:
-    """Arrays of one static tree; see the table in ``_kernels.py``."""
-
-    __slots__ = ("ids", "kf", "stride", "n_levels", "node_start", "node_end", "center", "radius",
-                 "lo", "hi", "maxnorm", "minid", "maxid")
-    _ARRAYS = ("ids", "kf", "node_start", "node_end", "center", "radius", "lo", "hi", "maxnorm",
-               "minid", "maxid")
-
-    @property
-    def n(self) -> int:
-        return int(self.node_end[0])
-
-
-def _node_ranges(n: int, n_levels: int, width: int):
-    """Position ranges of every node: leaf i owns [i*width, (i+1)*width) clipped to n, and a
-    node owns the union of its leaves."""
-    starts = []
-    ends = []
-    for level in range(n_levels + 1):
-        span = width << (n_levels - level)
-        j = np.arange(1 << level, dtype=np.int64)
-        starts.append(np.minimum(j * span, n))
-        ends.append(np.minimum((j + 1) * span, n))
-    return np.concatenate(starts), np.concatenate(ends)
-
-
-def _n_levels(n: int, width: int) -> int:
-    leaves = -(-n // width)
-    return 0 if leaves <= 1 else int(math.ceil(math.log2(leaves)))
-
-
-def _build_tree(keys: np.ndarray, ids: np.ndarray, rot: np.ndarray, leaf_size: int,
-                use_pca: bool, rotate: bool) -> _Tree:
-    """Build one static tree over ``keys (n, d)`` whose caller ids are ``ids (n,)``.
-
-    ``rot`` is the keys' PCA basis: splits always look at the top principal coordinates; the
-    node bounds live in that basis when ``rotate``, else in the input coordinates."""
-    n, d = keys.shape
-    dt = keys.dtype
-    W = leaf_size
-    L = _n_levels(n, W)
-    n_nodes = (1 << (L + 1)) - 1
-    t = _Tree()
-    t.n_levels = L
-    t.stride = W
-    t.node_start, t.node_end = _node_ranges(n, L, W)
-    # splits are chosen on the top principal coordinates only: partitioning a 16-wide sketch
-    # moves a quarter of the bytes of the full keys at d = 64 at every level, and the leading
-    # coordinates carry most of the spread that a split can use
-    sketch = np.ascontiguousarray(keys @ rot[:min(d, _SKETCH_DIMS)].T.astype(dt))
-    # the bounds' basis: one BLAS product in the working dtype (its rounding is part of the
-    # bounds' slack, see _precision)
-    kr = keys @ rot.T.astype(dt) if rotate else keys
-    perm = np.arange(n, dtype=np.int64)
-    K.build_permutation(sketch, perm, L, t.node_start, t.node_end, use_pca, 32)
-    kp = keys[perm]
-    kr = kr[perm]
-    norms = np.sqrt(np.einsum("ij,ij->i", kp, kp, dtype=np.float64))
-    t.ids = np.ascontiguousarray(ids[perm], dtype=np.int64)
-    first_leaf = (1 << L) - 1
-    t.kf = np.zeros(-(-n // W) * W * d, dtype=dt)
-    K.pack_leaves(kp, t.node_start[first_leaf:], t.node_end[first_leaf:], W, t.kf)
-    t.center = np.empty((n_nodes, d), dtype=dt)
-    t.radius = np.empty(n_nodes)
-    t.lo = np.empty((n_nodes, d), dtype=dt)
-    t.hi = np.empty((n_nodes, d), dtype=dt)
-    t.maxnorm = np.empty(n_nodes)
-    K.build_bounds(kr, norms, L, t.node_start, t.node_end, t.center, t.radius, t.lo, t.hi, t.maxnorm,
-                   _EXACT_RADIUS_MAX)
-    t.minid = np.empty(n_nodes, dtype=np.int64)
-    t.maxid = np.empty(n_nodes, dtype=np.int64)
-    K.build_id_ranges(t.ids, t.node_start, t.node_end, L, t.minid, t.maxid)
-    return t
-
-
-def _empty_buffer(capacity: int, d: int, dt) -> _Tree:
-    """The append buffer: one node with radius -1 (unbounded, so always scanned)."""
-    t = _Tree()
-    t.ids = np.zeros(capacity, dtype=np.int64)
-    t.kf = np.zeros(d * capacity, dtype=dt)
-    t.stride = capacity
-    t.n_levels = 0
-    t.node_start = np.zeros(1, dtype=np.int64)
-    t.node_end = np.zeros(1, dtype=np.int64)
-    t.center = np.zeros((1, d), dtype=dt)
-    t.radius = np.full(1, -1.0)
-    t.lo = np.zeros((1, d), dtype=dt)
-    t.hi = np.zeros((1, d), dtype=dt)
-    t.maxnorm = np.zeros(1)
-    t.minid = np.zeros(1, dtype=np.int64)
-    t.maxid = np.zeros(1, dtype=np.int64)
-    return t
-
-
-def _pca_rotation(keys: np.ndarray, seed: int) -> np.ndarray:
-    """Orthogonal ``(d, d)`` float64 matrix whose rows are the keys' principal axes, from a
-    seeded sample of at most 8192 keys."""
-    n, d = keys.shape
-    if n < 2:
-        return np.eye(d)
-    rng = np.random.default_rng(seed)
-    sample = keys if n <= 8192 else keys[np.sort(rng.choice(n, 8192, replace=False))]
-    x = sample.astype(np.float64)
-    x = x - x.mean(axis=0)
-    w, v = np.linalg.eigh(x.T @ x)
-    return np.ascontiguousarray(v[:, ::-1].T)
 
 
 class HSRIndex:
@@ -1136,56 +941,6 @@ def _as_limits(max_id, m: int) -> np.ndarray:
     if a.shape != (m,):
         raise ValueError(f"max_id must be a scalar or have shape ({m},), got shape {a.shape}")
     return np.ascontiguousarray(a)
-
-
-def _digest(arrays) -> str:
-    h = hashlib.sha256()
-    for name in sorted(arrays):
-        a = np.ascontiguousarray(arrays[name])
-        h.update(name.encode())
-        h.update(str(a.dtype).encode())
-        h.update(str(a.shape).encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
-
-
-def _meta_int(meta: dict, key: str, lo: int, hi: int) -> int:
-    """An integer field of a file's header, within ``[lo, hi]``."""
-    v = meta.get(key)
-    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-        raise ValueError(f"hsr index file is inconsistent: {key} = {v!r} (an integer in [{lo}, {hi}])")
-    return v
-
-
-def _meta_ids(arrays: dict, name: str, n_total: int) -> np.ndarray:
-    """The caller ids a saved tree (or the buffer) holds, checked against the key count."""
-    ids = arrays.get(f"{name}_ids")
-    end = arrays.get(f"{name}_node_end")
-    if ids is None or end is None or ids.ndim != 1 or ids.dtype.kind not in "iu" or end.ndim != 1 or not len(end):
-        raise ValueError(f"hsr index file is inconsistent: tree {name!r} has no ids")
-    n = int(end[0])
-    if not 0 <= n <= len(ids):
-        raise ValueError(f"hsr index file is inconsistent: tree {name!r} claims {n} of {len(ids)} ids")
-    ids = ids[:n].astype(np.int64)
-    if n and (ids.min() < 0 or ids.max() >= n_total):
-        raise ValueError(f"hsr index file is inconsistent: tree {name!r} holds ids outside [0, {n_total})")
-    return ids
-
-
-def _read_npy(zf: zipfile.ZipFile, name: str) -> np.ndarray:
-    """One ``.npy`` member, its header checked against the member's size before anything is
-    allocated (a header may claim any shape)."""
-    info = zf.getinfo(name)
-    with zf.open(name) as fh:
-        version = np.lib.format.read_magic(fh)
-        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, _, dtype = read(fh, max_header_size=1 << 16)
-    if dtype.hasobject:
-        raise ValueError(f"{name}: object arrays are not allowed")
-    need = float(np.prod(shape, dtype=np.float64)) * dtype.itemsize
-    if need > info.file_size:
-        raise ValueError(f"{name}: its header claims {need:.0f} bytes, the file holds {info.file_size}")
-    return np.load(io.BytesIO(zf.read(name)), allow_pickle=False)
 
 
 def BruteForceIndex(keys=None, *, dim=None, dtype=None) -> HSRIndex:

@@ -372,7 +372,7 @@ def _rewrite(path, out, meta_fn=None, arrays_fn=None, raw=None):
     import json
     import zipfile
 
-    from hsr.index.tree import _digest
+    from hsr.index._files import _digest
 
     with zipfile.ZipFile(path) as zf:
         meta = json.loads(zf.read("meta.json"))

@@ -1,0 +1,62 @@
+"""Reading index files defensively: the checksum, header fields, and ``.npy`` members.
+
+Every check turns a damaged or crafted file into a ``ValueError`` before anything is
+allocated from what the file claims (``HSRIndex.load`` rebuilds the derived arrays too).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import zipfile
+
+import numpy as np
+
+def _digest(arrays) -> str:
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(name.encode())
+        h.update(str(a.dtype).encode())
+        h.update(str(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _meta_int(meta: dict, key: str, lo: int, hi: int) -> int:
+    """An integer field of a file's header, within ``[lo, hi]``."""
+    v = meta.get(key)
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise ValueError(f"hsr index file is inconsistent: {key} = {v!r} (an integer in [{lo}, {hi}])")
+    return v
+
+
+def _meta_ids(arrays: dict, name: str, n_total: int) -> np.ndarray:
+    """The caller ids a saved tree (or the buffer) holds, checked against the key count."""
+    ids = arrays.get(f"{name}_ids")
+    end = arrays.get(f"{name}_node_end")
+    if ids is None or end is None or ids.ndim != 1 or ids.dtype.kind not in "iu" or end.ndim != 1 or not len(end):
+        raise ValueError(f"hsr index file is inconsistent: tree {name!r} has no ids")
+    n = int(end[0])
+    if not 0 <= n <= len(ids):
+        raise ValueError(f"hsr index file is inconsistent: tree {name!r} claims {n} of {len(ids)} ids")
+    ids = ids[:n].astype(np.int64)
+    if n and (ids.min() < 0 or ids.max() >= n_total):
+        raise ValueError(f"hsr index file is inconsistent: tree {name!r} holds ids outside [0, {n_total})")
+    return ids
+
+
+def _read_npy(zf: zipfile.ZipFile, name: str) -> np.ndarray:
+    """One ``.npy`` member, its header checked against the member's size before anything is
+    allocated (a header may claim any shape)."""
+    info = zf.getinfo(name)
+    with zf.open(name) as fh:
+        version = np.lib.format.read_magic(fh)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(fh, max_header_size=1 << 16)
+    if dtype.hasobject:
+        raise ValueError(f"{name}: object arrays are not allowed")
+    need = float(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+    if need > info.file_size:
+        raise ValueError(f"{name}: its header claims {need:.0f} bytes, the file holds {info.file_size}")
+    return np.load(io.BytesIO(zf.read(name)), allow_pickle=False)
