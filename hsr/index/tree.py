@@ -51,6 +51,8 @@ AUTO_MIN_KEYS = 4096
 #: ``method="auto"`` falls back to brute force when a pilot of the batch's queries makes the
 #: trees score more than this fraction of the keys (the blocked BLAS scan is then faster).
 AUTO_MAX_SCAN = 0.35
+#: The code filter's steps and bounds are float32: |k| and |q|*|k| must stay below this.
+_CODE_LIMIT = 1e37
 #: Largest leaf of a tree, append buffer, and top-k (larger values only exhaust memory).
 MAX_LEAF_SIZE = 1 << 16
 MAX_BUFFER_SIZE = 1 << 24
@@ -470,6 +472,11 @@ class HSRIndex:
                 raise ValueError(
                     f"|q|*|k| reaches {qmax * self._max_norm:.3g}: scores would overflow {self.dtype.name}; "
                     "rescale the inputs or build the index with dtype='float64'")
+            if self.backend == "code" and (qmax * self._max_norm >= _CODE_LIMIT or self._max_norm >= _CODE_LIMIT):
+                # the code filter keeps float32 steps and bounds: past this they would overflow
+                raise ValueError(
+                    f"|q|*|k| reaches {qmax * self._max_norm:.3g} (|k| up to {self._max_norm:.3g}): beyond the code "
+                    f"filter's float32 range ({_CODE_LIMIT:.0e}); rescale the inputs or use method='tree' or 'brute'")
         return Q, t, lim
 
     def _components(self):

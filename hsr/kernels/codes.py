@@ -465,8 +465,14 @@ class CodeKVCache:
             raise ValueError(f"q must be {self.dtype} on {self.device}, got {q.dtype} on {q.device}")
         if M > self.n:
             raise ValueError(f"{M} query positions but only {self.n} keys: causal queries are the last positions")
-        if not _capturing() and not torch.isfinite(q).all():
-            raise ValueError("q contains NaN or Inf")
+        if not _capturing():
+            if not torch.isfinite(q).all():
+                raise ValueError("q contains NaN or Inf")
+            # the bounds are fp32: |q| |k| past ~1e37 would overflow them (and drop keys)
+            top = float(q.float().norm(dim=-1).max()) * float(self.max_norm.max())
+            if top >= 1e37:
+                raise ValueError(f"|q|*|k| reaches {top:.3g}: beyond the fp32 bounds of the code filter; "
+                                 "rescale q or k")
 
     def _per_row(self, x, q, name):
         """``(tensor or None, scalar, strides)`` of tau or bias: a number, or a tensor of shape

@@ -177,3 +177,14 @@ def test_bad_code_arguments():
     big = np.full(16, 1e17, dtype=np.float32)  # its float32 squared norm overflows: slow path
     idx.add(big)
     assert idx.get_keys([40])[0, 0] == np.float32(1e17)
+
+
+def test_float64_magnitudes_beyond_float32_are_refused_not_wrong():
+    rng = np.random.default_rng(8)
+    K = rng.standard_normal((300, 20)) * 1e100
+    Q = rng.standard_normal((3, 20))
+    with pytest.raises(ValueError, match="float32 range"):
+        hsr.HSRIndex(K, dtype="float64", method="code").range_search(Q, 0.0)
+    S = canonical_scores(Q, K, dtype="float64")
+    lims, ids, _ = hsr.HSRIndex(K, dtype="float64", method="tree").range_search(Q, S[:, 7])
+    assert as_sets(lims, ids) == [set(np.flatnonzero(S[i] >= S[i, 7]).tolist()) for i in range(3)]
