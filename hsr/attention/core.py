@@ -135,6 +135,14 @@ def _attend_head_locked(kvi: KVIndex, Q, kind, alpha, bias, scale, eps, tau, top
     info = np.zeros((m, 5))
     kv = index.key_view()
     e = float(eps if eps is not None else 0.0)
+    if index.backend == "code" and mode == 1:
+        # a threshold: the range search reports the kept keys and bounds the rest's mass
+        # (a row with fewer than topk keys keeps them all: its -inf becomes the lowest float32)
+        t_fin = np.maximum(tau_arr, float(np.finfo(np.float32).min))
+        lims, ids, sc, st = index.range_search(Q, t_fin, max_id=lim, remainder_scale=float(scale),
+                                               return_stats=True)
+        AK.softmax_from_csr(lims, ids, sc, kvi.values, float(scale), t_fin, st.remainder, out, info)
+        return out, st.keys_scored, info[:, 2].astype(np.int64), info[:, 1], info[:, 0]
     if index.backend == "code":
         for s in range(0, m, _BOUND_ROWS):
             sl = slice(s, s + _BOUND_ROWS)

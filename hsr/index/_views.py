@@ -34,6 +34,9 @@ class SearchStats:
     codes_evaluated : ndarray, (m,) int64
         Keys whose compressed code was read to bound their score (code filter only; zeros
         for the other methods).
+    remainder : ndarray, (m,) float64 or None
+        With ``range_search(..., remainder_scale=s)``: an upper bound of
+        ``sum exp(s (score_j - tau_i))`` over the visible live keys not reported.
     """
 
     def __init__(self, nodes_visited, keys_scored, keys_reported, n_keys, method, codes_evaluated=None):
@@ -43,6 +46,7 @@ class SearchStats:
         self.n_keys = n_keys
         self.method = method
         self.codes_evaluated = np.zeros_like(keys_scored) if codes_evaluated is None else codes_evaluated
+        self.remainder = None
 
     @property
     def scan_fraction(self) -> float:

@@ -27,6 +27,8 @@ ROTATIONS = ("random", "pca", "none")
 #: queries read the codes 8 times and ran 2x slower)
 _TILE_ROWS = 64
 _EPS64 = 2.0 ** -53
+#: e-folds below tau past which a key's mass is only counted (e^-40 each) in a remainder
+_FAR = 40.0
 _U32 = 2.0 ** -24
 
 
@@ -159,18 +161,27 @@ class CodeStore:
         thr = thr - 4.0 * _EPS64 * np.abs(thr)
         return QI, qa, qn, thr, slack
 
-    def range_search(self, Q, tau, lim, keys, alive, has_dead, max_norm):
-        """CSR ``(lims, ids, scores, codes_evaluated, keys_verified)`` of the keys with
-        canonical ``score >= tau`` and id ``<= lim``; ids ascending within each row."""
+    def range_search(self, Q, tau, lim, keys, alive, has_dead, max_norm, remainder_scale=None):
+        """CSR ``(lims, ids, scores, codes_evaluated, keys_verified, remainder)`` of the keys
+        with canonical ``score >= tau`` and id ``<= lim``; ids ascending within each row.
+
+        With ``remainder_scale = s``, ``remainder (m,)`` bounds ``sum exp(s (score - tau))``
+        over the visible live keys not reported (else None): the dropped mass of a softmax
+        over the reported keys, relative to ``exp(s tau)``."""
         n = self.n
         m = Q.shape[0]
-        QI, qa, qn, thr, _ = self._queries(Q, tau, max_norm)
+        QI, qa, qn, thr, slack = self._queries(Q, tau, max_norm)
         # the filter runs in float32: the query step and norm as float32 (their rounding, like
         # the float32 arithmetic, is inside the 16 u slack term) and the threshold rounded down
         qa32 = qa.astype(np.float32)
         qn32 = qn.astype(np.float32)
-        thr32 = thr.astype(np.float32)
-        thr32 = np.where(thr32.astype(np.float64) > thr, np.nextafter(thr32, np.float32(-np.inf)), thr32)
+        want_rem = remainder_scale is not None
+        rscale = float(remainder_scale) if want_rem else 0.0
+        with np.errstate(over="ignore"):  # thresholds below float32's range become -inf: keep all
+            thr32 = thr.astype(np.float32)
+            thr32 = np.where(thr32.astype(np.float64) > thr, np.nextafter(thr32, np.float32(-np.inf)), thr32)
+            # keys bounded further than _FAR e-folds below tau are only counted (each < e^-_FAR)
+            near32 = (thr32 - np.float32(_FAR / rscale)).astype(np.float32) if want_rem else thr32
         nb = -(-n // CK.BLOCK)
         n_tiles = -(-m // _TILE_ROWS)
         # enough tasks for every thread even for one decode query: split the blocks too
@@ -183,11 +194,13 @@ class CodeStore:
         cap = int(min(per_part, self._cap_hint))
         counts = np.zeros((m, n_parts), dtype=np.int64)
         stats = np.zeros((m, n_parts), dtype=np.int64)
+        rem = np.zeros((m, n_parts))
+        far = np.zeros((m, n_parts), dtype=np.int64)
         buf_ids = np.empty((m, n_parts, cap), dtype=np.int64)
         buf_sc = np.empty((m, n_parts, cap), dtype=keys.dtype)
         CK.code_range(QI, qa32, qn32, thr32, tau, lim, Q, keys, self.codes, self.scale, self.err, alive, has_dead, n,
                       task_tile, task_part, tile_r[:-1], tile_r[1:], part_b[:-1], part_b[1:], cap, buf_ids,
-                      buf_sc, counts, stats)
+                      buf_sc, counts, stats, near32, slack, rscale, want_rem, rem, far)
         over = counts > cap
         if over.any():  # rare: re-run only the tasks whose hits did not fit
             cap2 = int(counts.max())
@@ -200,7 +213,8 @@ class CodeStore:
             b2_sc = np.empty((m, n_parts, cap2), dtype=keys.dtype)
             CK.code_range(QI, qa32, qn32, thr32, tau, lim, Q, keys, self.codes, self.scale, self.err, alive,
                           has_dead, n, redo // n_parts, redo % n_parts, tile_r[:-1], tile_r[1:], part_b[:-1], part_b[1:],
-                          cap2, b2_ids, b2_sc, c2, s2)
+                          cap2, b2_ids, b2_sc, c2, s2, near32, slack, rscale, False, np.zeros_like(rem),
+                          np.zeros_like(far))
         total = counts.sum(axis=1)
         lims = np.zeros(m + 1, dtype=np.int64)
         np.cumsum(total, out=lims[1:])
@@ -217,7 +231,16 @@ class CodeStore:
         # the next search starts with room for what this one found
         self._cap_hint = int(min(max(64, 1.25 * counts.max(initial=0)), 1 << 20))
         coded = np.clip(np.minimum(lim, n - 1) + 1, 0, n).astype(np.int64)
-        return lims, ids, scores, coded, stats.sum(axis=1)
+        remainder = None
+        if want_rem:
+            # the far keys' bound, taken at the near threshold (a float32 value) plus the slack
+            with np.errstate(over="ignore", invalid="ignore"):
+                far_bound = np.exp(rscale * (near32.astype(np.float64) + slack - tau))
+            far_bound = np.where(np.isfinite(far_bound), far_bound, np.where(np.isneginf(near32), 0.0, np.inf))
+            n_far = far.sum(axis=1)
+            far_mass = np.where(n_far > 0, n_far * np.where(n_far > 0, far_bound, 0.0), 0.0)
+            remainder = (rem.sum(axis=1) + far_mass) * (1.0 + 1e-12)
+        return lims, ids, scores, coded, stats.sum(axis=1), remainder
 
     def upper_bounds(self, Q, max_norm):
         """Upper and lower bounds of the canonical scores of every coded key, ``(m, n)``

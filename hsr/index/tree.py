@@ -521,7 +521,8 @@ class HSRIndex:
         return counts, stats, hits
 
     @_reads
-    def range_search(self, queries, tau, *, max_id=None, return_scores=True, return_stats=False):
+    def range_search(self, queries, tau, *, max_id=None, return_scores=True, return_stats=False,
+                     remainder_scale=None):
         """All keys with ``score(q_i, k) >= tau_i``, for each query, as CSR.
 
         Parameters
@@ -537,6 +538,11 @@ class HSRIndex:
             computing their scores (``scores`` is then not meaningful for them).
         return_stats : bool, default False
             Also return a :class:`SearchStats`.
+        remainder_scale : float, optional
+            Code filter only: also bound the softmax mass of what is not reported.
+            ``stats.remainder[i]`` is then an upper bound of ``sum exp(s (score_j - tau_i))``
+            over the visible live keys j not reported, ``s = remainder_scale`` (the certified
+            softmax over a threshold's keys uses it).
 
         Returns
         -------
@@ -551,10 +557,15 @@ class HSRIndex:
         """
         Q, t, lim = self._prepare(queries, tau, max_id)
         m = Q.shape[0]
+        if remainder_scale is not None:
+            if self.backend != "code":
+                raise ValueError(f"remainder_scale needs the code backend; this index uses {self.backend!r}")
+            if not (np.isfinite(remainder_scale) and remainder_scale > 0):
+                raise ValueError(f"remainder_scale must be a positive finite number, got {remainder_scale!r}")
         method = "brute" if (len(self) == 0 or m == 0) else self._choose_method(Q, t, lim)
-        coded = None
+        coded = remainder = None
         if method == "code":
-            lims, ids, scores, coded, scored = self._code_range(Q, t, lim)
+            lims, ids, scores, coded, scored, remainder = self._code_range(Q, t, lim, remainder_scale)
             visited = np.zeros(m, dtype=np.int64)
         elif method == "brute":
             lims, ids, scores = self._brute_range(Q, t, lim)
@@ -565,11 +576,15 @@ class HSRIndex:
             visited, scored = stats[:, 0].copy(), stats[:, 1].copy()
         if not return_stats:
             return lims, ids, scores
-        return lims, ids, scores, SearchStats(visited, scored, np.diff(lims), len(self), method, coded)
+        if remainder_scale is not None and remainder is None:  # empty index or no query: nothing dropped
+            remainder = np.zeros(m)
+        st = SearchStats(visited, scored, np.diff(lims), len(self), method, coded)
+        st.remainder = remainder
+        return lims, ids, scores, st
 
-    def _code_range(self, Q, tau, lim):
-        cs = self._codes
-        return cs.range_search(Q, tau, lim, self._keys, self._alive, self._n_dead > 0, self._max_norm)
+    def _code_range(self, Q, tau, lim, remainder_scale=None):
+        return self._codes.range_search(Q, tau, lim, self._keys, self._alive, self._n_dead > 0, self._max_norm,
+                                        remainder_scale)
 
     def _forest_range(self, Q, tau, lim, with_scores):
         comps = self._components()

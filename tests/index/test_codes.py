@@ -188,3 +188,28 @@ def test_float64_magnitudes_beyond_float32_are_refused_not_wrong():
     S = canonical_scores(Q, K, dtype="float64")
     lims, ids, _ = hsr.HSRIndex(K, dtype="float64", method="tree").range_search(Q, S[:, 7])
     assert as_sets(lims, ids) == [set(np.flatnonzero(S[i] >= S[i, 7]).tolist()) for i in range(3)]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(1, 400), seed=st.integers(0, 2**31 - 1), scale=st.sampled_from([0.01, 0.125, 1.0, 8.0]),
+       kind=st.sampled_from(["gauss", "lattice", "clustered"]))
+def test_remainder_bounds_the_unreported_mass(n, seed, scale, kind):
+    rng = np.random.default_rng(seed)
+    K = fixture_keys(rng, n, 24, kind)
+    Q = fixture_keys(rng, 4, 24, kind)
+    idx = hsr.HSRIndex(K, method="code")
+    gone = rng.choice(n, size=n // 5, replace=False)
+    if len(gone):
+        idx.remove(gone)
+    alive = np.ones(n, dtype=bool)
+    alive[gone] = False
+    S = canonical_scores(Q, K).astype(np.float64)
+    tau = S[np.arange(4), rng.integers(0, n, 4)]
+    lim = rng.integers(-1, n + 2, 4)
+    lims, ids, _, st_ = idx.range_search(Q, tau, max_id=lim, remainder_scale=scale, return_stats=True)
+    for i in range(4):
+        vis = alive & (np.arange(n) <= lim[i]) & (S[i] < tau[i])
+        true = np.exp(scale * (S[i][vis] - tau[i])).sum()
+        assert st_.remainder[i] >= true * (1 - 1e-12) and np.isfinite(st_.remainder[i])
+    with pytest.raises(ValueError, match="remainder_scale"):
+        idx.range_search(Q, tau, remainder_scale=0.0)
