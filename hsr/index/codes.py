@@ -195,12 +195,13 @@ class CodeStore:
         counts = np.zeros((m, n_parts), dtype=np.int64)
         stats = np.zeros((m, n_parts), dtype=np.int64)
         rem = np.zeros((m, n_parts))
+        hist = np.zeros((m, n_parts, int(4 * _FAR) + 1 if want_rem else 1), dtype=np.int64)
         far = np.zeros((m, n_parts), dtype=np.int64)
         buf_ids = np.empty((m, n_parts, cap), dtype=np.int64)
         buf_sc = np.empty((m, n_parts, cap), dtype=keys.dtype)
         CK.code_range(QI, qa32, qn32, thr32, tau, lim, Q, keys, self.codes, self.scale, self.err, alive, has_dead, n,
                       task_tile, task_part, tile_r[:-1], tile_r[1:], part_b[:-1], part_b[1:], cap, buf_ids,
-                      buf_sc, counts, stats, near32, slack, rscale, want_rem, rem, far)
+                      buf_sc, counts, stats, near32, slack, rscale, want_rem, rem, hist, far)
         over = counts > cap
         if over.any():  # rare: re-run only the tasks whose hits did not fit
             cap2 = int(counts.max())
@@ -214,7 +215,7 @@ class CodeStore:
             CK.code_range(QI, qa32, qn32, thr32, tau, lim, Q, keys, self.codes, self.scale, self.err, alive,
                           has_dead, n, redo // n_parts, redo % n_parts, tile_r[:-1], tile_r[1:], part_b[:-1], part_b[1:],
                           cap2, b2_ids, b2_sc, c2, s2, near32, slack, rscale, False, np.zeros_like(rem),
-                          np.zeros_like(far))
+                          np.zeros((m, n_parts, 1), dtype=np.int64), np.zeros_like(far))
         total = counts.sum(axis=1)
         lims = np.zeros(m + 1, dtype=np.int64)
         np.cumsum(total, out=lims[1:])
@@ -239,7 +240,9 @@ class CodeStore:
             far_bound = np.where(np.isfinite(far_bound), far_bound, np.where(np.isneginf(near32), 0.0, np.inf))
             n_far = far.sum(axis=1)
             far_mass = np.where(n_far > 0, n_far * np.where(n_far > 0, far_bound, 0.0), 0.0)
-            remainder = (rem.sum(axis=1) + far_mass) * (1.0 + 1e-12)
+            # bin k holds terms below exp(-k/4); bins past the histogram went to far
+            edges = np.exp(-np.arange(hist.shape[2]) / 4.0) * (1.0 + 1e-6)
+            remainder = (rem.sum(axis=1) + hist.sum(axis=1) @ edges + far_mass) * (1.0 + 1e-12)
         return lims, ids, scores, coded, stats.sum(axis=1), remainder
 
     def upper_bounds(self, Q, max_norm):
