@@ -195,13 +195,17 @@ class CodeStore:
         counts = np.zeros((m, n_parts), dtype=np.int64)
         stats = np.zeros((m, n_parts), dtype=np.int64)
         rem = np.zeros((m, n_parts))
-        hist = np.zeros((m, n_parts, int(4 * _FAR) + 1 if want_rem else 1), dtype=np.int64)
-        far = np.zeros((m, n_parts), dtype=np.int64)
+        hist = np.zeros((m, n_parts, int(4 * _FAR) + 1), dtype=np.int64) if want_rem else None
+        looked = np.zeros((m, n_parts), dtype=np.int64)
         buf_ids = np.empty((m, n_parts, cap), dtype=np.int64)
         buf_sc = np.empty((m, n_parts, cap), dtype=keys.dtype)
-        CK.code_range(QI, qa32, qn32, thr32, tau, lim, Q, keys, self.codes, self.scale, self.err, alive, has_dead, n,
-                      task_tile, task_part, tile_r[:-1], tile_r[1:], part_b[:-1], part_b[1:], cap, buf_ids,
-                      buf_sc, counts, stats, near32, slack, rscale, want_rem, rem, hist, far)
+        args = (QI, qa32, qn32, thr32, tau, lim, Q, keys, self.codes, self.scale, self.err, alive, has_dead, n,
+                task_tile, task_part, tile_r[:-1], tile_r[1:], part_b[:-1], part_b[1:], cap, buf_ids, buf_sc,
+                counts, stats)
+        if want_rem:
+            CK.code_range_remainder(*args, near32, slack, rscale, rem, hist, looked)
+        else:
+            CK.code_range(*args)
         over = counts > cap
         if over.any():  # rare: re-run only the tasks whose hits did not fit
             cap2 = int(counts.max())
@@ -214,8 +218,7 @@ class CodeStore:
             b2_sc = np.empty((m, n_parts, cap2), dtype=keys.dtype)
             CK.code_range(QI, qa32, qn32, thr32, tau, lim, Q, keys, self.codes, self.scale, self.err, alive,
                           has_dead, n, redo // n_parts, redo % n_parts, tile_r[:-1], tile_r[1:], part_b[:-1], part_b[1:],
-                          cap2, b2_ids, b2_sc, c2, s2, near32, slack, rscale, False, np.zeros_like(rem),
-                          np.zeros((m, n_parts, 1), dtype=np.int64), np.zeros_like(far))
+                          cap2, b2_ids, b2_sc, c2, s2)
         total = counts.sum(axis=1)
         lims = np.zeros(m + 1, dtype=np.int64)
         np.cumsum(total, out=lims[1:])
@@ -238,9 +241,11 @@ class CodeStore:
             with np.errstate(over="ignore", invalid="ignore"):
                 far_bound = np.exp(rscale * (near32.astype(np.float64) + slack - tau))
             far_bound = np.where(np.isfinite(far_bound), far_bound, np.where(np.isneginf(near32), 0.0, np.inf))
-            n_far = far.sum(axis=1)
+            # far: every visible key not looked at closely (visible - looked at), a count that
+            # may include removed keys (an overcount keeps the bound)
+            n_far = np.clip(np.minimum(lim, n - 1) + 1, 0, n) - looked.sum(axis=1)
             far_mass = np.where(n_far > 0, n_far * np.where(n_far > 0, far_bound, 0.0), 0.0)
-            # bin k holds terms below exp(-k/4); bins past the histogram went to far
+            # bin k holds terms below exp(-k/4) (the last bin also everything further down)
             edges = np.exp(-np.arange(hist.shape[2]) / 4.0) * (1.0 + 1e-6)
             remainder = (rem.sum(axis=1) + hist.sum(axis=1) @ edges + far_mass) * (1.0 + 1e-12)
         return lims, ids, scores, coded, stats.sum(axis=1), remainder
