@@ -42,17 +42,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import hsr  # noqa: E402
+from _timing import best_of  # noqa: E402
 from hsr.testing import realdata  # noqa: E402
-
-
-def best(fn, rep=5):
-    fn()
-    ts = []
-    for _ in range(rep):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return min(ts)
 
 
 def load(layers):
@@ -121,11 +112,11 @@ def range_times(cap, rep):
             Q = Qall[:m]
             tau = np.quantile(hsr.canonical_scores(Q, K), 0.99, axis=1)
             row = dict(n=K.shape[0], queries=m, top=0.01)
-            row["code_s"] = best(lambda: code.range_search(Q, tau), rep)
-            row["brute_s"] = best(lambda: brute.range_search(Q, tau), rep)
+            row["code_s"] = best_of(lambda: code.range_search(Q, tau), rep)
+            row["brute_s"] = best_of(lambda: brute.range_search(Q, tau), rep)
             if fx is not None and m == 1:  # FAISS takes one threshold for the whole batch
                 thr = float(np.nextafter(np.float32(tau[0]), np.float32(-np.inf)))
-                row["faiss_s"] = best(lambda: fx.range_search(Q, thr), rep)
+                row["faiss_s"] = best_of(lambda: fx.range_search(Q, thr), rep)
             row["code_speedup_vs_brute"] = row["brute_s"] / row["code_s"]
             if "faiss_s" in row:
                 row["code_speedup_vs_faiss"] = row["faiss_s"] / row["code_s"]
@@ -149,16 +140,16 @@ def decode(cap, rep):
         n = k.shape[2]
         kv = hsr.KVCacheIndex(k, v)  # method="auto": the code filter at d = 64
         qt, kt, vt = (torch.from_numpy(np.ascontiguousarray(x)) for x in (q, k, v))
-        sdpa = best(lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True), rep)
+        sdpa = best_of(lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True), rep)
         s = (q.reshape(3, 3, 64) @ k[0].transpose(0, 2, 1)).reshape(9, n)  # per query head
         tau = np.quantile(s, 0.99, axis=1)
         scale = 64 ** -0.5
         res = dict(n=n, sdpa_s=sdpa)
-        t_soft = best(lambda: hsr.hsr_attention(q, kv, kind="softmax", tau=tau), rep)
+        t_soft = best_of(lambda: hsr.hsr_attention(q, kv, kind="softmax", tau=tau), rep)
         res["softmax_tau_s"] = t_soft
         bias = (tau * scale).astype(np.float64)
-        res["relu_s"] = best(lambda: hsr.hsr_attention(q, kv, kind="relu", alpha=2, bias=bias), rep)
-        res["certified_eps_s"] = best(lambda: hsr.hsr_attention(q, kv, kind="softmax", eps=1e-3), rep)
+        res["relu_s"] = best_of(lambda: hsr.hsr_attention(q, kv, kind="relu", alpha=2, bias=bias), rep)
+        res["certified_eps_s"] = best_of(lambda: hsr.hsr_attention(q, kv, kind="softmax", eps=1e-3), rep)
         out_c, info = hsr.hsr_attention(q, kv, kind="softmax", eps=1e-3, return_info=True)
         # oracle: fewest top keys with dropped mass <= eps * kept mass
         z = s * scale
@@ -196,7 +187,7 @@ def growth(rep):
     def build():
         idx = hsr.HSRIndex(K, method="code")
         idx.count(K[:1], 1e30)  # the codes are written here
-    out["build_1M_x_64_s"] = best(build, max(1, rep // 2))
+    out["build_1M_x_64_s"] = best_of(build, max(1, rep // 2))
     base = K[:256 * 1024]
     idx = hsr.HSRIndex(base, method="code")
     idx.count(K[:1], 1e30)

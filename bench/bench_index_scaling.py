@@ -23,15 +23,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import hsr  # noqa: E402
-
-
-def best_time(fn, repeat=5):
-    ts = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return float(np.min(ts))  # best of N: the machine is shared, the minimum is the least disturbed run
+from _timing import best_of  # noqa: E402
 
 
 def REGIMES(n):
@@ -82,15 +74,15 @@ def main():
                 idx.range_search(Q[:1], tau[:1])
                 brute.range_search(Q[:1], tau[:1])
                 *_, st = idx.range_search(Q, tau, return_stats=True)
-                t_tree = best_time(lambda: idx.range_search(Q, tau))
-                t_brute = best_time(lambda: brute.range_search(Q, tau))
+                t_tree = best_of(lambda: idx.range_search(Q, tau), warmup=False)
+                t_brute = best_of(lambda: brute.range_search(Q, tau), warmup=False)
                 t_faiss = None
                 if faiss is not None:
                     fi = faiss.IndexFlatIP(K.shape[1])
                     fi.add(K)
                     ft = np.nextafter(tau.astype(np.float32), -np.inf)
                     # faiss takes one threshold per call: time the per-query loop
-                    t_faiss = best_time(lambda: [fi.range_search(Q[i:i + 1], float(ft[i])) for i in range(len(Q))])
+                    t_faiss = best_of(lambda: [fi.range_search(Q[i:i + 1], float(ft[i])) for i in range(len(Q))], warmup=False)
                 row = dict(dataset=name, d=K.shape[1], n=n, regime=regime, reported=float(st.keys_reported.mean()),
                            scan_fraction=st.scan_fraction, nodes_visited=float(st.nodes_visited.mean()),
                            build_s=build, tree_ms_per_query=1e3 * t_tree / len(Q),

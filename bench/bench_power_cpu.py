@@ -32,6 +32,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from hsr.attention.power import full_pattern, matched_baselines, power_attention, power_pattern  # noqa: E402
+from _timing import median_of  # noqa: E402
 from hsr.attention.receptive import hop_distances, hops_to_full_coverage, plot_receptive  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -103,16 +104,6 @@ def plot_density(rows, out):
     plt.close(fig)
 
 
-def _median_time(fn, repeats):
-    fn()  # warm-up
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
-
-
 def timing_table(prefill_lens, decode_lens, repeats, heads=8, kv_heads=2, dim=64):
     sdpa = torch.nn.functional.scaled_dot_product_attention
     rows = []
@@ -124,15 +115,15 @@ def timing_table(prefill_lens, decode_lens, repeats, heads=8, kv_heads=2, dim=64
             k = torch.randn(1, kv_heads, n, dim, generator=g)
             v = torch.randn(1, kv_heads, n, dim, generator=g)
             pw, fu = power_pattern(), full_pattern()
-            t_pow = _median_time(lambda: power_attention(q, k, v, pw), repeats)
-            t_full = _median_time(lambda: power_attention(q, k, v, fu), repeats)
+            t_pow = median_of(lambda: power_attention(q, k, v, pw), repeats)
+            t_full = median_of(lambda: power_attention(q, k, v, fu), repeats)
             if mode == "prefill":
-                t_sdpa = _median_time(lambda: sdpa(q, k, v, is_causal=True, enable_gqa=True), repeats)
+                t_sdpa = median_of(lambda: sdpa(q, k, v, is_causal=True, enable_gqa=True), repeats)
                 keys_pow = pw.token_density(n) * n * (n + 1) / 2
                 keys_dense = n * (n + 1) / 2
             else:
                 # one query at the end sees every key: no causal mask needed
-                t_sdpa = _median_time(lambda: sdpa(q, k, v, enable_gqa=True), repeats)
+                t_sdpa = median_of(lambda: sdpa(q, k, v, enable_gqa=True), repeats)
                 blocks = pw.decode_blocks(n)
                 keys_pow = float(sum(min(256, n - 256 * b) for b in blocks))
                 keys_dense = float(n)

@@ -16,23 +16,14 @@ import argparse
 import json
 import os
 import sys
-import time
 from datetime import date
 
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import hsr  # noqa: E402
+from _timing import best_of  # noqa: E402
 from hsr.testing.realdata import get_real_qk  # noqa: E402
-
-
-def med(fn, r=3):
-    ts = []
-    for _ in range(r):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return float(np.min(ts))  # best of N: the machine is shared
 
 
 def main():
@@ -60,8 +51,8 @@ def main():
                         tau = np.sort(S, axis=1)[:, -max(1, int(sel * n))].astype(np.float64)
                         idx.range_search(Q[:1], tau[:1])
                         *_, st = idx.range_search(Q, tau, return_stats=True)
-                        t_tree = med(lambda: idx.range_search(Q, tau))
-                        t_brute = med(lambda: brute.range_search(Q, tau))
+                        t_tree = best_of(lambda: idx.range_search(Q, tau), warmup=False)
+                        t_brute = best_of(lambda: brute.range_search(Q, tau), warmup=False)
                         rows.append(dict(layer=layer, kv_head=h, n=n, leaf=leaf, selectivity=sel,
                                          scan_fraction=st.scan_fraction,
                                          tree_ms=1e3 * t_tree, brute_ms=1e3 * t_brute))
