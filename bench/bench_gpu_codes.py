@@ -128,6 +128,22 @@ def run(args):
                 cache = CodeKVCache(k, v, seed=0)
                 sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
                 t_sdpa = triton.testing.do_bench(sdpa, warmup=25, rep=200, return_mode="median")
+                if kind == "real" and args.sweep:
+                    sweep = []
+                    for pps in (1, 2, 4, 8, 16):
+                        for bn in (128, 256):
+                            for nw in (4, 8):
+                                for ns in (2, 3, 4):
+                                    f = graph(lambda: cache.search(q, tau, block_n=bn, num_warps=nw, num_stages=ns,
+                                                                   programs_per_sm=pps))
+                                    t = triton.testing.do_bench(f, warmup=10, rep=60, return_mode="median")
+                                    sweep.append((t, pps, bn, nw, ns))
+                    sweep.sort()
+                    for t, pps, bn, nw, ns in sweep[:6]:
+                        print(f"  sweep n={n} B={B}: {t*1e3:6.1f} us  programs/SM {pps} block_n {bn} warps {nw} "
+                              f"stages {ns}")
+                    print(f"  sweep n={n} B={B}: default (4, 256, 4, 3): "
+                          f"{[t for t, *c in sweep if tuple(c) == (4, 256, 4, 3)][0]*1e3:.1f} us")
                 if kind == "real" and args.tune:
                     for bn, nw, ns in ((128, 4, 3), (256, 4, 2), (256, 4, 3), (256, 8, 3), (256, 8, 4)):
                         f = graph(lambda: cache.search(q, tau, block_n=bn, num_warps=nw, num_stages=ns))
@@ -181,6 +197,7 @@ def main(argv=None):
     ap.add_argument("--real", default=str(ROOT / "bench" / "cache" / "gpu_real_keys.npz"),
                     help="carried real keys (default: bench/cache/gpu_real_keys.npz)")
     ap.add_argument("--tune", action="store_true", help="also time filter tile variants on the real keys")
+    ap.add_argument("--sweep", action="store_true", help="sweep the filter's launch parameters (real keys)")
     ap.add_argument("--out-dir", default=None, help="where to write the JSON (default: print only)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():

@@ -496,7 +496,8 @@ class CodeKVCache:
                              f"got {tuple(x.shape)}")
         return t, 0.0, t.stride()
 
-    def search(self, q, tau, *, bias=0.0, block_n: int = 256, num_warps: int = 4, num_stages: int = 3) -> CodePlan:
+    def search(self, q, tau, *, bias=0.0, block_n: int = 128, num_warps: int = 4, num_stages: int = 3,
+               programs_per_sm: int | None = None) -> CodePlan:
         """Filter (plan): the keys whose bound reaches ``tau - slack`` for any row of their group.
 
         Parameters
@@ -506,8 +507,10 @@ class CodeKVCache:
             Raw-score thresholds (``<q, k> >= tau`` is kept).
         bias : float or float32 Tensor, same shapes
             ReLU bias, carried to :meth:`attend_plan`.
-        block_n, num_warps, num_stages : tuning of the filter kernel (keys per tile, warps,
-            pipelined tile loads).
+        block_n, num_warps, num_stages, programs_per_sm : tuning of the filter kernel (keys per
+            tile, warps, pipelined tile loads, persistent programs per multiprocessor in all;
+            default 8 for 16 or more (batch, kv head) pairs, else 2). The defaults are the best of
+            a sweep on an H200 at 128K (``bench/results/gpu_codes_h200_2026-11-30_sweep.txt``).
         """
         self._check_q(q)
         B, Hq, M, D = q.shape
@@ -524,7 +527,8 @@ class CodeKVCache:
         n_tiles = triton.cdiv(self.n, block_n)
         # persistent: about four programs per multiprocessor in all, each striding over tiles
         # and owning a segment of the survivor list big enough for all of its tiles
-        nprog = max(1, min(n_tiles, -(-4 * _num_sms(dev) // BH)))
+        pps = programs_per_sm if programs_per_sm is not None else (8 if BH >= 16 else 2)
+        nprog = max(1, min(n_tiles, -(-int(pps) * _num_sms(dev) // BH)))
         seg = triton.cdiv(n_tiles, nprog) * block_n
         surv = torch.empty(BH, nprog * seg, dtype=torch.int32, device=dev)
         count = torch.empty(BH, nprog, dtype=torch.int32, device=dev)
