@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Optional, Tuple
 
 import numpy as np
-import torch
 
 if TYPE_CHECKING:  # pragma: no cover - annotations only
     from .patterns import Pattern
@@ -187,5 +186,6 @@ def _device_block_lists(pattern: "Pattern", seq_len: int, q_len: int, device: st
     """``kernel_block_lists`` as device tensors, cached: a decode step reuses them until the
     cache crosses a block boundary (building and copying them cost ~0.3 ms per call, 100x the
     kernel's own time at 128K, measured on an H100)."""
+    import torch  # lazily: importing hsr does not import torch
     kvn, kvi = kernel_block_lists(pattern, seq_len, q_len)
     return torch.from_numpy(kvn).to(device), torch.from_numpy(kvi).to(device)

@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Optional
 
 import numpy as np
-import torch
 
 from .blocks import _check_pos_int
 
@@ -50,6 +49,7 @@ def to_block_mask(pattern: "Pattern", seq_len: int, *, batch: Optional[int] = No
     eager ``flex_attention`` materialises the full score matrix and applies ``mask_mod``
     densely, so the block lists then change nothing (see docs/power.md).
     """
+    import torch  # lazily: importing hsr does not import torch
     from torch.nn.attention.flex_attention import BlockMask
 
     bl = pattern.block_lists(seq_len)

@@ -13,7 +13,6 @@ import time
 from typing import Optional
 
 import numpy as np
-import torch
 
 from .core import paper_bias
 from .kv import KVCacheIndex
@@ -93,6 +92,7 @@ def hybrid_attention(query, key, value, index: Optional[KVCacheIndex], pattern, 
     softmax runs in float32 SDPA over all N keys with that mask, so its cost is dense. It shows
     what the union computes (quality), not how fast a kernel over it would be.
     """
+    import torch  # lazily: importing hsr does not import torch
     if (tau is None) == (topk is None):
         raise ValueError("give exactly one of tau and topk")
     if isinstance(tau, str) and tau != "paper":
@@ -158,6 +158,7 @@ def _reported(hidx, Qg: np.ndarray, lim: np.ndarray, N: int, tau, topk: Optional
     By rank (``topk``) or by raw score ``>= tau`` (a float or ``(R,)``), causal through the id
     limits ``lim`` ``(R,)``. Returns ``(bool tensor (R, N), SearchStats)``.
     """
+    import torch  # lazily: importing hsr does not import torch
     rep = torch.zeros(Qg.shape[0], N, dtype=torch.bool)
     if topk is not None:
         ids, _, st = hidx.topk(Qg, int(topk), max_id=lim, return_stats=True)

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
 import numpy as np
-import torch
 
 from .blocks import BlockLists, _check_pos_int, block_lists_from_candidates
 
@@ -107,6 +106,7 @@ class Pattern:
             ``mask_mod(b, h, q_idx, kv_idx) -> bool tensor``, elementwise torch ops only, so it
             traces under ``torch.compile`` and ``torch.vmap``.
         """
+        import torch  # lazily: importing hsr does not import torch
         bs = int(self.block_size)
         off = int(q_offset)
         rule = self.block_rule
@@ -130,6 +130,7 @@ class Pattern:
 
         Row ``i`` is the query at absolute position ``seq_len - q_len + i``.
         """
+        import torch  # lazily: importing hsr does not import torch
         seq_len = _check_pos_int("seq_len", seq_len)
         q_len = seq_len if q_len is None else _check_pos_int("q_len", q_len)
         if q_len > seq_len:

@@ -18,7 +18,6 @@ import math
 from typing import Optional
 
 import numpy as np
-import torch
 
 from .baselines import _mean_kept, matched_baselines  # noqa: F401  (re-export)
 from .blocks import (BlockLists, _check_pos_int, _device_block_lists,  # noqa: F401  (re-export)
@@ -52,17 +51,18 @@ __all__ = [
 
 
 # ------------------------------------------------------------- attention (CPU ref)
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_FLOAT_DTYPES = ("float16", "bfloat16", "float32")  # torch dtype names
 
 
 def _as_tensor(name: str, x):
     """``(tensor, was_numpy)``: numpy float32 arrays are wrapped without a copy."""
+    import torch  # lazily: importing hsr does not import torch
     if isinstance(x, np.ndarray):
         if x.dtype != np.float32:
             raise TypeError(f"{name}: numpy input must be float32, got {x.dtype}")
         return torch.from_numpy(np.ascontiguousarray(x)), True
     if isinstance(x, torch.Tensor):
-        if x.dtype not in _FLOAT_DTYPES:
+        if str(x.dtype).removeprefix("torch.") not in _FLOAT_DTYPES:
             raise TypeError(f"{name}: dtype must be float16, bfloat16 or float32, got {x.dtype}")
         return x, False
     raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
@@ -114,6 +114,7 @@ def power_attention(q, k, v, pattern: Optional[Pattern] = None, *, scale: Option
     >>> bool(torch.allclose(out, ref, atol=1e-5))
     True
     """
+    import torch  # lazily: importing hsr does not import torch
     pattern = power_pattern() if pattern is None else pattern
     if not isinstance(pattern, Pattern):
         raise TypeError(f"pattern must be a Pattern, got {type(pattern).__name__}")
@@ -166,7 +167,8 @@ def power_attention(q, k, v, pattern: Optional[Pattern] = None, *, scale: Option
     return out.numpy() if q_np else out
 
 
-def _power_attention_cpu(q, k, v, pattern: Pattern, scale: float, check_finite: bool) -> torch.Tensor:
+def _power_attention_cpu(q, k, v, pattern: Pattern, scale: float, check_finite: bool) -> "torch.Tensor":
+    import torch  # lazily: importing hsr does not import torch
     B, Hq, M, D = q.shape
     _, Hkv, N, Dv = v.shape
     g = Hq // Hkv

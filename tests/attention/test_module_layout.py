@@ -56,3 +56,13 @@ def test_pattern_pickles_and_block_lists_agree():
     assert q == p
     a, b = p.block_lists(200, 37), q.block_lists(200, 37)
     assert (a.kv_indices == b.kv_indices).all() and (a.kv_num_blocks == b.kv_num_blocks).all()
+
+
+def test_importing_hsr_does_not_import_torch():
+    """torch takes ~1 s to import: hsr imports it only when a torch path runs."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", "import sys, hsr; print('torch' in sys.modules)"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "False"
