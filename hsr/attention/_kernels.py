@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ..index._kernels import (_dot_canonical, _heap_pop, _heap_push, _leaf_block, _max_leaf, _node_bounds,
+from ..index._kernels import (_dot_canonical4, _heap_pop, _heap_push, _leaf_block, _max_leaf, _node_bounds,
                               _scan_block)
 
 
@@ -253,16 +253,20 @@ def softmax_selection(Q, QR, qnorm, trees, alive, has_dead, values, scale, mode,
 # --------------------------------------------------------------------------------------
 # certified softmax from per-key bounds (the code filter)
 
-#: buckets of the keys' bounds, each one e-fold of scaled score wide; the last takes the rest
-_NB = 48
+#: buckets of the keys' bounds, each a quarter e-fold of scaled score wide (48 e-folds in
+#: all); the last takes the rest
+_PER_EFOLD = 4
+_NB = 48 * _PER_EFOLD
 
 
 @njit(cache=True, nogil=True)
 def _bounds_one(q, keys, alive, has_dead, ub, values, scale, mode, eps, tau, lim, out_row, info):
     """Certified softmax of one query from per-key upper bounds ``ub (n,)`` of the canonical
-    scores. Keys are bucketed by bound (counting sort, one e-fold of ``scale * ub`` per
+    scores. Keys are bucketed by bound (counting sort, a quarter e-fold of ``scale * ub`` per
     bucket) and scored bucket by bucket from the top; the remainder is the bound mass of the
-    unscored buckets, so the certificate is as tight as the per-key bounds.
+    unscored buckets, each key counted at its bucket's upper edge (no exponential per key;
+    at most e^0.25 above the keys' own bounds), so the certificate is nearly as tight as the
+    per-key bounds.
     ``info`` gets [lse, certified dropped fraction, kept, scored, codes evaluated]."""
     n = ub.shape[0]
     top = min(lim, n - 1)
@@ -279,6 +283,7 @@ def _bounds_one(q, keys, alive, has_dead, ub, values, scale, mode, eps, tau, lim
         mref = max(mref, scale * ub[j])
     start = np.zeros(_NB + 1, dtype=np.int64)
     mass = np.zeros(_NB)
+    sc4 = np.empty(4, dtype=keys.dtype)
     bucket = np.empty(max(top + 1, 0), dtype=np.int32)
     for j in range(top + 1):
         if has_dead and alive[j] == 0:
@@ -286,12 +291,15 @@ def _bounds_one(q, keys, alive, has_dead, ub, values, scale, mode, eps, tau, lim
             continue
         if mode == 1:
             b = 0 if ub[j] >= tau else _NB - 1  # ub < tau proves score < tau: never scored
+            mass[b] += max(np.exp(scale * ub[j] - mref), _TINY)
         else:
-            gap = mref - scale * ub[j]
+            gap = _PER_EFOLD * (mref - scale * ub[j])
             b = _NB - 1 if gap >= _NB - 1 else int(gap)
         bucket[j] = b
         start[b + 1] += 1
-        mass[b] += max(np.exp(scale * ub[j] - mref), _TINY)
+    if mode == 0:  # bucket b holds keys with mref - scale*ub in [b/4, (b+1)/4): each <= e^(-b/4)
+        for b in range(_NB):
+            mass[b] = (start[b + 1]) * max(np.exp(-b / _PER_EFOLD), _TINY)
     for b in range(_NB):
         start[b + 1] += start[b]
     order = np.empty(visible, dtype=np.int64)
@@ -311,10 +319,15 @@ def _bounds_one(q, keys, alive, has_dead, ub, values, scale, mode, eps, tau, lim
                 R += mass[c]
             if _log_ratio_ok(R, mref, st, eps):
                 break
-        for p in range(start[b], start[b + 1]):
-            j = order[p]
-            st[4] += 1.0
-            _accumulate(np.float64(_dot_canonical(q, keys, j)), j, scale, st, mode, tau, values, acc_out)
+        # four canonical score chains at a time (one chain is bound by the add latency)
+        e = start[b + 1]
+        for p in range(start[b], e, 4):
+            c = min(4, e - p)
+            _dot_canonical4(q, keys, order[p], order[p + min(1, c - 1)], order[p + min(2, c - 1)],
+                            order[p + min(3, c - 1)], sc4)
+            for y in range(c):
+                st[4] += 1.0
+                _accumulate(np.float64(sc4[y]), order[p + y], scale, st, mode, tau, values, acc_out)
         done = b + 1
     R = 0.0
     for c in range(done, _NB):

@@ -43,6 +43,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from ._kernels import _dot_canonical4
+
 
 #: keys per code block (one transposed block is read at once, its sums run in vector lanes)
 BLOCK = 32
@@ -105,27 +107,6 @@ def _block_dot(QI, r, codes, b):
         for t in range(BLOCK):
             acc[t] += q0 * np.int32(codes[b, j, t]) + q1 * np.int32(codes[b, j + 1, t])
     return acc
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _dot_canonical4(q, keys, i0, i1, i2, i3, out):
-    """Canonical scores of four keys at once: four independent dimension-order chains, so the
-    adds of one key wait on each other but not on the other keys' (a single chain is bound by
-    the add latency)."""
-    a0 = q[0] * keys[i0, 0]
-    a1 = q[0] * keys[i1, 0]
-    a2 = q[0] * keys[i2, 0]
-    a3 = q[0] * keys[i3, 0]
-    for j in range(1, q.shape[0]):
-        qj = q[j]
-        a0 = a0 + qj * keys[i0, j]
-        a1 = a1 + qj * keys[i1, j]
-        a2 = a2 + qj * keys[i2, j]
-        a3 = a3 + qj * keys[i3, j]
-    out[0] = a0
-    out[1] = a1
-    out[2] = a2
-    out[3] = a3
 
 
 @njit(cache=True, nogil=True, inline="always")
