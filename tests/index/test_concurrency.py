@@ -121,3 +121,34 @@ def test_a_reader_cannot_write():
             index.add(np.ones(4, dtype=np.float32))
     index.add(np.ones(4, dtype=np.float32))
     assert len(index) == 11
+
+
+def _saver(path, rounds):
+    import numpy as np
+
+    import hsr
+
+    rng = np.random.default_rng(3)
+    for i in range(rounds):
+        hsr.HSRIndex(rng.standard_normal((2000 + 100 * i, 16)).astype(np.float32)).save(path)
+
+
+def test_loading_while_another_process_saves(tmp_path):
+    """Saves are atomic (temporary file + rename): a reader in another process always loads a
+    whole index, never a half-written file."""
+    import multiprocessing as mp
+
+    path = str(tmp_path / "shared.hsr")
+    hsr.HSRIndex(np.ones((100, 16), dtype=np.float32)).save(path)
+    proc = mp.get_context("spawn").Process(target=_saver, args=(path, 40))
+    proc.start()
+    loads = 0
+    deadline = time.monotonic() + 60
+    while proc.is_alive() and time.monotonic() < deadline:
+        idx = hsr.HSRIndex.load(path)  # must never raise
+        assert len(idx) in [100] + [2000 + 100 * i for i in range(40)]
+        loads += 1
+    proc.join(30)
+    assert proc.exitcode == 0
+    assert loads > 0
+    assert [p.name for p in tmp_path.iterdir()] == ["shared.hsr"]  # no temporary left behind
