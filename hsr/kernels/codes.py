@@ -337,8 +337,10 @@ class CodeKVCache:
 
     Build it from keys and values (``CodeKVCache(k, v)``), from a CPU index
     (``hsr.KVCacheIndex.to("cuda")``), grow it with :meth:`append` (O(D) per key: the new keys'
-    codes are written, nothing is rebuilt), and attend with :meth:`attend` (filter + attend in
-    three launches) or plan once with :meth:`search` and run with :meth:`attend_plan`.
+    codes are written, nothing is rebuilt), and attend with :meth:`attend` (rotate, filter,
+    attend and merge: four launches, no host synchronisation) or plan once with :meth:`search`
+    and run with :meth:`attend_plan`. Not thread-safe: one writer, or searches only, at a time
+    (the CPU indexes lock; this device cache leaves that to its owner).
 
     Parameters
     ----------
