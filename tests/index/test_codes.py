@@ -33,34 +33,6 @@ def test_property_exact(n, d, scale, seed, kind, rotation):
     check(index, Q, K, np.nextafter(tau, -np.inf))
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.integers(0, 2**31 - 1), ops=st.lists(st.tuples(st.sampled_from(["add", "remove"]),
-                                                             st.integers(1, 100)), min_size=1, max_size=12))
-def test_property_add_remove(seed, ops):
-    rng = np.random.default_rng(seed)
-    d = 20
-    index = hsr.HSRIndex(dim=d, method="code")
-    all_keys = np.zeros((0, d), dtype=np.float32)
-    alive = np.zeros(0, dtype=bool)
-    for op, k in ops:
-        if op == "add":
-            new = fixture_keys(rng, k, d, "lattice")
-            assert index.add(new).tolist() == list(range(len(all_keys), len(all_keys) + k))
-            all_keys = np.concatenate([all_keys, new])
-            alive = np.concatenate([alive, np.ones(k, dtype=bool)])
-        else:
-            live = np.flatnonzero(alive)
-            if len(live) == 0:
-                continue
-            gone = rng.choice(live, size=min(k, len(live)), replace=False)
-            index.remove(gone)
-            alive[gone] = False
-        Q = fixture_keys(rng, 4, d, "lattice")
-        if len(all_keys):
-            S = canonical_scores(Q, all_keys)
-            check(index, Q, all_keys, S[:, rng.integers(0, len(all_keys))].astype(np.float64), alive)
-
-
 def test_auto_uses_codes_from_dim_16():
     rng = np.random.default_rng(0)
     assert hsr.HSRIndex(rng.standard_normal((100, 64)).astype(np.float32)).backend == "code"

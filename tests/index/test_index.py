@@ -94,13 +94,13 @@ def test_property_exact(n, d, leaf, scale, seed, kind, split, rotate):
     check(index, Q, K, np.nextafter(tau, np.inf))
 
 
+@pytest.mark.parametrize("method,d", [("tree", 6), ("code", 20)])
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**31 - 1), ops=st.lists(st.tuples(st.sampled_from(["add", "remove"]),
                                                              st.integers(1, 300)), min_size=1, max_size=12))
-def test_property_add_remove(seed, ops):
+def test_property_add_remove(method, d, seed, ops):
     rng = np.random.default_rng(seed)
-    d = 6
-    index = hsr.HSRIndex(dim=d, method="tree", leaf_size=4, buffer_size=64)
+    index = hsr.HSRIndex(dim=d, method=method, leaf_size=4, buffer_size=64)
     all_keys = np.zeros((0, d), dtype=np.float32)
     alive = np.zeros(0, dtype=bool)
     for op, k in ops:
