@@ -101,6 +101,14 @@ def demo(argv=None) -> int:
     return 0 if ok else 1
 
 
+_USAGE = """usage: python -m hsr [--version] [demo|receptive] [options]   (default: demo)
+
+commands:
+  demo        build an index over a synthetic KV cache, check it against brute force and
+              dense attention, time both (python -m hsr demo --help for its options)
+  receptive   PowerAttention receptive-field analysis (python -m hsr receptive --help)"""
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "receptive":
@@ -108,10 +116,18 @@ def main(argv=None) -> int:
 
         return receptive_main(argv[1:])
     if argv and argv[0] == "demo":
-        argv = argv[1:]
-    if argv and argv[0] in ("-h", "--help") and len(argv) == 1:
-        print("usage: python -m hsr [demo|receptive] [options]   (default: demo)")
+        return demo(argv[1:])
+    if argv and argv[0] in ("-h", "--help"):
+        print(_USAGE)
         return 0
+    if argv and argv[0] == "--version":
+        from . import __version__
+
+        print(f"hsr {__version__}")
+        return 0
+    if argv and not argv[0].startswith("-"):
+        print(f"python -m hsr: unknown command {argv[0]!r}\n\n{_USAGE}", file=sys.stderr)
+        return 2
     return demo(argv)
 
 
