@@ -399,7 +399,11 @@ class HSRIndex:
         self._trees.sort(key=lambda t: -t.n)
 
     def _build(self, ids: np.ndarray) -> _Tree:
-        keys = np.ascontiguousarray(self._keys[ids])
+        n = len(ids)
+        if n and ids[0] == 0 and ids[-1] == n - 1:  # sorted and unique: ids are 0..n-1, a view
+            keys = self._keys[:n]
+        else:
+            keys = np.ascontiguousarray(self._keys[ids])
         if self._rot is None:
             self._rot = _pca_rotation(keys, self.seed)
         return _build_tree(keys, ids, self._rot, self.leaf_size, self.split == "pca", self.rotate)
