@@ -18,13 +18,14 @@ def rel_err(a, b):
     return float(np.abs(np.asarray(a, np.float64) - b).max() / max(np.abs(b).max(), 1e-30))
 
 
+@pytest.mark.parametrize("method", ["tree", "code"])
 @pytest.mark.parametrize("alpha", [1, 2, 3])
 @pytest.mark.parametrize("n", [1, 37, 1000, 4099])
-def test_relu_exact(alpha, n):
+def test_relu_exact(alpha, n, method):
     rng = np.random.default_rng(n + alpha)
     K = clustered(rng, n, 24)
     V = rng.standard_normal((n, 20)).astype(np.float32)
-    kv = KVIndex(K, V, method="tree", leaf_size=16)
+    kv = KVIndex(K, V, method=method, leaf_size=16)
     Q = clustered(rng, 9, 24)
     for bias in [-1e9, 0.0, 0.8, 1e9]:  # all firing ... none firing
         out, info = hsr_attention(Q, kv, alpha=alpha, bias=bias, return_info=True)
@@ -36,27 +37,29 @@ def test_relu_exact(alpha, n):
             assert rel_err(out, ref) <= 1e-5
 
 
-def test_relu_ties_at_threshold():
+@pytest.mark.parametrize("method", ["tree", "code"])
+def test_relu_ties_at_threshold(method):
     # lattice keys: many scores land exactly on the threshold, where ReLU is 0 either way
     rng = np.random.default_rng(1)
     K = rng.integers(-2, 3, size=(600, 8)).astype(np.float32)
     V = rng.standard_normal((600, 5)).astype(np.float32)
     Q = rng.integers(-2, 3, size=(7, 8)).astype(np.float32)
-    kv = KVIndex(K, V, method="tree", leaf_size=4)
+    kv = KVIndex(K, V, method=method, leaf_size=4)
     s = 0.5
     for b in [0.0, 1.0, 2.0]:
         out = hsr_attention(Q, kv, alpha=2, bias=b, scale=s)
         assert rel_err(out, dense_relu_attention(Q, K, V, alpha=2, bias=b, scale=s)) <= 1e-5
 
 
+@pytest.mark.parametrize("method", ["tree", "code"])
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(n=st.integers(1, 400), seed=st.integers(0, 2**31 - 1), eps=st.sampled_from([0.5, 1e-1, 1e-2, 1e-3]),
        spread=st.sampled_from([0.05, 0.5, 3.0]), scale=st.sampled_from([0.1, 1.0, 4.0]))
-def test_softmax_certificate_holds(n, seed, eps, spread, scale):
+def test_softmax_certificate_holds(method, n, seed, eps, spread, scale):
     rng = np.random.default_rng(seed)
     K = clustered(rng, n, 12, spread)
     V = rng.standard_normal((n, 6)).astype(np.float32)
-    kv = KVIndex(K, V, method="tree", leaf_size=8, buffer_size=max(n // 3, 1))
+    kv = KVIndex(K, V, method=method, leaf_size=8, buffer_size=max(n // 3, 1))
     Q = clustered(rng, 5, 12, spread)
     out, info = hsr_attention(Q, kv, kind="softmax", eps=eps, scale=scale, return_info=True)
     ref, lse = dense_softmax_attention(Q, K, V, scale=scale, return_lse=True)
@@ -70,12 +73,13 @@ def test_softmax_certificate_holds(n, seed, eps, spread, scale):
     assert (err <= (2 * info.dropped_bound + 2 * rounding) * np.abs(V).max() + 1e-4).all()
 
 
+@pytest.mark.parametrize("method", ["tree", "code"])
 @pytest.mark.parametrize("mode", ["tau", "topk"])
-def test_softmax_threshold_and_topk_modes(mode):
+def test_softmax_threshold_and_topk_modes(mode, method):
     rng = np.random.default_rng(2)
     K = clustered(rng, 3000, 16)
     V = rng.standard_normal((3000, 8)).astype(np.float32)
-    kv = KVIndex(K, V, method="tree")
+    kv = KVIndex(K, V, method=method)
     Q = clustered(rng, 6, 16)
     S = hsr.canonical_scores(Q, K)
     kw = {"tau": 5.0} if mode == "tau" else {"topk": 40}
@@ -92,16 +96,17 @@ def test_softmax_threshold_and_topk_modes(mode):
     assert (np.abs(out - ref).max(axis=-1) <= 2 * info.dropped_bound * np.abs(V).max() + 1e-4).all()
 
 
+@pytest.mark.parametrize("method", ["tree", "code"])
 @pytest.mark.parametrize("kind", ["relu", "softmax"])
 @pytest.mark.parametrize("group", [1, 4, 7])
-def test_cache_gqa_causal_prefill(kind, group):
+def test_cache_gqa_causal_prefill(kind, group, method):
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(group)
     B, Hkv, S, D = 2, 2, 301, 16
     K = np.stack([[clustered(rng, S, D) for _ in range(Hkv)] for _ in range(B)])
     V = rng.standard_normal((B, Hkv, S, D)).astype(np.float32)
     Q = np.stack([[clustered(rng, S, D) for _ in range(Hkv * group)] for _ in range(B)])
-    cache = KVCacheIndex(K, V, method="tree", leaf_size=8)
+    cache = KVCacheIndex(K, V, method=method, leaf_size=8)
     Kr = np.repeat(K, group, axis=1)
     Vr = np.repeat(V, group, axis=1)
     kw = {"eps": 1e-4} if kind == "softmax" else {"bias": 0.5}
