@@ -452,6 +452,8 @@ class CodeKVCache:
         self.max_norm = torch.maximum(self.max_norm, knorm.amax(-1))
         self.max_err = torch.maximum(self.max_err, err.double().amax(-1))
         self._maxn32 = _round_up_f32(self.max_norm).contiguous()
+        # the host copy of the largest norm, for the eager overflow check (None: read it again)
+        self._max_norm_host = None if _capturing() else float(self.max_norm.max())
         self._maxe32 = _round_up_f32(self.max_err).contiguous()
         self.n = e
 
@@ -468,10 +470,14 @@ class CodeKVCache:
         if M > self.n:
             raise ValueError(f"{M} query positions but only {self.n} keys: causal queries are the last positions")
         if not _capturing():
-            if not torch.isfinite(q).all():
+            # one synchronisation: a NaN/Inf anywhere in q makes its largest norm non-finite
+            qmax = float(q.float().norm(dim=-1).max())
+            if not math.isfinite(qmax):
                 raise ValueError("q contains NaN or Inf")
             # the bounds are fp32: |q| |k| past ~1e37 would overflow them (and drop keys)
-            top = float(q.float().norm(dim=-1).max()) * float(self.max_norm.max())
+            if self._max_norm_host is None:
+                self._max_norm_host = float(self.max_norm.max())
+            top = qmax * self._max_norm_host
             if top >= 1e37:
                 raise ValueError(f"|q|*|k| reaches {top:.3g}: beyond the fp32 bounds of the code filter; "
                                  "rescale q or k")
