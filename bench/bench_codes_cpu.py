@@ -65,7 +65,7 @@ def pruning(cap, heads, rotations=("random", "pca", "none")):
                 idx = hsr.HSRIndex(K, method="code", code_rotation=rot)
                 for p in (0.001, 0.01, 0.05):
                     tau = np.quantile(S, 1 - p, axis=1)
-                    lims, ids, _, st = idx.range_search(Q, tau, return_stats=True)
+                    lims, _, ids, st = idx.range_search(Q, tau, return_stats=True)
                     rep = int(np.diff(lims).sum())
                     ver = int(st.keys_scored.sum())
                     n, d = K.shape

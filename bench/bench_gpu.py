@@ -297,7 +297,7 @@ def correctness():
         q, k, v = make_decode_inputs(fam, 1, Hq, Hkv, N, D, seed=3)
         index = build_index(k, v, block=32 if S else 16, n_sub=8)
         tau = oracle_tau(q, k, 0.05)
-        indptr, ind, _ = index.search_keys(q, tau)
+        indptr, _, ind = index.range_search(q, tau)
         sc = torch.einsum("hd,hnd->hn", q[0, :, 0].float(),
                           k[0].float().repeat_interleave(G, 0))
         # keys with score >= tau + band must be found; keys below tau - band must not
@@ -380,7 +380,7 @@ def _decode_one(B, Hq, Hkv, N, D, C, fam, bw):
         nb_total = B * Hkv * index.num_blocks
         read_frac = blocks_read / max(nb_total, 1)
         # real (non-pad) keys in the surviving blocks: pad rows are masked out of the loads
-        plan0 = index.search(q, tau)
+        plan0 = index.plan(q, tau)
         real_per_block = (index.pos.view(B, Hkv, -1, C) < N).sum(-1)  # (B,Hkv,nb)
         cnt = plan0.union_num_blocks.view(B, Hkv)
         ids = plan0.union_indices.view(B, Hkv, -1).long().clamp(0, index.num_blocks - 1)
@@ -389,9 +389,9 @@ def _decode_one(B, Hq, Hkv, N, D, C, fam, bw):
         sparse_bytes = (index.summary_bytes() + real_keys * 2 * D * k.element_size()
                         + blocks_read * C * 4 + q.numel() * 2)
         t_fused = bench(lambda: hsr_decode(q, index, tau=tau, mode="fused"), graph=True)
-        t_plan = bench(lambda: index.search(q, tau), graph=True)
-        plan = index.search(q, tau)
-        t_run = bench(lambda: index.attend(q, plan), graph=True)
+        t_plan = bench(lambda: index.plan(q, tau), graph=True)
+        plan = index.plan(q, tau)
+        t_run = bench(lambda: index.run(q, plan), graph=True)
         t_planned = bench(lambda: hsr_decode(q, index, tau=tau, mode="planned"), graph=True)
         t_relu = bench(lambda: hsr_decode(q, index, tau=tau, kind="relu",
                                           bias=0.0), graph=True)
@@ -429,9 +429,9 @@ def _decode_one(B, Hq, Hkv, N, D, C, fam, bw):
             log(f"   block {Cs}: fused {t * 1e3:.1f} us, blocks read "
                 f"{sweep[-1]['blocks_read_frac']:.1%}")
             del idx2
-        plan = index.search(q, tau)
+        plan = index.plan(q, tau)
         for bn, nw in ((128, 4), (128, 8), (32, 4)):
-            t = bench(lambda: index.attend(q, plan, block_n=bn, num_warps=nw), graph=True)
+            t = bench(lambda: index.run(q, plan, block_n=bn, num_warps=nw), graph=True)
             sweep.append({"block": C, "run_block_n": bn, "run_num_warps": nw, "run_ms": t})
             log(f"   run with BLOCK_N={bn} warps={nw}: {t * 1e3:.1f} us")
         idx3 = build_index(k, v, block=C, n_sub=8, method="none")

@@ -134,7 +134,7 @@ def run(args):
                         for bn in (128, 256):
                             for nw in (4, 8):
                                 for ns in (2, 3, 4):
-                                    f = graph(lambda: cache.search(q, tau, block_n=bn, num_warps=nw, num_stages=ns,
+                                    f = graph(lambda: cache.plan(q, tau, block_n=bn, num_warps=nw, num_stages=ns,
                                                                    programs_per_sm=pps))
                                     t = triton.testing.do_bench(f, warmup=10, rep=60, return_mode="median")
                                     sweep.append((t, pps, bn, nw, ns))
@@ -146,7 +146,7 @@ def run(args):
                           f"{[t for t, *c in sweep if tuple(c) == (4, 256, 4, 3)][0]*1e3:.1f} us")
                 if kind == "real" and args.tune:
                     for bn, nw, ns in ((128, 4, 3), (256, 4, 2), (256, 4, 3), (256, 8, 3), (256, 8, 4)):
-                        f = graph(lambda: cache.search(q, tau, block_n=bn, num_warps=nw, num_stages=ns))
+                        f = graph(lambda: cache.plan(q, tau, block_n=bn, num_warps=nw, num_stages=ns))
                         t = triton.testing.do_bench(f, warmup=25, rep=200, return_mode="median")
                         print(f"  tune filter n={n} B={B} block_n={bn} warps={nw} stages={ns}: {t*1e3:.1f} us "
                               f"({cache.keys_read_bytes() / (t * 1e-3) / bw * 100:.0f}% of copy bw)")
@@ -156,15 +156,15 @@ def run(args):
                     out = step()
                     ref = reference(q, k, v, tau, akind, scale, bias)
                     err = float((out.float() - ref).abs().max())
-                    plan = cache.search(q, tau, bias=bias if akind == "relu" else 0.0)
+                    plan = cache.plan(q, tau, bias=bias if akind == "relu" else 0.0)
                     surv = plan.n_survivors().double().mean().item()
                     kept = float((dense_scores(q, k) >= tau[..., None]).sum(-1).double().mean())
                     t_eager = triton.testing.do_bench(step, warmup=25, rep=200, return_mode="median")
                     replay = graph(step)
                     t_graph = triton.testing.do_bench(replay, warmup=25, rep=200, return_mode="median")
-                    filt = graph(lambda: cache.search(q, tau))
+                    filt = graph(lambda: cache.plan(q, tau))
                     t_filter = triton.testing.do_bench(filt, warmup=25, rep=200, return_mode="median")
-                    run_only = graph(lambda: cache.attend_plan(q, plan, kind=akind, alpha=2))
+                    run_only = graph(lambda: cache.run(q, plan, kind=akind, alpha=2))
                     t_attend = triton.testing.do_bench(run_only, warmup=25, rep=200, return_mode="median")
                     code_bytes = cache.keys_read_bytes()
                     kv_row = 2 * 128 * 2  # K + V, bf16

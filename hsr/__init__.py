@@ -3,10 +3,10 @@
 from .attention import (AttentionInfo, KVCacheIndex, KVIndex, dense_relu_attention,
                         dense_softmax_attention, hsr_attention, paper_bias, power_attention,
                         power_pattern)
-from .index import BruteForceIndex, HSRIndex, SearchStats, canonical_scores
+from .index import BruteForceIndex, HSRIndex, RangeResult, SearchResult, SearchStats, canonical_scores
 
 __version__ = "0.1.0"
 
-__all__ = ["HSRIndex", "BruteForceIndex", "SearchStats", "canonical_scores", "KVIndex",
+__all__ = ["HSRIndex", "BruteForceIndex", "SearchStats", "RangeResult", "SearchResult", "canonical_scores", "KVIndex",
            "KVCacheIndex", "hsr_attention", "AttentionInfo", "paper_bias", "dense_relu_attention",
            "dense_softmax_attention", "power_attention", "power_pattern", "__version__"]

@@ -56,8 +56,8 @@ def demo(argv=None) -> int:
     brute = hsr.BruteForceIndex(keys)
     kv.index.range_search(queries[:2], tau[:2])  # compile outside the timing
     brute.range_search(queries[:2], tau[:2])
-    lims, ids, scores, stats = kv.index.range_search(queries, tau, return_stats=True)
-    bl, bi, _ = brute.range_search(queries, tau)
+    lims, scores, ids, stats = kv.index.range_search(queries, tau, return_stats=True)
+    bl, _, bi = brute.range_search(queries, tau)
     same = all(set(ids[lims[i]:lims[i + 1]].tolist()) == set(bi[bl[i]:bl[i + 1]].tolist())
                for i in range(a.queries))
     t_tree = _median_time(lambda: kv.index.range_search(queries, tau))

@@ -115,7 +115,7 @@ def _attend_head_locked(kvi: KVIndex, Q, kind, alpha, bias, scale, eps, tau, top
     if len(index) == 0 or m == 0:
         return out, scored, selected, dropped, lse
     if kind == "relu":
-        lims, ids, sc, st = index.range_search(Q, bias / scale, max_id=lim, return_stats=True)
+        lims, sc, ids, st = index.range_search(Q, bias / scale, max_id=lim, return_stats=True)
         lse = np.zeros(m)
         AK.relu_from_csr(lims, ids, sc, kvi.values, float(scale), bias, int(alpha), out, lse)
         return out, st.keys_scored, np.diff(lims), dropped, lse
@@ -123,7 +123,7 @@ def _attend_head_locked(kvi: KVIndex, Q, kind, alpha, bias, scale, eps, tau, top
         raise ValueError("softmax with a certificate needs bounds: build the index with "
                          "method='auto', 'code' or 'tree', not 'brute'")
     if topk is not None:
-        ids, sc = index.topk(Q, int(topk), max_id=lim)
+        sc, ids = index.topk(Q, int(topk), max_id=lim)
         tau_arr = np.where(ids[:, -1] >= 0, sc[:, -1].astype(np.float64), -np.inf)
         mode = 1
     elif tau is not None:
@@ -139,7 +139,7 @@ def _attend_head_locked(kvi: KVIndex, Q, kind, alpha, bias, scale, eps, tau, top
         # a threshold: the range search reports the kept keys and bounds the rest's mass
         # (a row with fewer than topk keys keeps them all: its -inf becomes the lowest float32)
         t_fin = np.maximum(tau_arr, float(np.finfo(np.float32).min))
-        lims, ids, sc, st = index.range_search(Q, t_fin, max_id=lim, remainder_scale=float(scale),
+        lims, sc, ids, st = index.range_search(Q, t_fin, max_id=lim, remainder_scale=float(scale),
                                                return_stats=True)
         AK.softmax_from_csr(lims, ids, sc, kvi.values, float(scale), t_fin, st.remainder, out, info)
         return out, st.keys_scored, info[:, 2].astype(np.int64), info[:, 1], info[:, 0]

@@ -161,12 +161,12 @@ def _reported(hidx, Qg: np.ndarray, lim: np.ndarray, N: int, tau, topk: Optional
     import torch  # lazily: importing hsr does not import torch
     rep = torch.zeros(Qg.shape[0], N, dtype=torch.bool)
     if topk is not None:
-        ids, _, st = hidx.topk(Qg, int(topk), max_id=lim, return_stats=True)
+        _, ids, st = hidx.topk(Qg, int(topk), max_id=lim, return_stats=True)
         rows = np.repeat(np.arange(Qg.shape[0]), ids.shape[1])
         ok = ids.ravel() >= 0  # -1 pads rows with fewer than topk visible keys
         rep[torch.from_numpy(rows[ok]), torch.from_numpy(ids.ravel()[ok])] = True
     else:
-        lims, ids, _, st = hidx.range_search(Qg, tau, max_id=lim, return_stats=True)
+        lims, _, ids, st = hidx.range_search(Qg, tau, max_id=lim, return_stats=True)
         rows = np.repeat(np.arange(Qg.shape[0]), np.diff(lims))
         rep[torch.from_numpy(rows), torch.from_numpy(ids)] = True
     return rep, st

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._deprecation import renamed
 from ..index import HSRIndex
 from ..index._validate import as_float_array, is_torch, to_numpy
 
@@ -27,7 +28,7 @@ class KVIndex:
 
     Notes
     -----
-    Values are kept in float32. ``append`` adds a decode step's keys and values; the index
+    Values are kept in float32. ``add`` adds a decode step's keys and values; the index
     grows incrementally (buffer plus logarithmic merging), with no rebuild per step.
     """
 
@@ -54,6 +55,11 @@ class KVIndex:
         return self._values[:self.index.n_total]
 
     def append(self, keys, values) -> np.ndarray:
+        """Deprecated name of :meth:`add`."""
+        renamed("KVIndex.append", "KVIndex.add")
+        return self.add(keys, values)
+
+    def add(self, keys, values) -> np.ndarray:
         """Add keys ``(t, d)`` and values ``(t, dv)`` (or one of each); returns their ids."""
         K = as_float_array(keys, "keys", np.float32, ndim=2, dim=self.dim)
         V = as_float_array(values, "values", np.float32, ndim=2, dim=self.value_dim)
@@ -106,15 +112,20 @@ class KVCacheIndex:
         return self.heads[0][0].value_dim
 
     def append(self, keys, values) -> None:
-        """Append ``(B, Hkv, t, D)`` keys and ``(B, Hkv, t, Dv)`` values (a decode step: t = 1)."""
+        """Deprecated name of :meth:`add`."""
+        renamed("KVCacheIndex.append", "KVCacheIndex.add")
+        self.add(keys, values)
+
+    def add(self, keys, values) -> None:
+        """Add ``(B, Hkv, t, D)`` keys and ``(B, Hkv, t, Dv)`` values (a decode step: t = 1)."""
         K = to_numpy(keys, "keys")
         V = to_numpy(values, "values")
         if K.shape[:2] != (self.batch, self.kv_heads) or V.shape[:3] != K.shape[:3] or K.ndim != 4:
-            raise ValueError(f"append expects ({self.batch}, {self.kv_heads}, t, dim) keys and values, "
+            raise ValueError(f"add expects ({self.batch}, {self.kv_heads}, t, dim) keys and values, "
                              f"got {K.shape} and {V.shape}")
         for b in range(self.batch):
             for h in range(self.kv_heads):
-                self.heads[b][h].append(K[b, h], V[b, h])
+                self.heads[b][h].add(K[b, h], V[b, h])
 
     def to(self, device, *, dtype=None, seed: int = 0):
         """This cache on another device: a :class:`hsr.kernels.CodeKVCache` (per-key int8 codes

@@ -2,9 +2,10 @@
 
 from ._kernels import canonical_scores as _canonical_scores_kernel
 from ._validate import as_float_array, resolve_dtype
+from .results import RangeResult, SearchResult
 from .tree import AUTO_MAX_SCAN, AUTO_MIN_KEYS, BruteForceIndex, HSRIndex, SearchStats
 
-__all__ = ["HSRIndex", "BruteForceIndex", "SearchStats", "canonical_scores", "AUTO_MIN_KEYS", "AUTO_MAX_SCAN"]
+__all__ = ["HSRIndex", "BruteForceIndex", "SearchStats", "RangeResult", "SearchResult", "canonical_scores", "AUTO_MIN_KEYS", "AUTO_MAX_SCAN"]
 
 
 def canonical_scores(queries, keys, dtype=None):

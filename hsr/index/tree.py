@@ -36,6 +36,7 @@ from ._forest import _build_tree, _empty_buffer, _pca_rotation, _Tree
 from ._lock import RWLock
 from ._views import ForestView, KeyView, SearchStats
 from ._validate import as_float_array, as_tau, resolve_dtype
+from .results import RangeResult, SearchResult, legacy
 from .codes import ROTATIONS, CodeStore
 
 __all__ = ["HSRIndex", "BruteForceIndex", "SearchStats", "KeyView", "ForestView"]
@@ -138,9 +139,9 @@ class HSRIndex:
     >>> keys = rng.standard_normal((5000, 16)).astype(np.float32)
     >>> index = hsr.HSRIndex(keys)
     >>> q = rng.standard_normal((3, 16)).astype(np.float32)
-    >>> lims, ids, scores = index.range_search(q, 8.0)
+    >>> lims, D, I = index.range_search(q, 8.0)
     >>> dense = hsr.index.canonical_scores(q, keys)
-    >>> all(set(ids[lims[i]:lims[i+1]]) == set(np.flatnonzero(dense[i] >= 8.0)) for i in range(3))
+    >>> all(set(I[lims[i]:lims[i+1]]) == set(np.flatnonzero(dense[i] >= 8.0)) for i in range(3))
     True
     """
 
@@ -197,6 +198,16 @@ class HSRIndex:
     # ------------------------------------------------------------------ size and content
     def __len__(self) -> int:
         return self._n_total - self._n_dead
+
+    @property
+    def ntotal(self) -> int:
+        """Live keys, FAISS's name (same as ``len(index)``; ids stay ``0 .. n_total - 1``)."""
+        return len(self)
+
+    @property
+    def d(self) -> int:
+        """Dimension, FAISS's name (same as :attr:`dim`)."""
+        return self.dim
 
     @property
     def n_total(self) -> int:
@@ -526,8 +537,8 @@ class HSRIndex:
 
     @_reads
     def range_search(self, queries, tau, *, max_id=None, return_scores=True, return_stats=False,
-                     remainder_scale=None):
-        """All keys with ``score(q_i, k) >= tau_i``, for each query, as CSR.
+                     remainder_scale=None, legacy_order=False):
+        """All keys with ``score(q_i, k) >= tau_i``, for each query, as CSR (FAISS's layout).
 
         Parameters
         ----------
@@ -539,7 +550,7 @@ class HSRIndex:
             whose smallest id is past the limit are pruned without computing anything.
         return_scores : bool, default True
             When False, keys of a node whose lower bound is at least tau are reported without
-            computing their scores (``scores`` is then not meaningful for them).
+            computing their scores (``D`` is then not meaningful for them).
         return_stats : bool, default False
             Also return a :class:`SearchStats`.
         remainder_scale : float, optional
@@ -548,16 +559,17 @@ class HSRIndex:
             over the visible live keys j not reported, ``s = remainder_scale`` (the certified
             softmax over a threshold's keys uses it).
 
+        legacy_order : bool, default False
+            Deprecated: return the pre-0.2 order ``(lims, ids, scores)``.
+
         Returns
         -------
-        lims : ndarray, (m + 1,) int64
-            Query i's results are ``ids[lims[i]:lims[i+1]]``, in no particular order.
-        ids : ndarray, (lims[-1],) int64
-            The caller's key ids.
-        scores : ndarray, (lims[-1],) float32 (float64 for a float64 index)
-            Their canonical scores.
+        RangeResult ``(lims, D, I)``
+            ``lims`` (m + 1,) int64: query i's results are ``I[lims[i]:lims[i+1]]`` (key ids,
+            int64, in no particular order) with canonical scores ``D[lims[i]:lims[i+1]]``
+            (float32; float64 for a float64 index).
         stats : SearchStats
-            Only with ``return_stats=True``.
+            Only with ``return_stats=True``: the return value is then ``(lims, D, I, stats)``.
         """
         Q, t, lim = self._prepare(queries, tau, max_id)
         m = Q.shape[0]
@@ -578,13 +590,16 @@ class HSRIndex:
         else:
             lims, ids, scores, stats = self._forest_range(Q, t, lim, return_scores)
             visited, scored = stats[:, 0].copy(), stats[:, 1].copy()
+        res = RangeResult(lims, scores, ids)
+        if legacy_order:
+            res = legacy(res, "range_search")
         if not return_stats:
-            return lims, ids, scores
+            return res
         if remainder_scale is not None and remainder is None:  # empty index or no query: nothing dropped
             remainder = np.zeros(m)
         st = SearchStats(visited, scored, np.diff(lims), len(self), method, coded)
         st.remainder = remainder
-        return lims, ids, scores, st
+        return (*res, st)
 
     def _code_range(self, Q, tau, lim, remainder_scale=None):
         return self._codes.range_search(Q, tau, lim, self._keys, self._alive, self._n_dead > 0, self._max_norm,
@@ -639,12 +654,13 @@ class HSRIndex:
         np.cumsum(np.bincount(rows, minlength=m), out=lims[1:])
         return lims, cols, sc
 
-    def query(self, q, tau, *, max_id=None):
-        """The paper's QUERY(a, b) for one query ``(d,)``: returns ``(ids, scores)`` of the keys
-        with ``score >= tau``."""
+    def query(self, q, tau, *, max_id=None, legacy_order=False):
+        """The paper's QUERY(a, b) for one query ``(d,)``: ``(D, I)``, the scores and ids of
+        the keys with ``score >= tau`` (``legacy_order=True``, deprecated: ``(ids, scores)``)."""
         qa = as_float_array(q, "q", self.dtype, ndim=1, dim=self.dim)
-        lims, ids, scores = self.range_search(qa[None, :], tau, max_id=max_id)
-        return ids, scores
+        _, D, I = self.range_search(qa[None, :], tau, max_id=max_id)
+        res = SearchResult(D, I)
+        return legacy(res, "query") if legacy_order else res
 
     @_reads
     def count(self, queries, tau, *, max_id=None) -> np.ndarray:
@@ -661,8 +677,12 @@ class HSRIndex:
         counts, _, _ = self._forest_count(Q, t, lim, with_scores=False)
         return counts.sum(axis=0)
 
+    def search(self, queries, k: int, *, max_id=None, return_stats=False):
+        """FAISS's name for :meth:`topk`: ``(D, I)``, the k best keys per query."""
+        return self.topk(queries, k, max_id=max_id, return_stats=return_stats)
+
     @_reads
-    def topk(self, queries, k: int, *, max_id=None, return_stats=False):
+    def topk(self, queries, k: int, *, max_id=None, return_stats=False, legacy_order=False):
         """The ``k`` highest-scoring keys per query, best first (ties: smaller id first).
 
         Best-first search over the same bounds: nodes are opened in order of upper bound,
@@ -670,10 +690,10 @@ class HSRIndex:
 
         Returns
         -------
-        ids : ndarray, (m, k) int64
-            -1 where fewer than k keys are live.
-        scores : ndarray, (m, k)
-            -inf where fewer than k keys are live.
+        SearchResult ``(D, I)``
+            ``D`` (m, k) scores, descending, ``-inf`` where fewer than k keys are visible;
+            ``I`` (m, k) int64 ids, ``-1`` there. With ``return_stats=True``:
+            ``(D, I, stats)``. ``legacy_order=True`` (deprecated): ``(ids, scores)``.
         """
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= MAX_TOPK:
             raise ValueError(f"k must be an integer in [1, {MAX_TOPK}], got {k!r}")
@@ -698,12 +718,15 @@ class HSRIndex:
             if m else np.zeros((0, k), dtype=np.int64)
         ids = np.take_along_axis(top_i, order, axis=1)
         scores = np.take_along_axis(top_s, order, axis=1).astype(self.dtype)
+        res = SearchResult(scores, ids)
+        if legacy_order:
+            res = legacy(res, "topk")
         if return_stats:
             codes = stats[:, 0].copy() if method == "code" else None
             visited = np.zeros(m, dtype=np.int64) if method == "code" else stats[:, 0]
             st = SearchStats(visited, stats[:, 1], (ids >= 0).sum(axis=1), len(self), method, codes)
-            return ids, scores, st
-        return ids, scores
+            return (*res, st)
+        return res
 
     def _brute_topk(self, Q, lim, top_s, top_i):
         n = self._n_total
@@ -969,7 +992,12 @@ def _as_limits(max_id, m: int) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
-def BruteForceIndex(keys=None, *, dim=None, dtype=None) -> HSRIndex:
+class BruteForceIndex(HSRIndex):
     """The exact blocked BLAS scan behind the :class:`HSRIndex` interface (builds no tree):
-    the naive O(mn) baseline and the oracle the trees are tested against."""
-    return HSRIndex(keys, dim=dim, dtype=dtype, method="brute")
+    the naive O(mn) baseline and the oracle the other backends are tested against.
+
+    Same as ``HSRIndex(keys, method="brute")``; a subclass so that ``isinstance`` works.
+    """
+
+    def __init__(self, keys=None, *, dim=None, dtype=None):
+        super().__init__(keys, dim=dim, dtype=dtype, method="brute")

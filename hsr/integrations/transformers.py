@@ -157,7 +157,7 @@ class HSRLayer(DynamicLayer):
             self.n_builds += 1
         elif n > self.n_indexed:
             s = self.n_indexed
-            self.index.append(self.keys[:, :, s:].detach(), self.values[:, :, s:].detach())
+            self.index.add(self.keys[:, :, s:].detach(), self.values[:, :, s:].detach())
             self.n_appends += 1
         self.n_indexed = n
         self.index_s += time.perf_counter() - t0

@@ -48,6 +48,8 @@ import triton.language as tl
 from ._compat import interpreting, patch_interpreter
 from ._validate import check_alpha
 from ._softmax import LOG2E, _online_softmax_step, _weighted_values, _weights_epilogue
+from ..index.results import RangeResult
+from .._deprecation import renamed as _renamed
 from .block_sparse import _num_sms, merge_partials
 
 patch_interpreter()
@@ -294,7 +296,7 @@ def _round_up_f32(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class CodePlan:
-    """The survivors of one filter step (plan), consumed by :meth:`CodeKVCache.attend_plan` (run).
+    """The survivors of one filter step (plan), consumed by :meth:`CodeKVCache.run`.
 
     Attributes
     ----------
@@ -336,10 +338,10 @@ class CodeKVCache:
     """A ``(B, Hkv, n, D)`` KV cache with per-key int8 codes, on one device.
 
     Build it from keys and values (``CodeKVCache(k, v)``), from a CPU index
-    (``hsr.KVCacheIndex.to("cuda")``), grow it with :meth:`append` (O(D) per key: the new keys'
+    (``hsr.KVCacheIndex.to("cuda")``), grow it with :meth:`add` (O(D) per key: the new keys'
     codes are written, nothing is rebuilt), and attend with :meth:`attend` (rotate, filter,
     attend and merge: four launches, no host synchronisation) or plan once with :meth:`search`
-    and run with :meth:`attend_plan`. Not thread-safe: one writer, or searches only, at a time
+    and run with :meth:`run`. Not thread-safe: one writer, or searches only, at a time
     (the CPU indexes lock; this device cache leaves that to its owner).
 
     Parameters
@@ -385,7 +387,7 @@ class CodeKVCache:
         self.n = 0
         self.max_norm = torch.zeros(B, Hkv, dtype=torch.float64, device=self.device)
         self.max_err = torch.zeros(B, Hkv, dtype=torch.float64, device=self.device)
-        self.append(k, v if self.has_values else None)
+        self.add(k, v if self.has_values else None)
 
     # ------------------------------------------------------------------ storage
     def _alloc(self, cap: int) -> None:
@@ -411,23 +413,28 @@ class CodeKVCache:
         return self.n
 
     def append(self, k, v) -> None:
-        """Append ``(B, Hkv, t, D)`` keys and values (``v=None`` for a keys-only cache): writes
-        their codes, steps and error bounds."""
+        """Deprecated name of :meth:`add`."""
+        _renamed("CodeKVCache.append", "CodeKVCache.add")
+        self.add(k, v)
+
+    def add(self, k, v) -> None:
+        """Add ``(B, Hkv, t, D)`` keys and values (``v=None`` for a keys-only cache) at the next
+        positions: writes their codes, steps and error bounds."""
         if (v is None) == self.has_values:
-            raise ValueError("this cache holds values: append keys and values" if self.has_values
-                             else "this cache holds keys only: append keys with v=None")
+            raise ValueError("this cache holds values: add keys and values" if self.has_values
+                             else "this cache holds keys only: add keys with v=None")
         if v is None:
             v = k
         if not (torch.is_tensor(k) and torch.is_tensor(v)):
             raise TypeError("k and v must be torch tensors")
         if k.dim() != 4 or k.shape[:2] != (self.B, self.Hkv) or k.shape[-1] != self.D or v.shape != k.shape:
-            raise ValueError(f"append expects ({self.B}, {self.Hkv}, t, {self.D}) keys and values, got "
+            raise ValueError(f"add expects ({self.B}, {self.Hkv}, t, {self.D}) keys and values, got "
                              f"{tuple(k.shape)} and {tuple(v.shape)}")
         t = k.shape[2]
         if t == 0:
             return
         if not _capturing() and not (torch.isfinite(k).all() and torch.isfinite(v).all()):
-            raise ValueError("appended k or v contains NaN or Inf")
+            raise ValueError("added k or v contains NaN or Inf")
         if self.n + t > self.capacity:
             self._alloc(max(2 * self.capacity, self.n + t))
         s, e = self.n, self.n + t
@@ -504,8 +511,13 @@ class CodeKVCache:
                              f"got {tuple(x.shape)}")
         return t, 0.0, t.stride()
 
-    def search(self, q, tau, *, bias=0.0, block_n: int = 128, num_warps: int = 4, num_stages: int = 3,
-               programs_per_sm: int | None = None) -> CodePlan:
+    def search(self, q, tau, **kwargs) -> CodePlan:
+        """Deprecated name of :meth:`plan`."""
+        _renamed("CodeKVCache.search", "CodeKVCache.plan")
+        return self.plan(q, tau, **kwargs)
+
+    def plan(self, q, tau, *, bias=0.0, block_n: int = 128, num_warps: int = 4, num_stages: int = 3,
+             programs_per_sm: int | None = None) -> CodePlan:
         """Filter (plan): the keys whose bound reaches ``tau - slack`` for any row of their group.
 
         Parameters
@@ -514,7 +526,7 @@ class CodeKVCache:
         tau : float or float32 Tensor of shape (), (Hq,) or (B, Hq, M)
             Raw-score thresholds (``<q, k> >= tau`` is kept).
         bias : float or float32 Tensor, same shapes
-            ReLU bias, carried to :meth:`attend_plan`.
+            ReLU bias, carried to :meth:`run`.
         block_n, num_warps, num_stages, programs_per_sm : tuning of the filter kernel (keys per
             tile, warps, pipelined tile loads, persistent programs per multiprocessor in all;
             default 8 for 16 or more (batch, kv head) pairs, else 2). The defaults are the best of
@@ -551,7 +563,12 @@ class CodeKVCache:
         return CodePlan(surv, count, seg, (tau_t, tau_s), (bias_t, bias_s), rows, M)
 
     # ------------------------------------------------------------------ run (attend)
-    def attend_plan(self, q, plan: CodePlan, *, kind="softmax", alpha=2, scale=None, num_splits=None):
+    def attend_plan(self, q, plan: CodePlan, **kwargs):
+        """Deprecated name of :meth:`run`."""
+        _renamed("CodeKVCache.attend_plan", "CodeKVCache.run")
+        return self.run(q, plan, **kwargs)
+
+    def run(self, q, plan: CodePlan, *, kind="softmax", alpha=2, scale=None, num_splits=None):
         """Attention of ``q (B, Hq, M, D)`` over a plan's survivors (keys with ``score >= tau``,
         causal: query m of M sits at position ``n - M + m``).
 
@@ -604,8 +621,8 @@ class CodeKVCache:
             if kind == "softmax":
                 raise ValueError("softmax on the code cache keeps the keys with score >= tau: give tau=")
             tau = (bias / s).float() if torch.is_tensor(bias) else float(bias) / s
-        plan = self.search(q, tau, bias=bias)
-        out, _ = self.attend_plan(q, plan, kind=kind, alpha=alpha, scale=s, num_splits=num_splits)
+        plan = self.plan(q, tau, bias=bias)
+        out, _ = self.run(q, plan, kind=kind, alpha=alpha, scale=s, num_splits=num_splits)
         return out
 
     def hsr_attention(self, q, *, kind="relu", alpha=2, bias=0.0, scale=None, tau=None, causal=True):
@@ -654,6 +671,16 @@ class GPUCodeIndex:
         self.cache = CodeKVCache(keys[None, None], None, seed=seed)
 
     @property
+    def ntotal(self) -> int:
+        """Keys held, FAISS's name (same as ``len(index)``)."""
+        return len(self)
+
+    @property
+    def d(self) -> int:
+        """Dimension, FAISS's name (same as :attr:`dim`)."""
+        return self.dim
+
+    @property
     def dim(self) -> int:
         return self.cache.D
 
@@ -670,7 +697,7 @@ class GPUCodeIndex:
             raise TypeError("keys must be a torch tensor")
         k = keys.reshape(1, self.dim) if keys.dim() == 1 else keys
         start = self.cache.n
-        self.cache.append(k[None, None], None)
+        self.cache.add(k[None, None], None)
         return torch.arange(start, self.cache.n, device=self.device)
 
     def range_search(self, queries, tau):
@@ -683,9 +710,9 @@ class GPUCodeIndex:
 
         Returns
         -------
-        lims : Tensor, (m + 1,) int64
-        ids : Tensor, (lims[-1],) int64, ascending within each query
-        scores : Tensor, (lims[-1],) float32
+        RangeResult ``(lims, D, I)`` of tensors, FAISS's order as on the CPU index
+            ``lims`` (m + 1,) int64; ``D`` (lims[-1],) float32 scores; ``I`` (lims[-1],)
+            int64 ids, ascending within each query.
         """
         q = queries.reshape(1, -1) if torch.is_tensor(queries) and queries.dim() == 1 else queries
         if not torch.is_tensor(q) or q.dim() != 2 or q.shape[1] != self.dim:
@@ -702,7 +729,7 @@ class GPUCodeIndex:
         for r0 in range(0, m, self.ROWS):
             qc = q[r0:r0 + self.ROWS]
             tc = t[r0:r0 + self.ROWS]
-            plan = self.cache.search(qc[None, :, None, :], tc[None, :, None])
+            plan = self.cache.plan(qc[None, :, None, :], tc[None, :, None])
             surv = plan.survivors(0).contiguous()
             rows = max(16, triton.next_power_of_2(qc.shape[0]))
             qp = torch.zeros(rows, self.dim, dtype=qc.dtype, device=self.device)
@@ -723,7 +750,7 @@ class GPUCodeIndex:
         if m:
             lims[1:] = torch.cumsum(torch.cat(counts), 0)
         cat = lambda xs, dt: torch.cat(xs) if xs else torch.zeros(0, dtype=dt, device=self.device)
-        return lims, cat(ids, torch.int64), cat(scores, torch.float32)
+        return RangeResult(lims, cat(scores, torch.float32), cat(ids, torch.int64))
 
     def count(self, queries, tau) -> torch.Tensor:
         """Number of keys with score ``>= tau`` per query, ``(m,)`` int64."""

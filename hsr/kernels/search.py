@@ -35,12 +35,12 @@ positional order (Quest-like pages); or pass ``perm`` (e.g. the CPU index's leaf
 
 Plan / run:
 
-- ``index.search(q, tau)``   (plan) -> the union over each kv head's query rows of the
+- ``index.plan(q, tau)``     (plan) -> the union over each kv head's query rows of the
   surviving blocks, compacted in one kernel (ids into the permuted layout); with
   ``per_row=True`` also per-query-row BSR ``(kv_num_blocks, kv_indices)``.
-- ``index.search_keys(q, tau)`` (plan) -> CSR ``(indptr, indices, scores)`` of exactly the
+- ``index.range_search(q, tau)`` -> CSR ``(lims, D, I)`` (FAISS order) of exactly the
   keys with ``score >= tau`` (indices are absolute positions into the ORIGINAL k/v).
-- ``index.attend(q, plan)`` (run) -> block-sparse decode over the union lists.
+- ``index.run(q, plan)``    (run) -> block-sparse decode over the union lists.
 - ``hsr_decode(q, index, ..., mode="fused")``: one fused kernel (filter + attention, split
   over the block range, grouped query heads) and the split merge; ``mode="planned"`` is
   search + attend (faster on the GPU: see docs/kernels.md).
@@ -62,6 +62,8 @@ from typing import Optional
 import torch
 import triton
 
+from .._deprecation import renamed as _renamed
+from ..index.results import RangeResult
 from ._compat import interpreting, patch_interpreter
 from ._softmax import LOG2E
 from ._validate import (MAX_STACKED_ROWS, MIN_TILE, check_attention_inputs, check_index_build,
@@ -221,6 +223,11 @@ class GPUBlockIndex:
         return self._filter(q, tau, True)[0]
 
     def search(self, q, tau, per_row=False):
+        """Deprecated name of :meth:`plan` (``search`` is FAISS's k-nearest search elsewhere)."""
+        _renamed("GPUBlockIndex.search", "GPUBlockIndex.plan")
+        return self.plan(q, tau, per_row=per_row)
+
+    def plan(self, q, tau, per_row=False):
         """Plan: surviving blocks as BSR lists for ``attend``/``block_sparse_attention``.
 
         Parameters
@@ -248,17 +255,29 @@ class GPUBlockIndex:
             flags=flags)
 
     def search_keys(self, q, tau, plan=None):
-        """Plan: CSR of exactly the keys with ``<q, k> >= tau`` (float32 scores of the
-        stored values), from ``plan`` when it has the per-row lists. Returns ``(indptr int64 (B*Hq*M+1,), indices int32 (nnz,) absolute
-        positions, scores float32 (nnz,))`` in (b, h, m) row order, positions ascending
-        within a block."""
+        """Deprecated: :meth:`range_search` in the pre-0.2 order ``(indptr, indices int32, scores)``."""
+        _renamed("GPUBlockIndex.search_keys", "GPUBlockIndex.range_search (FAISS order lims, D, I)")
+        lims, D, I = self.range_search(q, tau, plan=plan)
+        return lims, I.to(torch.int32), D
+
+    def range_search(self, q, tau, plan=None):
+        """CSR of exactly the keys with ``<q, k> >= tau`` (float32 scores of the stored
+        values), from ``plan`` when it has the per-row lists.
+
+        Returns
+        -------
+        RangeResult ``(lims, D, I)``
+            ``lims`` int64 ``(B*Hq*M + 1,)`` over query rows in (b, h, m) order; ``D`` float32
+            ``(nnz,)`` scores; ``I`` int64 ``(nnz,)`` absolute key positions, ascending within
+            a block.
+        """
         B, Hq, M, D = q.shape
         Hkv = self.kp.shape[1]
         G = Hq // Hkv
         C = self.block
         plan = None if plan is None else SearchPlan.from_dict(plan)
         if plan is None or not plan.per_row:
-            plan = self.search(q, tau, per_row=True)
+            plan = self.plan(q, tau, per_row=True)
         tau_t, tau_s, _, _ = self._tau_args(q, tau)
         if tau_t is None:
             tau_t = torch.full((B, Hq, M), tau_s, device=q.device, dtype=torch.float32)
@@ -280,12 +299,17 @@ class GPUBlockIndex:
         indptr = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=q.device)
         indptr[1:] = torch.cumsum(counts, 0)
         flat = keep.view(-1, L * C)
-        indices = pos.view(-1, L * C)[flat].to(torch.int32)
+        indices = pos.view(-1, L * C)[flat].to(torch.int64)
         scores = sc.view(-1, L * C)[flat]
-        return indptr, indices, scores
+        return RangeResult(indptr, scores, indices)
 
     # ------------------------------------------------------------------ run
-    def attend(self, q, plan, *, scale=None, return_lse=False, **kw):
+    def attend(self, q, plan, **kw):
+        """Deprecated name of :meth:`run`."""
+        _renamed("GPUBlockIndex.attend", "GPUBlockIndex.run")
+        return self.run(q, plan, **kw)
+
+    def run(self, q, plan, *, scale=None, return_lse=False, **kw):
         """Run (softmax): block-sparse decode over each kv head's union of surviving
         blocks (a :class:`SearchPlan`), on the permuted K/V with positions (causal)."""
         plan = SearchPlan.from_dict(plan)
@@ -455,8 +479,8 @@ def hsr_decode(q, index: GPUBlockIndex, *, tau=None, top_fraction=None, kind="so
         if kind != "softmax" or exact_set or count_visited:
             raise ValueError("mode='planned' is softmax over whole surviving blocks: it takes no "
                              "kind='relu', exact_set or count_visited (use mode='fused')")
-        plan = index.search(q, tau)
-        return index.attend(q, plan, scale=scale, return_lse=return_lse)
+        plan = index.plan(q, tau)
+        return index.run(q, plan, scale=scale, return_lse=return_lse)
     tau_t, tau_s, stb, sth = index._tau_args(q, tau)
     G = Hq // Hkv
     nb = index.num_blocks

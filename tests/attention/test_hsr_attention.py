@@ -126,7 +126,7 @@ def test_decode_after_appends_equals_fresh():
     V = rng.standard_normal((3000, 8)).astype(np.float32)
     grown = KVIndex(K[:500], V[:500], buffer_size=64)
     for t in range(500, 3000):
-        grown.append(K[t], V[t])
+        grown.add(K[t], V[t])
     fresh = KVIndex(K, V)
     q = clustered(rng, 3, 16)
     for kind, kw in [("relu", {"bias": 0.7}), ("softmax", {"eps": 1e-3})]:

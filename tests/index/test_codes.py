@@ -23,7 +23,7 @@ def test_property_exact(n, d, scale, seed, kind, rotation):
     Q[1] *= np.float32(1e3)  # one query of another magnitude in the same batch
     index = hsr.HSRIndex(K, dim=d, method="code", code_rotation=rotation, seed=seed % 7)
     if n == 0:
-        lims, ids, scores = index.range_search(Q, 0.0)
+        lims, scores, ids = index.range_search(Q, 0.0)
         assert lims.tolist() == [0] * 6 and len(ids) == 0
         return
     S = canonical_scores(Q, K)
@@ -51,8 +51,8 @@ def test_single_key_appends_match_batch_build_and_ids_ascend():
             grown.count(Q, 0.0)
     fresh = hsr.HSRIndex(K, method="code")
     tau = np.quantile(canonical_scores(Q, K), 0.99, axis=1)
-    la, ia, sa = grown.range_search(Q, tau)
-    lb, ib, sb = fresh.range_search(Q, tau)
+    la, sa, ia = grown.range_search(Q, tau)
+    lb, sb, ib = fresh.range_search(Q, tau)
     np.testing.assert_array_equal(la, lb)
     np.testing.assert_array_equal(ia, ib)  # same order: ascending ids per query
     for i in range(len(Q)):
@@ -78,7 +78,7 @@ def test_other_dtypes(dtype):
     if dtype == "float64":
         idx = hsr.HSRIndex(K, dtype="float64", method="code")
         S = canonical_scores(Q, K, dtype="float64")
-        lims, ids, sc = idx.range_search(Q, S[:, 3])
+        lims, sc, ids = idx.range_search(Q, S[:, 3])
         assert sc.dtype == np.float64
         assert as_sets(lims, ids) == [set(np.flatnonzero(S[i] >= S[i, 3]).tolist()) for i in range(5)]
         return
@@ -97,13 +97,13 @@ def test_stats_count_codes_and_candidates():
     Q = fixture_keys(rng, 4, 64, "gauss")
     idx = hsr.HSRIndex(K, method="code")
     tau = np.quantile(canonical_scores(Q, K), 0.99, axis=1)
-    lims, ids, _, st_ = idx.range_search(Q, tau, return_stats=True)
+    lims, _, ids, st_ = idx.range_search(Q, tau, return_stats=True)
     assert st_.method == "code"
     assert st_.codes_evaluated.tolist() == [10000] * 4
     assert (st_.keys_scored >= np.diff(lims)).all()
     # int8 codes after a rotation: few candidates beyond the answer on Gaussian keys
     assert st_.keys_scored.sum() <= 2 * np.diff(lims).sum()
-    lims, ids, _, st_ = idx.range_search(Q, tau, max_id=4999, return_stats=True)
+    lims, _, ids, st_ = idx.range_search(Q, tau, max_id=4999, return_stats=True)
     assert st_.codes_evaluated.tolist() == [5000] * 4  # causal: codes past the limit are not read
 
 
@@ -158,7 +158,7 @@ def test_float64_magnitudes_beyond_float32_are_refused_not_wrong():
     with pytest.raises(ValueError, match="float32 range"):
         hsr.HSRIndex(K, dtype="float64", method="code").range_search(Q, 0.0)
     S = canonical_scores(Q, K, dtype="float64")
-    lims, ids, _ = hsr.HSRIndex(K, dtype="float64", method="tree").range_search(Q, S[:, 7])
+    lims, _, ids = hsr.HSRIndex(K, dtype="float64", method="tree").range_search(Q, S[:, 7])
     assert as_sets(lims, ids) == [set(np.flatnonzero(S[i] >= S[i, 7]).tolist()) for i in range(3)]
 
 
@@ -178,7 +178,7 @@ def test_remainder_bounds_the_unreported_mass(n, seed, scale, kind):
     S = canonical_scores(Q, K).astype(np.float64)
     tau = S[np.arange(4), rng.integers(0, n, 4)]
     lim = rng.integers(-1, n + 2, 4)
-    lims, ids, _, st_ = idx.range_search(Q, tau, max_id=lim, remainder_scale=scale, return_stats=True)
+    lims, _, ids, st_ = idx.range_search(Q, tau, max_id=lim, remainder_scale=scale, return_stats=True)
     for i in range(4):
         vis = alive & (np.arange(n) <= lim[i]) & (S[i] < tau[i])
         true = np.exp(scale * (S[i][vis] - tau[i])).sum()

@@ -46,7 +46,7 @@ def test_appends_while_searching(method, d):
     deadline = time.monotonic() + 4.0
     while not stop.is_set() and time.monotonic() < deadline:
         before = index.n_total
-        lims, ids, _ = index.range_search(K[:16], -1e30)
+        lims, _, ids = index.range_search(K[:16], -1e30)
         after = index.n_total
         counts = np.diff(lims)
         assert (counts == counts[0]).all(), "queries of one batch saw different states"
@@ -78,7 +78,7 @@ def test_removals_while_searching():
     t = _run_writer(write, errors, stop)
     deadline = time.monotonic() + 4.0
     while not stop.is_set() and time.monotonic() < deadline:
-        lims, ids, _ = index.range_search(K[:8], -1e30)
+        lims, _, ids = index.range_search(K[:8], -1e30)
         counts = np.diff(lims)
         assert (counts == counts[0]).all()
         got = np.sort(ids[:counts[0]])
@@ -99,7 +99,7 @@ def test_kv_append_while_attending():
         for s in range(2000, 12000, 8):
             if stop.is_set():
                 return
-            kv.append(k[s:s + 8], v[s:s + 8])
+            kv.add(k[s:s + 8], v[s:s + 8])
             time.sleep(0.0005)
 
     t = _run_writer(write, errors, stop)

@@ -62,7 +62,7 @@ def test_filter_keeps_every_key_and_attention_matches(device, lattice, B, Hkv, G
     else:  # halfway between two scores: no key within fp32 rounding of tau
         tau = (srt[..., 2 * N // 3] + srt[..., 2 * N // 3 + 1]) / 2
     tau = tau.float()  # GPU thresholds are float32 (lattice ties and midpoints are exact in it)
-    plan = cache.search(q, tau)
+    plan = cache.plan(q, tau)
     surv = [plan.survivors(i).cpu() for i in range(B * Hkv)]
     assert all((x[1:] > x[:-1]).all() for x in surv)  # ascending, no duplicates
     surv = [set(x.tolist()) for x in surv]
@@ -73,8 +73,8 @@ def test_filter_keeps_every_key_and_attention_matches(device, lattice, B, Hkv, G
     for kind in ("softmax", "relu"):
         bias = 0.3 if kind == "relu" else 0.0
         t = torch.full_like(tau, bias / scale) if kind == "relu" else tau
-        plan = cache.search(q, t, bias=bias)
-        out, lse = cache.attend_plan(q, plan, kind=kind, alpha=2, scale=scale)
+        plan = cache.plan(q, t, bias=bias)
+        out, lse = cache.run(q, plan, kind=kind, alpha=2, scale=scale)
         ref, s, keep = _reference(q, k, v, t.double(), kind, 2, bias, scale)
         tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: P is rounded for the PV product
         assert torch.isfinite(out).all()
@@ -88,7 +88,7 @@ def test_append_codes_new_keys(device):
     q, k, v = _inputs(1, 2, 2, 1, 300, 32, dtype, device, False, seed=3)
     cache = CodeKVCache(k[:, :, :100], v[:, :, :100], capacity=64)
     for s in range(100, 300, 37):
-        cache.append(k[:, :, s:s + 37], v[:, :, s:s + 37])
+        cache.add(k[:, :, s:s + 37], v[:, :, s:s + 37])
     assert len(cache) == 300
     full = CodeKVCache(k, v)
     torch.testing.assert_close(cache.codes[:, :, :300], full.codes[:, :, :300])
@@ -109,7 +109,7 @@ def test_bad_inputs(device):
         CodeKVCache(k.int(), v.int())
     cache = CodeKVCache(k, v)
     with pytest.raises(ValueError, match="does not fit"):
-        cache.search(q[:, :, :, :16], 0.0)
+        cache.plan(q[:, :, :, :16], 0.0)
     with pytest.raises(ValueError, match="tau="):
         cache.attend(q, kind="softmax")
     with pytest.raises(ValueError, match="kind"):
@@ -117,9 +117,9 @@ def test_bad_inputs(device):
     with pytest.raises(ValueError, match="alpha must be at most"):
         cache.attend(q, kind="relu", alpha=5000)
     with pytest.raises(ValueError, match="tau must"):
-        cache.search(q, torch.zeros(5, device=q.device))
+        cache.plan(q, torch.zeros(5, device=q.device))
     with pytest.raises(ValueError, match="float32"):
-        cache.search(q, torch.zeros(4, dtype=torch.float64, device=q.device))
+        cache.plan(q, torch.zeros(4, dtype=torch.float64, device=q.device))
 
 
 def test_kvcacheindex_to_device_and_hsr_attention(device):
@@ -165,8 +165,8 @@ def test_hsrindex_to_device_range_search_matches_cpu(device, lattice):
     # on a CPU-only machine "cpu" means the index itself: build the Triton index directly there
     gpu = cpu.to(device) if device != "cpu" else GPUCodeIndex(torch.from_numpy(K))
     assert isinstance(gpu, GPUCodeIndex) and len(gpu) == 300
-    lims, ids, scores = gpu.range_search(torch.from_numpy(Q).to(device), torch.from_numpy(tau).float().to(device))
-    cl, ci, cs = cpu.range_search(Q, tau.astype(np.float32).astype(np.float64))
+    lims, scores, ids = gpu.range_search(torch.from_numpy(Q).to(device), torch.from_numpy(tau).float().to(device))
+    cl, cs, ci = cpu.range_search(Q, tau.astype(np.float32).astype(np.float64))
     np.testing.assert_array_equal(lims.cpu().numpy(), cl)
     np.testing.assert_array_equal(ids.cpu().numpy(), ci)
     np.testing.assert_allclose(scores.cpu().numpy(), cs, rtol=1e-5, atol=1e-5)

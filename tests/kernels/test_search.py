@@ -51,7 +51,7 @@ def test_search_keys_is_exact_set_with_ties(method, block, device):
     for quant in (0.5, 0.9, 0.99):
         # tau equal to an observed score: ties must be reported (>=)
         tau = torch.quantile(sc, quant, dim=-1, interpolation="higher")
-        indptr, ind, scores = idx.search_keys(q.to(device), tau.to(device))
+        indptr, scores, ind = idx.range_search(q.to(device), tau.to(device))
         indptr, ind = indptr.cpu(), ind.cpu()
         for r in range(B * Hq):
             b, h = divmod(r, Hq)
@@ -66,7 +66,7 @@ def test_filter_prunes_clustered_keys(device):
     q, k, v = _clustered(B, Hkv, Hq, N, D, gen, n_clusters=16)
     idx = build_index(k.to(device), v.to(device), block=16, n_sub=4)
     tau = torch.quantile(_scores(q, k), 0.99, dim=-1)
-    plan = idx.search(q.to(device), tau.to(device), per_row=True)
+    plan = idx.plan(q.to(device), tau.to(device), per_row=True)
     frac = plan.kv_num_blocks.float().mean().item() / idx.num_blocks
     assert frac < 0.6, frac
     # the compacted union (one kernel, atomic slots) is the union of the per-row flags
@@ -105,7 +105,7 @@ def test_hsr_decode_softmax_and_plan_run(exact_set, device):
     tau = torch.quantile(sc, 0.8, dim=-1)
     out = hsr_decode(q.to(device), idx, tau=tau.to(device), exact_set=exact_set,
                      mode="fused").cpu()
-    plan = idx.search(q.to(device), tau.to(device))
+    plan = idx.plan(q.to(device), tau.to(device))
     if exact_set:
         mask = sc >= tau[..., None]
     else:
@@ -121,7 +121,7 @@ def test_hsr_decode_softmax_and_plan_run(exact_set, device):
         mask = mask.repeat_interleave(Hq // Hkv, 1)[:, :, None, :]
         # the kept set always contains the threshold set
         assert (mask | ~(sc >= tau[..., None])).all()
-        run = idx.attend(q.to(device), plan).cpu()
+        run = idx.run(q.to(device), plan).cpu()
         assert rel_err(run, out.float()) < 2e-3
         planned = hsr_decode(q.to(device), idx, tau=tau.to(device)).cpu()  # default: planned
         assert rel_err(planned, out.float()) < 2e-3
@@ -156,7 +156,7 @@ def test_gpu_filter_exact_real_size(method):
     idx = build_index(k.cuda(), v.cuda(), block=32, n_sub=8, method=method)
     sc = _scores(q.cuda(), k.cuda())
     tau = torch.quantile(sc[..., ::7].float(), 0.95, dim=-1)
-    indptr, ind, _ = idx.search_keys(q.cuda(), tau)
+    indptr, _, ind = idx.range_search(q.cuda(), tau)
     for r in range(B * Hq):
         b, h = divmod(r, Hq)
         want = torch.nonzero(sc[b, h, 0] >= tau[b, h, 0]).flatten().sort().values

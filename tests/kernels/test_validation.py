@@ -159,14 +159,14 @@ def test_hsr_decode_bad_arguments():
     with pytest.raises(ValueError, match="at most 128 rows"):
         hsr_decode(big, index, tau=0.0, mode="fused")
     with pytest.raises(ValueError, match="batch mismatch"):
-        index.search(torch.zeros(2, 2, 1, 32, dtype=q.dtype), 0.0)
+        index.plan(torch.zeros(2, 2, 1, 32, dtype=q.dtype), 0.0)
 
 
 # ------------------------------------------------------------------ SearchPlan
 def test_search_plan_is_a_dataclass_with_dict_compatibility(device):
     q, k, v = _qkv(Hq=2, Hkv=1, M=1, N=40, D=32)
     index = build_index(k.to(device), v.to(device), block=16, n_sub=4, method="none")
-    plan = index.search(q.to(device), 0.0)
+    plan = index.plan(q.to(device), 0.0)
     assert isinstance(plan, SearchPlan) and not plan.per_row
     assert plan.union_num_blocks.shape == (1, 1, 1) and plan.union_num_blocks.dtype == torch.int32
     assert plan.union_indices.shape == (1, 1, 1, index.num_blocks)
@@ -181,20 +181,20 @@ def test_search_plan_is_a_dataclass_with_dict_compatibility(device):
         warnings.simplefilter("ignore", DeprecationWarning)
         with pytest.raises(KeyError, match="kv_indices"):
             plan["kv_indices"]
-    full = index.search(q.to(device), 0.0, per_row=True)
+    full = index.plan(q.to(device), 0.0, per_row=True)
     assert full.per_row and full.kv_num_blocks.shape == (1, 2, 1)
     assert full.kv_indices.shape == full.flags.shape == (1, 2, 1, index.num_blocks)
     # a plan in the old dict layout is still accepted by attend and search_keys
     as_dict = {"union_num_blocks": plan.union_num_blocks, "union_indices": plan.union_indices}
-    torch.testing.assert_close(index.attend(q.to(device), as_dict), index.attend(q.to(device), plan))
-    a = index.search_keys(q.to(device), 0.0, plan=full)
-    b = index.search_keys(q.to(device), 0.0, plan={"union_num_blocks": full.union_num_blocks,
+    torch.testing.assert_close(index.run(q.to(device), as_dict), index.run(q.to(device), plan))
+    a = index.range_search(q.to(device), 0.0, plan=full)
+    b = index.range_search(q.to(device), 0.0, plan={"union_num_blocks": full.union_num_blocks,
                                                     "union_indices": full.union_indices,
                                                     "kv_num_blocks": full.kv_num_blocks,
                                                     "kv_indices": full.kv_indices, "flags": full.flags})
     for x, y in zip(a, b):
         assert torch.equal(x, y)
     with pytest.raises(ValueError, match="unknown plan entries"):
-        index.attend(q.to(device), {"blocks": plan.union_indices})
+        index.run(q.to(device), {"blocks": plan.union_indices})
     with pytest.raises(TypeError, match="SearchPlan"):
-        index.attend(q.to(device), [plan.union_num_blocks, plan.union_indices])
+        index.run(q.to(device), [plan.union_num_blocks, plan.union_indices])

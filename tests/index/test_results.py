@@ -1,0 +1,94 @@
+"""Results in FAISS's order and names; the pre-0.2 order reachable with a DeprecationWarning."""
+import numpy as np
+import pytest
+
+import hsr
+from hsr.index import canonical_scores
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(11)
+    K = rng.standard_normal((700, 24)).astype(np.float32)
+    Q = rng.standard_normal((5, 24)).astype(np.float32)
+    tau = np.quantile(canonical_scores(Q, K), 0.97, axis=1)
+    return K, Q, tau
+
+
+@pytest.mark.parametrize("method", ["code", "tree", "brute"])
+def test_range_search_is_lims_D_I(data, method):
+    K, Q, tau = data
+    idx = hsr.HSRIndex(K, method=method)
+    res = idx.range_search(Q, tau)
+    assert isinstance(res, hsr.RangeResult) and res._fields == ("lims", "D", "I")
+    lims, D, I = res
+    assert I.dtype == np.int64 and D.dtype == np.float32 and lims.dtype == np.int64
+    S = canonical_scores(Q, K)
+    for i in range(len(Q)):
+        sl = slice(lims[i], lims[i + 1])
+        assert set(I[sl].tolist()) == set(np.flatnonzero(S[i] >= tau[i]).tolist())
+        np.testing.assert_array_equal(D[sl], S[i, I[sl]])
+    lims2, D2, I2, st = idx.range_search(Q, tau, return_stats=True)
+    np.testing.assert_array_equal(I2, I)
+    assert isinstance(st, hsr.SearchStats) and np.array_equal(st.keys_reported, np.diff(lims))
+
+
+def test_to_csr(data):
+    K, Q, tau = data
+    res = hsr.HSRIndex(K).range_search(Q, tau)
+    A = res.to_csr(len(K))
+    assert A.shape == (len(Q), len(K)) and A.nnz == len(res.I)
+    S = canonical_scores(Q, K)
+    dense = A.toarray()
+    r, c = np.nonzero(S >= tau[:, None])
+    np.testing.assert_array_equal(dense[r, c], S[r, c])
+    assert res.to_csr().shape[1] == int(res.I.max()) + 1
+    with pytest.raises(ValueError, match="n_keys"):
+        res.to_csr(int(res.I.max()))
+
+
+def test_search_and_topk_are_D_I(data):
+    K, Q, _ = data
+    idx = hsr.HSRIndex(K)
+    D, I = idx.search(Q, 7)
+    res = idx.topk(Q, 7)
+    assert isinstance(res, hsr.SearchResult) and res._fields == ("D", "I")
+    np.testing.assert_array_equal(res.I, I)
+    S = canonical_scores(Q, K)
+    want = np.argsort(-S, axis=1, kind="stable")[:, :7]
+    np.testing.assert_array_equal(I, want)
+    np.testing.assert_array_equal(D, np.take_along_axis(S, want, axis=1))
+    D1, I1 = idx.query(Q[0], float(D[0, -1]))
+    assert set(I1.tolist()) == set(I[0].tolist()) | set(np.flatnonzero(S[0] >= D[0, -1]).tolist())
+
+
+def test_faiss_attributes_and_classes(data):
+    K, _, _ = data
+    idx = hsr.HSRIndex(K)
+    assert idx.ntotal == len(K) and idx.d == 24
+    idx.remove([0, 1])
+    assert idx.ntotal == len(K) - 2
+    b = hsr.BruteForceIndex(K)
+    assert isinstance(b, hsr.BruteForceIndex) and isinstance(b, hsr.HSRIndex) and b.backend == "brute"
+
+
+def test_legacy_order_warns(data):
+    K, Q, tau = data
+    idx = hsr.HSRIndex(K)
+    lims, D, I = idx.range_search(Q, tau)
+    with pytest.warns(DeprecationWarning, match="legacy_order"):
+        l2, ids, scores = idx.range_search(Q, tau, legacy_order=True)
+    np.testing.assert_array_equal(ids, I)
+    np.testing.assert_array_equal(scores, D)
+    with pytest.warns(DeprecationWarning):
+        ids, scores = idx.topk(Q, 3, legacy_order=True)
+    assert ids.dtype == np.int64
+
+
+def test_kv_append_is_renamed_add():
+    rng = np.random.default_rng(0)
+    kv = hsr.KVIndex(rng.standard_normal((40, 16)), rng.standard_normal((40, 8)))
+    with pytest.warns(DeprecationWarning, match="KVIndex.add"):
+        ids = kv.append(rng.standard_normal((2, 16)), rng.standard_normal((2, 8)))
+    assert ids.tolist() == [40, 41] and len(kv) == 42
+    assert kv.add(rng.standard_normal((1, 16)), rng.standard_normal((1, 8))).tolist() == [42]
