@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..index import canonical_scores
 from ..index._validate import as_float_array, to_numpy
 from . import _kernels as AK
 from .kv import KVCacheIndex, KVIndex, _framework_out
@@ -97,11 +98,68 @@ def _check_common(kind, alpha, eps, tau, topk, scale):
 _BOUND_ROWS = 256
 
 
-def _attend_head(kvi: KVIndex, Q, kind, alpha, bias, scale, eps, tau, topk, lim):
+#: below this many keys in the cache, ``hsr_attention`` scores every key (the dense path) instead
+#: of searching the index: measured on the CPU, decode of one SmolLM2-shaped layer (9/3 heads,
+#: d 64), the index paths only pay off from about this length (``bench/bench_crossover.py``,
+#: ``bench/results/crossover_cpu.json``). The dense path gives the same keys and weights.
+DENSE_BELOW = 1024
+
+#: rows of the dense path's score matrix computed at once
+_DENSE_ROWS = 512
+
+
+def _attend_head(kvi: KVIndex, Q, kind, alpha, bias, scale, eps, tau, topk, lim, dense):
     """Attention of queries ``Q (m, d)`` float32 against one head; returns out and info rows.
-    The whole computation holds the index still (a concurrent append waits)."""
+    The whole computation holds the index still (a concurrent add waits)."""
     with kvi.index.reading():
+        if dense:
+            out, scored, selected, dropped, lse = [], [], [], [], []
+            for s in range(0, max(Q.shape[0], 1), _DENSE_ROWS):
+                r = _dense_head_locked(kvi, Q[s:s + _DENSE_ROWS], kind, alpha, bias[s:s + _DENSE_ROWS], scale,
+                                       None if tau is None else tau[s:s + _DENSE_ROWS], topk, lim[s:s + _DENSE_ROWS])
+                for acc, x in zip((out, scored, selected, dropped, lse), r):
+                    acc.append(x)
+            return tuple(np.concatenate(x) for x in (out, scored, selected, dropped, lse))
         return _attend_head_locked(kvi, Q, kind, alpha, bias, scale, eps, tau, topk, lim)
+
+
+def _dense_head_locked(kvi: KVIndex, Q, kind, alpha, bias, scale, tau, topk, lim):
+    """The dense path of :func:`_attend_head`: every visible key's canonical score, then the
+    same selection and the same weight kernels as the index path (so the same keys and the
+    same weights). Nothing is dropped without being counted: the softmax's dropped fraction
+    is the exact mass of the visible keys not kept."""
+    index = kvi.index
+    m = Q.shape[0]
+    out = np.zeros((m, kvi.value_dim), dtype=np.float32)
+    ids = index.live_ids()
+    S = canonical_scores(Q, index.get_keys(ids)) if m else np.zeros((0, len(ids)), dtype=np.float32)
+    vis = ids[None, :] <= lim[:, None]
+    if kind == "relu":
+        t = bias / scale
+    elif topk is not None:
+        masked = np.where(vis, S.astype(np.float64), -np.inf)
+        k = min(int(topk), masked.shape[1])
+        t = -np.partition(-masked, k - 1, axis=1)[:, k - 1] if k else np.full(m, -np.inf)
+    elif tau is not None:
+        t = np.asarray(tau, dtype=np.float64)
+    else:  # eps: every visible key is kept, nothing is dropped
+        t = np.full(m, -np.inf)
+    t = np.maximum(t, float(np.finfo(np.float32).min))
+    keep = vis & (S >= t[:, None])
+    rows, cols = np.nonzero(keep)
+    lims = np.zeros(m + 1, dtype=np.int64)
+    np.cumsum(keep.sum(1), out=lims[1:])
+    sel_ids, sc = ids[cols], S[rows, cols]
+    scored = vis.sum(1).astype(np.int64)
+    if kind == "relu":
+        lse = np.zeros(m)
+        AK.relu_from_csr(lims, sel_ids, sc, kvi.values, float(scale), bias, int(alpha), out, lse)
+        return out, scored, np.diff(lims), np.zeros(m), lse
+    rr, rc = np.nonzero(vis & ~keep)  # visible, not kept: scores below t, so each term is < 1
+    remainder = np.bincount(rr, weights=np.exp(scale * (S[rr, rc].astype(np.float64) - t[rr])), minlength=m)
+    info = np.zeros((m, 5))
+    AK.softmax_from_csr(lims, sel_ids, sc, kvi.values, float(scale), t, remainder, out, info)
+    return out, scored, np.diff(lims), info[:, 1], info[:, 0]
 
 
 def _attend_head_locked(kvi: KVIndex, Q, kind, alpha, bias, scale, eps, tau, topk, lim):
@@ -157,7 +215,7 @@ def _attend_head_locked(kvi: KVIndex, Q, kind, alpha, bias, scale, eps, tau, top
 
 
 def hsr_attention(q, index, *, kind="relu", alpha=2, bias=0.0, scale=None, eps=None, tau=None,
-                  topk=None, causal=False, return_info=False):
+                  topk=None, causal=False, return_info=False, dense_below=None):
     """Attention of ``q`` over an indexed KV cache, computed only at the keys the index reports.
 
     Parameters
@@ -176,9 +234,10 @@ def hsr_attention(q, index, *, kind="relu", alpha=2, bias=0.0, scale=None, eps=N
     scale : float, default ``1/sqrt(d)``
     eps : float in (0, 1), softmax only
         Target certified dropped fraction (default 1e-3 when no tau/topk is given).
-    tau : float or array (Hq,), softmax only
+    tau : float or array (Hq,) or shaped like q without d, softmax only
         Keep keys with ``<q, k> >= tau`` (raw, unscaled score), one threshold for all query
-        heads or one per query head.
+        heads, one per query head, or one per query row (``(B, Hq, M)``; ``(m,)`` for a
+        :class:`KVIndex`).
     topk : int, softmax only
         Keep the keys scoring at least the k-th best score.
     causal : bool
@@ -186,6 +245,10 @@ def hsr_attention(q, index, *, kind="relu", alpha=2, bias=0.0, scale=None, eps=N
         sees ids ``<= n - M + j``. The index prunes nodes by position as well as by score.
     return_info : bool
         Also return an :class:`AttentionInfo`.
+    dense_below : int, optional
+        Below this many keys in the cache, score every key instead of searching the index
+        (same keys, same weights; short contexts never cost more than dense). Default
+        :data:`DENSE_BELOW`; 0 always searches the index. CPU caches only.
 
     Returns
     -------
@@ -220,6 +283,10 @@ def hsr_attention(q, index, *, kind="relu", alpha=2, bias=0.0, scale=None, eps=N
     """
     _check_common(kind, alpha, eps, tau, topk, scale)
     device_attention = getattr(index, "hsr_attention", None)
+    if callable(device_attention) and getattr(index, "accepts_certified_options", False):
+        # an index that takes every option itself (hsr.distributed.ShardedKVCache)
+        return device_attention(q, kind=kind, alpha=int(alpha), bias=bias, scale=scale, eps=eps, tau=tau,
+                                topk=topk, causal=causal, return_info=return_info)
     if callable(device_attention):  # a device index (hsr.kernels) runs its own kernels
         if eps is not None or topk is not None or return_info:
             raise ValueError(f"{type(index).__name__} keeps the keys with score >= tau (give tau=): eps, topk "
@@ -250,6 +317,11 @@ def hsr_attention(q, index, *, kind="relu", alpha=2, bias=0.0, scale=None, eps=N
     B, Hq, M, d = Qn.shape
     group = Hq // len(heads[0])
     n_cache = heads[0][0].index.n_total if B else 0
+    if dense_below is None:
+        dense_below = DENSE_BELOW
+    if isinstance(dense_below, bool) or not isinstance(dense_below, (int, np.integer)) or dense_below < 0:
+        raise ValueError(f"dense_below must be a non-negative integer, got {dense_below!r}")
+    dense = n_cache < dense_below
     if causal and M > n_cache:
         raise ValueError(f"causal attention puts the {M} queries at the last positions of the cache, but it "
                          f"holds {n_cache} keys: give at most {n_cache} queries (or causal=False)")
@@ -266,11 +338,12 @@ def hsr_attention(q, index, *, kind="relu", alpha=2, bias=0.0, scale=None, eps=N
             raise ValueError("bias contains NaN or Inf")
     if tau is not None:
         tau_h = np.asarray(tau, dtype=np.float64)
-        if tau_h.ndim and tau_h.shape != (Hq,):
-            raise ValueError(f"tau must be a scalar or have shape ({Hq},), got {tau_h.shape}")
+        rows = (M,) if isinstance(index, KVIndex) else (B, Hq, M)
+        if tau_h.ndim and tau_h.shape not in ((Hq,), rows):
+            raise ValueError(f"tau must be a scalar or have shape ({Hq},) or {rows}, got {tau_h.shape}")
         if not np.isfinite(tau_h).all():
             raise ValueError("tau contains NaN or Inf")
-        tau_h = np.broadcast_to(tau_h, (Hq,))
+        tau_h = tau_h.reshape(B, Hq, M) if tau_h.shape == rows else np.broadcast_to(tau_h[..., None], (B, Hq, M))
     dv = heads[0][0].value_dim
     out = np.zeros((B, Hq, M, dv), dtype=np.float32)
     info = [np.zeros((B, Hq, M), dtype=np.int64), np.zeros((B, Hq, M), dtype=np.int64),
@@ -286,8 +359,9 @@ def hsr_attention(q, index, *, kind="relu", alpha=2, bias=0.0, scale=None, eps=N
                 bq = np.repeat([paper_bias(Qn[b, hk * group + g], live, s) for g in range(group)], M)
             else:
                 bq = np.repeat(bias_h[hk * group:(hk + 1) * group], M)
-            tq = None if tau is None else np.repeat(tau_h[hk * group:(hk + 1) * group], M)
-            o, sc, sel, dr, ls = _attend_head(kvi, Qg, kind, alpha, np.ascontiguousarray(bq), s, eps, tq, topk, lim)
+            tq = None if tau is None else np.ascontiguousarray(tau_h[b, hk * group:(hk + 1) * group]).reshape(-1)
+            o, sc, sel, dr, ls = _attend_head(kvi, Qg, kind, alpha, np.ascontiguousarray(bq), s, eps, tq, topk, lim,
+                                              dense)
             out[b, hk * group:(hk + 1) * group] = o.reshape(group, M, dv)
             for arr, val in zip(info, (sc, sel, dr, ls)):
                 arr[b, hk * group:(hk + 1) * group] = val.reshape(group, M)

@@ -69,6 +69,35 @@ def test_register_twice_with_different_settings():
     assert ht.registered_backends()["t_hsr_a"].settings["topk"] == 4
 
 
+@pytest.mark.parametrize("mode", [dict(kind="softmax", eps=1e-3), dict(kind="softmax", tau=0.5),
+                                  dict(kind="softmax", topk=5), dict(kind="relu", alpha=3, bias=0.2)])
+@pytest.mark.parametrize("padded", [False, True])
+def test_short_context_dense_path_equals_index_path(mode, padded):
+    # below dense_below the backend attends densely in torch with the same rule, no index
+    q, k, v = _qkv(B=2, M=7, N=40)
+    mask = None
+    if padded:  # left padding of 6 keys on row 1
+        keypad = torch.ones(2, 40, dtype=torch.bool)
+        keypad[1, :6] = False
+        causal = torch.arange(40)[None, :] <= (torch.arange(7) + 33)[:, None]
+        mask = (causal[None] & keypad[:, None, :])[:, None]
+    short = ht.register_hsr_attention("t_short", dense_below=10**6, **mode)
+    full = ht.register_hsr_attention("t_full", dense_below=0, **mode)
+    a, _ = short(_module(), q, k, v, mask, scaling=0.25)
+    b, _ = full(_module(), q, k, v, mask, scaling=0.25)
+    la, lb = short.stats.layers[0], full.stats.layers[0]
+    assert la.keys_scored == la.keys_visible  # every visible key scored, nothing more
+    assert la.index_s == 0.0  # no index built
+    if mode.get("eps"):
+        torch.testing.assert_close(a, _dense(q, k, v, mask=mask, scale=0.25), rtol=1e-5, atol=1e-5)
+        assert la.max_dropped == 0.0
+    else:
+        assert la.keys_selected == lb.keys_selected
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="dense_below"):
+        ht.register_hsr_attention("t_bad", dense_below=-1)
+
+
 def test_register_rejects_bad_settings():
     with pytest.raises(ValueError):
         ht.register_hsr_attention("t_bad", kind="softmax", eps=1e-3, topk=3)

@@ -1,0 +1,28 @@
+"""Suite-wide settings.
+
+``hsr_attention`` scores every key densely below ``DENSE_BELOW`` keys, and the transformers
+backends attend densely below ``MODEL_DENSE_BELOW`` (short contexts never cost more than dense). The tests' caches are small, so without this fixture they would all take
+the dense path and the index paths would go untested: the suite turns the switch off (session
+scope, so that hypothesis tests see it too), and ``tests/attention/test_dense_path.py`` tests
+the dense path and the default on purpose.
+"""
+import pytest
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _index_paths_at_any_size():
+    import hsr.attention.core as core
+
+    default = core.DENSE_BELOW
+    core.DENSE_BELOW = 0
+    try:  # the transformers backends' own short-context switch (torch is there in the tests)
+        import hsr.integrations._short as short
+    except ImportError:  # pragma: no cover
+        short = None
+    model_default = short.MODEL_DENSE_BELOW if short else None
+    if short:
+        short.MODEL_DENSE_BELOW = 0
+    yield
+    core.DENSE_BELOW = default
+    if short:
+        short.MODEL_DENSE_BELOW = model_default
