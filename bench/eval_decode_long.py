@@ -47,7 +47,7 @@ def run(model, ids, n_prompt, steps, name, backend):
     with torch.inference_mode():
         model.set_attn_implementation("sdpa")
         t0 = time.perf_counter()
-        out = model(prompt, past_key_values=cache, use_cache=True)
+        out = model(prompt, cache=cache, use_cache=True)
         t_prefill = time.perf_counter() - t0
         if backend is not None:
             model.set_attn_implementation(name)
@@ -56,7 +56,7 @@ def run(model, ids, n_prompt, steps, name, backend):
         t0 = time.perf_counter()
         for s in range(steps - 1):
             tok = ids[:, n_prompt + s:n_prompt + s + 1]
-            out = model(tok, past_key_values=cache, use_cache=True)
+            out = model(tok, cache=cache, use_cache=True)
             logits.append(out.logits[:, -1])
         t_decode = time.perf_counter() - t0
         model.set_attn_implementation("sdpa")

@@ -81,7 +81,7 @@ def run_forward(model, ids, backend, uses_index, decode_tokens):
     cache = ht.HSRCache(model.config) if uses_index else DynamicCache(config=model.config)
     with torch.inference_mode():
         t0 = time.perf_counter()
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+        out = model(input_ids=ids, cache=cache, use_cache=True)
         prefill_s = time.perf_counter() - t0
         logits = out.logits[0].float()
         prefill_stats = backend.stats.summary()["total"] if backend is not None else None
@@ -92,7 +92,7 @@ def run_forward(model, ids, backend, uses_index, decode_tokens):
         pos = ids.shape[1]
         for _ in range(decode_tokens):
             t0 = time.perf_counter()
-            o = model(input_ids=tok, past_key_values=cache, use_cache=True,
+            o = model(input_ids=tok, cache=cache, use_cache=True,
                       position_ids=torch.tensor([[pos]]))
             steps.append(time.perf_counter() - t0)
             tok = o.logits[0, -1].argmax().view(1, 1)
@@ -132,7 +132,7 @@ def run_passkey(model, tok, backend, uses_index, n_tokens, depths, seed=0, new_t
         t0 = time.perf_counter()
         with torch.inference_mode():
             g = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                               do_sample=False, past_key_values=cache, pad_token_id=tok.eos_token_id)
+                               do_sample=False, cache=cache, pad_token_id=tok.eos_token_id)
         text = tok.decode(g[0, ids.shape[1]:], skip_special_tokens=True)
         res.append({"depth": depth, "key": key, "n_tokens": int(ids.shape[1]), "output": text,
                     "found": key in text.replace(" ", ""), "seconds": time.perf_counter() - t0})

@@ -56,7 +56,7 @@ def main():
         cache = ht.HSRCache(model.config) if uses_index else None
         with torch.inference_mode():
             out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-                                 do_sample=False, past_key_values=cache, pad_token_id=tok.eos_token_id)
+                                 do_sample=False, cache=cache, pad_token_id=tok.eos_token_id)
         return out, cache
 
     def run(name, backend, uses_index):

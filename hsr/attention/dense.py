@@ -1,10 +1,23 @@
 """Dense O(mn) attention references: the oracles of the tests and the baseline of the benchmarks.
 
-Shapes follow torch's ``scaled_dot_product_attention``: ``q (..., m, d)``, ``k (..., n, d)``,
-``v (..., n, dv)``; with ``causal=True`` the queries are the *last* m positions of the n keys
-(query i sits at position ``n - m + i`` and sees keys ``0 .. n - m + i``).
-Inputs may be numpy arrays or torch tensors; numpy is computed in float64, torch in float32 (or
-float64 for float64 input), and the result comes back in the input's framework and dtype.
+Shapes follow torch's ``scaled_dot_product_attention``: ``q (..., Hq, m, d)``, ``k (..., Hkv, n, d)``,
+``v (..., Hkv, n, dv)``. Inputs may be numpy arrays or torch tensors; numpy is computed in float64,
+torch in float32 (or float64 for float64 input), and the result comes back in the input's framework
+and dtype.
+
+Two causal alignments (they differ only when m != n):
+
+- ``causal=True`` (this library): query ``i`` sees keys ``0 .. n - m + i`` (bottom-right), as
+  FlashAttention >= 2.1's ``causal=True`` and ``torch.nn.attention.bias.causal_lower_right``;
+- ``is_causal=True``: query ``i`` sees keys ``0 .. i`` (top-left), as SDPA's ``is_causal=True``
+  and ``torch.nn.attention.bias.causal_upper_left``.
+
+``causal`` (bottom-right: the m queries are the *last* m of the n positions) is what a KV-cache
+decode needs and what every kernel of this library uses; ``is_causal`` is SDPA's top-left
+alignment, for code written against SDPA. Passing both raises ``ValueError``.
+
+Grouped-query attention as SDPA's ``enable_gqa=True``: ``Hq`` a multiple of ``Hkv``, kv head
+``j`` shared by query heads ``j * Hq/Hkv .. (j + 1) * Hq/Hkv - 1`` (``repeat_interleave``).
 """
 
 from __future__ import annotations
@@ -16,77 +29,164 @@ from ..index._validate import is_torch
 __all__ = ["dense_relu_attention", "dense_softmax_attention"]
 
 
-def _causal_mask(m: int, n: int, xp):
-    qpos = xp.arange(m)[:, None] + (n - m)
+def _causal_mask(m: int, n: int, xp, top_left: bool = False):
+    """Boolean ``(m, n)``, True = attend: bottom-right (``kv <= n - m + i``) or top-left (``kv <= i``)."""
+    qpos = xp.arange(m)[:, None] + (0 if top_left else n - m)
     return xp.arange(n)[None, :] <= qpos
 
 
-def dense_relu_attention(q, k, v, *, alpha: int = 2, bias=0.0, scale=None, causal: bool = False):
+def _mask_for(m: int, n: int, xp, causal: bool, is_causal: bool):
+    """The mask of the ``causal`` / ``is_causal`` arguments, or None."""
+    if causal and is_causal:
+        raise ValueError("pass causal=True (bottom-right aligned, FlashAttention's convention) or "
+                         "is_causal=True (top-left aligned, SDPA's), not both")
+    if causal or is_causal:
+        return _causal_mask(m, n, xp, top_left=bool(is_causal))
+    return None
+
+
+def _heads(q, k, v, enable_gqa: bool, torch_mod=None):
+    """k, v with their heads repeated for GQA (``enable_gqa``); a clear error otherwise."""
+    if q.ndim < 3 or k.ndim < 3:
+        return k, v
+    hq, hk = q.shape[-3], k.shape[-3]
+    if v.shape[-3] != hk:
+        raise ValueError(f"k and v must have the same number of heads, got {hk} and {v.shape[-3]}")
+    if hq == hk:
+        return k, v
+    if not enable_gqa:
+        if hk == 1:
+            return k, v  # broadcasts
+        raise ValueError(f"q has {hq} heads and k, v have {hk}: pass enable_gqa=True (as "
+                         f"scaled_dot_product_attention) to share each kv head among query heads")
+    if hk == 0 or hq % hk != 0:
+        raise ValueError(f"enable_gqa needs query heads ({hq}) to be a multiple of kv heads ({hk})")
+    g = hq // hk
+    if torch_mod is not None:
+        return k.repeat_interleave(g, dim=-3), v.repeat_interleave(g, dim=-3)
+    return np.repeat(k, g, axis=-3), np.repeat(v, g, axis=-3)
+
+
+def dense_relu_attention(q, k, v, *, alpha: int = 2, bias=0.0, scale=None, causal: bool = False,
+                         is_causal: bool = False, enable_gqa: bool = False):
     """``out = D^-1 A V`` with ``A = ReLU(scale * q k^T - bias) ** alpha`` and ``D = diag(A 1)``.
 
     A row where nothing fires (``D_ii = 0``) is defined as zeros, never NaN.
 
     Parameters
     ----------
-    q : (..., m, d)
-    k : (..., n, d)
-    v : (..., n, dv)
+    q : (..., Hq, m, d)
+    k : (..., Hkv, n, d)
+    v : (..., Hkv, n, dv)
     alpha : int >= 1
     bias : float or array broadcastable to ``(..., m, 1)``
     scale : float, default ``1/sqrt(d)``
     causal : bool
+        Bottom-right aligned: query ``i`` sees keys ``0 .. n - m + i`` (FlashAttention's
+        ``causal``, ``torch.nn.attention.bias.causal_lower_right``).
+    is_causal : bool
+        Top-left aligned: query ``i`` sees keys ``0 .. i`` (SDPA's ``is_causal``).
+    enable_gqa : bool
+        ``Hq`` a multiple of ``Hkv``; each kv head serves ``Hq / Hkv`` consecutive query heads.
+
+    Returns
+    -------
+    out : (..., Hq, m, dv), q's framework and dtype
+
+    Raises
+    ------
+    ValueError
+        ``causal`` and ``is_causal`` together; head counts that differ without
+        ``enable_gqa`` (other than ``Hkv == 1``) or are not a multiple with it.
     """
     if is_torch(q):
         import torch
 
+        mask = _mask_for(q.shape[-2], k.shape[-2], torch, causal, is_causal)
+        k, v = _heads(q, k, v, enable_gqa, torch)
         dt = torch.float64 if q.dtype == torch.float64 else torch.float32
         qf, kf, vf = q.to(dt), k.to(dt), v.to(dt)
         s = scale if scale is not None else q.shape[-1] ** -0.5
         z = s * (qf @ kf.transpose(-1, -2)) - torch.as_tensor(bias, dtype=dt, device=q.device)
         a = torch.relu(z) ** alpha
-        if causal:
-            a = a * _causal_mask(q.shape[-2], k.shape[-2], torch).to(q.device)
+        if mask is not None:
+            a = a * mask.to(q.device)
         den = a.sum(-1, keepdim=True)
         out = (a @ vf) / torch.where(den > 0, den, torch.ones_like(den))
         return out.to(q.dtype)
+    mask = _mask_for(np.shape(q)[-2], np.shape(k)[-2], np, causal, is_causal)
     qf, kf, vf = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
+    kf, vf = _heads(qf, kf, vf, enable_gqa)
     s = scale if scale is not None else qf.shape[-1] ** -0.5
     a = np.maximum(s * (qf @ np.swapaxes(kf, -1, -2)) - np.asarray(bias, dtype=np.float64), 0.0) ** alpha
-    if causal:
-        a = a * _causal_mask(qf.shape[-2], kf.shape[-2], np)
+    if mask is not None:
+        a = a * mask
     den = a.sum(-1, keepdims=True)
     out = (a @ vf) / np.where(den > 0, den, 1.0)
     return out.astype(np.result_type(np.asarray(q).dtype, np.float32))
 
 
-def dense_softmax_attention(q, k, v, *, scale=None, causal: bool = False, return_lse: bool = False):
+def dense_softmax_attention(q, k, v, *, scale=None, causal: bool = False, return_lse: bool = False,
+                            is_causal: bool = False, enable_gqa: bool = False):
     """Softmax attention ``softmax(scale * q k^T) v`` (numerically stable).
 
-    Returns ``out (..., m, dv)`` and, with ``return_lse``, ``lse (..., m)`` (natural log of the
-    row sums of ``exp(scale * q k^T)``).
+    Parameters
+    ----------
+    q : (..., Hq, m, d)
+    k : (..., Hkv, n, d)
+    v : (..., Hkv, n, dv)
+    scale : float, default ``1/sqrt(d)``
+    causal : bool
+        Bottom-right aligned: query ``i`` sees keys ``0 .. n - m + i`` (FlashAttention's
+        ``causal``, ``torch.nn.attention.bias.causal_lower_right``). With ``m > n`` the first
+        ``m - n`` rows see no key: output 0, lse ``-inf``.
+    return_lse : bool
+        Also return ``lse (..., Hq, m)``: natural log of the row sums of ``exp(scale * q k^T)``.
+    is_causal : bool
+        Top-left aligned: query ``i`` sees keys ``0 .. i`` (SDPA's ``is_causal``).
+    enable_gqa : bool
+        ``Hq`` a multiple of ``Hkv``; each kv head serves ``Hq / Hkv`` consecutive query heads
+        (SDPA's ``enable_gqa``).
+
+    Returns
+    -------
+    out : (..., Hq, m, dv), q's framework and dtype (and ``lse``, float32/float64).
+
+    Raises
+    ------
+    ValueError
+        ``causal`` and ``is_causal`` together; head counts that differ without
+        ``enable_gqa`` (other than ``Hkv == 1``) or are not a multiple with it.
     """
     if is_torch(q):
         import torch
 
+        mask = _mask_for(q.shape[-2], k.shape[-2], torch, causal, is_causal)
+        k, v = _heads(q, k, v, enable_gqa, torch)
         dt = torch.float64 if q.dtype == torch.float64 else torch.float32
         qf, kf, vf = q.to(dt), k.to(dt), v.to(dt)
         s = scale if scale is not None else q.shape[-1] ** -0.5
         z = s * (qf @ kf.transpose(-1, -2))
-        if causal:
-            z = z.masked_fill(~_causal_mask(q.shape[-2], k.shape[-2], torch).to(q.device), float("-inf"))
+        if mask is not None:
+            z = z.masked_fill(~mask.to(q.device), float("-inf"))
         lse = torch.logsumexp(z, dim=-1)
-        out = (torch.softmax(z, dim=-1) @ vf).to(q.dtype)
+        p = torch.exp(z - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
+        out = (p @ vf).to(q.dtype)  # a row with no key: p = 0, out = 0
         return (out, lse) if return_lse else out
+    mask = _mask_for(np.shape(q)[-2], np.shape(k)[-2], np, causal, is_causal)
     qf, kf, vf = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
+    kf, vf = _heads(qf, kf, vf, enable_gqa)
     s = scale if scale is not None else qf.shape[-1] ** -0.5
     z = s * (qf @ np.swapaxes(kf, -1, -2))
-    if causal:
-        z = np.where(_causal_mask(qf.shape[-2], kf.shape[-2], np), z, -np.inf)
+    if mask is not None:
+        z = np.where(mask, z, -np.inf)
     mx = z.max(-1, keepdims=True)
+    mx = np.where(np.isfinite(mx), mx, 0.0)
     e = np.exp(z - mx)
     den = e.sum(-1, keepdims=True)
-    out = (e @ vf) / den
+    out = (e @ vf) / np.where(den > 0, den, 1.0)
     out = out.astype(np.result_type(np.asarray(q).dtype, np.float32))
     if return_lse:
-        return out, (mx + np.log(den))[..., 0]
+        with np.errstate(divide="ignore"):
+            return out, (mx + np.log(den))[..., 0]
     return out

@@ -22,6 +22,7 @@ on ``0..n-1`` with edges ``i -> i - 2**k`` (``2**k <= i``), the shortest path fr
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -231,23 +232,31 @@ def plot_receptive(patterns: Dict[str, Pattern], seq_len: int, layers: int, out:
     return out
 
 
-def receptive_main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m hsr receptive``: print receptive-field numbers and draw the plot.
-
-    Patterns are PowerAttention (``--window``, ``--sink``) and its baselines at equal budget.
-    """
-    ap = argparse.ArgumentParser(prog="hsr receptive", description="Receptive fields of PowerAttention and baselines at equal budget")
-    ap.add_argument("--seq-len", type=int, default=32768)
-    ap.add_argument("--block-size", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=12)
-    ap.add_argument("--window", type=int, default=5)
-    ap.add_argument("--sink", type=int, default=1)
+def add_receptive_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of ``hsr receptive``."""
+    ap.add_argument("--seq-len", type=int, default=32768, help="sequence length (default: 32768)")
+    ap.add_argument("--block-size", type=int, default=256, help="tokens per block (default: 256)")
+    ap.add_argument("--layers", type=int, default=12, help="layers to propagate over (default: 12)")
+    ap.add_argument("--window", type=int, default=5, help="PowerAttention local window, blocks (default: 5)")
+    ap.add_argument("--sink", type=int, default=1, help="sink blocks (default: 1)")
     ap.add_argument("--no-full", action="store_true", help="leave full attention out")
-    ap.add_argument("--out", default="receptive.png", help="PNG path ('' for none)")
-    ap.add_argument("--json", default="", help="also write the summary as JSON here")
-    a = ap.parse_args(argv)
+    ap.add_argument("--plot", default="", metavar="PNG",
+                    help="also draw the receptive fields into this PNG (needs matplotlib; default: no plot)")
+    ap.add_argument("--json", default="", metavar="PATH", help="also write the summary as JSON here")
+    return ap
+
+
+def run_receptive(a) -> int:
+    """Print the receptive-field table for parsed ``hsr receptive`` options (and draw/save)."""
     if a.seq_len < 1 or a.block_size < 1 or a.layers < 0:
-        ap.error("--seq-len and --block-size must be >= 1, --layers >= 0")
+        print("hsr receptive: --seq-len and --block-size must be >= 1, --layers >= 0", file=sys.stderr)
+        return 2
+    if a.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("hsr receptive: --plot needs matplotlib (pip install 'hsr-attention[plot]')", file=sys.stderr)
+            return 2
     pats = matched_baselines(a.seq_len, a.block_size, a.window, a.sink)
     if a.no_full:
         pats.pop("full")
@@ -255,7 +264,7 @@ def receptive_main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"seq_len={a.seq_len} block_size={a.block_size} blocks={-(-a.seq_len // a.block_size)}")
     print(f"{'pattern':16s} {'blk/row':>8s} {'density':>8s} {'last->all':>9s} {'any->all':>9s}  params")
     for name, s in summ.items():
-        fmt = lambda h: "never" if h < 0 else str(h)
+        fmt = lambda h: "never" if h < 0 else str(h)  # noqa: E731
         print(f"{name:16s} {s['mean_kept_blocks']:8.2f} {s['tile_density']:8.4f} {fmt(s['last_block_hops_to_full']):>9s} "
               f"{fmt(s['max_hops_to_full_any_block']):>9s}  {s['pattern']}")
     if a.json:
@@ -263,10 +272,17 @@ def receptive_main(argv: Optional[Sequence[str]] = None) -> int:
 
         with open(a.json, "w") as f:
             json.dump({"seq_len": a.seq_len, "block_size": a.block_size, "layers": a.layers, "patterns": summ}, f, indent=1)
-    if a.out:
-        plot_receptive(pats, a.seq_len, a.layers, a.out)
-        print(f"wrote {a.out}")
+    if a.plot:
+        plot_receptive(pats, a.seq_len, a.layers, a.plot)
+        print(f"wrote {a.plot}")
     return 0
+
+
+def receptive_main(argv: Optional[Sequence[str]] = None) -> int:
+    """``hsr receptive``: print receptive-field numbers (and, with ``--plot``, draw them)."""
+    ap = add_receptive_arguments(argparse.ArgumentParser(
+        prog="hsr receptive", description="Receptive fields of PowerAttention and baselines at equal budget"))
+    return run_receptive(ap.parse_args(argv))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -6,7 +6,7 @@ selected with ``attn_implementation=<name>``::
 
     backend = register_hsr_attention("hsr_softmax", kind="softmax", eps=1e-3)
     model.set_attn_implementation("hsr_softmax")        # or from_pretrained(..., attn_implementation=)
-    out = model.generate(ids, past_key_values=HSRCache(), max_new_tokens=30, do_sample=False)
+    out = model.generate(ids, cache=HSRCache(), max_new_tokens=30, do_sample=False)
     print(backend.stats.table())
 
 Settings travel with the registration (``generate()`` rejects unknown keyword arguments), so
@@ -261,7 +261,7 @@ class HSRCache(DynamicCache):
     Examples
     --------
     >>> cache = HSRCache()                                              # doctest: +SKIP
-    >>> model.generate(ids, past_key_values=cache, max_new_tokens=8)   # doctest: +SKIP
+    >>> model.generate(ids, cache=cache, max_new_tokens=8)   # doctest: +SKIP
     >>> cache.layers[0].index                                          # doctest: +SKIP
     KVCacheIndex(batch=1, kv_heads=3, seq=..., dim=64)
     """
@@ -300,7 +300,9 @@ class HSRCache(DynamicCache):
 
 def _cache_layer_for(module, key, kwargs) -> Optional[HSRLayer]:
     """The HSRLayer whose key tensor *is* ``key`` (so the index matches what we attend)."""
-    pkv = kwargs.get("past_key_values")
+    pkv = kwargs.get("cache")  # transformers 5.24 passes the cache as ``cache``; older as ``past_key_values``
+    if not isinstance(pkv, HSRCache):
+        pkv = kwargs.get("past_key_values")
     idx = getattr(module, "layer_idx", None)
     if isinstance(pkv, HSRCache) and idx is not None and idx < len(pkv.layers):
         layer = pkv.layers[idx]

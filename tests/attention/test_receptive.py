@@ -136,7 +136,7 @@ def test_summary_and_cli(tmp_path):
     out = tmp_path / "r.png"
     js = tmp_path / "r.json"
     assert receptive_main(["--seq-len", "4096", "--block-size", "128", "--layers", "5",
-                           "--out", str(out), "--json", str(js)]) == 0
+                           "--plot", str(out), "--json", str(js)]) == 0
     assert out.stat().st_size > 1000
     assert json.loads(js.read_text())["patterns"]["power"]["last_block_hops_to_full"] >= 1
     with pytest.raises(ValueError):

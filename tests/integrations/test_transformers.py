@@ -300,7 +300,7 @@ def test_real_model_hsr_softmax_matches_dense(smollm2):
         g_ref = model.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=tok.eos_token_id)
         model.set_attn_implementation("t_hsr_model")
         cache = ht.HSRCache(model.config)
-        g = model.generate(prompt, max_new_tokens=10, do_sample=False, past_key_values=cache,
+        g = model.generate(prompt, max_new_tokens=10, do_sample=False, cache=cache,
                            pad_token_id=tok.eos_token_id)
         model.set_attn_implementation("sdpa")
     assert g[0].tolist() == g_ref[0].tolist()
@@ -341,14 +341,14 @@ def test_real_model_beam_search_and_crop(smollm2):
         ref = model.generate(ids, max_new_tokens=5, num_beams=2, do_sample=False, pad_token_id=tok.eos_token_id)
         model.set_attn_implementation("t_hsr_model_beam")
         cache = ht.HSRCache(model.config)
-        out = model.generate(ids, max_new_tokens=5, num_beams=2, do_sample=False, past_key_values=cache,
+        out = model.generate(ids, max_new_tokens=5, num_beams=2, do_sample=False, cache=cache,
                              pad_token_id=tok.eos_token_id)
         assert out[0].tolist() == ref[0].tolist()
         assert cache.layers[3].n_builds == 1 and cache.layers[3].index.batch == 2
         c = ht.HSRCache(model.config)
-        full = model(ids, past_key_values=c, use_cache=True).logits
+        full = model(ids, cache=c, use_cache=True).logits
         c.crop(-10)
-        again = model(ids[:, -10:], past_key_values=c, use_cache=True).logits
+        again = model(ids[:, -10:], cache=c, use_cache=True).logits
         model.set_attn_implementation("sdpa")
     assert c.layers[0].n_builds == 2 and c.layers[0].n_indexed == 60
     assert (again - full[:, -10:]).abs().max().item() < 1e-3
