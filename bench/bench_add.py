@@ -25,7 +25,8 @@ def main():
     ap.add_argument("--n", type=int, default=1 << 18)
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--build-n", type=int, default=1 << 20)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "index_add.json"))
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out", "index_add.json"),
+                    help="JSON path (default: bench/out/; bench/results/ holds the committed figures)")
     a = ap.parse_args()
     rng = np.random.default_rng(0)
     c = rng.standard_normal((1024, a.dim)).astype(np.float32) * 2

@@ -87,7 +87,8 @@ def main():
     ap.add_argument("--group", type=int, default=7, help="query heads per KV head in decode")
     ap.add_argument("--prefill-queries", type=int, default=256)
     ap.add_argument("--real", action="store_true", help="also run on captured SmolLM2 keys")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out"),
+                    help="output folder (default: bench/out/; bench/results/ holds the committed figures)")
     a = ap.parse_args()
     torch.set_num_threads(os.cpu_count())
     rows = []

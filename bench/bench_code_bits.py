@@ -79,7 +79,8 @@ def main():
         bytes_[str(p)] = dict(int8=one8, int4=one4, int4_then_int8=two, float32_scan=full)
         print(f"top {p * 100:4.1f}%: bytes per key  int8 {one8:5.1f}   int4 {one4:5.1f}   int4->int8 {two:5.1f}   "
               f"float32 scan {full}")
-    out = ROOT / "bench" / "results" / "code_bits.json"
+    out = ROOT / "bench" / "out" / "code_bits.json"  # the committed copy: bench/results/code_bits.json
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(description=__doc__.strip(), summary=summary, bytes_per_key_d64=bytes_,
                                    rows=rows), indent=1))
     print(f"wrote {out}")

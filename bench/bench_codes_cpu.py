@@ -211,7 +211,7 @@ def growth(rep):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="one kv head per layer, fewer repeats")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "codes_cpu.json"),
+    ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "codes_cpu.json"),
                     help="JSON to write (default: bench/results/codes_cpu.json)")
     args = ap.parse_args(argv)
     rep = 3 if args.quick else 5

@@ -654,7 +654,8 @@ def table():
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench/out"),
+                    help="output folder (default: $OUT or bench/out/)")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--skip", default="", help="comma list of sections to skip")
     args = ap.parse_args()

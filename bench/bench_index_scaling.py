@@ -50,7 +50,8 @@ def main():
     ap.add_argument("--min-log2n", type=int, default=12)
     ap.add_argument("--queries", type=int, default=32)
     ap.add_argument("--datasets", default="gauss2,gauss4,gauss8,tight64,mixture64,gauss64")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out"),
+                    help="output folder (default: bench/out/; bench/results/ holds the committed figures)")
     a = ap.parse_args()
     try:
         import faiss

@@ -41,7 +41,8 @@ print(json.dumps(dict(base=base, with_keys=with_keys, built=built, searched=sear
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, nargs="+", default=[1 << 20, 1 << 21], help="key counts (default 1M 2M)")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "memory.json"))
+    ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "memory.json"),
+                    help="JSON path (default: bench/out/)")
     args = ap.parse_args(argv)
     rows = []
     for method in ("code", "tree"):
@@ -57,6 +58,7 @@ def main(argv=None):
             print(f"{method:5s} n={n:8d} keys {kb / 2**20:6.0f} MiB  peak after build {row['build_peak_over_keys']:.2f}x "
                   f"the keys, after the first search {row['search_peak_over_keys']:.2f}x (keys included)", flush=True)
     doc = dict(description=__doc__.strip(), date=time.strftime("%Y-%m-%d"), rows=rows)
+    pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     pathlib.Path(args.out).write_text(json.dumps(doc, indent=1))
     print(f"wrote {args.out}")
     return 0

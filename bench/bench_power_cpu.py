@@ -35,7 +35,7 @@ from hsr.attention.power import full_pattern, matched_baselines, power_attention
 from _timing import median_of  # noqa: E402
 from hsr.attention.receptive import hop_distances, hops_to_full_coverage, plot_receptive  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")  # committed figures: bench/results
 
 
 def density_table(contexts, block_size, window, sink):

@@ -42,7 +42,8 @@ def main():
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--contexts", default="16384,32768,65536,131072,262144")
-    ap.add_argument("--out", default=os.environ.get("OUT", os.path.join(os.path.dirname(__file__), "results")))
+    ap.add_argument("--out", default=os.environ.get("OUT", os.path.join(os.path.dirname(__file__), "out")),
+                    help="output folder (default: $OUT or bench/out/)")
     a = ap.parse_args()
     dev = "cuda"
     B, Hq, Hkv, D = 1, 28, 4, 128

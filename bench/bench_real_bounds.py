@@ -81,7 +81,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--layers", default="0,10,20,29")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "real_bounds.json"))
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out", "real_bounds.json"),
+                    help="JSON path (default: bench/out/)")
     a = ap.parse_args()
     layers = [int(x) for x in a.layers.split(",")]
     cap = get_real_qk(n_tokens=a.tokens, layers=layers)

@@ -125,7 +125,8 @@ def main(argv=None) -> int:
     ap.add_argument("--values", action="store_true", help="also capture the values (v) of each layer")
     ap.add_argument("--no-stats", action="store_true", help="capture only; skip the O(n^2) statistics")
     ap.add_argument("--query-samples", type=int, default=512)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "real_keys_stats.json"))
+    ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "real_keys_stats.json"),
+                    help="JSON path (default: bench/out/)")
     args = ap.parse_args(argv)
 
     layers = None if args.layers is None else [int(x) for x in args.layers.split(",")]

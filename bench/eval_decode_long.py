@@ -78,7 +78,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=32, help="teacher-forced decode steps (default 32)")
     ap.add_argument("--eps", type=float, nargs="*", default=[1e-2], help="certified softmax targets")
     ap.add_argument("--topk", type=int, nargs="*", default=[256], help="top-k softmax sizes")
-    ap.add_argument("--out", default=str(ROOT / "bench/results/model_decode_long.json"))
+    ap.add_argument("--out", default=str(ROOT / "bench/out/model_decode_long.json"),
+                    help="JSON path (default: bench/out/)")
     args = ap.parse_args(argv)
 
     model, tok = load_smollm2()
@@ -103,6 +104,7 @@ def main(argv=None):
     doc = dict(description=__doc__.strip(), n_tokens=args.n_tokens, steps=args.steps,
                machine=dict(cpus=os.cpu_count(), python=platform.python_version(), torch=torch.__version__),
                date=time.strftime("%Y-%m-%d"), results=results)
+    pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     pathlib.Path(args.out).write_text(json.dumps(doc, indent=1))
     print(json.dumps({k: {kk: (round(v, 4) if isinstance(v, float) else v) for kk, v in r.items()}
                       for k, r in results.items()}, indent=1))

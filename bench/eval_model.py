@@ -157,7 +157,8 @@ def main(argv=None):
     ap.add_argument("--no-passkey", action="store_true")
     ap.add_argument("--only", nargs="*", help="run only these backend names (dense always runs)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--out", default=str(ROOT / "bench/results/model_eval.json"))
+    ap.add_argument("--out", default=str(ROOT / "bench/out/model_eval.json"),
+                    help="JSON path (default: bench/out/)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -107,13 +107,15 @@ def _offline_env() -> None:
 def converted_model_dir() -> pathlib.Path:
     """Where :func:`load_smollm2` keeps a converted (safetensors + tokenizer.json) copy.
 
-    ``$HSR_MODEL_CACHE`` or ``~/.cache/hsr/models``; the sub-directory name encodes the GGUF
+    ``$HSR_MODEL_CACHE``, else ``$XDG_CACHE_HOME/hsr/models`` (``~/.cache/hsr/models``); the
+    first save says where it writes on stderr. The sub-directory name encodes the GGUF
     file's name and size and the transformers version that converted it.
     """
     import transformers
 
     gguf = find_smollm2_gguf()
-    root = pathlib.Path(os.environ.get("HSR_MODEL_CACHE") or pathlib.Path.home() / ".cache" / "hsr" / "models")
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(pathlib.Path.home() / ".cache")
+    root = pathlib.Path(os.environ.get("HSR_MODEL_CACHE") or pathlib.Path(xdg) / "hsr" / "models")
     key = hashlib.sha1(f"{gguf.name}:{gguf.stat().st_size}:{transformers.__version__}".encode()).hexdigest()[:12]
     return root / f"smollm2-135m-instruct-q4_1-{key}"
 
@@ -181,6 +183,9 @@ def load_smollm2(dtype=None, attn_implementation: str = "sdpa", use_converted_ca
             import tempfile
 
             conv.parent.mkdir(parents=True, exist_ok=True)
+            print(f"hsr: saving a converted copy of SmolLM2-135M (~520 MB) to {conv} so later loads take "
+                  "~1 s; set HSR_MODEL_CACHE to put it elsewhere, HSR_NO_MODEL_CACHE=1 to never write it",
+                  file=sys.stderr, flush=True)
             tmp = pathlib.Path(tempfile.mkdtemp(prefix=conv.name + ".tmp", dir=conv.parent))
             model.save_pretrained(str(tmp))
             tok.save_pretrained(str(tmp))
