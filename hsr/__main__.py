@@ -104,7 +104,7 @@ def demo(argv=None, args=None) -> int:
     print(f"index build              {build:8.3f} s   {kv.index}")
     print(f"range search exact       {'yes' if same else 'NO'} ({stats.method} == brute-force scan, inclusive >=)")
     print(f"  {stats.method:22s} {t_tree * 1e3:8.2f} ms   scored {stats.scan_fraction:.2%} of keys in full precision "
-          f"({stats.keys_scored.sum() / max(1, stats.keys_reported.sum()):.2f}x the answer)")
+          f"({stats.keys_scored.sum() / max(1, stats.keys_selected.sum()):.2f}x the answer)")
     print(f"  brute-force BLAS scan  {t_brute * 1e3:8.2f} ms   ({t_brute / t_tree:.1f}x the index's time)")
     print(f"ReLU^2 attention         max rel. error vs dense {relu_err:.1e}")
     print(f"  hsr_attention          {t_relu * 1e3:8.2f} ms")

@@ -238,18 +238,6 @@ def softmax_certified(Q, QR, qnorm, trees, alive, has_dead, values, scale, mode,
                      dummy_s, 0)
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def softmax_selection(Q, QR, qnorm, trees, alive, has_dead, values, scale, mode, eps, tau, lim,
-                      slack_rel, slack_abs, lims, out_ids, out_scores):
-    """Second pass of :func:`softmax_certified` writing each query's kept keys as CSR."""
-    for i in prange(Q.shape[0]):
-        row = np.empty(values.shape[1])
-        inf = np.empty(5)
-        _softmax_one(Q[i], QR[i], qnorm[i], trees, alive, has_dead, values, scale, mode, eps,
-                     tau[i], lim[i], slack_rel, slack_abs, row, inf, True, out_ids, out_scores,
-                     lims[i])
-
-
 # --------------------------------------------------------------------------------------
 # certified softmax from per-key bounds (the code filter)
 

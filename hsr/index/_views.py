@@ -11,6 +11,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .._deprecation import renamed
+
 __all__ = ["SearchStats", "KeyView", "ForestView"]
 
 
@@ -25,8 +27,9 @@ class SearchStats:
         Keys whose canonical full-precision score was computed to compare it with tau (leaf
         scans; the candidates the code filter let through; every live key for the
         brute-force scan).
-    keys_reported : ndarray, (m,) int64
-        Size of each result.
+    keys_selected : ndarray, (m,) int64
+        Size of each result (the same name as :class:`hsr.AttentionInfo`'s; ``keys_reported``
+        is its deprecated alias).
     n_keys : int
         Live keys in the index at search time.
     method : str
@@ -39,14 +42,20 @@ class SearchStats:
         ``sum exp(s (score_j - tau_i))`` over the visible live keys not reported.
     """
 
-    def __init__(self, nodes_visited, keys_scored, keys_reported, n_keys, method, codes_evaluated=None):
+    def __init__(self, nodes_visited, keys_scored, keys_selected, n_keys, method, codes_evaluated=None):
         self.nodes_visited = nodes_visited
         self.keys_scored = keys_scored
-        self.keys_reported = keys_reported
+        self.keys_selected = keys_selected
         self.n_keys = n_keys
         self.method = method
         self.codes_evaluated = np.zeros_like(keys_scored) if codes_evaluated is None else codes_evaluated
         self.remainder = None
+
+    @property
+    def keys_reported(self) -> np.ndarray:
+        """Deprecated name of :attr:`keys_selected`."""
+        renamed("SearchStats.keys_reported", "SearchStats.keys_selected")
+        return self.keys_selected
 
     @property
     def scan_fraction(self) -> float:
@@ -58,7 +67,7 @@ class SearchStats:
     def __repr__(self):
         return (f"SearchStats(method={self.method!r}, queries={self.keys_scored.size}, "
                 f"n_keys={self.n_keys}, scan_fraction={self.scan_fraction:.4f}, "
-                f"mean_reported={self.keys_reported.mean() if self.keys_reported.size else 0:.1f})")
+                f"mean_selected={self.keys_selected.mean() if self.keys_selected.size else 0:.1f})")
 
 
 class KeyView(NamedTuple):

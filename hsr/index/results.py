@@ -9,7 +9,6 @@ Before 0.2 the order was ``(lims, ids, scores)`` and ``(ids, scores)``; ``legacy
 gives it back for one more release, with a ``DeprecationWarning``.
 """
 
-from __future__ import annotations
 
 import warnings
 from typing import NamedTuple

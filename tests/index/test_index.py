@@ -186,7 +186,7 @@ def test_stats_and_single_query():
     scores, ids = idx.query(q, tau)
     assert set(ids.tolist()) == set(np.flatnonzero(S >= tau).tolist())
     *_, stats = idx.range_search(q[None], tau, return_stats=True)
-    assert stats.method == "tree" and stats.keys_reported[0] == len(ids)
+    assert stats.method == "tree" and stats.keys_selected[0] == len(ids)
     assert stats.scan_fraction < 0.2  # d=4: the tree prunes most of the keys
     assert stats.nodes_visited[0] > 0
 

@@ -30,7 +30,7 @@ def test_range_search_is_lims_D_I(data, method):
         np.testing.assert_array_equal(D[sl], S[i, I[sl]])
     lims2, D2, I2, st = idx.range_search(Q, tau, return_stats=True)
     np.testing.assert_array_equal(I2, I)
-    assert isinstance(st, hsr.SearchStats) and np.array_equal(st.keys_reported, np.diff(lims))
+    assert isinstance(st, hsr.SearchStats) and np.array_equal(st.keys_selected, np.diff(lims))
 
 
 def test_to_csr(data):
@@ -92,3 +92,10 @@ def test_kv_append_is_renamed_add():
         ids = kv.append(rng.standard_normal((2, 16)), rng.standard_normal((2, 8)))
     assert ids.tolist() == [40, 41] and len(kv) == 42
     assert kv.add(rng.standard_normal((1, 16)), rng.standard_normal((1, 8))).tolist() == [42]
+
+
+def test_stats_vocabulary(data):
+    K, Q, tau = data
+    *_, st = hsr.HSRIndex(K).range_search(Q, tau, return_stats=True)
+    with pytest.warns(DeprecationWarning, match="keys_selected"):
+        np.testing.assert_array_equal(st.keys_reported, st.keys_selected)

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# The API reference, generated from the numpydoc docstrings into docs/api/ (HTML, not committed).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m pdoc --docformat numpy -o docs/api hsr hsr.index hsr.attention hsr.kernels hsr.integrations "!hsr.integrations.realdata" "$@"
+echo "API reference: docs/api/index.html"
