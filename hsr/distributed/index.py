@@ -1,0 +1,265 @@
+"""``ShardedIndex``: an :class:`hsr.HSRIndex` split by id over the ranks of a process group.
+
+Rank r holds the keys of global ids ``[start_r, start_r + n_r)`` in its own ``HSRIndex`` (its
+local id i is global id ``start_r + i``). A search broadcasts rank 0's queries, each rank
+searches its own index, and the results are gathered into one answer with global ids, the
+same on every rank, as FAISS's sharded indexes do: ``range_search`` one CSR
+(:class:`hsr.RangeResult`), ``search``/``topk`` the global k best (:class:`hsr.SearchResult`).
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+from ..index import HSRIndex
+from ..index._validate import to_numpy
+from ..index.results import RangeResult, SearchResult
+from ._comm import Comm
+from . import _files
+from .merge import merge_range, merge_topk, shard_range
+
+__all__ = ["ShardedIndex"]
+
+
+class ShardedIndex:
+    """An exact half-space reporting index whose keys are split over the ranks of a group.
+
+    Parameters
+    ----------
+    local : HSRIndex
+        This rank's keys (consecutive ids, rank order).
+    group : torch.distributed.ProcessGroup, optional
+    broadcast_queries : bool, default True
+        Search rank 0's queries (other ranks may pass None); False: every rank passes the
+        same queries itself.
+
+    Notes
+    -----
+    Construction, searches and :meth:`load` are collective (every rank calls them, with the
+    same arguments); :meth:`add` and :meth:`save` are not.
+    """
+
+    def __init__(self, local, *, group=None, broadcast_queries=True):
+        self.comm = Comm(group)
+        self.local = local
+        self.broadcast_queries = bool(broadcast_queries)
+        meta = self.comm.attempt(_describe, local)
+        got = self.comm.gather_rows(meta if meta is not None else np.zeros(2), "ShardedIndex construction")
+        if not (got[:, 0] == got[0, 0]).all():
+            raise ValueError(f"ranks hold keys of different dimensions: {got[:, 0].astype(int).tolist()}")
+        sizes = got[:, 1].astype(np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        self._n = int(sizes.sum())
+
+    @classmethod
+    def from_full(cls, keys, *, group=None, broadcast_queries=True, **index_kwargs):
+        """Every rank passes all keys ``(n, d)``; each indexes its :func:`shard_range` slice."""
+        comm = Comm(group)
+
+        def build():
+            K = to_numpy(keys, "keys")
+            if K.ndim != 2:
+                raise ValueError(f"keys must be (n, d), got {K.shape}")
+            a, b = shard_range(K.shape[0], comm.world, comm.rank)
+            return HSRIndex(K[a:b], dim=K.shape[1], **index_kwargs)
+
+        local = comm.attempt(build)
+        comm.agree("ShardedIndex.from_full")
+        return cls(local, group=group, broadcast_queries=broadcast_queries)
+
+    @property
+    def rank(self) -> int:
+        return self.comm.rank
+
+    @property
+    def world(self) -> int:
+        return self.comm.world
+
+    @property
+    def start(self) -> int:
+        return int(self.starts[self.rank])
+
+    @property
+    def d(self) -> int:
+        return self.local.d
+
+    @property
+    def ntotal(self) -> int:
+        """Ids in the whole index (all ranks, removed ones included)."""
+        return self._n
+
+    def __len__(self) -> int:
+        return self._n
+
+    def add(self, keys) -> np.ndarray:
+        """Add keys (every rank passes the same): the last rank indexes them. No communication.
+        Returns their global ids."""
+        t = np.shape(keys)[0] if np.ndim(keys) == 2 else 1
+        first = self._n
+        if self.rank == self.world - 1:
+            self.local.add(keys)
+        self._n += int(t)
+        return np.arange(first, first + t, dtype=np.int64)
+
+    # ------------------------------------------------------------------ search
+    def _queries(self, queries, tau, max_id):
+        """Rank 0's ``(Q (m, d) float32, tau (m,) float64, lim (m,) int64)``, on every rank."""
+        torch = self.comm.torch
+        mine = None
+        if self.rank == 0 or not self.broadcast_queries:
+            mine = self.comm.attempt(self._own, queries, tau, max_id)
+        if not self.broadcast_queries:
+            if mine is None:
+                return np.zeros((0, self.d), dtype=np.float32), np.zeros(0), np.zeros(0, dtype=np.int64)
+            return mine
+        head = torch.zeros(3, dtype=torch.int64)
+        if self.rank == 0:
+            head[0] = 1 if self.comm.failed else 0
+            head[1] = 0 if mine is None else mine[0].shape[0]
+            head[2] = self._n
+        self.comm.broadcast(head, "query header")
+        if int(head[0]):
+            self.comm.check(np.r_[1, np.zeros(self.world - 1)], "sharded search (queries on rank 0)")
+        m = int(head[1])
+        buf = torch.zeros(m, self.d + 2, dtype=torch.float64)
+        if self.rank == 0:
+            Q, t, lim = mine
+            buf[:, :self.d] = torch.from_numpy(Q.astype(np.float64))
+            buf[:, self.d] = torch.from_numpy(t)
+            buf[:, self.d + 1] = torch.from_numpy(lim.astype(np.float64))
+        self.comm.broadcast(buf, "queries")
+        if int(head[2]) != self._n:
+            self.comm.attempt(_raise, ValueError(f"rank {self.rank} counts {self._n} ids, rank 0 counts "
+                                                 f"{int(head[2])}: add() was not called alike on every rank"))
+        b = buf.numpy()
+        lim = np.minimum(b[:, self.d + 1], float(np.iinfo(np.int64).max // 2)).astype(np.int64)
+        return np.ascontiguousarray(b[:, :self.d], dtype=np.float32), b[:, self.d].copy(), lim
+
+    def _own(self, queries, tau, max_id):
+        if queries is None:
+            raise ValueError("queries is None on rank 0 (only other ranks may pass None when broadcasting)")
+        Q = to_numpy(queries, "queries")
+        Q = np.ascontiguousarray((Q[None] if Q.ndim == 1 else Q), dtype=np.float32)
+        if Q.ndim != 2 or Q.shape[1] != self.d:
+            raise ValueError(f"queries must be (m, {self.d}) or ({self.d},), got {np.shape(queries)}")
+        if not np.isfinite(Q).all():
+            raise ValueError("queries contain NaN or Inf")
+        m = Q.shape[0]
+        t = np.broadcast_to(np.asarray(tau, dtype=np.float64), (m,)).copy() if np.ndim(tau) == 0 \
+            else np.asarray(tau, dtype=np.float64)
+        if t.shape != (m,):
+            raise ValueError(f"tau must be a scalar or have shape ({m},), got {np.shape(tau)}")
+        if max_id is None:
+            lim = np.full(m, np.iinfo(np.int64).max // 2, dtype=np.int64)
+        else:
+            a = np.asarray(max_id)
+            if a.dtype.kind not in "iu":
+                raise TypeError(f"max_id must be integer, got dtype {a.dtype}")
+            lim = np.broadcast_to(a.astype(np.int64), (m,)).copy() if a.ndim == 0 else a.astype(np.int64)
+            if lim.shape != (m,):
+                raise ValueError(f"max_id must be a scalar or have shape ({m},), got shape {a.shape}")
+        return Q, t, lim
+
+    def _local_limits(self, lim):
+        """Global id limits as this shard's local ones (``-1``: nothing visible here)."""
+        return np.maximum(lim - self.start, -1)
+
+    def range_search(self, queries, tau, *, max_id=None) -> RangeResult:
+        """All keys with ``<q_i, k> >= tau_i`` over every shard, as one CSR with global ids.
+
+        Parameters
+        ----------
+        queries : (m, d) or (d,) array or tensor (rank 0's are used when broadcasting)
+        tau : float or (m,)
+        max_id : int or (m,) int, optional
+            Global id limits (causal search).
+
+        Returns
+        -------
+        RangeResult ``(lims, D, I)``
+            ``I`` global ids, query i's keys from rank 0's shard first; on every rank.
+        """
+        Q, t, lim = self._queries(queries, tau, max_id)
+        m = Q.shape[0]
+        part = self.comm.attempt(self._local_range, Q, t, lim)
+        blobs = self.comm.gather_bytes(part, "sharded range_search")
+        parts = []
+        for blob in blobs:
+            with np.load(io.BytesIO(blob), allow_pickle=False) as z:
+                parts.append((z["lims"], z["D"], z["I"]))
+        return merge_range(parts, self.starts, m)
+
+    def _local_range(self, Q, t, lim):
+        loc = self._local_limits(lim)
+        m = Q.shape[0]
+        vis = loc >= 0
+        lims = np.zeros(m + 1, dtype=np.int64)
+        D, I = np.zeros(0, dtype=self.local.dtype), np.zeros(0, dtype=np.int64)  # noqa: E741
+        if vis.any() and len(self.local):
+            r = self.local.range_search(Q[vis], t[vis], max_id=loc[vis])
+            counts = np.zeros(m, dtype=np.int64)
+            counts[vis] = np.diff(r.lims)
+            np.cumsum(counts, out=lims[1:])
+            D, I = r.D, r.I  # noqa: E741
+        buf = io.BytesIO()
+        np.savez(buf, lims=lims, D=D, I=I)
+        return buf.getvalue()
+
+    def topk(self, queries, k: int, *, max_id=None) -> SearchResult:
+        """The k best keys over every shard, best first, global ids (``-1``/``-inf`` where fewer
+        than k are visible); ties broken by the smaller id, as :meth:`hsr.HSRIndex.topk`."""
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        Q, _, lim = self._queries(queries, 0.0, max_id)
+        m = Q.shape[0]
+        part = self.comm.attempt(self._local_topk, Q, int(k), lim)
+        got = self.comm.gather_rows(part if part is not None else np.zeros((m, 2 * k)), "sharded topk")
+        D = got[:, :, :k]
+        I = got[:, :, k:].astype(np.int64)  # noqa: E741
+        res = merge_topk(D, I, int(k))
+        return SearchResult(res.D.astype(self.local.dtype), res.I)
+
+    search = topk
+
+    def _local_topk(self, Q, k, lim):
+        loc = self._local_limits(lim)
+        m = Q.shape[0]
+        out = np.concatenate([np.full((m, k), -np.inf), np.full((m, k), -1.0)], axis=1)
+        vis = loc >= 0
+        if vis.any() and len(self.local):
+            r = self.local.topk(Q[vis], k, max_id=loc[vis])
+            out[vis, :k] = r.D
+            out[vis, k:] = np.where(r.I >= 0, r.I + self.start, -1)
+        return out
+
+    # ------------------------------------------------------------------ files
+    def save(self, path) -> None:
+        """Write this rank's index under the folder ``path``; no communication."""
+        _files.save_index(path, self.local, self.rank, self.world, self.start)
+
+    @classmethod
+    def load(cls, path, *, group=None, broadcast_queries=True):
+        """Each rank reads its own shard (collective: checks world size and starts)."""
+        comm = Comm(group)
+        got = comm.attempt(_files.load_index, path, comm.rank, comm.world)
+        comm.agree("ShardedIndex.load")
+        local, saved = got
+        self = cls(local, group=group, broadcast_queries=broadcast_queries)
+        if saved != self.start:
+            raise ValueError(f"rank {self.rank}: shard saved at start {saved}, loaded at {self.start}")
+        return self
+
+    def __repr__(self):
+        return f"ShardedIndex(rank={self.rank}/{self.world}, ids from {self.start}, ntotal={self._n}, d={self.d})"
+
+
+def _raise(exc):
+    raise exc
+
+
+def _describe(local):
+    if not isinstance(local, HSRIndex):
+        raise TypeError(f"local must be an HSRIndex, got {type(local).__name__}")
+    return np.array([local.d, local.n_total], dtype=np.float64)
