@@ -7,11 +7,18 @@ modules are loaded on first attribute access:
   over a BSR block list (FlexAttention ``BlockMask`` convention), prefill and split-KV decode.
 - ``selected_attention`` (``hsr.kernels.selected``): softmax / ReLU^alpha attention over a
   CSR list of selected keys per query row.
+- ``relu_prefill`` (``hsr.kernels.relu_prefill``): exact ReLU^alpha prefill that skips the
+  (query tile, key block) pairs whose score bound stays below the threshold.
 - ``CodeKVCache``, ``CodePlan`` (``hsr.kernels.codes``): the code filter on the GPU: a KV
   cache with per-key int8 codes, filter (plan) -> compacted survivors -> attention (run).
 - ``GPUBlockIndex``, ``hsr_decode`` (``hsr.kernels.search``): the exact block filter on the
   GPU (ball + per-subspace bounds), its plan (search) and run (attention) halves, and the
   fused filter + attention decode.
+- ``block_lists_from_block_mask`` (``hsr.kernels._blockmask``, torch only): a FlexAttention
+  ``BlockMask`` as the block lists, block size and causal flag of ``block_sparse_attention``
+  (which also takes the ``BlockMask`` itself).
+- ``hsr.kernels.ops`` (torch only, imported on first compiled call or explicitly): the
+  kernels as ``torch.library`` custom ops ``torch.ops.hsr.*`` for ``torch.compile``.
 - dense references in ``hsr.kernels._reference`` (torch only).
 
 See docs/kernels.md.
@@ -25,8 +32,10 @@ _LAZY = {
     "CodePlan": "codes",
     "GPUCodeIndex": "codes",
     "block_sparse_attention": "block_sparse",
+    "block_lists_from_block_mask": "_blockmask",
     "merge_partials": "block_sparse",
     "selected_attention": "selected",
+    "relu_prefill": "relu_prefill",
     "GPUBlockIndex": "search",
     "SearchPlan": "search",
     "build_index": "search",

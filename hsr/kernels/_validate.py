@@ -180,3 +180,58 @@ def check_index_build(k, v, block: int, n_sub: int) -> None:
     if not _is_pow2(int(n_sub)) or D % int(n_sub) != 0:
         raise ValueError(f"n_sub must be a power of two dividing the head dim {D}, got {n_sub!r}")
 
+
+
+def check_block_values(kv_num_blocks, kv_indices, n_key_blocks: int, *, names=("kv_num_blocks", "kv_indices")) -> None:
+    """The VALUES of BSR block lists (shapes and dtypes: :func:`check_block_lists`).
+
+    Every count must lie in ``[0, max_blocks]`` (``max_blocks = kv_indices.shape[-1]``) and
+    every id among the first ``count`` entries of a row in ``[0, n_key_blocks)``; the
+    entries after the count are not read and may hold anything. A count above the width or
+    an id out of range would make a kernel read past the list or past K/V.
+
+    This reads the lists, so on a GPU it costs one device synchronisation (one fused
+    reduction, one ``.item()``); the wrappers skip it for their internal lists and while a
+    CUDA graph is being captured.
+
+    Raises
+    ------
+    ValueError
+        Naming the first bad row and its count or id.
+    """
+    n_name, i_name = names
+    if kv_num_blocks.numel() == 0:
+        return
+    width = kv_indices.shape[-1]
+    counts = kv_num_blocks
+    used = torch.arange(width, device=kv_indices.device) < counts[..., None].clamp(max=width)
+    bad_id = used & ((kv_indices < 0) | (kv_indices >= n_key_blocks))
+    bad_count = (counts < 0) | (counts > width)
+    # one reduction, one host read
+    flags = torch.stack([bad_count.any(), bad_id.any()]).cpu()
+    if bool(flags[0]):
+        where = tuple(int(i) for i in bad_count.nonzero()[0].tolist())
+        raise ValueError(f"{n_name}{list(where)} = {int(counts[where])} must lie in [0, {width}] "
+                         f"(the width of {i_name}); counts may not be negative or exceed the list width")
+    if bool(flags[1]):
+        where = tuple(int(i) for i in bad_id.nonzero()[0].tolist())
+        raise ValueError(f"{i_name}{list(where)} = {int(kv_indices[where])} is not a key-block id in "
+                         f"[0, {n_key_blocks}) (ceil(kv_len / block_size)); only the first "
+                         f"{n_name} entries of a row are read")
+
+
+def check_block_size(block_size) -> int:
+    """Block granularity of the block lists: a positive int (whether the kernel tiles divide
+    it is checked where the tiles are chosen)."""
+    if isinstance(block_size, bool) or not isinstance(block_size, int):
+        try:
+            import numpy as np  # numpy ints are fine
+            ok = isinstance(block_size, np.integer)
+        except Exception:  # pragma: no cover
+            ok = False
+        if not ok:
+            raise TypeError(f"block_size must be an int, got {type(block_size).__name__}")
+    bs = int(block_size)
+    if bs < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    return bs

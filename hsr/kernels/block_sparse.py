@@ -1,8 +1,13 @@
 """Block-sparse attention over a BSR block list (FlexAttention ``BlockMask`` convention).
 
-Two kernels and a merge:
+Kernels and a merge:
 
-- ``_bsa_prefill_kernel``: one program per (query tile of ``BLOCK_M`` rows, batch*query head);
+- ``_bsa_prefill_v2_kernel`` (the default prefill path) with ``_split_lists_kernel``: each
+  list row split into full blocks (no mask) and partial ones (the diagonal, a last block
+  past N), query tiles launched last-first, optional GQA packing; see the comment block
+  above the kernel and docs/kernels.md ("Prefill on the GPU").
+- ``_bsa_prefill_kernel`` (kept for the layout knobs ``block_ptr``, ``flat=False``,
+  ``k_rowmajor=False``): one program per (query tile of ``BLOCK_M`` rows, batch*query head);
   FlashAttention-style online softmax over the key blocks listed for the tile's query block,
   each block walked in ``BLOCK_N``-key sub-tiles. Memory traffic: Q and O once, and per
   (query tile, listed block) one read of the block's K and V (GQA heads of a group re-read
@@ -27,10 +32,11 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _blockmask
 from ._compat import interpreting as _interpreting
 from ._compat import patch_interpreter
 from ._reference import list_row_offset
-from ._softmax import LN2, LOG2E, _dot, _online_softmax_step, _softmax_epilogue  # noqa: F401  (LN2, _dot: re-exported)
+from ._softmax import LN2, LOG2E, _dot, _online_softmax_step, _rescale, _softmax_epilogue  # noqa: F401  (LN2, _dot: re-exported)
 from ._validate import (MAX_STACKED_ROWS, MIN_TILE, check_attention_inputs, check_block_lists,
                         check_int32_offsets, check_positions, check_tile)
 
@@ -149,6 +155,177 @@ def _bsa_prefill_kernel(
     tl.store(O + b.to(tl.int64) * sob + h * soh + rows[:, None].to(tl.int64) * som
              + offs_d[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None])
     tl.store(LSE + b * slb + h * slh + rows, lse, mask=row_ok)
+
+
+# ----------------------------------------------------------------------------- prefill v2
+#
+# The default prefill path. Against ``_bsa_prefill_kernel`` (kept for its legacy knobs
+# ``block_ptr``, ``flat=False``, ``k_rowmajor=False``) it
+#
+# * splits each list row, on the device and once per call (``_split_lists_kernel``), into
+#   the key blocks that need no mask at all ("full": wholly below the query block under
+#   causality and wholly inside ``[0, N)``) followed by the ones that do ("partial": the
+#   diagonal block, a last block past ``N``); blocks wholly above the diagonal are dropped.
+#   The kernel then runs one flat, software-pipelined loop over the full blocks with no mask
+#   and no branch in its body, and a short masked loop over the partial ones (FlexAttention's
+#   full/partial split, computed from the positions instead of stored in the mask);
+# * launches the query tiles longest-work-first: the heaviest list rows of a causal pattern
+#   are the last ones, so by default the grid walks query tiles from the end (or in the
+#   order of an explicit ``order`` tensor, e.g. rows sorted by their count of blocks); the
+#   query heads of a tile run next to each other in the grid, so the K/V blocks they share
+#   are read from L2 by all of them within a short window;
+# * optionally packs ``HPP`` query heads of one kv head into one tile (GQA packing:
+#   ``BLOCK_M // HPP`` positions of each of ``HPP`` heads, so one K/V tile load feeds all
+#   of them; heads past the group are padding rows).
+
+@triton.jit
+def _split_lists_kernel(KVN, KVI, FN, PN, OUT, snb, snh, snr, sib, sih, sir, sic,
+                        Hl, R, ROW_OFF, N, MAXB,
+                        BLOCK_SIZE: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_L: tl.constexpr):
+    # one program per list row (bl, hl, r): OUT[bl, hl, r] = full blocks, then partial ones
+    pid = tl.program_id(0)
+    bl = pid // (Hl * R)
+    hl = (pid // R) % Hl
+    r = pid % R
+    num = tl.load(KVN + bl * snb + hl * snh + r * snr)
+    j = tl.arange(0, BLOCK_L)
+    valid = j < num
+    kb = tl.load(KVI + bl * sib + hl * sih + r * sir + j * sic, mask=valid, other=0)
+    full = valid & ((kb + 1) * BLOCK_SIZE <= N)
+    part = valid & (kb * BLOCK_SIZE < N)
+    if CAUSAL:
+        qb = r + ROW_OFF  # absolute query block of the row
+        full = full & (kb < qb)
+        part = part & (kb <= qb)
+    part = part & (~full)
+    fi = full.to(tl.int32)
+    pi = part.to(tl.int32)
+    nf = tl.sum(fi, 0)
+    fpos = tl.cumsum(fi, 0) - 1
+    ppos = nf + tl.cumsum(pi, 0) - 1
+    base = OUT + pid.to(tl.int64) * MAXB
+    tl.store(base + fpos, kb, mask=full)
+    tl.store(base + ppos, kb, mask=part)
+    tl.store(FN + pid, nf)
+    tl.store(PN + pid, tl.sum(pi, 0))
+
+
+@triton.jit
+def _step_fused(s_raw, v, m_i, l_i, acc, qk_scale):
+    # the FlashAttention tutorial's form of _online_softmax_step (GPU, 16-bit only): the scale
+    # folded into one FMA per score and P @ V accumulated into acc by the dot itself; an
+    # experiment (bench/bench_prefill_gpu.py), same arithmetic up to rounding
+    m_new, m_use = _rescale(m_i, tl.max(s_raw, 1) * qk_scale)
+    p = tl.math.exp2(s_raw * qk_scale - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _bsa_prefill_v2_kernel(
+    Q, K, V, O, LSE, FN, PN, IDX, ORDER, KD, VD,
+    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, slb, slh,
+    Hl, R, MAXB, LBS, LHS,
+    Hq, Hkv, M, N, GROUP, LIST_GROUP, ROW_OFF, N_MT, N_HT, HT_PER_KV, qk_scale,
+    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HPP: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+    ORDER_MODE: tl.constexpr, TMA: tl.constexpr, FUSED: tl.constexpr,
+):
+    RPH: tl.constexpr = BLOCK_M // HPP  # query positions per head in the tile
+    SUB: tl.constexpr = BLOCK_SIZE // BLOCK_N
+    tl.static_assert(BLOCK_SIZE % RPH == 0)
+    tl.static_assert(BLOCK_SIZE % BLOCK_N == 0)
+    pid = tl.program_id(0)
+    # the head tiles of one query tile are adjacent in the grid (shared K/V stays in L2)
+    slot = pid // N_HT
+    ht = pid % N_HT
+    if ORDER_MODE == 0:
+        mt = slot
+    elif ORDER_MODE == 1:
+        mt = N_MT - 1 - slot  # last query tiles (most keys under causality) first
+    else:
+        mt = tl.load(ORDER + slot)
+    b = ht // (Hkv * HT_PER_KV)
+    hk = (ht // HT_PER_KV) % Hkv
+    hj = ht % HT_PER_KV
+    h0 = hk * GROUP + hj * HPP  # first query head of the tile
+    lh = h0 // LIST_GROUP  # packed heads share one list (checked by the wrapper)
+    q0 = N - M
+    t_abs = (q0 // RPH) * RPH + mt * RPH  # first query position of the tile
+    offs_r = tl.arange(0, BLOCK_M)
+    hr = offs_r // RPH  # head of each stacked row, relative to h0
+    pos = t_abs + offs_r % RPH
+    row_ok = (pos >= q0) & (pos < N) & (hj * HPP + hr < GROUP)
+    head = h0 + hr
+    rows = pos - q0
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + b.to(tl.int64) * sqb + head[:, None].to(tl.int64) * sqh
+                + rows[:, None].to(tl.int64) * sqm + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    lrow = t_abs // BLOCK_SIZE - ROW_OFF
+    lidx = (b * LBS + lh * LHS) * R + lrow  # row of the split lists (Bl, Hl, R) flattened
+    nfull = tl.load(FN + lidx)
+    npart = tl.load(PN + lidx)
+    ibase = IDX + lidx.to(tl.int64) * MAXB
+    k_base = K + b.to(tl.int64) * skb + hk * skh
+    v_base = V + b.to(tl.int64) * svb + hk * svh
+    q_hi = tl.minimum(t_abs + RPH, N)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    # ---- full blocks: every key of the block is allowed for every row of the tile
+    kv_row0 = (b * Hkv + hk) * N  # row of this kv head in the (B*Hkv*N, D) view (TMA)
+    for t in range(0, nfull * SUB):
+        kb = tl.load(ibase + t // SUB)
+        start = kb * BLOCK_SIZE + (t % SUB) * BLOCK_N
+        if TMA:
+            kr = KD.load([kv_row0 + start, 0])
+        else:
+            offs_n = start + offs_n0
+            kr = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :])
+        if FUSED:
+            s_raw = tl.dot(q, tl.trans(kr))
+        else:
+            s = _dot(q, tl.trans(kr), UPCAST) * qk_scale
+        if TMA:
+            vt = VD.load([kv_row0 + start, 0])
+        else:
+            vt = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :])
+        if FUSED:
+            m_i, l_i, acc = _step_fused(s_raw, vt, m_i, l_i, acc, qk_scale)
+        else:
+            m_i, l_i, acc = _online_softmax_step(s, vt, m_i, l_i, acc, UPCAST)
+    # ---- partial blocks (the diagonal one, a last block past N): masked, and only the
+    # sub-tiles below the tile's last query position are visited
+    for j in range(nfull, nfull + npart):
+        kb = tl.load(ibase + j)
+        k_lo = kb * BLOCK_SIZE
+        k_hi = tl.minimum(k_lo + BLOCK_SIZE, N)
+        if CAUSAL:
+            k_hi = tl.minimum(k_hi, q_hi)
+        for start in range(k_lo, k_hi, BLOCK_N):
+            offs_n = start + offs_n0
+            kmask = offs_n < k_hi
+            kr = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :],
+                         mask=kmask[:, None], other=0.0)
+            s = _dot(q, tl.trans(kr), UPCAST) * qk_scale
+            keep = kmask[None, :]
+            if CAUSAL:
+                keep = keep & (offs_n[None, :] <= pos[:, None])
+            s = tl.where(keep, s, float("-inf"))
+            vt = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :],
+                         mask=kmask[:, None], other=0.0)
+            m_i, l_i, acc = _online_softmax_step(s, vt, m_i, l_i, acc, UPCAST)
+    l_safe, lse = _softmax_epilogue(m_i, l_i)
+    out = acc / l_safe[:, None]
+    tl.store(O + b.to(tl.int64) * sob + head[:, None].to(tl.int64) * soh
+             + rows[:, None].to(tl.int64) * som + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + b * slb + head * slh + rows, lse, mask=row_ok)
 
 
 @triton.jit
@@ -284,28 +461,162 @@ def merge_partials(o_part, lse_part, out, lse, M):
         BLOCK_S=max(triton.next_power_of_2(S), 2), HEAD_DIM=D)
 
 
-def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, *, block_size=128, causal=True,
+#: benchmarks set this to time the first prefill kernel with its default knobs
+_FORCE_V1 = False
+
+
+def split_block_lists(kv_num_blocks, kv_indices, *, block_size, n_keys, row_offset, causal):
+    """Reorder each list row into full blocks then partial blocks (see ``_split_lists_kernel``).
+
+    Parameters
+    ----------
+    kv_num_blocks : int32 ``(Bl, Hl, R)``; kv_indices : int32 ``(Bl, Hl, R, max_blocks)``.
+    block_size : int; n_keys : int, ``N``; row_offset : int, absolute query block of row 0.
+    causal : bool, drop blocks above the diagonal and mark the diagonal one partial.
+
+    Returns
+    -------
+    full_num, part_num : int32 ``(Bl * Hl * R,)``
+    idx : int32 ``(Bl * Hl * R, max_blocks)``: the first ``full_num`` entries of a row are
+        its full blocks, the next ``part_num`` its partial ones (list order kept in each).
+    """
+    Bl, Hl, R, maxb = kv_indices.shape
+    rows = Bl * Hl * R
+    dev = kv_indices.device
+    fn = torch.empty(rows, device=dev, dtype=torch.int32)
+    pn = torch.empty(rows, device=dev, dtype=torch.int32)
+    idx = torch.empty(rows, max(maxb, 1), device=dev, dtype=torch.int32)
+    if rows == 0:
+        return fn, pn, idx
+    sn = kv_num_blocks.stride()
+    si = kv_indices.stride()
+    _split_lists_kernel[(rows,)](
+        kv_num_blocks, kv_indices, fn, pn, idx, sn[0], sn[1], sn[2], si[0], si[1], si[2], si[3],
+        Hl, R, row_offset, n_keys, idx.shape[1],
+        BLOCK_SIZE=block_size, CAUSAL=bool(causal),
+        BLOCK_L=max(16, triton.next_power_of_2(max(maxb, 1))), num_warps=4)
+    return fn, pn, idx
+
+
+def _prefill_v2(q, k, v, out, lse, kv_num_blocks, kv_indices, *, block_size, causal, scale,
+                row_offset, list_group, upcast, block_m=None, block_n=None, heads_per_tile=1,
+                order=None, num_warps=None, num_stages=None, split=None, tma=False,
+                fused=False):
+    """Launch ``_bsa_prefill_v2_kernel`` (the default prefill path of
+    :func:`block_sparse_attention`); arguments as there, already checked.
+
+    heads_per_tile : query heads of one kv head stacked in a tile (GQA packing; a power of
+        two; lists must then be shared by the kv head's query heads, ``Hl in {1, Hkv}``).
+    order : None (causal: last query tiles first, else in order), ``"lpt"`` (query tiles
+        sorted by their count of listed blocks, most first) or ``"natural"``.
+    split : the output of :func:`split_block_lists` when the caller already has it.
+    tma, fused : GPU experiments: K/V of the full blocks through tensor descriptors (TMA;
+        k, v contiguous), and the fused softmax step ``_step_fused``. Ignored when upcasting.
+    """
+    B, Hq, M, D = q.shape
+    Hkv, N = k.shape[1], k.shape[2]
+    group = Hq // Hkv
+    Bl, Hl, R, maxb = kv_indices.shape
+    hpp = int(heads_per_tile)
+    if hpp < 1 or hpp & (hpp - 1):
+        raise ValueError(f"heads_per_tile must be a power of two >= 1, got {heads_per_tile!r}")
+    if hpp > 1 and Hl not in (1, Hkv):
+        raise ValueError("heads_per_tile > 1 needs block lists shared by the query heads of a kv "
+                         f"head (list heads 1 or {Hkv}), got {Hl}")
+    # 128x128 tiles, 8 warps, 3 stages: the fastest of the measured configs on an H200 at
+    # 32K and 128K (bench/results/prefill_h200_2026-11-30.json, "sweep")
+    BLOCK_M = block_m or min(128, block_size * hpp)
+    BLOCK_N = block_n or min(128, block_size)
+    if upcast:
+        BLOCK_M, BLOCK_N = min(BLOCK_M, 32 * hpp), min(BLOCK_N, 32)
+    rph = BLOCK_M // hpp
+    if rph < 1 or block_size % rph != 0 or block_size % BLOCK_N != 0:
+        raise ValueError(f"block_size ({block_size}) must be a multiple of the kernel tiles "
+                         f"(block_m={BLOCK_M} / heads_per_tile={hpp}, block_n={BLOCK_N})")
+    fn, pn, idx = split if split is not None else split_block_lists(
+        kv_num_blocks, kv_indices, block_size=block_size, n_keys=N, row_offset=row_offset,
+        causal=causal)
+    n_mt = (N - 1) // rph - (N - M) // rph + 1
+    ht_per_kv = -(-group // hpp)
+    n_ht = B * Hkv * ht_per_kv
+    if order is None:
+        mode, order_t = (1 if causal else 0), fn
+    elif order == "natural":
+        mode, order_t = 0, fn
+    elif order == "lpt":
+        # work of a query tile = blocks listed for its row, summed over list heads/batches
+        work = (fn + pn).view(Bl * Hl, R).sum(0)
+        t_abs = ((N - M) // rph) * rph + torch.arange(n_mt, device=q.device) * rph
+        wt = work[t_abs // block_size - row_offset]
+        mode, order_t = 2, torch.argsort(wt, descending=True, stable=True).to(torch.int32)
+    else:
+        raise ValueError(f"order must be None, 'natural' or 'lpt', got {order!r}")
+    nw = num_warps or (8 if (BLOCK_M >= 128 and D >= 128) else 4)
+    tma = bool(tma) and not upcast and k.is_contiguous() and v.is_contiguous()
+    kd, vd = k, v
+    if tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        kd = TensorDescriptor.from_tensor(k.view(-1, D), [BLOCK_N, D])
+        vd = TensorDescriptor.from_tensor(v.view(-1, D), [BLOCK_N, D])
+    _bsa_prefill_v2_kernel[(n_mt * n_ht,)](
+        q, k, v, out, lse, fn, pn, idx, order_t, kd, vd,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0), lse.stride(1),
+        Hl, R, idx.shape[1], Hl if Bl > 1 else 0, 1 if Hl > 1 else 0,
+        Hq, Hkv, M, N, group, list_group, row_offset, n_mt, n_ht, ht_per_kv,
+        scale * LOG2E,
+        BLOCK_SIZE=block_size, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HPP=hpp, HEAD_DIM=D,
+        CAUSAL=bool(causal), UPCAST=upcast, ORDER_MODE=mode, TMA=tma,
+        FUSED=bool(fused) and not upcast, num_warps=nw,
+        num_stages=num_stages or 3)
+    return out, lse
+
+
+def block_sparse_attention(q, k, v, kv_num_blocks=None, kv_indices=None, *, block_mask=None,
+                           block_size=None, causal=None,
                            scale=None, return_lse=False, block_m=None, block_n=None,
                            num_splits=None, num_warps=None, num_stages=None,
                            k_rowmajor=True, block_ptr=False, flat=True, positions=None,
                            n_valid=None):
-    """Block-sparse attention over a BSR block list.
+    """Block-sparse attention over a BSR block list or a FlexAttention ``BlockMask``.
+
+    ``block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, block_size=128)`` takes
+    block lists; ``block_sparse_attention(q, k, v, block_mask=bm)`` (or ``bm`` in the
+    ``kv_num_blocks`` position) takes a ``BlockMask`` from
+    ``torch.nn.attention.flex_attention.create_block_mask`` and computes what
+    ``flex_attention(q, k, v, block_mask=bm)`` computes: partial and full blocks, the mask's
+    ``BLOCK_SIZE``, its ``mask_mod`` on the partial blocks when that is the causal rule or
+    keeps everything; any other ``mask_mod`` raises ``ValueError`` (see
+    ``hsr.kernels._blockmask``). Under ``torch.compile`` the call goes through the custom op
+    ``torch.ops.hsr.block_sparse_attention`` (``hsr.kernels.ops``).
 
     Parameters
     ----------
     q : Tensor ``(B, Hq, M, D)`` float16/bfloat16/float32, last dim contiguous.
     k, v : Tensor ``(B, Hkv, N, D)``, same dtype, ``Hq % Hkv == 0``, last dim contiguous.
-    kv_num_blocks : int32 ``(Bl, Hl, R)``; ``Bl in {1, B}``, ``Hl in {1, Hkv, Hq}``.
-    kv_indices : int32 ``(Bl, Hl, R, max_blocks)``; key-block ids at granularity
-        ``block_size``; the first ``kv_num_blocks`` entries of a row are used (any order;
-        duplicates would be counted twice).
-    block_size : int, query- and key-block granularity; multiple of the kernel tiles.
-    causal : bool, mask key position > query position (query ``i`` sits at ``N - M + i``).
+    kv_num_blocks : int32 ``(Bl, Hl, R)``; ``Bl in {1, B}``, ``Hl in {1, Hkv, Hq}``; each
+        count in ``[0, max_blocks]``. Or a ``BlockMask`` (then no ``kv_indices``).
+    kv_indices : int32 ``(Bl, Hl, R, max_blocks)``; key-block ids in
+        ``[0, ceil(N / block_size))`` at granularity ``block_size``; the first
+        ``kv_num_blocks`` entries of a row are used (any order; duplicates would be counted
+        twice). The ``kv_num_blocks/kv_indices`` of a ``BlockMask`` are only its *partial*
+        blocks: pass the ``BlockMask`` itself, not them.
+    block_mask : ``torch.nn.attention.flex_attention.BlockMask``, optional
+        Made for ``seq_lengths == (M, N)``; batch dim 1 or ``B``, head dim 1 or ``Hq``.
+        ``block_size`` and ``causal`` then come from the mask and must be left unset.
+    block_size : int, default 128; query- and key-block granularity; multiple of the kernel
+        tiles.
+    causal : bool, default True; mask key position > query position (query ``i`` sits at
+        ``N - M + i``: bottom-right aligned, FlashAttention's convention).
     scale : float, default ``1/sqrt(D)``.
     return_lse : bool, also return the natural-log lse ``(B, Hq, M)`` float32.
     block_m, block_n, num_splits, num_warps, num_stages : tuning knobs (tiles must divide
-        ``block_size``); defaults 128x64 prefill tiles, 64-key decode tiles, about four
-        programs per multiprocessor for decode.
+        ``block_size``); defaults 128x128 prefill tiles (smaller when ``block_size`` is),
+        64-key decode tiles, about four programs per multiprocessor for decode.
+    k_rowmajor, block_ptr, flat : layout knobs of the first prefill kernel; any non-default
+        value (``False``, ``True``, ``False``) selects it instead of the default prefill
+        kernel (full/partial block split, longest-work-first order; docs/kernels.md).
     positions, n_valid : internal (HSR index): int32 ``(B, Hkv, N)`` absolute position of each
         stored key (keys may be permuted) and the number of real positions; only the
         decode path accepts them.
@@ -317,14 +628,26 @@ def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, *, block_size=128
     Raises
     ------
     ValueError
-        Bad shapes, head dim, strides, block lists, tile sizes or positions (checked before
-        any launch; see ``hsr.kernels._validate``).
+        Bad shapes, head dim, strides, block lists (counts outside ``[0, max_blocks]``, ids
+        outside the key blocks), tile sizes or positions (checked before any launch; see
+        ``hsr.kernels._validate``); a ``BlockMask`` for other lengths or whose ``mask_mod``
+        the kernel cannot compute.
     TypeError
-        Non-tensor inputs, q/k/v dtypes that differ or are not 16/32-bit floats, lists not int32.
+        Non-tensor inputs, q/k/v dtypes that differ or are not 16/32-bit floats, lists not int32,
+        a ``BlockMask`` together with lists, ``block_size`` or ``causal``.
 
     The list row of query ``i`` is ``(N - M + i) // block_size - off`` with ``off = 0`` when
     ``R == ceil(N / block_size)`` and ``off = (N - M) // block_size`` otherwise.
     """
+    kv_num_blocks, kv_indices, block_size, causal = _blockmask.block_sparse_intake(
+        q, k, v, kv_num_blocks, kv_indices, block_mask, block_size, causal, positions, n_valid)
+    if torch.compiler.is_compiling():  # an opaque custom op: the compiler does not trace the launch
+        from .ops import call_block_sparse_attention
+        return call_block_sparse_attention(
+            q, k, v, kv_num_blocks, kv_indices, block_size=block_size, causal=causal, scale=scale,
+            return_lse=return_lse, block_m=block_m, block_n=block_n, num_splits=num_splits,
+            num_warps=num_warps, num_stages=num_stages, k_rowmajor=k_rowmajor,
+            block_ptr=block_ptr, flat=flat, positions=positions, n_valid=n_valid)
     B, Hq, M, D, Hkv, N = check_attention_inputs(q, k, v)
     check_tile("block_m", block_m)
     check_tile("block_n", block_n)
@@ -382,7 +705,14 @@ def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, *, block_size=128
             CAUSAL=causal, HAS_POS=positions is not None, UPCAST=upcast,
             num_warps=num_warps or 4, num_stages=num_stages or 3)
         merge_partials(o_part, l_part, out, lse, M)
+    elif k_rowmajor and not block_ptr and flat and not _FORCE_V1:
+        # ---- prefill (default): full/partial split, longest-work-first tile order
+        _prefill_v2(q, k, v, out, lse, kv_num_blocks, kv_indices, block_size=block_size,
+                    causal=causal, scale=scale, row_offset=off, list_group=list_group,
+                    upcast=upcast, block_m=block_m, block_n=block_n, num_warps=num_warps,
+                    num_stages=num_stages)
     else:
+        # ---- prefill, first kernel (kept for its layout knobs; see _bsa_prefill_kernel)
         BLOCK_M = block_m or min(128, block_size)
         BLOCK_N = block_n or min(64, block_size)
         if upcast:

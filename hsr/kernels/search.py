@@ -457,7 +457,15 @@ def hsr_decode(q, index: GPUBlockIndex, *, tau=None, top_fraction=None, kind="so
     an unknown ``kind`` or ``mode``, softmax without ``tau`` or ``top_fraction``, a planned
     mode with ReLU / ``exact_set`` / ``count_visited``, or more than 128 stacked query rows;
     ``TypeError`` when q's dtype is not the index's.
+
+    Under ``torch.compile`` the call goes through the custom op ``torch.ops.hsr.hsr_decode``
+    (``hsr.kernels.ops``), which takes the index as its tensors.
     """
+    if torch.compiler.is_compiling():  # an opaque custom op: the compiler does not trace the launch
+        from .ops import call_hsr_decode
+        return call_hsr_decode(q, index, tau=tau, top_fraction=top_fraction, kind=kind, alpha=alpha,
+                               bias=bias, scale=scale, exact_set=exact_set, return_lse=return_lse,
+                               num_splits=num_splits, count_visited=count_visited, mode=mode)
     B, Hq, M, D, Hkv, _ = check_attention_inputs(q, index.kp, index.vp)
     kind_id = check_kind(kind)
     if kind_id == 1:

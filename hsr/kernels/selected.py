@@ -104,7 +104,8 @@ def selected_attention(q, k, v, indptr, indices, *, kind="softmax", alpha=2, bia
         for relu.
 
     Rows with no selected key, or (relu) whose weights are all zero: output zeros,
-    lse ``-inf``.
+    lse ``-inf``. Under ``torch.compile`` the call goes through the custom op
+    ``torch.ops.hsr.selected_attention`` (``hsr.kernels.ops``).
 
     Raises
     ------
@@ -112,6 +113,11 @@ def selected_attention(q, k, v, indptr, indices, *, kind="softmax", alpha=2, bia
         Bad shapes, head dim, strides, ``indptr`` length, ``kind`` or ``alpha`` (before any
         launch). q, k, v may differ in dtype: the kernel upcasts each to float32.
     """
+    if torch.compiler.is_compiling():  # an opaque custom op (hsr.kernels.ops) for torch.compile
+        from .ops import call_selected_attention
+        return call_selected_attention(q, k, v, indptr, indices, kind=kind, alpha=alpha, bias=bias,
+                                       scale=scale, return_lse=return_lse, max_row_len=max_row_len,
+                                       block_n=block_n, num_splits=num_splits)
     # each of q, k, v is upcast to float32 in the kernel: their dtypes need not match
     B, Hq, M, D, Hkv, N = check_attention_inputs(q, k, v, check_dtypes=False)
     check_tensor("indptr", indptr, 1, f"(B*Hq*M + 1,) = ({B * Hq * M + 1},)")

@@ -73,7 +73,7 @@ def test_block_sparse_bad_tiles_and_positions():
     with pytest.raises(ValueError, match="block_m must be a power of two"):
         block_sparse_attention(q, k, v, num, idx, block_size=16, block_m=8)
     with pytest.raises(ValueError, match="gather unit"):
-        block_sparse_attention(qd, k, v, num[:, :, :1], idx[:, :, :1], block_size=48, block_n=32)
+        block_sparse_attention(qd, k, v, *full_lists(1, 1, 1, 1), block_size=48, block_n=32)
     with pytest.raises(ValueError, match="single list row"):
         block_sparse_attention(qd, k, v, num, idx, block_size=16,
                                positions=torch.zeros(1, 1, 32, dtype=torch.int32))
