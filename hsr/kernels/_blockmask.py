@@ -296,7 +296,7 @@ def _capturing(device) -> bool:
 
 
 def block_sparse_intake(q, k, v, kv_num_blocks, kv_indices, block_mask, block_size, causal, positions,
-                        n_valid) -> Tuple[torch.Tensor, torch.Tensor, int, bool]:
+                        n_valid, check_values: bool = True) -> Tuple[torch.Tensor, torch.Tensor, int, bool]:
     """Argument intake of ``block_sparse_attention``: lists, block size and causal flag.
 
     A ``BlockMask`` (as ``block_mask=`` or in the ``kv_num_blocks`` position) is converted by
@@ -331,7 +331,7 @@ def block_sparse_intake(q, k, v, kv_num_blocks, kv_indices, block_mask, block_si
     if positions is None and not torch.compiler.is_compiling():
         B, Hq, _, _, Hkv, N = check_attention_inputs(q, k, v)
         check_block_lists(kv_num_blocks, kv_indices, B, Hq, Hkv, q.device)
-        if not _capturing(q.device):
+        if check_values and not _capturing(q.device):
             check_block_values(kv_num_blocks, kv_indices, -(-N // block_size))
     return kv_num_blocks, kv_indices, block_size, causal
 
