@@ -85,7 +85,7 @@ def run_cpu(a):
     rng = np.random.default_rng(a.seed)
     stats = dict(cases=0, queries=0, mismatches=0, by_backend={}, errors=[])
     t0 = time.perf_counter()
-    while stats["cases"] < a.cases:
+    while stats["cases"] < a.cases and time.perf_counter() - t0 < a.max_seconds:
         fam, K, extra, Q = draw_case(rng)
         dtype = rng.choice(["float32", "float64", "float16", "bfloat16"], p=[0.55, 0.15, 0.15, 0.15])
         if dtype in ("float16", "bfloat16"):
@@ -147,7 +147,7 @@ def run_cuda(a):
     rng = np.random.default_rng(a.seed)
     stats = dict(cases=0, queries=0, missed=0, extra=0, lattice_mismatches=0, errors=[])
     t0 = time.perf_counter()
-    while stats["cases"] < a.cases:
+    while stats["cases"] < a.cases and time.perf_counter() - t0 < a.max_seconds:
         fam, K, extra, Q = draw_case(rng)
         # the Triton cache takes head dims 16..256, powers of two: zero-pad (scores unchanged)
         dp = next(x for x in (16, 32, 64, 128, 256) if x >= K.shape[1])
@@ -202,6 +202,8 @@ def main():
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default: cpu")
     ap.add_argument("--cases", type=int, default=100_000, help="cases to run (default: 100000)")
     ap.add_argument("--seed", type=int, default=0, help="default: 0")
+    ap.add_argument("--max-seconds", type=float, default=float("inf"),
+                    help="stop after this long and report the cases run (default: no limit)")
     ap.add_argument("--out", default=None, help="JSON path (default: bench/out/exactness_<device>.json)")
     a = ap.parse_args()
     stats = run_cpu(a) if a.device == "cpu" else run_cuda(a)
