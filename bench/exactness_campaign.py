@@ -144,6 +144,9 @@ def run_cuda(a):
 
     from hsr.kernels.codes import GPUCodeIndex
 
+    # on a machine without CUDA the same path runs under the Triton interpreter (TRITON_INTERPRET=1)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+
     rng = np.random.default_rng(a.seed)
     stats = dict(cases=0, queries=0, missed=0, extra=0, lattice_mismatches=0, errors=[])
     t0 = time.perf_counter()
@@ -156,11 +159,11 @@ def run_cuda(a):
         if np.abs(K).max(initial=0) * np.abs(Q).max() > 1e30:
             continue
         dtype = torch.float32 if rng.random() < 0.6 else (torch.float16 if rng.random() < 0.5 else torch.bfloat16)
-        Kt = torch.from_numpy(K).to("cuda", dtype)
+        Kt = torch.from_numpy(K).to(dev, dtype)
         if not torch.isfinite(Kt).all():
             continue
         Kr = Kt.double().cpu().numpy()
-        Qt = torch.from_numpy(Q).to("cuda", dtype)
+        Qt = torch.from_numpy(Q).to(dev, dtype)
         Qr = Qt.double().cpu().numpy()
         try:
             idx = GPUCodeIndex(Kt)
@@ -170,7 +173,7 @@ def run_cuda(a):
         S64 = Qr @ Kr.T
         tau = thresholds(rng, S64.astype(np.float32).astype(np.float64))
         try:
-            lims, D, I = idx.range_search(Qt, torch.from_numpy(tau).float().cuda())
+            lims, D, I = idx.range_search(Qt, torch.from_numpy(tau).float().to(dev))
         except ValueError as e:
             stats["errors"].append(repr(e)[:200])
             continue
