@@ -10,7 +10,7 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 NG=$(python -c "import torch; print(torch.cuda.device_count())")
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpus.txt"
 if [ "$NG" -ge 2 ]; then
-  timeout 200 python bench/bench_distributed.py --device cuda --backend nccl --world 2 \
+  timeout 150 python bench/bench_distributed.py --device cuda --backend nccl --world 2 \
     --sizes 262144,524288,1048576 --hq 28 --hkv 4 --dim 128 --out "$OUT/distributed_nccl.json" \
     > "$OUT/distributed_nccl_log.txt" 2>&1
 fi
@@ -20,7 +20,7 @@ for i in $(seq 0 $((W - 1))); do
     --cases $((CASES / W)) --seed $((1000 + i)) --max-seconds "$SECS" --out "$OUT/exactness_cuda_$i.json" \
     > "$OUT/exactness_cuda_$i.log" 2>&1 &
 done
-CUDA_VISIBLE_DEVICES=0 timeout 400 python -m pytest -q -p no:cacheprovider tests/kernels tests/distributed \
+CUDA_VISIBLE_DEVICES=0 timeout 330 python -m pytest -q -p no:cacheprovider tests/kernels tests/distributed \
   tests/test_docs.py > "$OUT/pytest_gpu.txt" 2>&1
 echo "pytest exit $?" >> "$OUT/pytest_gpu.txt"
 wait
