@@ -40,11 +40,11 @@ from _results import default_out, save  # noqa: E402
 SCALES = [1e-30, 1e-6, 1.0, 1e3, 1e15]
 
 
-def draw_case(rng):
+def draw_case(rng, max_queries=8):
     u = rng.random()  # mostly small indexes (cheap, and where edge cases live), some large
     n = int(rng.integers(1, 40)) if u < 0.3 else int(rng.integers(40, 400)) if u < 0.85 else int(rng.integers(400, 3001))
     d = int(rng.choice([1, 2, 3, 5, 8, 16, 17, 31, 64, 65, 128, 130]))
-    m = int(rng.integers(1, 9))
+    m = int(rng.integers(1, max_queries + 1))
     fam = rng.choice(["gauss", "clustered", "lattice"])
     if fam == "gauss":
         K = rng.standard_normal((n + 64, d))
@@ -86,7 +86,7 @@ def run_cpu(a):
     stats = dict(cases=0, queries=0, mismatches=0, by_backend={}, errors=[])
     t0 = time.perf_counter()
     while stats["cases"] < a.cases and time.perf_counter() - t0 < a.max_seconds:
-        fam, K, extra, Q = draw_case(rng)
+        fam, K, extra, Q = draw_case(rng, a.queries)
         dtype = rng.choice(["float32", "float64", "float16", "bfloat16"], p=[0.55, 0.15, 0.15, 0.15])
         if dtype in ("float16", "bfloat16"):
             tdt = getattr(torch, dtype)
@@ -151,7 +151,7 @@ def run_cuda(a):
     stats = dict(cases=0, queries=0, missed=0, extra=0, lattice_mismatches=0, errors=[])
     t0 = time.perf_counter()
     while stats["cases"] < a.cases and time.perf_counter() - t0 < a.max_seconds:
-        fam, K, extra, Q = draw_case(rng)
+        fam, K, extra, Q = draw_case(rng, a.queries)
         # the Triton cache takes head dims 16..256, powers of two: zero-pad (scores unchanged)
         dp = next(x for x in (16, 32, 64, 128, 256) if x >= K.shape[1])
         K = np.pad(K, ((0, 0), (0, dp - K.shape[1])))
@@ -171,31 +171,33 @@ def run_cuda(a):
             stats["errors"].append(repr(e)[:200])
             continue
         S64 = Qr @ Kr.T
-        tau = thresholds(rng, S64.astype(np.float32).astype(np.float64))
-        try:
-            lims, D, I = idx.range_search(Qt, torch.from_numpy(tau).float().to(dev))
-        except ValueError as e:
-            stats["errors"].append(repr(e)[:200])
-            continue
-        tau32 = tau.astype(np.float32).astype(np.float64)
-        lims, I = lims.cpu().numpy(), I.cpu().numpy()
         band = 2 * Kr.shape[1] * 2.0 ** -24 * np.linalg.norm(Qr, axis=1)[:, None] * np.linalg.norm(Kr, axis=1)[None, :]
         exact = fam == "lattice"  # small integers: every product and sum is exact in float32
-        for i in range(len(Q)):
-            got = np.zeros(len(K), dtype=bool)
-            got[I[lims[i]:lims[i + 1]]] = True
-            if exact:
-                want = S64[i] >= tau32[i]
-                stats["lattice_mismatches"] += int((got != want).any())
-            must = S64[i] >= tau32[i] + band[i]
-            never = S64[i] < tau32[i] - band[i]
-            stats["missed"] += int((must & ~got).sum())
-            stats["extra"] += int((never & got).sum())
-        stats["cases"] += 1
-        stats["queries"] += len(Q)
-        if stats["cases"] % max(1, a.cases // 20) == 0:
-            print(f"{stats['cases']:7d} cases, missed {stats['missed']}, extra {stats['extra']}, "
-                  f"lattice mismatches {stats['lattice_mismatches']}, {time.perf_counter() - t0:.0f} s", flush=True)
+        for _ in range(a.reps):  # several threshold sets per index: each is a case
+            tau = thresholds(rng, S64.astype(np.float32).astype(np.float64))
+            try:
+                lims, D, I = idx.range_search(Qt, torch.from_numpy(tau).float().to(dev))
+            except ValueError as e:
+                stats["errors"].append(repr(e)[:200])
+                continue
+            tau32 = tau.astype(np.float32).astype(np.float64)
+            lims, I = lims.cpu().numpy(), I.cpu().numpy()
+            for i in range(len(Q)):
+                got = np.zeros(len(K), dtype=bool)
+                got[I[lims[i]:lims[i + 1]]] = True
+                if exact:
+                    want = S64[i] >= tau32[i]
+                    stats["lattice_mismatches"] += int((got != want).any())
+                must = S64[i] >= tau32[i] + band[i]
+                never = S64[i] < tau32[i] - band[i]
+                stats["missed"] += int((must & ~got).sum())
+                stats["extra"] += int((never & got).sum())
+            stats["cases"] += 1
+            stats["queries"] += len(Q)
+            if stats["cases"] % max(1, a.cases // 20) == 0:
+                print(f"{stats['cases']:7d} cases, missed {stats['missed']}, extra {stats['extra']}, "
+                      f"lattice mismatches {stats['lattice_mismatches']}, {time.perf_counter() - t0:.0f} s",
+                      flush=True)
     stats["seconds"] = time.perf_counter() - t0
     return stats
 
@@ -205,6 +207,9 @@ def main():
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default: cpu")
     ap.add_argument("--cases", type=int, default=100_000, help="cases to run (default: 100000)")
     ap.add_argument("--seed", type=int, default=0, help="default: 0")
+    ap.add_argument("--reps", type=int, default=1,
+                    help="threshold sets searched per index built (each one case; default: 1)")
+    ap.add_argument("--queries", type=int, default=8, help="most queries per case (default: 8)")
     ap.add_argument("--max-seconds", type=float, default=float("inf"),
                     help="stop after this long and report the cases run (default: no limit)")
     ap.add_argument("--out", default=None, help="JSON path (default: bench/out/exactness_<device>.json)")
