@@ -1,4 +1,5 @@
-"""Reading index files defensively: the checksum, header fields, and ``.npy`` members.
+"""Index files: writing them atomically, reading them defensively (the checksum, header
+fields, and ``.npy`` members).
 
 Every check turns a damaged or crafted file into a ``ValueError`` before anything is
 allocated from what the file claims (``HSRIndex.load`` rebuilds the derived arrays too).
@@ -8,6 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import os
+import tempfile
 import zipfile
 
 import numpy as np
@@ -60,3 +64,48 @@ def _read_npy(zf: zipfile.ZipFile, name: str) -> np.ndarray:
     if need > info.file_size:
         raise ValueError(f"{name}: its header claims {need:.0f} bytes, the file holds {info.file_size}")
     return np.load(io.BytesIO(zf.read(name)), allow_pickle=False)
+
+
+def write_index_file(path, meta: dict, arrays: dict) -> None:
+    """A zip of ``.npy`` arrays (no pickle) and ``meta.json``, written atomically: a temporary
+    file beside the target, flushed and fsynced, then renamed over it, so a process killed
+    mid-save leaves the previous file intact."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".hsr-save-", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_STORED) as zf:
+                zf.writestr("meta.json", json.dumps(meta))
+                for name, arr in arrays.items():
+                    buf = io.BytesIO()
+                    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+                    zf.writestr(name + ".npy", buf.getvalue())
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_index_file(path):
+    """``(meta, arrays)`` of a file :func:`write_index_file` wrote; ``ValueError`` for any
+    truncated or corrupted file (the caller validates the contents)."""
+    try:
+        with zipfile.ZipFile(path, "r") as zf:
+            info = zf.getinfo("meta.json")
+            if info.file_size > 1 << 20:
+                raise ValueError("meta.json is larger than 1 MiB")
+            meta = json.loads(zf.read("meta.json").decode("utf-8"))
+            arrays = {}
+            for name in zf.namelist():
+                if name.endswith(".npy"):
+                    arrays[name[:-4]] = _read_npy(zf, name)
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise
+    except Exception as exc:  # zipfile, zlib, json and numpy each fail their own way on bad bytes
+        raise ValueError(f"cannot read hsr index from {path!s}: truncated or corrupted "
+                         f"({type(exc).__name__}: {exc})") from exc
+    return meta, arrays

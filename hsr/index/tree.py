@@ -20,18 +20,13 @@ defensively (``_files.py``).
 from __future__ import annotations
 
 import functools
-import io
-import json
 import math
-import os
-import tempfile
-import zipfile
 
 import numpy as np
 from numba.typed import List
 
 from . import _kernels as K
-from ._files import _digest, _meta_ids, _meta_int, _read_npy
+from ._files import _digest, _meta_ids, _meta_int, read_index_file, write_index_file
 from ._forest import _build_tree, _empty_buffer, _pca_rotation, _Tree
 from ._lock import RWLock
 from ._views import ForestView, KeyView, SearchStats
@@ -888,26 +883,7 @@ class HSRIndex:
         previous file. The SHA-256 is an integrity check, not authentication: anyone can
         recompute it, so :meth:`load` validates the arrays themselves too."""
         meta, arrays = self._state()
-        path = os.fspath(path)
-        # atomic: write a temporary file beside the target, flush it to disk, then rename it
-        # over the target, so a process killed mid-save leaves the previous file intact
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".hsr-save-", suffix=".tmp", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_STORED) as zf:
-                    zf.writestr("meta.json", json.dumps(meta))
-                    for name, arr in arrays.items():
-                        buf = io.BytesIO()
-                        np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
-                        zf.writestr(name + ".npy", buf.getvalue())
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_index_file(path, meta, arrays)
 
     @classmethod
     def load(cls, path) -> "HSRIndex":
@@ -918,21 +894,7 @@ class HSRIndex:
         ValueError
             The file is truncated, corrupted, or not an hsr index.
         """
-        try:
-            with zipfile.ZipFile(path, "r") as zf:
-                info = zf.getinfo("meta.json")
-                if info.file_size > 1 << 20:
-                    raise ValueError("meta.json is larger than 1 MiB")
-                meta = json.loads(zf.read("meta.json").decode("utf-8"))
-                arrays = {}
-                for name in zf.namelist():
-                    if name.endswith(".npy"):
-                        arrays[name[:-4]] = _read_npy(zf, name)
-        except (FileNotFoundError, PermissionError, IsADirectoryError):
-            raise
-        except Exception as exc:  # zipfile, zlib, json and numpy each fail their own way on bad bytes
-            raise ValueError(f"cannot read hsr index from {path!s}: truncated or corrupted "
-                             f"({type(exc).__name__}: {exc})") from exc
+        meta, arrays = read_index_file(path)
         try:
             return cls._from_state(meta, arrays)
         except ValueError:
