@@ -24,7 +24,7 @@ import numpy as np
 from ..index import canonical_scores
 from ..index._validate import as_float_array, to_numpy
 from . import _kernels as AK
-from .kv import KVCacheIndex, KVIndex, _framework_out
+from .kv import KVCacheIndex, KVIndex, framework_out
 
 __all__ = ["hsr_attention", "AttentionInfo", "paper_bias"]
 
@@ -75,7 +75,9 @@ def paper_bias(q, keys, scale=None, n=None, sample=2048, seed=0) -> float:
     return sigma * math.sqrt(0.4 * math.log(n))
 
 
-def _check_common(kind, alpha, eps, tau, topk, scale):
+def check_options(kind, alpha, eps, tau, topk, scale):
+    """Validate ``hsr_attention``'s options (the same rules for every index that takes them):
+    ``ValueError`` naming the bad one."""
     if kind not in ("relu", "softmax"):
         raise ValueError(f"kind must be 'relu' or 'softmax', got {kind!r}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, np.integer)) or alpha < 1:
@@ -281,7 +283,7 @@ def hsr_attention(q, index, *, kind="relu", alpha=2, bias=0.0, scale=None, eps=N
     >>> bool(np.allclose(out, ref, rtol=1e-4, atol=1e-5))
     True
     """
-    _check_common(kind, alpha, eps, tau, topk, scale)
+    check_options(kind, alpha, eps, tau, topk, scale)
     device_attention = getattr(index, "hsr_attention", None)
     if callable(device_attention) and getattr(index, "accepts_certified_options", False):
         # an index that takes every option itself (hsr.distributed.ShardedKVCache)
@@ -371,7 +373,7 @@ def hsr_attention(q, index, *, kind="relu", alpha=2, bias=0.0, scale=None, eps=N
         if single:
             out = out[0]
             info = [a[0] for a in info]
-    result = _framework_out(out, q)
+    result = framework_out(out, q)
     if return_info:
         n_keys = len(heads[0][0])
         return result, AttentionInfo(info[0], info[1], info[2], info[3], n_keys)

@@ -156,7 +156,7 @@ class KVCacheIndex:
                 f"dim={self.dim})")
 
 
-def _framework_out(out: np.ndarray, like):
+def framework_out(out: np.ndarray, like):
     """Return ``out`` in the framework, dtype and device of ``like``."""
     if is_torch(like):
         import torch

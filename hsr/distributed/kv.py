@@ -18,8 +18,8 @@ import time
 
 import numpy as np
 
-from ..attention.core import AttentionInfo, _check_common
-from ..attention.kv import KVCacheIndex, KVIndex, _framework_out
+from ..attention.core import AttentionInfo, check_options
+from ..attention.kv import KVCacheIndex, KVIndex, framework_out
 from ..index._validate import as_float_array, to_numpy
 from ._comm import Comm
 from .merge import dropped_fraction, kth_best, merge_attention, shard_range
@@ -154,7 +154,7 @@ class ShardedKVCache:
         ``AttentionInfo``'s ``dropped_bound`` is the global certified fraction (the shards'
         dropped masses summed, over the global normaliser). On every rank.
         """
-        _check_common(kind, alpha, eps, tau, topk, scale)
+        check_options(kind, alpha, eps, tau, topk, scale)
         if isinstance(bias, str):
             raise ValueError("bias='paper' needs every key in one place; give a number or one per query head")
         if kind == "softmax" and eps is None and tau is None and topk is None:
@@ -217,7 +217,7 @@ class ShardedKVCache:
             out, info = out[0, 0], [a[0, 0] for a in info]
             if like is not None and len(like.shape) == 1:
                 out, info = out[0], [a[0] for a in info]
-        result = _framework_out(out, like if like is not None else out)
+        result = framework_out(out, like if like is not None else out)
         if return_info:
             return result, AttentionInfo(*info, n_keys=self._n)
         return result
