@@ -63,11 +63,11 @@ def _keep_leaf(q, tr, v, scale, st, mode, tau, lim, alive, has_dead, values, acc
     base, bs, cnt = _leaf_block(v, node_start, node_end, q.shape[0], stride)
     _scan_block(q, kf, base, bs, cnt, acc)
     ls = node_start[v]
-    st[4] += cnt
     for t in range(cnt):
         gid = ids[ls + t]
         if gid > lim or (has_dead and alive[gid] == 0):
             continue
+        st[4] += 1  # keys_scored: the visible keys scored (never more than visible)
         if _accumulate(np.float64(acc[t]), gid, scale, st, mode, tau, values, acc_out) and fill:
             k = int(st[3]) - 1
             out_ids[pos + k] = gid

@@ -409,6 +409,21 @@ def _scan32(q, kf, base, acc):
         acc[t] = a[t]
 
 
+@njit(cache=True, nogil=True)
+def _visible_in_leaf(ids, s, cnt, lim, alive, has_dead, leaf_maxid):
+    """Keys of a scanned leaf that the query may see (live, id <= lim): what ``keys_scored``
+    counts, so that it never exceeds the visible keys (the leaf scan also scores the others,
+    a few per leaf, which are not reported)."""
+    if leaf_maxid <= lim and not has_dead:
+        return cnt
+    n = 0
+    for t in range(cnt):
+        gid = ids[s + t]
+        if gid <= lim and not (has_dead and alive[gid] == 0):
+            n += 1
+    return n
+
+
 @njit(cache=True, nogil=True, inline="always")
 def _scan_block(q, kf, base, stride, cnt, acc):
     """Canonical scores of a leaf block (same arithmetic on both paths)."""
@@ -554,7 +569,7 @@ def _range_one(q, qr, qnorm, tau, lim, kf, fixed_stride, ids, alive, has_dead, n
         if v >= first_leaf:
             base, stride, cnt = _leaf_block(v, node_start, node_end, d, fixed_stride)
             _scan_block(q, kf, base, stride, cnt, acc)
-            scored += cnt
+            scored += _visible_in_leaf(ids, s, cnt, lim, alive, has_dead, maxid[v])
             before = found
             for t in range(cnt):
                 if acc[t] >= tau:
@@ -712,7 +727,7 @@ def tree_topk(Q, QR, qnorm, lim, kf, fixed_stride, ids, alive, has_dead, n_level
             if v >= first_leaf:
                 base, stride, cnt = _leaf_block(v, node_start, node_end, q.shape[0], fixed_stride)
                 _scan_block(q, kf, base, stride, cnt, acc)
-                scored += cnt
+                scored += _visible_in_leaf(ids, s, cnt, lim[i], alive, has_dead, maxid[v])
                 for t in range(cnt):
                     gid = ids[s + t]
                     if gid > lim[i] or (has_dead and alive[gid] == 0):

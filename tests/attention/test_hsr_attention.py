@@ -237,3 +237,19 @@ def test_causal_needs_no_more_queries_than_keys_and_tau_finite():
     assert hsr.hsr_attention(q, kv, causal=False).shape == (1, 2, 7, 16)
     with pytest.raises(ValueError, match="NaN or Inf"):
         hsr.hsr_attention(q, kv, kind="softmax", tau=float("nan"))
+
+
+@pytest.mark.parametrize("method", ["tree", "code"])
+@pytest.mark.parametrize("mode", [dict(kind="softmax", eps=1e-3), dict(kind="relu", bias=-5.0),
+                                  dict(kind="softmax", tau=-50.0)])
+def test_keys_scored_never_exceeds_visible(method, mode):
+    # causal prefill: a scanned leaf mixes positions; only the visible keys are counted
+    rng = np.random.default_rng(7)
+    K = rng.standard_normal((1, 1, 900, 32)).astype(np.float32)
+    Q = rng.standard_normal((1, 2, 300, 32)).astype(np.float32)
+    cache = KVCacheIndex(K, K, method=method)
+    cache.heads[0][0].index.remove([3, 700])
+    _, info = hsr_attention(Q, cache, causal=True, return_info=True, **mode)
+    visible = np.arange(601, 901) - (np.arange(601, 901) > 3) - (np.arange(601, 901) > 700)
+    assert (info.keys_scored <= visible[None, None, :]).all()
+    assert (info.keys_selected <= info.keys_scored).all()
