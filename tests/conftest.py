@@ -6,7 +6,24 @@ the dense path and the index paths would go untested: the suite turns the switch
 scope, so that hypothesis tests see it too), and ``tests/attention/test_dense_path.py`` tests
 the dense path and the default on purpose.
 """
+import os
+
 import pytest
+
+# The Triton kernels are tested under the CPU interpreter when there is no GPU. TRITON_INTERPRET
+# must be set before anything imports triton, and test modules outside tests/kernels (the
+# attention and docs tests, torch.compile's inductor) import it during collection, before
+# tests/kernels/conftest.py runs: set it here, first. (Set there only, the interpreter's
+# patching of triton.language broke after those imports: every interpreted kernel using
+# tl.sum failed with "Cannot call @triton.jit'd outside of the scope of a kernel".)
+try:
+    import torch as _torch
+
+    _HAS_CUDA = _torch.cuda.is_available()
+except ImportError:  # pragma: no cover
+    _HAS_CUDA = False
+if not _HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True, scope="session")
