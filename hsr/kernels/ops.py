@@ -11,12 +11,15 @@ Registered (namespace ``hsr``; each returns fresh tensors and mutates nothing):
   n_sub, n_valid, tau_tensor, tau, top_fraction, kind, alpha, bias, scale, exact_set,
   num_splits, count_visited, mode) -> (out, lse, visited)`` (the ``GPUBlockIndex`` passed
   as its tensors; ``visited`` is ``(B, Hkv)`` int32, zeros unless ``count_visited``)
+- ``torch.ops.hsr.relu_prefill(q, k, v, alpha, bias, bias_heads, scale, causal, skip, slack,
+  block_m, block_n, num_warps, num_stages) -> (out, lse)``
 
 Each op's real implementation calls the eager public function (which validates its input
 and launches the kernels); its fake implementation checks the shapes and returns empty
 tensors of the output shapes, so ``torch.compile(fullgraph=True)`` traces *around* the
 kernel instead of into its Triton launch code. The public functions
-(``hsr.kernels.block_sparse_attention``, ``selected_attention``, ``hsr_decode``) route
+(``hsr.kernels.block_sparse_attention``, ``selected_attention``, ``hsr_decode``,
+``relu_prefill``) route
 through these ops only while ``torch.compiler.is_compiling()``: eager calls pay no
 dispatcher overhead. The ops have no autograd formula (the kernels are forward-only).
 
@@ -31,8 +34,8 @@ from torch import Tensor
 
 from ._validate import check_attention_inputs, check_block_lists
 
-__all__ = ["block_sparse_attention_op", "selected_attention_op", "hsr_decode_op",
-           "call_block_sparse_attention", "call_selected_attention", "call_hsr_decode"]
+__all__ = ["block_sparse_attention_op", "selected_attention_op", "hsr_decode_op", "relu_prefill_op",
+           "call_block_sparse_attention", "call_selected_attention", "call_hsr_decode", "call_relu_prefill"]
 
 
 def _like(x: Tensor, ref: Tensor) -> Tensor:
@@ -172,3 +175,39 @@ def call_hsr_decode(q, index, *, tau=None, top_fraction=None, kind="softmax", al
     if count_visited:
         res = res + (visited,)
     return res if len(res) > 1 else res[0]
+
+
+# ----------------------------------------------------------------------------- relu_prefill
+
+@torch.library.custom_op("hsr::relu_prefill", mutates_args=())
+def relu_prefill_op(
+        q: Tensor, k: Tensor, v: Tensor, alpha: int, bias: float, bias_heads: Optional[Tensor],
+        scale: Optional[float], causal: bool, skip: bool, slack: float, block_m: Optional[int],
+        block_n: Optional[int], num_warps: Optional[int], num_stages: Optional[int]) -> Tuple[Tensor, Tensor]:
+    from .relu_prefill import relu_prefill
+
+    out, lse = relu_prefill(q, k, v, alpha=alpha, bias=bias_heads if bias_heads is not None else bias,
+                            scale=scale, causal=causal, skip=skip, slack=slack, return_lse=True,
+                            block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
+    return _like(out, q), lse.contiguous()
+
+
+@relu_prefill_op.register_fake
+def _(q, k, v, alpha, bias, bias_heads, scale, causal, skip, slack, block_m, block_n, num_warps,
+      num_stages):
+    check_attention_inputs(q, k, v)
+    return torch.empty_like(q), _lse(q)
+
+
+def call_relu_prefill(q, k, v, *, alpha=2, bias=0.0, scale=None, causal=True, skip=True, slack=None,
+                      return_lse=False, block_m=None, block_n=None, num_warps=None, num_stages=None):
+    """``relu_prefill`` through ``torch.ops.hsr.relu_prefill`` (no ``return_stats``: the
+    statistics are host integers, which a compiled graph cannot return)."""
+    from .relu_prefill import DEFAULT_SLACK
+
+    bias_t = bias if isinstance(bias, torch.Tensor) else None
+    out, lse = torch.ops.hsr.relu_prefill(
+        q, k, v, int(alpha), 0.0 if bias_t is not None else float(bias), bias_t,
+        None if scale is None else float(scale), bool(causal), bool(skip),
+        float(DEFAULT_SLACK if slack is None else slack), block_m, block_n, num_warps, num_stages)
+    return (out, lse) if return_lse else out

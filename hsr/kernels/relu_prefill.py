@@ -269,6 +269,13 @@ def relu_prefill(q, k, v, *, alpha=2, bias=0.0, scale=None, causal=True, skip=Tr
     TypeError
         Non-tensor inputs, mismatched or unsupported dtypes, a bias of another type.
     """
+    if torch.compiler.is_compiling():  # an opaque custom op: the compiler does not trace the launch
+        if return_stats:
+            raise ValueError("return_stats is not available under torch.compile (host integers)")
+        from .ops import call_relu_prefill
+        return call_relu_prefill(q, k, v, alpha=alpha, bias=bias, scale=scale, causal=causal, skip=skip,
+                                 slack=slack, return_lse=return_lse, block_m=block_m, block_n=block_n,
+                                 num_warps=num_warps, num_stages=num_stages)
     B, Hq, M, D, Hkv, N = check_attention_inputs(q, k, v)
     if M > N:
         raise ValueError(f"q_len M={M} must be <= kv_len N={N} (queries are the last M positions)")

@@ -187,6 +187,31 @@ def test_opcheck_hsr_decode(device):
               True, "fused"))
 
 
+@pytest.mark.parametrize("bias_per_head", [False, True])
+def test_relu_prefill_fullgraph(bias_per_head, device):
+    from hsr.kernels import relu_prefill
+
+    q, k, v = _qkv(1, 4, 2, 40, 72, 32, torch.float16, device, seed=3)
+    bias = torch.tensor([0.1, 0.2, 0.0, 0.3], device=device) if bias_per_head else 0.15
+
+    def f(q, k, v):
+        out, lse = relu_prefill(q, k, v, alpha=2, bias=bias, return_lse=True)
+        return out.float() + 1, lse
+
+    rec = Recorder()
+    got = torch.compile(f, fullgraph=True, backend=rec)(q, k, v)
+    want = f(q, k, v)
+    assert "hsr.relu_prefill" in rec.ops()
+    torch.testing.assert_close(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1])
+
+
+def test_opcheck_relu_prefill(device):
+    q, k, v = _qkv(1, 2, 1, 24, 40, 16, torch.float16, device, seed=4)
+    _opcheck(torch.ops.hsr.relu_prefill.default,
+             (q, k, v, 2, 0.1, None, None, True, True, 1e-3, None, None, None, None))
+
+
 def test_fake_impl_checks_shapes():
     """The fake implementation rejects what the launcher would (under compile, before any run)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
