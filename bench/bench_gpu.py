@@ -321,7 +321,7 @@ def correctness():
         vf = v[0].float().repeat_interleave(G, 0)
         r = torch.einsum("hn,hnd->hd", w, vf) / w.sum(-1, keepdim=True)
         _corr(f"hsr_decode_relu_{fam}", rel_err(o[0, :, 0], r), N=N)
-        o = hsr_decode(q, index, tau=tau, kind="softmax", exact_set=True)
+        o = hsr_decode(q, index, tau=tau, kind="softmax", kind="softmax", exact_set=True)
         s2 = (sc * scale).masked_fill(sc < tau[0, :, 0, None], float("-inf"))
         r = torch.einsum("hn,hnd->hd", torch.softmax(s2, -1), vf)
         _corr(f"hsr_decode_softmax_exactset_{fam}", rel_err(o[0, :, 0], r), N=N)
@@ -375,7 +375,7 @@ def _decode_one(B, Hq, Hkv, N, D, C, fam, bw):
     G = Hq // Hkv
     for frac in (0.01, 0.05, 0.10):
         tau = oracle_tau(q, k, frac)
-        out, vis = hsr_decode(q, index, tau=tau, count_visited=True)
+        out, vis = hsr_decode(q, index, tau=tau, kind="softmax", count_visited=True)
         blocks_read = int(vis.sum())
         nb_total = B * Hkv * index.num_blocks
         read_frac = blocks_read / max(nb_total, 1)
@@ -388,12 +388,12 @@ def _decode_one(B, Hq, Hkv, N, D, C, fam, bw):
         real_keys = int((torch.gather(real_per_block, 2, ids) * okm).sum())
         sparse_bytes = (index.summary_bytes() + real_keys * 2 * D * k.element_size()
                         + blocks_read * C * 4 + q.numel() * 2)
-        t_fused = bench(lambda: hsr_decode(q, index, tau=tau, mode="fused"), graph=True)
+        t_fused = bench(lambda: hsr_decode(q, index, tau=tau, kind="softmax", mode="fused"), graph=True)
         t_plan = bench(lambda: index.plan(q, tau), graph=True)
         plan = index.plan(q, tau)
         t_run = bench(lambda: index.run(q, plan), graph=True)
-        t_planned = bench(lambda: hsr_decode(q, index, tau=tau, mode="planned"), graph=True)
-        t_relu = bench(lambda: hsr_decode(q, index, tau=tau, kind="relu",
+        t_planned = bench(lambda: hsr_decode(q, index, tau=tau, kind="softmax", mode="planned"), graph=True)
+        t_relu = bench(lambda: hsr_decode(q, index, tau=tau, kind="softmax", kind="relu",
                                           bias=0.0), graph=True)
         # accuracy of the softmax output against dense (how much mass the kept set has)
         ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=True)
@@ -422,8 +422,8 @@ def _decode_one(B, Hq, Hkv, N, D, C, fam, bw):
         tau = oracle_tau(q, k, 0.05)
         for Cs in ((16, 64) if not SMOKE else (32,)):
             idx2 = build_index(k, v, block=Cs, n_sub=8)
-            _, vis = hsr_decode(q, idx2, tau=tau, count_visited=True)
-            t = bench(lambda: hsr_decode(q, idx2, tau=tau, mode="fused"), graph=True)
+            _, vis = hsr_decode(q, idx2, tau=tau, kind="softmax", count_visited=True)
+            t = bench(lambda: hsr_decode(q, idx2, tau=tau, kind="softmax", mode="fused"), graph=True)
             sweep.append({"block": Cs, "fused_ms": t,
                           "blocks_read_frac": int(vis.sum()) / (B * Hkv * idx2.num_blocks)})
             log(f"   block {Cs}: fused {t * 1e3:.1f} us, blocks read "
@@ -435,8 +435,8 @@ def _decode_one(B, Hq, Hkv, N, D, C, fam, bw):
             sweep.append({"block": C, "run_block_n": bn, "run_num_warps": nw, "run_ms": t})
             log(f"   run with BLOCK_N={bn} warps={nw}: {t * 1e3:.1f} us")
         idx3 = build_index(k, v, block=C, n_sub=8, method="none")
-        _, vis = hsr_decode(q, idx3, tau=tau, count_visited=True)
-        t = bench(lambda: hsr_decode(q, idx3, tau=tau, mode="fused"), graph=True)
+        _, vis = hsr_decode(q, idx3, tau=tau, kind="softmax", count_visited=True)
+        t = bench(lambda: hsr_decode(q, idx3, tau=tau, kind="softmax", mode="fused"), graph=True)
         sweep.append({"block": C, "method": "none (positional pages)", "fused_ms": t,
                       "blocks_read_frac": int(vis.sum()) / (B * Hkv * idx3.num_blocks)})
         log(f"   positional pages: fused {t * 1e3:.1f} us, blocks read "

@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from ._compat import interpreting, patch_interpreter
-from ._validate import check_alpha
+from ._validate import check_alpha, resolve_kind
 from ._softmax import LOG2E, _online_softmax_step, _weighted_values, _weights_epilogue
 from ..index.results import RangeResult
 from .._deprecation import renamed as _renamed
@@ -568,7 +568,7 @@ class CodeKVCache:
         _renamed("CodeKVCache.attend_plan", "CodeKVCache.run")
         return self.run(q, plan, **kwargs)
 
-    def run(self, q, plan: CodePlan, *, kind="softmax", alpha=2, scale=None, num_splits=None):
+    def run(self, q, plan: CodePlan, *, kind=None, alpha=2, scale=None, num_splits=None):
         """Attention of ``q (B, Hq, M, D)`` over a plan's survivors (keys with ``score >= tau``,
         causal: query m of M sits at position ``n - M + m``).
 
@@ -577,6 +577,7 @@ class CodeKVCache:
         ``(out (B, Hq, M, D) in q's dtype, lse (B, Hq, M) float32)``; rows with no kept key are
         zeros (lse -inf).
         """
+        kind = resolve_kind(kind, "CodeKVCache.run")
         if kind not in ("softmax", "relu"):
             raise ValueError(f"kind must be 'softmax' or 'relu', got {kind!r}")
         if not self.has_values:
@@ -613,9 +614,10 @@ class CodeKVCache:
         merge_partials(o_part, l_part, out, lse, M)
         return out.to(q.dtype), lse
 
-    def attend(self, q, *, tau=None, kind="softmax", alpha=2, bias=0.0, scale=None, num_splits=None):
+    def attend(self, q, *, tau=None, kind=None, alpha=2, bias=0.0, scale=None, num_splits=None):
         """Filter + attend in one call. ReLU^alpha defaults to ``tau = bias / scale`` (exact);
         softmax needs ``tau`` (raw score). Returns ``out (B, Hq, M, D)``."""
+        kind = resolve_kind(kind, "CodeKVCache.attend")
         s = float(scale) if scale is not None else self.D ** -0.5
         if tau is None:
             if kind == "softmax":

@@ -66,7 +66,7 @@ from .._deprecation import renamed as _renamed
 from ..index.results import RangeResult
 from ._compat import interpreting, patch_interpreter
 from ._softmax import LOG2E
-from ._validate import (MAX_STACKED_ROWS, MIN_TILE, check_attention_inputs, check_index_build,
+from ._validate import (MAX_STACKED_ROWS, MIN_TILE, resolve_kind, check_attention_inputs, check_index_build,
                         check_alpha, check_kind)
 from ._block_kernels import EMPTY_RADIUS, _block_filter_kernel, _hsr_decode_kernel  # noqa: F401 (EMPTY_RADIUS re-exported)
 from ._block_order import _bisect_order, _kmeans_order
@@ -434,7 +434,7 @@ def build_index(k, v, *, block=32, n_sub=8, method="kmeans", perm=None, rotate=F
         n_valid=N, kmax=kmax, rot=None if rot is None else rot.view(B, Hkv, D, D).contiguous())
 
 
-def hsr_decode(q, index: GPUBlockIndex, *, tau=None, top_fraction=None, kind="softmax",
+def hsr_decode(q, index: GPUBlockIndex, *, tau=None, top_fraction=None, kind=None,
                alpha=2, bias=0.0, scale=None, exact_set=False, return_lse=False,
                num_splits=None, count_visited=False, mode=None):
     """Fused filter + attention for a few new queries against an indexed KV cache.
@@ -443,7 +443,8 @@ def hsr_decode(q, index: GPUBlockIndex, *, tau=None, top_fraction=None, kind="so
     tau : float or ``(B, Hq, M)`` threshold on ``<q, k>`` (unscaled). Default: for relu
         ``bias / scale`` (exact ReLU^alpha attention); for softmax from ``top_fraction``.
     top_fraction : keep about this fraction (sampled estimate, ``index.tau_for_fraction``).
-    kind : ``"softmax"`` or ``"relu"`` (see module docstring for what is kept).
+    kind : ``"softmax"`` or ``"relu"`` (see module docstring for what is kept), to be given
+        explicitly (not given: ``"softmax"`` with a ``DeprecationWarning``, for one release).
     count_visited : also return the number of blocks read per (B, Hkv) (int32).
     mode : ``"fused"`` (one kernel: filter + attention, then the split merge) or
         ``"planned"`` (``index.search`` then ``index.attend``: the filter kernel compacts the
@@ -461,6 +462,7 @@ def hsr_decode(q, index: GPUBlockIndex, *, tau=None, top_fraction=None, kind="so
     Under ``torch.compile`` the call goes through the custom op ``torch.ops.hsr.hsr_decode``
     (``hsr.kernels.ops``), which takes the index as its tensors.
     """
+    kind = resolve_kind(kind, "hsr_decode")
     if torch.compiler.is_compiling():  # an opaque custom op: the compiler does not trace the launch
         from .ops import call_hsr_decode
         return call_hsr_decode(q, index, tau=tau, top_fraction=top_fraction, kind=kind, alpha=alpha,

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from ._compat import interpreting, patch_interpreter
 from ._softmax import LOG2E, _online_softmax_step_row, _softmax_epilogue
-from ._validate import check_alpha, check_attention_inputs, check_kind, check_tensor
+from ._validate import check_alpha, check_attention_inputs, check_kind, check_tensor, resolve_kind
 from .block_sparse import _num_sms, merge_partials
 
 patch_interpreter()
@@ -86,7 +86,7 @@ def _selected_kernel(
     tl.store(LSEP + pid_s * BHM + row, lse)
 
 
-def selected_attention(q, k, v, indptr, indices, *, kind="softmax", alpha=2, bias=0.0,
+def selected_attention(q, k, v, indptr, indices, *, kind=None, alpha=2, bias=0.0,
                        scale=None, return_lse=False, max_row_len=None, block_n=None,
                        num_splits=None):
     """Attention of each query row over its CSR-selected keys.
@@ -97,7 +97,8 @@ def selected_attention(q, k, v, indptr, indices, *, kind="softmax", alpha=2, bia
     indptr : int32/int64 ``(B*Hq*M + 1,)``, one flat CSR over query rows in (b, h, m) order.
     indices : int32/int64 ``(nnz,)`` key positions in ``[0, N)`` of the row's kv head
         (duplicates count twice).
-    kind : ``"softmax"``: softmax of ``scale*<q,k>`` over the selected keys;
+    kind : ``"softmax"`` or ``"relu"``, to be given explicitly (not given: ``"softmax"`` with a
+        ``DeprecationWarning``, for one release). ``"softmax"``: softmax of ``scale*<q,k>`` over the selected keys;
         ``"relu"``: weights ``relu(scale*<q,k> - bias)**alpha`` normalised by their sum.
     alpha : int >= 1 (relu); bias : float (relu); scale : default ``1/sqrt(D)``.
     return_lse : also return float32 ``(B, Hq, M)``: softmax lse, or ``log(sum of weights)``
@@ -113,6 +114,7 @@ def selected_attention(q, k, v, indptr, indices, *, kind="softmax", alpha=2, bia
         Bad shapes, head dim, strides, ``indptr`` length, ``kind`` or ``alpha`` (before any
         launch). q, k, v may differ in dtype: the kernel upcasts each to float32.
     """
+    kind = resolve_kind(kind, "selected_attention")
     if torch.compiler.is_compiling():  # an opaque custom op (hsr.kernels.ops) for torch.compile
         from .ops import call_selected_attention
         return call_selected_attention(q, k, v, indptr, indices, kind=kind, alpha=alpha, bias=bias,

@@ -104,7 +104,7 @@ def test_hsr_decode_softmax_and_plan_run(exact_set, device):
     sc = _scores(q, k)
     tau = torch.quantile(sc, 0.8, dim=-1)
     out = hsr_decode(q.to(device), idx, tau=tau.to(device), exact_set=exact_set,
-                     mode="fused").cpu()
+                     mode="fused", kind="softmax").cpu()
     plan = idx.plan(q.to(device), tau.to(device))
     if exact_set:
         mask = sc >= tau[..., None]
@@ -123,7 +123,7 @@ def test_hsr_decode_softmax_and_plan_run(exact_set, device):
         assert (mask | ~(sc >= tau[..., None])).all()
         run = idx.run(q.to(device), plan).cpu()
         assert rel_err(run, out.float()) < 2e-3
-        planned = hsr_decode(q.to(device), idx, tau=tau.to(device)).cpu()  # default: planned
+        planned = hsr_decode(q.to(device), idx, tau=tau.to(device), kind="softmax").cpu()  # default: planned
         assert rel_err(planned, out.float()) < 2e-3
     ref, _ = masked_attention(q, k, v, mask)
     assert rel_err(out, ref) < 2e-3
@@ -134,7 +134,7 @@ def test_hsr_decode_empty_selection_no_nan(mode, device):
     gen = torch.Generator().manual_seed(5)
     q, k, v = _clustered(1, 1, 2, 100, 32, gen)
     idx = build_index(k.to(device), v.to(device), block=16, n_sub=4)
-    out, lse = hsr_decode(q.to(device), idx, tau=1e9, return_lse=True, mode=mode)
+    out, lse = hsr_decode(q.to(device), idx, tau=1e9, return_lse=True, mode=mode, kind="softmax")
     assert (out.cpu() == 0).all() and torch.isneginf(lse.cpu()).all()
 
 

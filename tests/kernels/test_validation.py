@@ -92,17 +92,17 @@ def test_selected_bad_arguments():
     indptr = torch.zeros(rows + 1, dtype=torch.int64)
     indices = torch.zeros(0, dtype=torch.int32)
     with pytest.raises(ValueError, match=f"indptr must have B\\*Hq\\*M \\+ 1 = {rows + 1} entries"):
-        selected_attention(q, k, v, indptr[:-1], indices)
+        selected_attention(q, k, v, indptr[:-1], indices, kind="softmax")
     with pytest.raises(ValueError, match="indptr must have shape"):
-        selected_attention(q, k, v, indptr[None], indices)
+        selected_attention(q, k, v, indptr[None], indices, kind="softmax")
     with pytest.raises(ValueError, match="indices must have shape"):
-        selected_attention(q, k, v, indptr, indices[None])
+        selected_attention(q, k, v, indptr, indices[None], kind="softmax")
     with pytest.raises(ValueError, match="kind must be 'softmax' or 'relu'"):
         selected_attention(q, k, v, indptr, indices, kind="sparsemax")
     with pytest.raises(ValueError, match="alpha must be an integer >= 1"):
         selected_attention(q, k, v, indptr, indices, kind="relu", alpha=0)
     with pytest.raises(ValueError, match="head dim mismatch"):
-        selected_attention(q, k[..., :8], v[..., :8], indptr, indices)
+        selected_attention(q, k[..., :8], v[..., :8], indptr, indices, kind="softmax")
 
 
 def test_selected_still_accepts_mixed_dtypes(device):
@@ -112,7 +112,7 @@ def test_selected_still_accepts_mixed_dtypes(device):
     indptr = torch.tensor([0, 3, 5], dtype=torch.int64)
     indices = torch.tensor([0, 4, 9, 1, 19], dtype=torch.int32)
     out = selected_attention(q.float().to(device), k.to(device), v.to(device), indptr.to(device),
-                             indices.to(device))
+                             indices.to(device), kind="softmax")
     assert out.shape == (1, rows, 1, 16) and out.dtype == torch.float32
 
 
@@ -146,18 +146,18 @@ def test_hsr_decode_bad_arguments():
     with pytest.raises(ValueError, match="kind must be"):
         hsr_decode(q, index, tau=0.0, kind="relu2")
     with pytest.raises(ValueError, match="give tau or top_fraction"):
-        hsr_decode(q, index)
+        hsr_decode(q, index, kind="softmax")
     with pytest.raises(ValueError, match="mode must be"):
-        hsr_decode(q, index, tau=0.0, mode="eager")
+        hsr_decode(q, index, tau=0.0, mode="eager", kind="softmax")
     with pytest.raises(ValueError, match="mode='planned'"):
-        hsr_decode(q, index, tau=0.0, mode="planned", exact_set=True)
+        hsr_decode(q, index, tau=0.0, mode="planned", exact_set=True, kind="softmax")
     with pytest.raises(TypeError, match="share a dtype"):
-        hsr_decode(q.float(), index, tau=0.0)
+        hsr_decode(q.float(), index, tau=0.0, kind="softmax")
     with pytest.raises(ValueError, match="head dim mismatch"):
-        hsr_decode(q[..., :16], index, tau=0.0)
+        hsr_decode(q[..., :16], index, tau=0.0, kind="softmax")
     big = torch.zeros(1, 2, 65, 32, dtype=q.dtype)  # G * M = 130 rows > 128
     with pytest.raises(ValueError, match="at most 128 rows"):
-        hsr_decode(big, index, tau=0.0, mode="fused")
+        hsr_decode(big, index, tau=0.0, mode="fused", kind="softmax")
     with pytest.raises(ValueError, match="batch mismatch"):
         index.plan(torch.zeros(2, 2, 1, 32, dtype=q.dtype), 0.0)
 
@@ -198,3 +198,15 @@ def test_search_plan_is_a_dataclass_with_dict_compatibility(device):
         index.run(q.to(device), {"blocks": plan.union_indices})
     with pytest.raises(TypeError, match="SearchPlan"):
         index.run(q.to(device), [plan.union_num_blocks, plan.union_indices])
+
+
+def test_kind_must_be_given_to_the_kernels(device):
+    # one default kind in the library (hsr_attention's "relu"): the Triton functions take kind
+    # explicitly; not given, it is still softmax for one release, with a DeprecationWarning
+    q, k, v = _qkv()
+    indptr = torch.tensor([0] + [3] * (q.shape[0] * q.shape[1] * q.shape[2]), dtype=torch.int64).cumsum(0)
+    indices = torch.arange(3, dtype=torch.int32).repeat(q.shape[0] * q.shape[1] * q.shape[2])
+    args = (q.to(device), k.to(device), v.to(device), indptr.to(device), indices.to(device))
+    with pytest.warns(DeprecationWarning, match="kind="):
+        implicit = selected_attention(*args)
+    torch.testing.assert_close(implicit, selected_attention(*args, kind="softmax"))
