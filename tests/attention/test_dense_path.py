@@ -6,9 +6,7 @@ import hsr
 import hsr.attention.core as core
 from hsr import KVCacheIndex, KVIndex, dense_relu_attention, dense_softmax_attention, hsr_attention
 
-
-def rel_err(a, b):
-    return float(np.abs(np.asarray(a, np.float64) - b).max() / max(np.abs(b).max(), 1e-30))
+from .._data import rel_err
 
 
 @pytest.fixture

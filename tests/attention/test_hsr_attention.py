@@ -8,14 +8,7 @@ from hypothesis import strategies as st
 import hsr
 from hsr import KVCacheIndex, KVIndex, dense_relu_attention, dense_softmax_attention, hsr_attention
 
-
-def clustered(rng, n, d, spread=0.3):
-    c = rng.standard_normal((max(n // 100, 1), d)) * 2
-    return (c[rng.integers(0, len(c), n)] + spread * rng.standard_normal((n, d))).astype(np.float32)
-
-
-def rel_err(a, b):
-    return float(np.abs(np.asarray(a, np.float64) - b).max() / max(np.abs(b).max(), 1e-30))
+from .._data import clustered, rel_err
 
 
 @pytest.mark.parametrize("method", ["tree", "code"])

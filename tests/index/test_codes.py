@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 import hsr
 from hsr.index import canonical_scores
 
-from .test_index import as_sets, check, fixture_keys
+from .._data import fixture_keys
+from .test_index import as_sets, check
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])

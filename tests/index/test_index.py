@@ -8,6 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import hsr
+
+from .._data import fixture_keys
 from hsr.index import canonical_scores
 
 
@@ -36,21 +38,6 @@ def check(index, Q, K, tau, alive=None):
         np.testing.assert_array_equal(scores[sl], S[i, ids[sl]])
     assert np.array_equal(index.count(Q, tau), np.array([len(w) for w in want]))
     return lims, ids
-
-
-def fixture_keys(rng, n, d, kind):
-    if kind == "gauss":
-        K = rng.standard_normal((n, d))
-    elif kind == "clustered":
-        c = rng.standard_normal((max(n // 50, 1), d)) * 3
-        K = c[rng.integers(0, len(c), n)] + 0.2 * rng.standard_normal((n, d))
-    elif kind == "lattice":  # many exact ties and duplicates
-        K = rng.integers(-2, 3, size=(n, d)).astype(np.float64)
-    K = K.astype(np.float32)
-    if n >= 4:  # zero keys and duplicates on purpose
-        K[0] = 0
-        K[1] = K[2]
-    return K
 
 
 METHODS = ["tree", "code", "brute", "auto"]

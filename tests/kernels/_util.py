@@ -22,3 +22,10 @@ def full_lists(Bl, Hl, R, nkb):
     num = torch.full((Bl, Hl, R), nkb, dtype=torch.int32)
     idx = torch.arange(nkb, dtype=torch.int32).expand(Bl, Hl, R, nkb).contiguous()
     return num, idx
+
+
+def qkv(B, Hq, Hkv, M, N, D, dtype, device, seed=0):
+    """Seeded ``q (B, Hq, M, D)``, ``k, v (B, Hkv, N, D)`` in ``dtype`` on ``device``."""
+    gen = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(*s, generator=gen).to(dtype).to(device)
+                 for s in ((B, Hq, M, D), (B, Hkv, N, D), (B, Hkv, N, D)))

@@ -15,18 +15,11 @@ flex = pytest.importorskip("torch.nn.attention.flex_attention")
 
 from hsr.kernels import block_lists_from_block_mask, block_sparse_attention  # noqa: E402
 from hsr.kernels._reference import rel_err  # noqa: E402
+from ._util import qkv  # noqa: E402
 
 create_block_mask, flex_attention, BlockMask = flex.create_block_mask, flex.flex_attention, flex.BlockMask
 
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1.5e-2, torch.float32: 1e-5}
-
-
-def _qkv(B, Hq, Hkv, M, N, D, dtype, device, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, Hq, M, D, generator=gen).to(dtype).to(device)
-    k = torch.randn(B, Hkv, N, D, generator=gen).to(dtype).to(device)
-    v = torch.randn(B, Hkv, N, D, generator=gen).to(dtype).to(device)
-    return q, k, v
 
 
 def _flex(q, k, v, bm):
@@ -93,7 +86,7 @@ def _mask_mod(kind, M, N, bs):
 
 @pytest.mark.parametrize("kind,B,Hq,Hkv,M,N,D,bs,dtype", CASES)
 def test_matches_flex(kind, B, Hq, Hkv, M, N, D, bs, dtype, device):
-    q, k, v = _qkv(B, Hq, Hkv, M, N, D, dtype, device)
+    q, k, v = qkv(B, Hq, Hkv, M, N, D, dtype, device)
     bm = create_block_mask(_mask_mod(kind, M, N, bs), None, None, M, N, device=device, BLOCK_SIZE=bs)
     if kind == "window":
         assert int(bm.full_kv_num_blocks.sum()) > 0 and int(bm.kv_num_blocks.sum()) > 0
@@ -103,7 +96,7 @@ def test_matches_flex(kind, B, Hq, Hkv, M, N, D, bs, dtype, device):
 def test_positional_block_mask_and_partial_lists_alone_differ(device):
     """The issue's case: the BlockMask's own kv_num_blocks/kv_indices are only its partial
     blocks (wrong alone); the BlockMask itself (positional) is right."""
-    q, k, v = _qkv(1, 2, 2, 128, 128, 32, torch.float32, device, seed=1)
+    q, k, v = qkv(1, 2, 2, 128, 128, 32, torch.float32, device, seed=1)
     bm = create_block_mask(causal, None, None, 128, 128, device=device, BLOCK_SIZE=32)
     _check(q, k, v, bm, positional=True)
     partial_only = block_sparse_attention(q, k, v, bm.kv_num_blocks, bm.kv_indices, block_size=32)
@@ -126,13 +119,13 @@ def test_random_block_pattern_per_batch_and_head(seed, device):
     def mod(b, h, q, kv):
         return (q >= kv) & table[b, h, q // bs, kv // bs]
 
-    q, k, v = _qkv(B, Hq, Hkv, M, N, D, torch.float16, device, seed=seed)
+    q, k, v = qkv(B, Hq, Hkv, M, N, D, torch.float16, device, seed=seed)
     bm = create_block_mask(mod, B, Hq, M, N, device=device, BLOCK_SIZE=bs)
     _check(q, k, v, bm)
 
 
 def test_lists_helper_roundtrip(device):
-    q, k, v = _qkv(1, 2, 2, 64, 64, 16, torch.float32, device)
+    q, k, v = qkv(1, 2, 2, 64, 64, 16, torch.float32, device)
     bm = create_block_mask(block_window(2, 32), None, None, 64, 64, device=device, BLOCK_SIZE=32)
     kvn, kvi, bs, is_causal = block_lists_from_block_mask(bm, q, k)
     assert bs == 32 and is_causal is True
@@ -146,7 +139,7 @@ def test_lists_helper_roundtrip(device):
 # ---------------------------------------------------------------- masks the kernel cannot do
 
 def test_token_sliding_window_raises(device):
-    q, k, v = _qkv(1, 1, 1, 64, 64, 16, torch.float32, device)
+    q, k, v = qkv(1, 1, 1, 64, 64, 16, torch.float32, device)
     bm = create_block_mask(lambda b, h, qi, kv: (qi >= kv) & (qi - kv < 20), None, None, 64, 64,
                            device=device, BLOCK_SIZE=16)
     with pytest.raises(ValueError, match="cannot compute this BlockMask's mask_mod"):
@@ -155,14 +148,14 @@ def test_token_sliding_window_raises(device):
 
 def test_top_left_causal_with_fewer_queries_raises(device):
     """SDPA's top-left causal (q_idx >= kv_idx) with M < N is not the kernel's rule."""
-    q, k, v = _qkv(1, 1, 1, 32, 64, 16, torch.float32, device)
+    q, k, v = qkv(1, 1, 1, 32, 64, 16, torch.float32, device)
     bm = create_block_mask(causal, None, None, 32, 64, device=device, BLOCK_SIZE=16)
     with pytest.raises(ValueError, match="bottom-right"):
         block_sparse_attention(q, k, v, block_mask=bm)
 
 
 def test_unaligned_query_offset_raises(device):
-    q, k, v = _qkv(1, 1, 1, 40, 100, 16, torch.float32, device)
+    q, k, v = qkv(1, 1, 1, 40, 100, 16, torch.float32, device)
     bm = create_block_mask(lambda b, h, qi, kv: qi + 60 >= kv, None, None, 40, 100, device=device,
                            BLOCK_SIZE=16)
     with pytest.raises(ValueError, match="kv_len - q_len = 60"):
@@ -170,7 +163,7 @@ def test_unaligned_query_offset_raises(device):
 
 
 def test_mask_mod_depending_on_broadcast_batch_raises(device):
-    q, k, v = _qkv(2, 1, 1, 64, 64, 16, torch.float32, device)
+    q, k, v = qkv(2, 1, 1, 64, 64, 16, torch.float32, device)
     bm = create_block_mask(lambda b, h, qi, kv: (qi >= kv) & (kv >= 16 * b), None, None, 64, 64,
                            device=device, BLOCK_SIZE=16)
     with pytest.raises(ValueError, match="broadcasts over batch"):
@@ -178,7 +171,7 @@ def test_mask_mod_depending_on_broadcast_batch_raises(device):
 
 
 def test_block_mask_argument_errors(device):
-    q, k, v = _qkv(1, 1, 1, 64, 64, 16, torch.float32, device)
+    q, k, v = qkv(1, 1, 1, 64, 64, 16, torch.float32, device)
     bm = create_block_mask(causal, None, None, 64, 64, device=device, BLOCK_SIZE=16)
     with pytest.raises(ValueError, match="made for"):
         block_sparse_attention(q[:, :, :32], k, v, block_mask=bm)
@@ -198,7 +191,7 @@ def test_block_mask_argument_errors(device):
 
 
 def test_block_mask_with_bad_lists_raises(device):
-    q, k, v = _qkv(1, 1, 1, 64, 64, 16, torch.float32, device)
+    q, k, v = qkv(1, 1, 1, 64, 64, 16, torch.float32, device)
     num = torch.tensor([[[1, 1, 1, 1]]], dtype=torch.int32, device=device)
     idx = torch.zeros(1, 1, 4, 4, dtype=torch.int32, device=device)
     bm = BlockMask.from_kv_blocks(num, idx, BLOCK_SIZE=16, seq_lengths=(64, 64))
@@ -222,7 +215,7 @@ def _lists(device):
     ("negative id", r"kv_indices\[0, 0, 3, 2\] = -3 is not a key-block id"),
 ])
 def test_malformed_lists_raise(what, match, device):
-    q, k, v = _qkv(1, 2, 1, 64, 64, 16, torch.float16, device)
+    q, k, v = qkv(1, 2, 1, 64, 64, 16, torch.float16, device)
     num, idx = _lists(device)
     if what == "negative count":
         num[0, 0, 1] = -1
@@ -237,7 +230,7 @@ def test_malformed_lists_raise(what, match, device):
 
 
 def test_ids_past_the_count_are_not_read(device):
-    q, k, v = _qkv(1, 2, 1, 64, 64, 16, torch.float16, device)
+    q, k, v = qkv(1, 2, 1, 64, 64, 16, torch.float16, device)
     num, idx = _lists(device)
     idx[0, 0, 0, 1:] = 99  # row 0 uses only its first entry
     ref = block_sparse_attention(q, k, v, *_lists(device), block_size=16)
@@ -251,13 +244,13 @@ def test_ids_past_the_count_are_not_read(device):
     (dict(block_size=True), TypeError, "block_size must be an int"),
 ])
 def test_bad_block_size(bad, exc, match, device):
-    q, k, v = _qkv(1, 1, 1, 64, 64, 16, torch.float16, device)
+    q, k, v = qkv(1, 1, 1, 64, 64, 16, torch.float16, device)
     with pytest.raises(exc, match=match):
         block_sparse_attention(q, k, v, *_lists(device), **bad)
 
 
 def test_wrong_list_dtype_and_shape(device):
-    q, k, v = _qkv(1, 1, 1, 64, 64, 16, torch.float16, device)
+    q, k, v = qkv(1, 1, 1, 64, 64, 16, torch.float16, device)
     num, idx = _lists(device)
     with pytest.raises(TypeError, match="int32"):
         block_sparse_attention(q, k, v, num.long(), idx, block_size=16)

@@ -14,6 +14,7 @@ pytest.importorskip("triton")
 from hsr.kernels import (block_lists_from_block_mask, block_sparse_attention,  # noqa: E402
                          build_index, hsr_decode, selected_attention)
 from hsr.kernels import ops  # noqa: E402,F401  (registers torch.ops.hsr.*)
+from ._util import qkv  # noqa: E402
 
 BACKEND = "inductor" if torch.cuda.is_available() else "aot_eager"
 
@@ -41,12 +42,6 @@ class Recorder:
         return {str(n.target) for g in self.graphs for n in g.graph.nodes if n.op == "call_function"}
 
 
-def _qkv(B, Hq, Hkv, M, N, D, dtype, device, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(*s, generator=gen).to(dtype).to(device)
-                 for s in ((B, Hq, M, D), (B, Hkv, N, D), (B, Hkv, N, D)))
-
-
 def _lists(R, nkb, device, seed=0):
     gen = torch.Generator().manual_seed(seed)
     num = torch.randint(1, nkb + 1, (1, 1, R), generator=gen, dtype=torch.int32)
@@ -64,7 +59,7 @@ def _fresh_dynamo():
 @pytest.mark.parametrize("M,dtype", [(48, torch.float16), (1, torch.bfloat16)])  # prefill, decode
 def test_block_sparse_fullgraph(M, dtype, device):
     N, bs = 48, 16
-    q, k, v = _qkv(1, 4, 2, M, N, 32, dtype, device)
+    q, k, v = qkv(1, 4, 2, M, N, 32, dtype, device)
     num, idx = _lists(-(-N // bs) if M == N else 1, -(-N // bs), device)
 
     def f(q, k, v, num, idx):
@@ -81,7 +76,7 @@ def test_block_sparse_fullgraph(M, dtype, device):
 
 def test_block_sparse_inductor_cpu(device):
     """The default backend (inductor) around the op; on the CPU this builds C++ (slow-ish)."""
-    q, k, v = _qkv(1, 2, 1, 32, 32, 16, torch.float32, device)
+    q, k, v = qkv(1, 2, 1, 32, 32, 16, torch.float32, device)
     num, idx = _lists(2, 2, device)
 
     def f(q, k, v):
@@ -93,7 +88,7 @@ def test_block_sparse_inductor_cpu(device):
 
 def test_block_mask_lists_inside_compile(device):
     flex = pytest.importorskip("torch.nn.attention.flex_attention")
-    q, k, v = _qkv(1, 2, 2, 64, 64, 16, torch.float32, device)
+    q, k, v = qkv(1, 2, 2, 64, 64, 16, torch.float32, device)
     bm = flex.create_block_mask(lambda b, h, qi, kv: qi >= kv, None, None, 64, 64, device=device,
                                 BLOCK_SIZE=16)
     kvn, kvi, bs, causal = block_lists_from_block_mask(bm, q, k)  # outside: reads the mask
@@ -114,7 +109,7 @@ def test_block_mask_lists_inside_compile(device):
 @pytest.mark.parametrize("kind", ["softmax", "relu"])
 def test_selected_fullgraph(kind, device):
     B, Hq, Hkv, M, N, D = 1, 2, 1, 3, 40, 16
-    q, k, v = _qkv(B, Hq, Hkv, M, N, D, torch.float16, device)
+    q, k, v = qkv(B, Hq, Hkv, M, N, D, torch.float16, device)
     gen = torch.Generator().manual_seed(1)
     lens = torch.randint(0, 12, (B * Hq * M,), generator=gen)
     indptr = torch.zeros(B * Hq * M + 1, dtype=torch.int64)
@@ -137,7 +132,7 @@ def test_selected_fullgraph(kind, device):
 @pytest.mark.parametrize("mode,kind", [("fused", "relu"), ("planned", "softmax")])
 def test_hsr_decode_fullgraph(mode, kind, device):
     B, Hq, Hkv, N, D = 1, 4, 2, 96, 32
-    q, k, v = _qkv(B, Hq, Hkv, 1, N, D, torch.float16, device, seed=3)
+    q, k, v = qkv(B, Hq, Hkv, 1, N, D, torch.float16, device, seed=3)
     index = build_index(k, v, block=16, n_sub=4, method="none")
     tau = torch.full((B, Hq, 1), 0.5, device=device)
 
@@ -163,7 +158,7 @@ def _opcheck(op, args):
 
 
 def test_opcheck_block_sparse(device):
-    q, k, v = _qkv(1, 2, 1, 32, 32, 16, torch.float16, device)
+    q, k, v = qkv(1, 2, 1, 32, 32, 16, torch.float16, device)
     num, idx = _lists(2, 2, device)
     _opcheck(torch.ops.hsr.block_sparse_attention.default,
              (q, k, v, num, idx, 16, True, None, None, None, None, None, None, None, None,
@@ -171,7 +166,7 @@ def test_opcheck_block_sparse(device):
 
 
 def test_opcheck_selected(device):
-    q, k, v = _qkv(1, 2, 1, 2, 20, 16, torch.float32, device)
+    q, k, v = qkv(1, 2, 1, 2, 20, 16, torch.float32, device)
     indptr = torch.tensor([0, 3, 3, 7, 9], dtype=torch.int64, device=device)
     indices = torch.tensor([0, 5, 19, 2, 3, 4, 5, 1, 1], dtype=torch.int32, device=device)
     _opcheck(torch.ops.hsr.selected_attention.default,
@@ -179,7 +174,7 @@ def test_opcheck_selected(device):
 
 
 def test_opcheck_hsr_decode(device):
-    q, k, v = _qkv(1, 2, 1, 1, 64, 32, torch.float16, device, seed=5)
+    q, k, v = qkv(1, 2, 1, 1, 64, 32, torch.float16, device, seed=5)
     ix = build_index(k, v, block=16, n_sub=4, method="none")
     _opcheck(torch.ops.hsr.hsr_decode.default,
              (q, ix.kp, ix.vp, ix.pos, ix.centre, ix.radius, ix.sub_radius, ix.kmax, ix.rot,
@@ -191,7 +186,7 @@ def test_opcheck_hsr_decode(device):
 def test_relu_prefill_fullgraph(bias_per_head, device):
     from hsr.kernels import relu_prefill
 
-    q, k, v = _qkv(1, 4, 2, 40, 72, 32, torch.float16, device, seed=3)
+    q, k, v = qkv(1, 4, 2, 40, 72, 32, torch.float16, device, seed=3)
     bias = torch.tensor([0.1, 0.2, 0.0, 0.3], device=device) if bias_per_head else 0.15
 
     def f(q, k, v):
@@ -207,7 +202,7 @@ def test_relu_prefill_fullgraph(bias_per_head, device):
 
 
 def test_opcheck_relu_prefill(device):
-    q, k, v = _qkv(1, 2, 1, 24, 40, 16, torch.float16, device, seed=4)
+    q, k, v = qkv(1, 2, 1, 24, 40, 16, torch.float16, device, seed=4)
     _opcheck(torch.ops.hsr.relu_prefill.default,
              (q, k, v, 2, 0.1, None, None, True, True, 1e-3, None, None, None, None))
 
