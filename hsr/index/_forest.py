@@ -75,9 +75,10 @@ def _build_tree(keys: np.ndarray, ids: np.ndarray, rot: np.ndarray, leaf_size: i
     kr = keys @ rot.T.astype(dt) if rotate else keys
     perm = np.arange(n, dtype=np.int64)
     K.build_permutation(sketch, perm, L, t.node_start, t.node_end, use_pca, 32)
+    del sketch
     kp = keys[perm]
-    kr = kr[perm]
-    norms = np.sqrt(np.einsum("ij,ij->i", kp, kp, dtype=np.float64))
+    kr = kr[perm] if rotate else kp
+    norms = _row_norms(kp)
     t.ids = np.ascontiguousarray(ids[perm], dtype=np.int64)
     first_leaf = (1 << L) - 1
     t.kf = np.zeros(-(-n // W) * W * d, dtype=dt)
@@ -93,6 +94,17 @@ def _build_tree(keys: np.ndarray, ids: np.ndarray, rot: np.ndarray, leaf_size: i
     t.maxid = np.empty(n_nodes, dtype=np.int64)
     K.build_id_ranges(t.ids, t.node_start, t.node_end, L, t.minid, t.maxid)
     return t
+
+
+def _row_norms(x: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
+    """``(n,)`` float64 Euclidean norms of the rows of ``x``, ``chunk`` rows at a time: a
+    whole-array float64 einsum would hold a float64 copy of all the keys (2x their size in
+    float32) at the build's peak."""
+    out = np.empty(x.shape[0])
+    for s in range(0, x.shape[0], chunk):
+        c = x[s:s + chunk]
+        out[s:s + chunk] = np.sqrt(np.einsum("ij,ij->i", c, c, dtype=np.float64))
+    return out
 
 
 def _empty_buffer(capacity: int, d: int, dt) -> _Tree:
