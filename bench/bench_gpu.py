@@ -44,7 +44,7 @@ import triton  # noqa: E402
 import triton.testing  # noqa: E402
 
 from hsr.kernels import block_sparse_attention, build_index, hsr_decode, selected_attention  # noqa: E402
-from hsr.kernels._reference import (block_sparse_reference, masked_attention, rel_err,  # noqa: E402
+from hsr.testing.references import (block_sparse_reference, masked_attention, rel_err,  # noqa: E402
                                     selected_reference)
 
 DEV = "cpu" if SMOKE else "cuda"

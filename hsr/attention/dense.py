@@ -127,7 +127,7 @@ def dense_relu_attention(q, k, v, *, alpha: int = 2, bias=0.0, scale=None, causa
 
 
 def dense_softmax_attention(q, k, v, *, scale=None, causal: bool = False, return_lse: bool = False,
-                            is_causal: bool = False, enable_gqa: bool = False):
+                            is_causal: bool = False, enable_gqa: bool = False, attn_mask=None):
     """Softmax attention ``softmax(scale * q k^T) v`` (numerically stable).
 
     Parameters
@@ -147,6 +147,9 @@ def dense_softmax_attention(q, k, v, *, scale=None, causal: bool = False, return
     enable_gqa : bool
         ``Hq`` a multiple of ``Hkv``; each kv head serves ``Hq / Hkv`` consecutive query heads
         (SDPA's ``enable_gqa``).
+    attn_mask : bool array or tensor broadcastable to ``(..., Hq, m, n)``, optional
+        True = attend (SDPA's boolean mask); combined with ``causal``/``is_causal``. Rows it
+        empties: output 0, lse ``-inf``.
 
     Returns
     -------
@@ -162,6 +165,11 @@ def dense_softmax_attention(q, k, v, *, scale=None, causal: bool = False, return
         import torch
 
         mask = _mask_for(q.shape[-2], k.shape[-2], torch, causal, is_causal)
+        if attn_mask is not None:
+            am = torch.as_tensor(attn_mask, device=q.device)
+            if am.dtype != torch.bool:
+                raise TypeError(f"attn_mask must be boolean (True = attend), got {am.dtype}")
+            mask = am if mask is None else (mask.to(q.device) & am)
         k, v = _heads(q, k, v, enable_gqa, torch)
         dt = torch.float64 if q.dtype == torch.float64 else torch.float32
         qf, kf, vf = q.to(dt), k.to(dt), v.to(dt)
@@ -174,6 +182,11 @@ def dense_softmax_attention(q, k, v, *, scale=None, causal: bool = False, return
         out = (p @ vf).to(q.dtype)  # a row with no key: p = 0, out = 0
         return (out, lse) if return_lse else out
     mask = _mask_for(np.shape(q)[-2], np.shape(k)[-2], np, causal, is_causal)
+    if attn_mask is not None:
+        am = np.asarray(attn_mask)
+        if am.dtype != np.bool_:
+            raise TypeError(f"attn_mask must be boolean (True = attend), got {am.dtype}")
+        mask = am if mask is None else (mask & am)
     qf, kf, vf = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
     kf, vf = _heads(qf, kf, vf, enable_gqa)
     s = scale if scale is not None else qf.shape[-1] ** -0.5

@@ -19,7 +19,8 @@ modules are loaded on first attribute access:
   (which also takes the ``BlockMask`` itself).
 - ``hsr.kernels.ops`` (torch only, imported on first compiled call or explicitly): the
   kernels as ``torch.library`` custom ops ``torch.ops.hsr.*`` for ``torch.compile``.
-- dense references in ``hsr.kernels._reference`` (torch only).
+- the dense references the kernels are tested against are in ``hsr.testing.references``
+  (their old names here keep working for one release, with a ``DeprecationWarning``).
 
 See docs/kernels.md.
 """
@@ -40,16 +41,20 @@ _LAZY = {
     "SearchPlan": "search",
     "build_index": "search",
     "hsr_decode": "search",
-    "block_mask_dense": "_reference",
-    "masked_attention": "_reference",
-    "block_sparse_reference": "_reference",
-    "selected_reference": "_reference",
 }
+
+#: moved to hsr.testing.references (test oracles, not kernels)
+_MOVED = ("block_mask_dense", "masked_attention", "block_sparse_reference", "selected_reference")
 
 __all__ = sorted(_LAZY)
 
 
 def __getattr__(name):
+    if name in _MOVED:
+        from .._deprecation import renamed
+
+        renamed(f"hsr.kernels.{name}", f"hsr.testing.references.{name}")
+        return getattr(importlib.import_module("hsr.testing.references"), name)
     mod = _LAZY.get(name)
     if mod is None:
         raise AttributeError(f"module 'hsr.kernels' has no attribute {name!r}")

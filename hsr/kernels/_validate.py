@@ -249,3 +249,16 @@ def check_block_size(block_size) -> int:
     if bs < 1:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
     return bs
+
+def list_row_offset(R: int, M: int, N: int, block_size: int) -> int:
+    """Row offset of a block list with ``R`` query-block rows (see module docstring)."""
+    n_abs = -(-N // block_size)
+    if R == n_abs:
+        return 0
+    off = (N - M) // block_size
+    need = (N - 1) // block_size - off + 1
+    if R < need:
+        raise ValueError(
+            f"block list has {R} query-block rows; need ceil(N/bs)={n_abs} (absolute rows) "
+            f"or at least {need} (rows relative to query block {off})")
+    return off

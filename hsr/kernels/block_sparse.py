@@ -22,7 +22,7 @@ Kernels and a merge:
 - ``_merge_kernel``: ``out = sum_s exp(lse_s - lse) * out_s``, ``lse = logsumexp_s lse_s``.
 
 Conventions (queries are the last ``M`` of ``N`` positions; list rows; GQA) are those of
-``hsr.kernels._reference`` and docs/kernels.md.
+``hsr.testing.references`` and docs/kernels.md.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ import triton.language as tl
 from . import _blockmask
 from ._compat import interpreting as _interpreting
 from ._compat import patch_interpreter
-from ._reference import list_row_offset
+from ._validate import list_row_offset
 from ._softmax import LN2, LOG2E, _dot, _online_softmax_step, _rescale, _softmax_epilogue  # noqa: F401  (LN2, _dot: re-exported)
 from ._validate import (MAX_STACKED_ROWS, MIN_TILE, check_attention_inputs, check_block_lists,
                         check_int32_offsets, check_positions, check_tile)

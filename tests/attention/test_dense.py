@@ -119,3 +119,29 @@ def test_single_kv_head_broadcasts_without_flag():
     q, k, v = _qkv(1, 4, 1, 3, 5, 8, torch.float64)
     torch.testing.assert_close(dense_softmax_attention(q, k, v), dense_softmax_attention(q, k, v, enable_gqa=True))
     torch.testing.assert_close(dense_relu_attention(q, k, v), dense_relu_attention(q, k, v, enable_gqa=True))
+
+
+def test_attn_mask_is_sdpa_boolean_mask():
+    q, k, v = _qkv(2, 4, 2, 5, 9, 16, torch.float64, seed=11)
+    mask = torch.rand(2, 4, 5, 9, generator=torch.Generator().manual_seed(1)) < 0.5
+    mask[0, 0, 0] = False  # an emptied row: zeros, lse -inf
+    out, lse = dense_softmax_attention(q, k, v, attn_mask=mask, enable_gqa=True, return_lse=True)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    keep = mask.any(-1)
+    torch.testing.assert_close(out[keep], ref[keep])
+    assert (out[0, 0, 0] == 0).all() and torch.isneginf(lse[0, 0, 0])
+    both = dense_softmax_attention(q, k, v, attn_mask=mask, causal=True, enable_gqa=True)
+    causal = torch.arange(9)[None, :] <= (torch.arange(5) + 4)[:, None]
+    torch.testing.assert_close(both, dense_softmax_attention(q, k, v, attn_mask=mask & causal, enable_gqa=True))
+    onp = dense_softmax_attention(q.numpy(), k.numpy(), v.numpy(), attn_mask=mask.numpy(), enable_gqa=True)
+    torch.testing.assert_close(torch.from_numpy(onp), out)
+    with pytest.raises(TypeError, match="boolean"):
+        dense_softmax_attention(q, k, v, attn_mask=mask.float(), enable_gqa=True)
+
+
+def test_kernel_references_moved_with_a_warning():
+    import hsr.kernels
+    from hsr.testing import references
+
+    with pytest.warns(DeprecationWarning, match="hsr.testing.references.masked_attention"):
+        assert hsr.kernels.masked_attention is references.masked_attention

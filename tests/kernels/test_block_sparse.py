@@ -1,4 +1,4 @@
-"""block_sparse_attention == dense masked softmax (hsr.kernels._reference)."""
+"""block_sparse_attention == dense masked softmax (hsr.testing.references)."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ import torch
 pytest.importorskip("triton")
 
 from hsr.kernels import block_sparse_attention  # noqa: E402
-from hsr.kernels._reference import block_sparse_reference, masked_attention, rel_err  # noqa: E402
+from hsr.testing.references import block_sparse_reference, masked_attention, rel_err  # noqa: E402
 
 from ._util import full_lists, rand_lists  # noqa: E402
 

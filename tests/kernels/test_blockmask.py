@@ -14,7 +14,7 @@ pytest.importorskip("triton")
 flex = pytest.importorskip("torch.nn.attention.flex_attention")
 
 from hsr.kernels import block_lists_from_block_mask, block_sparse_attention  # noqa: E402
-from hsr.kernels._reference import rel_err  # noqa: E402
+from hsr.testing.references import rel_err  # noqa: E402
 from ._util import qkv  # noqa: E402
 
 create_block_mask, flex_attention, BlockMask = flex.create_block_mask, flex.flex_attention, flex.BlockMask

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 pytest.importorskip("triton")
 
 from hsr.kernels import block_sparse_attention, selected_attention  # noqa: E402
-from hsr.kernels._reference import block_sparse_reference, rel_err, selected_reference  # noqa: E402
+from hsr.testing.references import block_sparse_reference, rel_err, selected_reference  # noqa: E402
 
 TOL = {torch.float16: 3e-3, torch.bfloat16: 2e-2, torch.float32: 2e-4}
 DTYPES = st.sampled_from([torch.float16, torch.bfloat16, torch.float32])

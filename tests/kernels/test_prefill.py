@@ -1,5 +1,5 @@
 """The default block-sparse prefill kernel (full/partial split, tile order, GQA packing) ==
-the dense masked softmax reference (hsr.kernels._reference)."""
+the dense masked softmax reference (hsr.testing.references)."""
 
 import pytest
 import torch
@@ -8,7 +8,7 @@ pytest.importorskip("triton")
 
 from hsr.kernels import block_sparse as bsm  # noqa: E402
 from hsr.kernels import block_sparse_attention  # noqa: E402
-from hsr.kernels._reference import block_sparse_reference, rel_err  # noqa: E402
+from hsr.testing.references import block_sparse_reference, rel_err  # noqa: E402
 
 from ._util import rand_lists  # noqa: E402
 
@@ -30,7 +30,7 @@ def _run(q, k, v, num, idx, bs, causal, **kw):
     out = torch.full_like(q, float("nan"))  # poisoned: every row must be written
     lse = torch.full((B, Hq, M), float("nan"), device=q.device)
     R = num.shape[2]
-    from hsr.kernels._reference import list_row_offset
+    from hsr.kernels._validate import list_row_offset
     off = list_row_offset(R, M, N, bs)
     upcast = q.device.type == "cpu" or q.dtype == torch.float32
     bsm._prefill_v2(q, k, v, out, lse, num, idx, block_size=bs, causal=causal, scale=D ** -0.5,

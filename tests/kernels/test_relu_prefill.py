@@ -7,7 +7,7 @@ pytest.importorskip("triton")
 
 from hsr.attention.dense import dense_relu_attention  # noqa: E402
 from hsr.kernels import relu_prefill  # noqa: E402
-from hsr.kernels._reference import rel_err  # noqa: E402
+from hsr.testing.references import rel_err  # noqa: E402
 from hsr.kernels.relu_prefill import key_block_boxes  # noqa: E402
 
 TOL = {torch.float16: 3e-3, torch.bfloat16: 1.5e-2, torch.float32: 1e-4}

@@ -7,7 +7,7 @@ import torch
 pytest.importorskip("triton")
 
 from hsr.kernels import build_index, hsr_decode  # noqa: E402
-from hsr.kernels._reference import masked_attention, rel_err  # noqa: E402
+from hsr.testing.references import masked_attention, rel_err  # noqa: E402
 
 
 def _clustered(B, Hkv, Hq, N, D, gen, dtype=torch.float16, integer=False, n_clusters=6):

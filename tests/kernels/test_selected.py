@@ -5,7 +5,7 @@ import torch
 pytest.importorskip("triton")
 
 from hsr.kernels import selected_attention  # noqa: E402
-from hsr.kernels._reference import rel_err, selected_reference  # noqa: E402
+from hsr.testing.references import rel_err, selected_reference  # noqa: E402
 
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1.5e-2, torch.float32: 1e-4}
 

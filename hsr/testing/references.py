@@ -1,5 +1,8 @@
 """Dense torch references for the Triton kernels (float32 math, explicit masks).
 
+Test oracles, so they live in ``hsr.testing``; the dense softmax itself is the library's one
+dense reference, :func:`hsr.attention.dense.dense_softmax_attention` (here with a mask).
+
 These are the oracles of tests/kernels and bench/bench_gpu.py: every kernel must equal
 the dense masked computation here. They materialise an (M, N) mask per (batch, head), so
 use them at test sizes (or one head at a time at bench sizes).
@@ -25,19 +28,10 @@ import math
 
 import torch
 
+from ..attention.dense import dense_softmax_attention
+from ..kernels._validate import list_row_offset
 
-def list_row_offset(R: int, M: int, N: int, block_size: int) -> int:
-    """Row offset of a block list with ``R`` query-block rows (see module docstring)."""
-    n_abs = -(-N // block_size)
-    if R == n_abs:
-        return 0
-    off = (N - M) // block_size
-    need = (N - 1) // block_size - off + 1
-    if R < need:
-        raise ValueError(
-            f"block list has {R} query-block rows; need ceil(N/bs)={n_abs} (absolute rows) "
-            f"or at least {need} (rows relative to query block {off})")
-    return off
+
 
 
 def block_mask_dense(kv_num_blocks, kv_indices, B, Hq, M, N, block_size, causal=True):
@@ -69,21 +63,12 @@ def masked_attention(q, k, v, mask, scale=None):
     """Softmax attention under a dense mask, float32 math. Returns ``(out, lse)``.
 
     ``out`` float32 ``(B, Hq, M, D)``; ``lse`` float32 ``(B, Hq, M)`` (natural log of the
-    row's sum of ``exp(scale * <q, k>)``), ``-inf`` and zero output for empty rows.
+    row's sum of ``exp(scale * <q, k>)``), ``-inf`` and zero output for empty rows. The
+    library's dense softmax with ``attn_mask`` (GQA: kv head ``h // (Hq // Hkv)``).
     """
-    B, Hq, M, D = q.shape
-    Hkv = k.shape[1]
-    g = Hq // Hkv
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    kf = k.float().repeat_interleave(g, dim=1)
-    vf = v.float().repeat_interleave(g, dim=1)
-    s = torch.matmul(q.float(), kf.transpose(-1, -2)) * scale
-    s = s.masked_fill(~mask, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)
-    p = torch.exp(s - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
-    p = torch.nan_to_num(p, nan=0.0)
-    out = torch.matmul(p, vf)
-    return out, lse
+    out, lse = dense_softmax_attention(q.float(), k.float(), v.float(), scale=scale, attn_mask=mask,
+                                       enable_gqa=True, return_lse=True)
+    return out, lse.float()
 
 
 def block_sparse_reference(q, k, v, kv_num_blocks, kv_indices, *, block_size=128,
