@@ -142,7 +142,7 @@ def run_cpu(a):
 def run_cuda(a):
     import torch
 
-    from hsr.kernels.codes import GPUCodeIndex
+    from hsr.kernels.code_index import GPUCodeIndex
 
     # on a machine without CUDA the same path runs under the Triton interpreter (TRITON_INTERPRET=1)
     dev = "cuda" if torch.cuda.is_available() else "cpu"

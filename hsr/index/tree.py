@@ -276,7 +276,7 @@ class HSRIndex:
     @_reads
     def to(self, device, *, dtype=None):
         """This index on ``device``: ``"cpu"`` returns it as is; another device (``"cuda"``) gives
-        a :class:`hsr.kernels.codes.GPUCodeIndex` over the same keys and ids (the code filter
+        a :class:`hsr.kernels.code_index.GPUCodeIndex` over the same keys and ids (the code filter
         in Triton; ``range_search``, ``count`` and ``add`` take and return torch tensors).
         ``dtype`` defaults to float32 (bfloat16/float16 halve the bytes). An index with removed
         keys cannot move (ids would shift)."""
@@ -287,7 +287,7 @@ class HSRIndex:
             return self
         if self._n_dead:
             raise ValueError("an index with removed keys cannot move to a device: ids would shift")
-        from ..kernels.codes import GPUCodeIndex
+        from ..kernels.code_index import GPUCodeIndex
 
         keys = torch.from_numpy(self._keys[:self._n_total]).to(dev, dtype or torch.float32)
         return GPUCodeIndex(keys, seed=self.seed)

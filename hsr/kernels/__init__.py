@@ -31,7 +31,7 @@ import importlib
 _LAZY = {
     "CodeKVCache": "codes",
     "CodePlan": "codes",
-    "GPUCodeIndex": "codes",
+    "GPUCodeIndex": "code_index",
     "block_sparse_attention": "block_sparse",
     "block_lists_from_block_mask": "_blockmask",
     "merge_partials": "block_sparse",

@@ -160,7 +160,7 @@ def test_hsrindex_to_device_range_search_matches_cpu(device, lattice):
     S = hsr.canonical_scores(Q, K).astype(np.float64)
     srt = np.sort(S, axis=1)
     tau = srt[:, 250] if lattice else (srt[:, 250] + srt[:, 251]) / 2
-    from hsr.kernels.codes import GPUCodeIndex
+    from hsr.kernels.code_index import GPUCodeIndex
 
     # on a CPU-only machine "cpu" means the index itself: build the Triton index directly there
     gpu = cpu.to(device) if device != "cpu" else GPUCodeIndex(torch.from_numpy(K))

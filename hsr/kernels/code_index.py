@@ -1,0 +1,152 @@
+"""``GPUCodeIndex``: an :class:`hsr.HSRIndex`'s keys on a device (``HSRIndex.to("cuda")``),
+searched with the Triton code filter of :class:`hsr.kernels.CodeKVCache`, results as torch
+tensors in FAISS's order. The survivors of the filter are scored exactly by
+``_score_rows_kernel`` (fp32, ieee) and compared with the threshold."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..index.results import RangeResult
+from ._compat import patch_interpreter
+from .codes import CodeKVCache
+
+patch_interpreter()
+
+__all__ = ["GPUCodeIndex"]
+
+
+@triton.jit
+def _score_rows_kernel(Q, K, SURV, OUT, S, s_q, s_k, s_o,
+                       ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    # OUT fp32 (ROWS, S): <Q[r], K[SURV[j]]> accumulated in fp32 (ieee) from the stored values,
+    # for a range search's survivors (every row against the union of survivors).
+    pid = tl.program_id(0)
+    offs_j = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    j_ok = offs_j < S
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_r = tl.arange(0, ROWS)
+    idx = tl.load(SURV + offs_j, mask=j_ok, other=0)
+    k = tl.load(K + idx[:, None].to(tl.int64) * s_k + offs_d[None, :], mask=j_ok[:, None], other=0.0)
+    q = tl.load(Q + offs_r[:, None] * s_q + offs_d[None, :])
+    sc = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+    tl.store(OUT + offs_r[:, None] * s_o + offs_j[None, :], sc, mask=j_ok[None, :])
+
+
+class GPUCodeIndex:
+    """An :class:`hsr.HSRIndex`'s keys on a device (``HSRIndex.to("cuda")``): the same range
+    search with the code filter, returning torch tensors.
+
+    Parameters
+    ----------
+    keys : Tensor, (n, d) on the device
+        Row i is key id i (``d`` a power of two in [16, 256]).
+    seed : int
+        Seeds the random rotation.
+
+    Notes
+    -----
+    Scores are fp32 accumulations of the stored values (ieee, in the order the hardware
+    chooses), so a key within fp32 rounding of tau may differ from the CPU's canonical set;
+    every other key is decided the same way. The filter never drops a key whose GPU score is
+    ``>= tau``.
+    """
+
+    #: query rows filtered together (one tile of the filter kernel)
+    ROWS = 64
+
+    def __init__(self, keys, *, seed: int = 0):
+        if not torch.is_tensor(keys) or keys.dim() != 2:
+            raise ValueError(f"keys must be a (n, d) tensor, got {type(keys).__name__} "
+                             f"{tuple(keys.shape) if torch.is_tensor(keys) else ''}")
+        self.cache = CodeKVCache(keys[None, None], None, seed=seed)
+
+    @property
+    def ntotal(self) -> int:
+        """Keys held, FAISS's name (same as ``len(index)``)."""
+        return len(self)
+
+    @property
+    def d(self) -> int:
+        """Dimension, FAISS's name (same as :attr:`dim`)."""
+        return self.dim
+
+    @property
+    def dim(self) -> int:
+        return self.cache.D
+
+    @property
+    def device(self):
+        return self.cache.device
+
+    def __len__(self) -> int:
+        return self.cache.n
+
+    def add(self, keys) -> torch.Tensor:
+        """Append keys ``(t, d)`` (or one ``(d,)``); returns their ids ``(t,)`` int64."""
+        if not torch.is_tensor(keys):
+            raise TypeError("keys must be a torch tensor")
+        k = keys.reshape(1, self.dim) if keys.dim() == 1 else keys
+        start = self.cache.n
+        self.cache.add(k[None, None], None)
+        return torch.arange(start, self.cache.n, device=self.device)
+
+    def range_search(self, queries, tau):
+        """Every key with score ``>= tau`` per query, as CSR torch tensors on the device.
+
+        Parameters
+        ----------
+        queries : Tensor, (m, d) or (d,)
+        tau : float or Tensor (m,)
+
+        Returns
+        -------
+        RangeResult ``(lims, D, I)`` of tensors, FAISS's order as on the CPU index
+            ``lims`` (m + 1,) int64; ``D`` (lims[-1],) float32 scores; ``I`` (lims[-1],)
+            int64 ids, ascending within each query.
+        """
+        q = queries.reshape(1, -1) if torch.is_tensor(queries) and queries.dim() == 1 else queries
+        if not torch.is_tensor(q) or q.dim() != 2 or q.shape[1] != self.dim:
+            raise ValueError(f"queries must be (m, {self.dim}) tensors")
+        q = q.to(device=self.device, dtype=self.cache.dtype).contiguous()
+        m = q.shape[0]
+        t = torch.as_tensor(tau, dtype=torch.float32, device=self.device)
+        t = t.expand(m).contiguous() if t.dim() == 0 else t.contiguous()
+        if t.shape != (m,):
+            raise ValueError(f"tau must be a scalar or have shape ({m},), got {tuple(t.shape)}")
+        if not torch.isfinite(t).all():
+            raise ValueError("tau contains NaN or Inf")
+        counts, ids, scores = [], [], []
+        for r0 in range(0, m, self.ROWS):
+            qc = q[r0:r0 + self.ROWS]
+            tc = t[r0:r0 + self.ROWS]
+            plan = self.cache.plan(qc[None, :, None, :], tc[None, :, None])
+            surv = plan.survivors(0).contiguous()
+            rows = max(16, triton.next_power_of_2(qc.shape[0]))
+            qp = torch.zeros(rows, self.dim, dtype=qc.dtype, device=self.device)
+            qp[:qc.shape[0]] = qc
+            sc = torch.empty(rows, max(1, surv.numel()), dtype=torch.float32, device=self.device)
+            if surv.numel():
+                k = self.cache.k[0, 0]
+                _score_rows_kernel[(triton.cdiv(surv.numel(), 64),)](
+                    qp, k, surv, sc, surv.numel(), qp.stride(0), k.stride(0), sc.stride(0),
+                    ROWS=rows, BLOCK_N=64, HEAD_DIM=self.dim, num_warps=4)
+            sc = sc[:qc.shape[0], :surv.numel()]
+            keep = sc >= tc[:, None]
+            r, c = torch.nonzero(keep, as_tuple=True)  # row-major: ids ascend within a row
+            counts.append(keep.sum(1))
+            ids.append(surv[c].long())
+            scores.append(sc[r, c])
+        lims = torch.zeros(m + 1, dtype=torch.int64, device=self.device)
+        if m:
+            lims[1:] = torch.cumsum(torch.cat(counts), 0)
+        cat = lambda xs, dt: torch.cat(xs) if xs else torch.zeros(0, dtype=dt, device=self.device)
+        return RangeResult(lims, cat(scores, torch.float32), cat(ids, torch.int64))
+
+    def count(self, queries, tau) -> torch.Tensor:
+        """Number of keys with score ``>= tau`` per query, ``(m,)`` int64."""
+        return torch.diff(self.range_search(queries, tau)[0])
+
+    def __repr__(self):
+        return f"GPUCodeIndex(n={len(self)}, dim={self.dim}, device={self.device}, dtype={self.cache.dtype})"
