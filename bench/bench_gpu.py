@@ -295,7 +295,7 @@ def correctness():
     # --- HSR index: exact filter set + fused decode, clustered keys
     for fam in FAMILIES:
         q, k, v = make_decode_inputs(fam, 1, Hq, Hkv, N, D, seed=3)
-        index = build_index(k, v, block=32 if S else 16, n_sub=8)
+        index = build_index(k, v, block_size=32 if S else 16, n_sub=8)
         tau = oracle_tau(q, k, 0.05)
         indptr, _, ind = index.range_search(q, tau)
         sc = torch.einsum("hd,hnd->hn", q[0, :, 0].float(),
@@ -363,7 +363,7 @@ def _decode_one(B, Hq, Hkv, N, D, C, fam, bw):
     floor_ms = kv_bytes / bw * 1e3
     t_sdpa = bench(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), graph=True)
     tb = time.time()
-    index = build_index(k, v, block=C, n_sub=8)
+    index = build_index(k, v, block_size=C, n_sub=8)
     if DEV == "cuda":
         torch.cuda.synchronize()
     t_build = time.time() - tb
@@ -421,7 +421,7 @@ def _decode_one(B, Hq, Hkv, N, D, C, fam, bw):
         sweep = []
         tau = oracle_tau(q, k, 0.05)
         for Cs in ((16, 64) if not SMOKE else (32,)):
-            idx2 = build_index(k, v, block=Cs, n_sub=8)
+            idx2 = build_index(k, v, block_size=Cs, n_sub=8)
             _, vis = hsr_decode(q, idx2, tau=tau, kind="softmax", count_visited=True)
             t = bench(lambda: hsr_decode(q, idx2, tau=tau, kind="softmax", mode="fused"), graph=True)
             sweep.append({"block": Cs, "fused_ms": t,
@@ -434,7 +434,7 @@ def _decode_one(B, Hq, Hkv, N, D, C, fam, bw):
             t = bench(lambda: index.run(q, plan, block_n=bn, num_warps=nw), graph=True)
             sweep.append({"block": C, "run_block_n": bn, "run_num_warps": nw, "run_ms": t})
             log(f"   run with BLOCK_N={bn} warps={nw}: {t * 1e3:.1f} us")
-        idx3 = build_index(k, v, block=C, n_sub=8, method="none")
+        idx3 = build_index(k, v, block_size=C, n_sub=8, method="none")
         _, vis = hsr_decode(q, idx3, tau=tau, kind="softmax", count_visited=True)
         t = bench(lambda: hsr_decode(q, idx3, tau=tau, kind="softmax", mode="fused"), graph=True)
         sweep.append({"block": C, "method": "none (positional pages)", "fused_ms": t,

@@ -179,6 +179,11 @@ class GPUBlockIndex:
         return self.centre.shape[2]
 
     @property
+    def block_size(self) -> int:
+        """Keys per block (the library's one name; the field ``block`` is the same number)."""
+        return self.block
+
+    @property
     def shape(self):
         return self.kp.shape
 
@@ -346,11 +351,12 @@ class GPUBlockIndex:
         return torch.nanquantile(sc, 1.0 - fraction, dim=-1).float()
 
 
-def build_index(k, v, *, block=32, n_sub=8, method="kmeans", perm=None, rotate=False, seed=0,
-                n_clusters=None):
+def build_index(k, v, *, block_size=None, n_sub=8, method="kmeans", perm=None, rotate=False, seed=0,
+                n_clusters=None, block=None):
     """Build a ``GPUBlockIndex`` over ``k, v (B, Hkv, N, D)``.
 
-    block : keys per block C (16, 32 or 64). n_sub : subspaces S (power of two dividing D).
+    block_size : keys per block C (16, 32, 64 or 128; default 32), the library's one name for a
+        block's size (``block`` is its deprecated name). n_sub : subspaces S (power of two dividing D).
     method : ``"kmeans"`` (8 Lloyd iterations with ``n_clusters`` = N / (2 C) centroids,
         keys sorted by cluster, every cluster padded to a multiple of C so that no block
         mixes clusters; about N/4 pad rows on average), ``"pca"`` (recursive principal-direction
@@ -362,10 +368,16 @@ def build_index(k, v, *, block=32, n_sub=8, method="kmeans", perm=None, rotate=F
         directions); the kernels rotate q by the same float32 matrix. The ball bound and
         <q, c> are rotation invariant.
 
-    Raises ``ValueError`` for k/v of different shapes or not 4-D, a ``block`` outside
+    Raises ``ValueError`` for k/v of different shapes or not 4-D, a ``block_size`` outside
     (16, 32, 64, 128), an ``n_sub`` that is not a power of two dividing D, or an unknown
     ``method``.
     """
+    if block is not None:
+        if block_size is not None:
+            raise TypeError("pass block_size (block is its deprecated name), not both")
+        _renamed("build_index(block_size=)", "build_index(block_size=)")
+        block_size = block
+    block = 32 if block_size is None else block_size
     check_index_build(k, v, block, n_sub)
     B, Hkv, N, D = k.shape
     dev = k.device

@@ -133,7 +133,7 @@ def test_selected_fullgraph(kind, device):
 def test_hsr_decode_fullgraph(mode, kind, device):
     B, Hq, Hkv, N, D = 1, 4, 2, 96, 32
     q, k, v = qkv(B, Hq, Hkv, 1, N, D, torch.float16, device, seed=3)
-    index = build_index(k, v, block=16, n_sub=4, method="none")
+    index = build_index(k, v, block_size=16, n_sub=4, method="none")
     tau = torch.full((B, Hq, 1), 0.5, device=device)
 
     def f(q, tau):
@@ -175,7 +175,7 @@ def test_opcheck_selected(device):
 
 def test_opcheck_hsr_decode(device):
     q, k, v = qkv(1, 2, 1, 1, 64, 32, torch.float16, device, seed=5)
-    ix = build_index(k, v, block=16, n_sub=4, method="none")
+    ix = build_index(k, v, block_size=16, n_sub=4, method="none")
     _opcheck(torch.ops.hsr.hsr_decode.default,
              (q, ix.kp, ix.vp, ix.pos, ix.centre, ix.radius, ix.sub_radius, ix.kmax, ix.rot,
               ix.block, ix.n_sub, ix.n_valid, None, None, None, "relu", 2, 0.0, None, False, None,

@@ -15,7 +15,7 @@ def test_hsr_attention_dispatches_relu(device):
     k = cent[torch.randint(0, 5, (B, Hkv, N), generator=gen)] + 0.5 * torch.randn(B, Hkv, N, D, generator=gen)
     v = torch.randn(B, Hkv, N, D, generator=gen)
     q = cent[torch.randint(0, 5, (B, Hq, 1), generator=gen)] * 0.5 + 0.3 * torch.randn(B, Hq, 1, D, generator=gen)
-    idx = build_index(k.to(device), v.to(device), block=16, n_sub=4)
+    idx = build_index(k.to(device), v.to(device), block_size=16, n_sub=4)
     out = hsr.hsr_attention(q.to(device), idx, kind="relu", alpha=2, bias=0.5)
     ref = hsr.dense_relu_attention(q, k.repeat_interleave(Hq // Hkv, 1), v.repeat_interleave(Hq // Hkv, 1),
                                    alpha=2, bias=0.5)

@@ -44,7 +44,7 @@ def test_search_keys_is_exact_set_with_ties(method, block, device):
     B, Hq, Hkv, N, D = 2, 4, 2, 203, 32
     q, k, v = _clustered(B, Hkv, Hq, N, D, gen, integer=True)
     perm = _perm(B, Hkv, N, gen) if method == "perm" else None
-    idx = build_index(k.to(device), v.to(device), block=block, n_sub=4,
+    idx = build_index(k.to(device), v.to(device), block_size=block, n_sub=4,
                       method="none" if method == "perm" else method, perm=perm,
                       rotate=(method == "pca"))
     sc = _scores(q, k)
@@ -64,7 +64,7 @@ def test_filter_prunes_clustered_keys(device):
     gen = torch.Generator().manual_seed(11)
     B, Hq, Hkv, N, D = 1, 2, 1, 1024, 32
     q, k, v = _clustered(B, Hkv, Hq, N, D, gen, n_clusters=16)
-    idx = build_index(k.to(device), v.to(device), block=16, n_sub=4)
+    idx = build_index(k.to(device), v.to(device), block_size=16, n_sub=4)
     tau = torch.quantile(_scores(q, k), 0.99, dim=-1)
     plan = idx.plan(q.to(device), tau.to(device), per_row=True)
     frac = plan.kv_num_blocks.float().mean().item() / idx.num_blocks
@@ -83,7 +83,7 @@ def test_hsr_decode_relu_is_exact(G, dtype, device):
     B, Hkv, N, D = 1, 2, 300, 64
     Hq = G * Hkv
     q, k, v = _clustered(B, Hkv, Hq, N, D, gen, dtype=dtype)
-    idx = build_index(k.to(device), v.to(device), block=16, n_sub=8)
+    idx = build_index(k.to(device), v.to(device), block_size=16, n_sub=8)
     scale = 1 / math.sqrt(D)
     sc = _scores(q, k)
     bias = float(torch.quantile(sc, 0.9)) * scale  # tau = bias / scale
@@ -100,7 +100,7 @@ def test_hsr_decode_softmax_and_plan_run(exact_set, device):
     gen = torch.Generator().manual_seed(21)
     B, Hq, Hkv, N, D, C = 2, 8, 2, 250, 64, 16
     q, k, v = _clustered(B, Hkv, Hq, N, D, gen)
-    idx = build_index(k.to(device), v.to(device), block=C, n_sub=8)
+    idx = build_index(k.to(device), v.to(device), block_size=C, n_sub=8)
     sc = _scores(q, k)
     tau = torch.quantile(sc, 0.8, dim=-1)
     out = hsr_decode(q.to(device), idx, tau=tau.to(device), exact_set=exact_set,
@@ -133,7 +133,7 @@ def test_hsr_decode_softmax_and_plan_run(exact_set, device):
 def test_hsr_decode_empty_selection_no_nan(mode, device):
     gen = torch.Generator().manual_seed(5)
     q, k, v = _clustered(1, 1, 2, 100, 32, gen)
-    idx = build_index(k.to(device), v.to(device), block=16, n_sub=4)
+    idx = build_index(k.to(device), v.to(device), block_size=16, n_sub=4)
     out, lse = hsr_decode(q.to(device), idx, tau=1e9, return_lse=True, mode=mode, kind="softmax")
     assert (out.cpu() == 0).all() and torch.isneginf(lse.cpu()).all()
 
@@ -141,7 +141,7 @@ def test_hsr_decode_empty_selection_no_nan(mode, device):
 def test_tau_for_fraction_is_close(device):
     gen = torch.Generator().manual_seed(6)
     q, k, v = _clustered(1, 1, 2, 2000, 32, gen)
-    idx = build_index(k.to(device), v.to(device), block=16, n_sub=4)
+    idx = build_index(k.to(device), v.to(device), block_size=16, n_sub=4)
     tau = idx.tau_for_fraction(q.to(device), 0.1).cpu()
     frac = (_scores(q, k) >= tau[..., None]).float().mean().item()
     assert 0.05 < frac < 0.2
@@ -153,7 +153,7 @@ def test_gpu_filter_exact_real_size(method):
     gen = torch.Generator().manual_seed(7)
     B, Hq, Hkv, N, D = 1, 28, 4, 32768, 128
     q, k, v = _clustered(B, Hkv, Hq, N, D, gen, dtype=torch.bfloat16, n_clusters=64)
-    idx = build_index(k.cuda(), v.cuda(), block=32, n_sub=8, method=method)
+    idx = build_index(k.cuda(), v.cuda(), block_size=32, n_sub=8, method=method)
     sc = _scores(q.cuda(), k.cuda())
     tau = torch.quantile(sc[..., ::7].float(), 0.95, dim=-1)
     indptr, _, ind = idx.range_search(q.cuda(), tau)

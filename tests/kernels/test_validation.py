@@ -129,20 +129,20 @@ def test_check_helpers():
 def test_build_index_bad_arguments():
     _, k, v = _qkv(N=40, D=32)
     with pytest.raises(ValueError, match="block must be one of"):
-        build_index(k, v, block=24)
+        build_index(k, v, block_size=24)
     with pytest.raises(ValueError, match="n_sub must be a power of two dividing the head dim 32"):
-        build_index(k, v, block=16, n_sub=3)
+        build_index(k, v, block_size=16, n_sub=3)
     with pytest.raises(ValueError, match="v must have the shape of k"):
-        build_index(k, v[:, :, :10], block=16, n_sub=4)
+        build_index(k, v[:, :, :10], block_size=16, n_sub=4)
     with pytest.raises(ValueError, match="k must have shape"):
-        build_index(k[0], v, block=16, n_sub=4)
+        build_index(k[0], v, block_size=16, n_sub=4)
     with pytest.raises(ValueError, match="method must be 'kmeans', 'pca' or 'none'"):
-        build_index(k, v, block=16, n_sub=4, method="lsh")
+        build_index(k, v, block_size=16, n_sub=4, method="lsh")
 
 
 def test_hsr_decode_bad_arguments():
     q, k, v = _qkv(Hq=2, Hkv=1, M=1, N=40, D=32)
-    index = build_index(k, v, block=16, n_sub=4, method="none")
+    index = build_index(k, v, block_size=16, n_sub=4, method="none")
     with pytest.raises(ValueError, match="kind must be"):
         hsr_decode(q, index, tau=0.0, kind="relu2")
     with pytest.raises(ValueError, match="give tau or top_fraction"):
@@ -165,7 +165,7 @@ def test_hsr_decode_bad_arguments():
 # ------------------------------------------------------------------ SearchPlan
 def test_search_plan_is_a_dataclass_with_dict_compatibility(device):
     q, k, v = _qkv(Hq=2, Hkv=1, M=1, N=40, D=32)
-    index = build_index(k.to(device), v.to(device), block=16, n_sub=4, method="none")
+    index = build_index(k.to(device), v.to(device), block_size=16, n_sub=4, method="none")
     plan = index.plan(q.to(device), 0.0)
     assert isinstance(plan, SearchPlan) and not plan.per_row
     assert plan.union_num_blocks.shape == (1, 1, 1) and plan.union_num_blocks.dtype == torch.int32
@@ -210,3 +210,13 @@ def test_kind_must_be_given_to_the_kernels(device):
     with pytest.warns(DeprecationWarning, match="kind="):
         implicit = selected_attention(*args)
     torch.testing.assert_close(implicit, selected_attention(*args, kind="softmax"))
+
+
+def test_build_index_block_is_renamed_block_size(device):
+    q, k, v = _qkv(N=64)
+    with pytest.warns(DeprecationWarning, match="block_size"):
+        old = build_index(k.to(device), v.to(device), block=16, n_sub=4, method="none")
+    new = build_index(k.to(device), v.to(device), block_size=16, n_sub=4, method="none")
+    assert old.block_size == new.block_size == 16
+    with pytest.raises(TypeError, match="not both"):
+        build_index(k.to(device), v.to(device), block=16, block_size=16)
