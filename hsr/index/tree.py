@@ -28,7 +28,7 @@ from numba.typed import List
 from . import _kernels as K
 from ._files import _digest, _meta_ids, _meta_int, read_index_file, write_index_file
 from ._forest import _build_tree, _empty_buffer, _pca_rotation, _Tree
-from ._lock import RWLock
+from .._lock import RWLock
 from ._views import ForestView, KeyView, SearchStats
 from ._validate import as_float_array, as_tau, resolve_dtype
 from .results import RangeResult, SearchResult, legacy

@@ -177,3 +177,34 @@ def test_hsrindex_to_device_range_search_matches_cpu(device, lattice):
     cpu.remove([1])
     with pytest.raises(ValueError, match="removed"):
         cpu.to("cuda")
+
+
+def test_concurrent_add_and_attend_see_one_state(device):
+    # a writer thread grows the cache while a reader attends: every result is the attention over
+    # one of the cache's serial states (100, 120, ..., 300 keys), never a half-grown cache
+    import threading
+
+    q, k, v = _inputs(1, 2, 2, 1, 300, 32, torch.float32, device, False, seed=8)
+    cache = CodeKVCache(k[:, :, :100], v[:, :, :100], capacity=64)
+    states = {}
+    for n in range(100, 301, 20):
+        tau = torch.full(q.shape[:3], 0.2 / 32 ** -0.5, dtype=torch.float64, device=q.device)
+        states[n] = _reference(q, k[:, :, :n], v[:, :, :n], tau, "relu", 2, 0.2, 32 ** -0.5)[0]
+    seen, errors = [], []
+
+    def writer():
+        try:
+            for s in range(100, 300, 20):
+                cache.add(k[:, :, s:s + 20], v[:, :, s:s + 20])
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    while t.is_alive() or len(seen) < 3:
+        seen.append(cache.attend(q, kind="relu", bias=0.2).double())
+    t.join()
+    assert not errors
+    for out in seen:
+        assert any(torch.allclose(out, ref, atol=1e-5, rtol=1e-5) for ref in states.values())
+    assert torch.allclose(seen[-1], states[300], atol=1e-5, rtol=1e-5)

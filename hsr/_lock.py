@@ -1,7 +1,7 @@
-"""A readers-writer lock for the indexes: any number of concurrent searches, one writer.
+"""A readers-writer lock for the indexes and caches: any number of concurrent searches, one writer.
 
 The contract (docs/design.md, "Concurrency"): searches run in parallel with each other (the
-kernels release the GIL); ``add``, ``remove``, ``rebuild`` and ``KVIndex.append`` wait for the
+kernels release the GIL); ``add``, ``remove``, ``rebuild`` (and ``CodeKVCache.add`` on the GPU) wait for the
 searches in flight and block new ones while they run, so every search sees the index as it was
 between two writes — never a half-merged forest or a half-grown array.
 
@@ -12,9 +12,10 @@ instead of a deadlock).
 """
 from __future__ import annotations
 
+import functools
 import threading
 
-__all__ = ["RWLock"]
+__all__ = ["RWLock", "reads", "writes"]
 
 
 class RWLock:
@@ -106,3 +107,21 @@ class _Held:
     def __exit__(self, *exc):
         self._release()
         return False
+
+
+def reads(method):
+    """Decorator: run ``method`` under ``self._lock``'s read side."""
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock.read():
+            return method(self, *args, **kwargs)
+    return locked
+
+
+def writes(method):
+    """Decorator: run ``method`` under ``self._lock``'s write side."""
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock.write():
+            return method(self, *args, **kwargs)
+    return locked
