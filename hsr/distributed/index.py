@@ -87,7 +87,9 @@ class ShardedIndex:
 
     @property
     def ntotal(self) -> int:
-        """Ids in the whole index (all ranks, removed ones included)."""
+        """Ids in the whole index, all ranks: ``0 .. ntotal - 1``. Unlike ``HSRIndex.ntotal``
+        (live keys), a key removed from a shard's own index (the sharded index has no
+        ``remove``) still counts: counting live keys would cost a collective per call."""
         return self._n
 
     def __len__(self) -> int:
