@@ -115,26 +115,27 @@ def _attend_head(kvi: KVIndex, Q, kind, alpha, bias, scale, eps, tau, topk, lim,
     The whole computation holds the index still (a concurrent add waits)."""
     with kvi.index.reading():
         if dense:
+            ids = kvi.index.live_ids()  # once per head, not per chunk of rows
+            keys = kvi.index.get_keys(ids)
             out, scored, selected, dropped, lse = [], [], [], [], []
             for s in range(0, max(Q.shape[0], 1), _DENSE_ROWS):
-                r = _dense_head_locked(kvi, Q[s:s + _DENSE_ROWS], kind, alpha, bias[s:s + _DENSE_ROWS], scale,
-                                       None if tau is None else tau[s:s + _DENSE_ROWS], topk, lim[s:s + _DENSE_ROWS])
+                r = _dense_head_locked(kvi, ids, keys, Q[s:s + _DENSE_ROWS], kind, alpha, bias[s:s + _DENSE_ROWS],
+                                       scale, None if tau is None else tau[s:s + _DENSE_ROWS], topk,
+                                       lim[s:s + _DENSE_ROWS])
                 for acc, x in zip((out, scored, selected, dropped, lse), r):
                     acc.append(x)
             return tuple(np.concatenate(x) for x in (out, scored, selected, dropped, lse))
         return _attend_head_locked(kvi, Q, kind, alpha, bias, scale, eps, tau, topk, lim)
 
 
-def _dense_head_locked(kvi: KVIndex, Q, kind, alpha, bias, scale, tau, topk, lim):
-    """The dense path of :func:`_attend_head`: every visible key's canonical score, then the
-    same selection and the same weight kernels as the index path (so the same keys and the
-    same weights). Nothing is dropped without being counted: the softmax's dropped fraction
-    is the exact mass of the visible keys not kept."""
-    index = kvi.index
+def _dense_head_locked(kvi: KVIndex, ids, keys, Q, kind, alpha, bias, scale, tau, topk, lim):
+    """The dense path of :func:`_attend_head` over the head's live ``ids`` and their ``keys``:
+    every visible key's canonical score, then the same selection and the same weight kernels
+    as the index path (so the same keys and the same weights). Nothing is dropped without
+    being counted: the softmax's dropped fraction is the exact mass of the visible keys not kept."""
     m = Q.shape[0]
     out = np.zeros((m, kvi.value_dim), dtype=np.float32)
-    ids = index.live_ids()
-    S = canonical_scores(Q, index.get_keys(ids)) if m else np.zeros((0, len(ids)), dtype=np.float32)
+    S = canonical_scores(Q, keys) if m else np.zeros((0, len(ids)), dtype=np.float32)
     vis = ids[None, :] <= lim[:, None]
     if kind == "relu":
         t = bias / scale

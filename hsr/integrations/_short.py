@@ -5,6 +5,9 @@ at 8K tokens decodes 2.5x slower with the index than SDPA on the CPU), so the ba
 the same attention densely: the same selection rule (``eps``: every key, so nothing is
 dropped; ``tau``: raw score ``>= tau``; ``topk``: at least the k-th best score; ReLU^alpha: the
 keys that fire) over the causally visible, non-pad keys, and no index is built or updated.
+Scores here are torch's float32 matmul, not the index's canonical sums: a key whose score is
+within float rounding of ``tau`` (or of the k-th best) may be kept here and not by the index,
+or the reverse. ReLU^alpha is unaffected (such a key's weight is zero either way).
 """
 from __future__ import annotations
 

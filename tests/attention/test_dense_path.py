@@ -83,3 +83,20 @@ def test_default_threshold_is_used_and_validated(head):
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="dense_below"):
             hsr_attention(Q, kv, alpha=2, dense_below=bad)
+
+
+@pytest.mark.parametrize("mode", [dict(kind="softmax", tau=1.0), dict(kind="softmax", topk=9),
+                                  dict(kind="relu", alpha=2, bias=0.5)])
+def test_ties_and_chunks_match_the_index_path(mode):
+    # lattice keys: many scores exactly at the threshold; 1100 queries: more than one chunk of rows
+    rng = np.random.default_rng(9)
+    K = rng.integers(-2, 3, size=(500, 8)).astype(np.float32)
+    V = rng.standard_normal((500, 4)).astype(np.float32)
+    Q = rng.integers(-2, 3, size=(1100, 8)).astype(np.float32)
+    kv = KVIndex(K, V)
+    kv.index.remove([0, 7, 499])
+    a, ia = hsr_attention(Q, kv, scale=0.5, dense_below=10**9, return_info=True, **mode)
+    b, ib = hsr_attention(Q, kv, scale=0.5, dense_below=0, return_info=True, **mode)
+    np.testing.assert_array_equal(ia.keys_selected, ib.keys_selected)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert (ia.keys_scored == 497).all()
