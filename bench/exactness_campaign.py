@@ -148,7 +148,7 @@ def run_cuda(a):
     dev = "cuda" if torch.cuda.is_available() else "cpu"
 
     rng = np.random.default_rng(a.seed)
-    stats = dict(cases=0, queries=0, missed=0, extra=0, lattice_mismatches=0, errors=[])
+    stats = dict(cases=0, indexes=0, queries=0, missed=0, extra=0, lattice_mismatches=0, errors=[])
     t0 = time.perf_counter()
     while stats["cases"] < a.cases and time.perf_counter() - t0 < a.max_seconds:
         fam, K, extra, Q = draw_case(rng, a.queries)
@@ -170,6 +170,7 @@ def run_cuda(a):
         except ValueError as e:
             stats["errors"].append(repr(e)[:200])
             continue
+        stats["indexes"] += 1
         S64 = Qr @ Kr.T
         band = 2 * Kr.shape[1] * 2.0 ** -24 * np.linalg.norm(Qr, axis=1)[:, None] * np.linalg.norm(Kr, axis=1)[None, :]
         exact = fam == "lattice"  # small integers: every product and sum is exact in float32
@@ -202,8 +203,23 @@ def run_cuda(a):
     return stats
 
 
+def merge(paths, out):
+    """Sum the workers' JSON files into one (the GPU run returns few files); keeps each run."""
+    import json
+
+    runs = [json.load(open(p)) for p in paths]
+    keys = ("cases", "indexes", "queries", "missed", "extra", "lattice_mismatches", "mismatches")
+    total = {k: sum(r["results"].get(k, 0) for r in runs) for k in keys if any(k in r["results"] for r in runs)}
+    total["errors"] = sum(len(r["results"]["errors"]) for r in runs)
+    print(total)
+    save(out, dict(total=total, runs=[dict(command=r["meta"]["command"], results=r["results"]) for r in runs]),
+         description=__doc__.strip().splitlines()[0] + f" ({len(runs)} workers merged)")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--merge", nargs="+", metavar="JSON",
+                    help="only sum these workers' result files into --out, then exit")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default: cpu")
     ap.add_argument("--cases", type=int, default=100_000, help="cases to run (default: 100000)")
     ap.add_argument("--seed", type=int, default=0, help="default: 0")
@@ -214,6 +230,8 @@ def main():
                     help="stop after this long and report the cases run (default: no limit)")
     ap.add_argument("--out", default=None, help="JSON path (default: bench/out/exactness_<device>.json)")
     a = ap.parse_args()
+    if a.merge:
+        return merge(a.merge, a.out or default_out(f"exactness_{a.device}.json"))
     stats = run_cpu(a) if a.device == "cpu" else run_cuda(a)
     stats["errors"] = stats["errors"][:20] + ([f"... {len(stats['errors']) - 20} more"] if len(stats["errors"]) > 20 else [])
     print(stats)

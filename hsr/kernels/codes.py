@@ -520,6 +520,11 @@ class CodeKVCache:
             a sweep on an H200 at 128K (``bench/results/gpu_codes_h200_2026-11-30_sweep.txt``).
         """
         self._check_q(q)
+        return self._plan(q, tau, bias=bias, block_n=block_n, num_warps=num_warps, num_stages=num_stages,
+                          programs_per_sm=programs_per_sm)
+
+    def _plan(self, q, tau, *, bias=0.0, block_n=128, num_warps=4, num_stages=3, programs_per_sm=None):
+        """:meth:`plan`'s body: ``q`` checked, the read lock held by the caller."""
         B, Hq, M, D = q.shape
         G = Hq // self.Hkv
         rows = max(16, triton.next_power_of_2(G * M))
@@ -565,13 +570,17 @@ class CodeKVCache:
         ``(out (B, Hq, M, D) in q's dtype, lse (B, Hq, M) float32)``; rows with no kept key are
         zeros (lse -inf).
         """
+        self._check_q(q)
+        return self._run(q, plan, kind=kind, alpha=alpha, scale=scale, num_splits=num_splits)
+
+    def _run(self, q, plan: CodePlan, *, kind=None, alpha=2, scale=None, num_splits=None):
+        """:meth:`run`'s body: ``q`` checked, the read lock held by the caller."""
         kind = resolve_kind(kind, "CodeKVCache.run")
         if kind not in ("softmax", "relu"):
             raise ValueError(f"kind must be 'softmax' or 'relu', got {kind!r}")
         if not self.has_values:
             raise ValueError("this cache holds keys only (v=None): no attention")
         check_alpha(alpha)
-        self._check_q(q)
         B, Hq, M, D = q.shape
         G = Hq // self.Hkv
         s = float(scale) if scale is not None else D ** -0.5
@@ -612,8 +621,10 @@ class CodeKVCache:
             if kind == "softmax":
                 raise ValueError("softmax on the code cache keeps the keys with score >= tau: give tau=")
             tau = (bias / s).float() if torch.is_tensor(bias) else float(bias) / s
-        plan = self.plan(q, tau, bias=bias)
-        out, _ = self.run(q, plan, kind=kind, alpha=alpha, scale=s, num_splits=num_splits)
+        # one check of q (its finiteness costs a device sync) and one lock for the whole step
+        self._check_q(q)
+        plan = self._plan(q, tau, bias=bias)
+        out, _ = self._run(q, plan, kind=kind, alpha=alpha, scale=s, num_splits=num_splits)
         return out
 
     def hsr_attention(self, q, *, kind="relu", alpha=2, bias=0.0, scale=None, tau=None, causal=True):

@@ -120,6 +120,14 @@ def test_bad_inputs(device):
         cache.plan(q, torch.zeros(5, device=q.device))
     with pytest.raises(ValueError, match="float32"):
         cache.plan(q, torch.zeros(4, dtype=torch.float64, device=q.device))
+    # a NaN query is refused by each entry (attend checks it once for plan and run)
+    bad = q.clone()
+    bad[0, 1, 0, 3] = math.nan
+    plan = cache.plan(q, 0.0)
+    for call in (lambda: cache.plan(bad, 0.0), lambda: cache.run(bad, plan, kind="relu"),
+                 lambda: cache.attend(bad, kind="relu")):
+        with pytest.raises(ValueError, match="NaN"):
+            call()
 
 
 def test_kvcacheindex_to_device_and_hsr_attention(device):
