@@ -237,8 +237,13 @@ def build_permutation(kw, perm, n_levels, node_start, node_end, use_pca, n_sampl
     along the node's split direction (the median, except on the partly filled right edge).
     Rows move with ``perm`` so each level reads them sequentially: gathering them through
     ``perm`` instead costs a cache miss per key per level."""
-    d = kw.shape[1]
-    ident = np.arange(kw.shape[0])
+    n, d = kw.shape
+    ident = np.arange(n)
+    # scratch for every node of a level at once (nodes own disjoint ranges): two arrays of n
+    # allocated once, not two per node (per-node buffers of up to n entries fragment the heap,
+    # and that memory stays in the RSS for the rest of the build)
+    proj_all = np.empty(n)
+    order_all = np.empty(n, dtype=np.int64)
     for level in range(n_levels):
         first = (1 << level) - 1
         for jn in prange(1 << level):
@@ -251,28 +256,59 @@ def build_permutation(kw, perm, n_levels, node_start, node_end, use_pca, n_sampl
             u = _split_direction(kw, ident, s, e, use_pca, n_sample)
             cnt = e - s
             # no BLAS here: OpenBLAS called from numba's worker threads can deadlock
-            proj = np.empty(cnt)
+            proj = proj_all[s:e]
+            order = order_all[s:e]
             for a in range(cnt):
                 acc = 0.0
                 for j in range(d):
                     acc += kw[s + a, j] * u[j]
                 proj[a] = acc
-            order = np.arange(cnt)
+                order[a] = a
             _select(proj, order, 0, cnt, mid - s)
-            kw[s:e] = kw[s:e][order]
-            perm[s:e] = perm[s:e][order]
+            _permute_rows(kw, perm, s, order)
+
+
+@njit(cache=True, nogil=True)
+def _permute_rows(kw, perm, s, order):
+    """``kw[s + a] = kw[s + order[a]]`` and the same for ``perm``, for every a, in place by
+    following the cycles of ``order`` (consumed: set to -1): the gather
+    ``kw[s:e] = kw[s:e][order]`` would copy the node's rows (a quarter of the keys' bytes at
+    the root, for a 16-wide sketch of d = 64 keys)."""
+    d = kw.shape[1]
+    tmp = np.empty(d, dtype=kw.dtype)
+    for a in range(order.shape[0]):
+        if order[a] < 0:
+            continue
+        for j in range(d):
+            tmp[j] = kw[s + a, j]
+        tp = perm[s + a]
+        x = a
+        while True:
+            src = order[x]
+            order[x] = -1
+            if src == a:
+                break
+            for j in range(d):
+                kw[s + x, j] = kw[s + src, j]
+            perm[s + x] = perm[s + src]
+            x = src
+        for j in range(d):
+            kw[s + x, j] = tmp[j]
+        perm[s + x] = tp
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def build_bounds(kr, norms, n_levels, node_start, node_end, center, radius, lo, hi, maxnorm,
+def build_bounds(kb, width, norms, n_levels, node_start, node_end, center, radius, lo, hi, maxnorm,
                  exact_radius_max):
-    """Fill the node arrays from keys ``kr (n, d)`` (bounds' basis) in tree order.
+    """Fill the node arrays from the keys in the bounds' basis, leaf-packed like ``kf`` (``kb``,
+    leaf width ``width``: dimension j of tree position a at ``(a - a % width) * d + j * width
+    + a % width``), so the build needs no tree-ordered ``(n, d)`` copy besides ``kf``.
 
     Leaves read their keys; an internal node's box, centre and max norm come from its
     children; its radius from a pass over its keys when it holds at most
     ``exact_radius_max`` keys, else from its children by the triangle inequality.
     Empty nodes (past the last key) get an empty box and are never visited."""
-    d = kr.shape[1]
+    d = center.shape[1]
     for level in range(n_levels, -1, -1):
         first = (1 << level) - 1
         for jn in prange(1 << level):
@@ -287,7 +323,7 @@ def build_bounds(kr, norms, n_levels, node_start, node_end, center, radius, lo, 
                     l = np.inf
                     h = -np.inf
                     for a in range(s, e):
-                        x = kr[a, j]
+                        x = kb[s * d + j * width + a - s]  # a leaf is one block at s * d
                         acc += x
                         if x < l:
                             l = x
@@ -328,8 +364,9 @@ def build_bounds(kr, norms, n_levels, node_start, node_end, center, radius, lo, 
             r2 = 0.0
             for a in range(s, e):
                 acc = 0.0
+                base = (a - a % width) * d + a % width
                 for j in range(d):
-                    t = np.float64(kr[a, j]) - np.float64(center[v, j])
+                    t = np.float64(kb[base + j * width]) - np.float64(center[v, j])
                     acc += t * t
                 if acc > r2:
                     r2 = acc
@@ -743,18 +780,24 @@ def tree_topk(Q, QR, qnorm, lim, kf, fixed_stride, ids, alive, has_dead, n_level
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def pack_leaves(kp, starts, ends, width, kf):
-    """Lay out keys ``kp (n, d)`` (tree order) as one zero-padded ``(d, width)`` block per
-    leaf, leaf [s, e) at offset ``s*d``."""
-    d = kp.shape[1]
+def pack_leaves(keys, perm, starts, ends, width, kf):
+    """Lay out rows ``keys[perm]`` (tree order) as one zero-padded ``(d, width)`` block per
+    leaf, leaf [s, e) at offset ``s*d``, gathering through ``perm``: a tree-ordered copy
+    ``keys[perm]`` would hold the keys' bytes once more at the build's peak."""
+    d = keys.shape[1]
     for v in prange(starts.shape[0]):
         s = starts[v]
         cnt = ends[v] - s
         if cnt <= 0:
             continue
-        for j in range(d):
-            for t in range(width):
-                kf[s * d + j * width + t] = kp[s + t, j] if t < cnt else 0.0
+        for t in range(width):
+            if t < cnt:
+                p = perm[s + t]
+                for j in range(d):
+                    kf[s * d + j * width + t] = keys[p, j]
+            else:
+                for j in range(d):
+                    kf[s * d + j * width + t] = 0.0
 @njit(cache=True, nogil=True)
 def build_id_ranges(ids, node_start, node_end, n_levels, minid, maxid):
     """Per-node smallest and largest id, leaves first, then parents from children."""

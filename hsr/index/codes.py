@@ -120,8 +120,10 @@ class CodeStore:
             self.rot = _rotation(self.rotation, self.dim, self.dp, keys[:8192], self.seed)
             self.defect = _defect(self.rot)
         self._reserve(n)
-        for s in range(self.n, n, 1 << 16):  # bounded float64 temporaries
-            e = min(n, s + (1 << 16))
+        # bounded float64 temporaries: a chunk's keys cast to float64 and rotated are 2 * 8 * dp
+        # bytes a row, 64 MiB for 2^16 rows at d = 64 (a quarter of 1M such keys' bytes)
+        for s in range(self.n, n, 1 << 13):
+            e = min(n, s + (1 << 13))
             k = keys[s:e]
             x = k @ self.rot.T if self.rotation != "none" else np.pad(k.astype(np.float64), ((0, 0), (0, self.dp - self.dim)))
             knorm = np.sqrt(np.einsum("ij,ij->i", k, k, dtype=np.float64))
@@ -259,11 +261,17 @@ class CodeStore:
             CK.code_centres(QI, qa, self.codes, self.scale, self.n, centre)
         half = qn[:, None] * self.err[None, :self.n].astype(np.float64) + slack[:, None]
         half *= 1.0 + 4 * _EPS64
-        return centre + half, centre - half
+        upper = centre + half
+        np.subtract(centre, half, out=centre)  # the lower bounds, in place: one (m, n) array less
+        return upper, centre
 
-    def topk(self, Q, k, lim, keys, alive, has_dead, max_norm, top_s, top_i, stats, chunk=64):
+    def topk(self, Q, k, lim, keys, alive, has_dead, max_norm, top_s, top_i, stats, chunk=8):
         """Exact top-k: the k-th largest lower bound is a threshold every top-k key clears;
-        keys whose upper bound reaches it are scored canonically."""
+        keys whose upper bound reaches it are scored canonically.
+
+        A chunk of queries holds three float64 ``(chunk, n)`` arrays at once (24 bytes a key
+        per query: 6x the bytes of 1M float32 d = 64 keys for 64 queries), hence small chunks
+        (the codes are re-read per chunk, a small part of the time) and in-place masking."""
         n = self.n
         ids_all = np.arange(n)
         for s in range(0, Q.shape[0], chunk):
@@ -272,10 +280,13 @@ class CodeStore:
             vis = ids_all[None, :] <= lim[s:s + chunk, None]
             if has_dead:
                 vis &= alive[None, :n] == 1
-            lb = np.where(vis, lb, -np.inf)
-            ub = np.where(vis, ub, -np.inf)
+            n_vis = vis.sum(axis=1)
+            np.logical_not(vis, out=vis)
+            lb[vis] = -np.inf
+            ub[vis] = -np.inf
+            del vis
             for i in range(Qc.shape[0]):
-                nv = int(vis[i].sum())
+                nv = int(n_vis[i])
                 kk = min(k, nv)
                 if kk == 0:
                     continue
