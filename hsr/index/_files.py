@@ -16,6 +16,7 @@ import zipfile
 
 import numpy as np
 
+
 def _digest(arrays) -> str:
     h = hashlib.sha256()
     for name in sorted(arrays):

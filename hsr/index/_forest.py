@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from . import _kernels as K
+from . import _build_kernels as K
 
 #: Nodes with more keys get their radius from their children (triangle inequality) instead of
 #: a pass over their keys: the exact pass over the top levels cost about half the build.

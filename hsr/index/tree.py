@@ -29,7 +29,7 @@ from numba.typed import List
 from . import _kernels as K
 from ._files import _digest, _meta_ids, _meta_int, read_index_file, write_index_file
 from ._forest import _build_tree, _empty_buffer, _pca_rotation, _Tree
-from .._lock import RWLock
+from .._lock import RWLock, writes
 from ._views import ForestView, KeyView, SearchStats
 from ._validate import as_float_array, as_tau, resolve_dtype
 from .results import RangeResult, SearchResult, legacy
@@ -70,19 +70,6 @@ def _reads(method):
             return method(self, *args, **kwargs)
         finally:
             lock.release_read()
-    return locked
-
-
-def _writes(method):
-    """Run a change under the index's write lock."""
-    @functools.wraps(method)
-    def locked(self, *args, **kwargs):
-        lock = self._lock
-        lock.acquire_write()
-        try:
-            return method(self, *args, **kwargs)
-        finally:
-            lock.release_write()
     return locked
 
 
@@ -342,7 +329,7 @@ class HSRIndex:
         return self._codes.nbytes_per_key() if self._codes is not None else 0
 
     # ------------------------------------------------------------------ grow and shrink
-    @_writes
+    @writes
     def add(self, keys) -> np.ndarray:
         """Append keys ``(k, d)`` (or one key ``(d,)``); returns their new ids ``(k,)`` int64.
 
@@ -447,7 +434,7 @@ class HSRIndex:
             self._rot = _pca_rotation(keys, self.seed, rows)
         return _build_tree(keys, ids, self._rot, self.leaf_size, self.split == "pca", self.rotate, rows)
 
-    @_writes
+    @writes
     def remove(self, ids) -> None:
         """Delete keys by id. Trees keep their bounds (still valid for the survivors); a tree
         that is more than half dead is rebuilt from its live keys.
@@ -488,7 +475,7 @@ class HSRIndex:
             raise ValueError(f"ids already removed: {arr[self._alive[arr] == 0][:5].tolist()}")
         return arr
 
-    @_writes
+    @writes
     def rebuild(self) -> None:
         """Rebuild everything as one tree over the live keys (fresh PCA basis); with the code
         filter, re-code every key (a fresh ``"pca"`` rotation from the current keys)."""
