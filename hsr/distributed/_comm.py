@@ -150,3 +150,38 @@ class Comm:
     def agree(self, what: str) -> None:
         """A collective that only exchanges failure flags (after local work in :meth:`attempt`)."""
         self.gather_rows(np.zeros(0), what)
+
+
+class Sharded:
+    """What a sharded index and a sharded cache share: the process group, the local shard and
+    where it sits (rank r holds global ids/positions ``[starts[r], starts[r] + n_r)``)."""
+
+    def __init__(self, local, group, broadcast_queries: bool):
+        self.comm = Comm(group)
+        self.local = local
+        self.broadcast_queries = bool(broadcast_queries)
+        self.starts = np.zeros(1, dtype=np.int64)
+        self._n = 0
+
+    def _set_sizes(self, sizes) -> None:
+        """Each rank's count ``(world,)``: the starts and the global size."""
+        sizes = np.asarray(sizes, dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        self._n = int(sizes.sum())
+
+    @property
+    def rank(self) -> int:
+        return self.comm.rank
+
+    @property
+    def world(self) -> int:
+        return self.comm.world
+
+    @property
+    def start(self) -> int:
+        """This rank's first global id (position)."""
+        return int(self.starts[self.rank])
+
+    def __len__(self) -> int:
+        return self._n
+

@@ -16,14 +16,14 @@ import numpy as np
 from ..index import HSRIndex
 from ..index._validate import to_numpy
 from ..index.results import RangeResult, SearchResult
-from ._comm import Comm
+from ._comm import Comm, Sharded
 from . import _files
 from .merge import merge_range, merge_topk, shard_range
 
 __all__ = ["ShardedIndex"]
 
 
-class ShardedIndex:
+class ShardedIndex(Sharded):
     """An exact half-space reporting index whose keys are split over the ranks of a group.
 
     Parameters
@@ -42,16 +42,12 @@ class ShardedIndex:
     """
 
     def __init__(self, local, *, group=None, broadcast_queries=True):
-        self.comm = Comm(group)
-        self.local = local
-        self.broadcast_queries = bool(broadcast_queries)
+        super().__init__(local, group, broadcast_queries)
         meta = self.comm.attempt(_describe, local)
         got = self.comm.gather_rows(meta if meta is not None else np.zeros(2), "ShardedIndex construction")
         if not (got[:, 0] == got[0, 0]).all():
             raise ValueError(f"ranks hold keys of different dimensions: {got[:, 0].astype(int).tolist()}")
-        sizes = got[:, 1].astype(np.int64)
-        self.starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-        self._n = int(sizes.sum())
+        self._set_sizes(got[:, 1])
 
     @classmethod
     def from_full(cls, keys, *, group=None, broadcast_queries=True, **index_kwargs):
@@ -70,18 +66,6 @@ class ShardedIndex:
         return cls(local, group=group, broadcast_queries=broadcast_queries)
 
     @property
-    def rank(self) -> int:
-        return self.comm.rank
-
-    @property
-    def world(self) -> int:
-        return self.comm.world
-
-    @property
-    def start(self) -> int:
-        return int(self.starts[self.rank])
-
-    @property
     def d(self) -> int:
         return self.local.d
 
@@ -90,9 +74,6 @@ class ShardedIndex:
         """Ids in the whole index, all ranks: ``0 .. ntotal - 1``. Unlike ``HSRIndex.ntotal``
         (live keys), a key removed from a shard's own index (the sharded index has no
         ``remove``) still counts: counting live keys would cost a collective per call."""
-        return self._n
-
-    def __len__(self) -> int:
         return self._n
 
     def add(self, keys) -> np.ndarray:

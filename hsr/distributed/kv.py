@@ -21,7 +21,7 @@ import numpy as np
 from ..attention.core import AttentionInfo, check_options
 from ..attention.kv import KVCacheIndex, KVIndex, framework_out
 from ..index._validate import as_float_array, to_numpy
-from ._comm import Comm
+from ._comm import Comm, Sharded
 from .merge import dropped_fraction, kth_best, merge_attention, shard_range
 from .partial import cpu_partial, heads_of
 from . import _device, _files
@@ -31,7 +31,7 @@ __all__ = ["ShardedKVCache"]
 _KINDS = {"KVIndex": 0, "KVCacheIndex": 1, "CodeKVCache": 2}
 
 
-class ShardedKVCache:
+class ShardedKVCache(Sharded):
     """A KV cache whose sequence is split over the ranks of a ``torch.distributed`` group.
 
     Parameters
@@ -62,10 +62,8 @@ class ShardedKVCache:
     accepts_certified_options = True  # hsr.hsr_attention passes eps, topk and return_info through
 
     def __init__(self, local, *, group=None, broadcast_queries=True, dense_below=None):
-        self.comm = Comm(group)
+        super().__init__(local, group, broadcast_queries)
         self.dense_below = dense_below
-        self.local = local
-        self.broadcast_queries = bool(broadcast_queries)
         self.sync_timing = False
         self.last_timing: dict = {}
         meta = self.comm.attempt(_describe, local)
@@ -75,9 +73,7 @@ class ShardedKVCache:
         if not (got[:, :5] == got[0, :5]).all():
             raise ValueError(f"ranks hold different kinds of shards (kind, B, Hkv, d, dv per rank): "
                              f"{got[:, :5].astype(int).tolist()}")
-        sizes = got[:, 5].astype(np.int64)
-        self.starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-        self._n = int(sizes.sum())
+        self._set_sizes(got[:, 5])
 
     @classmethod
     def from_full(cls, keys, values, *, group=None, broadcast_queries=True, dense_below=None, **index_kwargs):
@@ -108,25 +104,9 @@ class ShardedKVCache:
         return heads_of(self.local)[0][0].index.n_total
 
     @property
-    def rank(self) -> int:
-        return self.comm.rank
-
-    @property
-    def world(self) -> int:
-        return self.comm.world
-
-    @property
     def n_total(self) -> int:
         """Positions in the whole cache (all ranks)."""
         return self._n
-
-    def __len__(self) -> int:
-        return self._n
-
-    @property
-    def start(self) -> int:
-        """This rank's first global position."""
-        return int(self.starts[self.rank])
 
     @property
     def end(self) -> int:
