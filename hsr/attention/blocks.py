@@ -21,8 +21,12 @@ from typing import TYPE_CHECKING, Callable, Optional, Tuple
 
 import numpy as np
 
+from .._typing import lazy
+
 if TYPE_CHECKING:  # pragma: no cover - annotations only
     from .patterns import Pattern
+else:  # patterns imports this module: the name resolves there, when annotations are read
+    Pattern = lazy("hsr.attention.patterns", "Pattern")
 
 __all__ = ["BlockLists", "block_lists_from_candidates", "kernel_block_lists"]
 
@@ -162,7 +166,7 @@ def block_lists_from_candidates(candidates: Callable[[np.ndarray, int], np.ndarr
     )
 
 
-def kernel_block_lists(pattern: "Pattern", seq_len: int, q_len: int) -> Tuple[np.ndarray, np.ndarray]:
+def kernel_block_lists(pattern: Pattern, seq_len: int, q_len: int) -> Tuple[np.ndarray, np.ndarray]:
     """Block lists in the layout of ``hsr.kernels.block_sparse_attention``.
 
     That kernel puts query ``i`` of ``M`` at absolute position ``N - M + i`` and reads the list

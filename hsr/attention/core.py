@@ -18,13 +18,24 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .._typing import Array, ArrayLike, lazy
 from ..index import canonical_scores
 from ..index._validate import as_float_array, to_numpy
 from . import _kernels as AK
 from .kv import KVCacheIndex, KVIndex, framework_out
+
+if TYPE_CHECKING:
+    from ..distributed.kv import ShardedKVCache
+    from ..kernels.codes import CodeKVCache
+    from ..kernels.search import GPUBlockIndex
+else:  # torch and the Triton kernels load only when such an index is used
+    ShardedKVCache = lazy("hsr.distributed.kv", "ShardedKVCache")
+    CodeKVCache = lazy("hsr.kernels.codes", "CodeKVCache")
+    GPUBlockIndex = lazy("hsr.kernels.search", "GPUBlockIndex")
 
 __all__ = ["hsr_attention", "AttentionInfo", "paper_bias"]
 
@@ -58,7 +69,8 @@ class AttentionInfo:
         return float(self.keys_scored.mean() / max(self.n_keys, 1)) if self.keys_scored.size else 0.0
 
 
-def paper_bias(q, keys, scale=None, n=None, sample=2048, seed=0) -> float:
+def paper_bias(q: ArrayLike, keys: ArrayLike, scale: float | None = None, n: int | None = None, sample: int = 2048,
+               seed: int = 0) -> float:
     """The paper's threshold ``b = sigma * sqrt(0.4 * ln n)``, with ``sigma`` the standard
     deviation of the scaled scores ``scale * <q, k>`` over the given queries and a seeded
     sample of at most ``sample`` keys. About ``n^{4/5}`` keys per row then fire when scores
@@ -217,8 +229,11 @@ def _attend_head_locked(kvi: KVIndex, Q, kind, alpha, bias, scale, eps, tau, top
     return out, info[:, 3].astype(np.int64), info[:, 2].astype(np.int64), info[:, 1], info[:, 0]
 
 
-def hsr_attention(q, index, *, kind="relu", alpha=2, bias=0.0, scale=None, eps=None, tau=None,
-                  topk=None, causal=False, return_info=False, dense_below=None):
+def hsr_attention(q: ArrayLike, index: KVIndex | KVCacheIndex | CodeKVCache | GPUBlockIndex | ShardedKVCache, *,
+                  kind: str = "relu", alpha: int = 2, bias: float | ArrayLike | str = 0.0, scale: float | None = None,
+                  eps: float | None = None, tau: float | ArrayLike | None = None, topk: int | None = None,
+                  causal: bool = False, return_info: bool = False, dense_below: int | None = None
+                  ) -> Array | tuple[Array, AttentionInfo]:
     """Attention of ``q`` over an indexed KV cache, computed only at the keys the index reports.
 
     Parameters

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._typing import Array, ArrayLike
 from ..index._validate import is_torch
 
 __all__ = ["dense_relu_attention", "dense_softmax_attention"]
@@ -67,8 +68,9 @@ def _heads(q, k, v, enable_gqa: bool, torch_mod=None):
     return np.repeat(k, g, axis=-3), np.repeat(v, g, axis=-3)
 
 
-def dense_relu_attention(q, k, v, *, alpha: int = 2, bias=0.0, scale=None, causal: bool = False,
-                         is_causal: bool = False, enable_gqa: bool = False):
+def dense_relu_attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, alpha: int = 2, bias: float | ArrayLike = 0.0,
+                         scale: float | None = None, causal: bool = False, is_causal: bool = False,
+                         enable_gqa: bool = False) -> Array:
     """``out = D^-1 A V`` with ``A = ReLU(scale * q k^T - bias) ** alpha`` and ``D = diag(A 1)``.
 
     A row where nothing fires (``D_ii = 0``) is defined as zeros, never NaN.
@@ -126,8 +128,10 @@ def dense_relu_attention(q, k, v, *, alpha: int = 2, bias=0.0, scale=None, causa
     return out.astype(np.result_type(np.asarray(q).dtype, np.float32))
 
 
-def dense_softmax_attention(q, k, v, *, scale=None, causal: bool = False, return_lse: bool = False,
-                            is_causal: bool = False, enable_gqa: bool = False, attn_mask=None):
+def dense_softmax_attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, scale: float | None = None,
+                            causal: bool = False, return_lse: bool = False, is_causal: bool = False,
+                            enable_gqa: bool = False, attn_mask: ArrayLike | None = None
+                            ) -> Array | tuple[Array, Array]:
     """Softmax attention ``softmax(scale * q k^T) v`` (numerically stable).
 
     Parameters

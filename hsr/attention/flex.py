@@ -11,15 +11,22 @@ from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
+from .._typing import Device, lazy
 from .blocks import _check_pos_int
 
 if TYPE_CHECKING:  # pragma: no cover - annotations only
+    from torch.nn.attention.flex_attention import BlockMask
+
     from .patterns import Pattern
+else:  # torch loads on the first call; Pattern resolves in its module when annotations are read
+    BlockMask = lazy("torch.nn.attention.flex_attention", "BlockMask")
+    Pattern = lazy("hsr.attention.patterns", "Pattern")
 
 __all__ = ["to_block_mask"]
 
 
-def to_block_mask(pattern: "Pattern", seq_len: int, *, batch: Optional[int] = None, heads: Optional[int] = None, device="cpu"):
+def to_block_mask(pattern: Pattern, seq_len: int, *, batch: Optional[int] = None, heads: Optional[int] = None,
+                  device: Device = "cpu") -> BlockMask:
     """FlexAttention ``BlockMask`` for a prefill of ``seq_len`` tokens, built from block lists.
 
     No token-level mask is materialised, so 128K+ contexts are cheap. FlexAttention's own

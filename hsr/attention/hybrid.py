@@ -10,12 +10,14 @@ reports, by threshold or rank) and :func:`remove_key_padding`, which takes pad k
 from __future__ import annotations
 
 import time
-from typing import Optional
+from typing import Dict, Optional, Tuple, Union
 
 import numpy as np
 
+from .._typing import Tensor
 from .core import paper_bias
 from .kv import KVCacheIndex
+from .patterns import Pattern
 
 __all__ = ["hybrid_attention", "remove_key_padding"]
 
@@ -57,8 +59,10 @@ def remove_key_padding(index: KVCacheIndex, key_padding: np.ndarray,
     return pad.copy()
 
 
-def hybrid_attention(query, key, value, index: Optional[KVCacheIndex], pattern, *, tau=None, topk=None,
-                     scale=None, key_padding=None, q_chunk: int = 512, return_info=False):
+def hybrid_attention(query: Tensor, key: Tensor, value: Tensor, index: Optional[KVCacheIndex], pattern: Pattern, *,
+                     tau: Union[float, str, None] = None, topk: Optional[int] = None, scale: Optional[float] = None,
+                     key_padding: Optional[np.ndarray] = None, q_chunk: int = 512, return_info: bool = False
+                     ) -> Union[Tensor, Tuple[Tensor, Dict[str, float]]]:
     """Causal softmax over ``pattern``'s keys united with the keys the index reports.
 
     Parameters

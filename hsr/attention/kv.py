@@ -7,11 +7,19 @@ position in the cache, so causal attention is an id limit.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
 
 from .._deprecation import renamed
+from .._typing import Array, ArrayLike, Device, TorchDType, lazy
 from ..index import HSRIndex
 from ..index._validate import as_float_array, is_torch, to_numpy
+
+if TYPE_CHECKING:
+    from ..kernels.codes import CodeKVCache
+else:  # torch and the Triton kernels load only when a cache moves to a GPU
+    CodeKVCache = lazy("hsr.kernels.codes", "CodeKVCache")
 
 __all__ = ["KVIndex", "KVCacheIndex"]
 
@@ -32,7 +40,7 @@ class KVIndex:
     grows incrementally (buffer plus logarithmic merging), with no rebuild per step.
     """
 
-    def __init__(self, keys, values, **index_kwargs):
+    def __init__(self, keys: ArrayLike, values: ArrayLike, **index_kwargs: Any) -> None:
         K = as_float_array(keys, "keys", np.float32, ndim=2)
         V = as_float_array(values, "values", np.float32, ndim=2)
         if K.shape[0] != V.shape[0]:
@@ -54,12 +62,12 @@ class KVIndex:
         """Values ``(n_total, dv)`` float32, row i belonging to key id i."""
         return self._values[:self.index.n_total]
 
-    def append(self, keys, values) -> np.ndarray:
+    def append(self, keys: ArrayLike, values: ArrayLike) -> np.ndarray:
         """Deprecated name of :meth:`add`."""
         renamed("KVIndex.append", "KVIndex.add")
         return self.add(keys, values)
 
-    def add(self, keys, values) -> np.ndarray:
+    def add(self, keys: ArrayLike, values: ArrayLike) -> np.ndarray:
         """Add keys ``(t, d)`` and values ``(t, dv)`` (or one of each); returns their ids."""
         K = as_float_array(keys, "keys", np.float32, ndim=2, dim=self.dim)
         V = as_float_array(values, "values", np.float32, ndim=2, dim=self.value_dim)
@@ -89,7 +97,7 @@ class KVCacheIndex:
         Passed to each head's :class:`~hsr.HSRIndex`.
     """
 
-    def __init__(self, keys, values, **index_kwargs):
+    def __init__(self, keys: ArrayLike, values: ArrayLike, **index_kwargs: Any) -> None:
         K = to_numpy(keys, "keys")
         V = to_numpy(values, "values")
         if K.ndim != 4 or V.ndim != 4:
@@ -111,12 +119,12 @@ class KVCacheIndex:
     def value_dim(self) -> int:
         return self.heads[0][0].value_dim
 
-    def append(self, keys, values) -> None:
+    def append(self, keys: ArrayLike, values: ArrayLike) -> None:
         """Deprecated name of :meth:`add`."""
         renamed("KVCacheIndex.append", "KVCacheIndex.add")
         self.add(keys, values)
 
-    def add(self, keys, values) -> None:
+    def add(self, keys: ArrayLike, values: ArrayLike) -> None:
         """Add ``(B, Hkv, t, D)`` keys and ``(B, Hkv, t, Dv)`` values (a decode step: t = 1)."""
         K = to_numpy(keys, "keys")
         V = to_numpy(values, "values")
@@ -127,7 +135,7 @@ class KVCacheIndex:
             for h in range(self.kv_heads):
                 self.heads[b][h].add(K[b, h], V[b, h])
 
-    def to(self, device, *, dtype=None, seed: int = 0):
+    def to(self, device: Device, *, dtype: TorchDType | None = None, seed: int = 0) -> CodeKVCache:
         """This cache on another device: a :class:`hsr.kernels.CodeKVCache` (per-key int8 codes
         over the same keys and values, stacked to ``(B, Hkv, n, D)``) that
         :func:`hsr.hsr_attention` runs with Triton kernels. Removed keys are not supported
@@ -156,7 +164,7 @@ class KVCacheIndex:
                 f"dim={self.dim})")
 
 
-def framework_out(out: np.ndarray, like):
+def framework_out(out: np.ndarray, like: ArrayLike) -> Array:
     """Return ``out`` in the framework, dtype and device of ``like``."""
     if is_torch(like):
         import torch

@@ -31,6 +31,7 @@ from typing import Callable, Dict, Optional
 
 import numpy as np
 
+from .._typing import Array
 from .blocks import BlockLists, _check_pos_int, block_lists_from_candidates
 
 __all__ = [
@@ -73,7 +74,7 @@ class Pattern:
         _check_pos_int("block_size", self.block_size)
 
     # ----------------------------------------------------------------- definition
-    def block_rule(self, qb, kb):
+    def block_rule(self, qb: Array, kb: Array) -> Array:
         """Whether tile ``(qb, kb)`` is kept; elementwise, numpy or torch integer arrays.
 
         Includes causality at block level (``kb <= qb``).
@@ -225,7 +226,7 @@ class PowerPattern(Pattern):
         _check_pos_int("window", self.window)
         _check_pos_int("sink", self.sink, 0)
 
-    def block_rule(self, qb, kb):
+    def block_rule(self, qb: Array, kb: Array) -> Array:
         d = qb - kb
         return (d >= 0) & ((d < self.window) | _is_pow2(d) | (kb < self.sink))
 
@@ -247,7 +248,7 @@ class SlidingWindowPattern(Pattern):
         _check_pos_int("window", self.window)
         _check_pos_int("sink", self.sink, 0)
 
-    def block_rule(self, qb, kb):
+    def block_rule(self, qb: Array, kb: Array) -> Array:
         d = qb - kb
         return (d >= 0) & ((d < self.window) | (kb < self.sink))
 
@@ -270,7 +271,7 @@ class StrideSlashPattern(Pattern):
         _check_pos_int("sink", self.sink, 0)
         _check_pos_int("stride", self.stride)
 
-    def block_rule(self, qb, kb):
+    def block_rule(self, qb: Array, kb: Array) -> Array:
         d = qb - kb
         return (d >= 0) & ((d < self.window) | (kb < self.sink) | (d % self.stride == 0))
 
@@ -301,7 +302,7 @@ class DilatedPattern(Pattern):
         _check_pos_int("window", self.window)
         _check_pos_int("sink", self.sink, 0)
 
-    def block_rule(self, qb, kb):
+    def block_rule(self, qb: Array, kb: Array) -> Array:
         d = qb - kb
         dil = (d % self.dilation == 0)
         if self.span > 0:
@@ -342,7 +343,7 @@ class LongNetPattern(Pattern):
     def _levels(self):
         return [(self.segment * self.ratio**l, self.dilation * self.ratio**l) for l in range(self.levels)]
 
-    def block_rule(self, qb, kb):
+    def block_rule(self, qb: Array, kb: Array) -> Array:
         d = qb - kb
         keep = d == 0
         for w, r in self._levels():
@@ -364,7 +365,7 @@ class FullPattern(Pattern):
 
     name = "full"
 
-    def block_rule(self, qb, kb):
+    def block_rule(self, qb: Array, kb: Array) -> Array:
         return qb - kb >= 0
 
     def _candidates(self, qb, nb):

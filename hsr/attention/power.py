@@ -19,6 +19,7 @@ from typing import Optional
 
 import numpy as np
 
+from .._typing import Array, Tensor
 from .baselines import _mean_kept, matched_baselines  # noqa: F401  (re-export)
 from .blocks import (BlockLists, _check_pos_int, _device_block_lists,  # noqa: F401  (re-export)
                      kernel_block_lists)
@@ -68,8 +69,8 @@ def _as_tensor(name: str, x):
     raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
 
 
-def power_attention(q, k, v, pattern: Optional[Pattern] = None, *, scale: Optional[float] = None,
-                    check_finite: bool = True):
+def power_attention(q: Array, k: Array, v: Array, pattern: Optional[Pattern] = None, *, scale: Optional[float] = None,
+                    check_finite: bool = True) -> Array:
     """Causal attention restricted to a static block-sparse pattern.
 
     Parameters
@@ -168,7 +169,7 @@ def power_attention(q, k, v, pattern: Optional[Pattern] = None, *, scale: Option
     return out.numpy() if q_np else out
 
 
-def _power_attention_cpu(q, k, v, pattern: Pattern, scale: float, check_finite: bool) -> "torch.Tensor":
+def _power_attention_cpu(q, k, v, pattern: Pattern, scale: float, check_finite: bool) -> Tensor:
     import torch  # lazily: importing hsr does not import torch
     B, Hq, M, D = q.shape
     _, Hkv, N, Dv = v.shape

@@ -15,7 +15,11 @@ Failure protocol (see ``docs/distributed.md``):
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+
+from .._typing import ProcessGroup
 
 __all__ = ["ShardError", "Comm"]
 
@@ -156,7 +160,7 @@ class Sharded:
     """What a sharded index and a sharded cache share: the process group, the local shard and
     where it sits (rank r holds global ids/positions ``[starts[r], starts[r] + n_r)``)."""
 
-    def __init__(self, local, group, broadcast_queries: bool):
+    def __init__(self, local: Any, group: ProcessGroup | None, broadcast_queries: bool) -> None:
         self.comm = Comm(group)
         self.local = local
         self.broadcast_queries = bool(broadcast_queries)

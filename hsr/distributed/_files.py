@@ -10,6 +10,7 @@ import os
 
 import numpy as np
 
+from .._typing import StrPath
 from ..attention.kv import KVCacheIndex, KVIndex
 from ..index import HSRIndex
 
@@ -94,7 +95,7 @@ def load_index(path, rank: int, world: int):
     return HSRIndex.load(os.path.join(folder, "index.hsr")), int(meta["start"])
 
 
-def load_shard(path, rank: int, world: int):
+def load_shard(path: StrPath, rank: int, world: int) -> tuple[KVIndex | KVCacheIndex | HSRIndex, int]:
     """One rank's saved shard, read by itself (no process group): ``(local, start)`` with
     ``local`` a KVIndex, KVCacheIndex or HSRIndex, whichever was saved."""
     folder = shard_dir(path, rank, world)

@@ -10,9 +10,11 @@ same on every rank, as FAISS's sharded indexes do: ``range_search`` one CSR
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import numpy as np
 
+from .._typing import ArrayLike, ProcessGroup, StrPath
 from ..index import HSRIndex
 from ..index._validate import to_numpy
 from ..index.results import RangeResult, SearchResult
@@ -41,7 +43,7 @@ class ShardedIndex(Sharded):
     same arguments); :meth:`add` and :meth:`save` are not.
     """
 
-    def __init__(self, local, *, group=None, broadcast_queries=True):
+    def __init__(self, local: HSRIndex, *, group: ProcessGroup | None = None, broadcast_queries: bool = True) -> None:
         super().__init__(local, group, broadcast_queries)
         meta = self.comm.attempt(_describe, local)
         got = self.comm.gather_rows(meta if meta is not None else np.zeros(2), "ShardedIndex construction")
@@ -50,7 +52,8 @@ class ShardedIndex(Sharded):
         self._set_sizes(got[:, 1])
 
     @classmethod
-    def from_full(cls, keys, *, group=None, broadcast_queries=True, **index_kwargs):
+    def from_full(cls, keys: ArrayLike, *, group: ProcessGroup | None = None, broadcast_queries: bool = True,
+                  **index_kwargs: Any) -> ShardedIndex:
         """Every rank passes all keys ``(n, d)``; each indexes its :func:`shard_range` slice."""
         comm = Comm(group)
 
@@ -76,7 +79,7 @@ class ShardedIndex(Sharded):
         ``remove``) still counts: counting live keys would cost a collective per call."""
         return self._n
 
-    def add(self, keys) -> np.ndarray:
+    def add(self, keys: ArrayLike) -> np.ndarray:
         """Add keys (every rank passes the same): the last rank indexes them. No communication.
         Returns their global ids."""
         t = np.shape(keys)[0] if np.ndim(keys) == 2 else 1
@@ -149,7 +152,8 @@ class ShardedIndex(Sharded):
         """Global id limits as this shard's local ones (``-1``: nothing visible here)."""
         return np.maximum(lim - self.start, -1)
 
-    def range_search(self, queries, tau, *, max_id=None) -> RangeResult:
+    def range_search(self, queries: ArrayLike | None, tau: float | ArrayLike, *, max_id: int | ArrayLike | None = None
+                     ) -> RangeResult:
         """All keys with ``<q_i, k> >= tau_i`` over every shard, as one CSR with global ids.
 
         Parameters
@@ -190,7 +194,7 @@ class ShardedIndex(Sharded):
         np.savez(buf, lims=lims, D=D, I=I)
         return buf.getvalue()
 
-    def topk(self, queries, k: int, *, max_id=None) -> SearchResult:
+    def topk(self, queries: ArrayLike | None, k: int, *, max_id: int | ArrayLike | None = None) -> SearchResult:
         """The k best keys over every shard, best first, global ids (``-1``/``-inf`` where fewer
         than k are visible); ties broken by the smaller id, as :meth:`hsr.HSRIndex.topk`."""
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
@@ -218,12 +222,13 @@ class ShardedIndex(Sharded):
         return out
 
     # ------------------------------------------------------------------ files
-    def save(self, path) -> None:
+    def save(self, path: StrPath) -> None:
         """Write this rank's index under the folder ``path``; no communication."""
         _files.save_index(path, self.local, self.rank, self.world, self.start)
 
     @classmethod
-    def load(cls, path, *, group=None, broadcast_queries=True):
+    def load(cls, path: StrPath, *, group: ProcessGroup | None = None, broadcast_queries: bool = True
+             ) -> ShardedIndex:
         """Each rank reads its own shard (collective: checks world size and starts)."""
         comm = Comm(group)
         got = comm.attempt(_files.load_index, path, comm.rank, comm.world)

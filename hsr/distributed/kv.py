@@ -15,9 +15,11 @@ shard's k best scores to find the global k-th best, then runs as that threshold.
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .._typing import Array, ArrayLike, ProcessGroup, StrPath, lazy
 from ..attention.core import AttentionInfo, check_options
 from ..attention.kv import KVCacheIndex, KVIndex, framework_out
 from ..index._validate import as_float_array, to_numpy
@@ -25,6 +27,11 @@ from ._comm import Comm, Sharded
 from .merge import dropped_fraction, kth_best, merge_attention, shard_range
 from .partial import cpu_partial, heads_of
 from . import _device, _files
+
+if TYPE_CHECKING:
+    from ..kernels.codes import CodeKVCache
+else:  # torch and the Triton kernels load only with a GPU shard
+    CodeKVCache = lazy("hsr.kernels.codes", "CodeKVCache")
 
 __all__ = ["ShardedKVCache"]
 
@@ -61,7 +68,8 @@ class ShardedKVCache(Sharded):
 
     accepts_certified_options = True  # hsr.hsr_attention passes eps, topk and return_info through
 
-    def __init__(self, local, *, group=None, broadcast_queries=True, dense_below=None):
+    def __init__(self, local: KVIndex | KVCacheIndex | CodeKVCache, *, group: ProcessGroup | None = None,
+                 broadcast_queries: bool = True, dense_below: int | None = None) -> None:
         super().__init__(local, group, broadcast_queries)
         self.dense_below = dense_below
         self.sync_timing = False
@@ -76,7 +84,9 @@ class ShardedKVCache(Sharded):
         self._set_sizes(got[:, 5])
 
     @classmethod
-    def from_full(cls, keys, values, *, group=None, broadcast_queries=True, dense_below=None, **index_kwargs):
+    def from_full(cls, keys: ArrayLike, values: ArrayLike, *, group: ProcessGroup | None = None,
+                  broadcast_queries: bool = True, dense_below: int | None = None, **index_kwargs: Any
+                  ) -> ShardedKVCache:
         """Every rank passes the whole cache; each keeps its :func:`shard_range` slice.
 
         ``keys (n, d)`` and ``values (n, dv)`` make :class:`KVIndex` shards; ``(B, Hkv, n, d)``
@@ -112,7 +122,7 @@ class ShardedKVCache(Sharded):
     def end(self) -> int:
         return self.start + self._local_n()
 
-    def add(self, keys, values):
+    def add(self, keys: ArrayLike, values: ArrayLike) -> np.ndarray:
         """Append a step's keys and values (every rank passes the same ones): the last rank
         stores them, every rank counts them. No communication. Returns their global positions."""
         K = to_numpy(keys, "keys") if self._kind != 2 else keys
@@ -124,8 +134,10 @@ class ShardedKVCache(Sharded):
         return np.arange(first, first + t, dtype=np.int64)
 
     # ------------------------------------------------------------------ attention
-    def hsr_attention(self, q, *, kind="relu", alpha=2, bias=0.0, scale=None, eps=None, tau=None, topk=None,
-                      causal=False, return_info=False):
+    def hsr_attention(self, q: ArrayLike | None, *, kind: str = "relu", alpha: int = 2, bias: float | ArrayLike = 0.0,
+                      scale: float | None = None, eps: float | None = None, tau: float | ArrayLike | None = None,
+                      topk: int | None = None, causal: bool = False, return_info: bool = False
+                      ) -> Array | tuple[Array, AttentionInfo]:
         """Attention of ``q`` over the whole sharded cache; options as :func:`hsr.hsr_attention`.
 
         Returns the same as :func:`hsr.hsr_attention` on one cache holding every position
@@ -278,7 +290,7 @@ class ShardedKVCache(Sharded):
         return np.maximum(kth, float(np.finfo(np.float32).min))
 
     # ------------------------------------------------------------------ files
-    def save(self, path) -> None:
+    def save(self, path: StrPath) -> None:
         """Write this rank's shard under the folder ``path`` (``shard-<rank>-of-<world>/``); no
         communication. CPU shards only."""
         if self._kind == 2:
@@ -286,7 +298,8 @@ class ShardedKVCache(Sharded):
         _files.save_kv(path, self.local, self.rank, self.world, self.start)
 
     @classmethod
-    def load(cls, path, *, group=None, broadcast_queries=True):
+    def load(cls, path: StrPath, *, group: ProcessGroup | None = None, broadcast_queries: bool = True
+             ) -> ShardedKVCache:
         """Each rank reads its own shard from the folder ``path`` (collective: the ranks check
         that the world size and the shard starts match what was saved)."""
         comm = Comm(group)

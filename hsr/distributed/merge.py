@@ -26,8 +26,11 @@ Certified softmax bound
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 
+from .._typing import ArrayLike
 from ..index.results import RangeResult, SearchResult
 
 __all__ = ["shard_range", "merge_attention", "dropped_log_mass", "dropped_fraction", "merge_range",
@@ -62,7 +65,7 @@ def _logsumexp(x: np.ndarray, axis: int = 0) -> np.ndarray:
         return np.log(np.sum(np.exp(x - np.expand_dims(safe, axis)), axis=axis)) + safe
 
 
-def merge_attention(out_parts, lse_parts):
+def merge_attention(out_parts: ArrayLike, lse_parts: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """Merge per-shard attention outputs exactly.
 
     Parameters
@@ -90,7 +93,7 @@ def merge_attention(out_parts, lse_parts):
     return out, lse
 
 
-def dropped_log_mass(lse, eps):
+def dropped_log_mass(lse: ArrayLike, eps: ArrayLike) -> np.ndarray:
     """``log U`` of a shard's certified dropped mass from its ``(lse, dropped_bound)``.
 
     ``U = S eps / (1 - eps)`` with ``S = exp(lse)``, inflated by 1e-9 (rounding). ``-inf`` where
@@ -106,7 +109,7 @@ def dropped_log_mass(lse, eps):
     return out
 
 
-def dropped_fraction(lse, log_dropped):
+def dropped_fraction(lse: ArrayLike, log_dropped: ArrayLike) -> np.ndarray:
     """The certified dropped fraction ``U / (S + U)`` from ``log S`` and ``log U`` (both over
     all shards): 0 where nothing is dropped, 1 where nothing is kept but something dropped."""
     lse = np.asarray(lse, dtype=np.float64)
@@ -119,7 +122,7 @@ def dropped_fraction(lse, log_dropped):
     return frac
 
 
-def merge_range(parts, starts, m: int) -> RangeResult:
+def merge_range(parts: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], starts: ArrayLike, m: int) -> RangeResult:
     """One CSR with global ids from per-shard range-search results.
 
     Parameters
@@ -160,7 +163,7 @@ def merge_range(parts, starts, m: int) -> RangeResult:
     return RangeResult(lims, D, I)
 
 
-def merge_topk(D_parts, I_parts, k: int) -> SearchResult:
+def merge_topk(D_parts: ArrayLike, I_parts: ArrayLike, k: int) -> SearchResult:
     """The global k best from per-shard top-k lists (ids already global).
 
     Parameters
@@ -186,7 +189,7 @@ def merge_topk(D_parts, I_parts, k: int) -> SearchResult:
     return SearchResult(np.take_along_axis(Dm, order, axis=1), np.take_along_axis(Im, order, axis=1))
 
 
-def kth_best(D_parts, k: int) -> np.ndarray:
+def kth_best(D_parts: ArrayLike, k: int) -> np.ndarray:
     """Per row, the k-th best score over all shards' top-k scores ``(R, rows, k)``; ``-inf``
     where fewer than k keys are visible over all shards."""
     D = np.asarray(D_parts, dtype=np.float64)

@@ -48,8 +48,10 @@ def row_runs(M: int, n_global: int, start: int, end: int, causal: bool) -> tuple
     return m_lo, m_c
 
 
-def cpu_partial(local, Qn, *, start, n_global, kind, alpha, bias, scale, eps, tau_rows, causal,
-                dense_below=None):
+def cpu_partial(local: KVIndex | KVCacheIndex, Qn: np.ndarray, *, start: int, n_global: int, kind: str, alpha: int,
+                bias: np.ndarray, scale: float, eps: float | None, tau_rows: np.ndarray | None, causal: bool,
+                dense_below: int | None = None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Partial attention of ``Qn (B, Hq, M, d)`` float32 over one CPU shard.
 
     Parameters

@@ -1,5 +1,10 @@
 """hsr.index: exact half-space reporting data structures (CPU, numba)."""
 
+from __future__ import annotations
+
+import numpy as np
+
+from .._typing import ArrayLike, DTypeLike
 from ._kernels import canonical_scores as _canonical_scores_kernel
 from ._validate import as_float_array, resolve_dtype
 from .results import RangeResult, SearchResult
@@ -8,7 +13,7 @@ from .tree import AUTO_MAX_SCAN, AUTO_MIN_KEYS, BruteForceIndex, HSRIndex, Searc
 __all__ = ["HSRIndex", "BruteForceIndex", "SearchStats", "RangeResult", "SearchResult", "canonical_scores", "AUTO_MIN_KEYS", "AUTO_MAX_SCAN"]
 
 
-def canonical_scores(queries, keys, dtype=None):
+def canonical_scores(queries: ArrayLike, keys: ArrayLike, dtype: DTypeLike = None) -> np.ndarray:
     """The library's canonical scores, ``(m, n)``: each dot product summed in dimension order
     in the working dtype (float32 unless ``dtype="float64"``), no fused multiply-add.
 

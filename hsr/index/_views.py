@@ -42,7 +42,8 @@ class SearchStats:
         ``sum exp(s (score_j - tau_i))`` over the visible live keys not reported.
     """
 
-    def __init__(self, nodes_visited, keys_scored, keys_selected, n_keys, method, codes_evaluated=None):
+    def __init__(self, nodes_visited: np.ndarray, keys_scored: np.ndarray, keys_selected: np.ndarray, n_keys: int,
+                 method: str, codes_evaluated: np.ndarray | None = None) -> None:
         self.nodes_visited = nodes_visited
         self.keys_scored = keys_scored
         self.keys_selected = keys_selected

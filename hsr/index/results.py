@@ -11,9 +11,16 @@ gives it back for one more release, with a ``DeprecationWarning``.
 
 
 import warnings
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
+
+from .._typing import lazy
+
+if TYPE_CHECKING:
+    from scipy.sparse import csr_array
+else:  # scipy.sparse loads on the first to_csr
+    csr_array = lazy("scipy.sparse", "csr_array")
 
 __all__ = ["RangeResult", "SearchResult"]
 
@@ -35,7 +42,7 @@ class RangeResult(NamedTuple):
     D: np.ndarray
     I: np.ndarray  # noqa: E741  (FAISS's name)
 
-    def to_csr(self, n_keys: int | None = None):
+    def to_csr(self, n_keys: int | None = None) -> csr_array:
         """The result as a ``scipy.sparse.csr_array`` of shape ``(m, n_keys)`` holding the scores.
 
         ``n_keys`` defaults to one past the largest id reported. Explicit zeros are kept, so

@@ -22,6 +22,8 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING
 
 import numpy as np
 from numba.typed import List
@@ -34,6 +36,12 @@ from ._views import ForestView, KeyView, SearchStats
 from ._validate import as_float_array, as_tau, resolve_dtype
 from .results import RangeResult, SearchResult, legacy
 from .codes import ROTATIONS, CodeStore
+from .._typing import ArrayLike, Device, DTypeLike, StrPath, TorchDType, lazy
+
+if TYPE_CHECKING:
+    from ..kernels.code_index import GPUCodeIndex
+else:  # the Triton kernels load only when an index moves to a GPU
+    GPUCodeIndex = lazy("hsr.kernels.code_index", "GPUCodeIndex")
 
 __all__ = ["HSRIndex", "BruteForceIndex", "SearchStats", "KeyView", "ForestView"]
 
@@ -135,8 +143,9 @@ class HSRIndex:
     True
     """
 
-    def __init__(self, keys=None, *, dim=None, leaf_size=32, split="pca", rotate=False,
-                 method="auto", buffer_size=1024, dtype=None, seed=0, code_rotation="random", copy=True):
+    def __init__(self, keys: ArrayLike | None = None, *, dim: int | None = None, leaf_size: int = 32,
+                 split: str = "pca", rotate: bool = False, method: str = "auto", buffer_size: int = 1024,
+                 dtype: DTypeLike = None, seed: int = 0, code_rotation: str = "random", copy: bool = True) -> None:
         self._lock = RWLock()
         if split not in ("pca", "axis"):
             raise ValueError(f"split must be 'pca' or 'axis', got {split!r}")
@@ -221,13 +230,13 @@ class HSRIndex:
         """Static trees in the forest (the buffer not counted)."""
         return len(self._trees)
 
-    def reading(self):
+    def reading(self) -> AbstractContextManager[object]:
         """Context manager: hold the index still (searches may run, changes wait) for a
         sequence of calls that must see one state, e.g. a search and then :meth:`key_view`."""
         self._catch_up()
         return self._lock.read()
 
-    def writing(self):
+    def writing(self) -> AbstractContextManager[object]:
         """Context manager: one change made of several calls (``KVIndex.append`` writes its
         values and adds the keys under one write); searches wait."""
         return self._lock.write()
@@ -249,7 +258,7 @@ class HSRIndex:
         return KeyView(keys, alive, self._n_dead > 0)
 
     @_reads
-    def forest_view(self, queries) -> ForestView:
+    def forest_view(self, queries: ArrayLike) -> ForestView:
         """The forest and ``queries (m, d)`` in its bounds' basis (tree backend only)."""
         if self.backend != "tree":
             raise ValueError(f"forest_view needs the tree backend; this index uses {self.backend!r}")
@@ -262,7 +271,7 @@ class HSRIndex:
         return ForestView(trees, QR, qn, self._slack_rel, self._slack_abs)
 
     @_reads
-    def score_bounds(self, queries):
+    def score_bounds(self, queries: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
         """Sound per-key bounds of the canonical scores from the codes (code backend only).
 
         Parameters
@@ -281,7 +290,7 @@ class HSRIndex:
         return self._codes.upper_bounds(Q, self._max_norm)
 
     @_reads
-    def to(self, device, *, dtype=None):
+    def to(self, device: Device, *, dtype: TorchDType | None = None) -> HSRIndex | GPUCodeIndex:
         """This index on ``device``: ``"cpu"`` returns it as is; another device (``"cuda"``) gives
         a :class:`hsr.kernels.code_index.GPUCodeIndex` over the same keys and ids (the code filter
         in Triton; ``range_search``, ``count`` and ``add`` take and return torch tensors).
@@ -307,7 +316,7 @@ class HSRIndex:
         return np.flatnonzero(self._alive[:self._n_total]).astype(np.int64)
 
     @_reads
-    def get_keys(self, ids) -> np.ndarray:
+    def get_keys(self, ids: ArrayLike) -> np.ndarray:
         """Keys ``(len(ids), d)`` of the given ids (removed ones included)."""
         ids = self._check_ids(ids, allow_dead=True)
         return self._keys[ids].copy()
@@ -330,7 +339,7 @@ class HSRIndex:
 
     # ------------------------------------------------------------------ grow and shrink
     @writes
-    def add(self, keys) -> np.ndarray:
+    def add(self, keys: ArrayLike) -> np.ndarray:
         """Append keys ``(k, d)`` (or one key ``(d,)``); returns their new ids ``(k,)`` int64.
 
         Cost: with the code filter, ``O(d)`` per key (a copy now; the code is written by the
@@ -435,7 +444,7 @@ class HSRIndex:
         return _build_tree(keys, ids, self._rot, self.leaf_size, self.split == "pca", self.rotate, rows)
 
     @writes
-    def remove(self, ids) -> None:
+    def remove(self, ids: ArrayLike) -> None:
         """Delete keys by id. Trees keep their bounds (still valid for the survivors); a tree
         that is more than half dead is rebuilt from its live keys.
 
@@ -551,8 +560,10 @@ class HSRIndex:
         return counts, stats, hits
 
     @_reads
-    def range_search(self, queries, tau, *, max_id=None, return_scores=True, return_stats=False,
-                     remainder_scale=None, legacy_order=False):
+    def range_search(self, queries: ArrayLike, tau: float | ArrayLike, *, max_id: int | ArrayLike | None = None,
+                     return_scores: bool = True, return_stats: bool = False, remainder_scale: float | None = None,
+                     legacy_order: bool = False) -> (RangeResult | tuple[np.ndarray, np.ndarray, np.ndarray]
+                                                     | tuple[np.ndarray, np.ndarray, np.ndarray, SearchStats]):
         """All keys with ``score(q_i, k) >= tau_i``, for each query, as CSR (FAISS's layout).
 
         Parameters
@@ -669,7 +680,8 @@ class HSRIndex:
         np.cumsum(np.bincount(rows, minlength=m), out=lims[1:])
         return lims, cols, sc
 
-    def query(self, q, tau, *, max_id=None, legacy_order=False):
+    def query(self, q: ArrayLike, tau: float | ArrayLike, *, max_id: int | ArrayLike | None = None,
+              legacy_order: bool = False) -> SearchResult | tuple[np.ndarray, np.ndarray]:
         """The paper's QUERY(a, b) for one query ``(d,)``: ``(D, I)``, the scores and ids of
         the keys with ``score >= tau`` (``legacy_order=True``, deprecated: ``(ids, scores)``)."""
         qa = as_float_array(q, "q", self.dtype, ndim=1, dim=self.dim)
@@ -678,7 +690,8 @@ class HSRIndex:
         return legacy(res, "query") if legacy_order else res
 
     @_reads
-    def count(self, queries, tau, *, max_id=None) -> np.ndarray:
+    def count(self, queries: ArrayLike, tau: float | ArrayLike, *, max_id: int | ArrayLike | None = None
+              ) -> np.ndarray:
         """Number of keys with ``score >= tau`` per query, ``(m,)`` int64. Whole nodes are
         counted without computing their scores."""
         Q, t, lim = self._prepare(queries, tau, max_id)
@@ -692,12 +705,15 @@ class HSRIndex:
         counts, _, _ = self._forest_count(Q, t, lim, with_scores=False)
         return counts.sum(axis=0)
 
-    def search(self, queries, k: int, *, max_id=None, return_stats=False):
+    def search(self, queries: ArrayLike, k: int, *, max_id: int | ArrayLike | None = None, return_stats: bool = False
+               ) -> SearchResult | tuple[np.ndarray, np.ndarray, SearchStats]:
         """FAISS's name for :meth:`topk`: ``(D, I)``, the k best keys per query."""
         return self.topk(queries, k, max_id=max_id, return_stats=return_stats)
 
     @_reads
-    def topk(self, queries, k: int, *, max_id=None, return_stats=False, legacy_order=False):
+    def topk(self, queries: ArrayLike, k: int, *, max_id: int | ArrayLike | None = None, return_stats: bool = False,
+             legacy_order: bool = False) -> (SearchResult | tuple[np.ndarray, np.ndarray]
+                                             | tuple[np.ndarray, np.ndarray, SearchStats]):
         """The ``k`` highest-scoring keys per query, best first (ties: smaller id first).
 
         Best-first search over the same bounds: nodes are opened in order of upper bound,
@@ -898,7 +914,7 @@ class HSRIndex:
         return self
 
     @_reads
-    def save(self, path) -> None:
+    def save(self, path: StrPath) -> None:
         """Write the index to ``path`` (a zip of ``.npy`` arrays with a JSON header and a
         SHA-256 of the arrays; no pickle, so loading runs no code). Atomic: the file is written
         beside the target, fsynced and renamed over it, so an interrupted save never loses the
@@ -908,7 +924,7 @@ class HSRIndex:
         write_index_file(path, meta, arrays)
 
     @classmethod
-    def load(cls, path) -> "HSRIndex":
+    def load(cls, path: StrPath) -> HSRIndex:
         """Read an index written by :meth:`save`.
 
         Raises
@@ -990,5 +1006,5 @@ class BruteForceIndex(HSRIndex):
     Same as ``HSRIndex(keys, method="brute")``; a subclass so that ``isinstance`` works.
     """
 
-    def __init__(self, keys=None, *, dim=None, dtype=None):
+    def __init__(self, keys: ArrayLike | None = None, *, dim: int | None = None, dtype: DTypeLike = None) -> None:
         super().__init__(keys, dim=dim, dtype=dtype, method="brute")

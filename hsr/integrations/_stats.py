@@ -58,7 +58,7 @@ class HSRStats:
     so for ``kind="softmax"`` both are one fused kernel, reported under ``search_s``.
     """
 
-    def __init__(self, _with_decode: bool = True):
+    def __init__(self, _with_decode: bool = True) -> None:
         self.layers: Dict[int, LayerStats] = {}
         self._lock = threading.Lock()
         #: the same counters restricted to decode calls (q_len == 1)

@@ -58,14 +58,21 @@ import functools
 import threading
 import time
 import weakref
-from typing import Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
 
+from .._typing import lazy
 from ..attention.core import hsr_attention
 from ..attention.hybrid import hybrid_attention, remove_key_padding
 from ..attention.kv import KVCacheIndex
+from ..attention.patterns import Pattern
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig
+else:  # transformers is optional here: the name resolves when annotations are read
+    PreTrainedConfig = lazy("transformers", "PreTrainedConfig")
 
 try:  # the module imports without transformers; registration then raises
     from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
@@ -133,7 +140,7 @@ class HSRLayer(DynamicLayer):
     """
 
     def __init__(self, index_kwargs: Optional[dict] = None, eager: bool = True,
-                 index_from: Optional[int] = None, **kwargs):
+                 index_from: Optional[int] = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.index_kwargs = dict(index_kwargs or {})
         self.eager = bool(eager)
@@ -176,7 +183,8 @@ class HSRLayer(DynamicLayer):
         _remove_pad(self.index, key_padding, self)
 
     # ---------------------------------------------------------------- DynamicLayer API
-    def update(self, key_states, value_states, *args, **kwargs):
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+               ) -> Tuple[torch.Tensor, torch.Tensor]:
         keys, values = super().update(key_states, value_states, *args, **kwargs)
         if self.eager and keys.shape[-2] >= self.index_from:
             self.get_index()
@@ -215,7 +223,7 @@ class HSRLayer(DynamicLayer):
             self._removed = self._removed[rows]
         self.n_reorders += 1
 
-    def reorder_cache(self, beam_idx) -> None:
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
         super().reorder_cache(beam_idx)
         self._select_rows(torch.as_tensor(beam_idx).cpu().numpy())
 
@@ -224,7 +232,7 @@ class HSRLayer(DynamicLayer):
         super().batch_repeat_interleave(repeats)
         self._select_rows(np.repeat(np.arange(b), repeats))
 
-    def batch_select_indices(self, indices) -> None:
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
         b = self.index.batch if self.index is not None else 0
         super().batch_select_indices(indices)
         sel = np.arange(b)[torch.as_tensor(indices).cpu().numpy()] if b else []
@@ -266,8 +274,8 @@ class HSRCache(DynamicCache):
     KVCacheIndex(batch=1, kv_heads=3, seq=..., dim=64)
     """
 
-    def __init__(self, config=None, *, index_kwargs: Optional[dict] = None, eager: bool = True,
-                 index_from: Optional[int] = None):
+    def __init__(self, config: Optional[PreTrainedConfig] = None, *, index_kwargs: Optional[dict] = None,
+                 eager: bool = True, index_from: Optional[int] = None) -> None:
         if not _HAVE_TRANSFORMERS:  # pragma: no cover
             raise ImportError("HSRCache needs transformers >= 4.54")
         index_from = _short.MODEL_DENSE_BELOW if index_from is None else index_from
@@ -372,7 +380,7 @@ class HSRAttentionBackend:
     stats : HSRStats
     """
 
-    def __init__(self, name: str, mode: str, settings: dict, index_kwargs: Optional[dict] = None):
+    def __init__(self, name: str, mode: str, settings: dict, index_kwargs: Optional[dict] = None) -> None:
         self.name = name
         self.mode = mode
         self.settings = dict(settings)
@@ -399,7 +407,9 @@ class HSRAttentionBackend:
         st.index_s += time.perf_counter() - t0
         return index
 
-    def __call__(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    def __call__(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 attention_mask: Optional[torch.Tensor], scaling: Optional[float] = None, dropout: float = 0.0,
+                 **kwargs: Any) -> Tuple[torch.Tensor, None]:
         if dropout and getattr(module, "training", False):
             raise NotImplementedError("hsr attention backends are inference-only (dropout > 0)")
         if kwargs.get("softcap") is not None:
@@ -534,7 +544,7 @@ def registered_backends() -> Dict[str, HSRAttentionBackend]:
 
 def register_hsr_attention(name: str = "hsr_softmax", *, kind: str = "softmax", eps: Optional[float] = None,
                            tau: Optional[float] = None, topk: Optional[int] = None, alpha: int = 2,
-                           bias=0.0, index_kwargs: Optional[dict] = None,
+                           bias: Union[float, str] = 0.0, index_kwargs: Optional[dict] = None,
                            dense_below: Optional[int] = None) -> HSRAttentionBackend:
     """Register :func:`hsr.hsr_attention` as transformers attention ``name``.
 
@@ -577,8 +587,8 @@ def register_hsr_attention(name: str = "hsr_softmax", *, kind: str = "softmax", 
     return _register(HSRAttentionBackend(name, "hsr", settings, index_kwargs))
 
 
-def register_power_attention(name: str = "power", pattern=None, *, block_size: int = 64, window: int = 4,
-                             sink: int = 1) -> HSRAttentionBackend:
+def register_power_attention(name: str = "power", pattern: Optional[Pattern] = None, *, block_size: int = 64,
+                             window: int = 4, sink: int = 1) -> HSRAttentionBackend:
     """Register a static block-sparse pattern (default PowerAttention) as attention ``name``.
 
     ``pattern`` is any :class:`hsr.attention.power.Pattern`; without one,
@@ -593,7 +603,8 @@ def register_power_attention(name: str = "power", pattern=None, *, block_size: i
     return _register(HSRAttentionBackend(name, "power", {"pattern": pattern}))
 
 
-def register_hybrid_attention(name: str = "hybrid", pattern=None, *, tau=None, topk: Optional[int] = None,
+def register_hybrid_attention(name: str = "hybrid", pattern: Optional[Pattern] = None, *,
+                              tau: Union[float, str, None] = None, topk: Optional[int] = None,
                               block_size: int = 64, window: int = 4, sink: int = 1,
                               index_kwargs: Optional[dict] = None) -> HSRAttentionBackend:
     """Register the hybrid: softmax over ``pattern``'s keys united with the index's keys.

@@ -34,14 +34,21 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Tuple
+from typing import TYPE_CHECKING, Tuple
 
 import torch
+
+from .._typing import lazy
 
 from ._validate import (MIN_TILE, check_attention_inputs, check_block_lists, check_block_size,
                         check_block_values, check_tensor)
 
 __all__ = ["is_block_mask", "lists_from_block_mask", "block_lists_from_block_mask", "block_sparse_intake"]
+
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
+else:  # not imported here (see is_block_mask): the name resolves when annotations are read
+    BlockMask = lazy("torch.nn.attention.flex_attention", "BlockMask")
 
 #: mask_mod evaluations per vmap call (bounds the memory of the index tensors)
 _EVAL_CHUNK = 1 << 22
@@ -336,7 +343,8 @@ def block_sparse_intake(q, k, v, kv_num_blocks, kv_indices, block_mask, block_si
     return kv_num_blocks, kv_indices, block_size, causal
 
 
-def block_lists_from_block_mask(block_mask, q, k):
+def block_lists_from_block_mask(block_mask: BlockMask, q: torch.Tensor, k: torch.Tensor
+                                ) -> Tuple[torch.Tensor, torch.Tensor, int, bool]:
     """BSR lists of a FlexAttention ``BlockMask`` for ``block_sparse_attention``.
 
     Parameters

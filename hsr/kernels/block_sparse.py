@@ -27,11 +27,13 @@ Conventions (queries are the last ``M`` of ``N`` positions; list rows; GQA) are 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import triton
 import triton.language as tl
 
+from .._typing import lazy
 from . import _blockmask
 from ._compat import interpreting as _interpreting
 from ._compat import patch_interpreter
@@ -42,6 +44,11 @@ from ._validate import (MAX_STACKED_ROWS, MIN_TILE, check_attention_inputs, chec
 from ._prefill import _bsa_prefill_kernel, _prefill_v2, split_block_lists  # noqa: F401  (split_block_lists re-exported)
 
 patch_interpreter()
+
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
+else:  # flex_attention is imported only by who makes a BlockMask (see _blockmask.is_block_mask)
+    BlockMask = lazy("torch.nn.attention.flex_attention", "BlockMask")
 
 
 @triton.jit
@@ -166,7 +173,7 @@ def _list_strides(kv_num_blocks, kv_indices):
     return sn, si
 
 
-def merge_partials(o_part, lse_part, out, lse, M):
+def merge_partials(o_part: torch.Tensor, lse_part: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, M: int) -> None:
     """Combine split partials ``(S, B*Hq*M, D)`` / ``(S, B*Hq*M)`` into ``out`` ``(B,Hq,M,D)``
     and ``lse`` ``(B,Hq,M)`` (contiguous float32)."""
     S, BHM, D = o_part.shape
@@ -181,12 +188,15 @@ def merge_partials(o_part, lse_part, out, lse, M):
 _FORCE_V1 = False
 
 
-def block_sparse_attention(q, k, v, kv_num_blocks=None, kv_indices=None, *, block_mask=None,
-                           block_size=None, causal=None,
-                           scale=None, return_lse=False, block_m=None, block_n=None,
-                           num_splits=None, num_warps=None, num_stages=None,
-                           k_rowmajor=True, block_ptr=False, flat=True, positions=None,
-                           n_valid=None, check_values=True):
+def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           kv_num_blocks: torch.Tensor | BlockMask | None = None,
+                           kv_indices: torch.Tensor | None = None, *, block_mask: BlockMask | None = None,
+                           block_size: int | None = None, causal: bool | None = None, scale: float | None = None,
+                           return_lse: bool = False, block_m: int | None = None, block_n: int | None = None,
+                           num_splits: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
+                           k_rowmajor: bool = True, block_ptr: bool = False, flat: bool = True,
+                           positions: torch.Tensor | None = None, n_valid: int | None = None, check_values: bool = True
+                           ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse attention over a BSR block list or a FlexAttention ``BlockMask``.
 
     ``block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, block_size=128)`` takes

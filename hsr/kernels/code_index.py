@@ -56,7 +56,7 @@ class GPUCodeIndex:
     #: query rows filtered together (one tile of the filter kernel)
     ROWS = 64
 
-    def __init__(self, keys, *, seed: int = 0):
+    def __init__(self, keys: torch.Tensor, *, seed: int = 0) -> None:
         if not torch.is_tensor(keys) or keys.dim() != 2:
             raise ValueError(f"keys must be a (n, d) tensor, got {type(keys).__name__} "
                              f"{tuple(keys.shape) if torch.is_tensor(keys) else ''}")
@@ -77,13 +77,13 @@ class GPUCodeIndex:
         return self.cache.D
 
     @property
-    def device(self):
+    def device(self) -> torch.device:
         return self.cache.device
 
     def __len__(self) -> int:
         return self.cache.n
 
-    def add(self, keys) -> torch.Tensor:
+    def add(self, keys: torch.Tensor) -> torch.Tensor:
         """Append keys ``(t, d)`` (or one ``(d,)``); returns their ids ``(t,)`` int64."""
         if not torch.is_tensor(keys):
             raise TypeError("keys must be a torch tensor")
@@ -92,7 +92,7 @@ class GPUCodeIndex:
         self.cache.add(k[None, None], None)
         return torch.arange(start, self.cache.n, device=self.device)
 
-    def range_search(self, queries, tau):
+    def range_search(self, queries: torch.Tensor, tau: float | torch.Tensor) -> RangeResult:
         """Every key with score ``>= tau`` per query, as CSR torch tensors on the device.
 
         Parameters
@@ -144,7 +144,7 @@ class GPUCodeIndex:
         cat = lambda xs, dt: torch.cat(xs) if xs else torch.zeros(0, dtype=dt, device=self.device)
         return RangeResult(lims, cat(scores, torch.float32), cat(ids, torch.int64))
 
-    def count(self, queries, tau) -> torch.Tensor:
+    def count(self, queries: torch.Tensor, tau: float | torch.Tensor) -> torch.Tensor:
         """Number of keys with score ``>= tau`` per query, ``(m,)`` int64."""
         return torch.diff(self.range_search(queries, tau)[0])
 

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
@@ -339,7 +340,7 @@ class CodeKVCache:
         Rows to reserve (appends beyond it reallocate).
     """
 
-    def __init__(self, k, v, *, seed: int = 0, capacity: int | None = None):
+    def __init__(self, k: torch.Tensor, v: torch.Tensor | None, *, seed: int = 0, capacity: int | None = None) -> None:
         self._lock = RWLock()  # adds wait for searches in flight; searches run together
         self.has_values = v is not None
         if v is None:
@@ -397,13 +398,13 @@ class CodeKVCache:
     def __len__(self) -> int:
         return self.n
 
-    def append(self, k, v) -> None:
+    def append(self, k: torch.Tensor, v: torch.Tensor | None) -> None:
         """Deprecated name of :meth:`add`."""
         _renamed("CodeKVCache.append", "CodeKVCache.add")
         self.add(k, v)
 
     @writes
-    def add(self, k, v) -> None:
+    def add(self, k: torch.Tensor, v: torch.Tensor | None) -> None:
         """Add ``(B, Hkv, t, D)`` keys and values (``v=None`` for a keys-only cache) at the next
         positions: writes their codes, steps and error bounds."""
         if (v is None) == self.has_values:
@@ -497,14 +498,14 @@ class CodeKVCache:
                              f"got {tuple(x.shape)}")
         return t, 0.0, t.stride()
 
-    def search(self, q, tau, **kwargs) -> CodePlan:
+    def search(self, q: torch.Tensor, tau: float | torch.Tensor, **kwargs: Any) -> CodePlan:
         """Deprecated name of :meth:`plan`."""
         _renamed("CodeKVCache.search", "CodeKVCache.plan")
         return self.plan(q, tau, **kwargs)
 
     @reads
-    def plan(self, q, tau, *, bias=0.0, block_n: int = 128, num_warps: int = 4, num_stages: int = 3,
-             programs_per_sm: int | None = None) -> CodePlan:
+    def plan(self, q: torch.Tensor, tau: float | torch.Tensor, *, bias: float | torch.Tensor = 0.0, block_n: int = 128,
+             num_warps: int = 4, num_stages: int = 3, programs_per_sm: int | None = None) -> CodePlan:
         """Filter (plan): the keys whose bound reaches ``tau - slack`` for any row of their group.
 
         Parameters
@@ -555,13 +556,14 @@ class CodeKVCache:
         return CodePlan(surv, count, seg, (tau_t, tau_s), (bias_t, bias_s), rows, M)
 
     # ------------------------------------------------------------------ run (attend)
-    def attend_plan(self, q, plan: CodePlan, **kwargs):
+    def attend_plan(self, q: torch.Tensor, plan: CodePlan, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Deprecated name of :meth:`run`."""
         _renamed("CodeKVCache.attend_plan", "CodeKVCache.run")
         return self.run(q, plan, **kwargs)
 
     @reads
-    def run(self, q, plan: CodePlan, *, kind=None, alpha=2, scale=None, num_splits=None):
+    def run(self, q: torch.Tensor, plan: CodePlan, *, kind: str | None = None, alpha: int = 2,
+            scale: float | None = None, num_splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention of ``q (B, Hq, M, D)`` over a plan's survivors (keys with ``score >= tau``,
         causal: query m of M sits at position ``n - M + m``).
 
@@ -612,7 +614,9 @@ class CodeKVCache:
         return out.to(q.dtype), lse
 
     @reads  # plan and run under one read: an add cannot fall between them
-    def attend(self, q, *, tau=None, kind=None, alpha=2, bias=0.0, scale=None, num_splits=None):
+    def attend(self, q: torch.Tensor, *, tau: float | torch.Tensor | None = None, kind: str | None = None,
+               alpha: int = 2, bias: float | torch.Tensor = 0.0, scale: float | None = None,
+               num_splits: int | None = None) -> torch.Tensor:
         """Filter + attend in one call. ReLU^alpha defaults to ``tau = bias / scale`` (exact);
         softmax needs ``tau`` (raw score). Returns ``out (B, Hq, M, D)``."""
         kind = resolve_kind(kind, "CodeKVCache.attend")
@@ -627,7 +631,9 @@ class CodeKVCache:
         out, _ = self._run(q, plan, kind=kind, alpha=alpha, scale=s, num_splits=num_splits)
         return out
 
-    def hsr_attention(self, q, *, kind="relu", alpha=2, bias=0.0, scale=None, tau=None, causal=True):
+    def hsr_attention(self, q: torch.Tensor, *, kind: str = "relu", alpha: int = 2, bias: float | torch.Tensor = 0.0,
+                      scale: float | None = None, tau: float | torch.Tensor | None = None, causal: bool = True
+                      ) -> torch.Tensor:
         """The :func:`hsr.hsr_attention` entry for this cache (``q (B, Hq, M, D)`` on its device)."""
         if not (torch.is_tensor(q) and q.device == self.device):
             raise TypeError(f"a CodeKVCache on {self.device} takes query tensors (B, Hq, M, D) on the same device")

@@ -236,9 +236,11 @@ def _bias_tensor(bias, Hq, device):
     return torch.full((Hq,), float(bias), device=device, dtype=torch.float32)
 
 
-def relu_prefill(q, k, v, *, alpha=2, bias=0.0, scale=None, causal=True, skip=True,
-                 slack=DEFAULT_SLACK, return_lse=False, return_stats=False, block_m=None,
-                 block_n=None, num_warps=None, num_stages=None):
+def relu_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, alpha: int = 2,
+                 bias: float | torch.Tensor = 0.0, scale: float | None = None, causal: bool = True, skip: bool = True,
+                 slack: float = DEFAULT_SLACK, return_lse: bool = False, return_stats: bool = False,
+                 block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
+                 num_stages: int | None = None) -> torch.Tensor | tuple[torch.Tensor | dict[str, int], ...]:
     """Exact ReLU^alpha attention (prefill) that skips tiles whose scores all stay below ``bias``.
 
     Parameters

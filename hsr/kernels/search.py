@@ -57,7 +57,7 @@ import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import triton
@@ -144,7 +144,7 @@ class SearchPlan:
         return key in self._present()
 
     @classmethod
-    def from_dict(cls, plan) -> "SearchPlan":
+    def from_dict(cls, plan: SearchPlan | Mapping[str, torch.Tensor]) -> SearchPlan:
         """A plan from the dict layout of earlier versions (a plan is returned as is)."""
         if isinstance(plan, cls):
             return plan
@@ -184,7 +184,7 @@ class GPUBlockIndex:
         return self.block
 
     @property
-    def shape(self):
+    def shape(self) -> torch.Size:
         return self.kp.shape
 
     def summary_bytes(self) -> int:
@@ -223,16 +223,16 @@ class GPUBlockIndex:
             UPCAST=interpreting() or q.dtype == torch.float32, num_warps=4)
         return flags, ucnt, uidx
 
-    def block_flags(self, q, tau):
+    def block_flags(self, q: torch.Tensor, tau: float | torch.Tensor) -> torch.Tensor:
         """int8 ``(B, Hq, M, nb)``: 1 where the block's bound passes ``tau - slack``."""
         return self._filter(q, tau, True)[0]
 
-    def search(self, q, tau, per_row=False):
+    def search(self, q: torch.Tensor, tau: float | torch.Tensor, per_row: bool = False) -> SearchPlan:
         """Deprecated name of :meth:`plan` (``search`` is FAISS's k-nearest search elsewhere)."""
         _renamed("GPUBlockIndex.search", "GPUBlockIndex.plan")
         return self.plan(q, tau, per_row=per_row)
 
-    def plan(self, q, tau, per_row=False):
+    def plan(self, q: torch.Tensor, tau: float | torch.Tensor, per_row: bool = False) -> SearchPlan:
         """Plan: surviving blocks as BSR lists for ``attend``/``block_sparse_attention``.
 
         Parameters
@@ -259,13 +259,16 @@ class GPUBlockIndex:
             kv_indices=torch.sort(flags, dim=-1, descending=True, stable=True).indices.to(torch.int32),
             flags=flags)
 
-    def search_keys(self, q, tau, plan=None):
+    def search_keys(self, q: torch.Tensor, tau: float | torch.Tensor,
+                    plan: SearchPlan | Mapping[str, torch.Tensor] | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Deprecated: :meth:`range_search` in the pre-0.2 order ``(indptr, indices int32, scores)``."""
         _renamed("GPUBlockIndex.search_keys", "GPUBlockIndex.range_search (FAISS order lims, D, I)")
         lims, D, I = self.range_search(q, tau, plan=plan)
         return lims, I.to(torch.int32), D
 
-    def range_search(self, q, tau, plan=None):
+    def range_search(self, q: torch.Tensor, tau: float | torch.Tensor,
+                     plan: SearchPlan | Mapping[str, torch.Tensor] | None = None) -> RangeResult:
         """CSR of exactly the keys with ``<q, k> >= tau`` (float32 scores of the stored
         values), from ``plan`` when it has the per-row lists.
 
@@ -309,12 +312,14 @@ class GPUBlockIndex:
         return RangeResult(indptr, scores, indices)
 
     # ------------------------------------------------------------------ run
-    def attend(self, q, plan, **kw):
+    def attend(self, q: torch.Tensor, plan: SearchPlan | Mapping[str, torch.Tensor], **kw: Any
+               ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Deprecated name of :meth:`run`."""
         _renamed("GPUBlockIndex.attend", "GPUBlockIndex.run")
         return self.run(q, plan, **kw)
 
-    def run(self, q, plan, *, scale=None, return_lse=False, **kw):
+    def run(self, q: torch.Tensor, plan: SearchPlan | Mapping[str, torch.Tensor], *, scale: float | None = None,
+            return_lse: bool = False, **kw: Any) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Run (softmax): block-sparse decode over each kv head's union of surviving
         blocks (a :class:`SearchPlan`), on the permuted K/V with positions (causal)."""
         plan = SearchPlan.from_dict(plan)
@@ -323,7 +328,9 @@ class GPUBlockIndex:
             block_size=self.block, causal=True, scale=scale, return_lse=return_lse,
             positions=self.pos, n_valid=self.n_valid, **kw)
 
-    def hsr_attention(self, q, *, kind="relu", alpha=2, bias=0.0, scale=None, tau=None, causal=True):
+    def hsr_attention(self, q: torch.Tensor, *, kind: str = "relu", alpha: int = 2, bias: float = 0.0,
+                      scale: float | None = None, tau: float | torch.Tensor | None = None, causal: bool = True
+                      ) -> torch.Tensor:
         """The :func:`hsr.hsr_attention` entry for this index: the Triton filter + attention
         (:func:`hsr_decode`) for CUDA queries ``(B, Hq, M, D)``; softmax needs ``tau=``."""
         if not (torch.is_tensor(q) and q.device == self.kp.device):
@@ -335,7 +342,7 @@ class GPUBlockIndex:
             raise ValueError("on the GPU, softmax keeps the blocks that may score >= tau: give tau=")
         return hsr_decode(q, self, tau=tau, kind=kind, alpha=int(alpha), bias=float(bias), scale=scale)
 
-    def tau_for_fraction(self, q, fraction, sample=4096, seed=0):
+    def tau_for_fraction(self, q: torch.Tensor, fraction: float, sample: int = 4096, seed: int = 0) -> torch.Tensor:
         """Threshold per query row ``(B, Hq, M)`` that keeps about ``fraction`` of the keys,
         estimated from an evenly strided sample of ``sample`` stored keys."""
         B, Hq, M, D = q.shape
@@ -351,8 +358,9 @@ class GPUBlockIndex:
         return torch.nanquantile(sc, 1.0 - fraction, dim=-1).float()
 
 
-def build_index(k, v, *, block_size=None, n_sub=8, method="kmeans", perm=None, rotate=False, seed=0,
-                n_clusters=None, block=None):
+def build_index(k: torch.Tensor, v: torch.Tensor, *, block_size: int | None = None, n_sub: int = 8,
+                method: str = "kmeans", perm: torch.Tensor | None = None, rotate: bool = False, seed: int = 0,
+                n_clusters: int | None = None, block: int | None = None) -> GPUBlockIndex:
     """Build a ``GPUBlockIndex`` over ``k, v (B, Hkv, N, D)``.
 
     block_size : keys per block C (16, 32, 64 or 128; default 32), the library's one name for a
@@ -446,9 +454,11 @@ def build_index(k, v, *, block_size=None, n_sub=8, method="kmeans", perm=None, r
         n_valid=N, kmax=kmax, rot=None if rot is None else rot.view(B, Hkv, D, D).contiguous())
 
 
-def hsr_decode(q, index: GPUBlockIndex, *, tau=None, top_fraction=None, kind=None,
-               alpha=2, bias=0.0, scale=None, exact_set=False, return_lse=False,
-               num_splits=None, count_visited=False, mode=None):
+def hsr_decode(q: torch.Tensor, index: GPUBlockIndex, *, tau: float | torch.Tensor | None = None,
+               top_fraction: float | None = None, kind: str | None = None, alpha: int = 2, bias: float = 0.0,
+               scale: float | None = None, exact_set: bool = False, return_lse: bool = False,
+               num_splits: int | None = None, count_visited: bool = False, mode: str | None = None
+               ) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Fused filter + attention for a few new queries against an indexed KV cache.
 
     q : ``(B, Hq, M, D)`` (queries at the last M positions; M small, usually 1).

@@ -86,9 +86,10 @@ def _selected_kernel(
     tl.store(LSEP + pid_s * BHM + row, lse)
 
 
-def selected_attention(q, k, v, indptr, indices, *, kind=None, alpha=2, bias=0.0,
-                       scale=None, return_lse=False, max_row_len=None, block_n=None,
-                       num_splits=None):
+def selected_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indptr: torch.Tensor, indices: torch.Tensor,
+                       *, kind: str | None = None, alpha: int = 2, bias: float = 0.0, scale: float | None = None,
+                       return_lse: bool = False, max_row_len: int | None = None, block_n: int | None = None,
+                       num_splits: int | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of each query row over its CSR-selected keys.
 
     Parameters

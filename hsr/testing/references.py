@@ -25,6 +25,7 @@ Conventions shared with the kernels (see docs/kernels.md):
 from __future__ import annotations
 
 import math
+from typing import Optional, Tuple
 
 import torch
 
@@ -34,7 +35,8 @@ from ..kernels._validate import list_row_offset
 
 
 
-def block_mask_dense(kv_num_blocks, kv_indices, B, Hq, M, N, block_size, causal=True):
+def block_mask_dense(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, B: int, Hq: int, M: int, N: int,
+                     block_size: int, causal: bool = True) -> torch.Tensor:
     """Dense boolean mask ``(B, Hq, M, N)`` of a block list (True = attend)."""
     Bl, Hl, R, _ = kv_indices.shape
     off = list_row_offset(R, M, N, block_size)
@@ -59,7 +61,8 @@ def block_mask_dense(kv_num_blocks, kv_indices, B, Hq, M, N, block_size, causal=
     return mask
 
 
-def masked_attention(q, k, v, mask, scale=None):
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+                     scale: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention under a dense mask, float32 math. Returns ``(out, lse)``.
 
     ``out`` float32 ``(B, Hq, M, D)``; ``lse`` float32 ``(B, Hq, M)`` (natural log of the
@@ -71,8 +74,9 @@ def masked_attention(q, k, v, mask, scale=None):
     return out, lse.float()
 
 
-def block_sparse_reference(q, k, v, kv_num_blocks, kv_indices, *, block_size=128,
-                           causal=True, scale=None):
+def block_sparse_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_num_blocks: torch.Tensor,
+                           kv_indices: torch.Tensor, *, block_size: int = 128, causal: bool = True,
+                           scale: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     B, Hq, M, _ = q.shape
     N = k.shape[2]
     mask = block_mask_dense(kv_num_blocks.cpu(), kv_indices.cpu(), B, Hq, M, N, block_size,
@@ -80,8 +84,9 @@ def block_sparse_reference(q, k, v, kv_num_blocks, kv_indices, *, block_size=128
     return masked_attention(q, k, v, mask, scale)
 
 
-def selected_reference(q, k, v, indptr, indices, *, kind="softmax", alpha=2, bias=0.0,
-                       scale=None):
+def selected_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indptr: torch.Tensor,
+                       indices: torch.Tensor, *, kind: str = "softmax", alpha: int = 2, bias: float = 0.0,
+                       scale: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """CSR selected-entry attention, float32. Duplicated indices count twice (as in the
     kernel). Returns ``(out, lse)``; for ``kind="relu"`` lse is ``log(sum of weights)``."""
     B, Hq, M, D = q.shape
@@ -115,7 +120,7 @@ def selected_reference(q, k, v, indptr, indices, *, kind="softmax", alpha=2, bia
     return out, lse
 
 
-def rel_err(out, ref):
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """``||out - ref|| / ||ref||`` in float64 (NaN anywhere gives inf)."""
     out = out.double()
     ref = ref.double()
