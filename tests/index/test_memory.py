@@ -94,3 +94,18 @@ def test_tree_build_without_copies_is_exact(n, leaf):
         S = canonical_scores(Q, K)
         for tau in (-1.0, 0.0, 1.0, 2.0):
             assert _sets(idx, Q, np.full(4, tau))[0] == [np.flatnonzero(r >= tau).tolist() for r in S]
+
+
+@pytest.mark.parametrize("method", ["code", "tree", "brute"])
+def test_copy_false_over_a_memory_mapped_file(tmp_path, method):
+    """Keys memory-mapped read-only from a .npy file are indexed in place (no copy in RAM)."""
+    K, Q = _keys(900, 20)
+    np.save(tmp_path / "k.npy", K)
+    M = np.load(tmp_path / "k.npy", mmap_mode="r")
+    idx = hsr.HSRIndex(M, method=method, copy=False)
+    assert np.shares_memory(idx.key_view().keys, M)
+    S = canonical_scores(Q, K)
+    assert idx.count(Q, 1.0).tolist() == (S >= 1.0).sum(1).tolist()
+    idx.add(K[:2])  # growth copies into the index's own buffer; the file is never written
+    assert len(idx) == 902
+    np.testing.assert_array_equal(np.load(tmp_path / "k.npy"), K)
