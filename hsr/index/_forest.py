@@ -1,7 +1,7 @@
 """The static partition trees of the forest: their arrays (``_Tree``) and their build.
 
-A thin layer over the numba kernels of ``_kernels.py`` (the table of every array, with shapes
-and dtypes, is there). ``HSRIndex`` (``tree.py``) keeps a list of these trees plus an append
+A thin layer over the build kernels of ``_build_kernels.py`` (the table of every array, with
+shapes and dtypes, heads ``_kernels.py``, whose search kernels read them). ``HSRIndex`` (``tree.py``) keeps a list of these trees plus an append
 buffer and merges them (logarithmic method).
 """
 
