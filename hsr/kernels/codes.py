@@ -452,7 +452,9 @@ class CodeKVCache:
         self.n = e
 
     # ------------------------------------------------------------------ plan (filter)
-    def _check_q(self, q):
+    def _check_q(self, q, tau=None, bias=None):
+        """Shapes, device and dtype of ``q``; then, outside CUDA-graph capture, its values and
+        those of a tensor ``tau``/``bias`` (NaN tau, NaN/Inf bias), all in one synchronisation."""
         if not torch.is_tensor(q) or q.dim() != 4:
             raise ValueError(f"q must be a (B, Hq, M, D) tensor, got {type(q).__name__} "
                              f"{tuple(q.shape) if torch.is_tensor(q) else ''}")
@@ -464,16 +466,35 @@ class CodeKVCache:
         if M > self.n:
             raise ValueError(f"{M} query positions but only {self.n} keys: causal queries are the last positions")
         if not _capturing():
-            # one synchronisation: a NaN/Inf anywhere in q makes its largest norm non-finite
-            qmax = float(q.float().norm(dim=-1).max())
-            if not math.isfinite(qmax):
-                raise ValueError("q contains NaN or Inf")
+            # one reduction and one synchronisation: the norm of q with a tensor tau (clamped to
+            # [-1, 1]: NaN stays, +-inf is allowed) and bias appended is finite exactly when none
+            # holds a value it must not (a NaN threshold keeps no key, a NaN/Inf bias poisons the
+            # weights: both silently); it also bounds q's largest row norm from above. Tensors on
+            # another device are left to _per_row, which refuses them with its own message.
+            on_q = lambda t: torch.is_tensor(t) and t.device == q.device  # noqa: E731
+            if on_q(tau) or on_q(bias):
+                parts = [q.reshape(-1).float()]
+                if on_q(tau):
+                    parts.append(tau.reshape(-1).float().clamp(-1.0, 1.0))
+                if on_q(bias):
+                    parts.append(bias.reshape(-1).float())
+                norm = torch.linalg.vector_norm(torch.cat(parts)).item()
+            else:
+                norm = torch.linalg.vector_norm(q, dtype=torch.float32).item()
+            if not math.isfinite(norm):  # the error path: say which input, at another sync or two
+                if not bool(torch.isfinite(q).all()):
+                    raise ValueError("q contains NaN or Inf")
+                if on_q(tau) and bool(torch.isnan(tau).any()):
+                    raise ValueError("tau contains NaN")
+                if on_q(bias) and not bool(torch.isfinite(bias).all()):
+                    raise ValueError("bias contains NaN or Inf")
+                norm = math.inf  # finite values whose squares overflow fp32: far past the bound below
             # the bounds are fp32: |q| |k| past ~1e37 would overflow them (and drop keys)
             if self._max_norm_host is None:
                 self._max_norm_host = float(self.max_norm.max())
-            top = qmax * self._max_norm_host
+            top = norm * self._max_norm_host
             if top >= 1e37:
-                raise ValueError(f"|q|*|k| reaches {top:.3g}: beyond the fp32 bounds of the code filter; "
+                raise ValueError(f"|q|*|k| may reach {top:.3g}: beyond the fp32 bounds of the code filter; "
                                  "rescale q or k")
 
     def _per_row(self, x, q, name):
@@ -520,7 +541,7 @@ class CodeKVCache:
             default 8 for 16 or more (batch, kv head) pairs, else 2). The defaults are the best of
             a sweep on an H200 at 128K (``bench/results/gpu_codes_h200_2026-11-30_sweep.txt``).
         """
-        self._check_q(q)
+        self._check_q(q, tau, bias)
         return self._plan(q, tau, bias=bias, block_n=block_n, num_warps=num_warps, num_stages=num_stages,
                           programs_per_sm=programs_per_sm)
 
@@ -625,8 +646,8 @@ class CodeKVCache:
             if kind == "softmax":
                 raise ValueError("softmax on the code cache keeps the keys with score >= tau: give tau=")
             tau = (bias / s).float() if torch.is_tensor(bias) else float(bias) / s
-        # one check of q (its finiteness costs a device sync) and one lock for the whole step
-        self._check_q(q)
+        # one check of q, tau and bias (their values cost a device sync) and one lock for the step
+        self._check_q(q, tau, bias)
         plan = self._plan(q, tau, bias=bias)
         out, _ = self._run(q, plan, kind=kind, alpha=alpha, scale=s, num_splits=num_splits)
         return out

@@ -128,6 +128,21 @@ def test_bad_inputs(device):
                  lambda: cache.attend(bad, kind="relu")):
         with pytest.raises(ValueError, match="NaN"):
             call()
+    # a NaN threshold tensor would keep no key, a NaN/Inf bias poison the weights: refused
+    nan_tau = torch.zeros(4, device=q.device)
+    nan_tau[2] = math.nan
+    inf_bias = torch.zeros(4, device=q.device)
+    inf_bias[1] = math.inf
+    for call, what in ((lambda: cache.plan(q, nan_tau), "tau contains NaN"),
+                       (lambda: cache.attend(q, tau=nan_tau, kind="softmax"), "tau contains NaN"),
+                       (lambda: cache.attend(q, kind="relu", bias=inf_bias), "NaN or Inf")):
+        with pytest.raises(ValueError, match=what):
+            call()
+    cache.plan(q, torch.full((4,), -math.inf, device=q.device))  # -inf: keep every key, allowed
+    # |q| |k| past the filter's fp32 bounds would drop keys: refused (finite q, squares overflowing)
+    for big in (1e19, 1e36):
+        with pytest.raises(ValueError, match="fp32 bounds"):
+            cache.plan(q * big, 0.0)
 
 
 def test_kvcacheindex_to_device_and_hsr_attention(device):
