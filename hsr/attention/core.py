@@ -349,9 +349,9 @@ def hsr_attention(q: ArrayLike, index: KVIndex | KVCacheIndex | CodeKVCache | GP
             raise ValueError(f"bias must be a number, an array of one per head, or 'paper', got {bias!r}")
         bias_h = None
     else:
+        if np.ndim(bias) and np.shape(bias) != (Hq,):  # before broadcasting: numpy's message names no argument
+            raise ValueError(f"bias must be a scalar or one per query head, shape ({Hq},), got {np.shape(bias)}")
         bias_h = np.broadcast_to(np.asarray(bias, dtype=np.float64), (Hq,)) if np.ndim(bias) else np.full(Hq, float(bias))
-        if np.ndim(bias) and np.shape(bias) != (Hq,):
-            raise ValueError(f"bias must be a scalar or have shape ({Hq},), got {np.shape(bias)}")
         if not np.isfinite(bias_h).all():
             raise ValueError("bias contains NaN or Inf")
     if tau is not None:

@@ -189,6 +189,11 @@ def test_bad_inputs():
         hsr_attention(q, hsr.HSRIndex(K))
     with pytest.raises(ValueError, match="scale"):
         hsr_attention(q, kv, scale=-1.0)
+    # bias is one per query head (one head here), not one per query row
+    with pytest.raises(ValueError, match=r"bias must be a scalar or one per query head, shape \(1,\)"):
+        hsr_attention(q, kv, bias=np.array([0.0, 1.0]))
+    with pytest.raises(ValueError, match="bias contains NaN or Inf"):
+        hsr_attention(q, kv, bias=np.array([np.inf]))
     cache = KVCacheIndex(K[None, None], K[None, None])
     with pytest.raises(ValueError, match="multiple"):
         hsr_attention(np.ones((1, 3, 1, 8), dtype=np.float32), KVCacheIndex(np.stack([K, K])[None], np.stack([K, K])[None]))
