@@ -64,12 +64,12 @@ def test_range_matches_oracle(method, kind, n, d):
 @given(n=st.integers(0, 300), d=st.integers(1, 40), leaf=st.integers(1, 40),
        scale=st.sampled_from([1e-30, 1e-3, 1.0, 1e6, 1e15]), seed=st.integers(0, 2**31 - 1),
        kind=st.sampled_from(["gauss", "lattice"]), split=st.sampled_from(["pca", "axis"]),
-       rotate=st.booleans())
-def test_property_exact(n, d, leaf, scale, seed, kind, split, rotate):
+       rotate=st.booleans(), copy=st.booleans())
+def test_property_exact(n, d, leaf, scale, seed, kind, split, rotate, copy):
     rng = np.random.default_rng(seed)
     K = fixture_keys(rng, n, d, kind) * np.float32(scale)
     Q = fixture_keys(rng, 5, d, kind)
-    index = hsr.HSRIndex(K, dim=d, method="tree", leaf_size=leaf, split=split, rotate=rotate)
+    index = hsr.HSRIndex(K, dim=d, method="tree", leaf_size=leaf, split=split, rotate=rotate, copy=copy)
     if n == 0:
         lims, scores, ids = index.range_search(Q, 0.0)
         assert lims.tolist() == [0] * 6 and len(ids) == 0
@@ -84,12 +84,16 @@ def test_property_exact(n, d, leaf, scale, seed, kind, split, rotate):
 @pytest.mark.parametrize("method,d", [("tree", 6), ("code", 20)])
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**31 - 1), ops=st.lists(st.tuples(st.sampled_from(["add", "remove"]),
-                                                             st.integers(1, 300)), min_size=1, max_size=12))
-def test_property_add_remove(method, d, seed, ops):
+                                                             st.integers(1, 300)), min_size=1, max_size=12),
+       start=st.integers(0, 200), copy=st.booleans())
+def test_property_add_remove(method, d, seed, ops, start, copy):
+    """Sequences of adds and removals, from an empty index or from one built over ``start``
+    keys (read in place with ``copy=False``), against the oracle after every step."""
     rng = np.random.default_rng(seed)
-    index = hsr.HSRIndex(dim=d, method=method, leaf_size=4, buffer_size=64)
-    all_keys = np.zeros((0, d), dtype=np.float32)
-    alive = np.zeros(0, dtype=bool)
+    all_keys = fixture_keys(rng, start, d, "lattice") if start else np.zeros((0, d), dtype=np.float32)
+    initial, given_keys = all_keys, all_keys.copy()  # the array handed over, and its values
+    index = hsr.HSRIndex(initial if start else None, dim=d, method=method, leaf_size=4, buffer_size=64, copy=copy)
+    alive = np.ones(start, dtype=bool)
     for op, k in ops:
         if op == "add":
             new = fixture_keys(rng, k, d, "lattice")
@@ -110,6 +114,7 @@ def test_property_add_remove(method, d, seed, ops):
             S = canonical_scores(Q, all_keys)
             tau = S[:, rng.integers(0, len(all_keys))].astype(np.float64)
             check(index, Q, all_keys, tau, alive)
+    np.testing.assert_array_equal(initial, given_keys)  # the caller's keys are never written
 
 
 def test_decode_appends_match_fresh_build():
