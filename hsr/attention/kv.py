@@ -33,6 +33,8 @@ class KVIndex:
     values : (n, dv) array or tensor
     **index_kwargs
         Passed to :class:`~hsr.HSRIndex` (``leaf_size``, ``method``, ``buffer_size``, ...).
+        ``copy=False`` applies to the values too: float32 C-contiguous values are then read in
+        place (read-only) instead of copied, until the first :meth:`add`.
 
     Notes
     -----
@@ -47,8 +49,15 @@ class KVIndex:
             raise ValueError(f"keys and values differ in length: {K.shape[0]} vs {V.shape[0]}")
         self.index = HSRIndex(K, dim=K.shape[1], **index_kwargs)
         self.value_dim = V.shape[1]
-        self._values = np.zeros((max(16, V.shape[0]), V.shape[1]), dtype=np.float32)
-        self._values[:V.shape[0]] = V
+        # as the index does with keys: values the conversion made are kept, and with
+        # copy=False so are the caller's own (a read-only view); the first add copies them
+        owned = V is not values and V.flags.owndata
+        if V.shape[0] and (owned or not index_kwargs.get("copy", True)):
+            self._values = V if owned else V.view()
+            self._values.flags.writeable = owned
+        else:
+            self._values = np.zeros((max(16, V.shape[0]), V.shape[1]), dtype=np.float32)
+            self._values[:V.shape[0]] = V
 
     @property
     def dim(self) -> int:

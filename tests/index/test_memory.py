@@ -109,3 +109,26 @@ def test_copy_false_over_a_memory_mapped_file(tmp_path, method):
     idx.add(K[:2])  # growth copies into the index's own buffer; the file is never written
     assert len(idx) == 902
     np.testing.assert_array_equal(np.load(tmp_path / "k.npy"), K)
+
+
+def test_kv_index_copy_false_reads_keys_and_values_in_place():
+    """KVIndex/KVCacheIndex pass copy=False to their indexes and apply it to the values too:
+    the same attention, the caller's arrays shared and never written, growth copies."""
+    rng = np.random.default_rng(3)
+    k = rng.standard_normal((1, 2, 600, 16)).astype(np.float32)
+    v = rng.standard_normal((1, 2, 600, 16)).astype(np.float32)
+    k0, v0 = k.copy(), v.copy()
+    q = rng.standard_normal((1, 4, 1, 16)).astype(np.float32)
+    a = hsr.KVCacheIndex(k, v)
+    b = hsr.KVCacheIndex(k, v, copy=False)
+    kv = b.heads[0][1]
+    assert np.shares_memory(kv.values, v) and not kv.values.flags.writeable
+    for kind, kw in (("relu", dict(alpha=2, bias=0.3)), ("softmax", dict(eps=1e-3))):
+        np.testing.assert_array_equal(hsr.hsr_attention(q, a, kind=kind, **kw), hsr.hsr_attention(q, b, kind=kind, **kw))
+    step_k = rng.standard_normal((1, 2, 1, 16)).astype(np.float32)
+    for c in (a, b):
+        c.add(step_k, step_k)
+    assert not np.shares_memory(b.heads[0][1].values, v)
+    np.testing.assert_array_equal(hsr.hsr_attention(q, a, alpha=2, bias=0.3), hsr.hsr_attention(q, b, alpha=2, bias=0.3))
+    np.testing.assert_array_equal(k, k0)
+    np.testing.assert_array_equal(v, v0)
