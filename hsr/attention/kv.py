@@ -59,6 +59,20 @@ class KVIndex:
             self._values = np.zeros((max(16, V.shape[0]), V.shape[1]), dtype=np.float32)
             self._values[:V.shape[0]] = V
 
+    @classmethod
+    def from_index(cls, index: HSRIndex, values: ArrayLike) -> "KVIndex":
+        """A KVIndex around an existing index (a loaded one, say: no rebuild) and the values
+        ``(index.n_total, dv)`` of its key ids, copied."""
+        V = as_float_array(values, "values", np.float32, ndim=2)
+        if V.shape[0] != index.n_total:
+            raise ValueError(f"values {V.shape} do not match the index ({index.n_total} key ids)")
+        kvi = cls.__new__(cls)
+        kvi.index = index
+        kvi.value_dim = V.shape[1]
+        kvi._values = np.zeros((max(16, V.shape[0]), V.shape[1]), dtype=np.float32)
+        kvi._values[:V.shape[0]] = V
+        return kvi
+
     @property
     def dim(self) -> int:
         return self.index.dim
@@ -116,6 +130,17 @@ class KVCacheIndex:
         self.batch, self.kv_heads = K.shape[0], K.shape[1]
         self.heads = [[KVIndex(K[b, h], V[b, h], **index_kwargs) for h in range(K.shape[1])]
                       for b in range(K.shape[0])]
+
+    @classmethod
+    def from_heads(cls, heads: list[list[KVIndex]]) -> "KVCacheIndex":
+        """A cache over existing per-head indexes, ``heads[b][h]`` (a loaded shard, say)."""
+        if not heads or not heads[0] or any(len(row) != len(heads[0]) for row in heads):
+            raise ValueError("heads must be a non-empty (batch x kv_heads) list of lists of KVIndex")
+        if not all(isinstance(kvi, KVIndex) for row in heads for kvi in row):
+            raise TypeError("heads must hold KVIndex objects")
+        cache = cls.__new__(cls)
+        cache.batch, cache.kv_heads, cache.heads = len(heads), len(heads[0]), heads
+        return cache
 
     def __len__(self) -> int:
         return len(self.heads[0][0]) if self.batch else 0

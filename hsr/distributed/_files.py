@@ -55,30 +55,16 @@ def save_kv(path, local, rank, world, start) -> None:
                 batch=len(heads), kv_heads=len(heads[0]))
 
 
-def _kv_index(index: HSRIndex, values: np.ndarray) -> KVIndex:
-    """A KVIndex around a loaded index and its values (no rebuild)."""
-    if values.ndim != 2 or values.shape[0] != index.n_total:
-        raise ValueError(f"values {values.shape} do not match the index ({index.n_total} positions)")
-    kvi = KVIndex.__new__(KVIndex)
-    kvi.index = index
-    kvi.value_dim = values.shape[1]
-    kvi._values = np.zeros((max(16, values.shape[0]), values.shape[1]), dtype=np.float32)
-    kvi._values[:values.shape[0]] = values
-    return kvi
-
-
 def load_kv(path, rank: int, world: int):
     """``(local, start)``: rank's shard (a KVIndex or KVCacheIndex) and its saved start."""
     folder = shard_dir(path, rank, world)
     meta = _read_meta(folder, rank, world, ("KVIndex", "KVCacheIndex"))
-    heads = [[_kv_index(HSRIndex.load(os.path.join(folder, f"b{b}_h{h}.hsr")),
-                        np.load(os.path.join(folder, f"b{b}_h{h}.values.npy"), allow_pickle=False))
+    heads = [[KVIndex.from_index(HSRIndex.load(os.path.join(folder, f"b{b}_h{h}.hsr")),
+                                 np.load(os.path.join(folder, f"b{b}_h{h}.values.npy"), allow_pickle=False))
               for h in range(int(meta["kv_heads"]))] for b in range(int(meta["batch"]))]
     if meta["kind"] == "KVIndex":
         return heads[0][0], int(meta["start"])
-    cache = KVCacheIndex.__new__(KVCacheIndex)
-    cache.batch, cache.kv_heads, cache.heads = len(heads), len(heads[0]), heads
-    return cache, int(meta["start"])
+    return KVCacheIndex.from_heads(heads), int(meta["start"])
 
 
 def save_index(path, index: HSRIndex, rank, world, start) -> None:

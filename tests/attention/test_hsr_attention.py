@@ -251,3 +251,24 @@ def test_keys_scored_never_exceeds_visible(method, mode):
     visible = np.arange(601, 901) - (np.arange(601, 901) > 3) - (np.arange(601, 901) > 700)
     assert (info.keys_scored <= visible[None, None, :]).all()
     assert (info.keys_selected <= info.keys_scored).all()
+
+
+def test_kv_index_from_an_existing_index(tmp_path):
+    """KVIndex.from_index wraps a loaded index (no rebuild) with its values; KVCacheIndex.from_heads
+    assembles heads; both attend as the originals do, and bad parts are refused."""
+    rng = np.random.default_rng(11)
+    K = rng.standard_normal((400, 12)).astype(np.float32)
+    V = rng.standard_normal((400, 5)).astype(np.float32)
+    q = rng.standard_normal((3, 12)).astype(np.float32)
+    kv = KVIndex(K, V)
+    kv.index.save(tmp_path / "i.hsr")
+    again = KVIndex.from_index(hsr.HSRIndex.load(tmp_path / "i.hsr"), V)
+    np.testing.assert_array_equal(hsr_attention(q, kv, alpha=2, bias=0.2), hsr_attention(q, again, alpha=2, bias=0.2))
+    cache = KVCacheIndex.from_heads([[kv, again]])
+    assert (cache.batch, cache.kv_heads) == (1, 2)
+    with pytest.raises(ValueError, match="do not match the index"):
+        KVIndex.from_index(kv.index, V[:10])
+    with pytest.raises(ValueError, match="list of lists"):
+        KVCacheIndex.from_heads([[kv], [kv, again]])
+    with pytest.raises(TypeError, match="KVIndex"):
+        KVCacheIndex.from_heads([[kv.index]])
