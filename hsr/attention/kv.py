@@ -14,7 +14,7 @@ import numpy as np
 from .._deprecation import renamed
 from .._typing import Array, ArrayLike, Device, TorchDType, lazy
 from ..index import HSRIndex
-from ..index._validate import as_float_array, is_torch, to_numpy
+from ..index._validate import as_float_array, is_torch, kept_in_place, to_numpy
 
 if TYPE_CHECKING:
     from ..kernels.codes import CodeKVCache
@@ -22,6 +22,13 @@ else:  # torch and the Triton kernels load only when a cache moves to a GPU
     CodeKVCache = lazy("hsr.kernels.codes", "CodeKVCache")
 
 __all__ = ["KVIndex", "KVCacheIndex"]
+
+
+def _value_buffer(V: np.ndarray) -> np.ndarray:
+    """A growable float32 copy of values ``(n, dv)`` (room for at least 16 rows)."""
+    buf = np.zeros((max(16, V.shape[0]), V.shape[1]), dtype=np.float32)
+    buf[:V.shape[0]] = V
+    return buf
 
 
 class KVIndex:
@@ -49,15 +56,9 @@ class KVIndex:
             raise ValueError(f"keys and values differ in length: {K.shape[0]} vs {V.shape[0]}")
         self.index = HSRIndex(K, dim=K.shape[1], **index_kwargs)
         self.value_dim = V.shape[1]
-        # as the index does with keys: values the conversion made are kept, and with
-        # copy=False so are the caller's own (a read-only view); the first add copies them
-        owned = V is not values and V.flags.owndata
-        if V.shape[0] and (owned or not index_kwargs.get("copy", True)):
-            self._values = V if owned else V.view()
-            self._values.flags.writeable = owned
-        else:
-            self._values = np.zeros((max(16, V.shape[0]), V.shape[1]), dtype=np.float32)
-            self._values[:V.shape[0]] = V
+        # as the index does with the keys (copy=False: the caller's values in place)
+        kept = kept_in_place(V, values, index_kwargs.get("copy", True))
+        self._values = kept if kept is not None else _value_buffer(V)
 
     @classmethod
     def from_index(cls, index: HSRIndex, values: ArrayLike) -> "KVIndex":
@@ -69,8 +70,7 @@ class KVIndex:
         kvi = cls.__new__(cls)
         kvi.index = index
         kvi.value_dim = V.shape[1]
-        kvi._values = np.zeros((max(16, V.shape[0]), V.shape[1]), dtype=np.float32)
-        kvi._values[:V.shape[0]] = V
+        kvi._values = _value_buffer(V)
         return kvi
 
     @property

@@ -97,3 +97,24 @@ def as_tau(tau, m: int) -> np.ndarray:
     if not np.isfinite(t).all():
         raise ValueError("tau contains NaN or Inf")
     return np.ascontiguousarray(t)
+
+
+def kept_in_place(arr: np.ndarray, given, copy: bool) -> np.ndarray | None:
+    """The array a store (keys, values) may keep instead of copying ``arr``, the validated form
+    of the caller's ``given``; None when it must copy.
+
+    An array the validation made (a conversion: nothing else references it) is kept as is;
+    with ``copy=False`` the caller's own memory is kept too, through a read-only view (the
+    store never writes it: it grows into a new buffer). Empty arrays are never kept: the store
+    starts with room to grow.
+    """
+    if arr.shape[0] == 0:
+        return None
+    if arr is not given and arr.flags.owndata:
+        return arr
+    if copy:
+        return None
+    view = arr.view()
+    view.flags.writeable = False
+    return view
+

@@ -33,7 +33,7 @@ from ._files import _digest, _meta_ids, _meta_int, read_index_file, write_index_
 from ._forest import _build_tree, _empty_buffer, _pca_rotation, _Tree
 from .._lock import RWLock, writes
 from ._views import ForestView, KeyView, SearchStats
-from ._validate import as_float_array, as_tau, resolve_dtype
+from ._validate import as_float_array, as_tau, kept_in_place, resolve_dtype
 from .results import RangeResult, SearchResult, legacy
 from .codes import ROTATIONS, CodeStore
 from .._typing import ArrayLike, Device, DTypeLike, StrPath, TorchDType, lazy
@@ -182,17 +182,8 @@ class HSRIndex:
         self.dim = arr.shape[1]
         self.code_rotation = code_rotation
         self.backend = _resolve_backend(method, self.dim)
-        # keys that the conversion made (a new array nothing else references) are kept, not
-        # copied again; with copy=False, so are the caller's own, through a read-only view
-        owned = arr is not keys and arr.flags.owndata
-        adopt = arr.shape[0] > 0 and (owned or not copy)
-        if not adopt:
-            self._keys = np.zeros((max(arr.shape[0], 16), self.dim), dtype=self.dtype)
-        elif owned:
-            self._keys = arr
-        else:
-            self._keys = arr.view()
-            self._keys.flags.writeable = False  # the caller's memory: never written here
+        kept = kept_in_place(arr, keys, copy)
+        self._keys = kept if kept is not None else np.zeros((max(arr.shape[0], 16), self.dim), dtype=self.dtype)
         self._alive = np.zeros(self._keys.shape[0], dtype=np.uint8)
         self._n_total = 0
         self._n_dead = 0
@@ -204,7 +195,7 @@ class HSRIndex:
         self._codes = self._new_codes() if self.backend == "code" else None
         self._slack_rel, self._slack_abs, self._gamma, self._overflow = _precision(self.dtype, self.dim, self.rotate)
         if arr.shape[0]:
-            self._append(self._keys if adopt else arr)
+            self._append(self._keys if kept is not None else arr)
 
     # ------------------------------------------------------------------ size and content
     def __len__(self) -> int:
