@@ -31,7 +31,7 @@ from numba.typed import List
 from . import _kernels as K
 from ._files import _digest, _meta_ids, _meta_int, read_index_file, write_index_file
 from ._forest import _build_tree, _empty_buffer, _pca_rotation, _Tree
-from .._lock import RWLock, writes
+from .._lock import RWLock, reads, writes
 from ._views import ForestView, KeyView, SearchStats
 from ._validate import as_float_array, as_tau, kept_in_place, resolve_dtype
 from .results import RangeResult, SearchResult, legacy
@@ -68,17 +68,15 @@ _HITS = 256
 
 
 def _reads(method):
-    """Run a search under the index's read lock (appended keys are coded first)."""
+    """:func:`hsr._lock.reads`, after coding the appended keys (a short write, so it cannot
+    run under the read)."""
+    locked = reads(method)
+
     @functools.wraps(method)
-    def locked(self, *args, **kwargs):
+    def caught_up(self, *args, **kwargs):
         self._catch_up()
-        lock = self._lock
-        lock.acquire_read()
-        try:
-            return method(self, *args, **kwargs)
-        finally:
-            lock.release_read()
-    return locked
+        return locked(self, *args, **kwargs)
+    return caught_up
 
 
 class HSRIndex:
