@@ -152,3 +152,95 @@ def test_loading_while_another_process_saves(tmp_path):
     assert proc.exitcode == 0
     assert loads > 0
     assert [p.name for p in tmp_path.iterdir()] == ["shared.hsr"]  # no temporary left behind
+
+
+@pytest.mark.parametrize("method,d", [("tree", 8), ("code", 32)])
+def test_a_writer_is_not_starved_by_continuous_searches_and_searches_are_linearizable(method, d):
+    """Three threads search without pause while a writer adds and removes (issue 23: the lock
+    used to let new searches overtake a waiting writer, which then waited for minutes).
+
+    Bound: every write completes within WRITE_BOUND = 5 s (it waits only for the searches in
+    flight, about one search's duration; the assert is generous because the machine is shared).
+    Linearizable: each search's result equals the brute-force answer over one serial state
+    ``j`` of the index, with ``j`` between the writes finished when it started and the writes
+    started when it ended.
+    """
+    WRITE_BOUND = 5.0
+    rng = np.random.default_rng(5)
+    n0, n_ops, batch = 4000, 30, 48
+    K = rng.standard_normal((n0 + n_ops * batch, d)).astype(np.float32)
+    Q = rng.standard_normal((6, d)).astype(np.float32)
+    tau = np.float32(1.2 * np.sqrt(d))  # about 12% of the keys per query
+    index = hsr.HSRIndex(K[:n0], method=method, buffer_size=128)
+    index.range_search(Q, tau)  # compile outside the timed part
+
+    alive = np.ones(len(K), dtype=bool)
+    alive[n0:] = False
+    states = [alive.copy()]
+    started, done = [0], [0]  # writes begun / finished (one writer: plain ints suffice)
+    write_times, errors, records = [], [], []
+    go, finished = threading.Barrier(4), threading.Event()
+    deadline = time.monotonic() + 20.0
+
+    def writer():
+        try:
+            go.wait(5)
+            nxt = n0
+            for op in range(n_ops):
+                while len(records) < 3 * op and time.monotonic() < deadline:
+                    time.sleep(1e-4)  # let a few searches finish between writes: they interleave
+                t0 = time.perf_counter()
+                started[0] += 1
+                if op % 2 == 0:
+                    ids = index.add(K[nxt:nxt + batch])
+                    assert np.array_equal(ids, np.arange(nxt, nxt + batch))
+                    alive[nxt:nxt + batch] = True
+                    nxt += batch
+                else:
+                    gone = rng.choice(np.flatnonzero(alive), batch // 2, replace=False)
+                    index.remove(gone)
+                    alive[gone] = False
+                states.append(alive.copy())
+                done[0] += 1
+                write_times.append(time.perf_counter() - t0)
+        except Exception as exc:  # pragma: no cover - reported by the test
+            errors.append(exc)
+        finally:
+            finished.set()
+
+    def reader():
+        try:
+            go.wait(5)
+            while not finished.is_set() and time.monotonic() < deadline:
+                lo = done[0]
+                t0 = time.perf_counter()
+                lims, _, ids = index.range_search(Q, tau)
+                dt = time.perf_counter() - t0
+                records.append((lo, started[0], lims, ids, dt))
+        except Exception as exc:  # pragma: no cover - reported by the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=reader, daemon=True) for _ in range(3)]
+    threads.append(threading.Thread(target=writer, daemon=True))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors, errors
+    assert len(write_times) == n_ops, f"the writer got {len(write_times)} of {n_ops} writes in: starved"
+    assert max(write_times) < WRITE_BOUND, f"a write waited {max(write_times):.2f} s"
+
+    scores = hsr.index.canonical_scores(Q, K)
+    hits = scores >= tau
+    expected = {}
+
+    def answer(j):
+        if j not in expected:
+            expected[j] = [np.flatnonzero(hits[i] & states[j]) for i in range(len(Q))]
+        return expected[j]
+
+    assert len(records) >= 3 * n_ops
+    for lo, hi, lims, ids, _ in records:
+        got = [np.sort(ids[lims[i]:lims[i + 1]]) for i in range(len(Q))]
+        assert any(all(np.array_equal(g, e) for g, e in zip(got, answer(j))) for j in range(lo, hi + 1)), \
+            f"a search saw no serial state between writes {lo} and {hi}"
