@@ -7,13 +7,19 @@ launch, and the limits they check against. A bad shape, head dimension or list r
 argument; nothing here is an ``assert`` (asserts vanish under ``python -O``, and a bad call
 must not reach a kernel, where it reads out of bounds or fails to compile).
 
-It imports torch only, not triton.
+It imports torch only, not triton. :func:`check_triton_device` is the one check that every
+public entry point which launches a kernel makes on its tensors: without the interpreter, a CPU
+tensor would otherwise fail deep inside Triton ("0 active drivers").
 """
 from __future__ import annotations
+
+import numbers
 
 from typing import Tuple
 
 import torch
+
+from . import _compat
 
 #: head dimensions the kernels compile for (powers of two: ``tl.arange`` needs them; >= 16:
 #: ``tl.dot`` needs every side >= 16)
@@ -34,6 +40,32 @@ MAX_ALPHA = 16
 
 def _is_pow2(n: int) -> bool:
     return n >= 1 and n & (n - 1) == 0
+
+
+def check_triton_device(where: str, **tensors) -> None:
+    """The tensors a kernel launch reads must be on a GPU, unless the Triton interpreter runs.
+
+    Parameters
+    ----------
+    where : str
+        The public entry point, named in the message (``"block_sparse_attention"``).
+    **tensors : torch.Tensor or None
+        By argument name; ``None`` and non-tensors are skipped.
+
+    Raises
+    ------
+    ValueError
+        For the first CPU tensor when ``TRITON_INTERPRET=1`` is not set, naming the fix: move
+        the tensors to CUDA, or set ``TRITON_INTERPRET=1`` before importing ``hsr.kernels``.
+    """
+    if _compat.interpreting():  # read at call time: the interpreter runs on CPU tensors
+        return
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+            raise ValueError(
+                f"{where}: {name} is on the CPU, and the Triton kernels run on a GPU. Move the tensors to "
+                f"CUDA (e.g. {name}.cuda()), or set TRITON_INTERPRET=1 before importing hsr.kernels to run "
+                f"the Triton interpreter on the CPU (slow: for tests and debugging)")
 
 
 def check_tensor(name: str, x, ndim: int, layout: str) -> None:
@@ -172,7 +204,10 @@ def check_alpha(alpha) -> int:
     """ReLU power: an integer in ``[1, MAX_ALPHA]`` (the kernels unroll ``alpha - 1``
     products in fp32, where ``relu(.) ** alpha`` of ordinary scores overflows beyond a few
     dozen; the CPU path, ``hsr.hsr_attention`` on a ``KVIndex``, takes any alpha)."""
-    a = int(alpha)  # as before: a float is truncated
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or alpha != int(alpha):
+        # the CPU refuses a non-integer power too: relu(.) ** 2.5 is not what the kernels unroll
+        raise ValueError(f"alpha must be an integer >= 1, got {alpha!r}")
+    a = int(alpha)
     if a < 1:
         raise ValueError(f"alpha must be an integer >= 1, got {alpha!r}")
     if a > MAX_ALPHA:

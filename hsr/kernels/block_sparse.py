@@ -39,6 +39,7 @@ from ._compat import interpreting as _interpreting
 from ._compat import patch_interpreter
 from ._validate import list_row_offset
 from ._softmax import LN2, LOG2E, _dot, _online_softmax_step, _softmax_epilogue  # noqa: F401  (LN2, _dot: re-exported)
+from ._validate import check_triton_device
 from ._validate import (MAX_STACKED_ROWS, MIN_TILE, check_attention_inputs, check_block_lists,
                         check_int32_offsets, check_positions, check_tile)
 from ._prefill import _bsa_prefill_kernel, _prefill_v2, split_block_lists  # noqa: F401  (split_block_lists re-exported)
@@ -176,6 +177,7 @@ def _list_strides(kv_num_blocks, kv_indices):
 def merge_partials(o_part: torch.Tensor, lse_part: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, M: int) -> None:
     """Combine split partials ``(S, B*Hq*M, D)`` / ``(S, B*Hq*M)`` into ``out`` ``(B,Hq,M,D)``
     and ``lse`` ``(B,Hq,M)`` (contiguous float32)."""
+    check_triton_device("merge_partials", o_part=o_part, lse_part=lse_part, out=out, lse=lse)
     S, BHM, D = o_part.shape
     Hq = out.shape[1]
     _merge_kernel[(BHM,)](
@@ -272,6 +274,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             num_warps=num_warps, num_stages=num_stages, k_rowmajor=k_rowmajor,
             block_ptr=block_ptr, flat=flat, positions=positions, n_valid=n_valid)
     B, Hq, M, D, Hkv, N = check_attention_inputs(q, k, v)
+    check_triton_device("block_sparse_attention", q=q, k=k, v=v)
     check_tile("block_m", block_m)
     check_tile("block_n", block_n)
     check_int32_offsets(N, k, v)

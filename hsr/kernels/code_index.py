@@ -10,6 +10,7 @@ import triton.language as tl
 
 from ..index.results import RangeResult
 from ._compat import patch_interpreter
+from ._validate import check_triton_device
 from .codes import CodeKVCache
 
 patch_interpreter()
@@ -60,6 +61,7 @@ class GPUCodeIndex:
         if not torch.is_tensor(keys) or keys.dim() != 2:
             raise ValueError(f"keys must be a (n, d) tensor, got {type(keys).__name__} "
                              f"{tuple(keys.shape) if torch.is_tensor(keys) else ''}")
+        check_triton_device("GPUCodeIndex", keys=keys)
         self.cache = CodeKVCache(keys[None, None], None, seed=seed)
 
     @property

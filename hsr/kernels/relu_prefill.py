@@ -39,7 +39,7 @@ import triton.language as tl
 from ._compat import interpreting as _interpreting
 from ._compat import patch_interpreter
 from ._softmax import _dot, _weighted_values
-from ._validate import check_alpha, check_attention_inputs, check_int32_offsets, check_tile
+from ._validate import check_alpha, check_attention_inputs, check_int32_offsets, check_tile, check_triton_device
 
 patch_interpreter()
 
@@ -279,6 +279,7 @@ def relu_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, alpha: in
                                  slack=slack, return_lse=return_lse, block_m=block_m, block_n=block_n,
                                  num_warps=num_warps, num_stages=num_stages)
     B, Hq, M, D, Hkv, N = check_attention_inputs(q, k, v)
+    check_triton_device("relu_prefill", q=q, k=k, v=v)
     if M > N:
         raise ValueError(f"q_len M={M} must be <= kv_len N={N} (queries are the last M positions)")
     if M == 0 or N == 0:

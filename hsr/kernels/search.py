@@ -67,7 +67,7 @@ from ..index.results import RangeResult
 from ._compat import interpreting, patch_interpreter
 from ._softmax import LOG2E
 from ._validate import (MAX_STACKED_ROWS, MIN_TILE, resolve_kind, check_attention_inputs, check_index_build,
-                        check_alpha, check_kind)
+                        check_alpha, check_kind, check_triton_device)
 from ._block_kernels import EMPTY_RADIUS, _block_filter_kernel, _hsr_decode_kernel  # noqa: F401 (EMPTY_RADIUS re-exported)
 from ._block_order import _bisect_order, _kmeans_order
 from .block_sparse import _num_sms, block_sparse_attention, merge_partials
@@ -205,6 +205,7 @@ class GPUBlockIndex:
 
     def _filter(self, q, tau, write_flags):
         B, Hq, M, D, Hkv, _ = check_attention_inputs(q, self.kp, self.vp)
+        check_triton_device("GPUBlockIndex", q=q, keys=self.kp)
         tau_t, tau_s, stb, sth = self._tau_args(q, tau)
         nb = self.num_blocks
         flags = (torch.empty(B, Hq, M, nb, device=q.device, dtype=torch.int8) if write_flags
@@ -387,6 +388,7 @@ def build_index(k: torch.Tensor, v: torch.Tensor, *, block_size: int | None = No
         block_size = block
     block = 32 if block_size is None else block_size
     check_index_build(k, v, block, n_sub)
+    check_triton_device("build_index", k=k, v=v)
     B, Hkv, N, D = k.shape
     dev = k.device
     C = block
@@ -491,6 +493,7 @@ def hsr_decode(q: torch.Tensor, index: GPUBlockIndex, *, tau: float | torch.Tens
                                bias=bias, scale=scale, exact_set=exact_set, return_lse=return_lse,
                                num_splits=num_splits, count_visited=count_visited, mode=mode)
     B, Hq, M, D, Hkv, _ = check_attention_inputs(q, index.kp, index.vp)
+    check_triton_device("hsr_decode", q=q, keys=index.kp)
     kind_id = check_kind(kind)
     if kind_id == 1:
         check_alpha(int(alpha))

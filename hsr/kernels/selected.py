@@ -20,7 +20,8 @@ import triton.language as tl
 
 from ._compat import interpreting, patch_interpreter
 from ._softmax import LOG2E, _online_softmax_step_row, _softmax_epilogue
-from ._validate import check_alpha, check_attention_inputs, check_kind, check_tensor, resolve_kind
+from ._validate import (check_alpha, check_attention_inputs, check_kind, check_tensor, check_triton_device,
+                        resolve_kind)
 from .block_sparse import _num_sms, merge_partials
 
 patch_interpreter()
@@ -123,6 +124,7 @@ def selected_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indptr
                                        block_n=block_n, num_splits=num_splits)
     # each of q, k, v is upcast to float32 in the kernel: their dtypes need not match
     B, Hq, M, D, Hkv, N = check_attention_inputs(q, k, v, check_dtypes=False)
+    check_triton_device("selected_attention", q=q, k=k, v=v, indptr=indptr, indices=indices)
     check_tensor("indptr", indptr, 1, f"(B*Hq*M + 1,) = ({B * Hq * M + 1},)")
     if indptr.numel() != B * Hq * M + 1:
         raise ValueError(f"indptr must have B*Hq*M + 1 = {B * Hq * M + 1} entries, got {indptr.numel()}")

@@ -220,3 +220,33 @@ def test_build_index_block_is_renamed_block_size(device):
     assert old.block_size == new.block_size == 16
     with pytest.raises(TypeError, match="not both"):
         build_index(k.to(device), v.to(device), block=16, block_size=16)
+
+
+# ------------------------------------------------------------------ CPU tensors, no interpreter
+def test_cpu_tensors_without_the_interpreter_name_the_fix(monkeypatch):
+    # the tests run with TRITON_INTERPRET=1 (no GPU): switch the interpreter check off so every
+    # public entry point sees what a CPU user without it sees, and must say how to fix it
+    from hsr.kernels import GPUCodeIndex, merge_partials, relu_prefill
+    from hsr.kernels import _compat
+
+    q, k, v = _qkv(Hq=2, Hkv=1, M=1, N=40, D=32)
+    index = build_index(k, v, block_size=16, n_sub=4, method="none")  # built while interpreting
+    monkeypatch.setattr(_compat, "interpreting", lambda: False)
+    fix = r"on the CPU.*Move the tensors to CUDA.*set TRITON_INTERPRET=1 before importing hsr.kernels"
+    nkv, idx = full_lists(1, 1, 1, 3)
+    indptr = torch.zeros(3, dtype=torch.int32)
+    calls = {
+        "block_sparse_attention": lambda: block_sparse_attention(q, k, v, nkv, idx, block_size=16),
+        "selected_attention": lambda: selected_attention(q, k, v, indptr, torch.zeros(0, dtype=torch.int32),
+                                                         kind="softmax"),
+        "relu_prefill": lambda: relu_prefill(q, k, v, alpha=2, bias=0.0),
+        "build_index": lambda: build_index(k, v, block_size=16, n_sub=4, method="none"),
+        "hsr_decode": lambda: hsr_decode(q, index, tau=0.0, kind="softmax"),
+        "GPUBlockIndex": lambda: index.plan(q, 0.0),
+        "GPUCodeIndex": lambda: GPUCodeIndex(k[0, 0].float()),
+        "merge_partials": lambda: merge_partials(torch.zeros(2, 2, 32), torch.zeros(2, 2),
+                                                 torch.zeros(1, 2, 1, 32), torch.zeros(1, 2, 1), 1),
+    }
+    for where, call in calls.items():
+        with pytest.raises(ValueError, match=where.replace(".", r"\.") + ": .*" + fix):
+            call()
