@@ -16,16 +16,15 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from . import _batch_kernels as BK
 from . import _code_kernels as CK
 from ._kernels import verify_candidates
 
 __all__ = ["CodeStore", "ROTATIONS"]
 
 ROTATIONS = ("random", "pca", "none")
-#: query rows that share one read of a code block: every read of the codes goes to memory
-#: (they outgrow the caches), so a tile takes many rows (measured: tiles of 8 rows made 64
-#: queries read the codes 8 times and ran 2x slower)
-_TILE_ROWS = 64
+#: query rows that share one pass over a range of codes (``_batch_kernels``)
+_TILE_ROWS = BK.TILE_ROWS
 _EPS64 = 2.0 ** -53
 #: e-folds below tau past which a key's mass is only counted (e^-40 each) in a remainder
 _FAR = 40.0
@@ -90,7 +89,7 @@ class CodeStore:
         self.qmax = int(min(32767, (2 ** 31 - 1) // (CK.CMAX * self.dp)))
         self.rot = None
         self.defect = 0.0
-        self.codes = np.zeros((0, self.dp, CK.BLOCK), dtype=np.int8)
+        self.codes = np.zeros((0, self.dp // 2, CK.BLOCK, 2), dtype=np.int8)
         self.scale = np.zeros(0, dtype=np.float32)
         self.err = np.zeros(0, dtype=np.float32)
         self.n = 0
@@ -103,7 +102,7 @@ class CodeStore:
             return
         cap = max(n, 2 * self.scale.shape[0], 1024)
         cap = -(-cap // CK.BLOCK) * CK.BLOCK
-        codes = np.zeros((cap // CK.BLOCK, self.dp, CK.BLOCK), dtype=np.int8)
+        codes = np.zeros((cap // CK.BLOCK, self.dp // 2, CK.BLOCK, 2), dtype=np.int8)
         codes[:self.codes.shape[0]] = self.codes
         scale = np.zeros(cap, dtype=np.float32)
         scale[:self.n] = self.scale[:self.n]
@@ -140,15 +139,18 @@ class CodeStore:
     def _queries(self, Q: np.ndarray, tau: np.ndarray, max_norm: float):
         """Quantised rotated queries and the per-query thresholds of the filter.
 
-        Returns ``QI (m, dp) int16``, ``qa (m,)`` (query step), ``qn (m,)`` (norms) and
+        Returns ``QP (m8, dp/2) int32`` (the int16 query codes ``qi`` as pairs of dimensions,
+        ``2p`` in the low half; rows padded with zeros to ``m8``, a multiple of 8, for the
+        kernels' 8-row groups), ``qa (m,)`` (query step), ``qn (m,)`` (norms) and
         ``thr (m,)``: ``tau - slack``, the slack covering every rounding between a key's
         bound and its canonical score (see ``_code_kernels``)."""
         Q64 = Q.astype(np.float64)
         qr = Q64 @ self.rot.T
         amax = np.abs(qr).max(axis=1)
         qa = np.where(amax > 0, amax / self.qmax, 1.0)
-        QI = np.rint(qr / qa[:, None]).astype(np.int16)
-        rq = np.sqrt(((qr - qa[:, None] * QI) ** 2).sum(axis=1))
+        QI = np.zeros((-(-Q.shape[0] // 8) * 8, self.dp), dtype=np.int16)
+        QI[:Q.shape[0]] = np.rint(qr / qa[:, None])
+        rq = np.sqrt(((qr - qa[:, None] * QI[:Q.shape[0]]) ** 2).sum(axis=1))
         qrn = np.sqrt((qr * qr).sum(axis=1))
         qn = np.sqrt((Q64 * Q64).sum(axis=1))
         d = self.dim
@@ -161,7 +163,7 @@ class CodeStore:
                  + (d + 4) * 2.0 ** -148)
         thr = tau - slack
         thr = thr - 4.0 * _EPS64 * np.abs(thr)
-        return QI, qa, qn, thr, slack
+        return QI.view(np.int32), qa, qn, thr, slack
 
     def range_search(self, Q, tau, lim, keys, alive, has_dead, max_norm, remainder_scale=None):
         """CSR ``(lims, ids, scores, codes_evaluated, keys_verified, remainder)`` of the keys
@@ -172,7 +174,7 @@ class CodeStore:
         over the reported keys, relative to ``exp(s tau)``."""
         n = self.n
         m = Q.shape[0]
-        QI, qa, qn, thr, slack = self._queries(Q, tau, max_norm)
+        QP, qa, qn, thr, slack = self._queries(Q, tau, max_norm)
         # the filter runs in float32: the query step and norm as float32 (their rounding, like
         # the float32 arithmetic, is inside the 16 u slack term) and the threshold rounded down
         qa32 = qa.astype(np.float32)
@@ -201,13 +203,13 @@ class CodeStore:
         looked = np.zeros((m, n_parts), dtype=np.int64)
         buf_ids = np.empty((m, n_parts, cap), dtype=np.int64)
         buf_sc = np.empty((m, n_parts, cap), dtype=keys.dtype)
-        args = (QI, qa32, qn32, thr32, tau, lim, Q, keys, self.codes, self.scale, self.err, alive, has_dead, n,
+        args = (QP, qa32, qn32, thr32, tau, lim, Q, keys, self.codes, self.scale, self.err, alive, has_dead, n,
                 task_tile, task_part, tile_r[:-1], tile_r[1:], part_b[:-1], part_b[1:], cap, buf_ids, buf_sc,
                 counts, stats)
         if want_rem:
             CK.code_range_remainder(*args, near32, slack, rscale, rem, hist, looked)
         else:
-            CK.code_range(*args)
+            BK.code_range(*args)
         over = counts > cap
         if over.any():  # rare: re-run only the tasks whose hits did not fit
             cap2 = int(counts.max())
@@ -218,7 +220,7 @@ class CodeStore:
             s2 = np.zeros_like(stats)
             b2_ids = np.empty((m, n_parts, cap2), dtype=np.int64)
             b2_sc = np.empty((m, n_parts, cap2), dtype=keys.dtype)
-            CK.code_range(QI, qa32, qn32, thr32, tau, lim, Q, keys, self.codes, self.scale, self.err, alive,
+            BK.code_range(QP, qa32, qn32, thr32, tau, lim, Q, keys, self.codes, self.scale, self.err, alive,
                           has_dead, n, redo // n_parts, redo % n_parts, tile_r[:-1], tile_r[1:], part_b[:-1], part_b[1:],
                           cap2, b2_ids, b2_sc, c2, s2)
         total = counts.sum(axis=1)
@@ -255,10 +257,10 @@ class CodeStore:
     def upper_bounds(self, Q, max_norm):
         """Upper and lower bounds of the canonical scores of every coded key, ``(m, n)``
         float64 each: ``centre +/- (||q|| err_j + slack)``."""
-        QI, qa, qn, _, slack = self._queries(Q, np.zeros(Q.shape[0]), max_norm)
+        QP, qa, qn, _, slack = self._queries(Q, np.zeros(Q.shape[0]), max_norm)
         centre = np.empty((Q.shape[0], self.n))
         if self.n:
-            CK.code_centres(QI, qa, self.codes, self.scale, self.n, centre)
+            CK.code_centres(QP, qa, self.codes, self.scale, self.n, centre)
         half = qn[:, None] * self.err[None, :self.n].astype(np.float64) + slack[:, None]
         half *= 1.0 + 4 * _EPS64
         upper = centre + half
