@@ -41,6 +41,9 @@ Plan / run:
 - ``index.range_search(q, tau)`` -> CSR ``(lims, D, I)`` (FAISS order) of exactly the
   keys with ``score >= tau`` (indices are absolute positions into the ORIGINAL k/v).
 - ``index.run(q, plan)``    (run) -> block-sparse decode over the union lists.
+- A plan records the index state it was made for (which index, its ``version`` and length);
+  ``run`` and ``range_search`` refuse a plan of another index or of an earlier state with a
+  ``ValueError`` (plan again), rather than read blocks that no longer hold what the plan saw.
 - ``hsr_decode(q, index, ..., mode="fused")``: one fused kernel (filter + attention, split
   over the block range, grouped query heads) and the split merge; ``mode="planned"`` is
   search + attend (faster on the GPU: see docs/kernels.md).
@@ -53,11 +56,12 @@ softmax mass than the threshold set), unless ``exact_set=True``, which keeps onl
 """
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
-from typing import Any, Optional
+from dataclasses import dataclass, field, fields
+from typing import Any, NamedTuple, Optional
 
 import torch
 import triton
@@ -89,6 +93,23 @@ def _filter_tiles(rows: int, nb: int):
     return ROWS, NB
 
 
+#: a distinct token per GPUBlockIndex object, so a plan knows which index it was made for
+_INDEX_TOKENS = itertools.count(1)
+#: the GPUBlockIndex fields holding tensors: an in-place write to any of them changes the index
+_TENSOR_FIELDS = ("kp", "vp", "pos", "centre", "radius", "sub_radius", "kmax", "rot")
+
+
+class _IndexState(NamedTuple):
+    """The index state a :class:`SearchPlan` was made for."""
+    token: int
+    version: int
+    n_valid: int
+    num_blocks: int
+
+    def describe(self) -> str:
+        return f"version {self.version} ({self.n_valid} keys in {self.num_blocks} blocks)"
+
+
 @dataclass(frozen=True, eq=False)
 class SearchPlan:
     """Plan returned by :meth:`GPUBlockIndex.search`: the blocks that survive the filter.
@@ -110,6 +131,11 @@ class SearchPlan:
         entries (``per_row=True`` only).
     flags : torch.Tensor or None, int8, shape (B, Hq, M, nb)
         1 where a block survives for that query row (``per_row=True`` only).
+    made_for : tuple or None
+        The index state the plan was made for (which index, its :attr:`GPUBlockIndex.version`,
+        ``n_valid`` and ``num_blocks``). ``run`` and ``range_search`` refuse the plan with a
+        ``ValueError`` on any other index or once the index has changed. None for a plan in
+        the old dict layout, which is checked only against the number of blocks.
 
     Notes
     -----
@@ -122,6 +148,7 @@ class SearchPlan:
     kv_num_blocks: Optional[torch.Tensor] = None
     kv_indices: Optional[torch.Tensor] = None
     flags: Optional[torch.Tensor] = None
+    made_for: Optional[_IndexState] = field(default=None, repr=False)
 
     @property
     def per_row(self) -> bool:
@@ -129,7 +156,7 @@ class SearchPlan:
         return self.kv_indices is not None
 
     def _present(self):
-        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+        return [f.name for f in fields(self) if f.name != "made_for" and getattr(self, f.name) is not None]
 
     def __getitem__(self, key):
         warnings.warn("SearchPlan is no longer a dict: use plan.%s" % key, DeprecationWarning,
@@ -150,7 +177,7 @@ class SearchPlan:
             return plan
         if not isinstance(plan, Mapping):
             raise TypeError(f"plan must be a SearchPlan (from index.search), got {type(plan).__name__}")
-        unknown = set(plan) - {f.name for f in fields(cls)}
+        unknown = set(plan) - {f.name for f in fields(cls) if f.name != "made_for"}
         if unknown:
             raise ValueError(f"unknown plan entries {sorted(unknown)}")
         return cls(**plan)
@@ -158,7 +185,11 @@ class SearchPlan:
 
 @dataclass
 class GPUBlockIndex:
-    """Block index of a KV cache (see module docstring for every array)."""
+    """Block index of a KV cache (see module docstring for every array).
+
+    :attr:`version` counts the changes made to the index (a field assigned, or a tensor of
+    it written in place); a :class:`SearchPlan` remembers the version it was made for.
+    """
     kp: torch.Tensor
     vp: torch.Tensor
     pos: torch.Tensor
@@ -170,6 +201,58 @@ class GPUBlockIndex:
     n_valid: int
     kmax: torch.Tensor  # (B, Hkv) float32 max ||k||
     rot: torch.Tensor | None = None  # (B, Hkv, D, D) float32 orthonormal, or None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_token", next(_INDEX_TOKENS))
+        object.__setattr__(self, "_edits", 0)
+        object.__setattr__(self, "_seen", self._tensor_versions())
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+        if not name.startswith("_") and "_edits" in self.__dict__:  # not while __init__ fills the fields
+            object.__setattr__(self, "_edits", self._edits + 1)
+
+    def _tensor_versions(self) -> tuple:
+        """torch's in-place write counters of the index's tensors (views share their base's).
+        Inference-mode tensors keep none (-1): only assigning a field is seen for them."""
+        out = []
+        for name in _TENSOR_FIELDS:
+            t = getattr(self, name)
+            try:
+                out.append(-1 if t is None else t._version)
+            except RuntimeError:  # an inference tensor
+                out.append(-1)
+        return tuple(out)
+
+    @property
+    def version(self) -> int:
+        """A counter of the changes made to the index since it was built: assigning any field
+        (``n_valid``, ``kp``, ...) or writing one of its tensors in place raises it. Plans made
+        at another version are refused (:class:`SearchPlan`)."""
+        seen = self._tensor_versions()
+        if seen != self._seen:  # a tensor was written in place since the last look
+            object.__setattr__(self, "_seen", seen)
+            object.__setattr__(self, "_edits", self._edits + 1)
+        return self._edits
+
+    def _state(self) -> _IndexState:
+        return _IndexState(self._token, self.version, int(self.n_valid), self.num_blocks)
+
+    def _check_plan(self, plan: SearchPlan) -> None:
+        """Refuse a plan made for another index or for an earlier state of this one: its block
+        lists name blocks that may now hold other keys, or miss the keys added since."""
+        if plan.made_for is None:  # the old dict layout: no record, check what can be checked
+            if plan.union_indices.shape[-1] != self.num_blocks:
+                raise ValueError(f"this plan lists {plan.union_indices.shape[-1]} blocks; the index has "
+                                 f"{self.num_blocks}: plan again with index.plan(q, tau)")
+            return
+        now = self._state()
+        if plan.made_for.token != now.token:
+            raise ValueError("this plan was made for another GPUBlockIndex: plan again with this "
+                             "index (index.plan(q, tau))")
+        if plan.made_for != now:
+            raise ValueError(f"this plan was made for the index at {plan.made_for.describe()}; the index "
+                             f"has changed since (now {now.describe()}): plan again with index.plan(q, tau)")
 
     def _rot_arg(self):
         return self.rot if self.rot is not None else self.kmax
@@ -251,14 +334,17 @@ class GPUBlockIndex:
             ``(B, Hkv, 1, nb)``: for each kv head, the blocks that survive for ANY of its
             query rows (one kernel, compacted with an atomic counter). With ``per_row=True``
             also ``kv_num_blocks (B, Hq, M)``, ``kv_indices (B, Hq, M, nb)`` and ``flags``.
+            It records this index's :attr:`version`: once the index changes, ``run`` and
+            ``range_search`` refuse it (plan again).
         """
         flags, ucnt, uidx = self._filter(q, tau, per_row)
+        made_for = self._state()
         if not per_row:
-            return SearchPlan(ucnt, uidx)
+            return SearchPlan(ucnt, uidx, made_for=made_for)
         return SearchPlan(
             ucnt, uidx, kv_num_blocks=flags.sum(-1, dtype=torch.int32),
             kv_indices=torch.sort(flags, dim=-1, descending=True, stable=True).indices.to(torch.int32),
-            flags=flags)
+            flags=flags, made_for=made_for)
 
     def search_keys(self, q: torch.Tensor, tau: float | torch.Tensor,
                     plan: SearchPlan | Mapping[str, torch.Tensor] | None = None
@@ -285,6 +371,8 @@ class GPUBlockIndex:
         G = Hq // Hkv
         C = self.block
         plan = None if plan is None else SearchPlan.from_dict(plan)
+        if plan is not None:
+            self._check_plan(plan)
         if plan is None or not plan.per_row:
             plan = self.plan(q, tau, per_row=True)
         tau_t, tau_s, _, _ = self._tau_args(q, tau)
@@ -322,8 +410,12 @@ class GPUBlockIndex:
     def run(self, q: torch.Tensor, plan: SearchPlan | Mapping[str, torch.Tensor], *, scale: float | None = None,
             return_lse: bool = False, **kw: Any) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Run (softmax): block-sparse decode over each kv head's union of surviving
-        blocks (a :class:`SearchPlan`), on the permuted K/V with positions (causal)."""
+        blocks (a :class:`SearchPlan`), on the permuted K/V with positions (causal).
+
+        Raises ``ValueError`` when ``plan`` was made for another index or before the index
+        last changed (see :attr:`version`): plan again."""
         plan = SearchPlan.from_dict(plan)
+        self._check_plan(plan)
         return block_sparse_attention(
             q, self.kp, self.vp, plan.union_num_blocks, plan.union_indices,
             block_size=self.block, causal=True, scale=scale, return_lse=return_lse,
