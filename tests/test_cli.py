@@ -36,3 +36,19 @@ def test_small_demo_reports_compile_apart(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "compiling the numba kernels" in r.stdout and "numba compile / load" in r.stdout
     assert "range search exact       yes" in r.stdout
+
+
+def test_small_demo_baselines_are_dense_float32_and_sdpa(tmp_path):
+    r = _run("--n", "3000", "--dim", "16", "--queries", "4", "--selectivity", "0.01", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "BLAS scan QK^T >= tau" in r.stdout and "torch SDPA float32" in r.stdout
+    assert "certified dropped mass eps_cert <=" in r.stdout and "reported error bound" in r.stdout
+
+
+def test_demo_without_torch_skips_the_sdpa_column(tmp_path):
+    # the core needs numpy and numba only: with torch unimportable the demo still runs
+    code = ("import sys; sys.modules['torch'] = None; from hsr.__main__ import main; "
+            "sys.exit(main(['--n', '3000', '--dim', '16', '--queries', '4', '--selectivity', '0.01']))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "skipped: torch is not installed" in r.stdout and "dense float32 (numpy)" in r.stdout
