@@ -118,9 +118,13 @@ def test_bad_inputs(device):
         cache.attend(q, kind="relu", alpha=5000)
     with pytest.raises(ValueError, match="tau must"):
         cache.plan(q, torch.zeros(5, device=q.device))
-    with pytest.raises(ValueError, match="float32"):
-        cache.plan(q, torch.zeros(4, dtype=torch.float64, device=q.device))
-    # a NaN query is refused by each entry (attend checks it once for plan and run)
+    with pytest.raises(ValueError, match="floating-point"):
+        cache.plan(q, torch.zeros(4, dtype=torch.int32, device=q.device))
+    with pytest.raises(ValueError, match="alpha must be an integer"):
+        cache.attend(q, kind="relu", alpha=2.5)
+    with pytest.raises(ValueError, match="one device"):
+        CodeKVCache(k, v.to("meta"))
+    # a NaN query is refused by each checked entry (attend checks once for plan and run)
     bad = q.clone()
     bad[0, 1, 0, 3] = math.nan
     plan = cache.plan(q, 0.0)
@@ -143,6 +147,7 @@ def test_bad_inputs(device):
     for big in (1e19, 1e36):
         with pytest.raises(ValueError, match="fp32 bounds"):
             cache.plan(q * big, 0.0)
+    cache.check()  # every problem above was raised once and cleared
 
 
 def test_kvcacheindex_to_device_and_hsr_attention(device):

@@ -1,0 +1,352 @@
+"""Triton kernels of the GPU code filter (:class:`hsr.kernels.CodeKVCache`).
+
+Every kernel reads the cache's length from the device (``LENS``, int32 ``(B*Hkv,)``, one
+entry per (batch, kv head)) and sizes nothing from it on the host: grids come from the
+capacity, programs past the length exit early, so one captured CUDA graph replays at every
+length up to the capacity (as paged decode kernels take their sequence lengths as a tensor).
+
+Kernels (a decode step is ``add`` + ``filter`` + ``attend`` + the merge of the splits):
+
+``_code_add_kernel``, grid (B*Hkv, tiles of new tokens)
+    Writes the new keys and values at the device-side position ``LENS[bh]``, rotates them
+    (fp32, ieee), quantises to int8 codes with one fp32 step per key, bounds the residual
+    with a rounding slack that keeps the bound sound (docs/codes.md, "The add kernel's
+    bound"), raises the head's largest norm and error (``MAXN``, ``MAXE``: fp32 upper
+    bounds, atomic max) and, when one program covers the new tokens, advances ``LENS``.
+    Reads and writes ``t * (2 * 2D + DP + 8)`` bytes per head: microseconds.
+
+``_code_filter_kernel``, a persistent grid (programs per (batch, kv head) from the capacity)
+    Rotates the group's query rows itself (``ROTATE``: head dims up to 128; above, the
+    rows come from ``_rotate_kernel``), splits them into two int8 parts, thresholds once,
+    then strides over the key tiles below the length, reading ``DP + 8`` bytes per key, and
+    appends the survivors of any row of the group to the program's own segment.
+
+``_code_attend_kernel``, grid (splits, B*Hkv)
+    Gathers the survivors' K and V, keeps ``score >= tau`` (fp32-accumulated scores) and the
+    causal limit, accumulates softmax (online) or ReLU^alpha. A row whose inputs it must not
+    trust gets NaN (never a finite wrong answer) and a bit in ``STATUS`` (see ``BAD_*``).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._softmax import _online_softmax_step, _weighted_values, _weights_epilogue
+
+#: bits of the cache's device status word (``CodeKVCache.status``), set by the kernels
+BAD_Q = 1          # a query row holds NaN or Inf
+BAD_TAU = 2        # a threshold is NaN
+BAD_BIAS = 4       # a ReLU bias is NaN or Inf
+BAD_KV = 8         # an added key or value holds NaN or Inf (sticky: the cache is poisoned)
+BAD_RANGE = 16     # |q| |k| beyond the fp32 bounds of the filter (~1e37)
+
+_BAD_KV = tl.constexpr(BAD_KV)
+
+
+@triton.jit
+def _load_rows(X, x_scalar, s_xb, s_xh, s_xm, b, head, mrow, r_ok, fill, X_TENSOR: tl.constexpr):
+    # one value per query row from a (B, Hq, M)-strided tensor (or a scalar): tau or bias
+    if X_TENSOR:
+        x = tl.load(X + b.to(tl.int64) * s_xb + head * s_xh + mrow * s_xm, mask=r_ok, other=fill)
+    else:
+        x = tl.where(r_ok, x_scalar, fill)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _load_query_rows(Q, s_qb, s_qh, s_qm, b, h, G, M, ROWS: tl.constexpr, D: tl.constexpr):
+    # the G*M query rows of kv head h of batch b as one (ROWS, D) tile (rows past G*M: zeros)
+    offs_r = tl.arange(0, ROWS)
+    r_ok = offs_r < G * M
+    head = h * G + offs_r // M
+    mrow = offs_r % M
+    offs_d = tl.arange(0, D)
+    q = tl.load(Q + b.to(tl.int64) * s_qb + head[:, None].to(tl.int64) * s_qh + mrow[:, None] * s_qm
+                + offs_d[None, :], mask=r_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    return q, r_ok, head, mrow
+
+
+@triton.jit
+def _bad_rows(q, tau, r_ok, maxn):
+    """Per query row, the ``BAD_*`` bits its inputs earn: a non-finite entry of q, a NaN
+    threshold, or ``|q| max|k|`` past the fp32 range of the bounds (which would drop keys)."""
+    qf = q.to(tl.float32)
+    q_bad = tl.sum(tl.where(tl.abs(qf) < float("inf"), 0, 1), 1) > 0  # NaN fails the comparison too
+    qn = tl.sqrt(tl.sum(qf * qf, 1))
+    range_bad = (qn * maxn >= 1e37) & ~q_bad
+    code = tl.where(q_bad, 1, 0) | tl.where(tau != tau, 2, 0) | tl.where(range_bad, 16, 0)
+    return tl.where(r_ok, code, 0)
+
+
+@triton.jit
+def _rotate_rows(q, ROT, HEAD_DIM: tl.constexpr, DP: tl.constexpr):
+    # (ROWS, D) rows times ROT^T -> (ROWS, DP) fp32 (ieee: its rounding is bounded for any
+    # summation order and is a term of the filter's slack); columns past HEAD_DIM are zeros
+    offs_j = tl.arange(0, DP)
+    offs_d = tl.arange(0, HEAD_DIM)
+    r = tl.load(ROT + offs_j[:, None] * HEAD_DIM + offs_d[None, :], mask=offs_j[:, None] < HEAD_DIM, other=0.0)
+    return tl.dot(q.to(tl.float32), tl.trans(r), input_precision="ieee")
+
+
+@triton.jit
+def _rotate_kernel(Q, ROT, QR, s_qb, s_qh, s_qm, G, M, Hkv,
+                   ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, DP: tl.constexpr, BLOCK_J: tl.constexpr):
+    # QR fp32 (B*Hkv, ROWS, DP) = the group's query rows times ROT^T, columns [pid_j*BLOCK_J, ...)
+    # per program: the filter's rotation for head dims too large to rotate inside it
+    pid = tl.program_id(0)
+    pid_j = tl.program_id(1)
+    q, r_ok, head, mrow = _load_query_rows(Q, s_qb, s_qh, s_qm, pid // Hkv, pid % Hkv, G, M, ROWS, HEAD_DIM)
+    offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    offs_d = tl.arange(0, HEAD_DIM)
+    r = tl.load(ROT + offs_j[:, None] * HEAD_DIM + offs_d[None, :], mask=offs_j[:, None] < HEAD_DIM, other=0.0)
+    qr = tl.dot(q.to(tl.float32), tl.trans(r), input_precision="ieee")
+    offs_r = tl.arange(0, ROWS)
+    tl.store(QR + (pid.to(tl.int64) * ROWS + offs_r)[:, None] * DP + offs_j[None, :], qr)
+
+
+@triton.jit
+def _round_half(x):
+    return tl.minimum(tl.maximum(tl.floor(x + 0.5), -127.0), 127.0)
+
+
+@triton.jit
+def _query_parts(qr, q, tau, r_ok, maxn, maxe, defect, HEAD_DIM: tl.constexpr):
+    """Split rotated rows ``qr (ROWS, DP)`` into two int8 parts ``a1 i1 + a2 i2`` and return
+    them with the threshold ``tau - slack`` per row (docs/codes.md: every fp32 rounding on
+    the way is a term of the slack). ``q (ROWS, D)`` gives the norms; ``maxn``/``maxe`` are
+    fp32 upper bounds of the head's largest key norm and key error."""
+    a1 = tl.max(tl.abs(qr), 1) / 127.0
+    a1 = tl.where(a1 > 0.0, a1, 1.0)
+    i1 = _round_half(qr / a1[:, None])
+    r1 = qr - a1[:, None] * i1
+    a2 = tl.max(tl.abs(r1), 1) / 127.0
+    a2 = tl.where(a2 > 0.0, a2, 1.0)
+    i2 = _round_half(r1 / a2[:, None])
+    rq = r1 - a2[:, None] * i2
+    up = 1.0 + 1e-5  # covers the rounding of the norms themselves
+    r1n = tl.sqrt(tl.sum(r1 * r1, 1))
+    rqn = tl.sqrt(tl.sum(rq * rq, 1)) * up + 2.4e-7 * r1n  # fp32 rounding of rq: 2^-22 |r1|
+    qf = q.to(tl.float32)
+    qn = tl.sqrt(tl.sum(qf * qf, 1)) * up
+    qrn = tl.sqrt(tl.sum(qr * qr, 1)) * up
+    # >= max_j s_j ||c_j||: ||s c|| <= ||R k (fp32)|| + err <= (1 + defect)(1 + 1e-3) ||k|| + err
+    w = (1.0 + defect) * (1.0 + 1e-3) * maxn + maxe
+    u = 5.9604645e-08  # 2^-24
+    dd = HEAD_DIM * 1.0
+    slack = (rqn * w                                   # the query's int8 residual
+             + 1.01 * dd * tl.sqrt(dd) * u * qn * w    # fp32 rotation of the query
+             + 16.0 * u * (qrn * w + qn * maxe)        # fp32 bound arithmetic in the filter
+             + 4.0 * dd * u * qn * maxn                # the kernels' fp32-accumulated score
+             + 1e-30) * 1.001
+    thr = tau - slack
+    thr = thr - 2.4e-7 * (tl.abs(tau) + slack)  # the subtraction's own rounding
+    thr = tl.where(r_ok, thr, float("inf"))
+    return i1, i2, a1, a2, qn, thr
+
+
+@triton.jit
+def _code_add_kernel(KN, VN, K, V, CODES, SCALE, ERR, MAXN, MAXE, LENS, STATUS, ROT, T,
+                     s_nb, s_nh, s_nt, s_wb, s_wh, s_wt, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
+                     s_cb, s_ch, s_cn, s_sb, s_sh, Hkv, defect,
+                     BLOCK_T: tl.constexpr, HEAD_DIM: tl.constexpr, DP: tl.constexpr, BLOCK_J: tl.constexpr,
+                     HAS_V: tl.constexpr, UPDATE_LEN: tl.constexpr):
+    # KN, VN (B, Hkv, T, D) new keys / values in the cache's dtype, written at LENS[bh] + t.
+    # codes c = round(x / s) with x = ROT k in fp32 and s = max|x| / 127; the error bound
+    #   err >= (1 + defect) ||R k - s c|| + defect ||k||   (R k exact, R = ROT)
+    # from the fp32 quantities (docs/codes.md, "The add kernel's bound").
+    pid_bh = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    b = pid_bh // Hkv
+    h = pid_bh % Hkv
+    start = tl.load(LENS + pid_bh)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = offs_t < T
+    offs_d = tl.arange(0, HEAD_DIM)
+    pos = (start + offs_t).to(tl.int64)
+    k = tl.load(KN + b.to(tl.int64) * s_nb + h * s_nh + offs_t[:, None] * s_nt + offs_d[None, :],
+                mask=t_ok[:, None], other=0.0)
+    tl.store(K + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh + pos[:, None] * s_kn + offs_d[None, :], k,
+             mask=t_ok[:, None])
+    kf = k.to(tl.float32)
+    bad = tl.sum(tl.where(tl.abs(kf) < float("inf"), 0, 1), 1)  # NaN fails the comparison too
+    if HAS_V:
+        v = tl.load(VN + b.to(tl.int64) * s_wb + h * s_wh + offs_t[:, None] * s_wt + offs_d[None, :],
+                    mask=t_ok[:, None], other=0.0)
+        tl.store(V + b.to(tl.int64) * s_vb + h.to(tl.int64) * s_vh + pos[:, None] * s_vn + offs_d[None, :], v,
+                 mask=t_ok[:, None])
+        bad += tl.sum(tl.where(tl.abs(v.to(tl.float32)) < float("inf"), 0, 1), 1)
+    nbad = tl.sum(tl.where(t_ok, bad, 0), 0)
+    tl.atomic_or(STATUS, tl.where(nbad > 0, _BAD_KV, 0), mask=nbad > 0)
+    # ---- pass 1: the rotated keys' largest magnitude, one column block at a time
+    amax = tl.zeros([BLOCK_T], tl.float32)
+    for j0 in tl.static_range(0, DP, BLOCK_J):
+        offs_j = j0 + tl.arange(0, BLOCK_J)
+        r = tl.load(ROT + offs_j[:, None] * HEAD_DIM + offs_d[None, :], mask=offs_j[:, None] < HEAD_DIM, other=0.0)
+        x = tl.dot(kf, tl.trans(r), input_precision="ieee")
+        amax = tl.maximum(amax, tl.max(tl.abs(x), 1))
+    step = amax / 127.0
+    inv = tl.where(step > 0.0, 1.0 / tl.where(step > 0.0, step, 1.0), 0.0)
+    # ---- pass 2: codes and the residual (the same products again: a rounding of s up or
+    # down only moves a code; the residual is measured against the code actually stored)
+    res2 = tl.zeros([BLOCK_T], tl.float32)  # sum of (residual / step)^2: no overflow or underflow
+    cbase = CODES + b.to(tl.int64) * s_cb + h.to(tl.int64) * s_ch + pos[:, None] * s_cn
+    for j0 in tl.static_range(0, DP, BLOCK_J):
+        offs_j = j0 + tl.arange(0, BLOCK_J)
+        r = tl.load(ROT + offs_j[:, None] * HEAD_DIM + offs_d[None, :], mask=offs_j[:, None] < HEAD_DIM, other=0.0)
+        x = tl.dot(kf, tl.trans(r), input_precision="ieee")
+        c = _round_half(x * inv[:, None])
+        res = (x - step[:, None] * c) * inv[:, None]
+        res2 += tl.sum(res * res, 1)
+        tl.store(cbase + offs_j[None, :], c.to(tl.int8), mask=t_ok[:, None])
+    # ---- the bound: every fp32 rounding above is covered (docs/codes.md)
+    u = 5.9604645e-08  # 2^-24
+    dd = HEAD_DIM * 1.0
+    big = 1.0 + (2.0 * dd + 32.0) * u
+    # norms scaled by the largest entry, so keys of any fp32 magnitude neither overflow nor
+    # underflow their squares (the scaling's roundings are within `big`)
+    kmax = tl.max(tl.abs(kf), 1)
+    ks = kf / tl.where(kmax > 0.0, kmax, 1.0)[:, None]
+    kn = kmax * tl.sqrt(tl.sum(ks * ks, 1))
+    rot_err = 1.01 * u * (1.0 + defect) + 1.01 * dd * u * tl.sqrt(dd * (1.0 + defect))
+    # 1e-36: the absolute error of products that fall below fp32's normal range
+    err = big * ((1.0 + defect) * step * tl.sqrt(res2) + kn * ((1.0 + defect) * rot_err + defect)) + 1e-36
+    kn_up = kn * big
+    sbase = SCALE + b.to(tl.int64) * s_sb + h.to(tl.int64) * s_sh
+    tl.store(sbase + pos, step, mask=t_ok)
+    tl.store(ERR + b.to(tl.int64) * s_sb + h.to(tl.int64) * s_sh + pos, err, mask=t_ok)
+    tl.atomic_max(MAXN + pid_bh, tl.max(tl.where(t_ok, kn_up, 0.0), 0))
+    tl.atomic_max(MAXE + pid_bh, tl.max(tl.where(t_ok, err, 0.0), 0))
+    if UPDATE_LEN:  # the only program of this head: nobody else reads LENS[bh] in this launch
+        tl.store(LENS + pid_bh, start + T)
+
+
+@triton.jit
+def _code_filter_kernel(Q, ROT, QR, TAU, tau_scalar, MAXN, MAXE, CODES, SCALE, ERR, COUNT, SURV, LENS, STATUS,
+                        s_qb, s_qh, s_qm, s_tb, s_th, s_tm, s_cb, s_ch, s_cn, s_sb, s_sh,
+                        G, M, Hkv, SURV_STRIDE, SEG, defect, NPROG,
+                        ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                        DP: tl.constexpr, TAU_TENSOR: tl.constexpr, UPCAST: tl.constexpr,
+                        ROTATE: tl.constexpr, STAGES: tl.constexpr):
+    # A persistent grid: NPROG programs per (batch, kv head) rotate the group's rows (or read
+    # them from QR), derive their int8 parts and thresholds once, then stride over the key
+    # tiles below LENS[bh] (pipelined loads). Program p appends the survivors of any row to
+    # its own segment SURV[bh, p*SEG : (p+1)*SEG] (int32, ascending positions) and writes
+    # their number to COUNT[bh, p]: no atomics (thousands of tiles of one head would contend
+    # on one counter) and a deterministic survivor order.
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hkv
+    h = pid_bh % Hkv
+    N = tl.load(LENS + pid_bh)
+    offs_d = tl.arange(0, DP)
+    offs_r = tl.arange(0, ROWS)
+    q, r_ok, head, mrow = _load_query_rows(Q, s_qb, s_qh, s_qm, b, h, G, M, ROWS, HEAD_DIM)
+    if ROTATE:
+        qr = _rotate_rows(q, ROT, HEAD_DIM, DP)
+    else:
+        qr = tl.load(QR + (pid_bh.to(tl.int64) * ROWS + offs_r)[:, None] * DP + offs_d[None, :])
+    tau = _load_rows(TAU, tau_scalar, s_tb, s_th, s_tm, b, head, mrow, r_ok, 0.0, TAU_TENSOR)
+    maxn = tl.load(MAXN + pid_bh)
+    worst = tl.max(_bad_rows(q, tau, r_ok, maxn), 0)
+    tl.atomic_or(STATUS, worst, mask=(worst > 0) & (pid_n == 0))
+    i1, i2, a1, a2, qn, thr = _query_parts(qr, q, tau, r_ok, maxn, tl.load(MAXE + pid_bh), defect, HEAD_DIM)
+    if UPCAST:
+        q1 = i1
+        q2 = i2
+    else:
+        q1 = i1.to(tl.int8)
+        q2 = i2.to(tl.int8)
+    cbase = CODES + b.to(tl.int64) * s_cb + h.to(tl.int64) * s_ch
+    sbase = b.to(tl.int64) * s_sb + h.to(tl.int64) * s_sh
+    obase = SURV + pid_bh.to(tl.int64) * SURV_STRIDE + pid_n.to(tl.int64) * SEG
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    found = 0
+    for tile in tl.range(pid_n, n_tiles, NPROG, num_stages=STAGES):
+        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        c = tl.load(cbase + offs_n[:, None].to(tl.int64) * s_cn + offs_d[None, :], mask=n_ok[:, None], other=0)
+        if UPCAST:  # the interpreter's int8 matmul would wrap: integer-valued fp32 sums are exact
+            p1 = tl.dot(q1, tl.trans(c.to(tl.float32)), input_precision="ieee")
+            p2 = tl.dot(q2, tl.trans(c.to(tl.float32)), input_precision="ieee")
+        else:
+            p1 = tl.dot(q1, tl.trans(c)).to(tl.float32)  # exact int32, |.| < 2^24
+            p2 = tl.dot(q2, tl.trans(c)).to(tl.float32)
+        s = tl.load(SCALE + sbase + offs_n, mask=n_ok, other=0.0)
+        e = tl.load(ERR + sbase + offs_n, mask=n_ok, other=0.0)
+        ub = s[None, :] * (a1[:, None] * p1 + a2[:, None] * p2) + qn[:, None] * e[None, :]
+        hit = tl.where(ub >= thr[:, None], 1, 0)
+        keep = (tl.max(hit, 0) > 0) & n_ok
+        keep_i = keep.to(tl.int32)
+        pos = found + tl.cumsum(keep_i, 0) - 1
+        tl.store(obase + pos, offs_n, mask=keep)
+        found += tl.sum(keep_i, 0)
+    tl.store(COUNT + pid_bh * NPROG + pid_n, found)
+
+
+@triton.jit
+def _code_attend_kernel(Q, K, V, TAU, tau_scalar, BIAS, bias_scalar, SURV, COUNT, O_PART, L_PART, LENS,
+                        MAXN, STATUS,
+                        s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
+                        s_tb, s_th, s_tm, s_bb, s_bh, s_bm,
+                        M, G, Hkv, SURV_STRIDE, SEG, NPROG, SPLITS, BHM, qk_scale, scale,
+                        ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                        KIND: tl.constexpr, ALPHA: tl.constexpr, UPCAST: tl.constexpr,
+                        TAU_TENSOR: tl.constexpr, BIAS_TENSOR: tl.constexpr):
+    # TAU/BIAS: (B, Hq, M)-strided tensors or scalars. Partials: O_PART (SPLITS, BHM, D) fp32, L_PART (SPLITS, BHM)
+    # natural-log lse (softmax) or log(sum w) (ReLU, KIND == 1); rows ordered (b, hq, m).
+    pid_s = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hkv
+    h = pid_bh % Hkv
+    N = tl.load(LENS + pid_bh)
+    q, r_ok, head, mrow = _load_query_rows(Q, s_qb, s_qh, s_qm, b, h, G, M, ROWS, HEAD_DIM)
+    offs_d = tl.arange(0, HEAD_DIM)
+    tau = _load_rows(TAU, tau_scalar, s_tb, s_th, s_tm, b, head, mrow, r_ok, float("inf"), TAU_TENSOR)
+    bias = _load_rows(BIAS, bias_scalar, s_bb, s_bh, s_bm, b, head, mrow, r_ok, 0.0, BIAS_TENSOR)
+    # ---- inputs the answer must not be trusted with: NaN rows and a status bit, no sync
+    code = _bad_rows(q, tau, r_ok, tl.load(MAXN + pid_bh))
+    code = code | tl.where(r_ok & ~(tl.abs(bias) < float("inf")), 4, 0)
+    worst = tl.max(code, 0)
+    tl.atomic_or(STATUS, worst, mask=(worst > 0) & (pid_s == 0))
+    row_bad = (code > 0) | ((tl.load(STATUS) & _BAD_KV) != 0)
+    limit = N - M + mrow  # causal: query m of M sits at N - M + m
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
+    kbase = K + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
+    vbase = V + b.to(tl.int64) * s_vb + h.to(tl.int64) * s_vh
+    for seg in range(pid_s, NPROG, SPLITS):  # split s takes the filter's segments s, s+SPLITS, ...
+        sbase = SURV + pid_bh.to(tl.int64) * SURV_STRIDE + seg * SEG
+        cnt = tl.load(COUNT + pid_bh * NPROG + seg)
+        for off in range(0, cnt, BLOCK_N):
+            offs_i = off + tl.arange(0, BLOCK_N)
+            i_ok = offs_i < cnt
+            idx = tl.load(sbase + offs_i, mask=i_ok, other=0)
+            k = tl.load(kbase + idx[:, None].to(tl.int64) * s_kn + offs_d[None, :], mask=i_ok[:, None], other=0.0)
+            v = tl.load(vbase + idx[:, None].to(tl.int64) * s_vn + offs_d[None, :], mask=i_ok[:, None], other=0.0)
+            if UPCAST:
+                sc = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+            else:
+                sc = tl.dot(q, tl.trans(k))
+            keep = i_ok[None, :] & (sc >= tau[:, None]) & (idx[None, :] <= limit[:, None]) & r_ok[:, None]
+            if KIND == 0:
+                s2 = tl.where(keep, sc * qk_scale, float("-inf"))
+                m_i, l_i, acc = _online_softmax_step(s2, v, m_i, l_i, acc, UPCAST)
+            else:
+                z = tl.maximum(sc * scale - bias[:, None], 0.0)
+                w = z
+                for _ in tl.static_range(ALPHA - 1):
+                    w = w * z
+                w = tl.where(keep, w, 0.0)
+                l_i += tl.sum(w, 1)
+                # weights rounded to v's 16-bit dtype for the tensor cores, as softmax rounds P
+                acc += _weighted_values(w, v, UPCAST)
+    l_safe, lse = _weights_epilogue(m_i, l_i, KIND)
+    o = acc / l_safe[:, None]
+    # every split writes NaN for a bad row, so the merge's max and sums are NaN too
+    o = tl.where(row_bad[:, None], float("nan"), o)
+    lse = tl.where(row_bad, float("nan"), lse)
+    row = (b * Hkv * G + head).to(tl.int64) * M + mrow
+    tl.store(O_PART + (pid_s.to(tl.int64) * BHM + row)[:, None] * HEAD_DIM + offs_d[None, :], o,
+             mask=r_ok[:, None])
+    tl.store(L_PART + pid_s.to(tl.int64) * BHM + row, lse, mask=r_ok)

@@ -1,0 +1,140 @@
+"""A decode step a generation loop can use: add the new token, attend, one CUDA graph for every length.
+
+A generation loop grows the cache by one token per step. :class:`DecodeStep` records the
+step of a :class:`hsr.kernels.CodeKVCache` — ``add(k, v)`` then filter + attend + merge —
+once, in a CUDA graph, and replays it. Every kernel reads the cache's length from the device
+and sizes its grid from the capacity, so the same graph is right at every length up to the
+capacity; the host only counts (``cache.n``) and refuses a step past the capacity, the one
+point that needs a new capture (``cache.reserve(...)``, then a new step).
+
+No synchronisation happens in a replay: bad values (NaN/Inf in q, k, v, tau, bias) give NaN
+rows, never a finite wrong answer, and :meth:`hsr.kernels.CodeKVCache.check` raises them at
+the caller's next synchronisation point (the module docstring of ``hsr.kernels.codes``).
+
+Off CUDA (the Triton interpreter in tests) there is no graph: the step runs eagerly, with
+the same results.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["DecodeStep"]
+
+
+class DecodeStep:
+    """Add ``t`` tokens to a :class:`~hsr.kernels.CodeKVCache` and attend, replayed from one graph.
+
+    Parameters
+    ----------
+    cache : CodeKVCache
+        The cache; its capacity bounds the lengths one capture serves.
+    q : Tensor, (B, Hq, M, D)
+        An example query (shape and dtype; the cache's dtype and device).
+    k, v : Tensor, (B, Hkv, t, D)
+        Example new keys and values (usually ``t = M = 1``).
+    kind : {"softmax", "relu"}
+    tau : float or float32 Tensor of shape (), (Hq,) or (B, Hq, M), optional
+        Raw-score threshold (``score >= tau`` kept; ReLU defaults to ``bias / scale``). A
+        tensor is copied into the step's own buffer, which :attr:`tau` exposes: write new
+        thresholds into it in place between calls (``step.tau.copy_(...)``).
+    alpha, bias, scale
+        As in :meth:`~hsr.kernels.CodeKVCache.attend` (a tensor bias is copied like tau).
+    graph : bool, optional
+        Capture a CUDA graph (default: on CUDA). False runs every call eagerly (no sync).
+
+    Notes
+    -----
+    The first call runs eagerly (it compiles the kernels and is the first real step) and
+    then captures; later calls copy their inputs into the step's buffers and replay. The
+    returned tensor is the step's output buffer: the next call overwrites it (clone to keep).
+    """
+
+    def __init__(self, cache, q, k, v, *, kind, tau=None, alpha=2, bias=0.0, scale=None, graph=None):
+        from ._validate import check_alpha, check_kind
+
+        check_kind(kind)
+        self.alpha = check_alpha(alpha)
+        if not (torch.is_tensor(q) and torch.is_tensor(k) and torch.is_tensor(v)):
+            raise TypeError("q, k and v must be torch tensors")
+        if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
+            raise ValueError(f"q must be (B, Hq, M, D) and k, v (B, Hkv, t, D), got {tuple(q.shape)}, "
+                             f"{tuple(k.shape)}, {tuple(v.shape)}")
+        if k.shape[:2] != (cache.B, cache.Hkv) or k.shape[-1] != cache.D:
+            raise ValueError(f"k and v must be ({cache.B}, {cache.Hkv}, t, {cache.D}), got {tuple(k.shape)}")
+        if q.shape[2] > k.shape[2] + cache.n:
+            raise ValueError("more query positions than keys")
+        self.cache = cache
+        self.kind = kind
+        self.scale = float(scale) if scale is not None else cache.D ** -0.5
+        if tau is None:
+            if kind == "softmax":
+                raise ValueError("softmax on the code cache keeps the keys with score >= tau: give tau=")
+            tau = (bias / self.scale) if torch.is_tensor(bias) else float(bias) / self.scale
+        dev, dt = cache.device, cache.dtype
+        self.q = torch.empty(q.shape, dtype=dt, device=dev)
+        self.k = torch.empty(k.shape, dtype=dt, device=dev)
+        self.v = torch.empty(v.shape, dtype=dt, device=dev)
+        self.tau = self._own(tau, "tau")
+        self.bias = self._own(bias, "bias")
+        self.t = k.shape[2]
+        self.out = None
+        self._graph = None
+        self._storage = cache._storage
+        self.use_graph = (dev.type == "cuda") if graph is None else bool(graph)
+        if self.use_graph and dev.type != "cuda":
+            raise ValueError("graph=True needs a CUDA cache")
+
+    def _own(self, x, name):
+        if not torch.is_tensor(x):
+            return float(x)
+        from .codes import _f32_at_least
+
+        x = x.to(self.cache.device)
+        return (_f32_at_least(x) if name == "tau" else x.float()).clone()
+
+    def _step(self):
+        c = self.cache
+        c._launch_add(self.k, self.v, self.t)
+        plan = c._plan(self.q, self.tau, bias=self.bias)
+        out, _ = c._run(self.q, plan, kind=self.kind, alpha=self.alpha, scale=self.scale)
+        return out
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Add ``k, v`` (``(B, Hkv, t, D)``) at the next positions and attend ``q``; returns
+        ``out (B, Hq, M, D)`` (the step's buffer). No synchronisation."""
+        c = self.cache
+        if c._storage != self._storage:
+            raise ValueError("the cache was reallocated since this step was made (it grew past its capacity): "
+                             "make a new step")
+        if c.n + self.t > c.capacity:
+            raise ValueError(f"the cache is full ({c.n} keys, capacity {c.capacity}): cache.reserve(larger) "
+                             "and make a new step (the one point that needs a new capture)")
+        if q.shape != self.q.shape or k.shape != self.k.shape or v.shape != self.v.shape:
+            raise ValueError(f"this step takes q {tuple(self.q.shape)}, k and v {tuple(self.k.shape)}; got "
+                             f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        with c._lock.write():  # the step adds: searches of other threads wait, as for add()
+            self.q.copy_(q)
+            self.k.copy_(k)
+            self.v.copy_(v)
+            if self._graph is not None:
+                self._graph.replay()
+            else:
+                out = self._step()
+                if self.out is None:
+                    self.out = out
+                else:
+                    self.out.copy_(out)
+            c.n += self.t
+            c._version += 1
+            if self.use_graph and self._graph is None:
+                self._capture()
+        return self.out
+
+    def _capture(self):
+        # the eager first call compiled every kernel; a capture only records (nothing runs),
+        # so the cache is not advanced by it
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = self._step()
+            self.out.copy_(out)
+        self._graph = g

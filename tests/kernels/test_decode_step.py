@@ -1,0 +1,155 @@
+"""The GPU decode loop: add on the device, one step for every length, checks that never stall.
+
+Under the Triton interpreter on the CPU in CI (a DecodeStep then runs eagerly, with the same
+kernels), on the GPU (with a CUDA graph) where there is one.
+"""
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hsr.kernels.codes import CodeKVCache
+
+from .test_codes import _inputs, _reference
+
+
+def _dense(q, k, v, kind, tau, bias, scale):
+    t = torch.as_tensor(tau, dtype=torch.float64, device=q.device).expand(q.shape[:3])
+    return _reference(q, k, v, t, kind, 2, bias, scale)[0]
+
+
+@pytest.mark.parametrize("kind", ["softmax", "relu"])
+def test_decode_loop_matches_dense_at_every_length(device, kind):
+    B, Hkv, G, D, n0, steps = 2, 2, 3, 32, 52, 12  # 64 keys: the smallest capacity
+    q, k, v = _inputs(B, Hkv, G, 1, n0 + steps, D, torch.float32, device, True, seed=11)
+    scale = D ** -0.5
+    bias = 0.5 if kind == "relu" else 0.0
+    tau = 2.0 if kind == "softmax" else bias / scale
+    cache = CodeKVCache(k[:, :, :n0], v[:, :, :n0], capacity=n0 + steps)
+    step = cache.decode_step(q, k[:, :, :1], v[:, :, :1], kind=kind, tau=tau, bias=bias)
+    for i in range(steps):
+        n = n0 + i + 1
+        qi = q.roll(i, dims=-1).contiguous()  # a new query every step
+        out = step(qi, k[:, :, n - 1:n], v[:, :, n - 1:n])
+        ref = _dense(qi, k[:, :, :n], v[:, :, :n], kind, tau, bias, scale)
+        torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+        assert len(cache) == n
+    assert cache.lengths.tolist() == [n0 + steps] * (B * Hkv)
+    cache.check()
+    # past the capacity: the one point that needs a new step
+    with pytest.raises(ValueError, match="full"):
+        step(q, k[:, :, :1], v[:, :, :1])
+    cache.reserve(2 * cache.capacity)
+    with pytest.raises(ValueError, match="reallocated"):
+        step(q, k[:, :, :1], v[:, :, :1])
+    step2 = cache.decode_step(q, k[:, :, :1], v[:, :, :1], kind=kind, tau=tau, bias=bias)
+    out = step2(q, k[:, :, :1], v[:, :, :1])
+    kk = torch.cat([k, k[:, :, :1]], 2)
+    vv = torch.cat([v, v[:, :, :1]], 2)
+    torch.testing.assert_close(out.double(), _dense(q, kk, vv, kind, tau, bias, scale), atol=1e-5, rtol=1e-5)
+
+
+def test_step_thresholds_are_a_buffer(device):
+    q, k, v = _inputs(1, 1, 2, 1, 30, 16, torch.float32, device, True, seed=2)
+    cache = CodeKVCache(k[:, :, :20], v[:, :, :20], capacity=32)
+    step = cache.decode_step(q, k[:, :, :1], v[:, :, :1], kind="softmax", tau=torch.zeros(2, device=device))
+    out = step(q, k[:, :, 20:21], v[:, :, 20:21])
+    torch.testing.assert_close(out.double(), _dense(q, k[:, :, :21], v[:, :, :21], "softmax", 0.0, 0, 0.25),
+                               atol=1e-5, rtol=1e-5)
+    step.tau.fill_(3.0)  # new thresholds, in place: the next replay reads them
+    out = step(q, k[:, :, 21:22], v[:, :, 21:22])
+    torch.testing.assert_close(out.double(), _dense(q, k[:, :, :22], v[:, :, :22], "softmax", 3.0, 0, 0.25),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_stale_plan_is_refused(device):
+    q, k, v = _inputs(1, 2, 2, 1, 90, 32, torch.float32, device, False, seed=5)
+    cache = CodeKVCache(k[:, :, :40], v[:, :, :40])
+    plan = cache.plan(q, 0.5)
+    cache.add(k[:, :, 40:90], v[:, :, 40:90])
+    with pytest.raises(ValueError, match="plan again"):
+        cache.run(q, plan, kind="softmax")
+    out, _ = cache.run(q, cache.plan(q, 0.5), kind="softmax")
+    torch.testing.assert_close(out.double(), _dense(q, k, v, "softmax", 0.5, 0, 32 ** -0.5), atol=1e-5, rtol=1e-5)
+
+
+def test_unchecked_bad_values_give_nan_and_are_raised_later(device):
+    q, k, v = _inputs(1, 2, 2, 1, 60, 32, torch.float32, device, False, seed=6)
+    cache = CodeKVCache(k, v)
+    bad = q.clone()
+    bad[0, 1, 0, 3] = math.inf
+    out = cache.attend(bad, kind="relu", bias=0.1, check=False)  # no synchronisation, no error
+    assert torch.isnan(out[0, 1]).all() and torch.isfinite(out[0, [0, 2, 3]]).all()
+    with pytest.raises(ValueError, match="q contains NaN or Inf"):
+        cache.check()
+    cache.check()  # raised once, cleared
+    tau = torch.zeros(4, device=device)
+    tau[3] = math.nan
+    out = cache.attend(q, kind="softmax", tau=tau, check=False)
+    assert torch.isnan(out[0, 3]).all() and torch.isfinite(out[0, :3]).all()
+    with pytest.raises(ValueError, match="tau contains NaN"):
+        cache.check()
+    # a NaN key added without a check poisons the cache: every answer NaN, and it stays said
+    kk = k[:, :, :1].clone()
+    kk[0, 0, 0, 0] = math.nan
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        cache.add(kk, v[:, :, :1])  # checked: refused before anything is written
+    assert len(cache) == 60
+    cache.add(kk, v[:, :, :1], check=False)
+    assert torch.isnan(cache.attend(q, kind="relu", check=False)).all()
+    for _ in range(2):
+        with pytest.raises(ValueError, match="poisoned"):
+            cache.check()
+
+
+def test_tau_of_another_dtype_or_device_keeps_the_same_keys(device):
+    # lattice scores are integers: a float64 tau just above one of them must not round down onto it
+    q, k, v = _inputs(1, 1, 2, 1, 50, 16, torch.float32, device, True, seed=9)
+    cache = CodeKVCache(k, v)
+    s = (q.double() @ k.double().transpose(-1, -2))[0, :, 0]
+    tau64 = s[:, 7] + 1e-9  # no float32 lies between the score and tau: rounding down would keep it
+    out = cache.attend(q, kind="softmax", tau=tau64.cpu())
+    ref = _dense(q, k, v, "softmax", tau64[None, :, None], 0, 0.25)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(D=st.sampled_from([16, 32, 64]), t=st.integers(1, 40), log_mag=st.integers(-30, 30),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), seed=st.integers(0, 10 ** 6))
+def test_add_kernel_bound_is_sound_against_float64(D, t, log_mag, dtype, seed):
+    """The fp32 add kernel's err covers (1 + defect) ||R k - s c|| + defect ||k|| in float64
+    (R = the stored fp32 rotation, exactly), for keys of every magnitude, zeros and duplicates."""
+    if dtype == torch.float16:
+        log_mag = max(-4, min(log_mag, 3))  # fp16's range
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(1, 2, t, D, generator=g, dtype=torch.float64) * 10.0 ** log_mag
+    k[:, :, 0] = 0
+    if t > 2:
+        k[:, :, 2] = k[:, :, 1]
+    if t > 3:
+        k[:, :, 3] = torch.randint(-3, 4, (D,), generator=g).double()  # a lattice key
+    k = k.to(dtype)
+    cache = CodeKVCache(k, None, seed=seed % 7)
+    r64 = cache.rot32.double()
+    k64 = k.double()
+    x = k64 @ r64.T
+    c = cache.codes[:, :, :t, :D].double()
+    s = cache.scale[:, :, :t].double()
+    need = (1 + cache.defect) * torch.linalg.vector_norm(x - s[..., None] * c, dim=-1) \
+        + cache.defect * torch.linalg.vector_norm(k64, dim=-1)
+    err = cache.err[:, :, :t].double()
+    assert (err >= need).all()
+    assert (cache.max_norm.double() >= torch.linalg.vector_norm(k64, dim=-1).amax(-1).flatten()).all()
+    assert (cache.max_err.double() >= err.amax(-1).flatten()).all()
+    # and the bound is tight enough to be useful: err is within 1% of the need plus rounding
+    assert (err <= 1.01 * need + 1e-3 * torch.linalg.vector_norm(k64, dim=-1) + 2e-36).all()
+
+
+def test_memory_bytes_over_kv(device):
+    k = torch.randn(1, 4, 256, 128, device=device)
+    cache = CodeKVCache(k.bfloat16(), k.bfloat16())
+    mem = cache.memory_bytes()
+    # codes: D + 8 bytes per key against 2 * 2D of bf16 K+V: (128 + 8) / 512 = 27%
+    assert 0.26 < mem["index_over_kv"] < 0.28
