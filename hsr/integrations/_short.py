@@ -1,10 +1,19 @@
-"""The transformers backends' short-context path: dense attention in torch, no index.
+"""The transformers backends' short-context path: no index, dense attention in torch.
 
-Below ``dense_below`` cached keys the index cannot win (measured: ``bench/eval_decode_long.py``
-at 8K tokens decodes 2.5x slower with the index than SDPA on the CPU), so the backend computes
-the same attention densely: the same selection rule (``eps``: every key, so nothing is
-dropped; ``tau``: raw score ``>= tau``; ``topk``: at least the k-th best score; ReLU^alpha: the
-keys that fire) over the causally visible, non-pad keys, and no index is built or updated.
+Below ``dense_below`` cached keys the index cannot win (measured on SmolLM2-135M, 2 CPU cores:
+decoding with the index at 8K tokens is 2.5x slower than SDPA end to end), so the backend
+attends densely and no index is built or updated:
+
+- ``kind="softmax"`` with ``eps`` (the default): every visible key enters the softmax, nothing
+  is dropped, which is exactly what torch's ``scaled_dot_product_attention`` computes. The
+  backend calls it itself (:func:`sdpa_attention`) with the mask transformers passed (or the
+  causal rule), grouped-query attention and the scaling done the way transformers' own
+  ``sdpa`` backend does them, so a short context costs what SDPA costs.
+- ``tau``, ``topk`` and ReLU^alpha select keys by their scores, which SDPA cannot express:
+  :func:`dense_attention` computes the score matrix in torch with the same selection rule
+  (``tau``: raw score ``>= tau``; ``topk``: at least the k-th best score; ReLU^alpha: the keys
+  that fire) over the causally visible, non-pad keys.
+
 Scores here are torch's float32 matmul, not the index's canonical sums: a key whose score is
 within float rounding of ``tau`` (or of the k-th best) may be kept here and not by the index,
 or the reverse. ReLU^alpha is unaffected (such a key's weight is zero either way).
@@ -17,8 +26,59 @@ import numpy as np
 import torch
 
 #: default ``dense_below`` of the transformers backends (cached keys): the index is only
-#: searched from this cache length on. 8K measured slower than SDPA end to end, hence 16K.
+#: searched from this cache length on. On the CPU the index decoded SmolLM2-135M slower than
+#: SDPA at every length up to its 8K context (docs/transformers.md), hence 16K.
 MODEL_DENSE_BELOW = 16384
+
+
+def uses_sdpa(settings: dict) -> bool:
+    """Whether the backend's rule below ``dense_below`` is plain softmax over every key (SDPA)."""
+    return settings["kind"] == "softmax" and settings.get("tau") is None and settings.get("topk") is None
+
+
+def sdpa_attention(query, key, value, attention_mask: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+    """Causal softmax attention of the last ``M`` positions through torch's SDPA.
+
+    Mirrors transformers' ``sdpa`` backend, so the cost is SDPA's: no mask and ``M == N``
+    uses ``is_causal``; grouped-query attention uses ``enable_gqa`` without a mask, folds the
+    query heads onto their KV head for one query (decode), and repeats the KV heads otherwise.
+
+    Parameters
+    ----------
+    query : Tensor (B, Hq, M, D); key, value : Tensor (B, Hkv, N, D), ``Hq % Hkv == 0``
+    attention_mask : Tensor or None
+        The mask transformers passed (boolean, True = attend, or additive float), already
+        checked to be causal with key padding; None for plain causal.
+    scale : float
+
+    Returns
+    -------
+    Tensor (B, Hq, M, D) in query's dtype
+        Rows with no visible key (pad queries of a left-padded batch) are zeros.
+    """
+    B, Hq, M, D = query.shape
+    Hkv, N = key.shape[1], key.shape[2]
+    G = Hq // Hkv
+    q, k, v, mask = query.detach(), key.detach(), value.detach(), attention_mask
+    kwargs = {}
+    if mask is None and M > 1 and M < N:
+        # queries are the last M positions: bottom-right causal, which is_causal (top-left) is not
+        mask = (torch.arange(N, device=q.device)[None, :]
+                <= (torch.arange(M, device=q.device) + (N - M))[:, None])[None, None]
+    if G > 1:
+        if mask is None:
+            kwargs["enable_gqa"] = True
+        elif M == 1:  # (B, Hq, 1, D) -> (B, Hkv, G, D): each KV head attends for its G query heads
+            q = q.reshape(B, Hkv, G, D)
+        else:
+            k = k[:, :, None].expand(B, Hkv, G, N, D).reshape(B, Hq, N, D)
+            v = v[:, :, None].expand(B, Hkv, G, N, v.shape[-1]).reshape(B, Hq, N, v.shape[-1])
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, scale=scale, is_causal=mask is None and M > 1, **kwargs)
+    out = out.reshape(B, Hq, M, v.shape[-1])
+    if attention_mask is not None:  # a fully masked row is NaN (or 0, by kernel): zeros
+        out = torch.nan_to_num(out)
+    return out
 
 
 def dense_attention(query, key, value, settings: dict, scale: float,

@@ -21,10 +21,13 @@ class LayerStats:
     (pad keys excluded); ``keys_scored`` the keys whose score was computed; ``keys_selected``
     the keys that entered the softmax (or ReLU). Fractions divide by ``keys_visible``.
     ``keys_scored`` can exceed ``keys_visible`` in prefill: the index's leaves mix positions and
-    a scanned leaf is counted whole.
+    a scanned leaf is counted whole. ``dense_calls`` counts the calls that took the dense path
+    below ``dense_below`` (no index: torch SDPA for the default softmax, else a dense torch
+    computation of the same selection rule); their keys count as scored and nothing is dropped.
     """
 
     calls: int = 0
+    dense_calls: int = 0
     queries: int = 0
     keys_visible: int = 0
     keys_scored: int = 0
@@ -47,6 +50,10 @@ class LayerStats:
         d["scored_fraction"] = self.scored_fraction
         d["selected_fraction"] = self.selected_fraction
         return d
+
+
+_SUMMED = ("calls", "dense_calls", "queries", "keys_visible", "keys_scored", "keys_selected", "index_s",
+           "search_s", "attend_s")
 
 
 class HSRStats:
@@ -78,16 +85,14 @@ class HSRStats:
         """Accumulate one call's counters into layer ``idx``."""
         st = self.layer(idx)
         with self._lock:
-            for f in ("calls", "queries", "keys_visible", "keys_scored", "keys_selected", "index_s",
-                      "search_s", "attend_s"):
+            for f in _SUMMED:
                 setattr(st, f, getattr(st, f) + getattr(delta, f))
             st.max_dropped = max(st.max_dropped, delta.max_dropped)
 
     def _total(self) -> LayerStats:
         t = LayerStats()
         for s in self.layers.values():
-            for f in ("calls", "queries", "keys_visible", "keys_scored", "keys_selected", "index_s",
-                      "search_s", "attend_s"):
+            for f in _SUMMED:
                 setattr(t, f, getattr(t, f) + getattr(s, f))
             t.max_dropped = max(t.max_dropped, s.max_dropped)
         return t
@@ -109,6 +114,12 @@ class HSRStats:
     def max_dropped(self) -> float:
         return self._total().max_dropped
 
+    @property
+    def dense_fraction(self) -> float:
+        """Fraction of the calls that took the dense path (no index) below ``dense_below``."""
+        t = self._total()
+        return t.dense_calls / t.calls if t.calls else 0.0
+
     def summary(self) -> dict:
         """JSON-ready ``{"total": {...}, "layers": {idx: {...}}}``."""
         return {"total": self._total().as_dict(),
@@ -116,12 +127,12 @@ class HSRStats:
 
     def table(self, per_layer: bool = True) -> str:
         """A plain-text table, one row per layer and a total row."""
-        head = f"{'layer':>5} {'calls':>5} {'scored':>7} {'selected':>8} {'max eps':>9} " \
+        head = f"{'layer':>5} {'calls':>5} {'dense':>5} {'scored':>7} {'selected':>8} {'max eps':>9} " \
                f"{'index s':>8} {'search s':>8} {'attend s':>8}"
         rows = [head]
 
         def row(name, s):
-            return (f"{name:>5} {s.calls:>5} {s.scored_fraction:>7.3f} {s.selected_fraction:>8.3f} "
+            return (f"{name:>5} {s.calls:>5} {s.dense_calls:>5} {s.scored_fraction:>7.3f} {s.selected_fraction:>8.3f} "
                     f"{s.max_dropped:>9.2e} {s.index_s:>8.3f} {s.search_s:>8.3f} {s.attend_s:>8.3f}")
 
         if per_layer:
@@ -131,5 +142,6 @@ class HSRStats:
 
     def __repr__(self):
         t = self._total()
-        return (f"HSRStats(layers={len(self.layers)}, scored={t.scored_fraction:.3f}, "
+        return (f"HSRStats(layers={len(self.layers)}, calls={t.calls}, dense_calls={t.dense_calls}, "
+                f"scored={t.scored_fraction:.3f}, "
                 f"selected={t.selected_fraction:.3f}, max_dropped={t.max_dropped:.2e})")

@@ -46,7 +46,8 @@ are removed from the index (ids stay positions). Any other mask (packed sequence
 windows, bidirectional blocks) raises ``ValueError``.
 
 Statistics: every backend owns an :class:`HSRStats`; after a forward pass it holds, per layer,
-the keys scored and selected (as fractions of the causally visible keys), the largest certified
+the calls, those that took the dense path below ``dense_below`` (``dense_calls``), the keys
+scored and selected (as fractions of the causally visible keys), the largest certified
 dropped mass, and the seconds spent maintaining the index, searching it, and attending;
 ``stats.decode`` holds the same for decode calls (one query position) only.
 """
@@ -428,7 +429,7 @@ class HSRAttentionBackend:
         layer_idx = -1 if layer_idx is None else layer_idx
         st = LayerStats(calls=1, queries=B * Hq * M, keys_visible=Hq * _visible_counts(B, M, N, key_padding))
         if self.mode == "hsr":
-            out = self._hsr(module, query, key, value, kwargs, st, scale, key_padding)
+            out = self._hsr(module, query, key, value, attention_mask, kwargs, st, scale, key_padding)
         elif self.mode == "power":
             out = self._power(query, key, value, st, scale, key_padding)
         else:
@@ -438,15 +439,21 @@ class HSRAttentionBackend:
             self.stats.decode.add(layer_idx, st)
         return out.transpose(1, 2).contiguous(), None
 
-    def _hsr(self, module, query, key, value, kwargs, st, scale, key_padding):
+    def _hsr(self, module, query, key, value, attention_mask, kwargs, st, scale, key_padding):
         s = self.settings
         if key.shape[2] < s["dense_below"] and not isinstance(s["bias"], str):
             # short context: dense is faster than any index; no index is built or updated
             t0 = time.perf_counter()
-            out, scored, selected = dense_attention(query, key, value, s, scale, key_padding)
+            st.dense_calls += 1
+            if _short.uses_sdpa(s):  # every key kept, nothing dropped: exactly SDPA
+                out = _short.sdpa_attention(query, key, value, attention_mask, scale)
+                st.keys_scored += st.keys_visible
+                st.keys_selected += st.keys_visible
+            else:
+                out, scored, selected = dense_attention(query, key, value, s, scale, key_padding)
+                st.keys_scored += scored
+                st.keys_selected += selected
             st.attend_s += time.perf_counter() - t0
-            st.keys_scored += scored
-            st.keys_selected += selected
             return out
         index = self._index(module, key, value, kwargs, st, key_padding)
         t0 = time.perf_counter()
@@ -560,10 +567,13 @@ def register_hsr_attention(name: str = "hsr_softmax", *, kind: str = "softmax", 
     index_kwargs : dict, optional
         For indexes built on the fly (no :class:`HSRCache`).
     dense_below : int, default ``MODEL_DENSE_BELOW`` (16384)
-        Below this many cached keys, attend densely in torch with the same selection rule and
-        build no index (short contexts never cost more than dense; at 8K the index decoded
-        2.5x slower than SDPA end to end on a 2-core CPU). 0: always use the index.
-        ``bias="paper"`` always uses the index (its bias is computed per head from it).
+        Below this many cached keys, build no index and attend densely: with ``eps`` (the
+        default) through torch's ``scaled_dot_product_attention`` itself, so a short context
+        costs what SDPA costs; with ``tau``, ``topk`` or ``kind="relu"`` with the same selection
+        rule computed densely in torch. ``stats`` counts these calls (``dense_calls``). The
+        default keeps SmolLM2-135M (8K context) dense on the CPU, where the index decoded
+        slower than SDPA at every length measured (docs/transformers.md). 0: always use the
+        index. ``bias="paper"`` always uses the index (its bias is computed per head from it).
 
     Returns
     -------

@@ -88,6 +88,7 @@ def test_short_context_dense_path_equals_index_path(mode, padded):
     la, lb = short.stats.layers[0], full.stats.layers[0]
     assert la.keys_scored == la.keys_visible  # every visible key scored, nothing more
     assert la.index_s == 0.0  # no index built
+    assert (la.dense_calls, lb.dense_calls) == (1, 0)  # the stats say which path ran
     if mode.get("eps"):
         torch.testing.assert_close(a, _dense(q, k, v, mask=mask, scale=0.25), rtol=1e-5, atol=1e-5)
         assert la.max_dropped == 0.0
@@ -96,6 +97,35 @@ def test_short_context_dense_path_equals_index_path(mode, padded):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="dense_below"):
         ht.register_hsr_attention("t_bad", dense_below=-1)
+
+
+@pytest.mark.parametrize("M", [1, 5, 40])
+@pytest.mark.parametrize("padded", [False, True])
+def test_short_softmax_calls_sdpa(M, padded, monkeypatch):
+    # below dense_below the default softmax (eps: nothing dropped) is torch's SDPA itself, with
+    # the mask, GQA and scaling transformers' own sdpa backend would use
+    q, k, v = _qkv(B=2, M=M, N=40)
+    mask = None
+    if padded:
+        keypad = torch.ones(2, 40, dtype=torch.bool)
+        keypad[1, :6] = False
+        causal = torch.arange(40)[None, :] <= (torch.arange(M) + 40 - M)[:, None]
+        mask = (causal[None] & keypad[:, None, :])[:, None]
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **kw: calls.append(kw) or sdpa(*a, **kw))
+    be = ht.register_hsr_attention("t_short_sdpa", dense_below=10**6)
+    out, _ = be(_module(), q, k, v, mask, scaling=0.25)
+    assert len(calls) == 1 and calls[0]["scale"] == 0.25
+    ref = _dense(q, k, v, mask=mask, scale=0.25)
+    if padded and M == 40:  # the fully padded query rows of row 1 are zeros
+        assert out[1, :6].abs().max().item() == 0.0
+        out, ref = out[:, 6:], ref[:, 6:]
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    st = be.stats.layers[0]
+    assert st.dense_calls == 1 and st.max_dropped == 0.0 and be.stats.dense_fraction == 1.0
+    assert "dense_calls=1" in repr(be.stats)
 
 
 def test_register_rejects_bad_settings():
@@ -328,6 +358,33 @@ def test_real_model_padded_batch(smollm2):
     # eps = 1e-3 drops up to 0.1% of the mass per row: logits move by a few 1e-2 (measured 0.035)
     assert (out[0] - ref[0]).abs().max().item() < 0.1
     assert (out[1, 15:] - ref[1, 15:]).abs().max().item() < 0.1
+
+
+@pytest.mark.model
+def test_real_model_short_context_is_sdpa(smollm2):
+    """Below dense_below the backend is SDPA: same logits (padded batch too), greedy tokens
+    through an HSRCache equal, no index built, every call counted as dense."""
+    model, tok = smollm2
+    be = ht.register_hsr_attention("t_hsr_model_short", kind="softmax", eps=1e-3, dense_below=10**6)
+    ids = realdata.real_token_ids(tok, 40)
+    pad = tok.eos_token_id
+    batch = torch.stack([torch.as_tensor(ids[:40]), torch.cat([torch.full((15,), pad), torch.as_tensor(ids[:25])])])
+    att = torch.stack([torch.ones(40, dtype=torch.long), torch.cat([torch.zeros(15), torch.ones(25)]).long()])
+    with torch.inference_mode():
+        model.set_attn_implementation("sdpa")
+        ref = model(batch, attention_mask=att).logits
+        g_ref = model.generate(batch[:1], max_new_tokens=6, do_sample=False, pad_token_id=pad)
+        model.set_attn_implementation("t_hsr_model_short")
+        out = model(batch, attention_mask=att).logits
+        cache = ht.HSRCache(model.config, index_from=10**6)
+        g = model.generate(batch[:1], max_new_tokens=6, do_sample=False, cache=cache, pad_token_id=pad)
+        model.set_attn_implementation("sdpa")
+    torch.testing.assert_close(out[0], ref[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out[1, 15:], ref[1, 15:], rtol=1e-4, atol=1e-4)
+    assert g[0].tolist() == g_ref[0].tolist()
+    assert all(layer.n_builds == 0 for layer in cache.layers)
+    t = be.stats.total
+    assert t.calls == t.dense_calls > 0 and be.stats.dense_fraction == 1.0 and t.max_dropped == 0.0
 
 
 @pytest.mark.model
