@@ -14,7 +14,8 @@ the way a GEMM does, and never stores it:
   blocks; it walks the range in key tiles of ``KEY_TILE`` blocks (16 KiB of codes at d = 64,
   in L1), and every 8-row group of the tile reads the key tile while it is in cache.
 * **the bound per tile**: the 32 float32 bounds of a block are computed from the sums in the
-  same pass; a block whose largest bound is below the row's threshold costs nothing more.
+  same pass, as one vector expression compared into a 32-bit mask (``_lane_mask``); a block
+  whose mask is empty costs nothing more.
 * **survivors compacted per query**: a row's candidates (ascending ids) wait in its pending
   list and are decided in batches of four canonical score chains (``_verify``): exact scores
   for the candidates only.
@@ -34,9 +35,12 @@ the exact integer sums are formed changes, and integer sums do not depend on it.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.cpython.unsafe.numbers import trailing_zeros
+from numba.extending import intrinsic
 
-from ._code_kernels import BLOCK, _PENDING, _collect, _verify, pair_dot_1x1, pair_dot_1x4, pair_dot_8x1
+from ._code_kernels import BLOCK, _PENDING, _verify, pair_dot_1x1, pair_dot_1x4, pair_dot_8x1
 
 #: query rows per task (the rows that share one pass over a range of codes)
 TILE_ROWS = 64
@@ -47,17 +51,59 @@ KEY_TILE = 16
 FEW_ROWS = 4
 
 
+_F32, _I32, _I64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
+
+
+@intrinsic
+def _lane_mask(typingctx, acc, off, a, qnr, scale, err, first, th):
+    """``mask`` (int64): bit t set when the float32 bound of lane t of one block,
+    ``scale[first+t] * (a * float32(acc[off+t])) + qnr * err[first+t]``, is ``>= th``.
+
+    The expression the slack was sized for (``_code_kernels._lane_bounds``), as IEEE float32
+    operations without fast-math flags (no contraction into FMAs, so the same roundings); a
+    NaN compares false as in numba. Written as one 32-lane vector expression ending in a
+    compare-to-mask because numba leaves the float ``max`` over the lanes scalar (it must keep
+    NaN semantics): measured 3x the time of the integer products it follows; the mask costs
+    about a tenth of them."""
+    sig = types.int64(acc, off, a, qnr, scale, err, first, th)
+
+    def codegen(context, builder, signature, args):
+        acc_, off_, a_, q_, sc_, er_, fi_, th_ = args
+        ap = context.make_array(signature.args[0])(context, builder, acc_).data
+        sp = context.make_array(signature.args[4])(context, builder, sc_).data
+        ep = context.make_array(signature.args[5])(context, builder, er_).data
+        vf = ir.VectorType(_F32, BLOCK)
+        vi = ir.VectorType(_I32, BLOCK)
+
+        def splat(x):
+            v = builder.insert_element(ir.Constant(vf, ir.Undefined), x, ir.Constant(_I32, 0))
+            return builder.shuffle_vector(v, ir.Constant(vf, ir.Undefined), ir.Constant(vi, None))
+
+        av = builder.load(builder.bitcast(builder.gep(ap, [off_]), ir.PointerType(vi)), align=4)
+        sv = builder.load(builder.bitcast(builder.gep(sp, [fi_]), ir.PointerType(vf)), align=4)
+        ev = builder.load(builder.bitcast(builder.gep(ep, [fi_]), ir.PointerType(vf)), align=4)
+        ub = builder.fadd(builder.fmul(sv, builder.fmul(splat(a_), builder.sitofp(av, vf))),
+                          builder.fmul(splat(q_), ev))
+        hit = builder.fcmp_ordered(">=", ub, splat(th_))
+        return builder.zext(builder.bitcast(hit, ir.IntType(BLOCK)), _I64)
+
+    return sig, codegen
+
+
 @njit(cache=True, nogil=True, inline="always")
-def _acc_bounds(acc, off, a, qnr, scale, err, first, ubs):
-    """Float32 bounds of the 32 lanes of one block from its int32 sums ``acc[off:off+32]``
-    into ``ubs``, without branches (vectorised); returns the largest. The expression is the
-    one the slack was sized for (``_code_kernels._lane_bounds``)."""
-    best = np.float32(-np.inf)
-    for t in range(BLOCK):
-        ub = scale[first + t] * (a * np.float32(acc[off + t])) + qnr * err[first + t]
-        ubs[t] = ub
-        best = max(best, ub)
-    return best
+def _collect_mask(i, first, cnt, mask, alive, has_dead, cand, ncand):
+    """Append the lanes ``t < cnt`` of one block whose bit is set in ``mask`` (ascending) to
+    row slot i's pending list, skipping removed keys."""
+    nc = ncand[i]
+    while mask != 0:
+        t = trailing_zeros(mask)
+        if t >= cnt:
+            break
+        if not (has_dead and alive[first + t] == 0):
+            cand[i, nc] = first + t
+            nc += 1
+        mask &= mask - 1
+    ncand[i] = nc
 
 
 @njit(cache=True, nogil=True, parallel=True)
@@ -101,7 +147,6 @@ def code_range(QP, qa32, qn32, thr32, tau, lim, Q, keys, codes, scale, err, aliv
         r0 = tile_r0[tile]
         r1 = tile_r1[tile]
         acc = np.empty(8 * BLOCK, dtype=np.int32)
-        ubs = np.empty(BLOCK, dtype=np.float32)
         sc4 = np.empty(4, dtype=keys.dtype)
         cand = np.empty((r1 - r0, _PENDING + BLOCK + 3), dtype=np.int64)
         ncand = np.zeros(r1 - r0, dtype=np.int64)
@@ -126,9 +171,10 @@ def code_range(QP, qa32, qn32, thr32, tau, lim, Q, keys, codes, scale, err, aliv
                         pair_dot_1x1(cflat, b * bstride, bstride, qflat, r * dh, dh, dh, acc)
                     for k in range(nblk):
                         first = (b + k) * BLOCK
-                        if _acc_bounds(acc, k * BLOCK, qa32[r], qn32[r], scale, err, first, ubs) < th:
+                        mask = _lane_mask(acc, k * BLOCK, qa32[r], qn32[r], scale, err, first, th)
+                        if mask == 0:
                             continue
-                        _collect(r - r0, first, min(BLOCK, last - first + 1), ubs, th, alive, has_dead, cand, ncand)
+                        _collect_mask(r - r0, first, min(BLOCK, last - first + 1), mask, alive, has_dead, cand, ncand)
                         if ncand[r - r0] >= _PENDING:
                             _verify(Q, r, r - r0, p, tau[r], keys, cand, ncand, sc4, cap, buf_ids, buf_sc, counts,
                                     stats, False, 0.0, stats)
@@ -146,14 +192,96 @@ def code_range(QP, qa32, qn32, thr32, tau, lim, Q, keys, codes, scale, err, aliv
                             last = min(lim[r], n - 1)
                             if first > last:
                                 continue
-                            th = thr32[r]
-                            if _acc_bounds(acc, i * BLOCK, qa32[r], qn32[r], scale, err, first, ubs) < th:
+                            mask = _lane_mask(acc, i * BLOCK, qa32[r], qn32[r], scale, err, first, thr32[r])
+                            if mask == 0:
                                 continue
-                            _collect(r - r0, first, min(BLOCK, last - first + 1), ubs, th, alive, has_dead, cand,
-                                     ncand)
+                            _collect_mask(r - r0, first, min(BLOCK, last - first + 1), mask, alive, has_dead, cand,
+                                          ncand)
                             if ncand[r - r0] >= _PENDING:
                                 _verify(Q, r, r - r0, p, tau[r], keys, cand, ncand, sc4, cap, buf_ids, buf_sc,
                                         counts, stats, False, 0.0, stats)
         for r in range(r0, r1):
             _verify(Q, r, r - r0, p, tau[r], keys, cand, ncand, sc4, cap, buf_ids, buf_sc, counts, stats,
                     False, 0.0, stats)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def gather_hits(counts, cap, buf_ids, buf_sc, b2_ids, b2_sc, lims, ids, scores):
+    """Concatenate each row's hits of its block ranges, in range order (so ids ascend), into
+    the CSR ``ids, scores`` at ``lims``: from ``buf_*[r, p, :c]``, or from the re-run's
+    ``b2_*`` where ``c = counts[r, p]`` exceeded ``cap``. Parallel over rows."""
+    m, n_parts = counts.shape
+    for r in prange(m):
+        off = lims[r]
+        for p in range(n_parts):
+            c = counts[r, p]
+            if c > cap:
+                for x in range(c):
+                    ids[off + x] = b2_ids[r, p, x]
+                    scores[off + x] = b2_sc[r, p, x]
+            else:
+                for x in range(c):
+                    ids[off + x] = buf_ids[r, p, x]
+                    scores[off + x] = buf_sc[r, p, x]
+            off += c
+
+
+_EPS64 = 2.0 ** -53
+_U32 = 2.0 ** -24
+
+
+@njit(cache=True, nogil=True)
+def prepare_queries(Q, rot, qmax, d, w, max_err, max_norm, u, tau, QI, qa, qn, thr, slack, qa32, qn32, thr32):
+    """Quantise the rotated queries and size each one's slack (``CodeStore._queries``).
+
+    ``Q (m, d)`` (working dtype), ``rot (dp, d)`` float64; ``w >= max_j s_j ||c_j||``.
+    Writes ``QI (m8, dp)`` int16 rows ``0..m-1`` (``R q = qa qi + rq``, ``|qi| <= qmax``), the
+    float64 ``qa, qn, slack`` and ``thr = tau - slack`` (less 4 ulps), and their float32 forms
+    for the filter: ``qa32, qn32`` rounded to nearest (inside the 16 u term of the slack) and
+    ``thr32`` rounded *down* (a threshold below float32's range becomes -inf: keep all).
+    Sums run in any order: every term of the slack is a worst-case bound of its rounding."""
+    m = Q.shape[0]
+    dp = rot.shape[0]
+    qr = np.empty(dp)
+    for r in range(m):
+        qn2 = 0.0
+        for j in range(d):
+            x = np.float64(Q[r, j])
+            qn2 += x * x
+        amax = 0.0
+        qrn2 = 0.0
+        for i in range(dp):
+            acc = 0.0
+            for j in range(d):
+                acc += rot[i, j] * np.float64(Q[r, j])
+            qr[i] = acc
+            qrn2 += acc * acc
+            amax = max(amax, abs(acc))
+        a = amax / qmax if amax > 0 else 1.0
+        rq2 = 0.0
+        for i in range(dp):
+            c = np.rint(qr[i] / a)
+            QI[r, i] = np.int16(c)
+            e = qr[i] - a * c
+            rq2 += e * e
+        rq = np.sqrt(rq2)
+        qrn = np.sqrt(qrn2)
+        n_ = np.sqrt(qn2)
+        sl = (rq * (1.0 + 2 * d * _EPS64) * w
+              + 2.0 * _EPS64 * qrn * w
+              + 16.0 * _U32 * (qrn * w + n_ * max_err)  # the filter's float32 bound arithmetic
+              + 2.0 * d ** 1.5 * _EPS64 * n_ * w
+              + 2.0 * (d * u / (1.0 - d * u)) * n_ * max_norm
+              + (d + 4) * 2.0 ** -148)
+        t = tau[r] - sl
+        t = t - 4.0 * _EPS64 * abs(t)
+        qa[r] = a
+        qn[r] = n_
+        slack[r] = sl
+        thr[r] = t
+        qa32[r] = np.float32(a)
+        qn32[r] = np.float32(n_)
+        t32 = np.float32(t)
+        if np.float64(t32) > t:
+            t32 = np.nextafter(t32, np.float32(-np.inf))
+        thr32[r] = t32
