@@ -82,11 +82,20 @@ def _reads(method):
 class HSRIndex:
     """Exact half-space reporting: ``{j : score(q, k_j) >= tau}`` for batches of queries.
 
-    A forest of partition trees over the keys (principal-direction median splits; each node
-    bounded by a ball and by a box). The comparison is inclusive
+    At dimension ``AUTO_CODE_MIN_DIM`` (16) and above, the default (``method="auto"``) is the
+    **code filter**: per-key int8 codes with an exact error bound rule most keys out, and the
+    few candidates are scored exactly. Below it, a forest of **partition trees** over the keys
+    (principal-direction median splits; each node bounded by a ball and by a box), or the
+    exact BLAS scan where the trees would read most keys anyway. The comparison is inclusive
     (``>=``), scores are the library's canonical dot products (summed in dimension order in
     the working dtype, see :func:`hsr.index.canonical_scores`), and every backend returns
     exactly the same set.
+
+    Ids are positions: key ``j`` keeps id ``j`` after others are removed, so ids run up to
+    :attr:`n_total` (ids handed out), not :attr:`ntotal` (live keys). A result as a sparse
+    matrix with scikit-learn's radius-graph shape ``(n_queries, n_keys)`` is
+    ``index.range_search(q, tau).to_csr(index.n_total)``: one column per id, removed ids
+    empty columns.
 
     Parameters
     ----------
@@ -582,7 +591,8 @@ class HSRIndex:
         RangeResult ``(lims, D, I)``
             ``lims`` (m + 1,) int64: query i's results are ``I[lims[i]:lims[i+1]]`` (key ids,
             int64, in no particular order) with canonical scores ``D[lims[i]:lims[i+1]]``
-            (float32; float64 for a float64 index).
+            (float32; float64 for a float64 index). ``.to_csr(index.n_total)`` is the
+            ``(m, n_total)`` sparse matrix (ids are positions, removed ones included).
         stats : SearchStats
             Only with ``return_stats=True``: the return value is then ``(lims, D, I, stats)``.
         """
