@@ -2,5 +2,7 @@
 # The API reference, generated from the numpydoc docstrings into docs/api/ (HTML, not committed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m pdoc --docformat numpy -o docs/api hsr hsr.index hsr.attention hsr.kernels hsr.integrations "!hsr.integrations.realdata" "$@"
+py="${HSR_VENV:-.venv}/bin/python"  # the environment scripts/setup.sh made, else the active python
+[ -x "$py" ] || py=python3
+"$py" -m pdoc --docformat numpy -o docs/api hsr hsr.index hsr.attention hsr.kernels hsr.integrations "!hsr.integrations.realdata" "$@"
 echo "API reference: docs/api/index.html"
