@@ -285,3 +285,23 @@ def prepare_queries(Q, rot, qmax, d, w, max_err, max_norm, u, tau, QI, qa, qn, t
         if np.float64(t32) > t:
             t32 = np.nextafter(t32, np.float32(-np.inf))
         thr32[r] = t32
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def select_topk(lims, ids, scores, top_s, top_i):
+    """The ``k = top_s.shape[1]`` best of each CSR row (ids ascending within a row), best
+    first, ties to the smaller id (a stable sort of the negated scores), into ``top_s``
+    (float64) and ``top_i``; rows with fewer results keep their fill."""
+    m, k = top_s.shape
+    for r in prange(m):
+        a = lims[r]
+        b = lims[r + 1]
+        if b == a:
+            continue
+        neg = np.empty(b - a)
+        for x in range(b - a):
+            neg[x] = -np.float64(scores[a + x])
+        order = np.argsort(neg, kind="mergesort")
+        for x in range(min(k, b - a)):
+            top_s[r, x] = -neg[order[x]]
+            top_i[r, x] = ids[a + order[x]]

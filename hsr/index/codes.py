@@ -246,40 +246,41 @@ class CodeStore:
         np.subtract(centre, half, out=centre)  # the lower bounds, in place: one (m, n) array less
         return upper, centre
 
-    def topk(self, Q, k, lim, keys, alive, has_dead, max_norm, top_s, top_i, stats, chunk=8):
-        """Exact top-k: the k-th largest lower bound is a threshold every top-k key clears;
-        keys whose upper bound reaches it are scored canonically.
+    def topk(self, Q, k, lim, keys, alive, has_dead, max_norm, top_s, top_i, stats):
+        """Exact top-k through the batch range search: a threshold no higher than each
+        query's k-th best canonical score, then the k best of the keys that reach it.
 
-        A chunk of queries holds three float64 ``(chunk, n)`` arrays at once (24 bytes a key
-        per query: 6x the bytes of 1M float32 d = 64 keys for 64 queries), hence small chunks
-        (the codes are re-read per chunk, a small part of the time) and in-place masking."""
+        The threshold is the k-th best float64 score over an evenly spaced sample of the
+        visible live keys, less a band covering the gap between any float summation and
+        the canonical one (``2.2 gamma_d |q| max|k| + (d + 4) 2^-148``): at least k keys then
+        have canonical scores at or above it, so the range search returns a superset of the
+        top k, and sorting its canonical scores (ties: smaller id) picks them exactly. With
+        fewer than k visible sample keys the threshold is -inf (every visible key). The
+        sample size ``sqrt(2.5 k n)`` balances its float64 product (cheap per key) against
+        the ``k n / sample`` results it lets through (each verified in full)."""
         n = self.n
-        ids_all = np.arange(n)
-        for s in range(0, Q.shape[0], chunk):
-            Qc = Q[s:s + chunk]
-            ub, lb = self.upper_bounds(Qc, max_norm)
-            vis = ids_all[None, :] <= lim[s:s + chunk, None]
-            if has_dead:
-                vis &= alive[None, :n] == 1
-            n_vis = vis.sum(axis=1)
-            np.logical_not(vis, out=vis)
-            lb[vis] = -np.inf
-            ub[vis] = -np.inf
-            del vis
-            for i in range(Qc.shape[0]):
-                nv = int(n_vis[i])
-                kk = min(k, nv)
-                if kk == 0:
-                    continue
-                t = np.partition(lb[i], n - kk)[n - kk]
-                cand = np.flatnonzero(ub[i] >= t)
-                sc = np.empty(len(cand), dtype=keys.dtype)
-                verify_candidates(Qc[i:i + 1], keys, np.zeros(len(cand), dtype=np.int64), cand, sc)
-                order = np.lexsort((cand, -sc.astype(np.float64)))[:kk]
-                top_i[s + i, :kk] = cand[order]
-                top_s[s + i, :kk] = sc[order]
-                stats[s + i, 0] = nv
-                stats[s + i, 1] = len(cand)
+        m = Q.shape[0]
+        d = self.dim
+        n_s = int(min(n, max(4 * k, 256, np.sqrt(2.5 * k * n))))
+        sid = (np.arange(n_s, dtype=np.int64) * n) // n_s
+        Ks = keys[sid].astype(np.float64)
+        Ss = Q.astype(np.float64) @ Ks.T
+        hidden = sid[None, :] > lim[:, None]
+        if has_dead:
+            hidden |= (alive[sid] == 0)[None, :]
+        Ss[hidden] = -np.inf
+        kk = min(k, n_s)
+        kth = -np.partition(-Ss, kk - 1, axis=1)[:, kk - 1]
+        u = self._u
+        gam = d * u / (1.0 - d * u)
+        qn = np.sqrt(np.einsum("ij,ij->i", Q, Q, dtype=np.float64))
+        band = 2.2 * gam * qn * max_norm + (d + 4) * 2.0 ** -148
+        # below the float64 range of the band's arithmetic: every visible key
+        tau = np.where(np.isfinite(kth), kth - band - 4.0 * _EPS64 * np.abs(kth), -np.inf)
+        lims, ids, scores, coded, verified, _ = self.range_search(Q, tau, lim, keys, alive, has_dead, max_norm)
+        BK.select_topk(lims, ids, scores, top_s, top_i)
+        stats[:, 0] = coded
+        stats[:, 1] = verified + n_s
 
     # ------------------------------------------------------------------ persistence
     def state(self):
