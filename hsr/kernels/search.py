@@ -337,8 +337,8 @@ class GPUBlockIndex:
             It records this index's :attr:`version`: once the index changes, ``run`` and
             ``range_search`` refuse it (plan again).
         """
+        made_for = self._state()  # before the filter: a change while it runs makes the plan stale
         flags, ucnt, uidx = self._filter(q, tau, per_row)
-        made_for = self._state()
         if not per_row:
             return SearchPlan(ucnt, uidx, made_for=made_for)
         return SearchPlan(
