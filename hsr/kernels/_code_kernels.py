@@ -16,8 +16,8 @@ Kernels (a decode step is ``add`` + ``filter`` + ``attend`` + the merge of the s
     Reads and writes ``t * (2 * 2D + DP + 8)`` bytes per head: microseconds.
 
 ``_code_filter_kernel``, a persistent grid (programs per (batch, kv head) from the capacity)
-    Rotates the group's query rows itself (``ROTATE``: head dims up to 128; above, the
-    rows come from ``_rotate_kernel``), splits them into two int8 parts, thresholds once,
+    Rotates the group's query rows itself (``ROTATE``) or reads them from
+    ``_rotate_kernel`` (the default: measured faster on an H200), splits them into two int8 parts, thresholds once,
     then strides over the key tiles below the length, reading ``DP + 8`` bytes per key, and
     appends the survivors of any row of the group to the program's own segment.
 
@@ -79,13 +79,20 @@ def _bad_rows(q, tau, r_ok, maxn):
 
 
 @triton.jit
-def _rotate_rows(q, ROT, HEAD_DIM: tl.constexpr, DP: tl.constexpr):
-    # (ROWS, D) rows times ROT^T -> (ROWS, DP) fp32 (ieee: its rounding is bounded for any
-    # summation order and is a term of the filter's slack); columns past HEAD_DIM are zeros
+def _rotate_rows(Q, s_qb, s_qh, s_qm, b, head, mrow, r_ok, ROT,
+                 ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, DP: tl.constexpr, BLOCK_K: tl.constexpr):
+    # the group's rows times ROT^T -> (ROWS, DP) fp32, accumulated over BLOCK_K-wide slices of
+    # the head dim (small register tiles; ieee fp32: its rounding is bounded for any summation
+    # order and is a term of the filter's slack); columns past HEAD_DIM are zeros
     offs_j = tl.arange(0, DP)
-    offs_d = tl.arange(0, HEAD_DIM)
-    r = tl.load(ROT + offs_j[:, None] * HEAD_DIM + offs_d[None, :], mask=offs_j[:, None] < HEAD_DIM, other=0.0)
-    return tl.dot(q.to(tl.float32), tl.trans(r), input_precision="ieee")
+    acc = tl.zeros([ROWS, DP], tl.float32)
+    for d0 in tl.static_range(0, HEAD_DIM, BLOCK_K):
+        offs_k = d0 + tl.arange(0, BLOCK_K)
+        qb = tl.load(Q + b.to(tl.int64) * s_qb + head[:, None].to(tl.int64) * s_qh + mrow[:, None] * s_qm
+                     + offs_k[None, :], mask=r_ok[:, None], other=0.0)
+        rb = tl.load(ROT + offs_j[:, None] * HEAD_DIM + offs_k[None, :], mask=offs_j[:, None] < HEAD_DIM, other=0.0)
+        acc += tl.dot(qb.to(tl.float32), tl.trans(rb), input_precision="ieee")
+    return acc
 
 
 @triton.jit
@@ -145,13 +152,24 @@ def _query_parts(qr, q, tau, r_ok, maxn, maxe, defect, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
-def _code_add_kernel(KN, VN, K, V, CODES, SCALE, ERR, MAXN, MAXE, LENS, STATUS, ROT, T,
+def _rotate_key(kf, ROT, j0, HEAD_DIM: tl.constexpr, BLOCK_J: tl.constexpr):
+    # columns [j0, j0 + BLOCK_J) of ROT k for one key kf (D,) fp32, as a broadcast product and
+    # a row sum (a (BLOCK_J, D) tile: no tensor-core dot for one row, no large register tile)
+    offs_j = j0 + tl.arange(0, BLOCK_J)
+    offs_d = tl.arange(0, HEAD_DIM)
+    r = tl.load(ROT + offs_j[:, None] * HEAD_DIM + offs_d[None, :], mask=offs_j[:, None] < HEAD_DIM, other=0.0)
+    return tl.sum(r * kf[None, :], 1), offs_j
+
+
+@triton.jit
+def _code_add_kernel(KN, VN, K, V, CODES, SCALE, ERR, MAXN, MAXE, LENS, STATUS, ROT, T, PER_PROG,
                      s_nb, s_nh, s_nt, s_wb, s_wh, s_wt, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
                      s_cb, s_ch, s_cn, s_sb, s_sh, Hkv, defect,
-                     BLOCK_T: tl.constexpr, HEAD_DIM: tl.constexpr, DP: tl.constexpr, BLOCK_J: tl.constexpr,
+                     HEAD_DIM: tl.constexpr, DP: tl.constexpr, BLOCK_J: tl.constexpr,
                      HAS_V: tl.constexpr, UPDATE_LEN: tl.constexpr):
-    # KN, VN (B, Hkv, T, D) new keys / values in the cache's dtype, written at LENS[bh] + t.
-    # codes c = round(x / s) with x = ROT k in fp32 and s = max|x| / 127; the error bound
+    # KN, VN (B, Hkv, T, D) new keys / values in the cache's dtype, written at LENS[bh] + t;
+    # program (bh, p) takes tokens [p * PER_PROG, (p + 1) * PER_PROG). Codes c = round(x / s)
+    # with x = ROT k in fp32 and s = max|x| / 127; the error bound
     #   err >= (1 + defect) ||R k - s c|| + defect ||k||   (R k exact, R = ROT)
     # from the fp32 quantities (docs/codes.md, "The add kernel's bound").
     pid_bh = tl.program_id(0)
@@ -159,63 +177,56 @@ def _code_add_kernel(KN, VN, K, V, CODES, SCALE, ERR, MAXN, MAXE, LENS, STATUS, 
     b = pid_bh // Hkv
     h = pid_bh % Hkv
     start = tl.load(LENS + pid_bh)
-    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    t_ok = offs_t < T
     offs_d = tl.arange(0, HEAD_DIM)
-    pos = (start + offs_t).to(tl.int64)
-    k = tl.load(KN + b.to(tl.int64) * s_nb + h * s_nh + offs_t[:, None] * s_nt + offs_d[None, :],
-                mask=t_ok[:, None], other=0.0)
-    tl.store(K + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh + pos[:, None] * s_kn + offs_d[None, :], k,
-             mask=t_ok[:, None])
-    kf = k.to(tl.float32)
-    bad = tl.sum(tl.where(tl.abs(kf) < float("inf"), 0, 1), 1)  # NaN fails the comparison too
-    if HAS_V:
-        v = tl.load(VN + b.to(tl.int64) * s_wb + h * s_wh + offs_t[:, None] * s_wt + offs_d[None, :],
-                    mask=t_ok[:, None], other=0.0)
-        tl.store(V + b.to(tl.int64) * s_vb + h.to(tl.int64) * s_vh + pos[:, None] * s_vn + offs_d[None, :], v,
-                 mask=t_ok[:, None])
-        bad += tl.sum(tl.where(tl.abs(v.to(tl.float32)) < float("inf"), 0, 1), 1)
-    nbad = tl.sum(tl.where(t_ok, bad, 0), 0)
-    tl.atomic_or(STATUS, tl.where(nbad > 0, _BAD_KV, 0), mask=nbad > 0)
-    # ---- pass 1: the rotated keys' largest magnitude, one column block at a time
-    amax = tl.zeros([BLOCK_T], tl.float32)
-    for j0 in tl.static_range(0, DP, BLOCK_J):
-        offs_j = j0 + tl.arange(0, BLOCK_J)
-        r = tl.load(ROT + offs_j[:, None] * HEAD_DIM + offs_d[None, :], mask=offs_j[:, None] < HEAD_DIM, other=0.0)
-        x = tl.dot(kf, tl.trans(r), input_precision="ieee")
-        amax = tl.maximum(amax, tl.max(tl.abs(x), 1))
-    step = amax / 127.0
-    inv = tl.where(step > 0.0, 1.0 / tl.where(step > 0.0, step, 1.0), 0.0)
-    # ---- pass 2: codes and the residual (the same products again: a rounding of s up or
-    # down only moves a code; the residual is measured against the code actually stored)
-    res2 = tl.zeros([BLOCK_T], tl.float32)  # sum of (residual / step)^2: no overflow or underflow
-    cbase = CODES + b.to(tl.int64) * s_cb + h.to(tl.int64) * s_ch + pos[:, None] * s_cn
-    for j0 in tl.static_range(0, DP, BLOCK_J):
-        offs_j = j0 + tl.arange(0, BLOCK_J)
-        r = tl.load(ROT + offs_j[:, None] * HEAD_DIM + offs_d[None, :], mask=offs_j[:, None] < HEAD_DIM, other=0.0)
-        x = tl.dot(kf, tl.trans(r), input_precision="ieee")
-        c = _round_half(x * inv[:, None])
-        res = (x - step[:, None] * c) * inv[:, None]
-        res2 += tl.sum(res * res, 1)
-        tl.store(cbase + offs_j[None, :], c.to(tl.int8), mask=t_ok[:, None])
-    # ---- the bound: every fp32 rounding above is covered (docs/codes.md)
     u = 5.9604645e-08  # 2^-24
     dd = HEAD_DIM * 1.0
     big = 1.0 + (2.0 * dd + 32.0) * u
-    # norms scaled by the largest entry, so keys of any fp32 magnitude neither overflow nor
-    # underflow their squares (the scaling's roundings are within `big`)
-    kmax = tl.max(tl.abs(kf), 1)
-    ks = kf / tl.where(kmax > 0.0, kmax, 1.0)[:, None]
-    kn = kmax * tl.sqrt(tl.sum(ks * ks, 1))
     rot_err = 1.01 * u * (1.0 + defect) + 1.01 * dd * u * tl.sqrt(dd * (1.0 + defect))
-    # 1e-36: the absolute error of products that fall below fp32's normal range
-    err = big * ((1.0 + defect) * step * tl.sqrt(res2) + kn * ((1.0 + defect) * rot_err + defect)) + 1e-36
-    kn_up = kn * big
-    sbase = SCALE + b.to(tl.int64) * s_sb + h.to(tl.int64) * s_sh
-    tl.store(sbase + pos, step, mask=t_ok)
-    tl.store(ERR + b.to(tl.int64) * s_sb + h.to(tl.int64) * s_sh + pos, err, mask=t_ok)
-    tl.atomic_max(MAXN + pid_bh, tl.max(tl.where(t_ok, kn_up, 0.0), 0))
-    tl.atomic_max(MAXE + pid_bh, tl.max(tl.where(t_ok, err, 0.0), 0))
+    top_n = 0.0
+    top_e = 0.0
+    nbad = 0
+    t0 = pid_t * PER_PROG
+    for t in range(t0, tl.minimum(t0 + PER_PROG, T)):
+        pos = (start + t).to(tl.int64)
+        k = tl.load(KN + b.to(tl.int64) * s_nb + h * s_nh + t * s_nt + offs_d)
+        tl.store(K + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh + pos * s_kn + offs_d, k)
+        kf = k.to(tl.float32)
+        nbad += tl.sum(tl.where(tl.abs(kf) < float("inf"), 0, 1), 0)  # NaN fails the comparison too
+        if HAS_V:
+            v = tl.load(VN + b.to(tl.int64) * s_wb + h * s_wh + t * s_wt + offs_d)
+            tl.store(V + b.to(tl.int64) * s_vb + h.to(tl.int64) * s_vh + pos * s_vn + offs_d, v)
+            nbad += tl.sum(tl.where(tl.abs(v.to(tl.float32)) < float("inf"), 0, 1), 0)
+        # ---- pass 1: the rotated key's largest magnitude
+        amax = 0.0
+        for j0 in tl.static_range(0, DP, BLOCK_J):
+            x, offs_j = _rotate_key(kf, ROT, j0, HEAD_DIM, BLOCK_J)
+            amax = tl.maximum(amax, tl.max(tl.abs(x), 0))
+        step = amax / 127.0
+        inv = tl.where(step > 0.0, 1.0 / tl.where(step > 0.0, step, 1.0), 0.0)
+        # ---- pass 2: codes and the residual in units of the step (no overflow, no underflow);
+        # the products are recomputed: a code is measured against the residual it leaves
+        res2 = 0.0
+        cbase = CODES + b.to(tl.int64) * s_cb + h.to(tl.int64) * s_ch + pos * s_cn
+        for j0 in tl.static_range(0, DP, BLOCK_J):
+            x, offs_j = _rotate_key(kf, ROT, j0, HEAD_DIM, BLOCK_J)
+            c = _round_half(x * inv)
+            res = (x - step * c) * inv
+            res2 += tl.sum(res * res, 0)
+            tl.store(cbase + offs_j, c.to(tl.int8))
+        # ---- the bound: every fp32 rounding above is covered (docs/codes.md); norms scaled by
+        # the largest entry so keys of any magnitude neither overflow nor underflow
+        kmax = tl.max(tl.abs(kf), 0)
+        ks = kf / tl.where(kmax > 0.0, kmax, 1.0)
+        kn = kmax * tl.sqrt(tl.sum(ks * ks, 0))
+        # 1e-36: the absolute error of products below fp32's normal range
+        err = big * ((1.0 + defect) * step * tl.sqrt(res2) + kn * ((1.0 + defect) * rot_err + defect)) + 1e-36
+        tl.store(SCALE + b.to(tl.int64) * s_sb + h.to(tl.int64) * s_sh + pos, step)
+        tl.store(ERR + b.to(tl.int64) * s_sb + h.to(tl.int64) * s_sh + pos, err)
+        top_n = tl.maximum(top_n, kn * big)
+        top_e = tl.maximum(top_e, err)
+    tl.atomic_or(STATUS, tl.where(nbad > 0, _BAD_KV, 0), mask=nbad > 0)
+    tl.atomic_max(MAXN + pid_bh, top_n)
+    tl.atomic_max(MAXE + pid_bh, top_e)
     if UPDATE_LEN:  # the only program of this head: nobody else reads LENS[bh] in this launch
         tl.store(LENS + pid_bh, start + T)
 
@@ -226,7 +237,7 @@ def _code_filter_kernel(Q, ROT, QR, TAU, tau_scalar, MAXN, MAXE, CODES, SCALE, E
                         G, M, Hkv, SURV_STRIDE, SEG, defect, NPROG,
                         ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                         DP: tl.constexpr, TAU_TENSOR: tl.constexpr, UPCAST: tl.constexpr,
-                        ROTATE: tl.constexpr, STAGES: tl.constexpr):
+                        ROTATE: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
     # A persistent grid: NPROG programs per (batch, kv head) rotate the group's rows (or read
     # them from QR), derive their int8 parts and thresholds once, then stride over the key
     # tiles below LENS[bh] (pipelined loads). Program p appends the survivors of any row to
@@ -242,7 +253,7 @@ def _code_filter_kernel(Q, ROT, QR, TAU, tau_scalar, MAXN, MAXE, CODES, SCALE, E
     offs_r = tl.arange(0, ROWS)
     q, r_ok, head, mrow = _load_query_rows(Q, s_qb, s_qh, s_qm, b, h, G, M, ROWS, HEAD_DIM)
     if ROTATE:
-        qr = _rotate_rows(q, ROT, HEAD_DIM, DP)
+        qr = _rotate_rows(Q, s_qb, s_qh, s_qm, b, head, mrow, r_ok, ROT, ROWS, HEAD_DIM, DP, BLOCK_K)
     else:
         qr = tl.load(QR + (pid_bh.to(tl.int64) * ROWS + offs_r)[:, None] * DP + offs_d[None, :])
     tau = _load_rows(TAU, tau_scalar, s_tb, s_th, s_tm, b, head, mrow, r_ok, 0.0, TAU_TENSOR)

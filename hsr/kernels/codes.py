@@ -20,8 +20,8 @@ reaches ``tau - slack`` for any query row of its kv head's group (the GQA group 
 read of the codes); each filter program writes its survivors to its own segment of the list.
 
 A step (``hsr/kernels/_code_kernels.py`` has the kernels): ``add`` is one launch (codes
-computed on the device in fp32, the length advanced there); ``plan`` one (the filter rotates
-the query itself up to head dim 128); ``run`` one plus the merge of the splits. Nothing
+computed on the device in fp32, the length advanced there); ``plan`` two (rotate the query
+rows, filter); ``run`` one plus the merge of the splits. Nothing
 reads the length on the host, so :meth:`CodeKVCache.decode_step` captures add + plan + run
 once and replays the graph at every length up to the capacity.
 
@@ -229,6 +229,18 @@ class CodeKVCache:
         if int(capacity) > self.capacity:
             self._alloc(int(capacity))
 
+    @writes
+    def crop(self, n: int) -> None:
+        """Keep the first ``n`` keys (roll back a speculative or beam step, as transformers'
+        ``DynamicCache.crop``): the length drops on the device, nothing is copied. The heads'
+        largest norm and error stay as they were (still upper bounds, perhaps looser)."""
+        n = int(n)
+        if not 0 <= n <= self.n:
+            raise ValueError(f"crop keeps 0..{self.n} keys, got {n}")
+        self.lengths.fill_(n)
+        self.n = n
+        self._version += 1
+
     def __len__(self) -> int:
         return self.n
 
@@ -286,6 +298,11 @@ class CodeKVCache:
                 raise ValueError(f"inside a capture, added k and v must be {self.dtype} on {self.device}")
             k = k.to(device=self.device, dtype=self.dtype)
             v = None if v is None else v.to(device=self.device, dtype=self.dtype)
+        if k.stride(-1) != 1 or (v is not None and v.stride(-1) != 1):
+            if capturing:
+                raise ValueError("inside a capture, added k and v must have a contiguous last dimension")
+            k = k.contiguous()
+            v = None if v is None else v.contiguous()
         if check and not capturing:
             bad = ~torch.isfinite(k).all() if v is None else ~(torch.isfinite(k).all() & torch.isfinite(v).all())
             if bool(bad):
@@ -300,18 +317,20 @@ class CodeKVCache:
         self._version += 1
 
     def _launch_add(self, k, v, t):
-        block_t = 16
-        tiles = triton.cdiv(t, block_t)
+        # one program per (batch, kv head) for a decode step's few tokens (it also advances
+        # the length); long appends spread over programs of up to 64 tokens each
+        per = t if t <= 64 else 64
+        progs = triton.cdiv(t, per)
         vv = v if v is not None else k
         vc = self.v if self.has_values else self.k
-        _code_add_kernel[(self.B * self.Hkv, tiles)](
+        _code_add_kernel[(self.B * self.Hkv, progs)](
             k, vv, self.k, vc, self.codes, self.scale, self.err, self.max_norm, self.max_err, self.lengths,
-            self.status, self.rot32, t, k.stride(0), k.stride(1), k.stride(2), vv.stride(0), vv.stride(1),
+            self.status, self.rot32, t, per, k.stride(0), k.stride(1), k.stride(2), vv.stride(0), vv.stride(1),
             vv.stride(2), self.k.stride(0), self.k.stride(1), self.k.stride(2), vc.stride(0), vc.stride(1),
             vc.stride(2), self.codes.stride(0), self.codes.stride(1), self.codes.stride(2), self.scale.stride(0),
-            self.scale.stride(1), self.Hkv, self.defect, BLOCK_T=block_t, HEAD_DIM=self.D, DP=self.DP, BLOCK_J=32,
-            HAS_V=self.has_values, UPDATE_LEN=tiles == 1, num_warps=4)
-        if tiles > 1:  # several programs per head read the old length: advance it after them
+            self.scale.stride(1), self.Hkv, self.defect, HEAD_DIM=self.D, DP=self.DP, BLOCK_J=32,
+            HAS_V=self.has_values, UPDATE_LEN=progs == 1, num_warps=4)
+        if progs > 1:  # several programs per head read the old length: advance it after them
             self.lengths.add_(t)
 
     # ------------------------------------------------------------------ plan (filter)
@@ -397,8 +416,10 @@ class CodeKVCache:
         nprog = max(1, min(cap_tiles, -(-int(pps) * _num_sms(self.device) // BH)))
         return nprog, triton.cdiv(cap_tiles, nprog) * block_n
 
-    def _plan(self, q, tau, *, bias=0.0, block_n=128, num_warps=4, num_stages=3, programs_per_sm=None):
-        """:meth:`plan`'s body: ``q`` checked, the read lock held by the caller."""
+    def _plan(self, q, tau, *, bias=0.0, block_n=128, num_warps=4, num_stages=3, programs_per_sm=None,
+              rotate_inside=False):
+        """:meth:`plan`'s body: ``q`` checked, the read lock held by the caller. ``rotate_inside``:
+        the filter rotates the rows itself (one launch fewer; measured slower on an H200)."""
         B, Hq, M, D = q.shape
         G = Hq // self.Hkv
         rows = max(16, triton.next_power_of_2(G * M))
@@ -406,7 +427,7 @@ class CodeKVCache:
         bias_t, bias_s, _ = self._per_row(bias, q, "bias")
         BH = B * self.Hkv
         dev = self.device
-        rotate = D <= 128  # the filter rotates the rows itself; above, (D, D) fp32 is too large
+        rotate = bool(rotate_inside)
         QR = self.status
         if not rotate:
             QR = torch.empty(BH, rows, self.DP, dtype=torch.float32, device=dev)
@@ -422,7 +443,7 @@ class CodeKVCache:
             ts[0], ts[1], ts[2], self.codes.stride(0), self.codes.stride(1), self.codes.stride(2),
             self.scale.stride(0), self.scale.stride(1), G, M, self.Hkv, surv.stride(0), seg, self.defect,
             nprog, ROWS=rows, BLOCK_N=block_n, HEAD_DIM=D, DP=self.DP, TAU_TENSOR=tau_t is not None,
-            UPCAST=interpreting(), ROTATE=rotate, STAGES=num_stages, num_warps=num_warps)
+            UPCAST=interpreting(), ROTATE=rotate, BLOCK_K=min(32, D), STAGES=num_stages, num_warps=num_warps)
         return CodePlan(surv, count, seg, (tau_t, tau_s), (bias_t, bias_s), rows, M, self._version)
 
     # ------------------------------------------------------------------ run (attend)

@@ -64,6 +64,15 @@ def test_step_thresholds_are_a_buffer(device):
                                atol=1e-5, rtol=1e-5)
 
 
+def test_filter_rotating_inside_keeps_the_same_survivors(device):
+    q, k, v = _inputs(1, 2, 3, 1, 150, 64, torch.float32, device, False, seed=12)
+    cache = CodeKVCache(k, v)
+    a = cache._plan(q, 0.3)
+    b = cache._plan(q, 0.3, rotate_inside=True)
+    for bh in range(2):
+        assert a.survivors(bh).tolist() == b.survivors(bh).tolist()
+
+
 def test_stale_plan_is_refused(device):
     q, k, v = _inputs(1, 2, 2, 1, 90, 32, torch.float32, device, False, seed=5)
     cache = CodeKVCache(k[:, :, :40], v[:, :, :40])
@@ -115,10 +124,11 @@ def test_tau_of_another_dtype_or_device_keeps_the_same_keys(device):
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                   HealthCheck.function_scoped_fixture])
 @given(D=st.sampled_from([16, 32, 64]), t=st.integers(1, 40), log_mag=st.integers(-30, 30),
        dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), seed=st.integers(0, 10 ** 6))
-def test_add_kernel_bound_is_sound_against_float64(D, t, log_mag, dtype, seed):
+def test_add_kernel_bound_is_sound_against_float64(device, D, t, log_mag, dtype, seed):
     """The fp32 add kernel's err covers (1 + defect) ||R k - s c|| + defect ||k|| in float64
     (R = the stored fp32 rotation, exactly), for keys of every magnitude, zeros and duplicates."""
     if dtype == torch.float16:
@@ -130,7 +140,7 @@ def test_add_kernel_bound_is_sound_against_float64(D, t, log_mag, dtype, seed):
         k[:, :, 2] = k[:, :, 1]
     if t > 3:
         k[:, :, 3] = torch.randint(-3, 4, (D,), generator=g).double()  # a lattice key
-    k = k.to(dtype)
+    k = k.to(dtype).to(device)
     cache = CodeKVCache(k, None, seed=seed % 7)
     r64 = cache.rot32.double()
     k64 = k.double()
