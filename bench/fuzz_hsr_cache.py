@@ -3,7 +3,8 @@
 Runs the cases of ``tests/integrations/test_cache_fuzz.py`` (batch, grouped heads, left
 padding, padded continuations, decode steps and chunks, beam reorders, crop,
 ``batch_repeat_interleave``, ``batch_select_indices``; one or two layers; ReLU^alpha exact and
-softmax within its certificate; float32 and bfloat16; the index's default, small-leaf tree and
+softmax within its certificate, through the index from the first key or crossing over from the
+dense short-context path at 8 keys; float32 and bfloat16; the index's default, small-leaf tree and
 code backends) many more times than the CI does, and records every mismatch.
 
     python bench/fuzz_hsr_cache.py --cases 1000 --out bench/results/hsr_cache_fuzz.json
