@@ -301,7 +301,61 @@ def select_topk(lims, ids, scores, top_s, top_i):
         neg = np.empty(b - a)
         for x in range(b - a):
             neg[x] = -np.float64(scores[a + x])
-        order = np.argsort(neg, kind="mergesort")
-        for x in range(min(k, b - a)):
+        kk = min(k, b - a)
+        # only the rows' results at or above the k-th best are sorted (every tie of it kept,
+        # in id order, so the stable sort still prefers the smaller id)
+        kth = np.partition(neg, kk - 1)[kk - 1]
+        sel = np.flatnonzero(neg <= kth)
+        order = sel[np.argsort(neg[sel], kind="mergesort")]
+        for x in range(kk):
             top_s[r, x] = -neg[order[x]]
             top_i[r, x] = ids[a + order[x]]
+
+
+@njit(cache=True, nogil=True)
+def csr_lims(counts, lim, n, lims, coded):
+    """``lims`` (m + 1,) from the per-range hit counts ``(m, n_parts)``, and ``coded[r]`` the
+    codes row r evaluated (ids ``0 .. min(lim[r], n - 1)``); returns the largest count (a
+    range whose hits outgrew the buffer has to be re-run)."""
+    m, n_parts = counts.shape
+    lims[0] = 0
+    most = 0
+    for r in range(m):
+        t = 0
+        for p in range(n_parts):
+            t += counts[r, p]
+            most = max(most, counts[r, p])
+        lims[r + 1] = lims[r] + t
+        coded[r] = max(0, min(min(lim[r], n - 1) + 1, n))
+    return most
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def sample_kth(Q, KsT, sid, lim, alive, has_dead, k, kth):
+    """``kth[r]``: the k-th largest score of query r over the sample keys ``KsT (d, s)``
+    (transposed: the s sums run in vector lanes, each in dimension order) with ids ``sid``
+    visible to it (``<= lim[r]``, alive); ``-inf`` when fewer than k are visible. Parallel
+    over queries."""
+    m, d = Q.shape
+    s = KsT.shape[1]
+    for r in prange(m):
+        acc = np.zeros(s, dtype=KsT.dtype)
+        for j in range(d):
+            qj = Q[r, j]
+            for t in range(s):
+                acc[t] = acc[t] + qj * KsT[j, t]
+        # the k best so far, descending (an insertion: most values lose to best[k-1] at once)
+        best = np.full(k, -np.inf)
+        nv = 0
+        for t in range(s):
+            if sid[t] > lim[r] or (has_dead and alive[sid[t]] == 0):
+                continue
+            nv += 1
+            v = np.float64(acc[t])
+            if v > best[k - 1]:
+                x = k - 1
+                while x > 0 and best[x - 1] < v:
+                    best[x] = best[x - 1]
+                    x -= 1
+                best[x] = v
+        kth[r] = best[k - 1] if nv >= k else -np.inf

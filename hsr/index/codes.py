@@ -95,6 +95,7 @@ class CodeStore:
         self.n = 0
         self.max_err = 0.0
         self._cap_hint = 64
+        self._layouts = {}
 
     # ------------------------------------------------------------------ growth
     def _reserve(self, n: int) -> None:
@@ -156,6 +157,28 @@ class CodeStore:
                            thr32)
         return QI.view(np.int32), qa, qn, thr, slack, qa32, qn32, thr32
 
+    def _layout(self, m, nb):
+        """The tasks of a search of m queries over nb blocks: ``(n_parts, part_b, tile_r,
+        task_tile, task_part)``. Threads go across query tiles when there are enough of them,
+        else across block ranges too (one query: ``2 * threads`` ranges, so a thread that
+        finishes early takes another). Cached per ``(m, nb, threads)``: a decode loop asks the
+        same layout at every step (building it took a tenth of a 32K single search)."""
+        nt = numba.get_num_threads()
+        key = (m, nb, nt)
+        got = self._layouts.get(key)
+        if got is None:
+            n_tiles = -(-m // _TILE_ROWS)
+            n_parts = int(max(1, min(nb, -(-2 * nt // n_tiles))))
+            part_b = np.linspace(0, nb, n_parts + 1).astype(np.int64)
+            tile_r = np.minimum(np.arange(n_tiles + 1, dtype=np.int64) * _TILE_ROWS, m)
+            task_tile = np.repeat(np.arange(n_tiles, dtype=np.int64), n_parts)
+            task_part = np.tile(np.arange(n_parts, dtype=np.int64), n_tiles)
+            got = (n_parts, part_b, tile_r, task_tile, task_part)
+            if len(self._layouts) > 64:
+                self._layouts.clear()
+            self._layouts[key] = got
+        return got
+
     def range_search(self, Q, tau, lim, keys, alive, has_dead, max_norm, remainder_scale=None):
         """CSR ``(lims, ids, scores, codes_evaluated, keys_verified, remainder)`` of the keys
         with canonical ``score >= tau`` and id ``<= lim``; ids ascending within each row.
@@ -171,13 +194,7 @@ class CodeStore:
         # keys bounded further than _FAR e-folds below tau are only counted (each < e^-_FAR)
         near32 = (thr32 - np.float32(_FAR / rscale)).astype(np.float32) if want_rem else thr32
         nb = -(-n // CK.BLOCK)
-        n_tiles = -(-m // _TILE_ROWS)
-        # enough tasks for every thread even for one decode query: split the blocks too
-        n_parts = int(max(1, min(nb, -(-2 * numba.get_num_threads() // n_tiles))))
-        part_b = np.linspace(0, nb, n_parts + 1).astype(np.int64)
-        tile_r = np.minimum(np.arange(n_tiles + 1, dtype=np.int64) * _TILE_ROWS, m)
-        task_tile = np.repeat(np.arange(n_tiles, dtype=np.int64), n_parts)
-        task_part = np.tile(np.arange(n_parts, dtype=np.int64), n_tiles)
+        n_parts, part_b, tile_r, task_tile, task_part = self._layout(m, nb)
         per_part = -(-nb // n_parts) * CK.BLOCK
         cap = int(min(per_part, self._cap_hint))
         counts = np.zeros((m, n_parts), dtype=np.int64)
@@ -194,9 +211,12 @@ class CodeStore:
             CK.code_range_remainder(*args, near32, slack, rscale, rem, hist, looked)
         else:
             BK.code_range(*args)
-        over = counts > cap
-        if over.any():  # rare: re-run only the tasks whose hits did not fit
-            cap2 = int(counts.max())
+        lims = np.empty(m + 1, dtype=np.int64)
+        coded = np.empty(m, dtype=np.int64)
+        most = BK.csr_lims(counts, lim, n, lims, coded)
+        if most > cap:  # rare: re-run only the tasks whose hits did not fit
+            over = counts > cap
+            cap2 = most
             rows, parts = np.nonzero(over)
             tiles = rows // _TILE_ROWS
             redo = np.unique(tiles * n_parts + parts)
@@ -210,14 +230,11 @@ class CodeStore:
         else:
             b2_ids = np.empty((m, n_parts, 0), dtype=np.int64)
             b2_sc = np.empty((m, n_parts, 0), dtype=keys.dtype)
-        lims = np.zeros(m + 1, dtype=np.int64)
-        np.cumsum(counts.sum(axis=1), out=lims[1:])
         ids = np.empty(lims[-1], dtype=np.int64)
         scores = np.empty(lims[-1], dtype=keys.dtype)
         BK.gather_hits(counts, cap, buf_ids, buf_sc, b2_ids, b2_sc, lims, ids, scores)
         # the next search starts with room for what this one found
-        self._cap_hint = int(min(max(64, 1.25 * counts.max(initial=0)), 1 << 20))
-        coded = np.clip(np.minimum(lim, n - 1) + 1, 0, n).astype(np.int64)
+        self._cap_hint = int(min(max(64, 1.25 * most), 1 << 20))
         remainder = None
         if want_rem:
             # the far keys' bound, taken at the near threshold (a float32 value) plus the slack
@@ -250,27 +267,21 @@ class CodeStore:
         """Exact top-k through the batch range search: a threshold no higher than each
         query's k-th best canonical score, then the k best of the keys that reach it.
 
-        The threshold is the k-th best float64 score over an evenly spaced sample of the
-        visible live keys, less a band covering the gap between any float summation and
-        the canonical one (``2.2 gamma_d |q| max|k| + (d + 4) 2^-148``): at least k keys then
+        The threshold is the k-th best score over an evenly spaced sample of the visible
+        live keys (summed in the working dtype, ``BK.sample_kth``), less a band covering
+        the gap between any float summation and the canonical one (``2.2 gamma_d |q| max|k| + (d + 4) 2^-148``): at least k keys then
         have canonical scores at or above it, so the range search returns a superset of the
         top k, and sorting its canonical scores (ties: smaller id) picks them exactly. With
         fewer than k visible sample keys the threshold is -inf (every visible key). The
-        sample size ``sqrt(2.5 k n)`` balances its float64 product (cheap per key) against
+        sample size ``sqrt(10 k n)`` balances its products (cheap per key: vector lanes) against
         the ``k n / sample`` results it lets through (each verified in full)."""
         n = self.n
         m = Q.shape[0]
         d = self.dim
-        n_s = int(min(n, max(4 * k, 256, np.sqrt(2.5 * k * n))))
+        n_s = int(min(n, max(4 * k, 256, np.sqrt(10.0 * k * n))))
         sid = (np.arange(n_s, dtype=np.int64) * n) // n_s
-        Ks = keys[sid].astype(np.float64)
-        Ss = Q.astype(np.float64) @ Ks.T
-        hidden = sid[None, :] > lim[:, None]
-        if has_dead:
-            hidden |= (alive[sid] == 0)[None, :]
-        Ss[hidden] = -np.inf
-        kk = min(k, n_s)
-        kth = -np.partition(-Ss, kk - 1, axis=1)[:, kk - 1]
+        kth = np.empty(m)
+        BK.sample_kth(Q, np.ascontiguousarray(keys[sid].T), sid, lim, alive, has_dead, min(k, n_s), kth)
         u = self._u
         gam = d * u / (1.0 - d * u)
         qn = np.sqrt(np.einsum("ij,ij->i", Q, Q, dtype=np.float64))
