@@ -314,6 +314,10 @@ def hsr_attention(q: ArrayLike, index: KVIndex | KVCacheIndex | CodeKVCache | GP
         return device_attention(q, kind=kind, alpha=int(alpha), bias=bias, scale=scale, tau=tau, causal=causal)
     if kind == "softmax" and eps is None and tau is None and topk is None:
         eps = 1e-3
+    dev = getattr(q, "device", None)
+    if getattr(dev, "type", "cpu") != "cpu":  # never a silent round trip through the host
+        raise TypeError(f"q is on {dev} but {type(index).__name__} is a CPU index: move the index "
+                        "(index.to(q.device)) or the queries (q.cpu())")
     if isinstance(index, KVIndex):
         heads = [[index]]
         Qn = to_numpy(q, "q")

@@ -272,3 +272,16 @@ def test_kv_index_from_an_existing_index(tmp_path):
         KVCacheIndex.from_heads([[kv], [kv, again]])
     with pytest.raises(TypeError, match="KVIndex"):
         KVCacheIndex.from_heads([[kv.index]])
+
+
+def test_device_queries_on_a_cpu_index_are_refused():
+    # a tensor on another device must not be copied to the host silently (the "meta" device
+    # stands in for a GPU on a CPU-only machine)
+    torch = pytest.importorskip("torch")
+    import hsr
+
+    rng = np.random.default_rng(0)
+    kv = hsr.KVIndex(rng.standard_normal((64, 16)).astype(np.float32),
+                     rng.standard_normal((64, 16)).astype(np.float32))
+    with pytest.raises(TypeError, match="CPU index"):
+        hsr.hsr_attention(torch.zeros(2, 16, device="meta"), kv)
