@@ -11,7 +11,7 @@ against sdpa in the same run for prefill, in adjacent steps for decode): on a sh
 machine the pairing keeps the comparison fair where the absolute times wander.
 
     python examples/compare_sdpa.py                                  # 2K prompt, the default dense_below
-    python examples/compare_sdpa.py --prompt-tokens 8000 --dense-below 0   # the index at 8K
+    python examples/compare_sdpa.py --prompt-tokens 8000 --dense-below 0 --decode-only   # the index at 8K
 """
 
 from __future__ import annotations
@@ -56,6 +56,9 @@ def main():
     ap.add_argument("--dense-below", type=int, default=None,
                     help="the backend's dense_below (default: the library's; 0 always uses the index)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--decode-only", action="store_true",
+                    help="prefill both with SDPA (the HSRCache still builds its index from the prefill), "
+                         "compare the decode steps only")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
     if args.threads:
@@ -90,7 +93,7 @@ def main():
     for rep in range(args.repeats):
         caches, nxt, steps, pre = {}, {}, {n: [] for n in names}, {}
         for name in (names if rep % 2 == 0 else names[::-1]):  # neither always goes first
-            use(name)
+            use("sdpa" if args.decode_only else name)
             caches[name] = new_cache(name)
             pre[name], nxt[name] = prefill(model, prompt, caches[name])
             tokens[name] = [int(nxt[name])]
@@ -116,6 +119,8 @@ def main():
     for n in names:
         print(f"{n:6} {med[n][0]:>10.3f} {med[n][1]:>13.2f}")
     pr, dr = statistics.median(ratios["prefill"]), statistics.median(ratios["decode"])
+    if args.decode_only:
+        print("(--decode-only: both prefilled with SDPA; hsr's prefill time includes building its index)")
     print(f"hsr / sdpa, median of the paired ratios: prefill {pr:.3f}x the time, decode {dr:.3f}x the speed; "
           f"{same}/{args.new_tokens + 1} greedy tokens equal")
     print(f"hsr calls on the dense path (no index): {st.dense_fraction:.0%}; "

@@ -48,3 +48,13 @@ def test_snippet_runs(path, i, code, tmp_path, monkeypatch):
 
 def test_there_are_snippets():
     assert len(CASES) >= 5
+
+
+def test_transformers_pins_agree():
+    # the range pyproject declares and the version set-up installs are the ones the docs name
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    setup = (ROOT / "scripts" / "setup.sh").read_text()
+    doc = (ROOT / "docs" / "transformers.md").read_text()
+    declared = re.search(r'"transformers(>=[\d.]+,<\d+)"', pyproject).group(1)
+    tested = re.search(r'"transformers==([\d.]+)"', setup).group(1)
+    assert f"transformers `{declared}`" in doc and f"tested with {tested}" in doc

@@ -1,8 +1,8 @@
 """The transformers backends' short-context path: no index, dense attention in torch.
 
 Below ``dense_below`` cached keys the index cannot win (measured on SmolLM2-135M, 2 CPU cores:
-decoding with the index at 8K tokens is 2.5x slower than SDPA end to end), so the backend
-attends densely and no index is built or updated:
+decoding with the index at 8K tokens runs at 0.4-0.6x the speed of SDPA end to end), so the
+backend attends densely and no index is built or updated:
 
 - ``kind="softmax"`` with ``eps`` (the default): every visible key enters the softmax, nothing
   is dropped, which is exactly what torch's ``scaled_dot_product_attention`` computes. The

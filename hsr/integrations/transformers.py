@@ -83,7 +83,8 @@ except ImportError:  # pragma: no cover - depends on the environment
 
     class DynamicLayer:  # type: ignore[no-redef]
         def __init__(self, *a, **k):
-            raise ImportError("hsr.integrations.transformers needs transformers >= 4.54")
+            raise ImportError("hsr.integrations.transformers needs transformers >= 5.24 "
+                              "(pip install 'hsr-attention[transformers]')")
 
     class DynamicCache(DynamicLayer):  # type: ignore[no-redef]
         pass
@@ -278,7 +279,7 @@ class HSRCache(DynamicCache):
     def __init__(self, config: Optional[PreTrainedConfig] = None, *, index_kwargs: Optional[dict] = None,
                  eager: bool = True, index_from: Optional[int] = None) -> None:
         if not _HAVE_TRANSFORMERS:  # pragma: no cover
-            raise ImportError("HSRCache needs transformers >= 4.54")
+            raise ImportError("HSRCache needs transformers >= 5.24 (pip install 'hsr-attention[transformers]')")
         index_from = _short.MODEL_DENSE_BELOW if index_from is None else index_from
         if isinstance(index_from, bool) or not isinstance(index_from, int) or index_from < 0:
             raise ValueError(f"index_from must be a non-negative integer, got {index_from!r}")
@@ -528,7 +529,8 @@ def _pattern_kept(pattern, N: int, M: int) -> int:
 # --------------------------------------------------------------------------------------------
 def _register(backend: HSRAttentionBackend) -> HSRAttentionBackend:
     if not _HAVE_TRANSFORMERS:  # pragma: no cover
-        raise ImportError("registering attention backends needs transformers >= 4.54")
+        raise ImportError("registering attention backends needs transformers >= 5.24 "
+                          "(pip install 'hsr-attention[transformers]')")
     from transformers import AttentionInterface
 
     AttentionInterface.register(backend.name, backend)
@@ -538,7 +540,7 @@ def _register(backend: HSRAttentionBackend) -> HSRAttentionBackend:
         # without a registered mask function transformers builds no mask at all for this name,
         # and padded batches would silently attend to padding
         AttentionMaskInterface.register(backend.name, sdpa_mask)
-    except ImportError:  # pragma: no cover - transformers < 4.54
+    except ImportError:  # pragma: no cover - older transformers
         pass
     _REGISTERED[backend.name] = backend
     return backend
