@@ -8,6 +8,8 @@ cache is cropped back between repetitions), reporting the median time per step:
 
 * ``ours_graph``: :class:`hsr.kernels.decode.DecodeStep`: add + filter + attend + merge,
   replaying ONE captured CUDA graph at every length;
+* ``ours_dense_graph``: the same step with no filter (every key scored by our attend kernel):
+  the fallback where the filter costs more than it saves;
 * ``ours_eager``: ``cache.add(k, v, check=False)`` then ``cache.attend(q, ..., check=False)``
   (no host synchronisation); ``ours_eager_checked``: the same with ``check=True`` (one
   synchronisation in ``add`` and one in ``attend``: the clear-error mode);
@@ -159,6 +161,10 @@ def one_config(real, D, n, B, steps, reps, top, bw, dev):
     res["ours_graph_ms"] = time_loop(lambda i: step(qs[i], knew[i], vnew[i]), steps, reps, reset)
     out_last = step.out.clone()  # the step at length n (the last of the last repetition)
     cache.check()
+    dstep = cache.decode_step(q, knew[0], vnew[0], kind="softmax", tau=tau, dense=True)
+    res["ours_dense_graph_ms"] = time_loop(lambda i: dstep(qs[i], knew[i], vnew[i]), steps, reps, reset)
+    res["dense_mode_max_diff"] = float((dstep.out.float() - out_last.float()).abs().max())
+    del dstep
 
     def eager(i, check=False):
         cache.add(knew[i], vnew[i], check=check)
@@ -266,7 +272,7 @@ def main(argv=None):
                 r = one_config(real, D, n, B, args.steps, args.reps, args.top, bw, dev)
                 rows.append(r)
                 print(f"d{D} {r['Hq']}/{r['Hkv']} n={n:6d} B={B}: ours graph {r['ours_graph_ms']*1e3:6.1f} us "
-                      f"eager {r['ours_eager_ms']*1e3:6.1f} (checked {r['ours_eager_checked_ms']*1e3:6.1f}) | "
+                      f"dense-mode {r['ours_dense_graph_ms']*1e3:6.1f} eager {r['ours_eager_ms']*1e3:6.1f} (checked {r['ours_eager_checked_ms']*1e3:6.1f}) | "
                       f"sdpa eager {r['sdpa_eager_ms']*1e3:6.1f} graph {r['sdpa_graph_ms']*1e3:6.1f} "
                       f"static {r['sdpa_static_ms']*1e3:6.1f} | x{r['graph_vs_sdpa_best']:.2f} vs best, "
                       f"eager x{r['eager_vs_sdpa_eager']:.2f} | parts add {r['add_graph_ms']*1e3:.1f} "

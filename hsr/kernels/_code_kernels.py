@@ -22,7 +22,8 @@ Kernels (a decode step is ``add`` + ``filter`` + ``attend`` + the merge of the s
     appends the survivors of any row of the group to the program's own segment.
 
 ``_code_attend_kernel``, grid (splits, B*Hkv)
-    Gathers the survivors' K and V, keeps ``score >= tau`` (fp32-accumulated scores) and the
+    Gathers the survivors' K and V (``DENSE``: every key below the length, no filter: the
+    fallback where the filter costs more than it saves), keeps ``score >= tau`` (fp32-accumulated scores) and the
     causal limit, accumulates softmax (online) or ReLU^alpha. A row whose inputs it must not
     trust gets NaN (never a finite wrong answer) and a bit in ``STATUS`` (see ``BAD_*``).
 """
@@ -295,6 +296,34 @@ def _code_filter_kernel(Q, ROT, QR, TAU, tau_scalar, MAXN, MAXE, CODES, SCALE, E
 
 
 @triton.jit
+def _attend_tile(q, idx, i_ok, kbase, vbase, s_kn, s_vn, tau, bias, limit, r_ok, m_i, l_i, acc, qk_scale, scale,
+                 HEAD_DIM: tl.constexpr, KIND: tl.constexpr, ALPHA: tl.constexpr, UPCAST: tl.constexpr):
+    # one tile of key positions idx (BLOCK_N,): exact fp32 scores, keep score >= tau within the
+    # causal limit, and fold them into the running softmax or ReLU^alpha sums
+    offs_d = tl.arange(0, HEAD_DIM)
+    k = tl.load(kbase + idx[:, None].to(tl.int64) * s_kn + offs_d[None, :], mask=i_ok[:, None], other=0.0)
+    v = tl.load(vbase + idx[:, None].to(tl.int64) * s_vn + offs_d[None, :], mask=i_ok[:, None], other=0.0)
+    if UPCAST:
+        sc = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+    else:
+        sc = tl.dot(q, tl.trans(k))
+    keep = i_ok[None, :] & (sc >= tau[:, None]) & (idx[None, :] <= limit[:, None]) & r_ok[:, None]
+    if KIND == 0:
+        s2 = tl.where(keep, sc * qk_scale, float("-inf"))
+        m_i, l_i, acc = _online_softmax_step(s2, v, m_i, l_i, acc, UPCAST)
+    else:
+        z = tl.maximum(sc * scale - bias[:, None], 0.0)
+        w = z
+        for _ in tl.static_range(ALPHA - 1):
+            w = w * z
+        w = tl.where(keep, w, 0.0)
+        l_i += tl.sum(w, 1)
+        # weights rounded to v's 16-bit dtype for the tensor cores, as softmax rounds P
+        acc += _weighted_values(w, v, UPCAST)
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _code_attend_kernel(Q, K, V, TAU, tau_scalar, BIAS, bias_scalar, SURV, COUNT, O_PART, L_PART, LENS,
                         MAXN, STATUS,
                         s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
@@ -302,7 +331,7 @@ def _code_attend_kernel(Q, K, V, TAU, tau_scalar, BIAS, bias_scalar, SURV, COUNT
                         M, G, Hkv, SURV_STRIDE, SEG, NPROG, SPLITS, BHM, qk_scale, scale,
                         ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                         KIND: tl.constexpr, ALPHA: tl.constexpr, UPCAST: tl.constexpr,
-                        TAU_TENSOR: tl.constexpr, BIAS_TENSOR: tl.constexpr):
+                        TAU_TENSOR: tl.constexpr, BIAS_TENSOR: tl.constexpr, DENSE: tl.constexpr):
     # TAU/BIAS: (B, Hq, M)-strided tensors or scalars. Partials: O_PART (SPLITS, BHM, D) fp32, L_PART (SPLITS, BHM)
     # natural-log lse (softmax) or log(sum w) (ReLU, KIND == 1); rows ordered (b, hq, m).
     pid_s = tl.program_id(0)
@@ -326,32 +355,21 @@ def _code_attend_kernel(Q, K, V, TAU, tau_scalar, BIAS, bias_scalar, SURV, COUNT
     acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
     kbase = K + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
     vbase = V + b.to(tl.int64) * s_vb + h.to(tl.int64) * s_vh
-    for seg in range(pid_s, NPROG, SPLITS):  # split s takes the filter's segments s, s+SPLITS, ...
-        sbase = SURV + pid_bh.to(tl.int64) * SURV_STRIDE + seg * SEG
-        cnt = tl.load(COUNT + pid_bh * NPROG + seg)
-        for off in range(0, cnt, BLOCK_N):
-            offs_i = off + tl.arange(0, BLOCK_N)
-            i_ok = offs_i < cnt
-            idx = tl.load(sbase + offs_i, mask=i_ok, other=0)
-            k = tl.load(kbase + idx[:, None].to(tl.int64) * s_kn + offs_d[None, :], mask=i_ok[:, None], other=0.0)
-            v = tl.load(vbase + idx[:, None].to(tl.int64) * s_vn + offs_d[None, :], mask=i_ok[:, None], other=0.0)
-            if UPCAST:
-                sc = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
-            else:
-                sc = tl.dot(q, tl.trans(k))
-            keep = i_ok[None, :] & (sc >= tau[:, None]) & (idx[None, :] <= limit[:, None]) & r_ok[:, None]
-            if KIND == 0:
-                s2 = tl.where(keep, sc * qk_scale, float("-inf"))
-                m_i, l_i, acc = _online_softmax_step(s2, v, m_i, l_i, acc, UPCAST)
-            else:
-                z = tl.maximum(sc * scale - bias[:, None], 0.0)
-                w = z
-                for _ in tl.static_range(ALPHA - 1):
-                    w = w * z
-                w = tl.where(keep, w, 0.0)
-                l_i += tl.sum(w, 1)
-                # weights rounded to v's 16-bit dtype for the tensor cores, as softmax rounds P
-                acc += _weighted_values(w, v, UPCAST)
+    if DENSE:  # no filter: split s takes key tiles s, s+SPLITS, ... below the length
+        for tile in range(pid_s, tl.cdiv(N, BLOCK_N), SPLITS):
+            idx = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+            m_i, l_i, acc = _attend_tile(q, idx, idx < N, kbase, vbase, s_kn, s_vn, tau, bias, limit, r_ok,
+                                         m_i, l_i, acc, qk_scale, scale, HEAD_DIM, KIND, ALPHA, UPCAST)
+    else:
+        for seg in range(pid_s, NPROG, SPLITS):  # split s takes the filter's segments s, s+SPLITS, ...
+            sbase = SURV + pid_bh.to(tl.int64) * SURV_STRIDE + seg * SEG
+            cnt = tl.load(COUNT + pid_bh * NPROG + seg)
+            for off in range(0, cnt, BLOCK_N):
+                offs_i = off + tl.arange(0, BLOCK_N)
+                i_ok = offs_i < cnt
+                idx = tl.load(sbase + offs_i, mask=i_ok, other=0)
+                m_i, l_i, acc = _attend_tile(q, idx, i_ok, kbase, vbase, s_kn, s_vn, tau, bias, limit, r_ok,
+                                             m_i, l_i, acc, qk_scale, scale, HEAD_DIM, KIND, ALPHA, UPCAST)
     l_safe, lse = _weights_epilogue(m_i, l_i, KIND)
     o = acc / l_safe[:, None]
     # every split writes NaN for a bad row, so the merge's max and sums are NaN too

@@ -111,6 +111,9 @@ class CodePlan:
     version : int
         The cache's version (bumped by every ``add``) the plan was made for: :meth:`CodeKVCache.run`
         refuses a plan of another version, whose survivors would miss the keys added since.
+    dense : bool
+        No filter ran: :meth:`CodeKVCache.run` reads every key below the length (the fallback
+        where the filter costs more than it saves; same kept set).
     """
 
     surv: torch.Tensor
@@ -121,6 +124,7 @@ class CodePlan:
     rows: int
     m: int
     version: int
+    dense: bool = False
 
     def survivors(self, bh: int) -> torch.Tensor:
         """The surviving key positions of (batch, kv head) ``bh``, ascending (host sync)."""
@@ -446,6 +450,15 @@ class CodeKVCache:
             UPCAST=interpreting(), ROTATE=rotate, BLOCK_K=min(32, D), STAGES=num_stages, num_warps=num_warps)
         return CodePlan(surv, count, seg, (tau_t, tau_s), (bias_t, bias_s), rows, M, self._version)
 
+    def _dense_plan(self, q, tau, *, bias=0.0):
+        """A plan with no filter (nothing launched): ``run`` then scores every key."""
+        B, Hq, M, D = q.shape
+        tau_t, tau_s, _ = self._per_row(tau, q, "tau")
+        bias_t, bias_s, _ = self._per_row(bias, q, "bias")
+        dummy = self.status.view(1, 1)
+        return CodePlan(dummy, dummy, 0, (tau_t, tau_s), (bias_t, bias_s),
+                        max(16, triton.next_power_of_2(Hq // self.Hkv * M)), M, self._version, dense=True)
+
     # ------------------------------------------------------------------ run (attend)
     @reads
     def run(self, q: torch.Tensor, plan: CodePlan, *, kind: str, alpha: int = 2, scale: float | None = None,
@@ -481,7 +494,8 @@ class CodeKVCache:
         BH = B * self.Hkv
         nprog = plan.count.shape[1]
         splits = int(num_splits or max(1, min(64, 2 * _num_sms(self.device) // BH)))
-        splits = min(splits, nprog)
+        if not plan.dense:
+            splits = min(splits, nprog)
         BHM = B * Hq * M
         if plan.m != M or plan.rows != max(16, triton.next_power_of_2(G * M)):
             raise ValueError("the plan was made for other queries (different M or group size)")
@@ -500,7 +514,7 @@ class CodeKVCache:
             M, G, self.Hkv, plan.surv.stride(0), plan.seg, nprog, splits, BHM, s * LOG2E, s,
             ROWS=plan.rows, BLOCK_N=64, HEAD_DIM=D, KIND=kind_id, ALPHA=alpha,
             UPCAST=interpreting() or q.dtype == torch.float32, TAU_TENSOR=tau_t is not None,
-            BIAS_TENSOR=bias_t is not None, num_warps=4)
+            BIAS_TENSOR=bias_t is not None, DENSE=plan.dense, num_warps=4)
         out = torch.empty(B, Hq, M, D, dtype=q.dtype, device=self.device)
         lse = torch.empty(B, Hq, M, dtype=torch.float32, device=self.device)
         merge_partials(o_part, l_part, out, lse, M)
@@ -528,13 +542,14 @@ class CodeKVCache:
 
     def decode_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kind: str,
                     tau: float | torch.Tensor | None = None, alpha: int = 2, bias: float | torch.Tensor = 0.0,
-                    scale: float | None = None, graph: bool | None = None):
+                    scale: float | None = None, graph: bool | None = None, dense: bool | None = None):
         """A :class:`hsr.kernels.decode.DecodeStep` over this cache: add ``k, v`` then attend
         ``q``, captured once in a CUDA graph that replays at every length up to the capacity.
         The arguments are example inputs (shapes and dtypes) and the attention options."""
         from .decode import DecodeStep
 
-        return DecodeStep(self, q, k, v, kind=kind, tau=tau, alpha=alpha, bias=bias, scale=scale, graph=graph)
+        return DecodeStep(self, q, k, v, kind=kind, tau=tau, alpha=alpha, bias=bias, scale=scale, graph=graph,
+                          dense=dense)
 
     def hsr_attention(self, q: torch.Tensor, *, kind: str = "relu", alpha: int = 2, bias: float | torch.Tensor = 0.0,
                       scale: float | None = None, tau: float | torch.Tensor | None = None, causal: bool = True

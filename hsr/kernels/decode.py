@@ -18,7 +18,11 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["DecodeStep"]
+__all__ = ["DecodeStep", "DENSE_BELOW"]
+
+#: below this capacity a step skips the filter and scores every key (measured crossover on an
+#: H200, bench/bench_decode_loop.py: see docs/codes.md)
+DENSE_BELOW = 0
 
 
 class DecodeStep:
@@ -41,6 +45,9 @@ class DecodeStep:
         As in :meth:`~hsr.kernels.CodeKVCache.attend` (a tensor bias is copied like tau).
     graph : bool, optional
         Capture a CUDA graph (default: on CUDA). False runs every call eagerly (no sync).
+    dense : bool, optional
+        Skip the filter and score every key (same kept set): where the filter costs more
+        than it saves. Default: dense when the capacity is below :data:`DENSE_BELOW` keys.
 
     Notes
     -----
@@ -49,7 +56,7 @@ class DecodeStep:
     returned tensor is the step's output buffer: the next call overwrites it (clone to keep).
     """
 
-    def __init__(self, cache, q, k, v, *, kind, tau=None, alpha=2, bias=0.0, scale=None, graph=None):
+    def __init__(self, cache, q, k, v, *, kind, tau=None, alpha=2, bias=0.0, scale=None, graph=None, dense=None):
         from ._validate import check_alpha, check_kind
 
         check_kind(kind)
@@ -81,6 +88,7 @@ class DecodeStep:
         self._graph = None
         self._storage = cache._storage
         self.use_graph = (dev.type == "cuda") if graph is None else bool(graph)
+        self.dense = cache.capacity < DENSE_BELOW if dense is None else bool(dense)
         if self.use_graph and dev.type != "cuda":
             raise ValueError("graph=True needs a CUDA cache")
 
@@ -95,7 +103,7 @@ class DecodeStep:
     def _step(self):
         c = self.cache
         c._launch_add(self.k, self.v, self.t)
-        plan = c._plan(self.q, self.tau, bias=self.bias)
+        plan = (c._dense_plan if self.dense else c._plan)(self.q, self.tau, bias=self.bias)
         out, _ = c._run(self.q, plan, kind=self.kind, alpha=self.alpha, scale=self.scale)
         return out
 

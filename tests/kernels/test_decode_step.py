@@ -20,15 +20,16 @@ def _dense(q, k, v, kind, tau, bias, scale):
     return _reference(q, k, v, t, kind, 2, bias, scale)[0]
 
 
+@pytest.mark.parametrize("dense", [False, True])
 @pytest.mark.parametrize("kind", ["softmax", "relu"])
-def test_decode_loop_matches_dense_at_every_length(device, kind):
+def test_decode_loop_matches_dense_at_every_length(device, kind, dense):
     B, Hkv, G, D, n0, steps = 2, 2, 3, 32, 52, 12  # 64 keys: the smallest capacity
     q, k, v = _inputs(B, Hkv, G, 1, n0 + steps, D, torch.float32, device, True, seed=11)
     scale = D ** -0.5
     bias = 0.5 if kind == "relu" else 0.0
     tau = 2.0 if kind == "softmax" else bias / scale
     cache = CodeKVCache(k[:, :, :n0], v[:, :, :n0], capacity=n0 + steps)
-    step = cache.decode_step(q, k[:, :, :1], v[:, :, :1], kind=kind, tau=tau, bias=bias)
+    step = cache.decode_step(q, k[:, :, :1], v[:, :, :1], kind=kind, tau=tau, bias=bias, dense=dense)
     for i in range(steps):
         n = n0 + i + 1
         qi = q.roll(i, dims=-1).contiguous()  # a new query every step
