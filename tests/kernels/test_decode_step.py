@@ -164,3 +164,19 @@ def test_memory_bytes_over_kv(device):
     mem = cache.memory_bytes()
     # codes: D + 8 bytes per key against 2 * 2D of bf16 K+V: (128 + 8) / 512 = 27%
     assert 0.26 < mem["index_over_kv"] < 0.28
+
+
+def test_empty_cache_grows_from_nothing(device):
+    q, k, v = _inputs(1, 2, 2, 1, 20, 16, torch.float32, device, True, seed=13)
+    cache = CodeKVCache(k[:, :, :0], v[:, :, :0])
+    assert len(cache) == 0 and cache.lengths.tolist() == [0, 0]
+    with pytest.raises(ValueError, match="only 0 keys"):
+        cache.attend(q, kind="relu")
+    step = cache.decode_step(q, k[:, :, :1], v[:, :, :1], kind="softmax", tau=-math.inf)
+    for i in range(20):
+        out = step(q, k[:, :, i:i + 1], v[:, :, i:i + 1])
+    torch.testing.assert_close(out.double(), _dense(q, k, v, "softmax", -math.inf, 0, 0.25), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="this step takes"):
+        step(q, k[:, :, :2], v[:, :, :2])
+    with pytest.raises(ValueError, match="crop keeps"):
+        cache.crop(21)
