@@ -96,15 +96,17 @@ def with_threads(nt, fn, lib):
 
 
 def interleaved(fns, budget_s, max_rounds, min_rounds=3):
-    """Medians (seconds) of each function over rounds that run all of them in turn."""
+    """Medians (seconds) of each function over rounds that run all of them, in a shuffled order."""
     for f in fns.values():  # warm-up (compilation, page faults, FAISS's thread pool)
         f()
     ts = {k: [] for k in fns}
+    names = list(fns)
+    order = np.random.default_rng(1)
     t_start = time.perf_counter()
     for r in range(max_rounds):
-        for k, f in fns.items():
+        for k in order.permutation(names):  # a fresh order each round: no method always follows another
             t0 = time.perf_counter()
-            f()
+            fns[k]()
             ts[k].append(time.perf_counter() - t0)
         if r + 1 >= min_rounds and time.perf_counter() - t_start > budget_s:
             break

@@ -173,3 +173,17 @@ def test_generic_flavour_is_exact(tmp_path):
     )
     env = dict(os.environ, NUMBA_CPU_NAME="generic", NUMBA_CACHE_DIR=str(tmp_path))
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=900)
+
+
+@pytest.mark.parametrize("m", [1, 70])
+def test_hits_past_the_buffer_are_re_run_exactly(m):
+    """Every key a hit (far past the first buffer), then a high threshold, then all again:
+    the buffer's size follows the searches and the re-run path returns the same sets."""
+    rng = np.random.default_rng(11)
+    K = fixture_keys(rng, 6000, 32, "gauss")
+    Q = fixture_keys(rng, m, 32, "gauss")
+    index = hsr.HSRIndex(K, method="code")
+    lims, _ = check(index, Q, K, np.full(m, -1e30))
+    assert lims[-1] == m * 6000
+    check(index, Q, K, np.quantile(canonical_scores(Q, K), 0.999, axis=1))
+    check(index, Q, K, np.full(m, -1e30))
