@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from hsr.attention.power import full_pattern, matched_baselines, power_attention, power_pattern  # noqa: E402
+from hsr.attention import full_pattern, matched_baselines, power_attention, power_pattern  # noqa: E402
 from _timing import median_of  # noqa: E402
 from hsr.attention.receptive import hop_distances, hops_to_full_coverage, plot_receptive  # noqa: E402
 

@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from hsr.attention.power import power_attention, power_pattern, to_block_mask  # noqa: E402
+from hsr.attention import power_attention, power_pattern, to_block_mask  # noqa: E402
 
 
 def rel(a, b):

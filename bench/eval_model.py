@@ -37,7 +37,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
 
-from hsr.attention.power import matched_baselines
+from hsr.attention import matched_baselines
 from hsr.integrations import transformers as ht
 from hsr.testing.realdata import load_smollm2, real_token_ids
 

@@ -9,9 +9,8 @@ those packages are installed, and nothing may stay a string or an unresolved ``F
 
 Not checked, by rule: members of non-hsr base classes (``object``, ``tuple``, ``RuntimeError``
 for ``ShardError``, transformers' ``DynamicLayer``/``DynamicCache``: not ours to annotate),
-dunder methods other than ``__init__``/``__call__`` (``__len__``, ``__repr__``, the deprecated
-dict access ``SearchPlan.__getitem__``/``__contains__``...: their signatures are Python's data
-model), and public module constants (``AUTO_MIN_KEYS``, ``__version__``: not callables).
+dunder methods other than ``__init__``/``__call__`` (``__len__``, ``__repr__``...: their
+signatures are Python's data model), and public module constants (``AUTO_MIN_KEYS``, ``__version__``: not callables).
 """
 import importlib
 import importlib.util

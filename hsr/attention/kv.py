@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._deprecation import renamed
 from .._typing import Array, ArrayLike, Device, TorchDType, lazy
 from ..index import HSRIndex
 from ..index._validate import as_float_array, is_torch, kept_in_place, to_numpy
@@ -85,11 +84,6 @@ class KVIndex:
         """Values ``(n_total, dv)`` float32, row i belonging to key id i."""
         return self._values[:self.index.n_total]
 
-    def append(self, keys: ArrayLike, values: ArrayLike) -> np.ndarray:
-        """Deprecated name of :meth:`add`."""
-        renamed("KVIndex.append", "KVIndex.add")
-        return self.add(keys, values)
-
     def add(self, keys: ArrayLike, values: ArrayLike) -> np.ndarray:
         """Add keys ``(t, d)`` and values ``(t, dv)`` (or one of each); returns their ids."""
         K = as_float_array(keys, "keys", np.float32, ndim=2, dim=self.dim)
@@ -152,11 +146,6 @@ class KVCacheIndex:
     @property
     def value_dim(self) -> int:
         return self.heads[0][0].value_dim
-
-    def append(self, keys: ArrayLike, values: ArrayLike) -> None:
-        """Deprecated name of :meth:`add`."""
-        renamed("KVCacheIndex.append", "KVCacheIndex.add")
-        self.add(keys, values)
 
     def add(self, keys: ArrayLike, values: ArrayLike) -> None:
         """Add ``(B, Hkv, t, D)`` keys and ``(B, Hkv, t, Dv)`` values (a decode step: t = 1)."""

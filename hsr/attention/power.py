@@ -1,15 +1,13 @@
 """PowerAttention: causal attention restricted to a static block-sparse pattern.
 
 This module owns the entry point :func:`power_attention` (a block-wise CPU reference, the
-Triton kernel on CUDA). The rest of the former ``power`` module was split by concern:
+Triton kernel on CUDA). The rest lives by concern, every public name also in
+:mod:`hsr.attention`:
 
 * :mod:`hsr.attention.patterns` -- the pattern classes, factories and mask predicates;
 * :mod:`hsr.attention.baselines` -- :func:`matched_baselines` (baselines at equal budget);
 * :mod:`hsr.attention.blocks` -- :class:`BlockLists`, the builder, :func:`kernel_block_lists`;
 * :mod:`hsr.attention.flex` -- :func:`to_block_mask` (FlexAttention ``BlockMask`` export).
-
-Every name that used to live here is re-exported, so ``from hsr.attention.power import X``
-keeps working.
 """
 
 from __future__ import annotations
@@ -20,35 +18,10 @@ from typing import Optional
 import numpy as np
 
 from .._typing import Array, Tensor
-from .baselines import _mean_kept, matched_baselines  # noqa: F401  (re-export)
-from .blocks import (BlockLists, _check_pos_int, _device_block_lists,  # noqa: F401  (re-export)
-                     kernel_block_lists)
-from .flex import to_block_mask  # noqa: F401  (re-export)
-from .patterns import (DilatedPattern, FullPattern, LongNetPattern, Pattern,  # noqa: F401  (re-export)
-                       PowerPattern, SlidingWindowPattern, StrideSlashPattern, _is_pow2,
-                       _window_sink_candidates, dilated_pattern, full_pattern, longnet_pattern,
-                       power_pattern, sliding_window_pattern, stride_slash_pattern)
+from .blocks import _device_block_lists
+from .patterns import Pattern, power_pattern
 
-__all__ = [
-    "Pattern",
-    "PowerPattern",
-    "SlidingWindowPattern",
-    "StrideSlashPattern",
-    "DilatedPattern",
-    "LongNetPattern",
-    "FullPattern",
-    "power_pattern",
-    "sliding_window_pattern",
-    "stride_slash_pattern",
-    "dilated_pattern",
-    "longnet_pattern",
-    "full_pattern",
-    "matched_baselines",
-    "BlockLists",
-    "to_block_mask",
-    "kernel_block_lists",
-    "power_attention",
-]
+__all__ = ["power_attention"]
 
 
 # ------------------------------------------------------------- attention (CPU ref)
@@ -105,7 +78,7 @@ def power_attention(q: Array, k: Array, v: Array, pattern: Optional[Pattern] = N
     Examples
     --------
     >>> import torch
-    >>> from hsr.attention.power import power_attention, power_pattern
+    >>> from hsr.attention import power_attention, power_pattern
     >>> q = torch.randn(1, 4, 100, 16); k = torch.randn(1, 2, 100, 16); v = torch.randn(1, 2, 100, 16)
     >>> p = power_pattern(block_size=16, window=2, sink=1)
     >>> out = power_attention(q, k, v, p)

@@ -11,8 +11,6 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .._deprecation import renamed
-
 __all__ = ["SearchStats", "KeyView", "ForestView"]
 
 
@@ -28,8 +26,7 @@ class SearchStats:
         scans; the candidates the code filter let through; every live key for the
         brute-force scan).
     keys_selected : ndarray, (m,) int64
-        Size of each result (the same name as :class:`hsr.AttentionInfo`'s; ``keys_reported``
-        is its deprecated alias).
+        Size of each result (the same name as :class:`hsr.AttentionInfo`'s).
     n_keys : int
         Live keys in the index at search time.
     method : str
@@ -51,12 +48,6 @@ class SearchStats:
         self.method = method
         self.codes_evaluated = np.zeros_like(keys_scored) if codes_evaluated is None else codes_evaluated
         self.remainder = None
-
-    @property
-    def keys_reported(self) -> np.ndarray:
-        """Deprecated name of :attr:`keys_selected`."""
-        renamed("SearchStats.keys_reported", "SearchStats.keys_selected")
-        return self.keys_selected
 
     @property
     def scan_fraction(self) -> float:

@@ -4,13 +4,8 @@
 ``search``/``topk`` return ``SearchResult(D, I)`` as FAISS's ``search`` does: ``D`` holds
 scores (inner products), ``I`` key ids. Both are NamedTuples, so
 ``lims, D, I = index.range_search(q, tau)`` and ``index.range_search(q, tau).I`` both work.
-
-Before 0.2 the order was ``(lims, ids, scores)`` and ``(ids, scores)``; ``legacy_order=True``
-gives it back for one more release, with a ``DeprecationWarning``.
 """
 
-
-import warnings
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
@@ -72,13 +67,3 @@ class SearchResult(NamedTuple):
     D: np.ndarray
     I: np.ndarray  # noqa: E741
 
-
-def legacy(result, what: str):
-    """The pre-0.2 order of ``result`` (ids before scores), with a DeprecationWarning."""
-    warnings.warn(f"{what}(..., legacy_order=True) returns the pre-0.2 order (ids before scores); "
-                  "it goes away in the next release. Results are now FAISS's order: "
-                  "range_search -> (lims, D, I), search/topk -> (D, I), also readable by name.",
-                  DeprecationWarning, stacklevel=3)
-    if isinstance(result, RangeResult):
-        return result.lims, result.I, result.D
-    return result.I, result.D

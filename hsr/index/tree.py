@@ -34,7 +34,7 @@ from ._forest import _build_tree, _empty_buffer, _pca_rotation, _Tree
 from .._lock import RWLock, reads, writes
 from ._views import ForestView, KeyView, SearchStats
 from ._validate import as_float_array, as_tau, kept_in_place, resolve_dtype
-from .results import RangeResult, SearchResult, legacy
+from .results import RangeResult, SearchResult
 from .codes import ROTATIONS, CodeStore
 from .._typing import ArrayLike, Device, DTypeLike, StrPath, TorchDType, lazy
 
@@ -559,9 +559,8 @@ class HSRIndex:
 
     @_reads
     def range_search(self, queries: ArrayLike, tau: float | ArrayLike, *, max_id: int | ArrayLike | None = None,
-                     return_scores: bool = True, return_stats: bool = False, remainder_scale: float | None = None,
-                     legacy_order: bool = False) -> (RangeResult | tuple[np.ndarray, np.ndarray, np.ndarray]
-                                                     | tuple[np.ndarray, np.ndarray, np.ndarray, SearchStats]):
+                     return_scores: bool = True, return_stats: bool = False, remainder_scale: float | None = None
+                     ) -> RangeResult | tuple[np.ndarray, np.ndarray, np.ndarray, SearchStats]:
         """All keys with ``score(q_i, k) >= tau_i``, for each query, as CSR (FAISS's layout).
 
         Parameters
@@ -582,9 +581,6 @@ class HSRIndex:
             ``stats.remainder[i]`` is then an upper bound of ``sum exp(s (score_j - tau_i))``
             over the visible live keys j not reported, ``s = remainder_scale`` (the certified
             softmax over a threshold's keys uses it).
-
-        legacy_order : bool, default False
-            Deprecated: return the pre-0.2 order ``(lims, ids, scores)``.
 
         Returns
         -------
@@ -616,8 +612,6 @@ class HSRIndex:
             lims, ids, scores, stats = self._forest_range(Q, t, lim, return_scores)
             visited, scored = stats[:, 0].copy(), stats[:, 1].copy()
         res = RangeResult(lims, scores, ids)
-        if legacy_order:
-            res = legacy(res, "range_search")
         if not return_stats:
             return res
         if remainder_scale is not None and remainder is None:  # empty index or no query: nothing dropped
@@ -679,14 +673,13 @@ class HSRIndex:
         np.cumsum(np.bincount(rows, minlength=m), out=lims[1:])
         return lims, cols, sc
 
-    def query(self, q: ArrayLike, tau: float | ArrayLike, *, max_id: int | ArrayLike | None = None,
-              legacy_order: bool = False) -> SearchResult | tuple[np.ndarray, np.ndarray]:
+    def query(self, q: ArrayLike, tau: float | ArrayLike, *, max_id: int | ArrayLike | None = None
+              ) -> SearchResult:
         """The paper's QUERY(a, b) for one query ``(d,)``: ``(D, I)``, the scores and ids of
-        the keys with ``score >= tau`` (``legacy_order=True``, deprecated: ``(ids, scores)``)."""
+        the keys with ``score >= tau``."""
         qa = as_float_array(q, "q", self.dtype, ndim=1, dim=self.dim)
         _, D, I = self.range_search(qa[None, :], tau, max_id=max_id)
-        res = SearchResult(D, I)
-        return legacy(res, "query") if legacy_order else res
+        return SearchResult(D, I)
 
     @_reads
     def count(self, queries: ArrayLike, tau: float | ArrayLike, *, max_id: int | ArrayLike | None = None
@@ -710,9 +703,8 @@ class HSRIndex:
         return self.topk(queries, k, max_id=max_id, return_stats=return_stats)
 
     @_reads
-    def topk(self, queries: ArrayLike, k: int, *, max_id: int | ArrayLike | None = None, return_stats: bool = False,
-             legacy_order: bool = False) -> (SearchResult | tuple[np.ndarray, np.ndarray]
-                                             | tuple[np.ndarray, np.ndarray, SearchStats]):
+    def topk(self, queries: ArrayLike, k: int, *, max_id: int | ArrayLike | None = None, return_stats: bool = False
+             ) -> SearchResult | tuple[np.ndarray, np.ndarray, SearchStats]:
         """The ``k`` highest-scoring keys per query, best first (ties: smaller id first).
 
         Best-first search over the same bounds: nodes are opened in order of upper bound,
@@ -723,7 +715,7 @@ class HSRIndex:
         SearchResult ``(D, I)``
             ``D`` (m, k) scores, descending, ``-inf`` where fewer than k keys are visible;
             ``I`` (m, k) int64 ids, ``-1`` there. With ``return_stats=True``:
-            ``(D, I, stats)``. ``legacy_order=True`` (deprecated): ``(ids, scores)``.
+            ``(D, I, stats)``.
         """
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= MAX_TOPK:
             raise ValueError(f"k must be an integer in [1, {MAX_TOPK}], got {k!r}")
@@ -749,8 +741,6 @@ class HSRIndex:
         ids = np.take_along_axis(top_i, order, axis=1)
         scores = np.take_along_axis(top_s, order, axis=1).astype(self.dtype)
         res = SearchResult(scores, ids)
-        if legacy_order:
-            res = legacy(res, "topk")
         if return_stats:
             codes = stats[:, 0].copy() if method == "code" else None
             visited = np.zeros(m, dtype=np.int64) if method == "code" else stats[:, 0]

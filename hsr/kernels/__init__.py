@@ -12,15 +12,14 @@ modules are loaded on first attribute access:
 - ``CodeKVCache``, ``CodePlan`` (``hsr.kernels.codes``): the code filter on the GPU: a KV
   cache with per-key int8 codes, filter (plan) -> compacted survivors -> attention (run).
 - ``GPUBlockIndex``, ``hsr_decode`` (``hsr.kernels.search``): the exact block filter on the
-  GPU (ball + per-subspace bounds), its plan (search) and run (attention) halves, and the
+  GPU (ball + per-subspace bounds), its plan (filter) and run (attention) halves, and the
   fused filter + attention decode.
 - ``block_lists_from_block_mask`` (``hsr.kernels._blockmask``, torch only): a FlexAttention
   ``BlockMask`` as the block lists, block size and causal flag of ``block_sparse_attention``
   (which also takes the ``BlockMask`` itself).
 - ``hsr.kernels.ops`` (torch only, imported on first compiled call or explicitly): the
   kernels as ``torch.library`` custom ops ``torch.ops.hsr.*`` for ``torch.compile``.
-- the dense references the kernels are tested against are in ``hsr.testing.references``
-  (their old names here keep working for one release, with a ``DeprecationWarning``).
+- the dense references the kernels are tested against are in ``hsr.testing.references``.
 
 See docs/kernels.md.
 """
@@ -43,18 +42,10 @@ _LAZY = {
     "hsr_decode": "search",
 }
 
-#: moved to hsr.testing.references (test oracles, not kernels)
-_MOVED = ("block_mask_dense", "masked_attention", "block_sparse_reference", "selected_reference")
-
 __all__ = sorted(_LAZY)
 
 
 def __getattr__(name):
-    if name in _MOVED:
-        from .._deprecation import renamed
-
-        renamed(f"hsr.kernels.{name}", f"hsr.testing.references.{name}")
-        return getattr(importlib.import_module("hsr.testing.references"), name)
     mod = _LAZY.get(name)
     if mod is None:
         raise AttributeError(f"module 'hsr.kernels' has no attribute {name!r}")

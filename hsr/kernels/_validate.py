@@ -179,20 +179,6 @@ def check_tile(name: str, value) -> None:
         raise ValueError(f"{name} must be a power of two >= {MIN_TILE}, got {value!r}")
 
 
-def resolve_kind(kind, where: str) -> str:
-    """The ``kind`` of a Triton attention function: ``None`` (not given) is still ``"softmax"``
-    for one release, with a ``DeprecationWarning``; the library's one default is ``"relu"``
-    (``hsr.hsr_attention``'s), so the kernels will take ``kind`` explicitly."""
-    if kind is None:
-        import warnings
-
-        warnings.warn(f"{where}(...) without kind= means kind='softmax' for one more release; pass kind= "
-                      "explicitly ('softmax' or 'relu': hsr_attention's default is 'relu')",
-                      DeprecationWarning, stacklevel=3)
-        return "softmax"
-    return kind
-
-
 def check_kind(kind) -> int:
     """``0`` for ``"softmax"``, ``1`` for ``"relu"`` (the kernels' KIND)."""
     if kind not in ("softmax", "relu"):

@@ -115,7 +115,7 @@ def _(q, k, v, indptr, indices, kind, alpha, bias, scale, max_row_len, block_n, 
     return torch.empty_like(q), _lse(q)
 
 
-def call_selected_attention(q, k, v, indptr, indices, *, kind="softmax", alpha=2, bias=0.0,
+def call_selected_attention(q, k, v, indptr, indices, *, kind, alpha=2, bias=0.0,
                             scale=None, return_lse=False, max_row_len=None, block_n=None,
                             num_splits=None):
     """``selected_attention`` through ``torch.ops.hsr.selected_attention``."""
@@ -159,7 +159,7 @@ def _(q, kp, vp, pos, centre, radius, sub_radius, kmax, rot, block, n_sub, n_val
     return torch.empty_like(q), _lse(q), q.new_empty((B, Hkv), dtype=torch.int32)
 
 
-def call_hsr_decode(q, index, *, tau=None, top_fraction=None, kind="softmax", alpha=2, bias=0.0,
+def call_hsr_decode(q, index, *, kind, tau=None, top_fraction=None, alpha=2, bias=0.0,
                     scale=None, exact_set=False, return_lse=False, num_splits=None,
                     count_visited=False, mode=None):
     """``hsr_decode`` through ``torch.ops.hsr.hsr_decode`` (same returns)."""

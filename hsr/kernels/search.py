@@ -46,7 +46,7 @@ Plan / run:
   ``ValueError`` (plan again), rather than read blocks that no longer hold what the plan saw.
 - ``hsr_decode(q, index, ..., mode="fused")``: one fused kernel (filter + attention, split
   over the block range, grouped query heads) and the split merge; ``mode="planned"`` is
-  search + attend (faster on the GPU: see docs/kernels.md).
+  plan + run (faster on the GPU: see docs/kernels.md).
 
 Softmax semantics: each query row attends to every real, causal key of every block that
 survives for ANY query head of its kv-head group (a superset of {score >= tau}; more of the
@@ -58,19 +58,16 @@ from __future__ import annotations
 
 import itertools
 import math
-import warnings
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Optional
 
 import torch
 import triton
 
-from .._deprecation import renamed as _renamed
 from ..index.results import RangeResult
 from ._compat import interpreting, patch_interpreter
 from ._softmax import LOG2E
-from ._validate import (MAX_STACKED_ROWS, MIN_TILE, resolve_kind, check_attention_inputs, check_index_build,
+from ._validate import (MAX_STACKED_ROWS, MIN_TILE, check_attention_inputs, check_index_build,
                         check_alpha, check_kind, check_triton_device)
 from ._block_kernels import EMPTY_RADIUS, _block_filter_kernel, _hsr_decode_kernel  # noqa: F401 (EMPTY_RADIUS re-exported)
 from ._block_order import _bisect_order, _kmeans_order
@@ -112,7 +109,7 @@ class _IndexState(NamedTuple):
 
 @dataclass(frozen=True, eq=False)
 class SearchPlan:
-    """Plan returned by :meth:`GPUBlockIndex.search`: the blocks that survive the filter.
+    """Plan returned by :meth:`GPUBlockIndex.plan`: the blocks that survive the filter.
 
     Block ids index the index's permuted layout (block ``j`` holds stored keys
     ``j * block .. (j + 1) * block - 1``). ``nb`` is ``index.num_blocks``.
@@ -123,7 +120,7 @@ class SearchPlan:
         For each kv head, how many blocks survive for ANY of its query rows.
     union_indices : torch.Tensor, int32, shape (B, Hkv, 1, nb)
         Those blocks in the first ``union_num_blocks`` entries, unordered (compacted with
-        an atomic counter); the rest is not written. The BSR lists ``attend`` runs on.
+        an atomic counter); the rest is not written. The BSR lists ``run`` attends over.
     kv_num_blocks : torch.Tensor or None, int32, shape (B, Hq, M)
         Per query row, the number of surviving blocks (``per_row=True`` only).
     kv_indices : torch.Tensor or None, int32, shape (B, Hq, M, nb)
@@ -134,13 +131,8 @@ class SearchPlan:
     made_for : tuple or None
         The index state the plan was made for (which index, its :attr:`GPUBlockIndex.version`,
         ``n_valid`` and ``num_blocks``). ``run`` and ``range_search`` refuse the plan with a
-        ``ValueError`` on any other index or once the index has changed. None for a plan in
-        the old dict layout, which is checked only against the number of blocks.
-
-    Notes
-    -----
-    The plan used to be a dict; ``plan["union_indices"]`` and ``"kv_indices" in plan`` still
-    work, with a ``DeprecationWarning``.
+        ``ValueError`` on any other index or once the index has changed. None for a plan built
+        by hand, which is checked only against the number of blocks.
     """
 
     union_num_blocks: torch.Tensor
@@ -155,32 +147,6 @@ class SearchPlan:
         """Whether the per-query-row lists are present."""
         return self.kv_indices is not None
 
-    def _present(self):
-        return [f.name for f in fields(self) if f.name != "made_for" and getattr(self, f.name) is not None]
-
-    def __getitem__(self, key):
-        warnings.warn("SearchPlan is no longer a dict: use plan.%s" % key, DeprecationWarning,
-                      stacklevel=2)
-        if key not in self._present():
-            raise KeyError(f"{key!r} is not in this plan (per_row={self.per_row})")
-        return getattr(self, key)
-
-    def __contains__(self, key):
-        warnings.warn("SearchPlan is no longer a dict: test plan.per_row or the attribute",
-                      DeprecationWarning, stacklevel=2)
-        return key in self._present()
-
-    @classmethod
-    def from_dict(cls, plan: SearchPlan | Mapping[str, torch.Tensor]) -> SearchPlan:
-        """A plan from the dict layout of earlier versions (a plan is returned as is)."""
-        if isinstance(plan, cls):
-            return plan
-        if not isinstance(plan, Mapping):
-            raise TypeError(f"plan must be a SearchPlan (from index.search), got {type(plan).__name__}")
-        unknown = set(plan) - {f.name for f in fields(cls) if f.name != "made_for"}
-        if unknown:
-            raise ValueError(f"unknown plan entries {sorted(unknown)}")
-        return cls(**plan)
 
 
 @dataclass
@@ -241,7 +207,9 @@ class GPUBlockIndex:
     def _check_plan(self, plan: SearchPlan) -> None:
         """Refuse a plan made for another index or for an earlier state of this one: its block
         lists name blocks that may now hold other keys, or miss the keys added since."""
-        if plan.made_for is None:  # the old dict layout: no record, check what can be checked
+        if not isinstance(plan, SearchPlan):
+            raise TypeError(f"plan must be a SearchPlan (from index.plan), got {type(plan).__name__}")
+        if plan.made_for is None:  # built by hand: no record, check what can be checked
             if plan.union_indices.shape[-1] != self.num_blocks:
                 raise ValueError(f"this plan lists {plan.union_indices.shape[-1]} blocks; the index has "
                                  f"{self.num_blocks}: plan again with index.plan(q, tau)")
@@ -311,13 +279,8 @@ class GPUBlockIndex:
         """int8 ``(B, Hq, M, nb)``: 1 where the block's bound passes ``tau - slack``."""
         return self._filter(q, tau, True)[0]
 
-    def search(self, q: torch.Tensor, tau: float | torch.Tensor, per_row: bool = False) -> SearchPlan:
-        """Deprecated name of :meth:`plan` (``search`` is FAISS's k-nearest search elsewhere)."""
-        _renamed("GPUBlockIndex.search", "GPUBlockIndex.plan")
-        return self.plan(q, tau, per_row=per_row)
-
     def plan(self, q: torch.Tensor, tau: float | torch.Tensor, per_row: bool = False) -> SearchPlan:
-        """Plan: surviving blocks as BSR lists for ``attend``/``block_sparse_attention``.
+        """Plan: surviving blocks as BSR lists for ``run``/``block_sparse_attention``.
 
         Parameters
         ----------
@@ -346,16 +309,8 @@ class GPUBlockIndex:
             kv_indices=torch.sort(flags, dim=-1, descending=True, stable=True).indices.to(torch.int32),
             flags=flags, made_for=made_for)
 
-    def search_keys(self, q: torch.Tensor, tau: float | torch.Tensor,
-                    plan: SearchPlan | Mapping[str, torch.Tensor] | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Deprecated: :meth:`range_search` in the pre-0.2 order ``(indptr, indices int32, scores)``."""
-        _renamed("GPUBlockIndex.search_keys", "GPUBlockIndex.range_search (FAISS order lims, D, I)")
-        lims, D, I = self.range_search(q, tau, plan=plan)
-        return lims, I.to(torch.int32), D
-
     def range_search(self, q: torch.Tensor, tau: float | torch.Tensor,
-                     plan: SearchPlan | Mapping[str, torch.Tensor] | None = None) -> RangeResult:
+                     plan: SearchPlan | None = None) -> RangeResult:
         """CSR of exactly the keys with ``<q, k> >= tau`` (float32 scores of the stored
         values), from ``plan`` when it has the per-row lists.
 
@@ -370,7 +325,6 @@ class GPUBlockIndex:
         Hkv = self.kp.shape[1]
         G = Hq // Hkv
         C = self.block
-        plan = None if plan is None else SearchPlan.from_dict(plan)
         if plan is not None:
             self._check_plan(plan)
         if plan is None or not plan.per_row:
@@ -401,20 +355,13 @@ class GPUBlockIndex:
         return RangeResult(indptr, scores, indices)
 
     # ------------------------------------------------------------------ run
-    def attend(self, q: torch.Tensor, plan: SearchPlan | Mapping[str, torch.Tensor], **kw: Any
-               ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Deprecated name of :meth:`run`."""
-        _renamed("GPUBlockIndex.attend", "GPUBlockIndex.run")
-        return self.run(q, plan, **kw)
-
-    def run(self, q: torch.Tensor, plan: SearchPlan | Mapping[str, torch.Tensor], *, scale: float | None = None,
+    def run(self, q: torch.Tensor, plan: SearchPlan, *, scale: float | None = None,
             return_lse: bool = False, **kw: Any) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Run (softmax): block-sparse decode over each kv head's union of surviving
         blocks (a :class:`SearchPlan`), on the permuted K/V with positions (causal).
 
         Raises ``ValueError`` when ``plan`` was made for another index or before the index
         last changed (see :attr:`version`): plan again."""
-        plan = SearchPlan.from_dict(plan)
         self._check_plan(plan)
         return block_sparse_attention(
             q, self.kp, self.vp, plan.union_num_blocks, plan.union_indices,
@@ -453,11 +400,11 @@ class GPUBlockIndex:
 
 def build_index(k: torch.Tensor, v: torch.Tensor, *, block_size: int | None = None, n_sub: int = 8,
                 method: str = "kmeans", perm: torch.Tensor | None = None, rotate: bool = False, seed: int = 0,
-                n_clusters: int | None = None, block: int | None = None) -> GPUBlockIndex:
+                n_clusters: int | None = None) -> GPUBlockIndex:
     """Build a ``GPUBlockIndex`` over ``k, v (B, Hkv, N, D)``.
 
     block_size : keys per block C (16, 32, 64 or 128; default 32), the library's one name for a
-        block's size (``block`` is its deprecated name). n_sub : subspaces S (power of two dividing D).
+        block's size. n_sub : subspaces S (power of two dividing D).
     method : ``"kmeans"`` (8 Lloyd iterations with ``n_clusters`` = N / (2 C) centroids,
         keys sorted by cluster, every cluster padded to a multiple of C so that no block
         mixes clusters; about N/4 pad rows on average), ``"pca"`` (recursive principal-direction
@@ -473,11 +420,6 @@ def build_index(k: torch.Tensor, v: torch.Tensor, *, block_size: int | None = No
     (16, 32, 64, 128), an ``n_sub`` that is not a power of two dividing D, or an unknown
     ``method``.
     """
-    if block is not None:
-        if block_size is not None:
-            raise TypeError("pass block_size (block is its deprecated name), not both")
-        _renamed("build_index(block_size=)", "build_index(block_size=)")
-        block_size = block
     block = 32 if block_size is None else block_size
     check_index_build(k, v, block, n_sub)
     check_triton_device("build_index", k=k, v=v)
@@ -549,7 +491,7 @@ def build_index(k: torch.Tensor, v: torch.Tensor, *, block_size: int | None = No
 
 
 def hsr_decode(q: torch.Tensor, index: GPUBlockIndex, *, tau: float | torch.Tensor | None = None,
-               top_fraction: float | None = None, kind: str | None = None, alpha: int = 2, bias: float = 0.0,
+               top_fraction: float | None = None, kind: str, alpha: int = 2, bias: float = 0.0,
                scale: float | None = None, exact_set: bool = False, return_lse: bool = False,
                num_splits: int | None = None, count_visited: bool = False, mode: str | None = None
                ) -> torch.Tensor | tuple[torch.Tensor, ...]:
@@ -559,11 +501,10 @@ def hsr_decode(q: torch.Tensor, index: GPUBlockIndex, *, tau: float | torch.Tens
     tau : float or ``(B, Hq, M)`` threshold on ``<q, k>`` (unscaled). Default: for relu
         ``bias / scale`` (exact ReLU^alpha attention); for softmax from ``top_fraction``.
     top_fraction : keep about this fraction (sampled estimate, ``index.tau_for_fraction``).
-    kind : ``"softmax"`` or ``"relu"`` (see module docstring for what is kept), to be given
-        explicitly (not given: ``"softmax"`` with a ``DeprecationWarning``, for one release).
+    kind : ``"softmax"`` or ``"relu"`` (see module docstring for what is kept), required.
     count_visited : also return the number of blocks read per (B, Hkv) (int32).
     mode : ``"fused"`` (one kernel: filter + attention, then the split merge) or
-        ``"planned"`` (``index.search`` then ``index.attend``: the filter kernel compacts the
+        ``"planned"`` (``index.plan`` then ``index.run``: the filter kernel compacts the
         surviving blocks, and the split-KV decode kernel spreads them evenly over its
         programs; softmax without ``exact_set`` only; 1.3-2x faster on an H100). Default:
         ``"planned"`` where it applies, else ``"fused"``.
@@ -578,7 +519,6 @@ def hsr_decode(q: torch.Tensor, index: GPUBlockIndex, *, tau: float | torch.Tens
     Under ``torch.compile`` the call goes through the custom op ``torch.ops.hsr.hsr_decode``
     (``hsr.kernels.ops``), which takes the index as its tensors.
     """
-    kind = resolve_kind(kind, "hsr_decode")
     if torch.compiler.is_compiling():  # an opaque custom op: the compiler does not trace the launch
         from .ops import call_hsr_decode
         return call_hsr_decode(q, index, tau=tau, top_fraction=top_fraction, kind=kind, alpha=alpha,

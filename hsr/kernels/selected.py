@@ -20,8 +20,7 @@ import triton.language as tl
 
 from ._compat import interpreting, patch_interpreter
 from ._softmax import LOG2E, _online_softmax_step_row, _softmax_epilogue
-from ._validate import (check_alpha, check_attention_inputs, check_kind, check_tensor, check_triton_device,
-                        resolve_kind)
+from ._validate import check_alpha, check_attention_inputs, check_kind, check_tensor, check_triton_device
 from .block_sparse import _num_sms, merge_partials
 
 patch_interpreter()
@@ -88,7 +87,7 @@ def _selected_kernel(
 
 
 def selected_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indptr: torch.Tensor, indices: torch.Tensor,
-                       *, kind: str | None = None, alpha: int = 2, bias: float = 0.0, scale: float | None = None,
+                       *, kind: str, alpha: int = 2, bias: float = 0.0, scale: float | None = None,
                        return_lse: bool = False, max_row_len: int | None = None, block_n: int | None = None,
                        num_splits: int | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of each query row over its CSR-selected keys.
@@ -99,8 +98,7 @@ def selected_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indptr
     indptr : int32/int64 ``(B*Hq*M + 1,)``, one flat CSR over query rows in (b, h, m) order.
     indices : int32/int64 ``(nnz,)`` key positions in ``[0, N)`` of the row's kv head
         (duplicates count twice).
-    kind : ``"softmax"`` or ``"relu"``, to be given explicitly (not given: ``"softmax"`` with a
-        ``DeprecationWarning``, for one release). ``"softmax"``: softmax of ``scale*<q,k>`` over the selected keys;
+    kind : ``"softmax"`` or ``"relu"``, required. ``"softmax"``: softmax of ``scale*<q,k>`` over the selected keys;
         ``"relu"``: weights ``relu(scale*<q,k> - bias)**alpha`` normalised by their sum.
     alpha : int >= 1 (relu); bias : float (relu); scale : default ``1/sqrt(D)``.
     return_lse : also return float32 ``(B, Hq, M)``: softmax lse, or ``log(sum of weights)``
@@ -116,7 +114,6 @@ def selected_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indptr
         Bad shapes, head dim, strides, ``indptr`` length, ``kind`` or ``alpha`` (before any
         launch). q, k, v may differ in dtype: the kernel upcasts each to float32.
     """
-    kind = resolve_kind(kind, "selected_attention")
     if torch.compiler.is_compiling():  # an opaque custom op (hsr.kernels.ops) for torch.compile
         from .ops import call_selected_attention
         return call_selected_attention(q, k, v, indptr, indices, kind=kind, alpha=alpha, bias=bias,

@@ -137,11 +137,3 @@ def test_attn_mask_is_sdpa_boolean_mask():
     torch.testing.assert_close(torch.from_numpy(onp), out)
     with pytest.raises(TypeError, match="boolean"):
         dense_softmax_attention(q, k, v, attn_mask=mask.float(), enable_gqa=True)
-
-
-def test_kernel_references_moved_with_a_warning():
-    import hsr.kernels
-    from hsr.testing import references
-
-    with pytest.warns(DeprecationWarning, match="hsr.testing.references.masked_attention"):
-        assert hsr.kernels.masked_attention is references.masked_attention

@@ -1,4 +1,5 @@
-"""Old import paths keep working after the split of ``hsr.attention.power``."""
+"""Each PowerAttention name lives in one module of ``hsr.attention`` and is exported by the
+package; ``hsr.attention.power`` holds ``power_attention`` only (no re-exports)."""
 
 import importlib
 import pickle
@@ -8,8 +9,8 @@ import pytest
 import hsr.attention as attention
 import hsr.attention.power as power
 
-# every public name the single ``power`` module had, and the module that owns it now
-MOVED = {
+# every public pattern name and the module that owns it
+HOME = {
     "Pattern": "patterns",
     "PowerPattern": "patterns",
     "SlidingWindowPattern": "patterns",
@@ -31,27 +32,20 @@ MOVED = {
 }
 
 
-@pytest.mark.parametrize("name,home", sorted(MOVED.items()))
-def test_power_names_still_importable(name, home):
-    new = getattr(importlib.import_module(f"hsr.attention.{home}"), name)
-    assert getattr(power, name) is new
-    assert getattr(attention, name) is new
-    assert name in power.__all__
+@pytest.mark.parametrize("name,home", sorted(HOME.items()))
+def test_pattern_names_live_in_one_module(name, home):
+    obj = getattr(importlib.import_module(f"hsr.attention.{home}"), name)
+    assert getattr(attention, name) is obj
+    assert name in attention.__all__
+    assert getattr(obj, "__module__", f"hsr.attention.{home}") == f"hsr.attention.{home}"
 
 
-def test_power_all_unchanged():
-    assert sorted(power.__all__) == sorted(MOVED)
-
-
-def test_private_helpers_still_reachable_from_power():
-    # not public, but they were module globals of ``power``; keep them resolvable
-    for name in ("_is_pow2", "_check_pos_int", "_window_sink_candidates", "_mean_kept",
-                 "_device_block_lists", "_as_tensor", "_power_attention_cpu"):
-        assert callable(getattr(power, name))
+def test_power_exports_power_attention_only():
+    assert power.__all__ == ["power_attention"]
 
 
 def test_pattern_pickles_and_block_lists_agree():
-    p = power.power_pattern(block_size=16, window=2, sink=1)
+    p = attention.power_pattern(block_size=16, window=2, sink=1)
     q = pickle.loads(pickle.dumps(p))
     assert q == p
     a, b = p.block_lists(200, 37), q.block_lists(200, 37)

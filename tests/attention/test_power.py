@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from hsr.attention.power import (
+from hsr.attention import (
     BlockLists,
     Pattern,
     dilated_pattern,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from hsr.attention.power import (
+from hsr.attention import (
     dilated_pattern,
     full_pattern,
     longnet_pattern,

@@ -1,4 +1,4 @@
-"""Results in FAISS's order and names; the pre-0.2 order reachable with a DeprecationWarning."""
+"""Results in FAISS's order and names."""
 import numpy as np
 import pytest
 
@@ -72,30 +72,9 @@ def test_faiss_attributes_and_classes(data):
     assert isinstance(b, hsr.BruteForceIndex) and isinstance(b, hsr.HSRIndex) and b.backend == "brute"
 
 
-def test_legacy_order_warns(data):
-    K, Q, tau = data
-    idx = hsr.HSRIndex(K)
-    lims, D, I = idx.range_search(Q, tau)
-    with pytest.warns(DeprecationWarning, match="legacy_order"):
-        l2, ids, scores = idx.range_search(Q, tau, legacy_order=True)
-    np.testing.assert_array_equal(ids, I)
-    np.testing.assert_array_equal(scores, D)
-    with pytest.warns(DeprecationWarning):
-        ids, scores = idx.topk(Q, 3, legacy_order=True)
-    assert ids.dtype == np.int64
-
-
-def test_kv_append_is_renamed_add():
-    rng = np.random.default_rng(0)
-    kv = hsr.KVIndex(rng.standard_normal((40, 16)), rng.standard_normal((40, 8)))
-    with pytest.warns(DeprecationWarning, match="KVIndex.add"):
-        ids = kv.append(rng.standard_normal((2, 16)), rng.standard_normal((2, 8)))
-    assert ids.tolist() == [40, 41] and len(kv) == 42
-    assert kv.add(rng.standard_normal((1, 16)), rng.standard_normal((1, 8))).tolist() == [42]
-
 
 def test_stats_vocabulary(data):
     K, Q, tau = data
-    *_, st = hsr.HSRIndex(K).range_search(Q, tau, return_stats=True)
-    with pytest.warns(DeprecationWarning, match="keys_selected"):
-        np.testing.assert_array_equal(st.keys_reported, st.keys_selected)
+    lims, *_, st = hsr.HSRIndex(K).range_search(Q, tau, return_stats=True)
+    np.testing.assert_array_equal(st.keys_selected, np.diff(lims))
+    assert not hasattr(st, "keys_reported")

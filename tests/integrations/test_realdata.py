@@ -83,13 +83,3 @@ def test_capture_qk_matches_model_attention(smollm2):
         assert np.abs(k[:, 1:] - kp[:, 1:]).max() > 1e-1
     # the capture switched the attention implementation only temporarily
     assert model.config._attn_implementation == "sdpa"
-
-
-def test_old_import_path_still_works():
-    import importlib
-    import sys
-
-    sys.modules.pop("hsr.integrations.realdata", None)
-    with pytest.warns(DeprecationWarning, match="hsr.testing.realdata"):
-        old = importlib.import_module("hsr.integrations.realdata")
-    assert old.real_text is realdata.real_text

@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from hsr.attention.power import power_attention, power_pattern  # noqa: E402
+from hsr.attention import power_attention, power_pattern  # noqa: E402
 from hsr.testing import realdata  # noqa: E402
 from hsr.integrations import transformers as ht  # noqa: E402
 

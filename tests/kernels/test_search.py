@@ -39,7 +39,7 @@ def _perm(B, Hkv, N, gen):
 
 @pytest.mark.parametrize("method", ["kmeans", "pca", "none", "perm"])
 @pytest.mark.parametrize("block", [16, 32])
-def test_search_keys_is_exact_set_with_ties(method, block, device):
+def test_range_search_is_exact_set_with_ties(method, block, device):
     gen = torch.Generator().manual_seed(block + len(method))
     B, Hq, Hkv, N, D = 2, 4, 2, 203, 32
     q, k, v = _clustered(B, Hkv, Hq, N, D, gen, integer=True)

@@ -1,8 +1,6 @@
 """Bad arguments to the kernel wrappers raise ValueError / TypeError with a message that names
-the problem, before any launch (so these run on CPU tensors); the search plan is a dataclass
-that still answers the old dict lookups, with a DeprecationWarning."""
-import warnings
-
+the problem, before any launch (so these run on CPU tensors); the search plan is a frozen
+dataclass."""
 import pytest
 import torch
 
@@ -163,7 +161,7 @@ def test_hsr_decode_bad_arguments():
 
 
 # ------------------------------------------------------------------ SearchPlan
-def test_search_plan_is_a_dataclass_with_dict_compatibility(device):
+def test_search_plan_is_a_frozen_dataclass(device):
     q, k, v = _qkv(Hq=2, Hkv=1, M=1, N=40, D=32)
     index = build_index(k.to(device), v.to(device), block_size=16, n_sub=4, method="none")
     plan = index.plan(q.to(device), 0.0)
@@ -173,53 +171,30 @@ def test_search_plan_is_a_dataclass_with_dict_compatibility(device):
     assert plan.kv_indices is None and plan.flags is None
     with pytest.raises(Exception):
         plan.union_indices = None  # frozen
-    with pytest.warns(DeprecationWarning):
-        assert plan["union_indices"] is plan.union_indices
-    with pytest.warns(DeprecationWarning):
-        assert "kv_indices" not in plan
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        with pytest.raises(KeyError, match="kv_indices"):
-            plan["kv_indices"]
     full = index.plan(q.to(device), 0.0, per_row=True)
     assert full.per_row and full.kv_num_blocks.shape == (1, 2, 1)
     assert full.kv_indices.shape == full.flags.shape == (1, 2, 1, index.num_blocks)
-    # a plan in the old dict layout is still accepted by attend and search_keys
+    # a plan is a SearchPlan, not a dict or a list
     as_dict = {"union_num_blocks": plan.union_num_blocks, "union_indices": plan.union_indices}
-    torch.testing.assert_close(index.run(q.to(device), as_dict), index.run(q.to(device), plan))
-    a = index.range_search(q.to(device), 0.0, plan=full)
-    b = index.range_search(q.to(device), 0.0, plan={"union_num_blocks": full.union_num_blocks,
-                                                    "union_indices": full.union_indices,
-                                                    "kv_num_blocks": full.kv_num_blocks,
-                                                    "kv_indices": full.kv_indices, "flags": full.flags})
-    for x, y in zip(a, b):
-        assert torch.equal(x, y)
-    with pytest.raises(ValueError, match="unknown plan entries"):
-        index.run(q.to(device), {"blocks": plan.union_indices})
-    with pytest.raises(TypeError, match="SearchPlan"):
-        index.run(q.to(device), [plan.union_num_blocks, plan.union_indices])
+    for bad in (as_dict, [plan.union_num_blocks, plan.union_indices]):
+        with pytest.raises(TypeError, match="SearchPlan"):
+            index.run(q.to(device), bad)
+        with pytest.raises(TypeError, match="SearchPlan"):
+            index.range_search(q.to(device), 0.0, plan=bad)
 
 
 def test_kind_must_be_given_to_the_kernels(device):
     # one default kind in the library (hsr_attention's "relu"): the Triton functions take kind
-    # explicitly; not given, it is still softmax for one release, with a DeprecationWarning
+    # explicitly
     q, k, v = _qkv()
     indptr = torch.tensor([0] + [3] * (q.shape[0] * q.shape[1] * q.shape[2]), dtype=torch.int64).cumsum(0)
     indices = torch.arange(3, dtype=torch.int32).repeat(q.shape[0] * q.shape[1] * q.shape[2])
     args = (q.to(device), k.to(device), v.to(device), indptr.to(device), indices.to(device))
-    with pytest.warns(DeprecationWarning, match="kind="):
-        implicit = selected_attention(*args)
-    torch.testing.assert_close(implicit, selected_attention(*args, kind="softmax"))
-
-
-def test_build_index_block_is_renamed_block_size(device):
-    q, k, v = _qkv(N=64)
-    with pytest.warns(DeprecationWarning, match="block_size"):
-        old = build_index(k.to(device), v.to(device), block=16, n_sub=4, method="none")
-    new = build_index(k.to(device), v.to(device), block_size=16, n_sub=4, method="none")
-    assert old.block_size == new.block_size == 16
-    with pytest.raises(TypeError, match="not both"):
-        build_index(k.to(device), v.to(device), block=16, block_size=16)
+    with pytest.raises(TypeError, match="kind"):
+        selected_attention(*args)
+    index = build_index(k.to(device), v.to(device), block_size=16, n_sub=4, method="none")
+    with pytest.raises(TypeError, match="kind"):
+        hsr_decode(q[:, :, :1].to(device), index, tau=0.0)
 
 
 # ------------------------------------------------------------------ CPU tensors, no interpreter
