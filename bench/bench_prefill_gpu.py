@@ -57,7 +57,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from hsr.attention.dense import dense_relu_attention  # noqa: E402
 from hsr.attention import power_pattern, to_block_mask  # noqa: E402
-from hsr.attention.blocks import _device_block_lists  # noqa: E402
+from hsr.attention.patterns import _device_block_lists  # noqa: E402
 from hsr.kernels import block_sparse as bsm  # noqa: E402
 from hsr.testing.references import block_sparse_reference, rel_err  # noqa: E402
 from hsr.kernels.relu_prefill import relu_prefill  # noqa: E402

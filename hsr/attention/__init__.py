@@ -5,12 +5,13 @@ from .core import AttentionInfo, hsr_attention, paper_bias
 from .dense import dense_relu_attention, dense_softmax_attention
 from .kv import KVCacheIndex, KVIndex
 from .baselines import matched_baselines
-from .blocks import BlockLists, kernel_block_lists
+from .blocks import BlockLists
 from .flex import to_block_mask
 from .hybrid import hybrid_attention
 from .patterns import (DilatedPattern, FullPattern, LongNetPattern, Pattern, PowerPattern,
                        SlidingWindowPattern, StrideSlashPattern, dilated_pattern, full_pattern,
-                       longnet_pattern, power_pattern, sliding_window_pattern, stride_slash_pattern)
+                       kernel_block_lists, longnet_pattern, power_pattern, sliding_window_pattern,
+                       stride_slash_pattern)
 from .power import power_attention
 from .receptive import (coverage_by_layer, hop_distances, hops_to_full_coverage, plot_receptive,
                         reach_bitsets, receptive_summary)

@@ -5,30 +5,20 @@ This module owns
 * :class:`BlockLists` -- the kept key blocks of each query block, in FlexAttention's ordered
   layout, with the full/partial (diagonal) split;
 * :func:`block_lists_from_candidates` -- the one builder of that layout from a pattern's
-  constructive candidates (sort, drop invalid entries and repeats), ``O(rows * C)``;
-* :func:`kernel_block_lists` and ``_device_block_lists`` -- the same lists in the layout of
-  ``hsr.kernels.block_sparse_attention``, on the host and (cached) on a device.
+  constructive candidates (sort, drop invalid entries and repeats), ``O(rows * C)``.
 
-It knows nothing about any particular pattern: a pattern is anything with ``block_size`` and
-``block_lists(seq_len, q_len)`` (see :mod:`hsr.attention.patterns`).
+It knows nothing about patterns (:mod:`hsr.attention.patterns` imports this module, never the
+reverse): the lists of a pattern in the kernels' layout, :func:`kernel_block_lists`, live there.
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional, Tuple
+from typing import Callable, Optional
 
 import numpy as np
 
-from .._typing import lazy
-
-if TYPE_CHECKING:  # pragma: no cover - annotations only
-    from .patterns import Pattern
-else:  # patterns imports this module: the name resolves there, when annotations are read
-    Pattern = lazy("hsr.attention.patterns", "Pattern")
-
-__all__ = ["BlockLists", "block_lists_from_candidates", "kernel_block_lists"]
+__all__ = ["BlockLists", "block_lists_from_candidates"]
 
 
 def _check_pos_int(name: str, value, minimum: int = 1) -> int:
@@ -165,31 +155,3 @@ def block_lists_from_candidates(candidates: Callable[[np.ndarray, int], np.ndarr
         block_size=bs,
     )
 
-
-def kernel_block_lists(pattern: Pattern, seq_len: int, q_len: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Block lists in the layout of ``hsr.kernels.block_sparse_attention``.
-
-    That kernel puts query ``i`` of ``M`` at absolute position ``N - M + i`` and reads the list
-    row ``(N - M + i) // block_size - (N - M) // block_size``: rows are absolute query blocks
-    starting at the block of the first query, exactly ``pattern.block_lists(N, M)``. Rows are
-    therefore aligned with the pattern's blocks whatever ``N - M`` is; a tile that straddles two
-    blocks cannot arise.
-
-    Returns
-    -------
-    kv_num_blocks : np.ndarray, int32, shape (1, 1, R)
-    kv_indices : np.ndarray, int32, shape (1, 1, R, max_blocks)
-        ``R = ceil(N / block_size) - (N - M) // block_size``; ascending kept key blocks.
-    """
-    bl = pattern.block_lists(seq_len, q_len)
-    return bl.kv_num_blocks[None, None], bl.kv_indices[None, None]
-
-
-@functools.lru_cache(maxsize=64)
-def _device_block_lists(pattern: "Pattern", seq_len: int, q_len: int, device: str):
-    """``kernel_block_lists`` as device tensors, cached: a decode step reuses them until the
-    cache crosses a block boundary (building and copying them cost ~0.3 ms per call, 100x the
-    kernel's own time at 128K, measured on an H100)."""
-    import torch  # lazily: importing hsr does not import torch
-    kvn, kvi = kernel_block_lists(pattern, seq_len, q_len)
-    return torch.from_numpy(kvn).to(device), torch.from_numpy(kvi).to(device)

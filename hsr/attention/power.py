@@ -4,9 +4,10 @@ This module owns the entry point :func:`power_attention` (a block-wise CPU refer
 Triton kernel on CUDA). The rest lives by concern, every public name also in
 :mod:`hsr.attention`:
 
-* :mod:`hsr.attention.patterns` -- the pattern classes, factories and mask predicates;
+* :mod:`hsr.attention.patterns` -- the pattern classes, factories, mask predicates and
+  :func:`kernel_block_lists`;
 * :mod:`hsr.attention.baselines` -- :func:`matched_baselines` (baselines at equal budget);
-* :mod:`hsr.attention.blocks` -- :class:`BlockLists`, the builder, :func:`kernel_block_lists`;
+* :mod:`hsr.attention.blocks` -- :class:`BlockLists` and its builder;
 * :mod:`hsr.attention.flex` -- :func:`to_block_mask` (FlexAttention ``BlockMask`` export).
 """
 
@@ -18,8 +19,7 @@ from typing import Optional
 import numpy as np
 
 from .._typing import Array, Tensor
-from .blocks import _device_block_lists
-from .patterns import Pattern, power_pattern
+from .patterns import Pattern, _device_block_lists, power_pattern
 
 __all__ = ["power_attention"]
 

@@ -26,7 +26,7 @@ HOME = {
     "full_pattern": "patterns",
     "matched_baselines": "baselines",
     "BlockLists": "blocks",
-    "kernel_block_lists": "blocks",
+    "kernel_block_lists": "patterns",
     "to_block_mask": "flex",
     "power_attention": "power",
 }
