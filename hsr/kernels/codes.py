@@ -49,7 +49,7 @@ from ._code_kernels import (BAD_BIAS, BAD_KV, BAD_Q, BAD_RANGE, BAD_TAU, _code_a
                             _code_filter_kernel, _rotate_kernel)
 from ._compat import interpreting, patch_interpreter
 from ._softmax import LOG2E
-from ._validate import check_alpha, check_kind
+from ._validate import check_alpha, check_kind, check_triton_device
 from .._lock import RWLock, reads, writes
 from .block_sparse import _num_sms, merge_partials
 
@@ -180,6 +180,7 @@ class CodeKVCache:
             raise TypeError(f"k and v must share a float16/bfloat16/float32 dtype, got {k.dtype} and {v.dtype}")
         if k.device != v.device:
             raise ValueError(f"k and v must be on one device, got {k.device} and {v.device}")
+        check_triton_device("CodeKVCache", k=k)
         D = k.shape[-1]
         if D not in (16, 32, 64, 128, 256) or v.shape[-1] != D:
             raise ValueError(f"head dim must be a power of two in [16, 256] (and equal for k and v), got {D}")
