@@ -4,6 +4,7 @@ from .attention import (AttentionInfo, KVCacheIndex, KVIndex, dense_relu_attenti
                         dense_softmax_attention, hsr_attention, paper_bias, power_attention,
                         power_pattern)
 from .index import BruteForceIndex, HSRIndex, RangeResult, SearchResult, SearchStats, canonical_scores
+from . import kernels as _kernels  # noqa: F401  (registers the device implementations; loads no triton)
 
 __version__ = "0.2.0"  # the one place the version is written (pyproject reads it)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -29,15 +29,23 @@ from . import _kernels as AK
 from .kv import KVCacheIndex, KVIndex, framework_out
 
 if TYPE_CHECKING:
-    from ..distributed.kv import ShardedKVCache
     from ..kernels.codes import CodeKVCache
     from ..kernels.search import GPUBlockIndex
 else:  # torch and the Triton kernels load only when such an index is used
-    ShardedKVCache = lazy("hsr.distributed.kv", "ShardedKVCache")
     CodeKVCache = lazy("hsr.kernels.codes", "CodeKVCache")
     GPUBlockIndex = lazy("hsr.kernels.search", "GPUBlockIndex")
 
 __all__ = ["hsr_attention", "AttentionInfo", "paper_bias"]
+
+
+class AttendsItself(Protocol):
+    """An index that takes every option of :func:`hsr_attention` itself and runs it
+    (``hsr.distributed.ShardedKVCache``, which sits above this module and is named here only
+    by this shape: attention never imports the rooms built on it)."""
+
+    accepts_certified_options: bool
+
+    def hsr_attention(self, q: Any, **options: Any) -> Any: ...
 
 
 @dataclass
@@ -229,7 +237,7 @@ def _attend_head_locked(kvi: KVIndex, Q, kind, alpha, bias, scale, eps, tau, top
     return out, info[:, 3].astype(np.int64), info[:, 2].astype(np.int64), info[:, 1], info[:, 0]
 
 
-def hsr_attention(q: ArrayLike, index: KVIndex | KVCacheIndex | CodeKVCache | GPUBlockIndex | ShardedKVCache, *,
+def hsr_attention(q: ArrayLike, index: KVIndex | KVCacheIndex | CodeKVCache | GPUBlockIndex | AttendsItself, *,
                   kind: str = "relu", alpha: int = 2, bias: float | ArrayLike | str = 0.0, scale: float | None = None,
                   eps: float | None = None, tau: float | ArrayLike | None = None, topk: int | None = None,
                   causal: bool = False, return_info: bool = False, dense_below: int | None = None

@@ -23,7 +23,6 @@ import functools
 import math
 import warnings
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING
 
 import numpy as np
 from numba.typed import List
@@ -36,12 +35,9 @@ from ._views import ForestView, KeyView, SearchStats
 from ._validate import as_float_array, as_tau, kept_in_place, resolve_dtype
 from .results import RangeResult, SearchResult
 from .codes import ROTATIONS, CodeStore
-from .._typing import ArrayLike, Device, DTypeLike, StrPath, TorchDType, lazy
-
-if TYPE_CHECKING:
-    from ..kernels.code_index import GPUCodeIndex
-else:  # the Triton kernels load only when an index moves to a GPU
-    GPUCodeIndex = lazy("hsr.kernels.code_index", "GPUCodeIndex")
+from .. import _devices
+from .._devices import DeviceIndex
+from .._typing import ArrayLike, Device, DTypeLike, StrPath, TorchDType
 
 __all__ = ["HSRIndex", "BruteForceIndex", "SearchStats", "KeyView", "ForestView"]
 
@@ -288,7 +284,7 @@ class HSRIndex:
         return self._codes.upper_bounds(Q, self._max_norm)
 
     @_reads
-    def to(self, device: Device, *, dtype: TorchDType | None = None) -> HSRIndex | GPUCodeIndex:
+    def to(self, device: Device, *, dtype: TorchDType | None = None) -> HSRIndex | DeviceIndex:
         """This index on ``device``: ``"cpu"`` returns it as is; another device (``"cuda"``) gives
         a :class:`hsr.kernels.code_index.GPUCodeIndex` over the same keys and ids (the code filter
         in Triton; ``range_search``, ``count`` and ``add`` take and return torch tensors).
@@ -301,8 +297,7 @@ class HSRIndex:
             return self
         if self._n_dead:
             raise ValueError("an index with removed keys cannot move to a device: ids would shift")
-        from ..kernels.code_index import GPUCodeIndex
-
+        GPUCodeIndex = _devices.lookup("code_index")  # registered by hsr.kernels (a room above)
         with warnings.catch_warnings():  # keys used in place (copy=False) are read-only; .to copies
             warnings.filterwarnings("ignore", "The given NumPy array is not writable")
             keys = torch.from_numpy(self._keys[:self._n_total]).to(dev, dtype or torch.float32)

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import importlib
 
+from .. import _devices
+
 _LAZY = {
     "CodeKVCache": "codes",
     "CodePlan": "codes",
@@ -43,6 +45,9 @@ _LAZY = {
 }
 
 __all__ = sorted(_LAZY)
+
+# HSRIndex.to(device) finds the GPU code index here (hsr.index never imports this package)
+_devices.register("code_index", lambda: __getattr__("GPUCodeIndex"))
 
 
 def __getattr__(name):
