@@ -27,10 +27,6 @@ ALLOWED_FILE_CYCLES = {
         "while torch.compile traces (imported inside the compiling branch). Both directions are "
         "function-level, so neither import order can fail; breaking it means each kernel module "
         "defining its own custom op, with ops.py importing them only.",
-    frozenset({"hsr.kernels.codes", "hsr.kernels.decode"}):
-        "CodeKVCache.decode_step builds a DecodeStep (decode imports codes' _f32_at_least back, "
-        "both inside functions); both files were under other changes when the cycles were "
-        "removed: move _f32_at_least to a module below both to break it.",
 }
 
 

@@ -13,6 +13,7 @@ tensor would otherwise fail deep inside Triton ("0 active drivers").
 """
 from __future__ import annotations
 
+import math
 import numbers
 
 from typing import Tuple
@@ -283,3 +284,13 @@ def list_row_offset(R: int, M: int, N: int, block_size: int) -> int:
             f"block list has {R} query-block rows; need ceil(N/bs)={n_abs} (absolute rows) "
             f"or at least {need} (rows relative to query block {off})")
     return off
+
+
+def f32_at_least(x: torch.Tensor) -> torch.Tensor:
+    """A threshold tensor as float32, rounded up: for fp32 scores, ``score >= tau`` holds exactly
+    when ``score >= the smallest float32 >= tau``, so the kept set does not change."""
+    if x.dtype == torch.float32:
+        return x
+    x64 = x.double()
+    y = x64.float()
+    return torch.where(y.double() < x64, torch.nextafter(y, torch.full_like(y, math.inf)), y)

@@ -49,9 +49,10 @@ from ._code_kernels import (BAD_BIAS, BAD_KV, BAD_Q, BAD_RANGE, BAD_TAU, _code_a
                             _code_filter_kernel, _rotate_kernel)
 from ._compat import interpreting, patch_interpreter
 from ._softmax import LOG2E
-from ._validate import check_alpha, check_kind, check_triton_device
+from ._validate import check_alpha, check_kind, check_triton_device, f32_at_least
 from .._lock import RWLock, reads, writes
 from .block_sparse import _num_sms, merge_partials
+from .decode import DecodeStep
 
 patch_interpreter()
 
@@ -77,16 +78,6 @@ def _random_rotation(d: int, seed: int, device) -> torch.Tensor:
 def _capturing() -> bool:
     """Inside CUDA-graph capture nothing may synchronise: checks are deferred there."""
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-
-
-def _f32_at_least(x: torch.Tensor) -> torch.Tensor:
-    """A threshold tensor as float32, rounded up: for fp32 scores, ``score >= tau`` holds exactly
-    when ``score >= the smallest float32 >= tau``, so the kept set does not change."""
-    if x.dtype == torch.float32:
-        return x
-    x64 = x.double()
-    y = x64.float()
-    return torch.where(y.double() < x64, torch.nextafter(y, torch.full_like(y, math.inf)), y)
 
 
 @dataclass(frozen=True)
@@ -370,7 +361,7 @@ class CodeKVCache:
         if x.device != self.device or x.dtype != torch.float32:
             if _capturing():
                 raise ValueError(f"inside a capture, {name} must be a float32 tensor on {self.device}")
-            x = _f32_at_least(x.to(self.device)) if name == "tau" else x.to(self.device, torch.float32)
+            x = f32_at_least(x.to(self.device)) if name == "tau" else x.to(self.device, torch.float32)
         if x.dim() == 0:
             t = x.reshape(1, 1, 1).expand(B, Hq, M)
         elif tuple(x.shape) == (Hq,):
@@ -543,11 +534,11 @@ class CodeKVCache:
 
     def decode_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kind: str,
                     tau: float | torch.Tensor | None = None, alpha: int = 2, bias: float | torch.Tensor = 0.0,
-                    scale: float | None = None, graph: bool | None = None, dense: bool | None = None):
+                    scale: float | None = None, graph: bool | None = None, dense: bool | None = None
+                    ) -> DecodeStep:
         """A :class:`hsr.kernels.decode.DecodeStep` over this cache: add ``k, v`` then attend
         ``q``, captured once in a CUDA graph that replays at every length up to the capacity.
         The arguments are example inputs (shapes and dtypes) and the attention options."""
-        from .decode import DecodeStep
 
         return DecodeStep(self, q, k, v, kind=kind, tau=tau, alpha=alpha, bias=bias, scale=scale, graph=graph,
                           dense=dense)

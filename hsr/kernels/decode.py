@@ -95,10 +95,10 @@ class DecodeStep:
     def _own(self, x, name):
         if not torch.is_tensor(x):
             return float(x)
-        from .codes import _f32_at_least
+        from ._validate import f32_at_least
 
         x = x.to(self.cache.device)
-        return (_f32_at_least(x) if name == "tau" else x.float()).clone()
+        return (f32_at_least(x) if name == "tau" else x.float()).clone()
 
     def _step(self):
         c = self.cache
