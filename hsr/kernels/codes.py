@@ -539,7 +539,6 @@ class CodeKVCache:
         """A :class:`hsr.kernels.decode.DecodeStep` over this cache: add ``k, v`` then attend
         ``q``, captured once in a CUDA graph that replays at every length up to the capacity.
         The arguments are example inputs (shapes and dtypes) and the attention options."""
-
         return DecodeStep(self, q, k, v, kind=kind, tau=tau, alpha=alpha, bias=bias, scale=scale, graph=graph,
                           dense=dense)
 
