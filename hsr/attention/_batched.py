@@ -1,0 +1,302 @@
+"""Decode attention for a whole layer in one compiled call: every (batch row, kv head, query)
+row of a ``KVCacheIndex`` at once, threads across the rows.
+
+The per-head path of :func:`hsr.hsr_attention` calls two or three numba kernels per
+(batch row, kv head) from Python, each with its own validation, allocations and thread launch;
+at decode (one query position, 3 kv heads of 3 query heads each on SmolLM2) that overhead and
+the per-row bucketing cost more than the attention arithmetic. Here the caller's contiguous
+``(B * Hkv, capacity, D)`` float32 keys and values (the transformers cache's own buffers, read
+in place) stand in for the index's copies, which hold the same numbers, and one ``prange``
+runs every row:
+
+``softmax_bounds_rows``
+    the certified softmax of the code filter (:func:`hsr.attention._kernels.softmax_from_bounds`,
+    ``eps`` mode) over per-key upper bounds ``ub (rows, n)`` from ``HSRIndex.score_bounds``.
+    Same buckets, same order inside a bucket (ascending id), same canonical scores, same
+    online-softmax arithmetic (``_accumulate`` / ``_finish`` are shared), so the kept keys,
+    the output and the certified dropped mass are bit for bit those of the per-head kernel.
+    Faster per row: the bucket order is filled only as far as the search gets (a second pass
+    fills the rest if it goes further), empty buckets are skipped (their mass is zero, so the
+    stopping test there equals the test at the next non-empty one), and scores are computed
+    eight keys at a time (eight independent dimension-order chains).
+``softmax_csr_rows``
+    :func:`hsr.attention._kernels.softmax_from_csr` over the concatenated CSR results of
+    every head (threshold modes: ``tau`` and ``topk``), values read per row's head.
+
+Arrays (all C-contiguous; ``R`` rows ordered ``(b, kv head, query head in group, query)``,
+``rows_per_head = G * M`` consecutive rows per (b, kv head)):
+
+- ``Q (R, d)`` float32; ``keys (BH, cap, d)`` and ``values (BH, cap, dv)`` float32, ids
+  ``0 .. n-1`` valid; ``alive (BH, n)`` uint8 (``(BH, 0)`` when ``has_dead`` is False);
+- ``ub (R, n)`` float64; ``lim (R,)`` int64 (largest id each row sees);
+- ``out (R, dv)`` float32; ``info (R, 5)`` float64: lse, certified dropped fraction, kept,
+  scored, visible (bounds) / kept (CSR: columns 3-4 untouched).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from ._kernels import _NB, _PER_EFOLD, _TINY, _accumulate, _finish, _log_ratio_ok
+
+__all__ = ["softmax_bounds_rows", "softmax_csr_rows"]
+
+#: the first pass of the bucket fill stops at the bucket where this share of the visible keys
+#: (at least ``_FILL_MIN``) is placed; a search that goes further fills the rest
+_FILL_SHARE = 4
+_FILL_MIN = 512
+
+
+@njit(cache=True, nogil=True)
+def _dot8(q, K, order, p, out):
+    """Canonical scores of keys ``order[p:p+8]`` into ``out[:8]`` (as ``_dot_canonical``:
+    float32, dimension order, no fused multiply-add), eight independent chains."""
+    i0, i1, i2, i3 = order[p], order[p + 1], order[p + 2], order[p + 3]
+    i4, i5, i6, i7 = order[p + 4], order[p + 5], order[p + 6], order[p + 7]
+    q0 = q[0]
+    a0 = q0 * K[i0, 0]
+    a1 = q0 * K[i1, 0]
+    a2 = q0 * K[i2, 0]
+    a3 = q0 * K[i3, 0]
+    a4 = q0 * K[i4, 0]
+    a5 = q0 * K[i5, 0]
+    a6 = q0 * K[i6, 0]
+    a7 = q0 * K[i7, 0]
+    for j in range(1, q.shape[0]):
+        qj = q[j]
+        a0 = a0 + qj * K[i0, j]
+        a1 = a1 + qj * K[i1, j]
+        a2 = a2 + qj * K[i2, j]
+        a3 = a3 + qj * K[i3, j]
+        a4 = a4 + qj * K[i4, j]
+        a5 = a5 + qj * K[i5, j]
+        a6 = a6 + qj * K[i6, j]
+        a7 = a7 + qj * K[i7, j]
+    out[0] = a0
+    out[1] = a1
+    out[2] = a2
+    out[3] = a3
+    out[4] = a4
+    out[5] = a5
+    out[6] = a6
+    out[7] = a7
+
+
+@njit(cache=True, nogil=True)
+def _dot1(q, K, i):
+    a = q[0] * K[i, 0]
+    for j in range(1, q.shape[0]):
+        a = a + q[j] * K[i, j]
+    return a
+
+
+@njit(cache=True, nogil=True)
+def _fill(bucket, top, lo, hi, fill, order):
+    """Place the ids ``<= top`` of buckets ``lo <= b < hi`` at ``order[fill[b]++]`` (ascending id)."""
+    for j in range(top + 1):
+        b = bucket[j]
+        if b >= lo and b < hi:
+            order[fill[b]] = j
+            fill[b] += 1
+
+
+@njit(cache=True, nogil=True)
+def _bounds_row(q, K, V, alive, has_dead, ub, scale, eps, lim, out_row, info):
+    """One row of :func:`softmax_bounds_rows` (``_kernels._bounds_one`` in ``eps`` mode)."""
+    n = ub.shape[0]
+    top = min(lim, n - 1)
+    dv = V.shape[1]
+    acc_out = np.zeros(dv)
+    st = np.zeros(5)
+    st[0] = -np.inf
+    mref = -np.inf
+    visible = 0
+    if has_dead:
+        for j in range(top + 1):
+            if alive[j] != 0:
+                visible += 1
+                mref = max(mref, scale * ub[j])
+    else:
+        visible = max(top + 1, 0)
+        for j in range(top + 1):
+            mref = max(mref, scale * ub[j])
+    # bucket b holds keys with mref - scale*ub in [b/4, (b+1)/4): each term <= e^(-b/4)
+    cnt = np.zeros(_NB + 1, dtype=np.int64)
+    bucket = np.empty(max(top + 1, 0), dtype=np.uint8)
+    for j in range(top + 1):
+        if has_dead and alive[j] == 0:
+            bucket[j] = 255
+            continue
+        gap = _PER_EFOLD * (mref - scale * ub[j])
+        b = _NB - 1 if gap >= _NB - 1 else int(gap)
+        bucket[j] = b
+        cnt[b + 1] += 1
+    mass = np.zeros(_NB)
+    for b in range(_NB):
+        mass[b] = cnt[b + 1] * max(np.exp(-b / _PER_EFOLD), _TINY)
+    start = cnt  # prefix sums in place: start[b] .. start[b+1] is bucket b
+    for b in range(_NB):
+        start[b + 1] += start[b]
+    order = np.empty(visible + 8, dtype=np.int64)
+    fill = start[:_NB].copy()
+    want = max(visible // _FILL_SHARE, _FILL_MIN)
+    filled = _NB
+    for b in range(_NB):
+        if start[b + 1] >= want:
+            filled = b + 1
+            break
+    _fill(bucket, top, 0, filled, fill, order)
+    sc8 = np.empty(8, dtype=K.dtype)
+    done = 0
+    for b in range(_NB):
+        s, e = start[b], start[b + 1]
+        if e == s:
+            continue  # empty: zero mass, the test here is the test at the next non-empty bucket
+        if b > 0:
+            R = 0.0
+            for c in range(b, _NB):
+                R += mass[c]
+            if _log_ratio_ok(R, mref, st, eps):
+                break
+        if b >= filled:
+            _fill(bucket, top, filled, _NB, fill, order)
+            filled = _NB
+        p = s
+        while p + 8 <= e:
+            _dot8(q, K, order, p, sc8)
+            for y in range(8):
+                st[4] += 1.0
+                _accumulate(np.float64(sc8[y]), order[p + y], scale, st, 0, 0.0, V, acc_out)
+            p += 8
+        while p < e:
+            st[4] += 1.0
+            _accumulate(np.float64(_dot1(q, K, order[p])), order[p], scale, st, 0, 0.0, V, acc_out)
+            p += 1
+        done = b + 1
+    R = 0.0
+    for c in range(done, _NB):
+        R += mass[c]
+    _finish(st, R * (1.0 + 1e-12), mref, acc_out, out_row, info)
+    info[4] = visible
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def softmax_bounds_rows(Q, keys, values, alive, has_dead, ub, rows_per_head, scale, eps, lim, out, info):
+    """Certified softmax (``eps`` mode) of every row from per-key bounds ``ub``; row ``r``
+    reads head ``r // rows_per_head`` (see the module docstring for the arrays)."""
+    for r in prange(Q.shape[0]):
+        h = r // rows_per_head
+        _bounds_row(Q[r], keys[h], values[h], alive[h], has_dead, ub[r], scale, eps, lim[r], out[r], info[r])
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def softmax_csr_rows(lims, ids, scores, values, rows_per_head, scale, tau, remainder, out, info):
+    """``_kernels.softmax_from_csr`` over every row's reported keys, row ``r``'s values being
+    ``values[r // rows_per_head]``; the same arithmetic, so the same output and certificate."""
+    dv = values.shape[2]
+    for i in prange(lims.shape[0] - 1):
+        vals = values[i // rows_per_head]
+        a, b = lims[i], lims[i + 1]
+        m = -np.inf
+        for p in range(a, b):
+            m = max(m, scale * np.float64(scores[p]))
+        acc = np.zeros(dv)
+        Z = 0.0
+        for p in range(a, b):
+            w = np.exp(scale * np.float64(scores[p]) - m)
+            Z += w
+            row = vals[ids[p]]
+            for c in range(dv):
+                acc[c] += w * row[c]
+        R = remainder[i]
+        if Z > 0.0:
+            for c in range(dv):
+                out[i, c] = acc[c] / Z
+            info[i, 0] = m + np.log(Z)
+            if R > 0.0:
+                lr = np.log(R) + scale * tau[i]
+                lz = m + np.log(Z)
+                top = max(lr, lz)
+                info[i, 1] = np.exp(lr - top) / (np.exp(lr - top) + np.exp(lz - top))
+            else:
+                info[i, 1] = 0.0
+        else:
+            for c in range(dv):
+                out[i, c] = 0.0
+            info[i, 0] = -np.inf
+            info[i, 1] = 1.0 if R > 0.0 else 0.0
+        info[i, 2] = b - a
+
+
+def layer_softmax(Q, index, keys, values, n, scale, *, eps=None, tau=None, topk=None, causal=True):
+    """Certified softmax of a decode step for a whole :class:`~hsr.attention.kv.KVCacheIndex`.
+
+    Parameters
+    ----------
+    Q : ndarray (B, Hq, M, d) float32, C-contiguous
+    index : KVCacheIndex over ids ``0 .. n-1`` (code filter), the same keys and values as
+        ``keys`` / ``values``
+    keys, values : ndarray (B * Hkv, cap, d) / (B * Hkv, cap, dv) float32, C-contiguous, rows
+        ``0 .. n-1`` valid (the transformers cache's buffers, read in place)
+    n : int
+        Keys in the cache.
+    scale : float
+    eps, tau, topk : as :func:`hsr.hsr_attention` (exactly one given); ``tau`` a scalar
+
+    Returns
+    -------
+    out : ndarray (B, Hq, M, dv) float32
+    scored, selected : ndarray (B, Hq, M) int64
+    dropped : ndarray (B, Hq, M) float64
+        The certified dropped fraction, as :func:`hsr.hsr_attention` returns it.
+
+    The bounds and searches are the index's public methods, one call per (batch row, kv head)
+    (each index is its own object); everything else is one compiled call for the layer.
+    """
+    B, Hq, M, d = Q.shape
+    Hkv = index.kv_heads
+    G = Hq // Hkv
+    rph = G * M
+    R = B * Hq * M
+    Qr = Q.reshape(R, d)
+    dv = values.shape[2]
+    lim_h = np.tile(np.arange(M, dtype=np.int64) + (n - M), G) if causal \
+        else np.full(rph, np.iinfo(np.int64).max, dtype=np.int64)
+    lim = np.tile(lim_h, B * Hkv)
+    out = np.empty((R, dv), dtype=np.float32)
+    info = np.zeros((R, 5))
+    flat = [kvi.index for row in index.heads for kvi in row]
+    has_dead = any(len(ix) != ix.n_total for ix in flat)
+    if eps is not None:
+        ub = np.empty((R, n))
+        for h, ix in enumerate(flat):
+            ub[h * rph:(h + 1) * rph] = ix.score_bounds(Qr[h * rph:(h + 1) * rph])[0]
+        alive = np.stack([ix.key_view().alive for ix in flat]) if has_dead else np.ones((len(flat), 0), np.uint8)
+        softmax_bounds_rows(Qr, keys, values, alive, has_dead, ub, rph, float(scale), float(eps), lim, out, info)
+        scored = info[:, 3].astype(np.int64)
+    else:
+        lims, ids, scs, rems, taus, scored = [np.zeros(1, dtype=np.int64)], [], [], [], [], []
+        lo = 0
+        for h, ix in enumerate(flat):
+            Qh = Qr[h * rph:(h + 1) * rph]
+            if topk is not None:
+                sc, top_ids = ix.topk(Qh, int(topk), max_id=lim_h)
+                t = np.where(top_ids[:, -1] >= 0, sc[:, -1].astype(np.float64), -np.inf)
+            else:
+                t = np.full(rph, float(tau))
+            t = np.maximum(t, float(np.finfo(np.float32).min))
+            li, sc, i, st = ix.range_search(Qh, t, max_id=lim_h, remainder_scale=float(scale), return_stats=True)
+            lims.append(li[1:] + lo)
+            lo += int(li[-1])
+            ids.append(i)
+            scs.append(sc)
+            rems.append(st.remainder)
+            taus.append(t)
+            scored.append(st.keys_scored)
+        softmax_csr_rows(np.concatenate(lims), np.concatenate(ids), np.concatenate(scs), values, rph, float(scale),
+                         np.concatenate(taus), np.concatenate(rems), out, info)
+        scored = np.concatenate(scored).astype(np.int64)
+    shape = (B, Hq, M)
+    return (out.reshape(B, Hq, M, dv), scored.reshape(shape), info[:, 2].astype(np.int64).reshape(shape),
+            info[:, 1].reshape(shape))
