@@ -29,8 +29,8 @@ For any matrix ``R``, ``<q, k> = <R q, s c> + <q, k - R^T s c>``, so by Cauchy-S
 The query side is quantised too, so the inner loop is an exact integer dot product:
 ``R q = a * qi + rq`` with ``qi`` int16 and ``|rq_j| <= a / 2``; then
 ``s <R q, c> <= s * a * <qi, c> + ||rq|| * s ||c||``. ``<qi, c>`` is summed in int32 (exact:
-``QMAX`` keeps it from overflowing) in pairs of dimensions, which LLVM turns into the
-multiply-add-pairs instructions of the CPU. The remaining terms (``||rq|| * max_j s_j ||c_j||``,
+``QMAX`` keeps it from overflowing) in pairs of dimensions by the CPU's multiply-add-pairs
+instructions (``pair_dot_RxB``, written as LLVM IR). The remaining terms (``||rq|| * max_j s_j ||c_j||``,
 the float32 evaluation of the bound, the rotation's rounding, and the gap between the
 canonical score and the real dot product) are one per-query slack computed in ``codes.py``; a key is a
 *candidate* when its bound reaches ``tau - slack`` and is then decided by its canonical score.
