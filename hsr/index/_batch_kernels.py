@@ -40,7 +40,7 @@ from numba import njit, prange, types
 from numba.cpython.unsafe.numbers import trailing_zeros
 from numba.extending import intrinsic
 
-from ._code_kernels import BLOCK, _PENDING, _verify, pair_dot_1x1, pair_dot_1x4, pair_dot_8x1
+from ._code_kernels import BLOCK, _PENDING, _collect_near, _verify, pair_dot_1x1, pair_dot_1x4, pair_dot_8x1
 
 #: query rows per task (the rows that share one pass over a range of codes)
 TILE_ROWS = 64
@@ -59,7 +59,7 @@ def _lane_mask(typingctx, acc, off, a, qnr, scale, err, first, th):
     """``mask`` (int64): bit t set when the float32 bound of lane t of one block,
     ``scale[first+t] * (a * float32(acc[off+t])) + qnr * err[first+t]``, is ``>= th``.
 
-    The expression the slack was sized for (``_code_kernels._lane_bounds``), as IEEE float32
+    The expression the slack was sized for (``_code_kernels``' bound), as IEEE float32
     operations without fast-math flags (no contraction into FMAs, so the same roundings); a
     NaN compares false as in numba. Written as one 32-lane vector expression ending in a
     compare-to-mask because numba leaves the float ``max`` over the lanes scalar (it must keep
@@ -203,6 +203,103 @@ def code_range(QP, qa32, qn32, thr32, tau, lim, Q, keys, codes, scale, err, aliv
         for r in range(r0, r1):
             _verify(Q, r, r - r0, p, tau[r], keys, cand, ncand, sc4, cap, buf_ids, buf_sc, counts, stats,
                     False, 0.0, stats)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _near_block(acc, off, r, i, p, first, last, qa32, qn32, thr32, near32, slack, tau, rscale, scale, err, alive,
+                has_dead, ubs, cand, ncand, hist, looked):
+    """One block of row r for :func:`code_range_remainder`: nothing when every lane's bound
+    is below ``near32[r]`` (the caller counts those keys as far); else its 32 bounds (the same
+    float32 expression as ``_lane_mask``), candidates and histogram (``_collect_near``)."""
+    if _lane_mask(acc, off, qa32[r], qn32[r], scale, err, first, near32[r]) == 0:
+        return
+    a = qa32[r]
+    qnr = qn32[r]
+    for t in range(BLOCK):
+        ubs[t] = scale[first + t] * (a * np.float32(acc[off + t])) + qnr * err[first + t]
+    _collect_near(i, r, p, first, min(BLOCK, last - first + 1), ubs, thr32[r], near32[r], alive, has_dead, cand,
+                  ncand, rscale * (np.float64(slack[r]) - tau[r]), rscale, hist, looked)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def code_range_remainder(QP, qa32, qn32, thr32, tau, lim, Q, keys, codes, scale, err, alive, has_dead, n,
+                         task_tile, task_part, tile_r0, tile_r1, part_b0, part_b1, cap, buf_ids, buf_sc,
+                         counts, stats, near32, slack, rscale, rem, hist, looked):
+    """:func:`code_range` (the same tasks, blocking and products), and a bound on the mass of
+    what it does not report, for a softmax over the reported keys (a kernel of its own: the
+    extra work in a shared loop slowed the plain search 1.75x, measured).
+
+    ``rem[r, p]`` sums ``exp(rscale (u - tau))`` over the candidates whose score ``u`` fell
+    short; the non-candidates of every block with a bound at least ``near32[r]`` (their
+    ``u <= bound + slack[r]``) are counted in ``hist[r, p, k]``,
+    ``k = floor(-4 rscale (bound + slack - tau))`` (each term ``<= exp(-k / 4)``; the last bin
+    takes everything further down), and ``looked[r, p]`` counts the lanes looked at this way.
+    Every other visible key is far: its term is below ``exp(rscale (near + slack - tau))``;
+    the caller adds them up.
+    """
+    dh = QP.shape[1]
+    bstride = dh * 2 * BLOCK
+    cflat = codes.reshape(-1)
+    qflat = QP.reshape(-1)
+    for ti in prange(task_tile.shape[0]):
+        tile = task_tile[ti]
+        p = task_part[ti]
+        r0 = tile_r0[tile]
+        r1 = tile_r1[tile]
+        acc = np.empty(8 * BLOCK, dtype=np.int32)
+        ubs = np.empty(BLOCK, dtype=np.float32)
+        sc4 = np.empty(4, dtype=keys.dtype)
+        cand = np.empty((r1 - r0, _PENDING + BLOCK + 3), dtype=np.int64)
+        ncand = np.zeros(r1 - r0, dtype=np.int64)
+        top = 0
+        for r in range(r0, r1):
+            counts[r, p] = 0
+            stats[r, p] = 0
+            rem[r, p] = 0.0
+            looked[r, p] = 0
+            hist[r, p, :] = 0
+            top = max(top, min(lim[r], n - 1))
+        b0 = part_b0[p]
+        b1 = min(part_b1[p], top // BLOCK + 1)
+        if r1 - r0 < FEW_ROWS:
+            for r in range(r0, r1):
+                last = min(lim[r], n - 1)
+                e = min(b1, last // BLOCK + 1)
+                b = b0
+                while b < e:
+                    nblk = 4 if b + 4 <= e else 1
+                    if nblk == 4:
+                        pair_dot_1x4(cflat, b * bstride, bstride, qflat, r * dh, dh, dh, acc)
+                    else:
+                        pair_dot_1x1(cflat, b * bstride, bstride, qflat, r * dh, dh, dh, acc)
+                    for k in range(nblk):
+                        _near_block(acc, k * BLOCK, r, r - r0, p, (b + k) * BLOCK, last, qa32, qn32, thr32, near32,
+                                    slack, tau, rscale, scale, err, alive, has_dead, ubs, cand, ncand, hist, looked)
+                        if ncand[r - r0] >= _PENDING:
+                            _verify(Q, r, r - r0, p, tau[r], keys, cand, ncand, sc4, cap, buf_ids, buf_sc, counts,
+                                    stats, True, rscale, rem)
+                    b += nblk
+        else:
+            for kb in range(b0, b1, KEY_TILE):
+                ke = min(kb + KEY_TILE, b1)
+                for g in range(r0, r1, 8):
+                    gn = min(8, r1 - g)
+                    for b in range(kb, ke):
+                        first = b * BLOCK
+                        pair_dot_8x1(cflat, b * bstride, bstride, qflat, g * dh, dh, dh, acc)
+                        for i in range(gn):
+                            r = g + i
+                            last = min(lim[r], n - 1)
+                            if first > last:
+                                continue
+                            _near_block(acc, i * BLOCK, r, r - r0, p, first, last, qa32, qn32, thr32, near32, slack,
+                                        tau, rscale, scale, err, alive, has_dead, ubs, cand, ncand, hist, looked)
+                            if ncand[r - r0] >= _PENDING:
+                                _verify(Q, r, r - r0, p, tau[r], keys, cand, ncand, sc4, cap, buf_ids, buf_sc,
+                                        counts, stats, True, rscale, rem)
+        for r in range(r0, r1):
+            _verify(Q, r, r - r0, p, tau[r], keys, cand, ncand, sc4, cap, buf_ids, buf_sc, counts, stats,
+                    True, rscale, rem)
 
 
 @njit(cache=True, nogil=True, parallel=True)

@@ -238,87 +238,12 @@ pair_dot_1x4 = _make_pair_dot(1, 4)
 pair_dot_8x1 = _make_pair_dot(8, 1)
 
 
-@njit(cache=True, nogil=True, inline="always")
-def _block_dot(QP, r, codes, b):
-    """``acc[t] = <QI[r], codes[b, :, t, :]>`` exactly in int32 (``QP``: the query pairs)."""
-    acc = np.empty(BLOCK, dtype=np.int32)
-    dh = QP.shape[1]
-    pair_dot_1x1(codes.reshape(-1), b * dh * 2 * BLOCK, dh * 2 * BLOCK, QP.reshape(-1), r * dh, dh, dh, acc)
-    return acc
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _lane_bounds(QP, r, codes, b, a, qnr, scale, err, first, ubs):
-    """Float32 bounds of the 32 lanes of block b for row r into ``ubs``, without branches
-    (vectorised; their rounding is part of the slack; lanes past n have step and error 0 and
-    are cut by the callers); returns the largest."""
-    acc = _block_dot(QP, r, codes, b)
-    best = np.float32(-np.inf)
-    for t in range(BLOCK):
-        ub = scale[first + t] * (a * np.float32(acc[t])) + qnr * err[first + t]
-        ubs[t] = ub
-        best = max(best, ub)
-    return best
-
-
-@njit(cache=True, nogil=True, parallel=True)
-def code_range_remainder(QP, qa32, qn32, thr32, tau, lim, Q, keys, codes, scale, err, alive, has_dead, n,
-                         task_tile, task_part, tile_r0, tile_r1, part_b0, part_b1, cap, buf_ids, buf_sc,
-                         counts, stats, near32, slack, rscale, rem, hist, looked):
-    """:func:`~hsr.index._batch_kernels.code_range`, and a bound on the mass of what it does not report, for a softmax
-    over the reported keys (a kernel of its own: the extra work in the shared loop slowed the
-    plain search 1.75x, measured).
-
-    ``rem[r, p]`` sums ``exp(rscale (u - tau))`` over the candidates whose score ``u`` fell
-    short; the non-candidates whose bound is at least ``near32[r]`` (their
-    ``u <= bound + slack[r]``) are counted in ``hist[r, p, k]``,
-    ``k = floor(-4 rscale (bound + slack - tau))`` (each term ``<= exp(-k / 4)``; the last bin
-    takes everything further down), and ``looked[r, p]`` counts the lanes looked at this way.
-    Every other visible key is far: its term is below ``exp(rscale (near + slack - tau))``;
-    the caller adds them up.
-    """
-    for ti in prange(task_tile.shape[0]):
-        tile = task_tile[ti]
-        p = task_part[ti]
-        r0 = tile_r0[tile]
-        r1 = tile_r1[tile]
-        ubs = np.empty(BLOCK, dtype=np.float32)
-        sc4 = np.empty(4, dtype=keys.dtype)
-        cand = np.empty((r1 - r0, _PENDING + BLOCK + 3), dtype=np.int64)
-        ncand = np.zeros(r1 - r0, dtype=np.int64)
-        top = 0
-        for r in range(r0, r1):
-            counts[r, p] = 0
-            stats[r, p] = 0
-            rem[r, p] = 0.0
-            looked[r, p] = 0
-            hist[r, p, :] = 0
-            top = max(top, min(lim[r], n - 1))
-        for b in range(part_b0[p], part_b1[p]):
-            first = b * BLOCK
-            if first > top:
-                break
-            for r in range(r0, r1):
-                last = min(lim[r], n - 1)
-                if first > last:
-                    continue
-                if _lane_bounds(QP, r, codes, b, qa32[r], qn32[r], scale, err, first, ubs) < near32[r]:
-                    continue
-                _collect_near(r - r0, r, p, first, min(BLOCK, last - first + 1), ubs, thr32[r], near32[r], alive,
-                              has_dead, cand, ncand, rscale * (np.float64(slack[r]) - tau[r]), rscale, hist, looked)
-                if ncand[r - r0] >= _PENDING:
-                    _verify(Q, r, r - r0, p, tau[r], keys, cand, ncand, sc4, cap, buf_ids, buf_sc, counts, stats,
-                            True, rscale, rem)
-        for r in range(r0, r1):
-            _verify(Q, r, r - r0, p, tau[r], keys, cand, ncand, sc4, cap, buf_ids, buf_sc, counts, stats,
-                    True, rscale, rem)
-
-
 @njit(cache=True, nogil=True)
 def _collect_near(i, r, p, first, cnt, ubs, th, near, alive, has_dead, cand, ncand, shift, rscale, hist, looked):
-    """:func:`_collect`, and in the same pass the histogram of ``rscale ub + shift`` (<= 0,
-    quarter e-folds) of the block's non-candidates (those below ``near`` in the last bin);
-    counts the lanes looked at."""
+    """Append the lanes of one block whose bound ``ubs[t]`` reaches ``th`` (and are alive) to
+    row slot i's pending list, and in the same pass the histogram of ``rscale ub + shift``
+    (<= 0, quarter e-folds) of the block's non-candidates (those below ``near`` in the last
+    bin); counts the lanes looked at."""
     looked[r, p] += cnt
     last = hist.shape[2] - 1
     nc = ncand[i]
@@ -333,19 +258,6 @@ def _collect_near(i, r, p, first, cnt, ubs, th, near, alive, has_dead, cand, nca
         else:
             k = int(np.floor(-4.0 * (rscale * np.float64(ubs[t]) + shift)))
             hist[r, p, min(max(k, 0), last)] += 1
-    ncand[i] = nc
-
-
-@njit(cache=True, nogil=True)
-def _collect(i, first, cnt, ubs, th, alive, has_dead, cand, ncand):
-    """Append the lanes of one block whose bound reaches ``th`` to row slot i's pending list.
-    A function of its own, kept out of the filter's hot loop (which then compiles to a tight
-    vector loop: measured 2x faster than with this code inlined into it)."""
-    nc = ncand[i]
-    for t in range(cnt):
-        if ubs[t] >= th and not (has_dead and alive[first + t] == 0):
-            cand[i, nc] = first + t
-            nc += 1
     ncand[i] = nc
 
 

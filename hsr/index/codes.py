@@ -208,7 +208,7 @@ class CodeStore:
                 task_tile, task_part, tile_r[:-1], tile_r[1:], part_b[:-1], part_b[1:], cap, buf_ids, buf_sc,
                 counts, stats)
         if want_rem:
-            CK.code_range_remainder(*args, near32, slack, rscale, rem, hist, looked)
+            BK.code_range_remainder(*args, near32, slack, rscale, rem, hist, looked)
         else:
             BK.code_range(*args)
         lims = np.empty(m + 1, dtype=np.int64)
