@@ -3,6 +3,7 @@
     python bench/bench_faiss.py                    # needs bench/cache/smollm2_qk_32768.npz
     python bench/bench_faiss.py --quick            # fewer sizes and repeats
     python bench/bench_faiss.py --out bench/results/faiss_cpu.json
+    python bench/bench_faiss.py --threads-scaling 1,2,4,8,16 --out bench/results/faiss_cpu_threads.json
 
 Compared on the same keys, queries and threshold:
 
@@ -51,8 +52,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-import faiss  # noqa: E402
 import numba  # noqa: E402
+
+try:
+    import faiss
+except ImportError:  # the thread-scaling mode runs without it (hosts where it is not installed)
+    faiss = None
 
 import hsr  # noqa: E402
 from _results import default_out, save  # noqa: E402
@@ -265,6 +270,31 @@ def compile_times():
     return out
 
 
+def thread_scaling(threads, budget_s):
+    """hsr alone (no FAISS needed) at each numba thread count, synthetic N(0, 1) keys, d = 64,
+    the same shared tau per configuration as the main table: medians of interleaved rounds."""
+    rng = np.random.default_rng(0)
+    out = []
+    for n, m in ((32768, 1), (1 << 20, 1), (131072, 64), (1 << 20, 64), (1 << 20, 512)):
+        K = rng.standard_normal((n, 64)).astype(np.float32)
+        Q = rng.standard_normal((max(m, 64), 64)).astype(np.float32)
+        tau = threshold(Q, K, rng)
+        Qm = np.ascontiguousarray(Q[:m])
+        index = hsr.HSRIndex(K, method="code")
+        index.range_search(Qm, tau)
+        fns = {f"range_{t}t": with_threads(t, lambda: index.range_search(Qm, tau), "numba") for t in threads}
+        fns.update({f"search_{t}t": with_threads(t, lambda: index.search(Qm, K_TOP), "numba") for t in threads})
+        med, rounds = interleaved(fns, budget_s, max_rounds=201)
+        ms = {k: v * 1e3 for k, v in med.items()}
+        one = ms[f"range_{threads[0]}t"]
+        row = dict(n=n, m=m, rounds=rounds, ms=ms, range_speedup={t: one / ms[f"range_{t}t"] for t in threads})
+        print(f"n={n:8d} m={m:4d} " + " ".join(f"{t}t {ms[f'range_{t}t']:.3f}" for t in threads) + " ms | speed-up "
+              + " ".join(f"{row['range_speedup'][t]:.2f}" for t in threads), flush=True)
+        out.append(row)
+    numba.set_num_threads(max(threads))
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
@@ -275,7 +305,16 @@ def main():
     ap.add_argument("--plot", default=None, help="PNG path (default: the JSON path with .png)")
     ap.add_argument("--single-only", action="store_true",
                     help="only the single-query section (own thresholds), written to --out")
+    ap.add_argument("--threads-scaling", default=None,
+                    help="comma-separated numba thread counts: only hsr's scaling on synthetic keys, to --out")
     args = ap.parse_args()
+    if args.threads_scaling:
+        from hsr.index import _code_kernels
+
+        threads = [int(t) for t in args.threads_scaling.split(",")]
+        rows = thread_scaling(threads, args.budget)
+        save(args.out, dict(scaling=rows), flavour=_code_kernels._FLAVOUR, numba_threads=numba.config.NUMBA_NUM_THREADS)
+        return
     sizes = [int(s) for s in args.sizes.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
     if args.quick:
