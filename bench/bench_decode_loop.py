@@ -8,6 +8,8 @@ cache is cropped back between repetitions), reporting the median time per step:
 
 * ``ours_graph``: :class:`hsr.kernels.decode.DecodeStep`: add + filter + attend + merge,
   replaying ONE captured CUDA graph at every length;
+* ``ours_graph_inplace``: the same replays with the inputs already in the step's buffers (a
+  model that writes its projections there; the captured SDPA step reads static buffers too);
 * ``ours_dense_graph``: the same step with no filter (every key scored by our attend kernel):
   the fallback where the filter costs more than it saves;
 * ``ours_eager``: ``cache.add(k, v, check=False)`` then ``cache.attend(q, ..., check=False)``
@@ -139,7 +141,7 @@ def sdpa(q, k, v, **kw):
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kw)
 
 
-def one_config(real, D, n, B, steps, reps, top, bw, dev):
+def one_config(real, D, n, B, steps, reps, top, bw, dev, profile=False, sweep=False):
     q, k, v = make_inputs(real, D, n, B, steps, dev)
     Hq, Hkv = q.shape[1], k.shape[1]
     scale = D ** -0.5
@@ -161,6 +163,9 @@ def one_config(real, D, n, B, steps, reps, top, bw, dev):
     res["ours_graph_ms"] = time_loop(lambda i: step(qs[i], knew[i], vnew[i]), steps, reps, reset)
     out_last = step.out.clone()  # the step at length n (the last of the last repetition)
     cache.check()
+    # inputs already in the step's buffers (a model writing its projections there), as the
+    # captured SDPA step below reads static buffers
+    res["ours_graph_inplace_ms"] = time_loop(lambda i: step(), steps, reps, reset)
     dstep = cache.decode_step(q, knew[0], vnew[0], kind="softmax", tau=tau, dense=True)
     res["ours_dense_graph_ms"] = time_loop(lambda i: dstep(qs[i], knew[i], vnew[i]), steps, reps, reset)
     res["dense_mode_max_diff"] = float((dstep.out.float() - out_last.float()).abs().max())
@@ -171,6 +176,22 @@ def one_config(real, D, n, B, steps, reps, top, bw, dev):
         return cache.attend(qs[i], kind="softmax", tau=tau, check=check)
 
     res["ours_eager_ms"] = time_loop(eager, steps, reps, reset)
+    if profile:  # where the eager step's host time goes
+        import cProfile
+        import io
+        import pstats
+
+        reset()
+        pr = cProfile.Profile()
+        pr.enable()
+        for i in range(steps):
+            eager(i)
+        torch.cuda.synchronize()
+        pr.disable()
+        buf = io.StringIO()
+        pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(14)
+        res["eager_profile"] = buf.getvalue()
+        print(res["eager_profile"][-3000:])
     res["ours_eager_checked_ms"] = time_loop(lambda i: eager(i, True), steps, reps, reset)
     # parts, each captured alone: add (replayed `steps` times from n0), then filter and attend at n
     cache.crop(n0)
@@ -183,6 +204,18 @@ def one_config(real, D, n, B, steps, reps, top, bw, dev):
     res["filter_graph_ms"] = time_loop(lambda i: g_filter.replay(), steps, reps)
     g_filter_in = capture(lambda: cache._plan(qs[-1], tau, rotate_inside=True))
     res["filter_rotating_inside_graph_ms"] = time_loop(lambda i: g_filter_in.replay(), steps, reps)
+    if sweep:  # the filter's launch parameters at this size
+        res["filter_sweep"] = []
+        for pps in (1, 2, 4, 8):
+            for bn in (64, 128, 256):
+                for nw in (4, 8):
+                    gs = capture(lambda: cache._plan(qs[-1], tau, block_n=bn, num_warps=nw, programs_per_sm=pps))
+                    t = time_loop(lambda i: gs.replay(), steps, 2)
+                    res["filter_sweep"].append(dict(programs_per_sm=pps, block_n=bn, num_warps=nw, ms=t))
+                    del gs
+        best = sorted(res["filter_sweep"], key=lambda r: r["ms"])[:5]
+        print("  filter sweep, best:", [(r["programs_per_sm"], r["block_n"], r["num_warps"],
+                                        round(r["ms"] * 1e3, 1)) for r in best])
     plan = cache._plan(qs[-1], tau)
     g_attend = capture(lambda: cache._run(qs[-1], plan, kind="softmax"))
     res["attend_graph_ms"] = time_loop(lambda i: g_attend.replay(), steps, reps)
@@ -243,6 +276,7 @@ def one_config(real, D, n, B, steps, reps, top, bw, dev):
                ours_floor_ms=ours_bytes / bw * 1e3, dense_floor_ms=dense_bytes / bw * 1e3,
                memory=cache.memory_bytes())
     res["graph_vs_sdpa_best"] = res["sdpa_best_ms"] / res["ours_graph_ms"]
+    res["graph_inplace_vs_sdpa_best"] = res["sdpa_best_ms"] / res["ours_graph_inplace_ms"]
     res["graph_vs_sdpa_graph"] = res["sdpa_graph_ms"] / res["ours_graph_ms"]
     res["eager_vs_sdpa_eager"] = res["sdpa_eager_ms"] / res["ours_eager_ms"]
     res["graph_over_floor"] = res["ours_graph_ms"] / res["ours_floor_ms"]
@@ -260,6 +294,7 @@ def main(argv=None):
     ap.add_argument("--top", type=float, default=0.01)
     ap.add_argument("--real", default=str(ROOT / "bench" / "cache" / "gpu_real_keys.npz"))
     ap.add_argument("--out", default=default_out("decode_loop.json"))
+    ap.add_argument("--sweep", action="store_true", help="sweep the filter's launch parameters at B 1")
     args = ap.parse_args(argv)
     dev = torch.device("cuda")
     real = np.load(args.real)
@@ -269,9 +304,12 @@ def main(argv=None):
     for D in args.dims:
         for n in args.n:
             for B in args.batch:
-                r = one_config(real, D, n, B, args.steps, args.reps, args.top, bw, dev)
+                first = (D, n, B) == (128, max(args.n), 1)
+                r = one_config(real, D, n, B, args.steps, args.reps, args.top, bw, dev, profile=first,
+                               sweep=args.sweep and B == 1)
                 rows.append(r)
                 print(f"d{D} {r['Hq']}/{r['Hkv']} n={n:6d} B={B}: ours graph {r['ours_graph_ms']*1e3:6.1f} us "
+                      f"(in place {r['ours_graph_inplace_ms']*1e3:6.1f}) "
                       f"dense-mode {r['ours_dense_graph_ms']*1e3:6.1f} eager {r['ours_eager_ms']*1e3:6.1f} (checked {r['ours_eager_checked_ms']*1e3:6.1f}) | "
                       f"sdpa eager {r['sdpa_eager_ms']*1e3:6.1f} graph {r['sdpa_graph_ms']*1e3:6.1f} "
                       f"static {r['sdpa_static_ms']*1e3:6.1f} | x{r['graph_vs_sdpa_best']:.2f} vs best, "

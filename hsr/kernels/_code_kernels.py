@@ -197,23 +197,32 @@ def _code_add_kernel(KN, VN, K, V, CODES, SCALE, ERR, MAXN, MAXE, LENS, STATUS, 
             v = tl.load(VN + b.to(tl.int64) * s_wb + h * s_wh + t * s_wt + offs_d)
             tl.store(V + b.to(tl.int64) * s_vb + h.to(tl.int64) * s_vh + pos * s_vn + offs_d, v)
             nbad += tl.sum(tl.where(tl.abs(v.to(tl.float32)) < float("inf"), 0, 1), 0)
-        # ---- pass 1: the rotated key's largest magnitude
-        amax = 0.0
-        for j0 in tl.static_range(0, DP, BLOCK_J):
-            x, offs_j = _rotate_key(kf, ROT, j0, HEAD_DIM, BLOCK_J)
-            amax = tl.maximum(amax, tl.max(tl.abs(x), 0))
-        step = amax / 127.0
-        inv = tl.where(step > 0.0, 1.0 / tl.where(step > 0.0, step, 1.0), 0.0)
-        # ---- pass 2: codes and the residual in units of the step (no overflow, no underflow);
-        # the products are recomputed: a code is measured against the residual it leaves
-        res2 = 0.0
         cbase = CODES + b.to(tl.int64) * s_cb + h.to(tl.int64) * s_ch + pos * s_cn
-        for j0 in tl.static_range(0, DP, BLOCK_J):
-            x, offs_j = _rotate_key(kf, ROT, j0, HEAD_DIM, BLOCK_J)
+        if BLOCK_J == DP:  # the whole rotation in one tile: one pass
+            x, offs_j = _rotate_key(kf, ROT, 0, HEAD_DIM, BLOCK_J)
+            step = tl.max(tl.abs(x), 0) / 127.0
+            inv = tl.where(step > 0.0, 1.0 / tl.where(step > 0.0, step, 1.0), 0.0)
             c = _round_half(x * inv)
-            res = (x - step * c) * inv
-            res2 += tl.sum(res * res, 0)
+            res = (x - step * c) * inv  # the residual in units of the step: no overflow, no underflow
+            res2 = tl.sum(res * res, 0)
             tl.store(cbase + offs_j, c.to(tl.int8))
+        else:
+            # ---- pass 1: the rotated key's largest magnitude, a column block at a time
+            amax = 0.0
+            for j0 in tl.static_range(0, DP, BLOCK_J):
+                x, offs_j = _rotate_key(kf, ROT, j0, HEAD_DIM, BLOCK_J)
+                amax = tl.maximum(amax, tl.max(tl.abs(x), 0))
+            step = amax / 127.0
+            inv = tl.where(step > 0.0, 1.0 / tl.where(step > 0.0, step, 1.0), 0.0)
+            # ---- pass 2: codes and the residual; the products are recomputed: a code is
+            # measured against the residual it leaves
+            res2 = 0.0
+            for j0 in tl.static_range(0, DP, BLOCK_J):
+                x, offs_j = _rotate_key(kf, ROT, j0, HEAD_DIM, BLOCK_J)
+                c = _round_half(x * inv)
+                res = (x - step * c) * inv
+                res2 += tl.sum(res * res, 0)
+                tl.store(cbase + offs_j, c.to(tl.int8))
         # ---- the bound: every fp32 rounding above is covered (docs/codes.md); norms scaled by
         # the largest entry so keys of any magnitude neither overflow nor underflow
         kmax = tl.max(tl.abs(kf), 0)

@@ -324,8 +324,9 @@ class CodeKVCache:
             self.status, self.rot32, t, per, k.stride(0), k.stride(1), k.stride(2), vv.stride(0), vv.stride(1),
             vv.stride(2), self.k.stride(0), self.k.stride(1), self.k.stride(2), vc.stride(0), vc.stride(1),
             vc.stride(2), self.codes.stride(0), self.codes.stride(1), self.codes.stride(2), self.scale.stride(0),
-            self.scale.stride(1), self.Hkv, self.defect, HEAD_DIM=self.D, DP=self.DP, BLOCK_J=32,
-            HAS_V=self.has_values, UPDATE_LEN=progs == 1, num_warps=4)
+            self.scale.stride(1), self.Hkv, self.defect, HEAD_DIM=self.D, DP=self.DP,
+            BLOCK_J=self.DP if self.D <= 128 else 32,  # whole (DP, D) rotation in registers up to 128
+            HAS_V=self.has_values, UPDATE_LEN=progs == 1, num_warps=8 if self.D >= 128 else 4)
         if progs > 1:  # several programs per head read the old length: advance it after them
             self.lengths.add_(t)
 

@@ -107,9 +107,12 @@ class DecodeStep:
         out, _ = c._run(self.q, plan, kind=self.kind, alpha=self.alpha, scale=self.scale)
         return out
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def __call__(self, q: torch.Tensor | None = None, k: torch.Tensor | None = None,
+                 v: torch.Tensor | None = None) -> torch.Tensor:
         """Add ``k, v`` (``(B, Hkv, t, D)``) at the next positions and attend ``q``; returns
-        ``out (B, Hq, M, D)`` (the step's buffer). No synchronisation."""
+        ``out (B, Hq, M, D)`` (the step's buffer). No synchronisation. An input left out is
+        read from the step's buffer as it is (:attr:`q`, :attr:`k`, :attr:`v`): a model that
+        writes its projections there saves the copies."""
         c = self.cache
         if c._storage != self._storage:
             raise ValueError("the cache was reallocated since this step was made (it grew past its capacity): "
@@ -117,13 +120,14 @@ class DecodeStep:
         if c.n + self.t > c.capacity:
             raise ValueError(f"the cache is full ({c.n} keys, capacity {c.capacity}): cache.reserve(larger) "
                              "and make a new step (the one point that needs a new capture)")
-        if q.shape != self.q.shape or k.shape != self.k.shape or v.shape != self.v.shape:
-            raise ValueError(f"this step takes q {tuple(self.q.shape)}, k and v {tuple(self.k.shape)}; got "
-                             f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        for x, buf, name in ((q, self.q, "q"), (k, self.k, "k"), (v, self.v, "v")):
+            if x is not None and x.shape != buf.shape:
+                raise ValueError(f"this step takes q {tuple(self.q.shape)}, k and v {tuple(self.k.shape)}; got "
+                                 f"{name} {tuple(x.shape)}")
         with c._lock.write():  # the step adds: searches of other threads wait, as for add()
-            self.q.copy_(q)
-            self.k.copy_(k)
-            self.v.copy_(v)
+            for x, buf in ((q, self.q), (k, self.k), (v, self.v)):
+                if x is not None:
+                    buf.copy_(x)
             if self._graph is not None:
                 self._graph.replay()
             else:
