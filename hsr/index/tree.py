@@ -89,9 +89,8 @@ class HSRIndex:
 
     Ids are positions: key ``j`` keeps id ``j`` after others are removed, so ids run up to
     :attr:`n_total` (ids handed out), not :attr:`ntotal` (live keys). A result as a sparse
-    matrix with scikit-learn's radius-graph shape ``(n_queries, n_keys)`` is
-    ``index.range_search(q, tau).to_csr(index.n_total)``: one column per id, removed ids
-    empty columns.
+    matrix with scikit-learn's radius-graph shape ``(n_queries, n_total)`` is
+    ``index.range_search(q, tau).to_csr()``: one column per id, removed ids empty columns.
 
     Parameters
     ----------
@@ -582,8 +581,9 @@ class HSRIndex:
         RangeResult ``(lims, D, I)``
             ``lims`` (m + 1,) int64: query i's results are ``I[lims[i]:lims[i+1]]`` (key ids,
             int64, in no particular order) with canonical scores ``D[lims[i]:lims[i+1]]``
-            (float32; float64 for a float64 index). ``.to_csr(index.n_total)`` is the
-            ``(m, n_total)`` sparse matrix (ids are positions, removed ones included).
+            (float32; float64 for a float64 index). ``.to_csr()`` is the ``(m, n_total)``
+            sparse matrix (ids are positions, removed ones included; ``.n_total`` is
+            :attr:`n_total` at the search).
         stats : SearchStats
             Only with ``return_stats=True``: the return value is then ``(lims, D, I, stats)``.
         """
@@ -606,7 +606,7 @@ class HSRIndex:
         else:
             lims, ids, scores, stats = self._forest_range(Q, t, lim, return_scores)
             visited, scored = stats[:, 0].copy(), stats[:, 1].copy()
-        res = RangeResult(lims, scores, ids)
+        res = RangeResult(lims, scores, ids, n_total=self._n_total)
         if not return_stats:
             return res
         if remainder_scale is not None and remainder is None:  # empty index or no query: nothing dropped

@@ -42,9 +42,39 @@ def test_to_csr(data):
     dense = A.toarray()
     r, c = np.nonzero(S >= tau[:, None])
     np.testing.assert_array_equal(dense[r, c], S[r, c])
-    assert res.to_csr().shape[1] == int(res.I.max()) + 1
     with pytest.raises(ValueError, match="n_keys"):
         res.to_csr(int(res.I.max()))
+
+
+@pytest.mark.parametrize("method", ["code", "tree", "brute"])
+def test_to_csr_default_shape_is_queries_by_n_total(data, method):
+    # scikit-learn's radius-graph shape (n_queries, n_samples): one column per id handed out,
+    # whatever the largest id reported, removed ids included as empty columns
+    K, Q, tau = data
+    idx = hsr.HSRIndex(K, method=method)
+    idx.remove([len(K) - 1, 3])
+    res = idx.range_search(Q, tau * 10)  # a high threshold: few hits, far from the last id
+    assert res.n_total == idx.n_total == len(K)
+    A = res.to_csr()
+    assert A.shape == (len(Q), len(K)) and A.nnz == len(res.I)
+    assert res.to_csr(len(K) + 5).shape == (len(Q), len(K) + 5)
+    empty = idx.range_search(Q, 1e30)
+    assert empty.to_csr().shape == (len(Q), len(K)) and empty.to_csr().nnz == 0
+    lims, D, I = res  # still three fields
+    assert res._replace(D=D).n_total == len(K)
+    idx.add(K[:2])
+    assert res.to_csr().shape[1] == len(K)  # the count at the search
+    assert idx.range_search(Q, tau).to_csr().shape == (len(Q), len(K) + 2)
+
+
+def test_to_csr_without_n_total_keeps_max_id_default(data):
+    K, Q, tau = data
+    res = hsr.HSRIndex(K).range_search(Q, tau)
+    bare = hsr.RangeResult(*res)
+    assert bare.n_total is None
+    assert bare.to_csr().shape == (len(Q), int(res.I.max()) + 1)
+    assert hsr.RangeResult(np.zeros(3, np.int64), np.zeros(0, np.float32),
+                           np.zeros(0, np.int64)).to_csr().shape == (2, 0)
 
 
 def test_search_and_topk_are_D_I(data):
