@@ -31,6 +31,7 @@ from . import _kernels as K
 from ._files import _digest, _meta_ids, _meta_int, read_index_file, write_index_file
 from ._forest import _build_tree, _empty_buffer, _pca_rotation, _Tree
 from .._lock import RWLock, reads, writes
+from .._progress import Progress
 from ._views import ForestView, KeyView, SearchStats
 from ._validate import as_float_array, as_tau, kept_in_place, resolve_dtype
 from .results import RangeResult, SearchResult
@@ -61,6 +62,10 @@ MAX_TOPK = 1 << 24
 #: The count pass remembers up to this many reporting nodes per query and tree, so the fill
 #: pass revisits only them; a query with more traverses again.
 _HITS = 256
+#: Builds over at least this many keys report progress on stderr (hsr._progress: on a
+#: terminal, or with HSR_PROGRESS=1); the code filter codes them this many rows a step.
+PROGRESS_MIN_KEYS = 1_000_000
+_PROGRESS_CHUNK = 1 << 17  # a multiple of CodeStore.sync's own 8192-row step: the same codes
 
 
 def _reads(method):
@@ -240,7 +245,15 @@ class HSRIndex:
         if self._codes is None or self._codes.n >= self._n_total or self._lock.held() == "read":
             return
         with self._lock.write():
-            self._codes.sync(self._keys[:self._n_total])
+            n, done = self._n_total, self._codes.n
+            if n - done < PROGRESS_MIN_KEYS:
+                self._codes.sync(self._keys[:n])
+                return
+            self._codes._reserve(n)  # once, as a single sync would
+            with Progress("hsr: coding keys", total=n - done, unit="keys") as progress:
+                for e in range(done + _PROGRESS_CHUNK, n + _PROGRESS_CHUNK, _PROGRESS_CHUNK):
+                    self._codes.sync(self._keys[:min(e, n)])
+                    progress.update(min(e, n) - max(e - _PROGRESS_CHUNK, done))
 
     def key_view(self) -> KeyView:
         """Read-only views of the keys and their liveness (see :class:`KeyView`)."""
@@ -431,9 +444,13 @@ class HSRIndex:
         # sorted and unique ids 0..n-1 read the keys as a view; others through ids, in place
         rows = None if n and ids[0] == 0 and ids[-1] == n - 1 else np.ascontiguousarray(ids, dtype=np.int64)
         keys = self._keys[:n] if rows is None else self._keys
-        if self._rot is None:
-            self._rot = _pca_rotation(keys, self.seed, rows)
-        return _build_tree(keys, ids, self._rot, self.leaf_size, self.split == "pca", self.rotate, rows)
+        with Progress(f"hsr: building a tree over {n} keys", total=1 + (self._rot is None), unit="steps",
+                      enabled=None if n >= PROGRESS_MIN_KEYS else False) as progress:
+            if self._rot is None:
+                progress.stage("principal axes")
+                self._rot = _pca_rotation(keys, self.seed, rows)
+            progress.stage("partition")
+            return _build_tree(keys, ids, self._rot, self.leaf_size, self.split == "pca", self.rotate, rows)
 
     @writes
     def remove(self, ids: ArrayLike) -> None:

