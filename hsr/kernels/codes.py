@@ -325,8 +325,9 @@ class CodeKVCache:
             vv.stride(2), self.k.stride(0), self.k.stride(1), self.k.stride(2), vc.stride(0), vc.stride(1),
             vc.stride(2), self.codes.stride(0), self.codes.stride(1), self.codes.stride(2), self.scale.stride(0),
             self.scale.stride(1), self.Hkv, self.defect, HEAD_DIM=self.D, DP=self.DP,
-            BLOCK_J=self.DP if self.D <= 128 else 32,  # whole (DP, D) rotation in registers up to 128
-            HAS_V=self.has_values, UPDATE_LEN=progs == 1, num_warps=8 if self.D >= 128 else 4)
+            # 32 columns at a time (two passes; one where DP == 32), as measured on an H200: the
+            # whole-tile single pass for d up to 128 is written but not yet measured there
+            BLOCK_J=32, HAS_V=self.has_values, UPDATE_LEN=progs == 1, num_warps=4)
         if progs > 1:  # several programs per head read the old length: advance it after them
             self.lengths.add_(t)
 
