@@ -242,12 +242,15 @@ def _code_add_kernel(KN, VN, K, V, CODES, SCALE, ERR, MAXN, MAXE, LENS, STATUS, 
 
 
 @triton.jit
-def _code_filter_kernel(Q, ROT, QR, TAU, tau_scalar, MAXN, MAXE, CODES, SCALE, ERR, COUNT, SURV, LENS, STATUS,
+def _code_filter_kernel(Q, ROT, QR, TAU, tau_scalar, MAXN, MAXE, CODES, SCALE, ERR, COUNT, SURV, LENS, STATUS, REM,
                         s_qb, s_qh, s_qm, s_tb, s_th, s_tm, s_cb, s_ch, s_cn, s_sb, s_sh,
-                        G, M, Hkv, SURV_STRIDE, SEG, defect, NPROG,
+                        G, M, Hkv, SURV_STRIDE, SEG, defect, NPROG, qk_scale,
                         ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                         DP: tl.constexpr, TAU_TENSOR: tl.constexpr, UPCAST: tl.constexpr,
-                        ROTATE: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+                        ROTATE: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+                        CERTIFY: tl.constexpr):
+    # CERTIFY: REM (B*Hq*M,) fp32 += sum over the keys no row of the group keeps of
+    # exp(scale * (ub - thr)) >= exp(scale * (score - tau)) (qk_scale = scale * log2(e))
     # A persistent grid: NPROG programs per (batch, kv head) rotate the group's rows (or read
     # them from QR), derive their int8 parts and thresholds once, then stride over the key
     # tiles below LENS[bh] (pipelined loads). Program p appends the survivors of any row to
@@ -282,6 +285,8 @@ def _code_filter_kernel(Q, ROT, QR, TAU, tau_scalar, MAXN, MAXE, CODES, SCALE, E
     obase = SURV + pid_bh.to(tl.int64) * SURV_STRIDE + pid_n.to(tl.int64) * SEG
     n_tiles = tl.cdiv(N, BLOCK_N)
     found = 0
+    limit = N - M + mrow  # causal: keys past a row's position are not in its softmax at all
+    rem = tl.zeros([ROWS], tl.float32)
     for tile in tl.range(pid_n, n_tiles, NPROG, num_stages=STAGES):
         offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
@@ -301,12 +306,19 @@ def _code_filter_kernel(Q, ROT, QR, TAU, tau_scalar, MAXN, MAXE, CODES, SCALE, E
         pos = found + tl.cumsum(keep_i, 0) - 1
         tl.store(obase + pos, offs_n, mask=keep)
         found += tl.sum(keep_i, 0)
+        if CERTIFY:  # keys no row keeps: score - tau <= ub - thr < 0 (thr absorbs every rounding)
+            out = n_ok[None, :] & ~keep[None, :] & (offs_n[None, :] <= limit[:, None])
+            rem += tl.sum(tl.where(out, tl.exp2((ub - thr[:, None]) * qk_scale), 0.0), 1)
     tl.store(COUNT + pid_bh * NPROG + pid_n, found)
+    if CERTIFY:
+        row = (b * Hkv * G + head).to(tl.int64) * M + mrow
+        tl.atomic_add(REM + row, rem * 1.0001, mask=r_ok)  # 1.0001: exp2's and the sum's rounding
 
 
 @triton.jit
-def _attend_tile(q, idx, i_ok, kbase, vbase, s_kn, s_vn, tau, bias, limit, r_ok, m_i, l_i, acc, qk_scale, scale,
-                 HEAD_DIM: tl.constexpr, KIND: tl.constexpr, ALPHA: tl.constexpr, UPCAST: tl.constexpr):
+def _attend_tile(q, idx, i_ok, kbase, vbase, s_kn, s_vn, tau, bias, limit, r_ok, m_i, l_i, acc, rem, gap,
+                 qk_scale, scale, HEAD_DIM: tl.constexpr, KIND: tl.constexpr, ALPHA: tl.constexpr,
+                 UPCAST: tl.constexpr, CERTIFY: tl.constexpr):
     # one tile of key positions idx (BLOCK_N,): exact fp32 scores, keep score >= tau within the
     # causal limit, and fold them into the running softmax or ReLU^alpha sums
     offs_d = tl.arange(0, HEAD_DIM)
@@ -317,6 +329,9 @@ def _attend_tile(q, idx, i_ok, kbase, vbase, s_kn, s_vn, tau, bias, limit, r_ok,
     else:
         sc = tl.dot(q, tl.trans(k))
     keep = i_ok[None, :] & (sc >= tau[:, None]) & (idx[None, :] <= limit[:, None]) & r_ok[:, None]
+    if CERTIFY:  # survivors this row drops: their exact mass, widened by the score's rounding
+        out = i_ok[None, :] & (sc < tau[:, None]) & (idx[None, :] <= limit[:, None])
+        rem += tl.sum(tl.where(out, tl.exp2((sc - tau[:, None] + gap[:, None]) * qk_scale), 0.0), 1)
     if KIND == 0:
         s2 = tl.where(keep, sc * qk_scale, float("-inf"))
         m_i, l_i, acc = _online_softmax_step(s2, v, m_i, l_i, acc, UPCAST)
@@ -329,18 +344,19 @@ def _attend_tile(q, idx, i_ok, kbase, vbase, s_kn, s_vn, tau, bias, limit, r_ok,
         l_i += tl.sum(w, 1)
         # weights rounded to v's 16-bit dtype for the tensor cores, as softmax rounds P
         acc += _weighted_values(w, v, UPCAST)
-    return m_i, l_i, acc
+    return m_i, l_i, acc, rem
 
 
 @triton.jit
 def _code_attend_kernel(Q, K, V, TAU, tau_scalar, BIAS, bias_scalar, SURV, COUNT, O_PART, L_PART, LENS,
-                        MAXN, STATUS,
+                        MAXN, STATUS, REM,
                         s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
                         s_tb, s_th, s_tm, s_bb, s_bh, s_bm,
                         M, G, Hkv, SURV_STRIDE, SEG, NPROG, SPLITS, BHM, qk_scale, scale,
                         ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                         KIND: tl.constexpr, ALPHA: tl.constexpr, UPCAST: tl.constexpr,
-                        TAU_TENSOR: tl.constexpr, BIAS_TENSOR: tl.constexpr, DENSE: tl.constexpr):
+                        TAU_TENSOR: tl.constexpr, BIAS_TENSOR: tl.constexpr, DENSE: tl.constexpr,
+                        CERTIFY: tl.constexpr):
     # TAU/BIAS: (B, Hq, M)-strided tensors or scalars. Partials: O_PART (SPLITS, BHM, D) fp32, L_PART (SPLITS, BHM)
     # natural-log lse (softmax) or log(sum w) (ReLU, KIND == 1); rows ordered (b, hq, m).
     pid_s = tl.program_id(0)
@@ -362,13 +378,17 @@ def _code_attend_kernel(Q, K, V, TAU, tau_scalar, BIAS, bias_scalar, SURV, COUNT
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
+    rem = tl.zeros([ROWS], tl.float32)
+    qf = q.to(tl.float32)
+    gap = 4.0 * HEAD_DIM * 5.9604645e-08 * tl.sqrt(tl.sum(qf * qf, 1)) * tl.load(MAXN + pid_bh)  # fp32 score
     kbase = K + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
     vbase = V + b.to(tl.int64) * s_vb + h.to(tl.int64) * s_vh
     if DENSE:  # no filter: split s takes key tiles s, s+SPLITS, ... below the length
         for tile in range(pid_s, tl.cdiv(N, BLOCK_N), SPLITS):
             idx = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-            m_i, l_i, acc = _attend_tile(q, idx, idx < N, kbase, vbase, s_kn, s_vn, tau, bias, limit, r_ok,
-                                         m_i, l_i, acc, qk_scale, scale, HEAD_DIM, KIND, ALPHA, UPCAST)
+            m_i, l_i, acc, rem = _attend_tile(q, idx, idx < N, kbase, vbase, s_kn, s_vn, tau, bias, limit, r_ok,
+                                              m_i, l_i, acc, rem, gap, qk_scale, scale, HEAD_DIM, KIND, ALPHA,
+                                              UPCAST, CERTIFY)
     else:
         for seg in range(pid_s, NPROG, SPLITS):  # split s takes the filter's segments s, s+SPLITS, ...
             sbase = SURV + pid_bh.to(tl.int64) * SURV_STRIDE + seg * SEG
@@ -377,8 +397,9 @@ def _code_attend_kernel(Q, K, V, TAU, tau_scalar, BIAS, bias_scalar, SURV, COUNT
                 offs_i = off + tl.arange(0, BLOCK_N)
                 i_ok = offs_i < cnt
                 idx = tl.load(sbase + offs_i, mask=i_ok, other=0)
-                m_i, l_i, acc = _attend_tile(q, idx, i_ok, kbase, vbase, s_kn, s_vn, tau, bias, limit, r_ok,
-                                             m_i, l_i, acc, qk_scale, scale, HEAD_DIM, KIND, ALPHA, UPCAST)
+                m_i, l_i, acc, rem = _attend_tile(q, idx, i_ok, kbase, vbase, s_kn, s_vn, tau, bias, limit, r_ok,
+                                                  m_i, l_i, acc, rem, gap, qk_scale, scale, HEAD_DIM, KIND, ALPHA,
+                                                  UPCAST, CERTIFY)
     l_safe, lse = _weights_epilogue(m_i, l_i, KIND)
     o = acc / l_safe[:, None]
     # every split writes NaN for a bad row, so the merge's max and sums are NaN too
@@ -388,3 +409,5 @@ def _code_attend_kernel(Q, K, V, TAU, tau_scalar, BIAS, bias_scalar, SURV, COUNT
     tl.store(O_PART + (pid_s.to(tl.int64) * BHM + row)[:, None] * HEAD_DIM + offs_d[None, :], o,
              mask=r_ok[:, None])
     tl.store(L_PART + pid_s.to(tl.int64) * BHM + row, lse, mask=r_ok)
+    if CERTIFY:
+        tl.atomic_add(REM + row, rem * 1.0001, mask=r_ok)

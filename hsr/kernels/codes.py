@@ -105,6 +105,12 @@ class CodePlan:
     dense : bool
         No filter ran: :meth:`CodeKVCache.run` reads every key below the length (the fallback
         where the filter costs more than it saves; same kept set).
+    remainder : Tensor (B, Hq, M) float32 or None
+        With ``certify=True``: an upper bound of ``sum exp(scale * (score - tau))`` over the keys
+        the filter dropped for each row (from their code bounds); :meth:`CodeKVCache.run` adds
+        the survivors it drops, exactly, and turns it into a bound on the dropped softmax mass.
+    scale : float
+        The softmax scale the remainder was made for.
     """
 
     surv: torch.Tensor
@@ -116,6 +122,8 @@ class CodePlan:
     m: int
     version: int
     dense: bool = False
+    remainder: torch.Tensor | None = None
+    scale: float = 0.0
 
     def survivors(self, bh: int) -> torch.Tensor:
         """The surviving key positions of (batch, kv head) ``bh``, ascending (host sync)."""
@@ -381,8 +389,8 @@ class CodeKVCache:
 
     @reads
     def plan(self, q: torch.Tensor, tau: float | torch.Tensor, *, bias: float | torch.Tensor = 0.0,
-             check: bool = True, block_n: int = 128, num_warps: int = 4, num_stages: int = 3,
-             programs_per_sm: int | None = None) -> CodePlan:
+             certify: bool = False, scale: float | None = None, check: bool = True, block_n: int = 128,
+             num_warps: int = 4, num_stages: int = 3, programs_per_sm: int | None = None) -> CodePlan:
         """Filter (plan): the keys whose bound reaches ``tau - slack`` for any row of their group.
 
         Parameters
@@ -394,6 +402,10 @@ class CodeKVCache:
             or device is converted (float32, rounded up: the same keys).
         bias : float or Tensor, same shapes
             ReLU bias, carried to :meth:`run`.
+        certify : bool
+            Also bound, per row, the softmax mass of the keys the filter drops (from their code
+            bounds, with softmax scale ``scale``, default ``D ** -0.5``): :meth:`run` turns it
+            into a certified bound on the dropped share (``return_bound=True``).
         check : bool
             Synchronise once and raise on bad values (the module docstring); False: never wait.
         block_n, num_warps, num_stages, programs_per_sm : tuning of the filter kernel (keys per
@@ -402,7 +414,7 @@ class CodeKVCache:
         """
         self._check_q(q)
         plan = self._plan(q, tau, bias=bias, block_n=block_n, num_warps=num_warps, num_stages=num_stages,
-                          programs_per_sm=programs_per_sm)
+                          programs_per_sm=programs_per_sm, certify=certify, scale=scale)
         self._raise_if(check)
         return plan
 
@@ -415,7 +427,7 @@ class CodeKVCache:
         return nprog, triton.cdiv(cap_tiles, nprog) * block_n
 
     def _plan(self, q, tau, *, bias=0.0, block_n=128, num_warps=4, num_stages=3, programs_per_sm=None,
-              rotate_inside=False):
+              rotate_inside=False, certify=False, scale=None):
         """:meth:`plan`'s body: ``q`` checked, the read lock held by the caller. ``rotate_inside``:
         the filter rotates the rows itself (one launch fewer; measured slower on an H200)."""
         B, Hq, M, D = q.shape
@@ -435,28 +447,36 @@ class CodeKVCache:
         nprog, seg = self._grid(block_n, programs_per_sm)
         surv = torch.empty(BH, nprog * seg, dtype=torch.int32, device=dev)
         count = torch.empty(BH, nprog, dtype=torch.int32, device=dev)
+        s = float(scale) if scale is not None else D ** -0.5
+        rem = torch.zeros(B, Hq, M, dtype=torch.float32, device=dev) if certify else None
         _code_filter_kernel[(nprog, BH)](
             q, self.rot32, QR, count if tau_t is None else tau_t, tau_s, self.max_norm, self.max_err, self.codes,
-            self.scale, self.err, count, surv, self.lengths, self.status, q.stride(0), q.stride(1), q.stride(2),
+            self.scale, self.err, count, surv, self.lengths, self.status, count if rem is None else rem,
+            q.stride(0), q.stride(1), q.stride(2),
             ts[0], ts[1], ts[2], self.codes.stride(0), self.codes.stride(1), self.codes.stride(2),
             self.scale.stride(0), self.scale.stride(1), G, M, self.Hkv, surv.stride(0), seg, self.defect,
-            nprog, ROWS=rows, BLOCK_N=block_n, HEAD_DIM=D, DP=self.DP, TAU_TENSOR=tau_t is not None,
-            UPCAST=interpreting(), ROTATE=rotate, BLOCK_K=min(32, D), STAGES=num_stages, num_warps=num_warps)
-        return CodePlan(surv, count, seg, (tau_t, tau_s), (bias_t, bias_s), rows, M, self._version)
+            nprog, s * LOG2E, ROWS=rows, BLOCK_N=block_n, HEAD_DIM=D, DP=self.DP, TAU_TENSOR=tau_t is not None,
+            UPCAST=interpreting(), ROTATE=rotate, BLOCK_K=min(32, D), STAGES=num_stages, CERTIFY=certify,
+            num_warps=num_warps)
+        return CodePlan(surv, count, seg, (tau_t, tau_s), (bias_t, bias_s), rows, M, self._version,
+                        remainder=rem, scale=s)
 
-    def _dense_plan(self, q, tau, *, bias=0.0):
+    def _dense_plan(self, q, tau, *, bias=0.0, certify=False, scale=None):
         """A plan with no filter (nothing launched): ``run`` then scores every key."""
         B, Hq, M, D = q.shape
         tau_t, tau_s, _ = self._per_row(tau, q, "tau")
         bias_t, bias_s, _ = self._per_row(bias, q, "bias")
         dummy = self.status.view(1, 1)
+        s = float(scale) if scale is not None else D ** -0.5
+        rem = torch.zeros(B, Hq, M, dtype=torch.float32, device=self.device) if certify else None
         return CodePlan(dummy, dummy, 0, (tau_t, tau_s), (bias_t, bias_s),
-                        max(16, triton.next_power_of_2(Hq // self.Hkv * M)), M, self._version, dense=True)
+                        max(16, triton.next_power_of_2(Hq // self.Hkv * M)), M, self._version, dense=True,
+                        remainder=rem, scale=s)
 
     # ------------------------------------------------------------------ run (attend)
     @reads
     def run(self, q: torch.Tensor, plan: CodePlan, *, kind: str, alpha: int = 2, scale: float | None = None,
-            num_splits: int | None = None, check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+            num_splits: int | None = None, return_bound: bool = False, check: bool = True) -> tuple:
         """Attention of ``q (B, Hq, M, D)`` over a plan's survivors (keys with ``score >= tau``,
         causal: query m of M sits at position ``n - M + m``).
 
@@ -465,13 +485,18 @@ class CodeKVCache:
         ``(out (B, Hq, M, D) in q's dtype, lse (B, Hq, M) float32)``; rows with no kept key are
         zeros (lse -inf); rows with bad inputs are NaN (and ``check=True`` raises).
         A plan made before an :meth:`add` is refused (its survivors miss the new keys).
+
+        ``return_bound=True`` (softmax, a plan made with ``certify=True``): also return
+        ``bound (B, Hq, M)`` float32, a certified upper bound on the share of each row's softmax
+        mass that the kept set leaves out (``|out - out_full|_inf <= 2 bound |V|_inf``).
         """
         self._check_q(q)
-        out = self._run(q, plan, kind=kind, alpha=alpha, scale=scale, num_splits=num_splits)
+        out = self._run(q, plan, kind=kind, alpha=alpha, scale=scale, num_splits=num_splits,
+                        return_bound=return_bound)
         self._raise_if(check)
         return out
 
-    def _run(self, q, plan: CodePlan, *, kind, alpha=2, scale=None, num_splits=None):
+    def _run(self, q, plan: CodePlan, *, kind, alpha=2, scale=None, num_splits=None, return_bound=False):
         """:meth:`run`'s body: ``q`` checked, the read lock held by the caller."""
         kind_id = check_kind(kind)
         if not self.has_values:
@@ -497,29 +522,57 @@ class CodeKVCache:
         bias_t, bias_s = plan.bias
         ts = tau_t.stride() if tau_t is not None else (0, 0, 0)
         bs = bias_t.stride() if bias_t is not None else (0, 0, 0)
+        rem = None
+        if return_bound:
+            if kind_id != 0 or plan.remainder is None:
+                raise ValueError("return_bound needs kind='softmax' and a plan made with certify=True")
+            if abs(plan.scale - s) > 1e-12 * s:
+                raise ValueError(f"the plan certified scale {plan.scale}, run uses {s}: give the same scale")
+            rem = plan.remainder.clone()  # run adds the survivors it drops (a plan may run again)
         o_part = torch.empty(splits, BHM, D, dtype=torch.float32, device=self.device)
         l_part = torch.empty(splits, BHM, dtype=torch.float32, device=self.device)
         _code_attend_kernel[(splits, BH)](
             q, self.k, self.v, tau_t if tau_t is not None else plan.count, tau_s,
             bias_t if bias_t is not None else plan.count, bias_s, plan.surv, plan.count, o_part, l_part,
-            self.lengths, self.max_norm, self.status,
+            self.lengths, self.max_norm, self.status, plan.count if rem is None else rem,
             q.stride(0), q.stride(1), q.stride(2), self.k.stride(0), self.k.stride(1), self.k.stride(2),
             self.v.stride(0), self.v.stride(1), self.v.stride(2), *ts, *bs,
             M, G, self.Hkv, plan.surv.stride(0), plan.seg, nprog, splits, BHM, s * LOG2E, s,
             ROWS=plan.rows, BLOCK_N=64, HEAD_DIM=D, KIND=kind_id, ALPHA=alpha,
             UPCAST=interpreting() or q.dtype == torch.float32, TAU_TENSOR=tau_t is not None,
-            BIAS_TENSOR=bias_t is not None, DENSE=plan.dense, num_warps=4)
+            BIAS_TENSOR=bias_t is not None, DENSE=plan.dense, CERTIFY=rem is not None, num_warps=4)
         out = torch.empty(B, Hq, M, D, dtype=q.dtype, device=self.device)
         lse = torch.empty(B, Hq, M, dtype=torch.float32, device=self.device)
         merge_partials(o_part, l_part, out, lse, M)
-        return out, lse
+        if rem is None:
+            return out, lse
+        return out, lse, self._dropped_share(q, rem, lse, tau_t if tau_t is not None else tau_s, s)
+
+    def _dropped_share(self, q, rem, lse, tau, s):
+        """``D / (Z + D)`` from ``rem >= sum_dropped exp(s (score - tau))`` and ``lse = log Z``
+        of the kept fp32 scores, on the device (a few elementwise ops, capturable). Widened for
+        what the kernels' fp32 sums may lose: the kept scores are within ``gap`` of the real
+        ones, the sums within ``2 n 2^-24``; a term that underflowed is below ``2^-126``."""
+        B, Hq, M, D = q.shape
+        G = Hq // self.Hkv
+        n = max(self.n, 1)
+        qn = torch.linalg.vector_norm(q.float(), dim=-1)  # (B, Hq, M)
+        maxn = self.max_norm.view(B, self.Hkv, 1, 1).expand(B, self.Hkv, G, 1).reshape(B, Hq, 1)
+        gap = 4.0 * D * 2.0 ** -24 * qn * maxn
+        margin = s * gap + 1e-4 + 2.0 * n * 2.0 ** -24
+        x = torch.log(rem + n * 2.0 ** -126) + s * torch.as_tensor(tau, dtype=torch.float32, device=rem.device) \
+            - lse + margin
+        # nothing kept (lse = -inf, e.g. tau = +inf): every visible key was dropped
+        return torch.where(torch.isneginf(lse), torch.ones_like(lse), torch.sigmoid(x))
 
     @reads  # plan and run under one read: an add cannot fall between them
     def attend(self, q: torch.Tensor, *, kind: str, tau: float | torch.Tensor | None = None, alpha: int = 2,
                bias: float | torch.Tensor = 0.0, scale: float | None = None, num_splits: int | None = None,
-               check: bool = True) -> torch.Tensor:
+               return_bound: bool = False, check: bool = True) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Filter + attend in one call. ReLU^alpha defaults to ``tau = bias / scale`` (exact);
-        softmax needs ``tau`` (raw score). Returns ``out (B, Hq, M, D)``. ``check=True``: one
+        softmax needs ``tau`` (raw score). Returns ``out (B, Hq, M, D)``, and with
+        ``return_bound=True`` (softmax) ``(out, bound)``: per row a certified upper bound on the
+        softmax mass share of the keys below tau (see :meth:`run`). ``check=True``: one
         synchronisation, a ``ValueError`` for bad values; ``check=False``: none (NaN rows, and
         :meth:`check` raises later)."""
         check_kind(kind)
@@ -529,20 +582,20 @@ class CodeKVCache:
                 raise ValueError("softmax on the code cache keeps the keys with score >= tau: give tau=")
             tau = (bias / s).float() if torch.is_tensor(bias) else float(bias) / s
         self._check_q(q)
-        plan = self._plan(q, tau, bias=bias)
-        out, _ = self._run(q, plan, kind=kind, alpha=alpha, scale=s, num_splits=num_splits)
+        plan = self._plan(q, tau, bias=bias, certify=return_bound, scale=s)
+        res = self._run(q, plan, kind=kind, alpha=alpha, scale=s, num_splits=num_splits, return_bound=return_bound)
         self._raise_if(check)
-        return out
+        return (res[0], res[2]) if return_bound else res[0]
 
     def decode_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kind: str,
                     tau: float | torch.Tensor | None = None, alpha: int = 2, bias: float | torch.Tensor = 0.0,
-                    scale: float | None = None, graph: bool | None = None, dense: bool | None = None
-                    ) -> DecodeStep:
+                    scale: float | None = None, graph: bool | None = None, dense: bool | None = None,
+                    certify: bool = False) -> DecodeStep:
         """A :class:`hsr.kernels.decode.DecodeStep` over this cache: add ``k, v`` then attend
         ``q``, captured once in a CUDA graph that replays at every length up to the capacity.
         The arguments are example inputs (shapes and dtypes) and the attention options."""
         return DecodeStep(self, q, k, v, kind=kind, tau=tau, alpha=alpha, bias=bias, scale=scale, graph=graph,
-                          dense=dense)
+                          dense=dense, certify=certify)
 
     def hsr_attention(self, q: torch.Tensor, *, kind: str = "relu", alpha: int = 2, bias: float | torch.Tensor = 0.0,
                       scale: float | None = None, tau: float | torch.Tensor | None = None, causal: bool = True

@@ -48,6 +48,9 @@ class DecodeStep:
     dense : bool, optional
         Skip the filter and score every key (same kept set): where the filter costs more
         than it saves. Default: dense when the capacity is below :data:`DENSE_BELOW` keys.
+    certify : bool
+        Softmax only: each call also writes :attr:`bound` ``(B, Hq, M)``, a certified upper
+        bound on the share of each row's softmax mass below tau (read it at a sync point).
 
     Notes
     -----
@@ -56,7 +59,8 @@ class DecodeStep:
     returned tensor is the step's output buffer: the next call overwrites it (clone to keep).
     """
 
-    def __init__(self, cache, q, k, v, *, kind, tau=None, alpha=2, bias=0.0, scale=None, graph=None, dense=None):
+    def __init__(self, cache, q, k, v, *, kind, tau=None, alpha=2, bias=0.0, scale=None, graph=None, dense=None,
+                 certify=False):
         from ._validate import check_alpha, check_kind
 
         check_kind(kind)
@@ -89,6 +93,10 @@ class DecodeStep:
         self._storage = cache._storage
         self.use_graph = (dev.type == "cuda") if graph is None else bool(graph)
         self.dense = cache.capacity < DENSE_BELOW if dense is None else bool(dense)
+        if certify and kind != "softmax":
+            raise ValueError("certify=True bounds the dropped softmax mass: kind='softmax'")
+        self.certify = bool(certify)
+        self.bound = None
         if self.use_graph and dev.type != "cuda":
             raise ValueError("graph=True needs a CUDA cache")
 
@@ -103,9 +111,15 @@ class DecodeStep:
     def _step(self):
         c = self.cache
         c._launch_add(self.k, self.v, self.t)
-        plan = (c._dense_plan if self.dense else c._plan)(self.q, self.tau, bias=self.bias)
-        out, _ = c._run(self.q, plan, kind=self.kind, alpha=self.alpha, scale=self.scale)
-        return out
+        plan = (c._dense_plan if self.dense else c._plan)(self.q, self.tau, bias=self.bias, certify=self.certify,
+                                                          scale=self.scale)
+        res = c._run(self.q, plan, kind=self.kind, alpha=self.alpha, scale=self.scale, return_bound=self.certify)
+        if self.certify:
+            if self.bound is None:
+                self.bound = res[2]
+            else:
+                self.bound.copy_(res[2])
+        return res[0]
 
     def __call__(self, q: torch.Tensor | None = None, k: torch.Tensor | None = None,
                  v: torch.Tensor | None = None) -> torch.Tensor:

@@ -180,3 +180,44 @@ def test_empty_cache_grows_from_nothing(device):
         step(q, k[:, :, :2], v[:, :, :2])
     with pytest.raises(ValueError, match="crop keeps"):
         cache.crop(21)
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_softmax_dropped_mass_bound_is_certified(device, dense):
+    # per row: the true share of the softmax mass (float64, every key) below tau is at most the
+    # bound, which is tight enough to be useful; tau = +inf keeps nothing (bound 1), -inf all (0)
+    B, Hkv, G, M, N, D = 1, 2, 3, 2, 300, 32
+    q, k, v = _inputs(B, Hkv, G, M, N, D, torch.float32, device, False, seed=21)
+    cache = CodeKVCache(k, v)
+    s = D ** -0.5
+    scores = q.double() @ k.double().repeat_interleave(G, 1).transpose(-1, -2)  # (B, Hq, M, N)
+    lim = N - M + torch.arange(M, device=q.device)
+    visible = torch.arange(N, device=q.device)[None, :] <= lim[:, None]
+    tau = scores.masked_fill(~visible, -math.inf).quantile(0.9, dim=-1).float()  # (B, Hq, M)
+    plan = (cache._dense_plan(q, tau, certify=True) if dense else cache.plan(q, tau, certify=True))
+    out, lse, bound = cache.run(q, plan, kind="softmax", return_bound=True)
+    w = torch.exp(s * scores.masked_fill(~visible, -math.inf) - (s * scores).amax(-1, keepdim=True))
+    true = (w * (scores < tau.double()[..., None])).sum(-1) / w.sum(-1)
+    assert (bound.double() >= true).all()
+    assert (bound.double() <= 1.5 * true + 1e-3).all()  # not vacuous
+    torch.testing.assert_close(out.double(), _reference(q, k, v, tau.double(), "softmax", 2, 0, s)[0],
+                               atol=1e-5, rtol=1e-5)
+    for t, want in ((math.inf, 1.0), (-math.inf, 0.0)):
+        _, b = cache.attend(q, kind="softmax", tau=t, return_bound=True)
+        assert torch.allclose(b, torch.full_like(b, want), atol=1e-3)
+    with pytest.raises(ValueError, match="certify=True"):
+        cache.run(q, cache.plan(q, tau), kind="softmax", return_bound=True)
+
+
+def test_decode_step_certifies_every_step(device):
+    q, k, v = _inputs(1, 2, 2, 1, 80, 16, torch.float32, device, False, seed=22)
+    cache = CodeKVCache(k[:, :, :70], v[:, :, :70], capacity=80)
+    step = cache.decode_step(q, k[:, :, :1], v[:, :, :1], kind="softmax", tau=1.0, certify=True)
+    for i in range(70, 80):
+        step(q, k[:, :, i:i + 1], v[:, :, i:i + 1])
+        sc = (q.double() @ k[:, :, :i + 1].double().repeat_interleave(2, 1).transpose(-1, -2))[:, :, 0]
+        w = torch.exp(0.25 * (sc - sc.amax(-1, keepdim=True)))
+        true = (w * (sc < 1.0)).sum(-1) / w.sum(-1)
+        assert (step.bound[:, :, 0].double() >= true).all() and (step.bound[:, :, 0].double() <= 1.5 * true + 1e-3).all()
+    with pytest.raises(ValueError, match="kind='softmax'"):
+        cache.decode_step(q, k[:, :, :1], v[:, :, :1], kind="relu", certify=True)
