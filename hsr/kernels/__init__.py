@@ -10,7 +10,8 @@ modules are loaded on first attribute access:
 - ``relu_prefill`` (``hsr.kernels.relu_prefill``): exact ReLU^alpha prefill that skips the
   (query tile, key block) pairs whose score bound stays below the threshold.
 - ``CodeKVCache``, ``CodePlan`` (``hsr.kernels.codes``): the code filter on the GPU: a KV
-  cache with per-key int8 codes, filter (plan) -> compacted survivors -> attention (run).
+  cache with per-key int8 codes, filter (plan) -> compacted survivors -> attention (run);
+  ``DecodeStep`` (``hsr.kernels.decode``): add + attend replayed from one CUDA graph at every length.
 - ``GPUBlockIndex``, ``hsr_decode`` (``hsr.kernels.search``): the exact block filter on the
   GPU (ball + per-subspace bounds), its plan (filter) and run (attention) halves, and the
   fused filter + attention decode.
@@ -32,6 +33,7 @@ from .. import _devices
 _LAZY = {
     "CodeKVCache": "codes",
     "CodePlan": "codes",
+    "DecodeStep": "decode",
     "GPUCodeIndex": "code_index",
     "block_sparse_attention": "block_sparse",
     "block_lists_from_block_mask": "_blockmask",

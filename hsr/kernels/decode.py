@@ -16,6 +16,8 @@ the same results.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 __all__ = ["DecodeStep", "DENSE_BELOW"]
@@ -59,8 +61,10 @@ class DecodeStep:
     returned tensor is the step's output buffer: the next call overwrites it (clone to keep).
     """
 
-    def __init__(self, cache, q, k, v, *, kind, tau=None, alpha=2, bias=0.0, scale=None, graph=None, dense=None,
-                 certify=False):
+    def __init__(self, cache: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kind: str,
+                 tau: float | torch.Tensor | None = None, alpha: int = 2, bias: float | torch.Tensor = 0.0,
+                 scale: float | None = None, graph: bool | None = None, dense: bool | None = None,
+                 certify: bool = False) -> None:  # cache: a CodeKVCache (codes.py imports this module)
         from ._validate import check_alpha, check_kind
 
         check_kind(kind)
