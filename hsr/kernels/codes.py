@@ -25,10 +25,8 @@ rows, filter); ``run`` one plus the merge of the splits. Nothing
 reads the length on the host, so :meth:`CodeKVCache.decode_step` captures add + plan + run
 once and replays the graph at every length up to the capacity.
 
-"Exact" on the GPU: the selected set is ``{j : s_j >= tau}`` with ``s_j`` the kernel's fp32
-accumulation of the stored 16-bit products; it equals the CPU canonical set except possibly
-for keys within fp32 rounding (``~d 2^-24 |q||k|``) of tau, and the filter never drops a key
-of that set (tests check both against a float64 reference).
+"Exact" on the GPU: the kept set is ``{j : s_j >= tau}``, ``s_j`` the kernels' fp32-accumulated
+score, and the filter never drops a key of it (docs/codes.md).
 
 Bad values never give a finite wrong answer: a query row with NaN/Inf, a NaN threshold, a
 NaN/Inf bias or ``|q| |k|`` past the fp32 range gets NaN, and a bit in ``status``; an added
@@ -39,17 +37,16 @@ raises it at the caller's next synchronisation point.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 
 import torch
 import triton
 
-from ._code_kernels import (BAD_BIAS, BAD_KV, BAD_Q, BAD_RANGE, BAD_TAU, _code_add_kernel, _code_attend_kernel,
-                            _code_filter_kernel, _rotate_kernel)
+from ._code_kernels import BAD_KV, _code_add_kernel, _code_attend_kernel, _code_filter_kernel, _rotate_kernel
+from ._code_plan import (CodePlan, capturing as _capturing, dropped_share, per_row_values, random_rotation,
+                         status_message)
 from ._compat import interpreting, patch_interpreter
 from ._softmax import LOG2E
-from ._validate import check_alpha, check_kind, check_triton_device, f32_at_least
+from ._validate import check_alpha, check_kind, check_triton_device
 from .._lock import RWLock, reads, writes
 from .block_sparse import _num_sms, merge_partials
 from .decode import DecodeStep
@@ -59,83 +56,6 @@ patch_interpreter()
 __all__ = ["CodeKVCache", "CodePlan"]
 
 _EPS64 = 2.0 ** -53
-#: what each status bit means, in the words of the error a checked call raises
-_STATUS_WORDS = ((BAD_Q, "q contains NaN or Inf"), (BAD_TAU, "tau contains NaN"),
-                 (BAD_BIAS, "bias contains NaN or Inf"),
-                 (BAD_RANGE, "|q|*|k| may reach 1e37: beyond the fp32 bounds of the code filter; rescale q or k"),
-                 (BAD_KV, "keys or values added with NaN or Inf (check=False): the cache is poisoned, every "
-                          "answer is NaN; rebuild it"))
-
-
-def _random_rotation(d: int, seed: int, device) -> torch.Tensor:
-    """A seeded Haar-random orthogonal ``(d, d)`` float64 matrix (rows = the basis)."""
-    g = torch.Generator().manual_seed(seed)
-    a = torch.randn(d, d, generator=g, dtype=torch.float64)
-    qm, rm = torch.linalg.qr(a)
-    return (qm * torch.sign(torch.diagonal(rm))).T.contiguous().to(device)
-
-
-def _capturing() -> bool:
-    """Inside CUDA-graph capture nothing may synchronise: checks are deferred there."""
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-
-
-@dataclass(frozen=True)
-class CodePlan:
-    """The survivors of one filter step (plan), consumed by :meth:`CodeKVCache.run`.
-
-    Attributes
-    ----------
-    surv : Tensor, (B*Hkv, P * seg) int32
-        Surviving key positions of each (batch, kv head): filter program p wrote its
-        ``count[bh, p]`` survivors, ascending, at ``surv[bh, p*seg:]``.
-    count : Tensor, (B*Hkv, P) int32
-    seg : int
-        Length of one program's segment.
-    tau, bias : (Tensor or None, float)
-        The thresholds and ReLU biases as given: a ``(B, Hq, M)``-strided float32 tensor, or
-        None and a number.
-    rows : int
-        Padded rows per (batch, kv head) (a power of two, >= 16).
-    m : int
-        Query positions per head.
-    version : int
-        The cache's version (bumped by every ``add``) the plan was made for: :meth:`CodeKVCache.run`
-        refuses a plan of another version, whose survivors would miss the keys added since.
-    dense : bool
-        No filter ran: :meth:`CodeKVCache.run` reads every key below the length (the fallback
-        where the filter costs more than it saves; same kept set).
-    remainder : Tensor (B, Hq, M) float32 or None
-        With ``certify=True``: an upper bound of ``sum exp(scale * (score - tau))`` over the keys
-        the filter dropped for each row (from their code bounds); :meth:`CodeKVCache.run` adds
-        the survivors it drops, exactly, and turns it into a bound on the dropped softmax mass.
-    scale : float
-        The softmax scale the remainder was made for.
-    """
-
-    surv: torch.Tensor
-    count: torch.Tensor
-    seg: int
-    tau: tuple
-    bias: tuple
-    rows: int
-    m: int
-    version: int
-    dense: bool = False
-    remainder: torch.Tensor | None = None
-    scale: float = 0.0
-
-    def survivors(self, bh: int) -> torch.Tensor:
-        """The surviving key positions of (batch, kv head) ``bh``, ascending (host sync)."""
-        cnt = self.count[bh].tolist()
-        parts = [self.surv[bh, p * self.seg:p * self.seg + c] for p, c in enumerate(cnt)]
-        return torch.cat(parts) if parts else self.surv.new_zeros(0)
-
-    def n_survivors(self) -> torch.Tensor:
-        """Survivors per (batch, kv head), ``(B*Hkv,)`` int64 (on the device, no sync)."""
-        return self.count.sum(1)
-
-
 class CodeKVCache:
     """A ``(B, Hkv, n, D)`` KV cache with per-key int8 codes, on one device.
 
@@ -190,7 +110,7 @@ class CodeKVCache:
         self.B, self.Hkv, self.D = B, Hkv, D
         self.DP = max(32, -(-D // 32) * 32)
         # the fp32 rotation is the rotation: its defect from orthogonality is measured in fp64
-        self.rot32 = _random_rotation(D, self.seed, self.device).float().contiguous()
+        self.rot32 = random_rotation(D, self.seed, self.device).float().contiguous()
         r64 = self.rot32.double()
         g = r64.T @ r64 - torch.eye(D, dtype=torch.float64, device=self.device)
         self.defect = float(torch.sqrt((g * g).sum())) * (1 + 1e-6) + 4.0 * D * D * _EPS64
@@ -269,7 +189,7 @@ class CodeKVCache:
         if not bits:
             return
         self.status.bitwise_and_(BAD_KV)
-        raise ValueError("; ".join(w for b, w in _STATUS_WORDS if bits & b))
+        raise ValueError(status_message(bits))
 
     # ------------------------------------------------------------------ add
     @writes
@@ -357,31 +277,8 @@ class CodeKVCache:
             raise ValueError(f"{M} query positions but only {self.n} keys: causal queries are the last positions")
 
     def _per_row(self, x, q, name):
-        """``(tensor or None, scalar, strides)`` of tau or bias: a number, or a tensor of shape
-        (), (Hq,) or (B, Hq, M) (read in place through strides when it is float32 on the
-        cache's device; otherwise converted — tau rounded up, which keeps the same keys)."""
-        B, Hq, M, _ = q.shape
-        if not torch.is_tensor(x):
-            x = float(x)
-            if math.isnan(x) or (name == "bias" and math.isinf(x)):
-                raise ValueError(f"{name} must be a number (not NaN{'/Inf' if name == 'bias' else ''}), got {x}")
-            return None, x, (0, 0, 0)
-        if not x.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
-        if x.device != self.device or x.dtype != torch.float32:
-            if _capturing():
-                raise ValueError(f"inside a capture, {name} must be a float32 tensor on {self.device}")
-            x = f32_at_least(x.to(self.device)) if name == "tau" else x.to(self.device, torch.float32)
-        if x.dim() == 0:
-            t = x.reshape(1, 1, 1).expand(B, Hq, M)
-        elif tuple(x.shape) == (Hq,):
-            t = x[None, :, None].expand(B, Hq, M)
-        elif tuple(x.shape) == (B, Hq, M):
-            t = x
-        else:
-            raise ValueError(f"{name} must be a number or have shape (), ({Hq},) or {(B, Hq, M)}, "
-                             f"got {tuple(x.shape)}")
-        return t, 0.0, t.stride()
+        """tau or bias as the kernels read them (:func:`per_row_values`)."""
+        return per_row_values(x, q.shape, name, self.device)
 
     def _raise_if(self, check: bool) -> None:
         if check and not _capturing():
@@ -549,21 +446,12 @@ class CodeKVCache:
         return out, lse, self._dropped_share(q, rem, lse, tau_t if tau_t is not None else tau_s, s)
 
     def _dropped_share(self, q, rem, lse, tau, s):
-        """``D / (Z + D)`` from ``rem >= sum_dropped exp(s (score - tau))`` and ``lse = log Z``
-        of the kept fp32 scores, on the device (a few elementwise ops, capturable). Widened for
-        what the kernels' fp32 sums may lose: the kept scores are within ``gap`` of the real
-        ones, the sums within ``2 n 2^-24``; a term that underflowed is below ``2^-126``."""
+        """The certified dropped share (:func:`dropped_share`) with this cache's fp32 score gap."""
         B, Hq, M, D = q.shape
         G = Hq // self.Hkv
-        n = max(self.n, 1)
         qn = torch.linalg.vector_norm(q.float(), dim=-1)  # (B, Hq, M)
         maxn = self.max_norm.view(B, self.Hkv, 1, 1).expand(B, self.Hkv, G, 1).reshape(B, Hq, 1)
-        gap = 4.0 * D * 2.0 ** -24 * qn * maxn
-        margin = s * gap + 1e-4 + 2.0 * n * 2.0 ** -24
-        x = torch.log(rem + n * 2.0 ** -126) + s * torch.as_tensor(tau, dtype=torch.float32, device=rem.device) \
-            - lse + margin
-        # nothing kept (lse = -inf, e.g. tau = +inf): every visible key was dropped
-        return torch.where(torch.isneginf(lse), torch.ones_like(lse), torch.sigmoid(x))
+        return dropped_share(rem, lse, tau, s, 4.0 * D * 2.0 ** -24 * qn * maxn, self.n)
 
     @reads  # plan and run under one read: an add cannot fall between them
     def attend(self, q: torch.Tensor, *, kind: str, tau: float | torch.Tensor | None = None, alpha: int = 2,

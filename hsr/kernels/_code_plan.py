@@ -1,0 +1,153 @@
+"""The plan of the GPU code filter and the small pieces around it (``hsr.kernels.codes``).
+
+``CodePlan`` is what :meth:`hsr.kernels.CodeKVCache.plan` returns and ``run`` consumes;
+:func:`status_message` turns the kernels' status bits into the error a checked call raises;
+:func:`dropped_share` turns the certificate's sums into the per-row bound on the dropped
+softmax share (docs/codes.md, "A softmax certificate on the GPU").
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ._code_kernels import BAD_BIAS, BAD_KV, BAD_Q, BAD_RANGE, BAD_TAU
+from ._validate import f32_at_least
+
+__all__ = ["CodePlan", "dropped_share", "per_row_values", "status_message"]
+
+#: what each status bit means, in the words of the error a checked call raises
+STATUS_WORDS = ((BAD_Q, "q contains NaN or Inf"), (BAD_TAU, "tau contains NaN"),
+                 (BAD_BIAS, "bias contains NaN or Inf"),
+                 (BAD_RANGE, "|q|*|k| may reach 1e37: beyond the fp32 bounds of the code filter; rescale q or k"),
+                 (BAD_KV, "keys or values added with NaN or Inf (check=False): the cache is poisoned, every "
+                          "answer is NaN; rebuild it"))
+
+
+def random_rotation(d: int, seed: int, device) -> torch.Tensor:
+    """A seeded Haar-random orthogonal ``(d, d)`` float64 matrix (rows = the basis)."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(d, d, generator=g, dtype=torch.float64)
+    qm, rm = torch.linalg.qr(a)
+    return (qm * torch.sign(torch.diagonal(rm))).T.contiguous().to(device)
+
+
+def capturing() -> bool:
+    """Inside CUDA-graph capture nothing may synchronise: checks are deferred there."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+@dataclass(frozen=True)
+class CodePlan:
+    """The survivors of one filter step (plan), consumed by :meth:`CodeKVCache.run`.
+
+    Attributes
+    ----------
+    surv : Tensor, (B*Hkv, P * seg) int32
+        Surviving key positions of each (batch, kv head): filter program p wrote its
+        ``count[bh, p]`` survivors, ascending, at ``surv[bh, p*seg:]``.
+    count : Tensor, (B*Hkv, P) int32
+    seg : int
+        Length of one program's segment.
+    tau, bias : (Tensor or None, float)
+        The thresholds and ReLU biases as given: a ``(B, Hq, M)``-strided float32 tensor, or
+        None and a number.
+    rows : int
+        Padded rows per (batch, kv head) (a power of two, >= 16).
+    m : int
+        Query positions per head.
+    version : int
+        The cache's version (bumped by every ``add``) the plan was made for: :meth:`CodeKVCache.run`
+        refuses a plan of another version, whose survivors would miss the keys added since.
+    dense : bool
+        No filter ran: :meth:`CodeKVCache.run` reads every key below the length (the fallback
+        where the filter costs more than it saves; same kept set).
+    remainder : Tensor (B, Hq, M) float32 or None
+        With ``certify=True``: an upper bound of ``sum exp(scale * (score - tau))`` over the keys
+        the filter dropped for each row (from their code bounds); :meth:`CodeKVCache.run` adds
+        the survivors it drops, exactly, and turns it into a bound on the dropped softmax mass.
+    scale : float
+        The softmax scale the remainder was made for.
+    """
+
+    surv: torch.Tensor
+    count: torch.Tensor
+    seg: int
+    tau: tuple
+    bias: tuple
+    rows: int
+    m: int
+    version: int
+    dense: bool = False
+    remainder: torch.Tensor | None = None
+    scale: float = 0.0
+
+    def survivors(self, bh: int) -> torch.Tensor:
+        """The surviving key positions of (batch, kv head) ``bh``, ascending (host sync)."""
+        cnt = self.count[bh].tolist()
+        parts = [self.surv[bh, p * self.seg:p * self.seg + c] for p, c in enumerate(cnt)]
+        return torch.cat(parts) if parts else self.surv.new_zeros(0)
+
+    def n_survivors(self) -> torch.Tensor:
+        """Survivors per (batch, kv head), ``(B*Hkv,)`` int64 (on the device, no sync)."""
+        return self.count.sum(1)
+
+
+
+def status_message(bits: int) -> str:
+    """The ``ValueError`` message for the kernels' status ``bits`` (every problem named)."""
+    return "; ".join(w for b, w in STATUS_WORDS if bits & b)
+
+
+def dropped_share(rem: torch.Tensor, lse: torch.Tensor, tau, s: float, gap: torch.Tensor, n: int) -> torch.Tensor:
+    """``D / (Z + D)`` per row, from ``rem >= sum_dropped exp(s (score - tau))`` and
+    ``lse = log Z`` of the kept fp32 scores, on the device (elementwise, capturable). Widened
+    for what the kernels' fp32 sums may lose: the kept scores are within ``gap`` of the real
+    ones, the sums within ``2 n 2^-24``; a term that underflowed is below ``2^-126``.
+
+    Parameters
+    ----------
+    rem, lse : Tensor (B, Hq, M) float32
+    tau : float or Tensor broadcastable to (B, Hq, M)
+    s : float
+        Softmax scale.
+    gap : Tensor (B, Hq, M)
+        Bound of ``|fp32-accumulated score - score|`` per row.
+    n : int
+        Keys in the cache.
+    """
+    n = max(int(n), 1)
+    margin = s * gap + 1e-4 + 2.0 * n * 2.0 ** -24
+    x = torch.log(rem + n * 2.0 ** -126) + s * torch.as_tensor(tau, dtype=torch.float32, device=rem.device) \
+        - lse + margin
+    # nothing kept (lse = -inf, e.g. tau = +inf): every visible key was dropped
+    return torch.where(torch.isneginf(lse), torch.ones_like(lse), torch.sigmoid(x))
+
+
+def per_row_values(x, shape, name: str, device) -> tuple:
+    """``(tensor or None, scalar, strides)`` of tau or bias for queries of ``shape (B, Hq, M, D)``:
+    a number, or a tensor of shape (), (Hq,) or (B, Hq, M), read in place through strides
+    when it is float32 on ``device`` (no copy, graph-safe); otherwise converted — tau rounded
+    up, which keeps the same keys."""
+    B, Hq, M, _ = shape
+    if not torch.is_tensor(x):
+        x = float(x)
+        if math.isnan(x) or (name == "bias" and math.isinf(x)):
+            raise ValueError(f"{name} must be a number (not NaN{'/Inf' if name == 'bias' else ''}), got {x}")
+        return None, x, (0, 0, 0)
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    if x.device != device or x.dtype != torch.float32:
+        if capturing():
+            raise ValueError(f"inside a capture, {name} must be a float32 tensor on {device}")
+        x = f32_at_least(x.to(device)) if name == "tau" else x.to(device, torch.float32)
+    if x.dim() == 0:
+        t = x.reshape(1, 1, 1).expand(B, Hq, M)
+    elif tuple(x.shape) == (Hq,):
+        t = x[None, :, None].expand(B, Hq, M)
+    elif tuple(x.shape) == (B, Hq, M):
+        t = x
+    else:
+        raise ValueError(f"{name} must be a number or have shape (), ({Hq},) or {(B, Hq, M)}, got {tuple(x.shape)}")
+    return t, 0.0, t.stride()
