@@ -55,7 +55,7 @@ patch_interpreter()
 
 __all__ = ["CodeKVCache", "CodePlan"]
 
-_EPS64 = 2.0 ** -53
+
 class CodeKVCache:
     """A ``(B, Hkv, n, D)`` KV cache with per-key int8 codes, on one device.
 
@@ -113,7 +113,7 @@ class CodeKVCache:
         self.rot32 = random_rotation(D, self.seed, self.device).float().contiguous()
         r64 = self.rot32.double()
         g = r64.T @ r64 - torch.eye(D, dtype=torch.float64, device=self.device)
-        self.defect = float(torch.sqrt((g * g).sum())) * (1 + 1e-6) + 4.0 * D * D * _EPS64
+        self.defect = float(torch.sqrt((g * g).sum())) * (1 + 1e-6) + 4.0 * D * D * 2.0 ** -53
         self.n = 0  # the host's copy of the length (every add goes through this object)
         self._version = 0  # bumped by every add: plans record it
         self._storage = 0  # bumped by every reallocation: captured steps record it
@@ -148,8 +148,7 @@ class CodeKVCache:
 
     @writes
     def reserve(self, capacity: int) -> None:
-        """Grow the storage to hold ``capacity`` keys (a reallocation: steps captured before it
-        are invalid and say so when called)."""
+        """Grow the storage to ``capacity`` keys (steps captured before it then refuse to run)."""
         if int(capacity) > self.capacity:
             self._alloc(int(capacity))
 
@@ -174,17 +173,15 @@ class CodeKVCache:
         return self._version
 
     def memory_bytes(self) -> dict:
-        """Bytes held on the device: ``kv`` (keys and values), ``index`` (codes, steps, errors
-        and the per-head words), ``index_over_kv`` their ratio (at the capacity)."""
+        """Device bytes at the capacity: ``kv`` (K, V), ``index`` (codes, steps, errors, words), ratio."""
         kv = self.k.numel() * self.k.element_size() + (self.v.numel() * self.v.element_size() if self.has_values else 0)
-        index = (self.codes.numel() + 4 * (self.scale.numel() + self.err.numel())
-                 + 4 * (self.lengths.numel() + self.max_norm.numel() + self.max_err.numel() + 1))
+        index = self.codes.numel() + 4 * (self.scale.numel() + self.err.numel() + 3 * self.lengths.numel() + 1)
         return {"kv": kv, "index": index, "index_over_kv": index / kv}
 
     # ------------------------------------------------------------------ status
     def check(self) -> None:
-        """Raise the problems the kernels have flagged since the last check (one
-        synchronisation): ``ValueError`` naming each. The poisoned-cache bit stays set."""
+        """Raise what the kernels flagged since the last check (``ValueError`` naming each; one
+        synchronisation). The poisoned-cache bit stays set."""
         bits = int(self.status.item())
         if not bits:
             return
@@ -441,9 +438,8 @@ class CodeKVCache:
         out = torch.empty(B, Hq, M, D, dtype=q.dtype, device=self.device)
         lse = torch.empty(B, Hq, M, dtype=torch.float32, device=self.device)
         merge_partials(o_part, l_part, out, lse, M)
-        if rem is None:
-            return out, lse
-        return out, lse, self._dropped_share(q, rem, lse, tau_t if tau_t is not None else tau_s, s)
+        return (out, lse) if rem is None else (out, lse, self._dropped_share(q, rem, lse, tau_t if tau_t is not None
+                                                                              else tau_s, s))
 
     def _dropped_share(self, q, rem, lse, tau, s):
         """The certified dropped share (:func:`dropped_share`) with this cache's fp32 score gap."""
