@@ -227,20 +227,22 @@ def plot(doc, path):
     pk = doc.get("passkey") or {}
     if not pk:
         return None
-    names = list(next(iter(pk.values()))["accuracy"])
+    names = list(dict.fromkeys(k for v in pk.values() for k in v["accuracy"]))  # dense first
     fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 2.6), sharey=True)
     axes = np.atleast_1d(axes)
     lengths = sorted(pk, key=int)
     depths = [r["depth"] for r in pk[lengths[0]]["rows"]]
     for ax, name in zip(axes, names):
-        m = np.array([[float(r[name]["found"]) for r in pk[n]["rows"]] for n in lengths])
-        ax.imshow(m, cmap="Greens", vmin=0, vmax=1, aspect="auto")
+        m = np.array([[float(r[name]["found"]) if name in r else np.nan for r in pk[n]["rows"]] for n in lengths])
+        cmap = plt.get_cmap("Greens").copy()
+        cmap.set_bad("lightgray")  # not run
+        ax.imshow(np.ma.masked_invalid(m), cmap=cmap, vmin=0, vmax=1, aspect="auto")
         ax.set_xticks(range(len(depths)), [f"{d:.0%}" for d in depths], rotation=90, fontsize=7)
         ax.set_yticks(range(len(lengths)), lengths)
-        ax.set_title(f"{name}: {np.mean(m):.0%}", fontsize=9)
+        ax.set_title(f"{name}: {np.nanmean(m):.0%} of {int(np.sum(~np.isnan(m)))}", fontsize=9)
         ax.set_xlabel("needle depth", fontsize=8)
     axes[0].set_ylabel("context (tokens)")
-    fig.suptitle("SmolLM2-135M passkey retrieval (green = found)", fontsize=9)
+    fig.suptitle("SmolLM2-135M passkey retrieval (green = found, gray = not run)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     return str(path)
