@@ -2,7 +2,7 @@
 
     python bench/eval_quality.py --out bench/results/quality_cpu.json            # the full grid
     python bench/eval_quality.py --ppl-lengths 1024 --steps 16 --passkey-lengths 1024 \\
-        --depths 0 0.5 1 --out /tmp/q.json                                        # smoke
+        --depths 0 0.5 1 --out bench/out/q.json                                   # smoke
 
 Two measures, each with the index really scoring (``dense_below=0`` on an
 ``HSRCache(index_from=0)``: every decode call searches the layer's index; the statistics'
