@@ -41,7 +41,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ._kernels import _NB, _PER_EFOLD, _TINY, _accumulate, _finish, _log_ratio_ok
+from ._kernels import _NB, _PER_EFOLD, _TINY, _accumulate, _finish, _log_ratio_ok, _softmax_csr_row
 
 __all__ = ["softmax_bounds_rows", "softmax_csr_rows"]
 
@@ -235,40 +235,10 @@ def softmax_bounds_rows(Q, keys, values, alive, has_dead, ub, rows_per_head, sca
 @njit(cache=True, nogil=True, parallel=True)
 def softmax_csr_rows(lims, ids, scores, values, rows_per_head, scale, tau, remainder, out, info):
     """``_kernels.softmax_from_csr`` over every row's reported keys, row ``r``'s values being
-    ``values[r // rows_per_head]``; the same arithmetic, so the same output and certificate."""
-    dv = values.shape[2]
+    ``values[r // rows_per_head]``; the same row kernel, so the same output and certificate."""
     for i in prange(lims.shape[0] - 1):
-        vals = values[i // rows_per_head]
-        a, b = lims[i], lims[i + 1]
-        m = -np.inf
-        for p in range(a, b):
-            m = max(m, scale * np.float64(scores[p]))
-        acc = np.zeros(dv)
-        Z = 0.0
-        for p in range(a, b):
-            w = np.exp(scale * np.float64(scores[p]) - m)
-            Z += w
-            row = vals[ids[p]]
-            for c in range(dv):
-                acc[c] += w * row[c]
-        R = remainder[i]
-        if Z > 0.0:
-            for c in range(dv):
-                out[i, c] = acc[c] / Z
-            info[i, 0] = m + np.log(Z)
-            if R > 0.0:
-                lr = np.log(R) + scale * tau[i]
-                lz = m + np.log(Z)
-                top = max(lr, lz)
-                info[i, 1] = np.exp(lr - top) / (np.exp(lr - top) + np.exp(lz - top))
-            else:
-                info[i, 1] = 0.0
-        else:
-            for c in range(dv):
-                out[i, c] = 0.0
-            info[i, 0] = -np.inf
-            info[i, 1] = 1.0 if R > 0.0 else 0.0
-        info[i, 2] = b - a
+        _softmax_csr_row(lims[i], lims[i + 1], ids, scores, values[i // rows_per_head], scale, tau[i], remainder[i],
+                         out[i], info[i])
 
 
 def layer_softmax(Q, index, keys, values, n, scale, *, eps=None, tau=None, topk=None, causal=True):

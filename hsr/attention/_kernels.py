@@ -333,42 +333,48 @@ def softmax_from_bounds(Q, keys, alive, has_dead, ub, values, scale, mode, eps, 
                     info[i])
 
 
+@njit(cache=True, nogil=True)
+def _softmax_csr_row(a, b, ids, scores, values, scale, tau_i, R, out_i, info_i):
+    """One query row of :func:`softmax_from_csr`: softmax over its reported keys
+    ``ids[a:b]`` (scores ``scores[a:b]``, value rows of ``values``) and the certified dropped
+    fraction from ``R``; ``info_i`` gets [lse, certified dropped fraction, kept]."""
+    dv = values.shape[1]
+    m = -np.inf
+    for p in range(a, b):
+        m = max(m, scale * np.float64(scores[p]))
+    acc = np.zeros(dv)
+    Z = 0.0
+    for p in range(a, b):
+        w = np.exp(scale * np.float64(scores[p]) - m)
+        Z += w
+        row = values[ids[p]]
+        for c in range(dv):
+            acc[c] += w * row[c]
+    if Z > 0.0:
+        for c in range(dv):
+            out_i[c] = acc[c] / Z
+        info_i[0] = m + np.log(Z)
+        if R > 0.0:
+            # dropped fraction R e^(s tau) / (Z e^m + R e^(s tau)), in logs
+            lr = np.log(R) + scale * tau_i
+            lz = m + np.log(Z)
+            top = max(lr, lz)
+            info_i[1] = np.exp(lr - top) / (np.exp(lr - top) + np.exp(lz - top))
+        else:
+            info_i[1] = 0.0
+    else:
+        for c in range(dv):
+            out_i[c] = 0.0
+        info_i[0] = -np.inf
+        info_i[1] = 1.0 if R > 0.0 else 0.0
+    info_i[2] = b - a
+
+
 @njit(cache=True, nogil=True, parallel=True)
 def softmax_from_csr(lims, ids, scores, values, scale, tau, remainder, out, info):
     """Softmax over each query's reported keys (``score >= tau``), with the certified dropped
     fraction from ``remainder[i] >= sum exp(scale (score_j - tau_i))`` over the keys not
     reported (``range_search(..., remainder_scale=scale)``). ``info`` gets
     [lse, certified dropped fraction, kept]."""
-    dv = values.shape[1]
     for i in prange(lims.shape[0] - 1):
-        a, b = lims[i], lims[i + 1]
-        m = -np.inf
-        for p in range(a, b):
-            m = max(m, scale * np.float64(scores[p]))
-        acc = np.zeros(dv)
-        Z = 0.0
-        for p in range(a, b):
-            w = np.exp(scale * np.float64(scores[p]) - m)
-            Z += w
-            row = values[ids[p]]
-            for c in range(dv):
-                acc[c] += w * row[c]
-        R = remainder[i]
-        if Z > 0.0:
-            for c in range(dv):
-                out[i, c] = acc[c] / Z
-            info[i, 0] = m + np.log(Z)
-            if R > 0.0:
-                # dropped fraction R e^(s tau) / (Z e^m + R e^(s tau)), in logs
-                lr = np.log(R) + scale * tau[i]
-                lz = m + np.log(Z)
-                top = max(lr, lz)
-                info[i, 1] = np.exp(lr - top) / (np.exp(lr - top) + np.exp(lz - top))
-            else:
-                info[i, 1] = 0.0
-        else:
-            for c in range(dv):
-                out[i, c] = 0.0
-            info[i, 0] = -np.inf
-            info[i, 1] = 1.0 if R > 0.0 else 0.0
-        info[i, 2] = b - a
+        _softmax_csr_row(lims[i], lims[i + 1], ids, scores, values, scale, tau[i], remainder[i], out[i], info[i])

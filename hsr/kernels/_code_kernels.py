@@ -41,7 +41,12 @@ BAD_BIAS = 4       # a ReLU bias is NaN or Inf
 BAD_KV = 8         # an added key or value holds NaN or Inf (sticky: the cache is poisoned)
 BAD_RANGE = 16     # |q| |k| beyond the fp32 bounds of the filter (~1e37)
 
+# their constexpr twins, for use inside kernels
+_BAD_Q = tl.constexpr(BAD_Q)
+_BAD_TAU = tl.constexpr(BAD_TAU)
+_BAD_BIAS = tl.constexpr(BAD_BIAS)
 _BAD_KV = tl.constexpr(BAD_KV)
+_BAD_RANGE = tl.constexpr(BAD_RANGE)
 
 
 @triton.jit
@@ -75,7 +80,7 @@ def _bad_rows(q, tau, r_ok, maxn):
     q_bad = tl.sum(tl.where(tl.abs(qf) < float("inf"), 0, 1), 1) > 0  # NaN fails the comparison too
     qn = tl.sqrt(tl.sum(qf * qf, 1))
     range_bad = (qn * maxn >= 1e37) & ~q_bad
-    code = tl.where(q_bad, 1, 0) | tl.where(tau != tau, 2, 0) | tl.where(range_bad, 16, 0)
+    code = tl.where(q_bad, _BAD_Q, 0) | tl.where(tau != tau, _BAD_TAU, 0) | tl.where(range_bad, _BAD_RANGE, 0)
     return tl.where(r_ok, code, 0)
 
 
@@ -370,7 +375,7 @@ def _code_attend_kernel(Q, K, V, TAU, tau_scalar, BIAS, bias_scalar, SURV, COUNT
     bias = _load_rows(BIAS, bias_scalar, s_bb, s_bh, s_bm, b, head, mrow, r_ok, 0.0, BIAS_TENSOR)
     # ---- inputs the answer must not be trusted with: NaN rows and a status bit, no sync
     code = _bad_rows(q, tau, r_ok, tl.load(MAXN + pid_bh))
-    code = code | tl.where(r_ok & ~(tl.abs(bias) < float("inf")), 4, 0)
+    code = code | tl.where(r_ok & ~(tl.abs(bias) < float("inf")), _BAD_BIAS, 0)
     worst = tl.max(code, 0)
     tl.atomic_or(STATUS, worst, mask=(worst > 0) & (pid_s == 0))
     row_bad = (code > 0) | ((tl.load(STATUS) & _BAD_KV) != 0)

@@ -15,7 +15,7 @@ import torch
 from ._code_kernels import BAD_BIAS, BAD_KV, BAD_Q, BAD_RANGE, BAD_TAU
 from ._validate import f32_at_least
 
-__all__ = ["CodePlan", "dropped_share", "per_row_values", "status_message"]
+__all__ = ["CodePlan", "default_tau", "dropped_share", "per_row_values", "status_message"]
 
 #: what each status bit means, in the words of the error a checked call raises
 STATUS_WORDS = ((BAD_Q, "q contains NaN or Inf"), (BAD_TAU, "tau contains NaN"),
@@ -151,3 +151,13 @@ def per_row_values(x, shape, name: str, device) -> tuple:
     else:
         raise ValueError(f"{name} must be a number or have shape (), ({Hq},) or {(B, Hq, M)}, got {tuple(x.shape)}")
     return t, 0.0, t.stride()
+
+
+def default_tau(kind: str, tau, bias, scale: float):
+    """The raw-score threshold of a call: ``tau`` as given; ReLU^alpha without one keeps what
+    fires, ``bias / scale`` (exact); softmax must be given one."""
+    if tau is not None:
+        return tau
+    if kind == "softmax":
+        raise ValueError("softmax on the code cache keeps the keys with score >= tau: give tau=")
+    return (bias / scale).float() if torch.is_tensor(bias) else float(bias) / scale

@@ -42,8 +42,8 @@ import torch
 import triton
 
 from ._code_kernels import BAD_KV, _code_add_kernel, _code_attend_kernel, _code_filter_kernel, _rotate_kernel
-from ._code_plan import (CodePlan, capturing as _capturing, dropped_share, per_row_values, random_rotation,
-                         status_message)
+from ._code_plan import (CodePlan, capturing as _capturing, default_tau, dropped_share, per_row_values,
+                         random_rotation, status_message)
 from ._compat import interpreting, patch_interpreter
 from ._softmax import LOG2E
 from ._validate import check_alpha, check_kind, check_triton_device
@@ -461,10 +461,7 @@ class CodeKVCache:
         :meth:`check` raises later)."""
         check_kind(kind)
         s = float(scale) if scale is not None else self.D ** -0.5
-        if tau is None:
-            if kind == "softmax":
-                raise ValueError("softmax on the code cache keeps the keys with score >= tau: give tau=")
-            tau = (bias / s).float() if torch.is_tensor(bias) else float(bias) / s
+        tau = default_tau(kind, tau, bias, s)
         self._check_q(q)
         plan = self._plan(q, tau, bias=bias, certify=return_bound, scale=s)
         res = self._run(q, plan, kind=kind, alpha=alpha, scale=s, num_splits=num_splits, return_bound=return_bound)

@@ -20,6 +20,9 @@ from typing import Any
 
 import torch
 
+from ._code_plan import default_tau
+from ._validate import check_alpha, check_kind, f32_at_least
+
 __all__ = ["DecodeStep", "DENSE_BELOW"]
 
 #: below this capacity a step skips the filter and scores every key (measured crossover on an
@@ -65,8 +68,6 @@ class DecodeStep:
                  tau: float | torch.Tensor | None = None, alpha: int = 2, bias: float | torch.Tensor = 0.0,
                  scale: float | None = None, graph: bool | None = None, dense: bool | None = None,
                  certify: bool = False) -> None:  # cache: a CodeKVCache (codes.py imports this module)
-        from ._validate import check_alpha, check_kind
-
         check_kind(kind)
         self.alpha = check_alpha(alpha)
         if not (torch.is_tensor(q) and torch.is_tensor(k) and torch.is_tensor(v)):
@@ -81,10 +82,7 @@ class DecodeStep:
         self.cache = cache
         self.kind = kind
         self.scale = float(scale) if scale is not None else cache.D ** -0.5
-        if tau is None:
-            if kind == "softmax":
-                raise ValueError("softmax on the code cache keeps the keys with score >= tau: give tau=")
-            tau = (bias / self.scale) if torch.is_tensor(bias) else float(bias) / self.scale
+        tau = default_tau(kind, tau, bias, self.scale)
         dev, dt = cache.device, cache.dtype
         self.q = torch.empty(q.shape, dtype=dt, device=dev)
         self.k = torch.empty(k.shape, dtype=dt, device=dev)
@@ -107,8 +105,6 @@ class DecodeStep:
     def _own(self, x, name):
         if not torch.is_tensor(x):
             return float(x)
-        from ._validate import f32_at_least
-
         x = x.to(self.cache.device)
         return (f32_at_least(x) if name == "tau" else x.float()).clone()
 
