@@ -110,9 +110,13 @@ def dense_relu_attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, alpha: int
         qf, kf, vf = q.to(dt), k.to(dt), v.to(dt)
         s = scale if scale is not None else q.shape[-1] ** -0.5
         z = s * (qf @ kf.transpose(-1, -2)) - torch.as_tensor(bias, dtype=dt, device=q.device)
-        a = torch.relu(z) ** alpha
+        x = torch.relu(z)
         if mask is not None:
-            a = a * mask.to(q.device)
+            x = x * mask.to(q.device)
+        # powers of the row-max-scaled scores: relu(z) ** 16 underflows float32 for z < 4e-3
+        # (a row whose only firing key has z = 1e-3 would come out as subnormal noise)
+        mx = x.amax(-1, keepdim=True) if x.shape[-1] else x.new_zeros(x.shape[:-1] + (1,))
+        a = (x / torch.where(mx > 0, mx, torch.ones_like(mx))) ** alpha
         den = a.sum(-1, keepdim=True)
         out = (a @ vf) / torch.where(den > 0, den, torch.ones_like(den))
         return out.to(q.dtype)
@@ -120,9 +124,11 @@ def dense_relu_attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, alpha: int
     qf, kf, vf = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
     kf, vf = _heads(qf, kf, vf, enable_gqa)
     s = scale if scale is not None else qf.shape[-1] ** -0.5
-    a = np.maximum(s * (qf @ np.swapaxes(kf, -1, -2)) - np.asarray(bias, dtype=np.float64), 0.0) ** alpha
+    x = np.maximum(s * (qf @ np.swapaxes(kf, -1, -2)) - np.asarray(bias, dtype=np.float64), 0.0)
     if mask is not None:
-        a = a * mask
+        x = x * mask
+    mx = x.max(-1, keepdims=True) if x.shape[-1] else np.zeros(x.shape[:-1] + (1,))
+    a = (x / np.where(mx > 0, mx, 1.0)) ** alpha
     den = a.sum(-1, keepdims=True)
     out = (a @ vf) / np.where(den > 0, den, 1.0)
     return out.astype(np.result_type(np.asarray(q).dtype, np.float32))

@@ -137,3 +137,21 @@ def test_attn_mask_is_sdpa_boolean_mask():
     torch.testing.assert_close(torch.from_numpy(onp), out)
     with pytest.raises(TypeError, match="boolean"):
         dense_softmax_attention(q, k, v, attn_mask=mask.float(), enable_gqa=True)
+
+
+@pytest.mark.parametrize("framework", ["numpy", "torch"])
+def test_relu_high_power_does_not_underflow(framework):
+    # the row's only firing key scores 1e-3 above the bias: 1e-3 ** 16 = 1e-48 is below
+    # float32's smallest subnormal, yet the normalised output is exactly that key's value
+    d = 4
+    q = np.zeros((1, 1, d))
+    q[0, 0, 0] = 1.0
+    k = np.zeros((1, 3, d))
+    k[0, :, 0] = [0.5 + 1e-3, 0.1, -1.0]
+    v = np.arange(12, dtype=np.float64).reshape(1, 3, d)
+    if framework == "torch":
+        torch = pytest.importorskip("torch")
+        q, k, v = (torch.tensor(x, dtype=torch.float32) for x in (q, k, v))
+    out = dense_relu_attention(q, k, v, alpha=16, bias=0.5, scale=1.0)
+    np.testing.assert_allclose(np.asarray(out, dtype=np.float64)[0, 0], [0.0, 1.0, 2.0, 3.0],
+                               rtol=1e-6)

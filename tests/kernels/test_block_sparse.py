@@ -1,5 +1,6 @@
 """block_sparse_attention == dense masked softmax (hsr.testing.references)."""
 
+import zlib
 import pytest
 import torch
 
@@ -51,7 +52,7 @@ PREFILL = [
 @pytest.mark.parametrize("case", PREFILL)
 def test_prefill_random_lists(case, block_ptr, flat, device):
     B, Hq, Hkv, M, N, bs, D, dt, hl, bl, causal = case
-    gen = torch.Generator().manual_seed(hash(case) % 2**31)
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))
     q, k, v = _inputs(B, Hq, Hkv, M, N, D, dt, device, gen)
     Hl = {"Hq": Hq, "Hkv": Hkv, 1: 1}[hl]
     R = -(-N // bs) if M == N else ((N - 1) // bs - (N - M) // bs + 1)
@@ -100,7 +101,7 @@ DECODE = [
 @pytest.mark.parametrize("splits", [None, 1, 3])
 def test_decode_split_kv(case, splits, device):
     B, Hq, Hkv, M, N, bs, D, dt, hl = case
-    gen = torch.Generator().manual_seed(hash(case) % 2**31 + (splits or 0))
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(case).encode()) + (splits or 0))
     q, k, v = _inputs(B, Hq, Hkv, M, N, D, dt, device, gen)
     Hl = {"Hq": Hq, "Hkv": Hkv, 1: 1}[hl]
     nkb = -(-N // bs)

@@ -1,6 +1,7 @@
 """The default block-sparse prefill kernel (full/partial split, tile order, GQA packing) ==
 the dense masked softmax reference (hsr.testing.references)."""
 
+import zlib
 import pytest
 import torch
 
@@ -66,7 +67,7 @@ def test_prefill_v2_random_lists(case, knobs, device):
     B, Hq, Hkv, M, N, bs, D, dt, hl, causal = case
     if knobs.get("heads_per_tile", 1) > 1 and hl == "Hq":
         pytest.skip("GQA packing needs lists shared by a kv head's query heads")
-    gen = torch.Generator().manual_seed(hash((case, str(knobs))) % 2**31)
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((case, knobs)).encode()))
     q, k, v = _inputs(B, Hq, Hkv, M, N, D, dt, device, gen)
     Hl = {"Hq": Hq, "Hkv": Hkv, 1: 1}[hl]
     R = -(-N // bs) if M == N else ((N - 1) // bs - (N - M) // bs + 1)

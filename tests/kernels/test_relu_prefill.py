@@ -1,5 +1,6 @@
 """relu_prefill == dense_relu_attention (hsr.attention.dense), with and without skipping."""
 
+import zlib
 import pytest
 import torch
 
@@ -38,7 +39,7 @@ CASES = [
 @pytest.mark.parametrize("case", CASES)
 def test_relu_prefill_equals_dense(case, skip, device):
     B, Hq, Hkv, M, N, D, dt, alpha, bias, causal = case
-    gen = torch.Generator().manual_seed(hash(case) % 2**31)
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))
     q = torch.randn(B, Hq, M, D, generator=gen).to(dt).to(device)
     k = torch.randn(B, Hkv, N, D, generator=gen).to(dt).to(device)
     v = torch.randn(B, Hkv, N, D, generator=gen).to(dt).to(device)

@@ -1,4 +1,5 @@
 """selected_attention == dense CSR reference (softmax and ReLU^alpha)."""
+import zlib
 import pytest
 import torch
 
@@ -39,7 +40,7 @@ CASES = [
 @pytest.mark.parametrize("case", CASES)
 def test_selected_matches_reference(case, device):
     B, Hq, Hkv, M, N, D, dt, kind, alpha, bias, dup, splits = case
-    gen = torch.Generator().manual_seed(hash(case) % 2**31)
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))
     q = torch.randn(B, Hq, M, D, generator=gen).to(dt)
     k = torch.randn(B, Hkv, N, D, generator=gen).to(dt)
     v = torch.randn(B, Hkv, N, D, generator=gen).to(dt)
