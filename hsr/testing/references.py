@@ -112,11 +112,14 @@ def selected_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indptr
             out[b, h, m] = (w @ vv) / w.sum()
             lse[b, h, m] = mx + torch.log(w.sum())
         else:
-            w = torch.relu(s - bias) ** alpha
-            tot = w.sum()
-            if tot > 0:
+            z = torch.relu(s - bias)
+            zmax = z.max()
+            if zmax > 0:
+                # powers of z / max(z): z ** 16 underflows float32 for z below 4e-3
+                w = (z / zmax) ** alpha
+                tot = w.sum()
                 out[b, h, m] = (w @ vv) / tot
-                lse[b, h, m] = torch.log(tot)
+                lse[b, h, m] = torch.log(tot) + alpha * torch.log(zmax)
     return out, lse
 
 
