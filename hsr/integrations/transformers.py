@@ -65,7 +65,7 @@ import numpy as np
 import torch
 
 from .._typing import lazy
-from ..attention import _batched
+from ..attention import batched
 from ..attention import core as _core
 from ..attention.core import hsr_attention
 from ..attention.hybrid import hybrid_attention, remove_key_padding
@@ -528,7 +528,7 @@ class HSRAttentionBackend:
         return out
 
     def _hsr_batched(self, module, query, key, kwargs, index, scale):
-        """The decode step as one compiled call for the layer (:func:`hsr.attention._batched.layer_softmax`),
+        """The decode step as one compiled call for the layer (:func:`hsr.attention.batched.layer_softmax`),
         where it applies: softmax, a few query positions, float32 CPU tensors, the cache's own
         buffers (keys and values read in place, no copy), the code filter, and a cache at
         least ``hsr.attention.core.DENSE_BELOW`` long (below it ``hsr_attention`` scores every
@@ -552,8 +552,8 @@ class HSRAttentionBackend:
         kb, vb = bufs
         keys = kb.detach().numpy().reshape(-1, kb.shape[2], kb.shape[3])  # zero-copy views
         values = vb.detach().numpy().reshape(-1, vb.shape[2], vb.shape[3])
-        out, scored, selected, dropped = _batched.layer_softmax(Q, index, keys, values, n, scale, eps=s["eps"],
-                                                                tau=s["tau"], topk=s["topk"], causal=True)
+        out, scored, selected, dropped = batched.layer_softmax(Q, index, keys, values, n, scale, eps=s["eps"],
+                                                               tau=s["tau"], topk=s["topk"], causal=True)
         return torch.from_numpy(out), scored, selected, dropped
 
     def _power(self, query, key, value, st, scale, key_padding):

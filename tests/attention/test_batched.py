@@ -1,11 +1,11 @@
-"""The one-call-per-layer decode kernels (hsr.attention._batched) against the per-head path:
+"""The one-call-per-layer decode kernels (hsr.attention.batched) against the per-head path:
 the same kept keys, the same output and the same certificate, bit for bit."""
 
 import numpy as np
 import pytest
 
 from hsr import KVCacheIndex, hsr_attention
-from hsr.attention import _batched
+from hsr.attention import batched
 from hsr.attention import _kernels as AK
 from hsr.attention.core import DENSE_BELOW
 
@@ -68,7 +68,7 @@ def test_bounds_rows_equal_the_per_head_kernel(B, Hkv, G, M, clustered, dead):
         Vb[:, :n] = V.reshape(-1, n, d)
         out1 = np.zeros((R, d), np.float32)
         info1 = np.zeros((R, 5))
-        _batched.softmax_bounds_rows(Qr, Kb, Vb, alive, bool(dead), ub, rph, 0.17, eps, lim, out1, info1)
+        batched.softmax_bounds_rows(Qr, Kb, Vb, alive, bool(dead), ub, rph, 0.17, eps, lim, out1, info1)
         np.testing.assert_array_equal(out1, out0)
         np.testing.assert_array_equal(info1, info0)
         assert (info1[:, 3] < info1[:, 4]).any() or eps < 1e-3  # something was pruned
@@ -81,7 +81,7 @@ def test_layer_softmax_equals_hsr_attention(mode, dead):
     K, V, index = _cache(B, Hkv, n, d, seed=5, dead=dead)
     Q = _queries(B, Hkv * G, M, d, 9, K)
     ref, info = hsr_attention(Q, index, kind="softmax", scale=0.125, causal=True, return_info=True, **mode)
-    out, scored, selected, dropped = _batched.layer_softmax(
+    out, scored, selected, dropped = batched.layer_softmax(
         Q, index, K.reshape(-1, n, d), V.reshape(-1, n, d), n, 0.125, causal=True, **mode)
     np.testing.assert_array_equal(out, ref)
     np.testing.assert_array_equal(scored, info.keys_scored)
@@ -110,6 +110,6 @@ def test_csr_rows_equal_the_per_head_kernel():
                             rem[sl], out0[sl], info0[sl])
     out1 = np.zeros_like(out0)
     info1 = np.zeros_like(info0)
-    _batched.softmax_csr_rows(lims, ids, scores, values, rph, 0.3, tau, rem, out1, info1)
+    batched.softmax_csr_rows(lims, ids, scores, values, rph, 0.3, tau, rem, out1, info1)
     np.testing.assert_array_equal(out1, out0)
     np.testing.assert_array_equal(info1, info0)

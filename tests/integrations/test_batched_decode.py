@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from hsr.attention import _batched  # noqa: E402
+from hsr.attention import batched  # noqa: E402
 from hsr.integrations import transformers as ht  # noqa: E402
 
 
@@ -31,8 +31,8 @@ def test_batched_decode_equals_the_per_head_path(mode, padded, monkeypatch):
     cache = ht.HSRCache(index_from=0)
     cache.update(k, v, 0)
     calls = []
-    real = _batched.layer_softmax
-    monkeypatch.setattr(_batched, "layer_softmax", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = batched.layer_softmax
+    monkeypatch.setattr(batched, "layer_softmax", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     keypad = torch.ones(B, N + 3, dtype=torch.bool)
     if padded:
         keypad[1, :5] = False  # row 1 left-padded
