@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._typing import Array, ArrayLike
-from ..index._validate import is_torch
+from .._arrays import is_torch
 
 __all__ = ["dense_relu_attention", "dense_softmax_attention"]
 

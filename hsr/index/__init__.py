@@ -6,7 +6,8 @@ import numpy as np
 
 from .._typing import ArrayLike, DTypeLike
 from ._kernels import canonical_scores as _canonical_scores_kernel
-from ._validate import as_float_array, resolve_dtype
+from .._arrays import as_float_array
+from ._validate import resolve_dtype
 from .results import RangeResult, SearchResult
 from .tree import AUTO_MAX_SCAN, AUTO_MIN_KEYS, BruteForceIndex, HSRIndex, SearchStats
 
