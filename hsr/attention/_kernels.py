@@ -18,8 +18,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ..index._kernels import (_dot_canonical4, _heap_pop, _heap_push, _leaf_block, _max_leaf, _node_bounds,
-                              _scan_block)
+from .._numerics import dot_canonical4, heap_pop, heap_push
+from ..index.layout import leaf_block, max_leaf, node_bounds, scan_block
 
 
 @njit(cache=True, nogil=True, parallel=True)
@@ -60,8 +60,8 @@ def _keep_leaf(q, tr, v, scale, st, mode, tau, lim, alive, has_dead, values, acc
     ``st = [m_run, Z, D, kept, scored]`` (Z, D relative to exp(m_run)); ``acc_out`` holds the
     unnormalised output relative to exp(m_run)."""
     kf, stride, ids, node_start, node_end = tr[0], tr[1], tr[2], tr[4], tr[5]
-    base, bs, cnt = _leaf_block(v, node_start, node_end, q.shape[0], stride)
-    _scan_block(q, kf, base, bs, cnt, acc)
+    base, bs, cnt = leaf_block(v, node_start, node_end, q.shape[0], stride)
+    scan_block(q, kf, base, bs, cnt, acc)
     ls = node_start[v]
     for t in range(cnt):
         gid = ids[ls + t]
@@ -134,14 +134,14 @@ def _softmax_one(q, qr, qnorm, trees, alive, has_dead, values, scale, mode, eps,
     does); the remainder R relative to ``M_ref = scale * max root bound``, so no term of either
     overflows; they are compared in logs."""
     total_nodes = 0
-    max_leaf = 1
+    leaf_cap = 1
     for tr in trees:
         total_nodes += tr[4].shape[0]
-        max_leaf = max(max_leaf, _max_leaf(tr[1]))
+        leaf_cap = max(leaf_cap, max_leaf(tr[1]))
     hk = np.empty(total_nodes + 1)
     ht = np.empty(total_nodes + 1, dtype=np.int64)
     hv = np.empty(total_nodes + 1, dtype=np.int64)
-    acc = np.empty(max_leaf, dtype=values.dtype)
+    acc = np.empty(leaf_cap, dtype=values.dtype)
     dv = values.shape[1]
     acc_out = np.zeros(dv)
     st = np.zeros(5)
@@ -158,8 +158,8 @@ def _softmax_one(q, qr, qnorm, trees, alive, has_dead, values, scale, mode, eps,
             _keep_leaf(q, tr, 0, scale, st, mode, tau, lim, alive, has_dead, values, acc_out,
                        acc, fill, out_ids, out_scores, pos)
         else:
-            ub, lb = _node_bounds(0, qr, qnorm, tr[6], tr[7], tr[8], tr[9], tr[10], slack_rel, slack_abs)
-            size = _heap_push(hk, ht, hv, size, ub, ti, 0)
+            ub, lb = node_bounds(0, qr, qnorm, tr[6], tr[7], tr[8], tr[9], tr[10], slack_rel, slack_abs)
+            size = heap_push(hk, ht, hv, size, ub, ti, 0)
             mref = max(mref, scale * ub)
     R = _remainder(trees, hk, ht, hv, size, scale, mref)
     while size > 0:
@@ -173,7 +173,7 @@ def _softmax_one(q, qr, qnorm, trees, alive, has_dead, values, scale, mode, eps,
         ub = hk[0]
         ti = ht[0]
         v = hv[0]
-        size = _heap_pop(hk, ht, hv, size)
+        size = heap_pop(hk, ht, hv, size)
         tr = trees[ti]
         node_start, node_end = tr[4], tr[5]
         R -= (node_end[v] - node_start[v]) * max(np.exp(scale * ub - mref), _TINY)
@@ -185,8 +185,8 @@ def _softmax_one(q, qr, qnorm, trees, alive, has_dead, values, scale, mode, eps,
             if node_end[c] <= node_start[c] or tr[11][c] > lim:
                 continue
             visited += 1
-            cub, clb = _node_bounds(c, qr, qnorm, tr[6], tr[7], tr[8], tr[9], tr[10], slack_rel, slack_abs)
-            size = _heap_push(hk, ht, hv, size, cub, ti, c)
+            cub, clb = node_bounds(c, qr, qnorm, tr[6], tr[7], tr[8], tr[9], tr[10], slack_rel, slack_abs)
+            size = heap_push(hk, ht, hv, size, cub, ti, c)
             R += (node_end[c] - node_start[c]) * max(np.exp(scale * cub - mref), _TINY)
     R = _remainder(trees, hk, ht, hv, size, scale, mref) * (1.0 + 1e-12)
     _finish(st, R, mref, acc_out, out_row, info)
@@ -311,8 +311,8 @@ def _bounds_one(q, keys, alive, has_dead, ub, values, scale, mode, eps, tau, lim
         e = start[b + 1]
         for p in range(start[b], e, 4):
             c = min(4, e - p)
-            _dot_canonical4(q, keys, order[p], order[p + min(1, c - 1)], order[p + min(2, c - 1)],
-                            order[p + min(3, c - 1)], sc4)
+            dot_canonical4(q, keys, order[p], order[p + min(1, c - 1)], order[p + min(2, c - 1)],
+                           order[p + min(3, c - 1)], sc4)
             for y in range(c):
                 st[4] += 1.0
                 _accumulate(np.float64(sc4[y]), order[p + y], scale, st, mode, tau, values, acc_out)

@@ -1,8 +1,8 @@
 """numba kernels that build one static tree: the split permutation, the leaf-packed keys, the
 node bounds and id ranges.
 
-The tree layout they fill (arrays, shapes, meaning) is described in ``_kernels.py``, beside
-the search kernels that read it; ``_forest.py`` calls these in order.
+The tree layout they fill (arrays, shapes, meaning) is described in ``layout.py``, beside
+the functions that walk it; ``_forest.py`` calls these in order.
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ._kernels import _dot_canonical4
+from .._numerics import dot_canonical4
 
 
 #: keys per code block (one transposed block is read at once, its sums run in vector lanes)
@@ -272,7 +272,7 @@ def _verify(Q, r, i, p, tau_r, keys, cand, ncand, sc4, cap, buf_ids, buf_sc, cou
     for x in range(nc, (nc + 3) // 4 * 4):
         cand[i, x] = cand[i, nc - 1]
     for x in range(0, nc, 4):
-        _dot_canonical4(Q[r], keys, cand[i, x], cand[i, x + 1], cand[i, x + 2], cand[i, x + 3], sc4)
+        dot_canonical4(Q[r], keys, cand[i, x], cand[i, x + 1], cand[i, x + 2], cand[i, x + 3], sc4)
         for y in range(min(4, nc - x)):
             if sc4[y] >= tau_r:
                 c = counts[r, p]

@@ -1,8 +1,9 @@
 """The static partition trees of the forest: their arrays (``_Tree``) and their build.
 
 A thin layer over the build kernels of ``_build_kernels.py`` (the table of every array, with
-shapes and dtypes, heads ``_kernels.py``, whose search kernels read them). ``HSRIndex`` (``tree.py``) keeps a list of these trees plus an append
-buffer and merges them (logarithmic method).
+shapes and dtypes, heads ``layout.py``, whose walkers the search kernels use). ``HSRIndex``
+(``tree.py``) keeps a list of these trees plus an append buffer and merges them (logarithmic
+method).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ _SKETCH_DIMS = 16
 
 
 class _Tree:
-    """Arrays of one static tree; see the table in ``_kernels.py``."""
+    """Arrays of one static tree; see the table in ``layout.py``."""
 
     __slots__ = ("ids", "kf", "stride", "n_levels", "node_start", "node_end", "center", "radius",
                  "lo", "hi", "maxnorm", "minid", "maxid")

@@ -89,7 +89,7 @@ class ForestView(NamedTuple):
     trees : numba typed list of tuples
         One tuple per tree (and the append buffer): ``(kf, stride, ids, n_levels, node_start,
         node_end, center, radius, lo, hi, maxnorm, minid, maxid)``, the arrays of the table
-        in ``hsr/index/_kernels.py``.
+        in :mod:`hsr.index.layout`, whose functions walk it.
     rotated : ndarray, (m, d) float64
         The queries in the bounds' basis.
     qnorm : ndarray, (m,) float64
