@@ -26,6 +26,7 @@ kept blocks per row (see :mod:`hsr.attention.receptive`).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
@@ -65,15 +66,18 @@ class Pattern:
     Subclasses define ``block_rule`` (the definition) and ``_candidates`` (the kept key blocks
     of each query block written constructively, in a small fixed width, possibly with
     out-of-range entries and repeats, which the builder drops before sorting). The two are
-    written independently and tested equal. ``block_size`` is in tokens.
+    written independently and tested equal. ``block_size`` is in tokens. Every parameter is
+    an int ``>= 1`` unless ``_minimum`` names a smaller bound for it.
     """
 
     block_size: int = 256
 
     name = "pattern"
+    _minimum = {}  # class attributes without annotation: not dataclass fields
 
     def __post_init__(self):
-        _check_pos_int("block_size", self.block_size)
+        for f in dataclasses.fields(self):
+            _check_pos_int(f.name, getattr(self, f.name), self._minimum.get(f.name, 1))
 
     # ----------------------------------------------------------------- definition
     def block_rule(self, qb: Array, kb: Array) -> Array:
@@ -202,17 +206,44 @@ class Pattern:
         return f"{self.name}({p})"
 
 
-def _window_sink_candidates(qb: np.ndarray, window: int, sink: int, extra_delta: np.ndarray):
-    """Candidates ``qb - delta`` for ``delta < window`` and ``extra_delta``, plus ``0..sink-1``."""
-    deltas = np.concatenate([np.arange(window, dtype=np.int64), extra_delta.astype(np.int64)])
-    parts = [qb[:, None] - deltas[None, :]]
-    if sink > 0:
-        parts.append(np.broadcast_to(np.arange(sink, dtype=np.int64), (qb.shape[0], sink)))
-    return np.concatenate(parts, axis=1)
+class _WindowSinkPattern(Pattern):
+    """A window and sinks plus a family of block distances: keep ``delta < window``,
+    ``kb < sink``, or what ``_extra_rule`` keeps.
+
+    Subclasses are frozen dataclasses declaring ``window`` and ``sink`` (their defaults
+    differ) and their own parameters; ``_extra_rule`` is the extra family as a rule on
+    ``delta`` (None: none), ``_extra_deltas`` the same family written constructively.
+    """
+
+    window: int
+    sink: int
+    _minimum = {"sink": 0}
+
+    def _extra_rule(self, d):
+        return None
+
+    def _extra_deltas(self, nb: int) -> np.ndarray:
+        return np.zeros(0, np.int64)
+
+    def block_rule(self, qb: Array, kb: Array) -> Array:
+        d = qb - kb
+        keep = (d < self.window) | (kb < self.sink)
+        extra = self._extra_rule(d)
+        if extra is not None:
+            keep = keep | extra
+        return (d >= 0) & keep
+
+    def _candidates(self, qb, nb):
+        """``qb - delta`` for ``delta < window`` and the extra distances, plus ``0..sink-1``."""
+        deltas = np.concatenate([np.arange(self.window, dtype=np.int64), self._extra_deltas(nb).astype(np.int64)])
+        parts = [qb[:, None] - deltas[None, :]]
+        if self.sink > 0:
+            parts.append(np.broadcast_to(np.arange(self.sink, dtype=np.int64), (qb.shape[0], self.sink)))
+        return np.concatenate(parts, axis=1)
 
 
 @dataclass(frozen=True)
-class PowerPattern(Pattern):
+class PowerPattern(_WindowSinkPattern):
     """PowerAttention: keep ``delta < window``, ``delta`` a power of two, or ``kb < sink``.
 
     ``window`` and ``sink`` are in blocks (paper: 5 and 1 with 256-token blocks).
@@ -223,43 +254,24 @@ class PowerPattern(Pattern):
     sink: int = 1
     name = "power"
 
-    def __post_init__(self):
-        super().__post_init__()
-        _check_pos_int("window", self.window)
-        _check_pos_int("sink", self.sink, 0)
+    def _extra_rule(self, d):
+        return _is_pow2(d)
 
-    def block_rule(self, qb: Array, kb: Array) -> Array:
-        d = qb - kb
-        return (d >= 0) & ((d < self.window) | _is_pow2(d) | (kb < self.sink))
-
-    def _candidates(self, qb, nb):
-        pows = 1 << np.arange(max(int(nb - 1).bit_length(), 1), dtype=np.int64)
-        return _window_sink_candidates(qb, self.window, self.sink, pows)
+    def _extra_deltas(self, nb):
+        return 1 << np.arange(max(int(nb - 1).bit_length(), 1), dtype=np.int64)
 
 
 @dataclass(frozen=True)
-class SlidingWindowPattern(Pattern):
+class SlidingWindowPattern(_WindowSinkPattern):
     """Sliding window + attention sink (StreamingLLM-like): ``delta < window`` or ``kb < sink``."""
 
     window: int = 8
     sink: int = 1
     name = "sliding_window"
 
-    def __post_init__(self):
-        super().__post_init__()
-        _check_pos_int("window", self.window)
-        _check_pos_int("sink", self.sink, 0)
-
-    def block_rule(self, qb: Array, kb: Array) -> Array:
-        d = qb - kb
-        return (d >= 0) & ((d < self.window) | (kb < self.sink))
-
-    def _candidates(self, qb, nb):
-        return _window_sink_candidates(qb, self.window, self.sink, np.zeros(0, np.int64))
-
 
 @dataclass(frozen=True)
-class StrideSlashPattern(Pattern):
+class StrideSlashPattern(_WindowSinkPattern):
     """Window + sink + slash lines: ``delta < window``, ``kb < sink`` or ``delta % stride == 0``."""
 
     window: int = 5
@@ -267,23 +279,15 @@ class StrideSlashPattern(Pattern):
     stride: int = 16
     name = "stride_slash"
 
-    def __post_init__(self):
-        super().__post_init__()
-        _check_pos_int("window", self.window)
-        _check_pos_int("sink", self.sink, 0)
-        _check_pos_int("stride", self.stride)
+    def _extra_rule(self, d):
+        return d % self.stride == 0
 
-    def block_rule(self, qb: Array, kb: Array) -> Array:
-        d = qb - kb
-        return (d >= 0) & ((d < self.window) | (kb < self.sink) | (d % self.stride == 0))
-
-    def _candidates(self, qb, nb):
-        slash = np.arange(0, nb, self.stride, dtype=np.int64)
-        return _window_sink_candidates(qb, self.window, self.sink, slash)
+    def _extra_deltas(self, nb):
+        return np.arange(0, nb, self.stride, dtype=np.int64)
 
 
 @dataclass(frozen=True)
-class DilatedPattern(Pattern):
+class DilatedPattern(_WindowSinkPattern):
     """Dilated sliding window: ``delta < window``, ``kb < sink``, or
     ``delta % dilation == 0 and delta < span`` (``span=0``: unbounded).
 
@@ -296,25 +300,15 @@ class DilatedPattern(Pattern):
     window: int = 1
     sink: int = 0
     name = "dilated"
+    _minimum = {"span": 0, "sink": 0}
 
-    def __post_init__(self):
-        super().__post_init__()
-        _check_pos_int("dilation", self.dilation)
-        _check_pos_int("span", self.span, 0)
-        _check_pos_int("window", self.window)
-        _check_pos_int("sink", self.sink, 0)
-
-    def block_rule(self, qb: Array, kb: Array) -> Array:
-        d = qb - kb
+    def _extra_rule(self, d):
         dil = (d % self.dilation == 0)
-        if self.span > 0:
-            dil = dil & (d < self.span)
-        return (d >= 0) & ((d < self.window) | (kb < self.sink) | dil)
+        return dil & (d < self.span) if self.span > 0 else dil
 
-    def _candidates(self, qb, nb):
+    def _extra_deltas(self, nb):
         top = nb if self.span == 0 else min(self.span, nb)
-        dil = np.arange(0, top, self.dilation, dtype=np.int64)
-        return _window_sink_candidates(qb, self.window, self.sink, dil)
+        return np.arange(0, top, self.dilation, dtype=np.int64)
 
 
 @dataclass(frozen=True)
@@ -334,13 +328,7 @@ class LongNetPattern(Pattern):
     ratio: int = 2
     levels: int = 8
     name = "longnet"
-
-    def __post_init__(self):
-        super().__post_init__()
-        _check_pos_int("segment", self.segment)
-        _check_pos_int("dilation", self.dilation)
-        _check_pos_int("ratio", self.ratio, 2)
-        _check_pos_int("levels", self.levels)
+    _minimum = {"ratio": 2}
 
     def _levels(self):
         return [(self.segment * self.ratio**l, self.dilation * self.ratio**l) for l in range(self.levels)]
