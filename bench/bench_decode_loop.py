@@ -12,7 +12,7 @@ cache is cropped back between repetitions), reporting the median time per step:
   model that writes its projections there; the captured SDPA step reads static buffers too);
 * ``ours_dense_graph``: the same step with no filter (every key scored by our attend kernel):
   the fallback where the filter costs more than it saves;
-* ``ours_eager``: ``cache.add(k, v, check=False)`` then ``cache.attend(q, ..., check=False)``
+* ``ours_eager``: ``cache.add(k, v, check=False)`` then ``cache.attend(q, spec, check=False)``
   (no host synchronisation); ``ours_eager_checked``: the same with ``check=True`` (one
   synchronisation in ``add`` and one in ``attend``: the clear-error mode);
 * ``sdpa_eager``: the new K/V written into a preallocated cache, then torch SDPA over the
@@ -51,6 +51,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from _results import default_out, save  # noqa: E402
 
+from hsr import AttentionSpec  # noqa: E402
 from hsr.kernels.codes import CodeKVCache  # noqa: E402
 
 
@@ -173,7 +174,7 @@ def one_config(real, D, n, B, steps, reps, top, bw, dev, profile=False, sweep=Fa
 
     def eager(i, check=False):
         cache.add(knew[i], vnew[i], check=check)
-        return cache.attend(qs[i], kind="softmax", tau=tau, check=check)
+        return cache.attend(qs[i], AttentionSpec(kind="softmax", tau=tau, causal=True), check=check)[0]
 
     res["ours_eager_ms"] = time_loop(eager, steps, reps, reset)
     if profile:  # where the eager step's host time goes

@@ -102,6 +102,7 @@ def _rank_main(rank, cfg, folder):
     import torch
     import torch.distributed as dist
 
+    import hsr
     import hsr.distributed as hd
 
     dev = cfg["device"]
@@ -121,21 +122,19 @@ def _rank_main(rank, cfg, folder):
             local = CodeKVCache(k[:, :, a:b].to(here).contiguous(), v[:, :, a:b].to(here).contiguous())
             qq, tt = q.to(here), tau.cpu().numpy().astype("float64")
         else:
-            import hsr
-
             local = hsr.KVCacheIndex(k[:, :, a:b].numpy(), v[:, :, a:b].numpy())
             qq, tt = q.numpy(), tau.numpy().astype("float64")
         del k, v
         cache = hd.ShardedKVCache(local)
         # every rank holds q already (SPMD, as inside a model): no broadcast, one collective a step
         cache.broadcast_queries = False
-        spmd = lambda: cache.hsr_attention(qq, kind="softmax", tau=tt, causal=True)  # noqa: E731
+        spmd = lambda: hsr.hsr_attention(qq, cache, kind="softmax", tau=tt, causal=True)  # noqa: E731
         spmd()
         dist.barrier()
         spmd_med, _ = _time_steps(spmd, cfg["iters"], sync)
         cache.broadcast_queries = True
         mine = qq if rank == 0 else None
-        step = lambda: cache.hsr_attention(mine, kind="softmax", tau=tt, causal=True)  # noqa: E731
+        step = lambda: hsr.hsr_attention(mine, cache, kind="softmax", tau=tt, causal=True)  # noqa: E731
         out = step()
         dist.barrier()
         med, best = _time_steps(step, cfg["iters"], sync)

@@ -39,6 +39,7 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from hsr import AttentionSpec  # noqa: E402
 from hsr.kernels.codes import CodeKVCache  # noqa: E402
 
 
@@ -151,8 +152,9 @@ def run(args):
                         print(f"  tune filter n={n} B={B} block_n={bn} warps={nw} stages={ns}: {t*1e3:.1f} us "
                               f"({cache.keys_read_bytes() / (t * 1e-3) / bw * 100:.0f}% of copy bw)")
                 for akind in ("softmax", "relu"):
-                    step = (lambda: cache.attend(q, tau=tau, kind="softmax")) if akind == "softmax" \
-                        else (lambda: cache.attend(q, tau=tau, kind="relu", alpha=2, bias=bias))
+                    step = (lambda: cache.attend(q, AttentionSpec(kind="softmax", tau=tau, causal=True))[0]) \
+                        if akind == "softmax" else \
+                        (lambda: cache.run(q, cache.plan(q, tau, bias=bias), kind="relu", alpha=2)[0])
                     out = step()
                     ref = reference(q, k, v, tau, akind, scale, bias)
                     err = float((out.float() - ref).abs().max())

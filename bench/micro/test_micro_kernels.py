@@ -10,6 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
+from hsr import AttentionSpec  # noqa: E402
 from hsr.kernels import CodeKVCache, block_sparse_attention  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -53,7 +54,7 @@ def test_code_cache_attend(benchmark, code_cache, kind):
     kw = dict(tau=1.0) if kind == "softmax" else dict(bias=0.1)
 
     def attend():
-        out = cache.attend(q, kind=kind, **kw)
+        out, _ = cache.attend(q, AttentionSpec(kind=kind, causal=True, **kw))
         _sync()
         return out
 

@@ -1,7 +1,8 @@
 """hsr.attention: attention built on an index (ReLU^alpha, certified softmax, KV caches),
 dense references, PowerAttention patterns, and the hybrid of a pattern with an index."""
 
-from .core import AttentionInfo, hsr_attention, paper_bias
+from .._protocol import AttentionCache, AttentionInfo, AttentionSpec
+from .core import hsr_attention, paper_bias
 from .dense import dense_relu_attention, dense_softmax_attention
 from .kv import KVCacheIndex, KVIndex
 from .baselines import matched_baselines
@@ -16,7 +17,7 @@ from .power import power_attention
 from .receptive import (coverage_by_layer, hop_distances, hops_to_full_coverage, plot_receptive,
                         reach_bitsets, receptive_summary)
 
-__all__ = ["hsr_attention", "AttentionInfo", "paper_bias", "dense_relu_attention",
+__all__ = ["hsr_attention", "AttentionSpec", "AttentionInfo", "AttentionCache", "paper_bias", "dense_relu_attention",
            "dense_softmax_attention", "KVIndex", "KVCacheIndex",
            "Pattern", "BlockLists", "PowerPattern", "SlidingWindowPattern", "StrideSlashPattern",
            "DilatedPattern", "LongNetPattern", "FullPattern", "power_pattern", "sliding_window_pattern",

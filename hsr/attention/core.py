@@ -17,64 +17,17 @@ Softmax attention (``kind="softmax"``)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
 import numpy as np
 
-from .._typing import Array, ArrayLike, lazy
+from .._typing import Array, ArrayLike
 from ..index import canonical_scores
-from ..index._validate import as_float_array, to_numpy
+from .._arrays import as_float_array, is_torch, to_numpy
 from . import _kernels as AK
-from .kv import KVCacheIndex, KVIndex, framework_out
+from .._protocol import AttentionCache, AttentionInfo, AttentionSpec, check_supported
 
-if TYPE_CHECKING:
-    from ..kernels.codes import CodeKVCache
-    from ..kernels.search import GPUBlockIndex
-else:  # torch and the Triton kernels load only when such an index is used
-    CodeKVCache = lazy("hsr.kernels.codes", "CodeKVCache")
-    GPUBlockIndex = lazy("hsr.kernels.search", "GPUBlockIndex")
-
-__all__ = ["hsr_attention", "AttentionInfo", "paper_bias"]
-
-
-class AttendsItself(Protocol):
-    """An index that takes every option of :func:`hsr_attention` itself and runs it
-    (``hsr.distributed.ShardedKVCache``, which sits above this module and is named here only
-    by this shape: attention never imports the rooms built on it)."""
-
-    accepts_certified_options: bool
-
-    def hsr_attention(self, q: Any, **options: Any) -> Any: ...
-
-
-@dataclass
-class AttentionInfo:
-    """Per-query statistics of one ``hsr_attention`` call (arrays shaped like q without d).
-
-    Attributes
-    ----------
-    keys_scored : int64 array
-        Keys whose score was computed.
-    keys_selected : int64 array
-        Keys that contributed (reported by the index / kept by the softmax search).
-    dropped_bound : float64 array
-        Softmax: certified upper bound on the dropped fraction of the softmax mass. ReLU: 0.
-    lse : float64 array
-        Softmax: log of the kept mass ``log sum_kept exp(s * score)``. ReLU: log of ``D_ii``.
-    n_keys : int
-        Keys in the cache.
-    """
-
-    keys_scored: np.ndarray
-    keys_selected: np.ndarray
-    dropped_bound: np.ndarray
-    lse: np.ndarray
-    n_keys: int
-
-    @property
-    def scan_fraction(self) -> float:
-        return float(self.keys_scored.mean() / max(self.n_keys, 1)) if self.keys_scored.size else 0.0
+__all__ = ["hsr_attention", "attend_heads", "cpu_queries", "paper_bias"]
 
 
 def paper_bias(q: ArrayLike, keys: ArrayLike, scale: float | None = None, n: int | None = None, sample: int = 2048,
@@ -95,27 +48,6 @@ def paper_bias(q: ArrayLike, keys: ArrayLike, scale: float | None = None, n: int
     return sigma * math.sqrt(0.4 * math.log(n))
 
 
-def check_options(kind, alpha, eps, tau, topk, scale):
-    """Validate ``hsr_attention``'s options (the same rules for every index that takes them):
-    ``ValueError`` naming the bad one."""
-    if kind not in ("relu", "softmax"):
-        raise ValueError(f"kind must be 'relu' or 'softmax', got {kind!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, np.integer)) or alpha < 1:
-        raise ValueError(f"alpha must be a positive integer, got {alpha!r}")
-    if scale is not None and (not np.isfinite(scale) or scale <= 0):
-        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
-    if kind == "softmax":
-        given = sum(x is not None for x in (eps, tau, topk))
-        if given > 1:
-            raise ValueError("give at most one of eps, tau and topk")
-        if eps is not None and not (0.0 < eps < 1.0):
-            raise ValueError(f"eps must be in (0, 1), got {eps!r}")
-        if topk is not None and (isinstance(topk, bool) or not isinstance(topk, (int, np.integer)) or topk < 1):
-            raise ValueError(f"topk must be a positive integer, got {topk!r}")
-    elif any(x is not None for x in (eps, tau, topk)):
-        raise ValueError("eps, tau and topk apply to kind='softmax' only")
-
-
 #: rows of per-key bounds computed at once by the code-backed softmax (bounds are (rows, n))
 _BOUND_ROWS = 256
 
@@ -130,7 +62,7 @@ DENSE_BELOW = 1024
 _DENSE_ROWS = 512
 
 
-def _attend_head(kvi: KVIndex, Q, kind, alpha, bias, scale, eps, tau, topk, lim, dense):
+def _attend_head(kvi: Any, Q, kind, alpha, bias, scale, eps, tau, topk, lim, dense):
     """Attention of queries ``Q (m, d)`` float32 against one head; returns out and info rows.
     The whole computation holds the index still (a concurrent add waits)."""
     with kvi.index.reading():
@@ -148,7 +80,7 @@ def _attend_head(kvi: KVIndex, Q, kind, alpha, bias, scale, eps, tau, topk, lim,
         return _attend_head_locked(kvi, Q, kind, alpha, bias, scale, eps, tau, topk, lim)
 
 
-def _dense_head_locked(kvi: KVIndex, ids, keys, Q, kind, alpha, bias, scale, tau, topk, lim):
+def _dense_head_locked(kvi: Any, ids, keys, Q, kind, alpha, bias, scale, tau, topk, lim):
     """The dense path of :func:`_attend_head` over the head's live ``ids`` and their ``keys``:
     every visible key's canonical score, then the same selection and the same weight kernels
     as the index path (so the same keys and the same weights). Nothing is dropped without
@@ -185,7 +117,7 @@ def _dense_head_locked(kvi: KVIndex, ids, keys, Q, kind, alpha, bias, scale, tau
     return out, scored, np.diff(lims), info[:, 1], info[:, 0]
 
 
-def _attend_head_locked(kvi: KVIndex, Q, kind, alpha, bias, scale, eps, tau, topk, lim):
+def _attend_head_locked(kvi: Any, Q, kind, alpha, bias, scale, eps, tau, topk, lim):
     index = kvi.index
     m = Q.shape[0]
     out = np.zeros((m, kvi.value_dim), dtype=np.float32)
@@ -237,10 +169,10 @@ def _attend_head_locked(kvi: KVIndex, Q, kind, alpha, bias, scale, eps, tau, top
     return out, info[:, 3].astype(np.int64), info[:, 2].astype(np.int64), info[:, 1], info[:, 0]
 
 
-def hsr_attention(q: ArrayLike, index: KVIndex | KVCacheIndex | CodeKVCache | GPUBlockIndex | AttendsItself, *,
-                  kind: str = "relu", alpha: int = 2, bias: float | ArrayLike | str = 0.0, scale: float | None = None,
-                  eps: float | None = None, tau: float | ArrayLike | None = None, topk: int | None = None,
-                  causal: bool = False, return_info: bool = False, dense_below: int | None = None
+def hsr_attention(q: ArrayLike | None, index: AttentionCache, *, kind: str = "relu", alpha: int = 2,
+                  bias: float | ArrayLike | str = 0.0, scale: float | None = None, eps: float | None = None,
+                  tau: float | ArrayLike | None = None, topk: int | None = None, causal: bool = False,
+                  return_info: bool = False, dense_below: int | None = None
                   ) -> Array | tuple[Array, AttentionInfo]:
     """Attention of ``q`` over an indexed KV cache, computed only at the keys the index reports.
 
@@ -250,7 +182,11 @@ def hsr_attention(q: ArrayLike, index: KVIndex | KVCacheIndex | CodeKVCache | GP
         ``(m, d)`` or ``(d,)`` for a :class:`KVIndex`; ``(B, Hq, M, D)`` for a
         :class:`KVCacheIndex` with ``Hq`` a multiple of its kv heads (grouped-query attention:
         query head h reads kv head ``h // (Hq // Hkv)``). float16/bfloat16/float32.
-    index : KVIndex or KVCacheIndex
+    index : an attention cache
+        :class:`KVIndex`, :class:`KVCacheIndex`, ``hsr.kernels.CodeKVCache``,
+        ``hsr.kernels.GPUBlockIndex``, ``hsr.distributed.ShardedKVCache``: anything with
+        ``supports`` and ``attend(q, spec, with_info=)`` (:class:`hsr.AttentionCache`).
+        A cache that lacks a feature the call uses raises a ``ValueError`` naming it.
     kind : {"relu", "softmax"}
     alpha : int, default 2
         ReLU power.
@@ -280,6 +216,15 @@ def hsr_attention(q: ArrayLike, index: KVIndex | KVCacheIndex | CodeKVCache | GP
     -------
     out : like q, last dim ``dv``
         In q's framework, dtype and device.
+    info : AttentionInfo
+        With ``return_info=True``.
+
+    Raises
+    ------
+    ValueError
+        A bad option (named), or one the cache does not support (named, with what it does).
+    TypeError
+        ``index`` is not an attention cache; CUDA queries given to a CPU cache.
 
     Notes
     -----
@@ -292,7 +237,9 @@ def hsr_attention(q: ArrayLike, index: KVIndex | KVCacheIndex | CodeKVCache | GP
     runs the Triton filter + attention (``hsr.kernels.hsr_decode``). ReLU^alpha is exact there
     too; softmax keeps the keys of the blocks that may hold a score ``>= tau`` (``tau=``
     required: the certified ``eps`` mode is CPU-only). A :class:`KVIndex` /
-    :class:`KVCacheIndex` always runs the CPU (numba) path, for CPU or CUDA queries.
+    :class:`KVCacheIndex` runs the CPU (numba) path and refuses CUDA queries (``TypeError``:
+    no silent host round trip). Every cache is reached the same way: this function builds an
+    :class:`hsr.AttentionSpec` and calls ``index.attend(q, spec, with_info=return_info)``.
 
     Examples
     --------
@@ -307,58 +254,54 @@ def hsr_attention(q: ArrayLike, index: KVIndex | KVCacheIndex | CodeKVCache | GP
     >>> bool(np.allclose(out, ref, rtol=1e-4, atol=1e-5))
     True
     """
-    check_options(kind, alpha, eps, tau, topk, scale)
-    device_attention = getattr(index, "hsr_attention", None)
-    if callable(device_attention) and getattr(index, "accepts_certified_options", False):
-        # an index that takes every option itself (hsr.distributed.ShardedKVCache)
-        return device_attention(q, kind=kind, alpha=int(alpha), bias=bias, scale=scale, eps=eps, tau=tau,
-                                topk=topk, causal=causal, return_info=return_info)
-    if callable(device_attention):  # a device index (hsr.kernels) runs its own kernels
-        if eps is not None or topk is not None or return_info:
-            raise ValueError(f"{type(index).__name__} keeps the keys with score >= tau (give tau=): eps, topk "
-                             "and return_info are CPU-only")
-        if isinstance(bias, str):
-            raise ValueError("bias='paper' is CPU-only; give a number")
-        return device_attention(q, kind=kind, alpha=int(alpha), bias=bias, scale=scale, tau=tau, causal=causal)
-    if kind == "softmax" and eps is None and tau is None and topk is None:
-        eps = 1e-3
+    spec = AttentionSpec(kind=kind, alpha=alpha, bias=bias, scale=scale, eps=eps, tau=tau, topk=topk,
+                         causal=causal, dense_below=dense_below)
+    check_supported(index, spec, with_info=return_info)
+    out, info = index.attend(q, spec, with_info=return_info)
+    return (out, info) if return_info else out
+
+
+def cpu_queries(q: ArrayLike, cache_name: str) -> np.ndarray:
+    """``q`` as a numpy array for a CPU cache; CUDA queries are refused (never a silent round
+    trip through the host)."""
     dev = getattr(q, "device", None)
-    if getattr(dev, "type", "cpu") != "cpu":  # never a silent round trip through the host
-        raise TypeError(f"q is on {dev} but {type(index).__name__} is a CPU index: move the index "
+    if getattr(dev, "type", "cpu") != "cpu":
+        raise TypeError(f"q is on {dev} but {cache_name} is a CPU index: move the index "
                         "(index.to(q.device)) or the queries (q.cpu())")
-    if isinstance(index, KVIndex):
-        heads = [[index]]
-        Qn = to_numpy(q, "q")
-        single = Qn.ndim == 1
-        Qn = as_float_array(Qn, "q", np.float32, ndim=2, dim=index.dim)[None, None]
-    elif isinstance(index, KVCacheIndex):
-        heads = index.heads
-        Qn = to_numpy(q, "q")
-        single = False
-        if Qn.ndim != 4 or Qn.shape[0] != index.batch or Qn.shape[-1] != index.dim:
-            raise ValueError(f"q must be (batch={index.batch}, heads, seq, dim={index.dim}), got {Qn.shape}")
-        if Qn.shape[1] % index.kv_heads:
-            raise ValueError(f"query heads ({Qn.shape[1]}) must be a multiple of kv heads ({index.kv_heads})")
-        Qn = np.ascontiguousarray(Qn, dtype=np.float32)
-        if not np.isfinite(Qn).all():
-            raise ValueError("q contains NaN or Inf")
-    else:
-        raise TypeError(f"index must be a KVIndex or KVCacheIndex, got {type(index).__name__}")
+    return to_numpy(q, "q")
+
+
+def attend_heads(heads: list[list[Any]], Qn: np.ndarray, spec: AttentionSpec, *,
+                 tau_rows: tuple[int, ...]) -> tuple[np.ndarray, AttentionInfo]:
+    """The CPU engine behind ``KVIndex.attend`` and ``KVCacheIndex.attend``.
+
+    Parameters
+    ----------
+    heads : list (B) of lists (Hkv) of KVIndex
+        (typed ``Any`` here: the caches import this module, not the other way round)
+    Qn : (B, Hq, M, d) float32, finite
+    spec : AttentionSpec
+    tau_rows : tuple
+        The per-row shape a ``tau`` array may have besides ``(Hq,)`` (``(M,)`` for one head,
+        ``(B, Hq, M)`` for a cache).
+
+    Returns
+    -------
+    out : (B, Hq, M, dv) float32
+    info : AttentionInfo of (B, Hq, M) arrays
+    """
     B, Hq, M, d = Qn.shape
     group = Hq // len(heads[0])
     n_cache = heads[0][0].index.n_total if B else 0
-    if dense_below is None:
-        dense_below = DENSE_BELOW
-    if isinstance(dense_below, bool) or not isinstance(dense_below, (int, np.integer)) or dense_below < 0:
-        raise ValueError(f"dense_below must be a non-negative integer, got {dense_below!r}")
+    dense_below = DENSE_BELOW if spec.dense_below is None else spec.dense_below
     dense = n_cache < dense_below
+    causal = spec.causal
     if causal and M > n_cache:
         raise ValueError(f"causal attention puts the {M} queries at the last positions of the cache, but it "
                          f"holds {n_cache} keys: give at most {n_cache} queries (or causal=False)")
-    s = float(scale) if scale is not None else d ** -0.5
+    s = spec.scale_for(d)
+    bias = spec.bias
     if isinstance(bias, str):
-        if bias != "paper":
-            raise ValueError(f"bias must be a number, an array of one per head, or 'paper', got {bias!r}")
         bias_h = None
     else:
         if np.ndim(bias) and np.shape(bias) != (Hq,):  # before broadcasting: numpy's message names no argument
@@ -366,14 +309,15 @@ def hsr_attention(q: ArrayLike, index: KVIndex | KVCacheIndex | CodeKVCache | GP
         bias_h = np.broadcast_to(np.asarray(bias, dtype=np.float64), (Hq,)) if np.ndim(bias) else np.full(Hq, float(bias))
         if not np.isfinite(bias_h).all():
             raise ValueError("bias contains NaN or Inf")
+    tau = spec.tau
     if tau is not None:
-        tau_h = np.asarray(tau, dtype=np.float64)
-        rows = (M,) if isinstance(index, KVIndex) else (B, Hq, M)
-        if tau_h.ndim and tau_h.shape not in ((Hq,), rows):
-            raise ValueError(f"tau must be a scalar or have shape ({Hq},) or {rows}, got {tau_h.shape}")
+        tau_h = np.asarray(to_numpy(tau, "tau") if is_torch(tau) else tau, dtype=np.float64)
+        if tau_h.ndim and tau_h.shape not in ((Hq,), tau_rows):
+            raise ValueError(f"tau must be a scalar or have shape ({Hq},) or {tau_rows}, got {tau_h.shape}")
         if not np.isfinite(tau_h).all():
             raise ValueError("tau contains NaN or Inf")
-        tau_h = tau_h.reshape(B, Hq, M) if tau_h.shape == rows else np.broadcast_to(tau_h[..., None], (B, Hq, M))
+        tau_h = tau_h.reshape(B, Hq, M) if tau_h.shape == tau_rows else np.broadcast_to(tau_h[..., None], (B, Hq, M))
+    kind, alpha, eps = spec.kind, spec.alpha, spec.softmax_eps
     dv = heads[0][0].value_dim
     out = np.zeros((B, Hq, M, dv), dtype=np.float32)
     info = [np.zeros((B, Hq, M), dtype=np.int64), np.zeros((B, Hq, M), dtype=np.int64),
@@ -390,20 +334,9 @@ def hsr_attention(q: ArrayLike, index: KVIndex | KVCacheIndex | CodeKVCache | GP
             else:
                 bq = np.repeat(bias_h[hk * group:(hk + 1) * group], M)
             tq = None if tau is None else np.ascontiguousarray(tau_h[b, hk * group:(hk + 1) * group]).reshape(-1)
-            o, sc, sel, dr, ls = _attend_head(kvi, Qg, kind, alpha, np.ascontiguousarray(bq), s, eps, tq, topk, lim,
-                                              dense)
+            o, sc, sel, dr, ls = _attend_head(kvi, Qg, kind, alpha, np.ascontiguousarray(bq), s, eps, tq,
+                                              spec.topk, lim, dense)
             out[b, hk * group:(hk + 1) * group] = o.reshape(group, M, dv)
             for arr, val in zip(info, (sc, sel, dr, ls)):
                 arr[b, hk * group:(hk + 1) * group] = val.reshape(group, M)
-    if isinstance(index, KVIndex):
-        out = out[0, 0]
-        info = [a[0, 0] for a in info]
-        if single:
-            out = out[0]
-            info = [a[0] for a in info]
-    result = framework_out(out, q)
-    if return_info:
-        n_keys = len(heads[0][0])
-        return result, AttentionInfo(info[0], info[1], info[2], info[3], n_keys)
-    return result
-
+    return out, AttentionInfo(info[0], info[1], info[2], info[3], len(heads[0][0]) if B else 0)

@@ -13,7 +13,9 @@ import numpy as np
 
 from .._typing import Array, ArrayLike, Device, TorchDType, lazy
 from ..index import HSRIndex
-from ..index._validate import as_float_array, is_torch, kept_in_place, to_numpy
+from .._arrays import as_float_array, is_torch, kept_in_place, to_numpy
+from .core import attend_heads, cpu_queries
+from .._protocol import FEATURES, AttentionInfo, AttentionSpec
 
 if TYPE_CHECKING:
     from ..kernels.codes import CodeKVCache
@@ -21,6 +23,9 @@ else:  # torch and the Triton kernels load only when a cache moves to a GPU
     CodeKVCache = lazy("hsr.kernels.codes", "CodeKVCache")
 
 __all__ = ["KVIndex", "KVCacheIndex"]
+
+#: the CPU caches implement every feature of the attention protocol
+CPU_FEATURES = frozenset(FEATURES)
 
 
 def _value_buffer(V: np.ndarray) -> np.ndarray:
@@ -99,6 +104,23 @@ class KVIndex:
             self._values[start:start + len(V)] = V
             return self.index.add(K)
 
+    supports = CPU_FEATURES
+
+    def attend(self, q: ArrayLike, spec: AttentionSpec, *, with_info: bool = False
+               ) -> tuple[Array, AttentionInfo | None]:
+        """Attention of ``q (m, d)`` or ``(d,)`` over this head, as ``spec`` says (the CPU
+        engine, :func:`hsr.attention.core.attend_heads`); ``out`` like q, ``info`` rows like q
+        without d, or None unless ``with_info``. Usually called through :func:`hsr.hsr_attention`."""
+        Qn = cpu_queries(q, type(self).__name__)
+        single = Qn.ndim == 1
+        Q4 = as_float_array(Qn, "q", np.float32, ndim=2, dim=self.dim)[None, None]
+        out, info = attend_heads([[self]], Q4, spec, tau_rows=(Q4.shape[2],))
+        out = out[0, 0]
+        rows = [a[0, 0] for a in (info.keys_scored, info.keys_selected, info.dropped_bound, info.lse)]
+        if single:
+            out, rows = out[0], [a[0] for a in rows]
+        return framework_out(out, q), (AttentionInfo(*rows, info.n_keys) if with_info else None)
+
     def __repr__(self):
         return f"KVIndex(n={len(self)}, dim={self.dim}, value_dim={self.value_dim})"
 
@@ -157,6 +179,24 @@ class KVCacheIndex:
         for b in range(self.batch):
             for h in range(self.kv_heads):
                 self.heads[b][h].add(K[b, h], V[b, h])
+
+    supports = CPU_FEATURES
+
+    def attend(self, q: ArrayLike, spec: AttentionSpec, *, with_info: bool = False
+               ) -> tuple[Array, AttentionInfo | None]:
+        """Attention of ``q (B, Hq, M, D)`` over the cache as ``spec`` says, ``Hq`` a multiple
+        of the kv heads (grouped-query attention); ``out`` like q, ``info`` of ``(B, Hq, M)``
+        arrays or None unless ``with_info``. Usually called through :func:`hsr.hsr_attention`."""
+        Qn = cpu_queries(q, type(self).__name__)
+        if Qn.ndim != 4 or Qn.shape[0] != self.batch or Qn.shape[-1] != self.dim:
+            raise ValueError(f"q must be (batch={self.batch}, heads, seq, dim={self.dim}), got {Qn.shape}")
+        if Qn.shape[1] % self.kv_heads:
+            raise ValueError(f"query heads ({Qn.shape[1]}) must be a multiple of kv heads ({self.kv_heads})")
+        Qn = np.ascontiguousarray(Qn, dtype=np.float32)
+        if not np.isfinite(Qn).all():
+            raise ValueError("q contains NaN or Inf")
+        out, info = attend_heads(self.heads, Qn, spec, tau_rows=Qn.shape[:3])
+        return framework_out(out, q), (info if with_info else None)
 
     def to(self, device: Device, *, dtype: TorchDType | None = None, seed: int = 0) -> CodeKVCache:
         """This cache on another device: a :class:`hsr.kernels.CodeKVCache` (per-key int8 codes

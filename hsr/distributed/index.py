@@ -16,7 +16,7 @@ import numpy as np
 
 from .._typing import ArrayLike, ProcessGroup, StrPath
 from ..index import HSRIndex
-from ..index._validate import to_numpy
+from .._arrays import to_numpy
 from ..index.results import RangeResult, SearchResult
 from ._comm import Comm, Sharded
 from . import _files

@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .._typing import Array, ArrayLike, ProcessGroup, StrPath, lazy
-from ..attention.core import AttentionInfo, check_options
+from .._protocol import FEATURES, AttentionInfo, AttentionSpec
 from ..attention.kv import KVCacheIndex, KVIndex, framework_out
-from ..index._validate import as_float_array, to_numpy
+from .._arrays import as_float_array, to_numpy
 from ._comm import Comm, Sharded
 from .merge import dropped_fraction, kth_best, merge_attention, shard_range
 from .partial import cpu_partial, heads_of
@@ -36,6 +36,8 @@ else:  # torch and the Triton kernels load only with a GPU shard
 __all__ = ["ShardedKVCache"]
 
 _KINDS = {"KVIndex": 0, "KVCacheIndex": 1, "CodeKVCache": 2}
+_CPU_FEATURES = frozenset(FEATURES) - {"paper_bias"}
+_GPU_FEATURES = frozenset({"tau"})
 
 
 class ShardedKVCache(Sharded):
@@ -65,8 +67,6 @@ class ShardedKVCache(Sharded):
     ``last_timing`` holds the seconds of the last call's phases (``broadcast``, ``local``,
     ``gather``, ``merge``; with ``sync_timing=True`` a CUDA shard synchronises between them).
     """
-
-    accepts_certified_options = True  # hsr.hsr_attention passes eps, topk and return_info through
 
     def __init__(self, local: KVIndex | KVCacheIndex | CodeKVCache, *, group: ProcessGroup | None = None,
                  broadcast_queries: bool = True, dense_below: int | None = None) -> None:
@@ -134,26 +134,29 @@ class ShardedKVCache(Sharded):
         return np.arange(first, first + t, dtype=np.int64)
 
     # ------------------------------------------------------------------ attention
-    def hsr_attention(self, q: ArrayLike | None, *, kind: str = "relu", alpha: int = 2, bias: float | ArrayLike = 0.0,
-                      scale: float | None = None, eps: float | None = None, tau: float | ArrayLike | None = None,
-                      topk: int | None = None, causal: bool = False, return_info: bool = False
-                      ) -> Array | tuple[Array, AttentionInfo]:
-        """Attention of ``q`` over the whole sharded cache; options as :func:`hsr.hsr_attention`.
+    @property
+    def supports(self) -> frozenset[str]:
+        """CPU shards: every feature but ``bias='paper'`` (it needs every key in one place); a
+        CodeKVCache shard: ``tau``."""
+        return _GPU_FEATURES if self._kind == 2 else _CPU_FEATURES
 
-        Returns the same as :func:`hsr.hsr_attention` on one cache holding every position
-        (ReLU^alpha, softmax with ``tau``/``topk``: the same keys, equal up to float rounding;
-        softmax with ``eps``: each shard meets ``eps`` on its own, so the whole does too). The
+    def attend(self, q: ArrayLike | None, spec: AttentionSpec, *, with_info: bool = False
+               ) -> tuple[Array, AttentionInfo | None]:
+        """Attention of ``q`` over the whole sharded cache as ``spec`` says (the attention
+        protocol's method: :func:`hsr.hsr_attention` calls it). Collective: every rank calls
+        it; with ``broadcast_queries`` only rank 0's ``q`` counts (others may pass None).
+
+        Returns the same as one cache holding every position (ReLU^alpha, softmax with
+        ``tau``/``topk``: the same keys, equal up to float rounding; softmax with ``eps``: each
+        shard meets ``eps`` on its own, so the whole does too), on every rank. The
         ``AttentionInfo``'s ``dropped_bound`` is the global certified fraction (the shards'
-        dropped masses summed, over the global normaliser). On every rank.
+        dropped masses summed, over the global normaliser). ``spec.dense_below`` overrides the
+        cache's ``dense_below`` for this call.
         """
-        check_options(kind, alpha, eps, tau, topk, scale)
-        if isinstance(bias, str):
-            raise ValueError("bias='paper' needs every key in one place; give a number or one per query head")
-        if kind == "softmax" and eps is None and tau is None and topk is None:
-            eps = 1e-3
-        if self._kind == 2 and (eps is not None or topk is not None or return_info):
-            raise ValueError("a CodeKVCache shard keeps the keys with score >= tau (give tau=): eps, topk and "
-                             "return_info need CPU shards")
+        kind, alpha, bias, scale, tau, topk, causal = (spec.kind, spec.alpha, spec.bias, spec.scale, spec.tau,
+                                                       spec.topk, spec.causal)
+        eps = spec.softmax_eps
+        dense_below = self.dense_below if spec.dense_below is None else spec.dense_below
         timing = {}
         t0 = time.perf_counter()
         Qn, like = self._sync_queries(q, timing)
@@ -175,7 +178,7 @@ class ShardedKVCache(Sharded):
         else:
             part = self.comm.attempt(cpu_partial, self.local, Qn, start=self.start, n_global=self._n, kind=kind,
                                      alpha=int(alpha), bias=bias_h, scale=s, eps=eps, tau_rows=tau_rows,
-                                     causal=causal, dense_below=self.dense_below)
+                                     causal=causal, dense_below=dense_below)
             timing["local"] = time.perf_counter() - t1
             t2 = time.perf_counter()
             dv = self.value_dim
@@ -203,16 +206,14 @@ class ShardedKVCache(Sharded):
         timing["total"] = time.perf_counter() - t0
         self.last_timing = timing
         if self._kind == 2:
-            return out.to(like.dtype) if like is not None else out
+            return (out.to(like.dtype) if like is not None else out), None
         info = [scored, sel, dropped, lse]
         if self._kind == 0:
             out, info = out[0, 0], [a[0, 0] for a in info]
             if like is not None and len(like.shape) == 1:
                 out, info = out[0], [a[0] for a in info]
         result = framework_out(out, like if like is not None else out)
-        if return_info:
-            return result, AttentionInfo(*info, n_keys=self._n)
-        return result
+        return result, (AttentionInfo(*info, n_keys=self._n) if with_info else None)
 
     def _stamp(self, t):
         if self.sync_timing:

@@ -48,6 +48,7 @@ from ._compat import interpreting, patch_interpreter
 from ._softmax import LOG2E
 from ._validate import check_alpha, check_kind, check_triton_device
 from .._lock import RWLock, reads, writes
+from .._protocol import AttentionInfo, AttentionSpec
 from .block_sparse import _num_sms, merge_partials
 from .decode import DecodeStep
 
@@ -449,24 +450,42 @@ class CodeKVCache:
         maxn = self.max_norm.view(B, self.Hkv, 1, 1).expand(B, self.Hkv, G, 1).reshape(B, Hq, 1)
         return dropped_share(rem, lse, tau, s, 4.0 * D * 2.0 ** -24 * qn * maxn, self.n)
 
+    supports = frozenset({"tau", "info"})
+
     @reads  # plan and run under one read: an add cannot fall between them
-    def attend(self, q: torch.Tensor, *, kind: str, tau: float | torch.Tensor | None = None, alpha: int = 2,
-               bias: float | torch.Tensor = 0.0, scale: float | None = None, num_splits: int | None = None,
-               return_bound: bool = False, check: bool = True) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Filter + attend in one call. ReLU^alpha defaults to ``tau = bias / scale`` (exact);
-        softmax needs ``tau`` (raw score). Returns ``out (B, Hq, M, D)``, and with
-        ``return_bound=True`` (softmax) ``(out, bound)``: per row a certified upper bound on the
-        softmax mass share of the keys below tau (see :meth:`run`). ``check=True``: one
-        synchronisation, a ``ValueError`` for bad values; ``check=False``: none (NaN rows, and
-        :meth:`check` raises later)."""
-        check_kind(kind)
-        s = float(scale) if scale is not None else self.D ** -0.5
-        tau = default_tau(kind, tau, bias, s)
+    def attend(self, q: torch.Tensor, spec: AttentionSpec, *, with_info: bool = False,
+               num_splits: int | None = None, check: bool = True) -> tuple[torch.Tensor, AttentionInfo | None]:
+        """Filter + attend ``q (B, Hq, M, D)`` (on this device, this dtype) as ``spec`` says: the
+        attention protocol's method (:func:`hsr.hsr_attention` calls it).
+
+        ReLU^alpha keeps ``tau = bias / scale`` (exact); softmax needs ``spec.tau`` (raw score).
+        M > 1 needs ``spec.causal`` (the queries are the last M positions). Returns
+        ``(out (B, Hq, M, D), info)``; ``with_info=True``: an :class:`AttentionInfo` of
+        ``(B, Hq, M)`` tensors — ``keys_scored`` the filter's survivors of the row's head,
+        ``keys_selected`` None (the kernel does not count), ``lse``, and for softmax
+        ``dropped_bound`` the certified share of the mass below tau (see :meth:`run`; one
+        more pass over the survivors). ``check=True``: one synchronisation, a ``ValueError``
+        for bad values; ``check=False``: none (NaN rows, and :meth:`check` raises later)."""
+        if not (torch.is_tensor(q) and q.device == self.device):
+            raise TypeError(f"a CodeKVCache on {self.device} takes query tensors (B, Hq, M, D) on the same device")
+        if not spec.causal and q.dim() == 4 and q.shape[2] > 1:
+            raise ValueError("the code cache attends the last M positions causally: pass causal=True for M > 1")
+        s = spec.scale_for(self.D)
+        bias, tau = (x if x is None or isinstance(x, (int, float)) or torch.is_tensor(x)
+                     else torch.as_tensor(x, dtype=torch.float32, device=self.device) for x in (spec.bias, spec.tau))
+        tau = default_tau(spec.kind, tau, bias, s)
+        certify = with_info and spec.kind == "softmax"
         self._check_q(q)
-        plan = self._plan(q, tau, bias=bias, certify=return_bound, scale=s)
-        res = self._run(q, plan, kind=kind, alpha=alpha, scale=s, num_splits=num_splits, return_bound=return_bound)
+        plan = self._plan(q, tau, bias=bias, certify=certify, scale=s)
+        res = self._run(q, plan, kind=spec.kind, alpha=spec.alpha, scale=s, num_splits=num_splits,
+                        return_bound=certify)
         self._raise_if(check)
-        return (res[0], res[2]) if return_bound else res[0]
+        if not with_info:
+            return res[0], None
+        B, Hq, M, _ = q.shape
+        scored = plan.count.sum(1, dtype=torch.int64).view(B, self.Hkv, 1, 1).expand(B, self.Hkv, Hq // self.Hkv, M)
+        bound = res[2] if certify else torch.zeros_like(res[1])
+        return res[0], AttentionInfo(scored.reshape(B, Hq, M), None, bound, res[1], self.n)
 
     def decode_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kind: str,
                     tau: float | torch.Tensor | None = None, alpha: int = 2, bias: float | torch.Tensor = 0.0,
@@ -477,16 +496,6 @@ class CodeKVCache:
         The arguments are example inputs (shapes and dtypes) and the attention options."""
         return DecodeStep(self, q, k, v, kind=kind, tau=tau, alpha=alpha, bias=bias, scale=scale, graph=graph,
                           dense=dense, certify=certify)
-
-    def hsr_attention(self, q: torch.Tensor, *, kind: str = "relu", alpha: int = 2, bias: float | torch.Tensor = 0.0,
-                      scale: float | None = None, tau: float | torch.Tensor | None = None, causal: bool = True
-                      ) -> torch.Tensor:
-        """The :func:`hsr.hsr_attention` entry for this cache (``q (B, Hq, M, D)`` on its device)."""
-        if not (torch.is_tensor(q) and q.device == self.device):
-            raise TypeError(f"a CodeKVCache on {self.device} takes query tensors (B, Hq, M, D) on the same device")
-        if not causal and q.shape[2] > 1:
-            raise ValueError("the code cache attends the last M positions causally: pass causal=True for M > 1")
-        return self.attend(q, tau=tau, kind=kind, alpha=alpha, bias=bias, scale=scale)
 
     def keys_read_bytes(self) -> int:
         """Bytes one filter step reads: codes, steps and errors of every key of every head."""

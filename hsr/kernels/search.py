@@ -64,6 +64,7 @@ from typing import Any, NamedTuple, Optional
 import torch
 import triton
 
+from .._protocol import AttentionSpec
 from ..index.results import RangeResult
 from ._compat import interpreting, patch_interpreter
 from ._softmax import LOG2E
@@ -368,19 +369,28 @@ class GPUBlockIndex:
             block_size=self.block, causal=True, scale=scale, return_lse=return_lse,
             positions=self.pos, n_valid=self.n_valid, **kw)
 
-    def hsr_attention(self, q: torch.Tensor, *, kind: str = "relu", alpha: int = 2, bias: float = 0.0,
-                      scale: float | None = None, tau: float | torch.Tensor | None = None, causal: bool = True
-                      ) -> torch.Tensor:
-        """The :func:`hsr.hsr_attention` entry for this index: the Triton filter + attention
-        (:func:`hsr_decode`) for CUDA queries ``(B, Hq, M, D)``; softmax needs ``tau=``."""
+    supports = frozenset({"tau"})
+
+    def attend(self, q: torch.Tensor, spec: AttentionSpec, *, with_info: bool = False
+               ) -> tuple[torch.Tensor, None]:
+        """The attention protocol's method (:func:`hsr.hsr_attention` calls it): the Triton
+        filter + attention (:func:`hsr_decode`) for queries ``(B, Hq, M, D)`` on this device;
+        ReLU^alpha exact, softmax over the blocks that may score ``>= spec.tau`` (required).
+        M > 1 needs ``spec.causal``. No info (``supports`` has no ``"info"``)."""
+        if with_info:
+            raise ValueError("GPUBlockIndex returns no AttentionInfo")
         if not (torch.is_tensor(q) and q.device == self.kp.device):
             raise TypeError(f"a GPUBlockIndex on {self.kp.device} takes query tensors (B, Hq, M, D) on "
                             "the same device")
-        if not causal and q.shape[2] > 1:
+        if not spec.causal and q.dim() == 4 and q.shape[2] > 1:
             raise ValueError("the GPU path attends the last M positions causally: pass causal=True for M > 1")
-        if kind == "softmax" and tau is None:
-            raise ValueError("on the GPU, softmax keeps the blocks that may score >= tau: give tau=")
-        return hsr_decode(q, self, tau=tau, kind=kind, alpha=int(alpha), bias=float(bias), scale=scale)
+        if torch.as_tensor(spec.bias).dim():
+            raise ValueError("GPUBlockIndex takes one bias for every head: give a number")
+        tau = spec.tau
+        if tau is not None and not isinstance(tau, (int, float)) and not torch.is_tensor(tau):
+            tau = torch.as_tensor(tau, dtype=torch.float32, device=q.device)
+        return hsr_decode(q, self, tau=tau, kind=spec.kind, alpha=spec.alpha, bias=float(spec.bias),
+                          scale=spec.scale), None
 
     def tau_for_fraction(self, q: torch.Tensor, fraction: float, sample: int = 4096, seed: int = 0) -> torch.Tensor:
         """Threshold per query row ``(B, Hq, M)`` that keeps about ``fraction`` of the keys,

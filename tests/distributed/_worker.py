@@ -49,9 +49,9 @@ def battery(rank, world, folder):
     one = hd.ShardedKVCache.from_full(k1, v1, broadcast_queries=False, method="tree")
     for name, kind, opts in (("relu", "relu", dict(alpha=2, bias=0.2)), ("soft_tau", "softmax", dict(tau=1.5)),
                              ("soft_eps", "softmax", dict(eps=1e-4)), ("soft_topk", "softmax", dict(topk=7))):
-        out, info = one.hsr_attention(q1, kind=kind, causal=True, return_info=True, **opts)
+        out, info = hsr.hsr_attention(q1, one, kind=kind, causal=True, return_info=True, **opts)
         res[("one", name)] = (out, info.lse, info.dropped_bound)
-    res[("one", "single")] = one.hsr_attention(q1[0], kind="relu", bias=0.2)
+    res[("one", "single")] = hsr.hsr_attention(q1[0], one, kind="relu", bias=0.2)
     # the sharded index: range search and top-k with global ids
     ks, qs = _data.search_keys()
     idx = hd.ShardedIndex.from_full(ks)

@@ -206,7 +206,7 @@ def test_bad_input_names_the_problem(one_rank_group):
     k = rng.standard_normal((1, 2, 50, 8)).astype(np.float32)
     cache = hd.ShardedKVCache.from_full(k, k)
     with pytest.raises(ValueError, match=r"q must be \(batch=1"):
-        cache.hsr_attention(np.zeros((1, 4, 8), np.float32))
+        hsr.hsr_attention(np.zeros((1, 4, 8), np.float32), cache)
     with pytest.raises(ValueError, match="bias='paper'"):
         hsr.hsr_attention(np.zeros((1, 4, 1, 8), np.float32), cache, bias="paper")
     with pytest.raises(ValueError, match="tau must be"):

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from hsr import AttentionSpec
 from hsr.kernels.codes import CodeKVCache
 
 
@@ -93,7 +94,7 @@ def test_append_codes_new_keys(device):
     full = CodeKVCache(k, v)
     torch.testing.assert_close(cache.codes[:, :, :300], full.codes[:, :, :300])
     torch.testing.assert_close(cache.err[:, :, :300], full.err[:, :, :300])
-    out = cache.attend(q, kind="relu", bias=0.2)
+    out, _ = cache.attend(q, AttentionSpec(kind="relu", bias=0.2))
     ref, *_ = _reference(q, k, v, torch.full(q.shape[:3], 0.2 / 32 ** -0.5, dtype=torch.float64, device=q.device),
                          "relu", 2, 0.2, 32 ** -0.5)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
@@ -111,17 +112,17 @@ def test_bad_inputs(device):
     with pytest.raises(ValueError, match="does not fit"):
         cache.plan(q[:, :, :, :16], 0.0)
     with pytest.raises(ValueError, match="tau="):
-        cache.attend(q, kind="softmax")
+        cache.attend(q, AttentionSpec(kind="softmax"))
     with pytest.raises(ValueError, match="kind"):
-        cache.attend(q, tau=0.0, kind="linear")
+        cache.attend(q, AttentionSpec(tau=0.0, kind="linear"))
     with pytest.raises(ValueError, match="alpha must be at most"):
-        cache.attend(q, kind="relu", alpha=5000)
+        cache.attend(q, AttentionSpec(kind="relu", alpha=5000))
     with pytest.raises(ValueError, match="tau must"):
         cache.plan(q, torch.zeros(5, device=q.device))
     with pytest.raises(ValueError, match="floating-point"):
         cache.plan(q, torch.zeros(4, dtype=torch.int32, device=q.device))
     with pytest.raises(ValueError, match="alpha must be an integer"):
-        cache.attend(q, kind="relu", alpha=2.5)
+        cache.attend(q, AttentionSpec(kind="relu", alpha=2.5))
     with pytest.raises(ValueError, match="one device"):
         CodeKVCache(k, v.to("meta"))
     # a NaN query is refused by each checked entry (attend checks once for plan and run)
@@ -129,7 +130,7 @@ def test_bad_inputs(device):
     bad[0, 1, 0, 3] = math.nan
     plan = cache.plan(q, 0.0)
     for call in (lambda: cache.plan(bad, 0.0), lambda: cache.run(bad, plan, kind="relu"),
-                 lambda: cache.attend(bad, kind="relu")):
+                 lambda: cache.attend(bad, AttentionSpec(kind="relu"))):
         with pytest.raises(ValueError, match="NaN"):
             call()
     # a NaN threshold tensor would keep no key, a NaN/Inf bias poison the weights: refused
@@ -138,8 +139,8 @@ def test_bad_inputs(device):
     inf_bias = torch.zeros(4, device=q.device)
     inf_bias[1] = math.inf
     for call, what in ((lambda: cache.plan(q, nan_tau), "tau contains NaN"),
-                       (lambda: cache.attend(q, tau=nan_tau, kind="softmax"), "tau contains NaN"),
-                       (lambda: cache.attend(q, kind="relu", bias=inf_bias), "NaN or Inf")):
+                       (lambda: cache.attend(q, AttentionSpec(tau=nan_tau, kind="softmax")), "tau contains NaN"),
+                       (lambda: cache.attend(q, AttentionSpec(kind="relu", bias=inf_bias)), "NaN or Inf")):
         with pytest.raises(ValueError, match=what):
             call()
     cache.plan(q, torch.full((4,), -math.inf, device=q.device))  # -inf: keep every key, allowed
@@ -165,8 +166,17 @@ def test_kvcacheindex_to_device_and_hsr_attention(device):
     out_gpu = hsr.hsr_attention(torch.from_numpy(q).to(device), gpu, kind="relu", alpha=2, bias=0.4)
     out_cpu = hsr.hsr_attention(q, cpu, kind="relu", alpha=2, bias=0.4)
     np.testing.assert_allclose(out_gpu.cpu().numpy(), out_cpu, rtol=1e-4, atol=1e-5)
-    with pytest.raises(ValueError, match="CPU-only"):
+    with pytest.raises(ValueError, match="CodeKVCache does not support eps"):
         hsr.hsr_attention(torch.from_numpy(q).to(device), gpu, kind="softmax", eps=1e-3)
+    with pytest.raises(ValueError, match="does not support topk"):
+        hsr.hsr_attention(torch.from_numpy(q).to(device), gpu, kind="softmax", topk=4)
+    # the protocol: the same spec, the same answer on both devices; info counts on the GPU too
+    spec = hsr.AttentionSpec(kind="softmax", tau=0.5)
+    out_c, info_c = cpu.attend(q, spec, with_info=True)
+    out_g, info_g = gpu.attend(torch.from_numpy(q).to(device), spec, with_info=True)
+    np.testing.assert_allclose(out_g.cpu().numpy(), out_c, rtol=1e-4, atol=1e-5)
+    assert info_g.keys_selected is None and (info_g.keys_scored.cpu().numpy() >= info_c.keys_selected).all()
+    np.testing.assert_allclose(info_g.lse.cpu().numpy(), info_c.lse, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("lattice", [True, False])
@@ -230,7 +240,7 @@ def test_concurrent_add_and_attend_see_one_state(device):
     t = threading.Thread(target=writer)
     t.start()
     while t.is_alive() or len(seen) < 3:
-        seen.append(cache.attend(q, kind="relu", bias=0.2).double())
+        seen.append(cache.attend(q, AttentionSpec(kind="relu", bias=0.2))[0].double())
     t.join()
     assert not errors
     for out in seen:

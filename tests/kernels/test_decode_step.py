@@ -10,6 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from hsr import AttentionSpec
 from hsr.kernels.codes import CodeKVCache
 
 from .test_codes import _inputs, _reference
@@ -90,14 +91,14 @@ def test_unchecked_bad_values_give_nan_and_are_raised_later(device):
     cache = CodeKVCache(k, v)
     bad = q.clone()
     bad[0, 1, 0, 3] = math.inf
-    out = cache.attend(bad, kind="relu", bias=0.1, check=False)  # no synchronisation, no error
+    out, _ = cache.attend(bad, AttentionSpec(kind="relu", bias=0.1), check=False)  # no synchronisation, no error
     assert torch.isnan(out[0, 1]).all() and torch.isfinite(out[0, [0, 2, 3]]).all()
     with pytest.raises(ValueError, match="q contains NaN or Inf"):
         cache.check()
     cache.check()  # raised once, cleared
     tau = torch.zeros(4, device=device)
     tau[3] = math.nan
-    out = cache.attend(q, kind="softmax", tau=tau, check=False)
+    out, _ = cache.attend(q, AttentionSpec(kind="softmax", tau=tau), check=False)
     assert torch.isnan(out[0, 3]).all() and torch.isfinite(out[0, :3]).all()
     with pytest.raises(ValueError, match="tau contains NaN"):
         cache.check()
@@ -108,7 +109,7 @@ def test_unchecked_bad_values_give_nan_and_are_raised_later(device):
         cache.add(kk, v[:, :, :1])  # checked: refused before anything is written
     assert len(cache) == 60
     cache.add(kk, v[:, :, :1], check=False)
-    assert torch.isnan(cache.attend(q, kind="relu", check=False)).all()
+    assert torch.isnan(cache.attend(q, AttentionSpec(kind="relu"), check=False)[0]).all()
     for _ in range(2):
         with pytest.raises(ValueError, match="poisoned"):
             cache.check()
@@ -120,7 +121,7 @@ def test_tau_of_another_dtype_or_device_keeps_the_same_keys(device):
     cache = CodeKVCache(k, v)
     s = (q.double() @ k.double().transpose(-1, -2))[0, :, 0]
     tau64 = s[:, 7] + 1e-9  # no float32 lies between the score and tau: rounding down would keep it
-    out = cache.attend(q, kind="softmax", tau=tau64.cpu())
+    out, _ = cache.attend(q, AttentionSpec(kind="softmax", tau=tau64.cpu()))
     ref = _dense(q, k, v, "softmax", tau64[None, :, None], 0, 0.25)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
 
@@ -171,7 +172,7 @@ def test_empty_cache_grows_from_nothing(device):
     cache = CodeKVCache(k[:, :, :0], v[:, :, :0])
     assert len(cache) == 0 and cache.lengths.tolist() == [0, 0]
     with pytest.raises(ValueError, match="only 0 keys"):
-        cache.attend(q, kind="relu")
+        cache.attend(q, AttentionSpec(kind="relu"))
     step = cache.decode_step(q, k[:, :, :1], v[:, :, :1], kind="softmax", tau=-math.inf)
     for i in range(20):
         out = step(q, k[:, :, i:i + 1], v[:, :, i:i + 1])
@@ -203,7 +204,8 @@ def test_softmax_dropped_mass_bound_is_certified(device, dense):
     torch.testing.assert_close(out.double(), _reference(q, k, v, tau.double(), "softmax", 2, 0, s)[0],
                                atol=1e-5, rtol=1e-5)
     for t, want in ((math.inf, 1.0), (-math.inf, 0.0)):
-        _, b = cache.attend(q, kind="softmax", tau=t, return_bound=True)
+        _, info = cache.attend(q, AttentionSpec(kind="softmax", tau=t, causal=True), with_info=True)
+        b = info.dropped_bound
         assert torch.allclose(b, torch.full_like(b, want), atol=1e-3)
     with pytest.raises(ValueError, match="certify=True"):
         cache.run(q, cache.plan(q, tau), kind="softmax", return_bound=True)
