@@ -12,10 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
+from .._protocol import AttentionInfo, AttentionSpec
 from ._code_kernels import BAD_BIAS, BAD_KV, BAD_Q, BAD_RANGE, BAD_TAU
 from ._validate import f32_at_least
 
-__all__ = ["CodePlan", "default_tau", "dropped_share", "per_row_values", "status_message"]
+__all__ = ["CodePlan", "default_tau", "dropped_share", "per_row_values", "plan_info", "spec_thresholds",
+           "status_message"]
 
 #: what each status bit means, in the words of the error a checked call raises
 STATUS_WORDS = ((BAD_Q, "q contains NaN or Inf"), (BAD_TAU, "tau contains NaN"),
@@ -161,3 +163,23 @@ def default_tau(kind: str, tau, bias, scale: float):
     if kind == "softmax":
         raise ValueError("softmax on the code cache keeps the keys with score >= tau: give tau=")
     return (bias / scale).float() if torch.is_tensor(bias) else float(bias) / scale
+
+
+def spec_thresholds(spec: AttentionSpec, scale: float, device) -> tuple:
+    """``(bias, tau)`` of an attention spec for the code filter: numbers and tensors as given,
+    arrays as float32 tensors on ``device``; tau defaults as :func:`default_tau` says."""
+    bias, tau = (x if x is None or isinstance(x, (int, float)) or torch.is_tensor(x)
+                 else torch.as_tensor(x, dtype=torch.float32, device=device) for x in (spec.bias, spec.tau))
+    return bias, default_tau(spec.kind, tau, bias, scale)
+
+
+def plan_info(plan: CodePlan, shape: tuple, res: tuple, n: int) -> AttentionInfo:
+    """The :class:`AttentionInfo` of a code-cache call of queries ``shape = (B, Hq, M, D)``:
+    ``keys_scored`` the survivors of each row's kv head (every row of the group scores them),
+    ``keys_selected`` None (the attention kernel does not count), ``lse`` and the certified
+    bound from ``res = run(...)`` (zeros without one)."""
+    B, Hq, M, _ = shape
+    bh = plan.count.shape[0]
+    scored = plan.count.sum(1, dtype=torch.int64).view(B, bh // B, 1, 1).expand(B, bh // B, Hq * B // bh, M)
+    bound = res[2] if len(res) > 2 else torch.zeros_like(res[1])
+    return AttentionInfo(scored.reshape(B, Hq, M), None, bound, res[1], n)

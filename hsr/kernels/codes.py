@@ -42,8 +42,8 @@ import torch
 import triton
 
 from ._code_kernels import BAD_KV, _code_add_kernel, _code_attend_kernel, _code_filter_kernel, _rotate_kernel
-from ._code_plan import (CodePlan, capturing as _capturing, default_tau, dropped_share, per_row_values,
-                         random_rotation, status_message)
+from ._code_plan import (CodePlan, capturing as _capturing, dropped_share, per_row_values, plan_info,
+                         random_rotation, spec_thresholds, status_message)
 from ._compat import interpreting, patch_interpreter
 from ._softmax import LOG2E
 from ._validate import check_alpha, check_kind, check_triton_device
@@ -471,21 +471,14 @@ class CodeKVCache:
         if not spec.causal and q.dim() == 4 and q.shape[2] > 1:
             raise ValueError("the code cache attends the last M positions causally: pass causal=True for M > 1")
         s = spec.scale_for(self.D)
-        bias, tau = (x if x is None or isinstance(x, (int, float)) or torch.is_tensor(x)
-                     else torch.as_tensor(x, dtype=torch.float32, device=self.device) for x in (spec.bias, spec.tau))
-        tau = default_tau(spec.kind, tau, bias, s)
+        bias, tau = spec_thresholds(spec, s, self.device)
         certify = with_info and spec.kind == "softmax"
         self._check_q(q)
         plan = self._plan(q, tau, bias=bias, certify=certify, scale=s)
         res = self._run(q, plan, kind=spec.kind, alpha=spec.alpha, scale=s, num_splits=num_splits,
                         return_bound=certify)
         self._raise_if(check)
-        if not with_info:
-            return res[0], None
-        B, Hq, M, _ = q.shape
-        scored = plan.count.sum(1, dtype=torch.int64).view(B, self.Hkv, 1, 1).expand(B, self.Hkv, Hq // self.Hkv, M)
-        bound = res[2] if certify else torch.zeros_like(res[1])
-        return res[0], AttentionInfo(scored.reshape(B, Hq, M), None, bound, res[1], self.n)
+        return res[0], (plan_info(plan, q.shape, res, self.n) if with_info else None)
 
     def decode_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kind: str,
                     tau: float | torch.Tensor | None = None, alpha: int = 2, bias: float | torch.Tensor = 0.0,
