@@ -5,7 +5,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._softmax import _dot, _online_softmax_step, _weighted_values, _weights_epilogue
+from ._softmax import _dot, _online_softmax_step, _relu_weights, _weighted_values, _weights_epilogue
 
 #: radius of a block with no real key: its upper bound is far below any threshold
 EMPTY_RADIUS = -1e30
@@ -29,11 +29,15 @@ def _upper_bounds(q, qn, qsn, CENT, RAD, SRAD, cb, c_ok, offs_d,
 
 
 @triton.jit
-def _load_group_queries(Q, TAU, tau_scalar, KMAX, ROT, b, hk, sqb, sqh, sqm, stb, sth, G, M,
+def _load_group_queries(Q, TAU, tau_scalar, KMAX, ROT, pid_bh, sqb, sqh, sqm, stb, sth, Hq, M,
                         Hkv, slack_rel, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
                         S: tl.constexpr, TAU_TENSOR: tl.constexpr, ROTATE: tl.constexpr):
-    # The G*M query rows of kv head hk stacked as one tile; their norms, per-subspace norms,
-    # thresholds and the filter's rounding slack (SLACK_REL * ||q|| * max||k||).
+    # Program pid_bh's (batch b, kv head hk) and the G*M query rows of that kv head stacked
+    # as one tile; their norms, per-subspace norms, thresholds and the filter's rounding slack
+    # (SLACK_REL * ||q|| * max||k||).
+    b = pid_bh // Hkv
+    hk = pid_bh % Hkv
+    G = Hq // Hkv
     offs_r = tl.arange(0, ROWS)
     r_ok = offs_r < G * M
     head = hk * G + offs_r // M
@@ -63,7 +67,7 @@ def _load_group_queries(Q, TAU, tau_scalar, KMAX, ROT, b, hk, sqb, sqh, sqm, stb
         tau = tl.where(r_ok, tau_scalar, float("inf"))
     kmax = tl.load(KMAX + b * Hkv + hk)
     thr = tau - slack_rel * qn * kmax
-    return q, qn, qsn, thr, tau, r_ok, head, mrow
+    return b, hk, q, qn, qsn, thr, tau, r_ok, head, mrow
 
 
 @triton.jit
@@ -80,11 +84,8 @@ def _block_filter_kernel(
     # block ids, in no particular order (one atomic per program reserves its slots).
     pid_c = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // Hkv
-    hk = pid_bh % Hkv
-    G = Hq // Hkv
-    q, qn, qsn, thr, tau, r_ok, head, mrow = _load_group_queries(
-        Q, TAU, tau_scalar, KMAX, ROT, b, hk, sqb, sqh, sqm, stb, sth, G, M, Hkv, slack_rel,
+    b, hk, q, qn, qsn, thr, tau, r_ok, head, mrow = _load_group_queries(
+        Q, TAU, tau_scalar, KMAX, ROT, pid_bh, sqb, sqh, sqm, stb, sth, Hq, M, Hkv, slack_rel,
         ROWS, HEAD_DIM, S, TAU_TENSOR, ROTATE)
     cb = pid_c * NB + tl.arange(0, NB)
     c_ok = cb < NB_TOTAL
@@ -121,11 +122,8 @@ def _hsr_decode_kernel(
     # its lse (softmax) or log(sum of weights) (relu) for _merge_kernel.
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // Hkv
-    hk = pid_bh % Hkv
-    G = Hq // Hkv
-    q, qn, qsn, thr, tau, r_ok, head, mrow = _load_group_queries(
-        Q, TAU, tau_scalar, KMAX, ROT, b, hk, sqb, sqh, sqm, stb, sth, G, M, Hkv, slack_rel,
+    b, hk, q, qn, qsn, thr, tau, r_ok, head, mrow = _load_group_queries(
+        Q, TAU, tau_scalar, KMAX, ROT, pid_bh, sqb, sqh, sqm, stb, sth, Hq, M, Hkv, slack_rel,
         ROWS, HEAD_DIM, S, TAU_TENSOR, ROTATE)
     qpos = NVALID - M + mrow
     base = (b * Hkv + hk).to(tl.int64) * NB_TOTAL
@@ -163,11 +161,7 @@ def _hsr_decode_kernel(
                     s2 = tl.where(keep, s * qk_scale, float("-inf"))
                     m_i, l_i, acc = _online_softmax_step(s2, vt, m_i, l_i, acc, UPCAST)
                 else:
-                    wb = tl.maximum(s * qk_scale - bias, 0.0)
-                    w = wb
-                    for _ in tl.static_range(ALPHA - 1):
-                        w = w * wb
-                    w = tl.where(keep, w, 0.0)
+                    w = _relu_weights(s, keep, qk_scale, bias, ALPHA)
                     l_i = l_i + tl.sum(w, 1)
                     acc = acc + _weighted_values(w, vt, UPCAST)
     l_safe, lse = _weights_epilogue(m_i, l_i, KIND)

@@ -21,7 +21,8 @@ import triton
 import triton.language as tl
 
 from ._compat import patch_interpreter
-from ._softmax import LOG2E, _dot, _online_softmax_step, _rescale, _softmax_epilogue  # noqa: F401
+from ._softmax import (LOG2E, _dot, _online_softmax_step, _query_tile, _rescale, _softmax_epilogue,  # noqa: F401
+                       _store_rows)
 
 patch_interpreter()
 
@@ -84,15 +85,8 @@ def _bsa_prefill_kernel(
     h = pid_bh % Hq
     hk = h // GROUP
     lh = h // LIST_GROUP
-    q0 = N - M
-    # ---- query tile in absolute positions (so a tile never straddles a query block)
-    t_abs = (q0 // BLOCK_M) * BLOCK_M + pid_m * BLOCK_M
-    offs_m = t_abs + tl.arange(0, BLOCK_M)
-    rows = offs_m - q0
-    row_ok = (rows >= 0) & (rows < M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + b.to(tl.int64) * sqb + h * sqh + rows[:, None].to(tl.int64) * sqm
-                + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    q, t_abs, offs_m, rows, row_ok, offs_d = _query_tile(Q, b, h, sqb, sqh, sqm, pid_m, M, N,
+                                                         BLOCK_M, HEAD_DIM)
     lrow = t_abs // BLOCK_SIZE - ROW_OFF
     nblk = tl.load(KVN + b * snb + lh * snh + lrow * snr)
     kvi_base = KVI + b * sib + lh * sih + lrow * sir
@@ -134,10 +128,7 @@ def _bsa_prefill_kernel(
                                               K_ROWMAJOR, BLOCK_PTR)
     # ---- epilogue: empty rows give 0 and lse = -inf
     l_safe, lse = _softmax_epilogue(m_i, l_i)
-    out = acc / l_safe[:, None]
-    tl.store(O + b.to(tl.int64) * sob + h * soh + rows[:, None].to(tl.int64) * som
-             + offs_d[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(LSE + b * slb + h * slh + rows, lse, mask=row_ok)
+    _store_rows(O, LSE, acc / l_safe[:, None], lse, b, h, rows, row_ok, offs_d, sob, soh, som, slb, slh)
 
 
 # ----------------------------------------------------------------------------- prefill v2

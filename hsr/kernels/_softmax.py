@@ -10,8 +10,13 @@ This module owns
   row): the FlashAttention update of the running max ``m_i``, the normaliser ``l_i`` and the
   accumulator ``acc`` with one tile of scores;
 * ``_weights_epilogue``: the same for softmax or ReLU^alpha partials (``lse = log sum w``);
+* ``_ipow`` and ``_relu_weights``: ``x ** ALPHA`` as ``ALPHA - 1`` unrolled products, and the
+  masked ReLU^alpha weights ``relu(s * scale - bias) ** ALPHA`` built from it;
 * ``_softmax_epilogue``: the division by ``l_i`` and the natural-log lse, with empty rows
-  (no finite score) giving 0 and ``-inf``.
+  (no finite score) giving 0 and ``-inf``;
+* ``_query_tile`` and ``_store_rows``: the load of one head's query tile (queries are the
+  last ``M`` of ``N`` positions, tiles aligned to absolute positions) and the store of its
+  output and lse rows, as the prefill kernels share them.
 
 Convention: scores reach these helpers already multiplied by ``scale * LOG2E`` (the wrappers
 fold ``LOG2E`` into ``qk_scale``), so every exponential is an ``exp2`` and the running max
@@ -130,3 +135,47 @@ def _weights_epilogue(m_i, l_i, KIND: tl.constexpr):
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
         lse = tl.where(l_i > 0.0, tl.log(l_safe), float("-inf"))
     return l_safe, lse
+
+
+@triton.jit
+def _ipow(x, ALPHA: tl.constexpr):
+    """``x ** ALPHA`` (elementwise) as ``ALPHA - 1`` products, unrolled at compile time."""
+    p = x
+    for _ in tl.static_range(ALPHA - 1):
+        p = p * x
+    return p
+
+
+@triton.jit
+def _relu_weights(s, keep, qk_scale, bias, ALPHA: tl.constexpr):
+    """ReLU^alpha weights ``relu(s * qk_scale - bias) ** ALPHA`` where ``keep``, 0 elsewhere."""
+    return tl.where(keep, _ipow(tl.maximum(s * qk_scale - bias, 0.0), ALPHA), 0.0)
+
+
+@triton.jit
+def _query_tile(Q, b, h, sqb, sqh, sqm, pid_m, M, N, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Query tile ``pid_m`` of head ``(b, h)``, in absolute positions so that a tile never
+    straddles a query block: tiles are aligned to ``BLOCK_M`` from position 0 and the first
+    one holds query position ``N - M``.
+
+    Returns ``(q, t_abs, offs_m, rows, row_ok, offs_d)``: the tile ``(BLOCK_M, HEAD_DIM)``
+    (zeros outside the queries), its first absolute position, the rows' absolute positions,
+    their query rows, whether each is a query, and the head-dim offsets.
+    """
+    q0 = N - M
+    t_abs = (q0 // BLOCK_M) * BLOCK_M + pid_m * BLOCK_M
+    offs_m = t_abs + tl.arange(0, BLOCK_M)
+    rows = offs_m - q0
+    row_ok = (rows >= 0) & (rows < M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + b.to(tl.int64) * sqb + h * sqh + rows[:, None].to(tl.int64) * sqm
+                + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    return q, t_abs, offs_m, rows, row_ok, offs_d
+
+
+@triton.jit
+def _store_rows(O, LSE, out, lse, b, h, rows, row_ok, offs_d, sob, soh, som, slb, slh):
+    """Store a query tile's output rows (in ``O``'s dtype) and lse rows, the real ones only."""
+    tl.store(O + b.to(tl.int64) * sob + h * soh + rows[:, None].to(tl.int64) * som
+             + offs_d[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + b * slb + h * slh + rows, lse, mask=row_ok)

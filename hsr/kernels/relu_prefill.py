@@ -38,7 +38,7 @@ import triton.language as tl
 
 from ._compat import interpreting as _interpreting
 from ._compat import patch_interpreter
-from ._softmax import _dot, _weighted_values
+from ._softmax import _dot, _ipow, _query_tile, _store_rows, _weighted_values
 from ._validate import check_alpha, check_attention_inputs, check_int32_offsets, check_tile, check_triton_device
 
 patch_interpreter()
@@ -61,13 +61,8 @@ def _relu_plan_kernel(
     h = pid_bh % Hq
     hk = h // GROUP
     q0 = N - M
-    t_abs = (q0 // BLOCK_M) * BLOCK_M + pid_m * BLOCK_M
-    offs_m = t_abs + tl.arange(0, BLOCK_M)
-    rows = offs_m - q0
-    row_ok = (rows >= 0) & (rows < M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + b.to(tl.int64) * sqb + h * sqh + rows[:, None].to(tl.int64) * sqm
-                + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    q, t_abs, offs_m, rows, row_ok, offs_d = _query_tile(Q, b, h, sqb, sqh, sqm, pid_m, M, N,
+                                                         BLOCK_M, HEAD_DIM)
     # q = q+ + q-, both exact in q's dtype; <q+, kmax> + <q-, kmin> = max over the key box
     zero = tl.zeros_like(q)
     qp = tl.where(q > 0, q, zero)
@@ -124,14 +119,8 @@ def _relu_step(s, keep, v, m_i, l_i, acc, ALPHA: tl.constexpr, MASKED: tl.conste
         x = tl.where(keep, x, 0.0)
     m_new = tl.maximum(m_i, tl.max(x, 1))
     inv = tl.where(m_new > 0.0, 1.0 / tl.where(m_new > 0.0, m_new, 1.0), 0.0)
-    y = x * inv[:, None]
-    p = y
-    for _ in tl.static_range(ALPHA - 1):
-        p = p * y
-    r = m_i * inv  # old max over new max, in [0, 1]
-    corr = r
-    for _ in tl.static_range(ALPHA - 1):
-        corr = corr * r
+    p = _ipow(x * inv[:, None], ALPHA)
+    corr = _ipow(m_i * inv, ALPHA)  # (old max over new max, in [0, 1]) ** alpha
     l_i = l_i * corr + tl.sum(p, 1)
     acc = acc * corr[:, None] + _weighted_values(p, v, UPCAST)
     return m_new, l_i, acc
@@ -153,14 +142,8 @@ def _relu_prefill_kernel(
     b = pid_bh // Hq
     h = pid_bh % Hq
     hk = h // GROUP
-    q0 = N - M
-    t_abs = (q0 // BLOCK_M) * BLOCK_M + pid_m * BLOCK_M
-    offs_m = t_abs + tl.arange(0, BLOCK_M)
-    rows = offs_m - q0
-    row_ok = (rows >= 0) & (rows < M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + b.to(tl.int64) * sqb + h * sqh + rows[:, None].to(tl.int64) * sqm
-                + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    q, t_abs, offs_m, rows, row_ok, offs_d = _query_tile(Q, b, h, sqb, sqh, sqm, pid_m, M, N,
+                                                         BLOCK_M, HEAD_DIM)
     bias = tl.load(BIAS + h)
     lrow = pid_bh * N_MT + pid_m
     nfull = tl.load(FN + lrow)
@@ -197,9 +180,7 @@ def _relu_prefill_kernel(
     # natural log of the row's sum of weights: log(l) + alpha * log(m)
     lse = tl.where(l_i > 0.0, tl.log(l_safe) + ALPHA * tl.log(tl.where(m_i > 0, m_i, 1.0)),
                    float("-inf"))
-    tl.store(O + b.to(tl.int64) * sob + h * soh + rows[:, None].to(tl.int64) * som
-             + offs_d[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(LSE + b * slb + h * slh + rows, lse, mask=row_ok)
+    _store_rows(O, LSE, out, lse, b, h, rows, row_ok, offs_d, sob, soh, som, slb, slh)
 
 
 # ----------------------------------------------------------------------------- wrappers

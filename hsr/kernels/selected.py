@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ._compat import interpreting, patch_interpreter
-from ._softmax import LOG2E, _online_softmax_step_row, _softmax_epilogue
+from ._softmax import LOG2E, _online_softmax_step_row, _relu_weights, _weights_epilogue
 from ._validate import check_alpha, check_attention_inputs, check_kind, check_tensor, check_triton_device
 from .block_sparse import _num_sms, merge_partials
 
@@ -68,19 +68,11 @@ def _selected_kernel(
             s = tl.where(ok, s * qk_scale, float("-inf"))
             m_i, l_i, acc = _online_softmax_step_row(s, vv, m_i, l_i, acc)
         else:
-            base = tl.maximum(s * qk_scale - bias, 0.0)
-            w = base
-            for _ in tl.static_range(ALPHA - 1):
-                w = w * base
-            w = tl.where(ok, w, 0.0)
+            w = _relu_weights(s, ok, qk_scale, bias, ALPHA)
             l_i = l_i + tl.sum(w, 0)
             acc = acc + tl.sum(w[:, None] * vv.to(tl.float32), 0)
-    if KIND == 0:
-        l_safe, lse = _softmax_epilogue(m_i, l_i)
-    else:
-        # the lse slot carries log(sum of weights), so the split merge averages correctly
-        l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-        lse = tl.where(l_i > 0.0, tl.log(l_safe), float("-inf"))
+    # relu: the lse slot carries log(sum of weights), so the split merge averages correctly
+    l_safe, lse = _weights_epilogue(m_i, l_i, KIND)
     out = acc / l_safe
     tl.store(OP + (pid_s * BHM + row).to(tl.int64) * HEAD_DIM + offs_d, out)
     tl.store(LSEP + pid_s * BHM + row, lse)
