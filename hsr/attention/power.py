@@ -18,6 +18,7 @@ from typing import Optional
 
 import numpy as np
 
+from .._shapes import attention_shapes
 from .._typing import Array, Tensor
 from .patterns import Pattern, _device_block_lists, power_pattern
 
@@ -104,16 +105,9 @@ def power_attention(q: Array, k: Array, v: Array, pattern: Optional[Pattern] = N
     for name, t in (("q", qt), ("k", kt), ("v", vt)):
         if t.dim() != 4:
             raise ValueError(f"{name} must have shape (B, H, seq, D), got {tuple(t.shape)}")
-    B, Hq, M, D = qt.shape
-    Bk, Hkv, N, Dk = kt.shape
     if vt.shape[:3] != kt.shape[:3]:
         raise ValueError(f"v shape {tuple(vt.shape)} does not match k shape {tuple(kt.shape)} in (B, Hkv, N)")
-    if Bk != B:
-        raise ValueError(f"batch mismatch: q has {B}, k has {Bk}")
-    if Dk != D:
-        raise ValueError(f"head dim mismatch: q has {D}, k has {Dk}")
-    if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
+    B, Hq, M, D, Hkv, N = attention_shapes(qt.shape, kt.shape)
     if N == 0 or M == 0 or D == 0:
         raise ValueError(f"empty input: M={M}, N={N}, D={D}")
     if M > N:

@@ -20,6 +20,7 @@ from typing import Tuple
 
 import torch
 
+from .._shapes import attention_shapes
 from . import _compat
 
 #: head dimensions the kernels compile for (powers of two: ``tl.arange`` needs them; >= 16:
@@ -98,14 +99,7 @@ def check_attention_inputs(q, k, v, *, check_dtypes: bool = True) -> Tuple[int, 
     check_tensor("v", v, 4, "(batch, kv_heads, kv_len, head_dim)")
     if v.shape != k.shape:
         raise ValueError(f"v must have the shape of k, got v {tuple(v.shape)} and k {tuple(k.shape)}")
-    B, Hq, M, D = q.shape
-    Bk, Hkv, N, Dk = k.shape
-    if Bk != B:
-        raise ValueError(f"batch mismatch: q has {B}, k and v have {Bk}")
-    if Dk != D:
-        raise ValueError(f"head dim mismatch: q has {D}, k and v have {Dk}")
-    if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(f"query heads ({Hq}) must be a multiple of kv heads ({Hkv})")
+    B, Hq, M, D, Hkv, N = attention_shapes(q.shape, k.shape)
     if D not in HEAD_DIMS:
         raise ValueError(f"head dim must be a power of two in [16, 256], got {D}")
     if check_dtypes:
@@ -271,19 +265,6 @@ def check_block_size(block_size) -> int:
     if bs < 1:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
     return bs
-
-def list_row_offset(R: int, M: int, N: int, block_size: int) -> int:
-    """Row offset of a block list with ``R`` query-block rows (see module docstring)."""
-    n_abs = -(-N // block_size)
-    if R == n_abs:
-        return 0
-    off = (N - M) // block_size
-    need = (N - 1) // block_size - off + 1
-    if R < need:
-        raise ValueError(
-            f"block list has {R} query-block rows; need ceil(N/bs)={n_abs} (absolute rows) "
-            f"or at least {need} (rows relative to query block {off})")
-    return off
 
 
 def f32_at_least(x: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,7 @@ from .._typing import lazy
 from . import _blockmask
 from ._compat import interpreting as _interpreting
 from ._compat import patch_interpreter
-from ._validate import list_row_offset
+from .._shapes import list_row_offset
 from ._softmax import LN2, LOG2E, _dot, _online_softmax_step, _softmax_epilogue  # noqa: F401  (LN2, _dot: re-exported)
 from ._validate import check_triton_device
 from ._validate import (MAX_STACKED_ROWS, MIN_TILE, check_attention_inputs, check_block_lists,

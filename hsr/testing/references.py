@@ -30,7 +30,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..attention.dense import dense_softmax_attention
-from ..kernels._validate import list_row_offset
+from .._shapes import list_row_offset
 
 
 

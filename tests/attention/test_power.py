@@ -426,7 +426,7 @@ def test_power_attention_bad_inputs():
     q = torch.randn(1, 4, 10, 8)
     k = torch.randn(1, 2, 10, 8)
     v = torch.randn(1, 2, 10, 8)
-    with pytest.raises(ValueError, match="multiple of KV heads"):
+    with pytest.raises(ValueError, match="multiple of kv heads"):
         power_attention(torch.randn(1, 3, 10, 8), k, v, p)
     with pytest.raises(ValueError, match="shape"):
         power_attention(q[0], k, v, p)

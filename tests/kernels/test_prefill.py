@@ -31,7 +31,7 @@ def _run(q, k, v, num, idx, bs, causal, **kw):
     out = torch.full_like(q, float("nan"))  # poisoned: every row must be written
     lse = torch.full((B, Hq, M), float("nan"), device=q.device)
     R = num.shape[2]
-    from hsr.kernels._validate import list_row_offset
+    from hsr._shapes import list_row_offset
     off = list_row_offset(R, M, N, bs)
     upcast = q.device.type == "cpu" or q.dtype == torch.float32
     bsm._prefill_v2(q, k, v, out, lse, num, idx, block_size=bs, causal=causal, scale=D ** -0.5,
