@@ -168,8 +168,9 @@ def dense_softmax_attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, scale: 
     Raises
     ------
     ValueError
-        ``causal`` and ``is_causal`` together; head counts that differ without
-        ``enable_gqa`` (other than ``Hkv == 1``) or are not a multiple with it.
+        As :func:`dense_relu_attention` (the causal flags, the head counts).
+    TypeError
+        An ``attn_mask`` that is not boolean.
     """
     if is_torch(q):
         import torch
