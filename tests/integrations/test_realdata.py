@@ -39,6 +39,24 @@ def test_save_load_roundtrip(tmp_path):
         realdata.load_capture(p, layers=[0])
 
 
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 cut short", b"not an npz at all"])
+def test_an_unreadable_capture_file_is_captured_again(tmp_path, monkeypatch, content):
+    # an empty, truncated or foreign file where a capture should be: get_real_qk says so and
+    # captures again (the capture itself is stood in for: it would load the model)
+    monkeypatch.delenv("HSR_CACHE_DIR", raising=False)
+    realdata.cache_path(16, tmp_path).write_bytes(content)
+
+    class Captured(Exception):
+        pass
+
+    def load_smollm2():
+        raise Captured
+
+    monkeypatch.setattr(realdata, "load_smollm2", load_smollm2)
+    with pytest.warns(RuntimeWarning, match="not a readable capture"), pytest.raises(Captured):
+        realdata.get_real_qk(16, [0], cache_dir=tmp_path)
+
 @pytest.fixture(scope="module")
 def smollm2():
     pytest.importorskip("transformers")
