@@ -15,16 +15,23 @@ _PATCHED = False
 
 
 def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def patch_interpreter() -> None:
+    """Apply the scalar-conversion fix to Triton's interpreter, once, when it is in use.
+
+    Nothing is patched without the interpreter, or where the interpreter has no
+    ``_patch_lang_tensor`` to wrap (another Triton layout: the conversion it fixes is then not
+    that one's to fix).
+    """
     global _PATCHED
     if _PATCHED or not interpreting():
         return
     try:
         from triton.runtime import interpreter as _interp
-    except Exception:  # pragma: no cover - triton layout changed
+    except ImportError:  # pragma: no cover - a Triton without this module has nothing to patch
         return
     orig = getattr(_interp, "_patch_lang_tensor", None)
     if orig is None:  # pragma: no cover
