@@ -40,7 +40,7 @@ from numba import njit, prange, types
 from numba.cpython.unsafe.numbers import trailing_zeros
 from numba.extending import intrinsic
 
-from ._code_kernels import BLOCK, _PENDING, _collect_near, _verify, pair_dot_1x1, pair_dot_1x4, pair_dot_8x1
+from ._code_kernels import BLOCK, _PENDING, _collect_near, _data, _verify, pair_dot_1x1, pair_dot_1x4, pair_dot_8x1
 
 #: query rows per task (the rows that share one pass over a range of codes)
 TILE_ROWS = 64
@@ -69,9 +69,8 @@ def _lane_mask(typingctx, acc, off, a, qnr, scale, err, first, th):
 
     def codegen(context, builder, signature, args):
         acc_, off_, a_, q_, sc_, er_, fi_, th_ = args
-        ap = context.make_array(signature.args[0])(context, builder, acc_).data
-        sp = context.make_array(signature.args[4])(context, builder, sc_).data
-        ep = context.make_array(signature.args[5])(context, builder, er_).data
+        types_ = signature.args
+        ap, sp, ep = (_data(context, builder, types_[i], v) for i, v in ((0, acc_), (4, sc_), (5, er_)))
         vf = ir.VectorType(_F32, BLOCK)
         vi = ir.VectorType(_I32, BLOCK)
 

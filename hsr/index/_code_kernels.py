@@ -153,6 +153,11 @@ def _madd(builder, w, q):
     return builder.add(prod[0], prod[1])
 
 
+def _data(context, builder, ty, value):
+    """The data pointer of a numba array argument of an intrinsic (``ty`` its numba type)."""
+    return context.make_array(ty)(context, builder, value).data
+
+
 def _make_pair_dot(R: int, B: int):
     """An intrinsic ``pair_dot(codes, cbase, cstride, qp, qbase, qstride, npairs, out)``: the
     exact int32 products of R query rows with B code blocks, register-blocked like a GEMM's
@@ -171,9 +176,8 @@ def _make_pair_dot(R: int, B: int):
 
         def codegen(context, builder, signature, args):
             ca, cb, cs, qa, qb, qs, npr, oa = args
-            cptr = context.make_array(signature.args[0])(context, builder, ca).data
-            qptr = context.make_array(signature.args[3])(context, builder, qa).data
-            optr = context.make_array(signature.args[7])(context, builder, oa).data
+            types_ = signature.args
+            cptr, qptr, optr = (_data(context, builder, types_[i], v) for i, v in ((0, ca), (3, qa), (7, oa)))
             cb, cs, qb, qs, npr = (builder.sext(v, _I64) if v.type.width < 64 else v for v in (cb, cs, qb, qs, npr))
             zero = ir.Constant(_V16, None)
             entry = builder.basic_block
