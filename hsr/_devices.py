@@ -8,28 +8,10 @@ up ``"code_index"``. A new device backend registers the same names.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
-__all__ = ["register", "lookup", "DeviceIndex"]
+__all__ = ["register", "lookup"]
 
-
-class DeviceIndex(Protocol):
-    """What ``HSRIndex.to(device)`` returns for a device other than the CPU (``"code_index"``:
-    ``hsr.kernels.GPUCodeIndex``): the index's search side, taking and returning tensors."""
-
-    @property
-    def ntotal(self) -> int: ...
-
-    @property
-    def d(self) -> int: ...
-
-    def __len__(self) -> int: ...
-
-    def add(self, keys: Any) -> Any: ...
-
-    def range_search(self, queries: Any, tau: Any) -> Any: ...
-
-    def count(self, queries: Any, tau: Any) -> Any: ...
 
 #: implementation name -> loader returning the class (called on the first lookup, then cached)
 _LOADERS: dict[str, Callable[[], Any]] = {}

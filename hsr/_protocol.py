@@ -1,4 +1,6 @@
-"""The attention protocol: what to compute, what comes back, and the one method every cache has.
+"""The two protocols: attention over a cache, and search over an index.
+
+Attention: what to compute, what comes back, and the one method every cache has.
 
 ``hsr_attention(q, cache, **options)`` builds an :class:`AttentionSpec` (validated once, here),
 checks that the cache :attr:`~AttentionCache.supports` every feature the spec uses, and calls
@@ -6,6 +8,11 @@ checks that the cache :attr:`~AttentionCache.supports` every feature the spec us
 ``supports`` and ``attend``: the CPU caches (``KVIndex``, ``KVCacheIndex``), the GPU ones
 (``hsr.kernels.CodeKVCache``, ``hsr.kernels.GPUBlockIndex``) and the sharded one
 (``hsr.distributed.ShardedKVCache``). docs/design.md, "Two protocols", says how to add one.
+
+Search: :class:`SearchIndex`, FAISS's contract (``add``, ``remove``, ``range_search``,
+``search``, ``count``, ``ntotal``, ``d``, ``to``), numpy on the CPU and tensors on a device:
+``HSRIndex``, ``BruteForceIndex``, ``hsr.kernels.GPUCodeIndex``,
+``hsr.distributed.ShardedIndex``.
 """
 
 from __future__ import annotations
@@ -18,7 +25,8 @@ import numpy as np
 
 from ._typing import Array, ArrayLike
 
-__all__ = ["AttentionSpec", "AttentionInfo", "AttentionCache", "FEATURES", "DEFAULT_EPS", "check_supported"]
+__all__ = ["AttentionSpec", "AttentionInfo", "AttentionCache", "SearchIndex", "FEATURES", "DEFAULT_EPS",
+           "check_supported"]
 
 #: the certified dropped fraction a softmax call keeps when it is given no eps, tau or topk
 DEFAULT_EPS = 1e-3
@@ -198,3 +206,36 @@ def check_supported(cache: Any, spec: AttentionSpec, *, with_info: bool = False)
         lacks = "; ".join(f"{m}: {FEATURES[m]}" for m in missing)
         raise ValueError(f"{type(cache).__name__} does not support {', '.join(missing)} ({lacks}). "
                          f"It supports: {', '.join(sorted(cache.supports)) or 'ReLU^alpha with a numeric bias only'}")
+
+
+@runtime_checkable
+class SearchIndex(Protocol):
+    """What every half-space reporting index has, on every device (FAISS's names and results;
+    numpy arrays from a CPU index, tensors on the index's device from a GPU one).
+
+    ``ntotal`` / ``len(index)`` count live keys; ids are handed out in order and never shift
+    (``remove`` leaves a hole). ``range_search(Q, tau)`` returns a ``RangeResult(lims, D, I)``
+    of every live key with ``<q, k> >= tau``; ``search(Q, k)`` a ``SearchResult(D, I)`` of the
+    k best, padded with ``-inf`` / ``-1``; ``count`` the range search's sizes; ``to(device)``
+    the same keys, ids and removals on another device.
+    """
+
+    @property
+    def ntotal(self) -> int: ...
+
+    @property
+    def d(self) -> int: ...
+
+    def __len__(self) -> int: ...
+
+    def add(self, keys: Any) -> Any: ...
+
+    def remove(self, ids: Any) -> Any: ...
+
+    def range_search(self, queries: Any, tau: Any) -> Any: ...
+
+    def search(self, queries: Any, k: int) -> Any: ...
+
+    def count(self, queries: Any, tau: Any) -> Any: ...
+
+    def to(self, device: Any) -> Any: ...

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .._typing import ArrayLike, ProcessGroup, StrPath
+from .._typing import ArrayLike, Device, ProcessGroup, StrPath
 from ..index import HSRIndex
 from .._arrays import to_numpy
 from ..index.results import RangeResult, SearchResult
@@ -46,10 +46,11 @@ class ShardedIndex(Sharded):
     def __init__(self, local: HSRIndex, *, group: ProcessGroup | None = None, broadcast_queries: bool = True) -> None:
         super().__init__(local, group, broadcast_queries)
         meta = self.comm.attempt(_describe, local)
-        got = self.comm.gather_rows(meta if meta is not None else np.zeros(2), "ShardedIndex construction")
+        got = self.comm.gather_rows(meta if meta is not None else np.zeros(3), "ShardedIndex construction")
         if not (got[:, 0] == got[0, 0]).all():
             raise ValueError(f"ranks hold keys of different dimensions: {got[:, 0].astype(int).tolist()}")
         self._set_sizes(got[:, 1])
+        self._live = int(got[:, 2].sum())
 
     @classmethod
     def from_full(cls, keys: ArrayLike, *, group: ProcessGroup | None = None, broadcast_queries: bool = True,
@@ -74,9 +75,15 @@ class ShardedIndex(Sharded):
 
     @property
     def ntotal(self) -> int:
-        """Ids in the whole index, all ranks: ``0 .. ntotal - 1``. Unlike ``HSRIndex.ntotal``
-        (live keys), a key removed from a shard's own index (the sharded index has no
-        ``remove``) still counts: counting live keys would cost a collective per call."""
+        """Live keys over every rank, as :attr:`hsr.HSRIndex.ntotal` (``len(index)`` too)."""
+        return self._live
+
+    def __len__(self) -> int:
+        return self._live
+
+    @property
+    def n_total(self) -> int:
+        """Global ids handed out, ``0 .. n_total - 1`` (live and removed)."""
         return self._n
 
     def add(self, keys: ArrayLike) -> np.ndarray:
@@ -87,7 +94,51 @@ class ShardedIndex(Sharded):
         if self.rank == self.world - 1:
             self.local.add(keys)
         self._n += int(t)
+        self._live += int(t)
         return np.arange(first, first + t, dtype=np.int64)
+
+    def remove(self, ids: ArrayLike) -> None:
+        """Delete keys by global id (every rank passes the same ids; each removes its own).
+        Collective: one gather, so that a bad id raises on every rank and every rank's
+        :attr:`ntotal` stays the same.
+
+        Raises
+        ------
+        TypeError
+            Ids that are not integers.
+        ValueError
+            An id out of range, repeated, or already removed (on every rank).
+        """
+        got = self.comm.attempt(self._remove_own, ids)
+        done = self.comm.gather_rows(np.array([0.0 if got is None else got]), "sharded remove")
+        self._live -= int(done.sum())
+
+    def _remove_own(self, ids):
+        arr = np.asarray(ids)
+        if arr.size and arr.dtype.kind not in "iu":
+            raise TypeError(f"ids must be integers, got dtype {arr.dtype}")
+        arr = arr.astype(np.int64).ravel()
+        bad = (arr < 0) | (arr >= self._n)
+        if bad.any():
+            raise ValueError(f"ids out of range [0, {self._n}): {arr[bad][:5].tolist()}")
+        if np.unique(arr).size != arr.size:
+            raise ValueError("ids are repeated")
+        end = self._n if self.rank == self.world - 1 else int(self.starts[self.rank + 1])
+        mine = arr[(arr >= self.start) & (arr < end)] - self.start
+        if mine.size:
+            self.local.remove(mine)
+        return float(mine.size)
+
+    def to(self, device: Device) -> ShardedIndex:
+        """``"cpu"``: this index. A sharded index searches on the CPU only (its merge is in
+        numpy): for GPU shards, move each rank's ``HSRIndex`` (``local.to("cuda")``) and search
+        it on its own."""
+        import torch
+
+        if torch.device(device).type != "cpu":
+            raise ValueError("ShardedIndex searches on the CPU only; move each rank's shard "
+                             "(sharded.local.to(device)) and search it there")
+        return self
 
     # ------------------------------------------------------------------ search
     def _queries(self, queries, tau, max_id):
@@ -210,6 +261,23 @@ class ShardedIndex(Sharded):
 
     search = topk
 
+    def count(self, queries: ArrayLike | None, tau: float | ArrayLike, *, max_id: int | ArrayLike | None = None
+              ) -> np.ndarray:
+        """Per query, the number of keys with ``<q, k> >= tau`` over every shard, ``(m,)``
+        int64, on every rank (one gather of the shards' counts)."""
+        Q, t, lim = self._queries(queries, tau, max_id)
+        part = self.comm.attempt(self._local_count, Q, t, lim)
+        got = self.comm.gather_rows(part if part is not None else np.zeros(Q.shape[0]), "sharded count")
+        return got.sum(0).astype(np.int64)
+
+    def _local_count(self, Q, t, lim):
+        loc = self._local_limits(lim)
+        out = np.zeros(Q.shape[0])
+        vis = loc >= 0
+        if vis.any() and len(self.local):
+            out[vis] = self.local.count(Q[vis], t[vis], max_id=loc[vis])
+        return out
+
     def _local_topk(self, Q, k, lim):
         loc = self._local_limits(lim)
         m = Q.shape[0]
@@ -240,7 +308,7 @@ class ShardedIndex(Sharded):
         return self
 
     def __repr__(self):
-        return f"ShardedIndex(rank={self.rank}/{self.world}, ids from {self.start}, ntotal={self._n}, d={self.d})"
+        return f"ShardedIndex(rank={self.rank}/{self.world}, ids from {self.start}, ntotal={self._live}, n_total={self._n}, d={self.d})"
 
 
 def _raise(exc):
@@ -250,4 +318,4 @@ def _raise(exc):
 def _describe(local):
     if not isinstance(local, HSRIndex):
         raise TypeError(f"local must be an HSRIndex, got {type(local).__name__}")
-    return np.array([local.d, local.n_total], dtype=np.float64)
+    return np.array([local.d, local.n_total, len(local)], dtype=np.float64)

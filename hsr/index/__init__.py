@@ -9,7 +9,8 @@ from ._kernels import canonical_scores as _canonical_scores_kernel
 from .._arrays import as_float_array
 from ._validate import resolve_dtype
 from .results import RangeResult, SearchResult
-from .tree import AUTO_MAX_SCAN, AUTO_MIN_KEYS, BruteForceIndex, HSRIndex, SearchStats
+from ._forest_backend import AUTO_MAX_SCAN, AUTO_MIN_KEYS
+from .tree import BruteForceIndex, HSRIndex, SearchStats
 
 __all__ = ["HSRIndex", "BruteForceIndex", "SearchStats", "RangeResult", "SearchResult", "canonical_scores", "AUTO_MIN_KEYS", "AUTO_MAX_SCAN"]
 

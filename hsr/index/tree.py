@@ -31,9 +31,9 @@ from ._config import IndexConfig, check_options, resolve_backend
 from ._keys import KeyTable, as_keys
 from ._brute_backend import BruteScan
 from ._code_backend import CodeSearch
-from ._forest_backend import AUTO_MAX_SCAN, AUTO_MIN_KEYS, ForestSearch  # the constants: hsr.index's
+from ._forest_backend import ForestSearch
 from .. import _devices
-from .._devices import DeviceIndex
+from .._protocol import SearchIndex
 from .._typing import ArrayLike, Device, DTypeLike, StrPath, TorchDType
 
 __all__ = ["HSRIndex", "BruteForceIndex", "SearchStats", "KeyView", "ForestView"]
@@ -238,24 +238,24 @@ class HSRIndex:
         return self._search.score_bounds(queries, self._table)
 
     @_reads
-    def to(self, device: Device, *, dtype: TorchDType | None = None) -> HSRIndex | DeviceIndex:
+    def to(self, device: Device, *, dtype: TorchDType | None = None) -> HSRIndex | SearchIndex:
         """This index on ``device``: ``"cpu"`` returns it as is; another device (``"cuda"``) gives
-        a :class:`hsr.kernels.code_index.GPUCodeIndex` over the same keys and ids (the code filter
-        in Triton; ``range_search``, ``count`` and ``add`` take and return torch tensors).
-        ``dtype`` defaults to float32 (bfloat16/float16 halve the bytes). An index with removed
-        keys cannot move (ids would shift)."""
+        a :class:`hsr.kernels.code_index.GPUCodeIndex`, the same keys, ids and removals, the
+        same :class:`hsr.SearchIndex` methods in tensors. ``dtype`` defaults to float32."""
         import torch
 
         dev = torch.device(device)
         if dev.type == "cpu":
             return self
-        if self._table.n_dead:
-            raise ValueError("an index with removed keys cannot move to a device: ids would shift")
         GPUCodeIndex = _devices.lookup("code_index")  # registered by hsr.kernels (a room above)
         with warnings.catch_warnings():  # keys used in place (copy=False) are read-only; .to copies
             warnings.filterwarnings("ignore", "The given NumPy array is not writable")
             keys = torch.from_numpy(self._table.keys[:self._table.n_total]).to(dev, dtype or torch.float32)
-        return GPUCodeIndex(keys, seed=self.seed)
+        moved = GPUCodeIndex(keys, seed=self.seed)
+        if self._table.n_dead:
+            dead = np.setdiff1d(np.arange(self._table.n_total), self._table.live_ids())
+            moved.remove(torch.from_numpy(dead).to(dev))
+        return moved
 
     @_reads
     def live_ids(self) -> np.ndarray:

@@ -64,6 +64,20 @@ def battery(rank, world, folder):
     ids = idx2.add(ks[:4] * 3)
     res["added_ids"] = ids
     res["range_added"] = tuple(idx2.range_search(qs, 2.5))
+    # remove spans every shard and the added keys; ntotal counts live keys on every rank
+    gone = np.r_[0, 3, 999, 1000, 1499, 1999, 2001]
+    idx2.remove(gone)
+    res["removed_sizes"] = (idx2.ntotal, len(idx2), idx2.n_total)
+    res["removed_range"] = tuple(idx2.range_search(qs, 2.5))
+    res["removed_count"] = idx2.count(qs, 2.5)
+    res["removed_topk"] = tuple(idx2.search(qs, 9))
+    for bad in ([0], [2004], [5, 5]):  # removed, out of range, repeated: an error on every rank
+        try:
+            idx2.remove(bad)
+            res[("remove_error", bad[0])] = None
+        except (ValueError, RuntimeError) as exc:
+            res[("remove_error", bad[0])] = str(exc)
+    res["after_errors"] = idx2.ntotal
     return res
 
 

@@ -84,7 +84,7 @@ def test_every_rank_gets_the_same_result(world_results):
     world, results = world_results
     for res in results[1:]:
         for key, val in results[0].items():
-            if key == "after_add_local":  # the one per-rank value
+            if key == "after_add_local" or key[0] == "remove_error":  # per-rank values (messages name the rank)
                 continue
             a, b = val, res[key]
             for x, y in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
@@ -184,6 +184,27 @@ def test_range_search_global_ids(world_results):
     np.testing.assert_array_equal(res["added_ids"], np.arange(2000, 2004))
     single.add(ks[:4] * 3)
     assert _sets(res["range_added"]) == _sets(single.range_search(qs, 2.5))
+
+
+def test_remove_count_and_live_ntotal(world_results):
+    world, results = world_results
+    ks, qs = _data.search_keys()
+    single = hsr.HSRIndex(ks)
+    single.add(ks[:4] * 3)
+    single.remove(np.r_[0, 3, 999, 1000, 1499, 1999, 2001])
+    for res in results:
+        ntotal, n_live, n_total = res["removed_sizes"]
+        rng, counts, (D, I) = res["removed_range"], res["removed_count"], res["removed_topk"]
+        assert ntotal == n_live == single.ntotal == 1997 and n_total == 2004
+        assert _sets(rng) == _sets(single.range_search(qs, 2.5))
+        np.testing.assert_array_equal(counts, single.count(qs, 2.5))
+        D1, I1 = single.search(qs, 9)
+        np.testing.assert_array_equal(I, I1)
+        np.testing.assert_array_equal(D, D1)
+        assert "already removed" in res[("remove_error", 0)]
+        assert "out of range" in res[("remove_error", 2004)]
+        assert "repeated" in res[("remove_error", 5)]
+        assert res["after_errors"] == 1997
 
 
 def test_code_cache_shards_match_one_cache(tmp_path):

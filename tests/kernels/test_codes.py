@@ -212,9 +212,16 @@ def test_hsrindex_to_device_range_search_matches_cpu(device, lattice):
     new = gpu.add(torch.from_numpy(K[:4]).to(device))
     assert new.tolist() == [300, 301, 302, 303] and len(gpu) == 304
     assert cpu.to("cpu") is cpu
-    cpu.remove([1])
-    with pytest.raises(ValueError, match="removed"):
-        cpu.to("cuda")
+    # removals travel both ways (the same ids): the device index comes back to the CPU
+    gpu.remove(torch.tensor([1, 302], device=gpu.device))
+    cpu.add(K[:4])
+    cpu.remove([1, 302])
+    back = gpu.to("cpu")
+    assert len(back) == len(cpu) == 302 and back.n_total == 304
+    bl, _, bi = back.range_search(Q, tau.astype(np.float32).astype(np.float64))
+    cl, _, ci = cpu.range_search(Q, tau.astype(np.float32).astype(np.float64))
+    np.testing.assert_array_equal(bl, cl)
+    np.testing.assert_array_equal(bi, ci)
 
 
 def test_concurrent_add_and_attend_see_one_state(device):
