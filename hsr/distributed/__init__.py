@@ -14,9 +14,10 @@ from ._comm import ShardError
 from ._files import load_shard
 from .index import ShardedIndex
 from .kv import ShardedKVCache
+from .step import StripedDecodeStep, stripe
 from .merge import (dropped_fraction, dropped_log_mass, kth_best, merge_attention, merge_range, merge_topk,
                     shard_range)
 from .partial import cpu_partial
 
-__all__ = ["ShardedKVCache", "ShardedIndex", "ShardError", "shard_range", "merge_attention", "merge_range",
+__all__ = ["ShardedKVCache", "ShardedIndex", "StripedDecodeStep", "stripe", "ShardError", "shard_range", "merge_attention", "merge_range",
            "merge_topk", "kth_best", "dropped_log_mass", "dropped_fraction", "cpu_partial", "load_shard"]

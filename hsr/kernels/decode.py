@@ -39,8 +39,9 @@ class DecodeStep:
         The cache; its capacity bounds the lengths one capture serves.
     q : Tensor, (B, Hq, M, D)
         An example query (shape and dtype; the cache's dtype and device).
-    k, v : Tensor, (B, Hkv, t, D)
-        Example new keys and values (usually ``t = M = 1``).
+    k, v : Tensor, (B, Hkv, t, D), or both None
+        Example new keys and values (usually ``t = M = 1``). None: the step attends only
+        (a rank of a striped cache whose turn it is not to store the token).
     kind : {"softmax", "relu"}
     tau : float or float32 Tensor of shape (), (Hq,) or (B, Hq, M), optional
         Raw-score threshold (``score >= tau`` kept; ReLU defaults to ``bias / scale``). A
@@ -57,6 +58,12 @@ class DecodeStep:
         Softmax only: each call also writes :attr:`bound` ``(B, Hq, M)``, a certified upper
         bound on the share of each row's softmax mass below tau (read it at a sync point).
 
+    Attributes
+    ----------
+    lse : Tensor (B, Hq, M) float32
+        After a call: each row's log of its kept mass (softmax) or of its sum of weights
+        (ReLU), what merging partial results needs (``hsr.distributed``).
+
     Notes
     -----
     The first call runs eagerly (it compiles the kernels and is the first real step) and
@@ -70,14 +77,16 @@ class DecodeStep:
                  certify: bool = False) -> None:  # cache: a CodeKVCache (codes.py imports this module)
         check_kind(kind)
         self.alpha = check_alpha(alpha)
+        if k is None and v is None:  # attend only: an empty token step keeps every check below
+            k = v = torch.empty(cache.B, cache.Hkv, 0, cache.D, dtype=cache.dtype, device=cache.device)
         if not (torch.is_tensor(q) and torch.is_tensor(k) and torch.is_tensor(v)):
-            raise TypeError("q, k and v must be torch tensors")
+            raise TypeError("q, k and v must be torch tensors (k and v may both be None)")
         if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
             raise ValueError(f"q must be (B, Hq, M, D) and k, v (B, Hkv, t, D), got {tuple(q.shape)}, "
                              f"{tuple(k.shape)}, {tuple(v.shape)}")
         if k.shape[:2] != (cache.B, cache.Hkv) or k.shape[-1] != cache.D:
             raise ValueError(f"k and v must be ({cache.B}, {cache.Hkv}, t, {cache.D}), got {tuple(k.shape)}")
-        if q.shape[2] > k.shape[2] + cache.n:
+        if k.shape[2] and q.shape[2] > k.shape[2] + cache.n:  # attend-only rows may see no key: zeros
             raise ValueError("more query positions than keys")
         self.cache = cache
         self.kind = kind
@@ -99,6 +108,7 @@ class DecodeStep:
             raise ValueError("certify=True bounds the dropped softmax mass: kind='softmax'")
         self.certify = bool(certify)
         self.bound = None
+        self.lse = None
         if self.use_graph and dev.type != "cuda":
             raise ValueError("graph=True needs a CUDA cache")
 
@@ -110,15 +120,16 @@ class DecodeStep:
 
     def _step(self):
         c = self.cache
-        c._launch_add(self.k, self.v, self.t)
+        if self.t:
+            c._launch_add(self.k, self.v, self.t)
         plan = (c._dense_plan if self.dense else c._plan)(self.q, self.tau, bias=self.bias, certify=self.certify,
                                                           scale=self.scale)
         res = c._run(self.q, plan, kind=self.kind, alpha=self.alpha, scale=self.scale, return_bound=self.certify)
-        if self.certify:
-            if self.bound is None:
-                self.bound = res[2]
-            else:
-                self.bound.copy_(res[2])
+        for name, x in (("lse", res[1]), ("bound", res[2] if self.certify else None)):
+            if x is not None and getattr(self, name) is None:
+                setattr(self, name, x)
+            elif x is not None:
+                getattr(self, name).copy_(x)
         return res[0]
 
     def __call__(self, q: torch.Tensor | None = None, k: torch.Tensor | None = None,

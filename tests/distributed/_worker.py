@@ -101,6 +101,41 @@ def code(rank, world, folder):
     return res
 
 
+def striped(rank, world, folder):
+    """A striped CodeKVCache decode loop (Triton's interpreter on CPU tensors): every rank's
+    merged output per step, one cache's decode loop beside it, and a NaN caught by check()."""
+    import torch
+
+    from hsr.kernels import CodeKVCache
+
+    g = torch.Generator().manual_seed(1)
+    n0, steps = 21, 5  # a prompt no multiple of the world size: stripes of unequal length
+    k = torch.randn(1, 2, n0 + steps, 16, generator=g)
+    v = torch.randn(1, 2, n0 + steps, 16, generator=g)
+    q = torch.randn(steps, 1, 4, 1, 16, generator=g) * 1.5
+    res = {}
+    for kind, opts in (("softmax", dict(tau=0.5)), ("relu", dict(bias=0.1))):
+        local = CodeKVCache(*hd.stripe(k[:, :, :n0], v[:, :, :n0], world, rank), capacity=32)
+        step = hd.StripedDecodeStep(local, n0, q[0], kind=kind, **opts)
+        one = CodeKVCache(k[:, :, :n0].contiguous(), v[:, :, :n0].contiguous(), capacity=32)
+        ref = one.decode_step(q[0], k[:, :, :1], v[:, :, :1], kind=kind, **opts)
+        outs, refs = [], []
+        for i in range(steps):
+            t = slice(n0 + i, n0 + i + 1)
+            outs.append(step(q[i], k[:, :, t], v[:, :, t]).clone().numpy())
+            refs.append(ref(q[i], k[:, :, t], v[:, :, t]).clone().numpy())
+        res[kind] = (outs, refs, len(local))
+    bad = q[0].clone()
+    bad[0, 1, 0, 3] = float("nan")
+    res["nan_row"] = step(bad, k[:, :, :1], v[:, :, :1]).clone().numpy()
+    try:
+        step.check()
+        res["check"] = None
+    except Exception as exc:  # every rank must raise
+        res["check"] = (type(exc).__name__, str(exc))
+    return res
+
+
 def fault(rank, world, folder, mode):
     """Rank 1 fails in the middle of the second query; the others must raise, never hang."""
     k, v = _data.kv_cache()
@@ -137,7 +172,7 @@ def fault(rank, world, folder, mode):
 
 
 def main():
-    if sys.argv[1] == "code":  # before anything imports triton
+    if sys.argv[1] in ("code", "striped"):  # before anything imports triton
         os.environ["TRITON_INTERPRET"] = "1"
     scenario, rank, world, folder = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     timeout = float(sys.argv[5]) if len(sys.argv) > 5 else 30.0
@@ -148,6 +183,8 @@ def main():
             out = battery(rank, world, folder)
         elif scenario == "code":
             out = code(rank, world, folder)
+        elif scenario == "striped":
+            out = striped(rank, world, folder)
         else:
             out = fault(rank, world, folder, scenario)
     except BaseException as exc:

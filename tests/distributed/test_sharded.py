@@ -217,3 +217,22 @@ def test_code_cache_shards_match_one_cache(tmp_path):
             out, ref = res[kind]
             np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5, err_msg=kind)
             np.testing.assert_array_equal(out, results[0][kind][0])
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_striped_decode_step_equals_one_cache(tmp_path, world):
+    """StripedDecodeStep (positions striped over the ranks, partials merged on the device) gives
+    one cache's decode loop, step by step, on every rank; a NaN query row is NaN, and check()
+    raises on every rank."""
+    pytest.importorskip("triton")
+    results, seconds = run_world("striped", world, tmp_path, deadline=110.0, timeout=60.0)
+    for r, res in enumerate(results):
+        assert res is not None and "error" not in res, (r, res)
+        for kind in ("softmax", "relu"):
+            outs, refs, held = res[kind]
+            assert held == len(range(r, 26, world))  # 21 prompt + 5 decoded, striped
+            for i, (out, ref) in enumerate(zip(outs, refs)):
+                np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5, err_msg=f"{kind} step {i}")
+                np.testing.assert_array_equal(out, results[0][kind][0][i])
+        assert np.isnan(res["nan_row"][0, 1]).all() and np.isfinite(res["nan_row"][0, 0]).all()
+        assert res["check"] is not None and "NaN" in res["check"][1], res["check"]
