@@ -26,7 +26,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import socket
 import statistics
 import sys
@@ -36,6 +35,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+from _results import default_out, save  # noqa: E402
 
 
 def _data(cfg, n, device):
@@ -220,7 +222,7 @@ def main(argv=None):
     ap.add_argument("--quantile", type=float, default=0.999)
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=default_out("distributed.json"))
     ap.add_argument("--probe-nccl", action="store_true", help="first try NCCL with two ranks on GPU 0, and record it")
     args = ap.parse_args(argv)
     import torch
@@ -259,29 +261,16 @@ def main(argv=None):
             print(f"N={n}: sharded {row['sharded_s'] * 1e3:.3f} ms (merge share {row['merge_share']:.1%}; "
                   f"{row['sharded_no_broadcast_s'] * 1e3:.3f} ms without the query broadcast), "
                   f"single {row['single_s'] * 1e3:.3f} ms, sdpa {row['sdpa_s'] * 1e3:.3f} ms", flush=True)
-    info = {"date": "2026-11-30", "device": torch.cuda.get_device_name(0) if args.device == "cuda" else
-            f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
-            "torch": torch.__version__, "python": platform.python_version(), "numpy": __import__("numpy").__version__,
-            "backend": args.backend, "world": args.world,
+    info = {"backend": args.backend, "world": args.world,
             "ranks_per_device": args.world if args.device == "cuda" else None,
             "shape": {"B": 1, "Hq": args.hq, "Hkv": args.hkv, "d": args.dim, "M": 1},
             "kind": "softmax, keys with score >= tau (tau: per head, the %g quantile of sampled scores)" % args.quantile,
             "iters": args.iters, "timer": "median wall-clock seconds per step (synchronised)",
             "nccl_two_ranks_one_gpu": nccl}
-    if args.device == "cuda":
-        import triton
-
-        info["triton"] = triton.__version__
-    else:
-        import numba
-
-        info["numba"] = numba.__version__
+    if args.device == "cpu":
         info["numba_threads_per_rank"] = max(1, (os.cpu_count() or 1) // args.world)
-    result = {"info": info, "rows": rows}
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(result, fh, indent=1)
-    return result
+    save(args.out, rows, **info)  # the shared schema: {"meta": environment + info, "results": rows}
+    return rows
 
 
 if __name__ == "__main__":
