@@ -134,7 +134,7 @@ def _rank_main(rank, world, cfg, folder):
                 row["striped_ms"] = float(slowest)
                 row["tokens_per_s"] = B * 1e3 / row["striped_ms"]
                 mem = local.memory_bytes()
-                per_pos = sum(mem.values()) / local.capacity
+                per_pos = (mem["kv"] + mem["index"]) / local.capacity
                 row["bytes_per_position"] = per_pos
                 if cuda:
                     free, _ = torch.cuda.mem_get_info(dev)

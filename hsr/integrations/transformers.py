@@ -68,6 +68,7 @@ from ..attention.kv import KVCacheIndex
 from ..attention.patterns import Pattern
 from . import _short
 from ._cache import HAVE_TRANSFORMERS, HSRCache, HSRLayer, cache_layer_for, remove_pad
+from ._device_cache import CodeAttention, CodeCache, CodeLayer, calibrate_tau, generate_greedy, register_code_attention
 from ._masks import key_padding_of, masked_sdpa, pattern_kept, visible_counts
 from ._short import dense_attention
 from ._stats import HSRStats, LayerStats
@@ -83,6 +84,12 @@ __all__ = [
     "register_hybrid_attention",
     "hybrid_attention",
     "registered_backends",
+    "CodeCache",
+    "CodeLayer",
+    "CodeAttention",
+    "register_code_attention",
+    "calibrate_tau",
+    "generate_greedy",
 ]
 
 

@@ -28,12 +28,9 @@ once and replays the graph at every length up to the capacity.
 "Exact" on the GPU: the kept set is ``{j : s_j >= tau}``, ``s_j`` the kernels' fp32-accumulated
 score, and the filter never drops a key of it (docs/codes.md).
 
-Bad values never give a finite wrong answer: a query row with NaN/Inf, a NaN threshold, a
-NaN/Inf bias or ``|q| |k|`` past the fp32 range gets NaN, and a bit in ``status``; an added
-key or value with NaN/Inf poisons the cache (every row NaN). With ``check=True`` (the eager
-default) a call synchronises once and raises a ``ValueError`` naming the problem; with
-``check=False`` (what a captured step does) nothing waits, and :meth:`CodeKVCache.check`
-raises it at the caller's next synchronisation point.
+Bad values never give a finite wrong answer: their rows are NaN and set a bit in ``status``
+(bad keys poison the cache); ``check=True`` raises at the call (one synchronisation),
+``check=False`` (a captured step) leaves it to :meth:`CodeKVCache.check` (docs/codes.md).
 """
 from __future__ import annotations
 
@@ -163,6 +160,11 @@ class CodeKVCache:
             raise ValueError(f"crop keeps 0..{self.n} keys, got {n}")
         self.lengths.fill_(n)
         self.n = n
+        self._version += 1
+
+    def advanced(self, t: int) -> None:
+        """Record ``t`` keys a replayed CUDA graph appended (the device advanced its lengths)."""
+        self.n += int(t)
         self._version += 1
 
     def __len__(self) -> int:

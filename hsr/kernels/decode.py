@@ -161,8 +161,7 @@ class DecodeStep:
                     self.out = out
                 else:
                     self.out.copy_(out)
-            c.n += self.t
-            c._version += 1
+            c.advanced(self.t)
             if self.use_graph and self._graph is None:
                 self._capture()
         return self.out

@@ -1,0 +1,289 @@
+"""``generate()`` on the GPU: a KV cache of int8 codes, preallocated, its length on the device.
+
+:class:`CodeCache` is a transformers ``Cache`` whose layers (:class:`CodeLayer`) each hold a
+:class:`hsr.kernels.CodeKVCache` of a fixed capacity. ``update`` appends on the device (one
+launch, codes computed there, no host synchronisation); the backend registered by
+:func:`register_code_attention` attends dense over the prompt (torch SDPA) and, at every decode
+step, keeps the keys with ``score >= tau`` through the code filter. ``tau`` per (batch, query
+head) is calibrated once at the prefill from the prompt itself (:func:`calibrate_tau`): the
+lowest threshold at which the last prompt queries keep ``1 - eps`` of their softmax mass. A
+model has no raw threshold of its own; this turns a dropped-mass target into one.
+
+:func:`generate_greedy` runs prefill, then one decode step captured in a CUDA graph and
+replayed for every token (the cache's kernels read their length on the device, so one capture
+serves every length; the host only counts). Off CUDA it runs the same loop eagerly.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Optional
+
+import torch
+
+from .._protocol import AttentionSpec
+from ._cache import HAVE_TRANSFORMERS, Cache, DynamicLayer, PreTrainedConfig
+from ._masks import key_padding_of
+
+#: the layer whose update ran last on this thread: the attention call that follows is its own
+#: (transformers calls ``update`` then the attention function, layer by layer)
+_LAST = threading.local()
+
+__all__ = ["CodeLayer", "CodeCache", "CodeAttention", "register_code_attention", "calibrate_tau",
+           "generate_greedy"]
+
+
+def calibrate_tau(query: torch.Tensor, key: torch.Tensor, scale: float, eps: float, rows: int = 32) -> torch.Tensor:
+    """Per (batch, query head), the raw-score threshold at which each of the last ``rows``
+    prompt queries keeps at least ``1 - eps`` of its softmax mass (the smallest over them).
+
+    Parameters
+    ----------
+    query : (B, Hq, M, D), the prompt's queries (post-RoPE)
+    key : (B, Hkv, N, D), the keys they attend (the last M are theirs: causal)
+    scale : float
+    eps : float in (0, 1)
+    rows : int
+        Calibration queries, the last ones of the prompt.
+
+    Returns
+    -------
+    tau : (B, Hq, 1) float32 on the device
+    """
+    B, Hq, M, D = query.shape
+    Hkv, N = key.shape[1], key.shape[2]
+    G = Hq // Hkv
+    r = min(rows, M)
+    tau = torch.empty(B, Hq, 1, dtype=torch.float32, device=query.device)
+    pos = torch.arange(N, device=query.device)
+    limit = (N - r + torch.arange(r, device=query.device))[:, None]  # causal: query i sees keys <= N - r + i
+    for b in range(B):
+        for hk in range(Hkv):  # one kv head at a time: (G * r, N) scores
+            q = query[b, hk * G:(hk + 1) * G, M - r:].float().reshape(G * r, D)
+            kf = key[b, hk].float()
+            s = (q @ kf.T).masked_fill((pos[None, :] > limit).repeat(G, 1), float("-inf"))
+            srt, _ = torch.sort(s, dim=1, descending=True)  # raw scores: the threshold is one of them
+            w = torch.exp((srt - srt[:, :1]) * scale)
+            share = torch.cumsum(w, 1) / w.sum(1, keepdim=True)
+            need = (share < 1 - eps).sum(1).clamp(max=N - 1)  # keys before the one that reaches 1 - eps
+            t = torch.gather(srt, 1, need[:, None])[:, 0]
+            # the decode kernel scores in another order: lower tau by a bound on fp32 dot-product
+            # rounding, so that the key that reaches 1 - eps is kept whatever the order
+            slack = D * 2.0 ** -23 * q.norm(dim=1) * kf.norm(dim=1).max()
+            tau[b, hk * G:(hk + 1) * G, 0] = (t - slack).reshape(G, r).min(1).values
+    return tau
+
+
+class CodeLayer(DynamicLayer):
+    """One decoder layer's cache: a :class:`hsr.kernels.CodeKVCache` of ``capacity`` positions.
+
+    ``keys`` / ``values`` are views of the filled positions (what transformers' helpers read);
+    :attr:`tau` is the layer's decode threshold, set at the prefill.
+    """
+
+    def __init__(self, capacity: int, seed: int = 0) -> None:
+        super().__init__()
+        self.capacity = int(capacity)
+        self.seed = seed
+        self.code = None
+        self.tau = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        from ..kernels.codes import CodeKVCache  # triton loads with the first GPU cache
+
+        self.device = key_states.device
+        self.code = CodeKVCache(key_states[:, :, :0], value_states[:, :, :0], capacity=self.capacity, seed=self.seed)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        t = key_states.shape[2]
+        if self.code.n + t > self.capacity:
+            raise ValueError(f"the CodeCache is full ({self.code.n} + {t} > capacity {self.capacity}): make it "
+                             "with a larger max_cache_len")
+        self.code.add(key_states, value_states, check=False)  # no synchronisation: code.check() raises later
+        self.keys = self.code.k[:, :, :self.code.n]
+        self.values = self.code.v[:, :, :self.code.n]
+        _LAST.layer = self
+        return self.keys, self.values
+
+    def get_max_length(self) -> int:
+        return self.capacity
+
+    def reset(self) -> None:
+        if self.code is not None:
+            self.code.crop(0)
+            self.keys = self.code.k[:, :, :0]
+            self.values = self.code.v[:, :, :0]
+        self.tau = None
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative number: how many tokens to remove")
+        if self.code is not None and tokens_to_remove:
+            self.code.crop(self.code.n + tokens_to_remove)
+            self.keys = self.code.k[:, :, :self.code.n]
+            self.values = self.code.v[:, :, :self.code.n]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("CodeCache serves greedy or sampled decoding of a fixed batch (no beams)")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("CodeCache serves greedy or sampled decoding of a fixed batch (no beams)")
+
+
+class CodeCache(Cache):
+    """A transformers ``Cache`` of :class:`CodeLayer` s, ``max_cache_len`` positions each.
+
+    Parameters
+    ----------
+    config : PretrainedConfig
+        The model's config (full-attention layers only).
+    max_cache_len : int
+        Prompt plus generated tokens.
+    seed : int
+        Seeds each layer's random rotation.
+    """
+
+    def __init__(self, config: PreTrainedConfig, max_cache_len: int, *, seed: int = 0) -> None:
+        if not HAVE_TRANSFORMERS:  # pragma: no cover
+            raise ImportError("CodeCache needs transformers (pip install 'hsr-attention[transformers]')")
+        if isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len < 1:
+            raise ValueError(f"max_cache_len must be a positive integer, got {max_cache_len!r}")
+        cfg = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        types = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
+        bad = sorted({t for t in types if t != "full_attention"})
+        if bad:
+            raise NotImplementedError(f"CodeCache supports full-attention layers only, config has {bad}")
+        Cache.__init__(self, layers=[CodeLayer(max_cache_len, seed) for _ in types])
+
+    def check(self) -> None:
+        """Raise a bad value any layer's kernels saw (NaN/Inf in q, k, v): one synchronisation."""
+        for layer in self.layers:
+            if layer.code is not None:
+                layer.code.check()
+
+    def advanced(self, t: int = 1) -> None:
+        """Record ``t`` tokens appended by a replayed CUDA graph (the host's counters only)."""
+        for layer in self.layers:
+            layer.code.advanced(t)
+            layer.keys = layer.code.k[:, :, :layer.code.n]
+            layer.values = layer.code.v[:, :, :layer.code.n]
+
+
+class CodeAttention:
+    """The attention function of a :class:`CodeCache` (transformers' ``AttentionInterface``).
+
+    Prefill (more than one query position): torch SDPA over the prompt, and the layer's
+    ``tau`` calibrated from it (:func:`calibrate_tau`, target ``eps``). Decode (one position):
+    the code filter and attention over the keys with ``score >= tau``, no host synchronisation.
+    """
+
+    def __init__(self, name: str, eps: float = 1e-3, calibration_rows: int = 32) -> None:
+        if not 0.0 < eps < 1.0:
+            raise ValueError(f"eps must be in (0, 1), got {eps!r}")
+        self.name, self.eps, self.rows = name, float(eps), int(calibration_rows)
+        self.__name__ = "hsr_code_attention"
+
+    def __call__(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 attention_mask: Optional[torch.Tensor], scaling: Optional[float] = None, dropout: float = 0.0,
+                 **kwargs: Any) -> tuple[torch.Tensor, None]:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        layer = self._layer(module, key, kwargs)
+        B, Hq, M, D = query.shape
+        scale = float(scaling) if scaling is not None else D ** -0.5
+        if M > 1 or layer.tau is None:  # the prefill: dense, and the threshold from it
+            if key_padding_of(attention_mask, B, M, key.shape[2]) is not None:
+                raise NotImplementedError("CodeCache does not serve padded batches (left padding): give "
+                                          "prompts of one length")
+            layer.tau = calibrate_tau(query, key, scale, self.eps, self.rows)
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                          scaling=scale, **kwargs)
+        spec = AttentionSpec(kind="softmax", tau=layer.tau, scale=scale, causal=True)
+        out, _ = layer.code.attend(query, spec, check=False)
+        return out.transpose(1, 2).contiguous(), None
+
+    @staticmethod
+    def _layer(module, key, kwargs) -> CodeLayer:
+        cache = kwargs.get("cache")  # transformers 5.24 passes the cache as ``cache``; older as ``past_key_values``
+        cache = kwargs.get("past_key_values") if cache is None else cache
+        idx = getattr(module, "layer_idx", None)
+        if isinstance(cache, CodeCache) and idx is not None and cache.layers[idx].keys is key:
+            return cache.layers[idx]
+        last = getattr(_LAST, "layer", None)
+        if last is not None and last.keys is key:  # the key tensor *is* the layer's: it matches what we attend
+            return last
+        raise ValueError("the code attention backend runs with a CodeCache only: generate(..., "
+                         "past_key_values=CodeCache(model.config, max_cache_len))")
+
+
+def register_code_attention(name: str = "hsr_code", *, eps: float = 1e-3, calibration_rows: int = 32
+                            ) -> CodeAttention:
+    """Register :class:`CodeAttention` under ``name`` (with the stock SDPA mask builder) and
+    return it: ``model.set_attn_implementation(name)``."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    backend = CodeAttention(name, eps, calibration_rows)
+    AttentionInterface.register(name, backend)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    return backend
+
+
+@torch.no_grad()
+def generate_greedy(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: int, cache: CodeCache, *,
+                    graph: Optional[bool] = None) -> torch.Tensor:
+    """Greedy decoding: prefill, then one decode step replayed from a CUDA graph for every token
+    (``graph`` defaults to on CUDA). Returns ``(B, prompt + new)`` token ids.
+
+    With a :class:`CodeCache` the model uses the code attention backend
+    (:func:`register_code_attention`). Any cache whose state lives on the device works the same
+    way: transformers' ``StaticCache`` with SDPA is the dense loop to compare with."""
+    import inspect
+
+    B, P = input_ids.shape
+    dev = input_ids.device
+    use_graph = dev.type == "cuda" if graph is None else bool(graph)
+    params = inspect.signature(model.forward).parameters
+    # transformers >= 5.24 names the cache ``cache`` and takes no cache_position; older releases
+    # ``past_key_values`` and ``cache_position``
+    cache_kw = "cache" if "cache" in params else "past_key_values"
+    out = model(input_ids=input_ids, use_cache=True, **{cache_kw: cache})
+    ids = torch.empty(B, P + max_new_tokens, dtype=input_ids.dtype, device=dev)
+    ids[:, :P] = input_ids
+    if max_new_tokens < 1:
+        return ids[:, :P]
+    tok = out.logits[:, -1].argmax(-1, keepdim=True)
+    pos = torch.full((1,), P, dtype=torch.long, device=dev)
+
+    kw = {cache_kw: cache, "position_ids": pos[None].expand(B, 1), "use_cache": True}
+    if "cache_position" in params:
+        kw["cache_position"] = pos
+
+    def step():
+        o = model(input_ids=tok, **kw)
+        tok.copy_(o.logits[:, -1].argmax(-1, keepdim=True))
+        pos.add_(1)
+
+    g = None
+    for i in range(max_new_tokens - 1):
+        ids[:, P + i] = tok[:, 0]
+        if g is not None:
+            g.replay()
+            if isinstance(cache, CodeCache):
+                cache.advanced(1)
+            continue
+        step()
+        if use_graph and i == 0:  # the first step ran eagerly (it compiled every kernel): now record one
+            n = int(cache.get_seq_length())
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                step()
+            if isinstance(cache, CodeCache):  # recording ran nothing: put the host's counts back
+                for layer in cache.layers:
+                    layer.crop(n - layer.code.n)
+    ids[:, P + max_new_tokens - 1] = tok[:, 0]
+    return ids

@@ -1,0 +1,70 @@
+"""CodeCache (the GPU generate() path): greedy decoding through the code filter equals dense
+decoding, on a tiny random Llama; run by Triton's interpreter on the CPU in CI."""
+import pytest
+import torch
+
+pytest.importorskip("triton")
+pytest.importorskip("transformers")
+
+from hsr.integrations.transformers import (CodeCache, calibrate_tau, generate_greedy,  # noqa: E402
+                                           register_code_attention)
+
+
+def _model(seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return LlamaForCausalLM(cfg).eval(), cfg
+
+
+def _dense_greedy(model, ids, new):
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        return model.generate(ids, max_new_tokens=new, do_sample=False, min_new_tokens=new)
+
+
+def test_greedy_decoding_through_the_code_cache_equals_dense():
+    model, cfg = _model()
+    ids = torch.randint(3, 64, (2, 40), generator=torch.Generator().manual_seed(1))
+    want = _dense_greedy(model, ids, 6)
+    backend = register_code_attention("hsr_code_test", eps=1e-6)
+    model.set_attn_implementation("hsr_code_test")
+    cache = CodeCache(cfg, max_cache_len=64)
+    got = generate_greedy(model, ids, 6, cache)
+    assert torch.equal(got, want)
+    assert cache.get_seq_length() == 40 + 5  # the last token is produced, not stored
+    assert all(layer.tau is not None and layer.tau.shape == (2, 4, 1) for layer in cache.layers)
+    cache.check()
+    assert backend.eps == 1e-6
+
+
+def test_calibrated_tau_keeps_the_target_mass():
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(1, 4, 16, 16, generator=g) * 2
+    k = torch.randn(1, 2, 16, 16, generator=g) * 2
+    scale = 0.25
+    for eps in (1e-1, 1e-3):
+        tau = calibrate_tau(q, k, scale, eps, rows=8)
+        for h in range(4):
+            for i in range(8, 16):  # every calibration row keeps at least 1 - eps of its mass
+                s = (q[0, h, i] @ k[0, h // 2, :i + 1].T) * scale
+                w = torch.softmax(s, 0)
+                kept = w[s / scale >= tau[0, h, 0]].sum()
+                assert kept >= 1 - eps - 1e-5
+
+
+def test_a_full_cache_and_a_foreign_cache_are_refused():
+    model, cfg = _model()
+    register_code_attention("hsr_code_test2")
+    model.set_attn_implementation("hsr_code_test2")
+    ids = torch.randint(3, 64, (1, 10))
+    with pytest.raises(ValueError, match="CodeCache is full"):
+        generate_greedy(model, ids, 8, CodeCache(cfg, max_cache_len=12))
+    with pytest.raises(ValueError, match="runs with a CodeCache only"):
+        with torch.no_grad():
+            model(ids)
+    with pytest.raises(ValueError, match="max_cache_len"):
+        CodeCache(cfg, max_cache_len=0)
