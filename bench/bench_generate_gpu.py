@@ -94,7 +94,7 @@ def main(argv=None):
                         if name == "ours":
                             cache.check()
                             row["tau_mean"] = float(sum(l.tau.float().mean() for l in cache.layers) / len(cache.layers))
-                        del cache
+                        cache = None
                     except torch.cuda.OutOfMemoryError:
                         row[f"{name}_decode_tok_s"] = "oom"
                     torch.cuda.empty_cache()
@@ -103,7 +103,7 @@ def main(argv=None):
                     row["speedup"] = row["ours_decode_tok_s"] / row["dense_decode_tok_s"]
                 rows.append(row)
                 print(row, flush=True)
-        del model
+        model = None
         torch.cuda.empty_cache()
     save(args.out, rows, shapes={k: SHAPES[k] for k in args.shapes})
 

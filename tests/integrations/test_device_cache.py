@@ -68,3 +68,14 @@ def test_a_full_cache_and_a_foreign_cache_are_refused():
             model(ids)
     with pytest.raises(ValueError, match="max_cache_len"):
         CodeCache(cfg, max_cache_len=0)
+
+
+def test_the_dense_loop_to_compare_with_is_greedy_decoding_too():
+    # generate_greedy with transformers' StaticCache and SDPA: the benchmark's dense baseline
+    from transformers import StaticCache
+
+    model, cfg = _model(seed=3)
+    ids = torch.randint(3, 64, (2, 20), generator=torch.Generator().manual_seed(4))
+    want = _dense_greedy(model, ids, 5)
+    got = generate_greedy(model, ids, 5, StaticCache(config=cfg, max_cache_len=32))
+    assert torch.equal(got, want)
