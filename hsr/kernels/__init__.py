@@ -42,7 +42,7 @@ _LAZY = {
     "relu_prefill": "relu_prefill",
     "GPUBlockIndex": "search",
     "SearchPlan": "search",
-    "build_index": "search",
+    "build_index": "_block_order",
     "hsr_decode": "search",
 }
 

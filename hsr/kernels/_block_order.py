@@ -1,10 +1,15 @@
-"""Orders of the keys for the GPU block index (``build_index``): k-means clusters padded to
-whole blocks, or recursive bisection along principal directions (torch only)."""
+"""Building the GPU block index: ``build_index`` and the orders of its keys (k-means clusters
+padded to whole blocks, or recursive bisection along principal directions; torch only). The
+layout it builds: the header of ``hsr/kernels/search.py``."""
 from __future__ import annotations
 
 import math
 
 import torch
+
+from ._block_kernels import EMPTY_RADIUS
+from ._validate import check_index_build, check_triton_device
+from .search import PAD_POS, GPUBlockIndex
 
 def _principal_dirs(X, valid, iters=4, generator=None):
     """Approximate top principal direction of each group. X (..., S, D) f32, valid (..., S)."""
@@ -105,3 +110,95 @@ def _kmeans_order(kf, n_real, block, n_clusters=None, iters=8, seed=0):
     order = torch.full((G, Np), N, dtype=torch.long, device=kf.device)
     order.scatter_(1, slot, sort_idx)
     return order
+
+
+def build_index(k: torch.Tensor, v: torch.Tensor, *, block_size: int | None = None, n_sub: int = 8,
+                method: str = "kmeans", perm: torch.Tensor | None = None, rotate: bool = False, seed: int = 0,
+                n_clusters: int | None = None) -> GPUBlockIndex:
+    """Build a ``GPUBlockIndex`` over ``k, v (B, Hkv, N, D)``.
+
+    block_size : keys per block C (16, 32, 64 or 128; default 32), the library's one name for a
+        block's size. n_sub : subspaces S (power of two dividing D).
+    method : ``"kmeans"`` (8 Lloyd iterations with ``n_clusters`` = N / (2 C) centroids,
+        keys sorted by cluster, every cluster padded to a multiple of C so that no block
+        mixes clusters; about N/4 pad rows on average), ``"pca"`` (recursive principal-direction
+        median bisection; pads N up to C * 2**ceil(log2(N/C))) or ``"none"`` (positional
+        pages, Quest-like). perm : optional
+        ``(B, Hkv, N)`` int64 permutation of ``[0, N)`` per (batch, kv head), used as is.
+    rotate : measure the per-subspace radii in each kv head's PCA basis (eigenvectors of the
+        key covariance, descending variance, so the first subspace holds the top principal
+        directions); the kernels rotate q by the same float32 matrix. The ball bound and
+        <q, c> are rotation invariant.
+
+    Raises ``ValueError`` for k/v of different shapes or not 4-D, a ``block_size`` outside
+    (16, 32, 64, 128), an ``n_sub`` that is not a power of two dividing D, or an unknown
+    ``method``.
+    """
+    block = 32 if block_size is None else block_size
+    check_index_build(k, v, block, n_sub)
+    check_triton_device("build_index", k=k, v=v)
+    B, Hkv, N, D = k.shape
+    dev = k.device
+    C = block
+    nb = -(-N // C)
+    if method == "pca" and perm is None:
+        nb = 1 << max(0, math.ceil(math.log2(nb)))
+    Np = nb * C
+    G = B * Hkv
+    Nsrc = max(Np, N + 1)  # source rows: the N keys, then zero rows (row N is a pad row)
+    kf = torch.zeros(G, Nsrc, D, device=dev, dtype=torch.float32)
+    kf[:, :N] = k.reshape(G, N, D).float()
+    valid = torch.zeros(G, Nsrc, device=dev, dtype=torch.bool)
+    valid[:, :N] = True
+    if method == "kmeans" and perm is None:
+        order = _kmeans_order(kf, N, C, n_clusters=n_clusters, seed=seed)
+        Np = order.shape[1]
+        nb = Np // C
+    elif perm is not None:
+        perm = perm.reshape(G, N).to(dev).long()
+        order = torch.cat([perm, torch.arange(N, Np, device=dev).expand(G, Np - N)], 1)
+    elif method == "pca":
+        order = _bisect_order(kf[:, :Np], valid[:, :Np], C, seed=seed)
+    elif method == "none":
+        order = torch.arange(Np, device=dev).expand(G, Np)
+    else:
+        raise ValueError(f"method must be 'kmeans', 'pca' or 'none' (or give perm), got {method!r}")
+    order = order.contiguous()
+    kpad = torch.zeros(G, Nsrc, D, device=dev, dtype=k.dtype)
+    kpad[:, :N] = k.reshape(G, N, D)
+    vpad = torch.zeros(G, Nsrc, D, device=dev, dtype=v.dtype)
+    vpad[:, :N] = v.reshape(G, N, D)
+    gidx = order[..., None].expand(G, Np, D)
+    kp = torch.gather(kpad, 1, gidx)
+    vp = torch.gather(vpad, 1, gidx)
+    vm = torch.gather(valid, 1, order)
+    pos = torch.where(vm, order, torch.full_like(order, PAD_POS)).to(torch.int32)
+    # ---- bounds, from the stored (rounded) values
+    kb = kp.float().view(G, nb, C, D)
+    w = vm.view(G, nb, C, 1).float()
+    cnt = w.sum(2)
+    centre = ((kb * w).sum(2) / cnt.clamp_min(1.0)).to(k.dtype)
+    diff = (kb - centre.float()[:, :, None]) * w
+    d2 = diff.pow(2)
+    inflate = 1.0 + 1e-5
+    radius = d2.sum(-1).max(-1).values.sqrt() * inflate
+    radius = torch.where(cnt[..., 0] > 0, radius, torch.full_like(radius, EMPTY_RADIUS))
+    rot = None
+    if rotate:
+        mu = kf[:, :N].mean(1, keepdim=True)
+        xc = kf[:, :N] - mu
+        cov = xc.transpose(1, 2) @ xc
+        evals, evecs = torch.linalg.eigh(cov.double())
+        rot = evecs.flip(-1).float().contiguous()  # (G, D, D), columns by descending variance
+        del xc, cov
+        d2 = (diff @ rot[:, None]).pow(2)
+        del diff
+    sub = d2.view(G, nb, C, n_sub, D // n_sub).sum(-1).max(2).values.sqrt() * inflate
+    sub = torch.where(cnt > 0, sub, torch.zeros_like(sub))
+    kmax = (kf[:, :N].norm(dim=-1).max(-1).values).view(B, Hkv).contiguous()
+    return GPUBlockIndex(
+        kp=kp.view(B, Hkv, Np, D).contiguous(), vp=vp.view(B, Hkv, Np, D).contiguous(),
+        pos=pos.view(B, Hkv, Np).contiguous(), centre=centre.view(B, Hkv, nb, D).contiguous(),
+        radius=radius.view(B, Hkv, nb).contiguous(),
+        sub_radius=sub.view(B, Hkv, nb, n_sub).contiguous(), block=C, n_sub=n_sub,
+        n_valid=N, kmax=kmax, rot=None if rot is None else rot.view(B, Hkv, D, D).contiguous())

@@ -34,7 +34,6 @@ Bad values never give a finite wrong answer: their rows are NaN and set a bit in
 """
 from __future__ import annotations
 
-
 import torch
 import triton
 

@@ -27,11 +27,9 @@ scores is far below this; SLACK_REL = 1e-3 by default), so no key with ``<q,k> >
 ever dropped. Scores inside surviving blocks are exact (float32 accumulation of the stored
 16-bit values); reported keys satisfy ``score >= tau`` (``>=``, like the CPU index).
 
-Block order: ``method="kmeans"`` (default) clusters each (batch, kv head)'s keys and pads
-every cluster to a multiple of C, so no block mixes clusters; ``method="pca"`` sorts keys by
-recursive median bisection along each group's principal direction (a PCA tree whose leaves
-are the blocks, no padding, but equal-size splits cut clusters); ``method="none"`` keeps
-positional order (Quest-like pages); or pass ``perm`` (e.g. the CPU index's leaf order).
+Block order (``build_index``, in ``_block_order.py``): ``method="kmeans"`` (default: clusters
+padded to whole blocks), ``"pca"`` (recursive median bisection), ``"none"`` (positional pages,
+Quest-like), or a given ``perm`` (e.g. the CPU index's leaf order).
 
 Plan / run:
 
@@ -68,10 +66,9 @@ from .._protocol import AttentionSpec
 from ..index.results import RangeResult
 from ._compat import interpreting, patch_interpreter
 from ._softmax import LOG2E
-from ._validate import (MAX_STACKED_ROWS, MIN_TILE, check_attention_inputs, check_index_build,
-                        check_alpha, check_kind, check_triton_device)
-from ._block_kernels import EMPTY_RADIUS, _block_filter_kernel, _hsr_decode_kernel  # noqa: F401 (EMPTY_RADIUS re-exported)
-from ._block_order import _bisect_order, _kmeans_order
+from ._validate import (MAX_STACKED_ROWS, MIN_TILE, check_attention_inputs, check_alpha, check_kind,
+                        check_triton_device)
+from ._block_kernels import _block_filter_kernel, _hsr_decode_kernel
 from .block_sparse import _num_sms, block_sparse_attention, merge_partials
 
 patch_interpreter()
@@ -406,98 +403,6 @@ class GPUBlockIndex:
         sc = q.float() @ ks.transpose(-1, -2)  # (B,Hq,M,ns)
         sc = sc.masked_fill((ps >= self.n_valid)[:, :, None, :], float("nan"))
         return torch.nanquantile(sc, 1.0 - fraction, dim=-1).float()
-
-
-def build_index(k: torch.Tensor, v: torch.Tensor, *, block_size: int | None = None, n_sub: int = 8,
-                method: str = "kmeans", perm: torch.Tensor | None = None, rotate: bool = False, seed: int = 0,
-                n_clusters: int | None = None) -> GPUBlockIndex:
-    """Build a ``GPUBlockIndex`` over ``k, v (B, Hkv, N, D)``.
-
-    block_size : keys per block C (16, 32, 64 or 128; default 32), the library's one name for a
-        block's size. n_sub : subspaces S (power of two dividing D).
-    method : ``"kmeans"`` (8 Lloyd iterations with ``n_clusters`` = N / (2 C) centroids,
-        keys sorted by cluster, every cluster padded to a multiple of C so that no block
-        mixes clusters; about N/4 pad rows on average), ``"pca"`` (recursive principal-direction
-        median bisection; pads N up to C * 2**ceil(log2(N/C))) or ``"none"`` (positional
-        pages, Quest-like). perm : optional
-        ``(B, Hkv, N)`` int64 permutation of ``[0, N)`` per (batch, kv head), used as is.
-    rotate : measure the per-subspace radii in each kv head's PCA basis (eigenvectors of the
-        key covariance, descending variance, so the first subspace holds the top principal
-        directions); the kernels rotate q by the same float32 matrix. The ball bound and
-        <q, c> are rotation invariant.
-
-    Raises ``ValueError`` for k/v of different shapes or not 4-D, a ``block_size`` outside
-    (16, 32, 64, 128), an ``n_sub`` that is not a power of two dividing D, or an unknown
-    ``method``.
-    """
-    block = 32 if block_size is None else block_size
-    check_index_build(k, v, block, n_sub)
-    check_triton_device("build_index", k=k, v=v)
-    B, Hkv, N, D = k.shape
-    dev = k.device
-    C = block
-    nb = -(-N // C)
-    if method == "pca" and perm is None:
-        nb = 1 << max(0, math.ceil(math.log2(nb)))
-    Np = nb * C
-    G = B * Hkv
-    Nsrc = max(Np, N + 1)  # source rows: the N keys, then zero rows (row N is a pad row)
-    kf = torch.zeros(G, Nsrc, D, device=dev, dtype=torch.float32)
-    kf[:, :N] = k.reshape(G, N, D).float()
-    valid = torch.zeros(G, Nsrc, device=dev, dtype=torch.bool)
-    valid[:, :N] = True
-    if method == "kmeans" and perm is None:
-        order = _kmeans_order(kf, N, C, n_clusters=n_clusters, seed=seed)
-        Np = order.shape[1]
-        nb = Np // C
-    elif perm is not None:
-        perm = perm.reshape(G, N).to(dev).long()
-        order = torch.cat([perm, torch.arange(N, Np, device=dev).expand(G, Np - N)], 1)
-    elif method == "pca":
-        order = _bisect_order(kf[:, :Np], valid[:, :Np], C, seed=seed)
-    elif method == "none":
-        order = torch.arange(Np, device=dev).expand(G, Np)
-    else:
-        raise ValueError(f"method must be 'kmeans', 'pca' or 'none' (or give perm), got {method!r}")
-    order = order.contiguous()
-    kpad = torch.zeros(G, Nsrc, D, device=dev, dtype=k.dtype)
-    kpad[:, :N] = k.reshape(G, N, D)
-    vpad = torch.zeros(G, Nsrc, D, device=dev, dtype=v.dtype)
-    vpad[:, :N] = v.reshape(G, N, D)
-    gidx = order[..., None].expand(G, Np, D)
-    kp = torch.gather(kpad, 1, gidx)
-    vp = torch.gather(vpad, 1, gidx)
-    vm = torch.gather(valid, 1, order)
-    pos = torch.where(vm, order, torch.full_like(order, PAD_POS)).to(torch.int32)
-    # ---- bounds, from the stored (rounded) values
-    kb = kp.float().view(G, nb, C, D)
-    w = vm.view(G, nb, C, 1).float()
-    cnt = w.sum(2)
-    centre = ((kb * w).sum(2) / cnt.clamp_min(1.0)).to(k.dtype)
-    diff = (kb - centre.float()[:, :, None]) * w
-    d2 = diff.pow(2)
-    inflate = 1.0 + 1e-5
-    radius = d2.sum(-1).max(-1).values.sqrt() * inflate
-    radius = torch.where(cnt[..., 0] > 0, radius, torch.full_like(radius, EMPTY_RADIUS))
-    rot = None
-    if rotate:
-        mu = kf[:, :N].mean(1, keepdim=True)
-        xc = kf[:, :N] - mu
-        cov = xc.transpose(1, 2) @ xc
-        evals, evecs = torch.linalg.eigh(cov.double())
-        rot = evecs.flip(-1).float().contiguous()  # (G, D, D), columns by descending variance
-        del xc, cov
-        d2 = (diff @ rot[:, None]).pow(2)
-        del diff
-    sub = d2.view(G, nb, C, n_sub, D // n_sub).sum(-1).max(2).values.sqrt() * inflate
-    sub = torch.where(cnt > 0, sub, torch.zeros_like(sub))
-    kmax = (kf[:, :N].norm(dim=-1).max(-1).values).view(B, Hkv).contiguous()
-    return GPUBlockIndex(
-        kp=kp.view(B, Hkv, Np, D).contiguous(), vp=vp.view(B, Hkv, Np, D).contiguous(),
-        pos=pos.view(B, Hkv, Np).contiguous(), centre=centre.view(B, Hkv, nb, D).contiguous(),
-        radius=radius.view(B, Hkv, nb).contiguous(),
-        sub_radius=sub.view(B, Hkv, nb, n_sub).contiguous(), block=C, n_sub=n_sub,
-        n_valid=N, kmax=kmax, rot=None if rot is None else rot.view(B, Hkv, D, D).contiguous())
 
 
 def hsr_decode(q: torch.Tensor, index: GPUBlockIndex, *, tau: float | torch.Tensor | None = None,
