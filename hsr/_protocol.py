@@ -25,7 +25,7 @@ import numpy as np
 
 from ._typing import Array, ArrayLike
 
-__all__ = ["AttentionSpec", "AttentionInfo", "AttentionCache", "SearchIndex", "FEATURES", "DEFAULT_EPS",
+__all__ = ["AttentionSpec", "AttentionInfo", "AttentionCache", "SearchIndex", "FaissNames", "FEATURES", "DEFAULT_EPS",
            "check_supported"]
 
 #: the certified dropped fraction a softmax call keeps when it is given no eps, tau or topk
@@ -239,3 +239,17 @@ class SearchIndex(Protocol):
     def count(self, queries: Any, tau: Any) -> Any: ...
 
     def to(self, device: Any) -> Any: ...
+
+
+class FaissNames:
+    """FAISS's names beside ours, for an index with ``__len__`` (live keys) and ``dim``."""
+
+    @property
+    def ntotal(self) -> int:
+        """Live keys (``len(index)``; ids stay ``0 .. n_total - 1``)."""
+        return len(self)
+
+    @property
+    def d(self) -> int:
+        """The key dimension (:attr:`dim`)."""
+        return self.dim

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 else:  # torch and the Triton kernels load only when a cache moves to a GPU
     CodeKVCache = lazy("hsr.kernels.codes", "CodeKVCache")
 
-__all__ = ["KVIndex", "KVCacheIndex"]
+__all__ = ["KVIndex", "KVCacheIndex", "cache_queries", "framework_out"]
 
 #: the CPU caches implement every feature of the attention protocol
 CPU_FEATURES = frozenset(FEATURES)
@@ -187,14 +187,7 @@ class KVCacheIndex:
         """Attention of ``q (B, Hq, M, D)`` over the cache as ``spec`` says, ``Hq`` a multiple
         of the kv heads (grouped-query attention); ``out`` like q, ``info`` of ``(B, Hq, M)``
         arrays or None unless ``with_info``. Usually called through :func:`hsr.hsr_attention`."""
-        Qn = cpu_queries(q, type(self).__name__)
-        if Qn.ndim != 4 or Qn.shape[0] != self.batch or Qn.shape[-1] != self.dim:
-            raise ValueError(f"q must be (batch={self.batch}, heads, seq, dim={self.dim}), got {Qn.shape}")
-        if Qn.shape[1] % self.kv_heads:
-            raise ValueError(f"query heads ({Qn.shape[1]}) must be a multiple of kv heads ({self.kv_heads})")
-        Qn = np.ascontiguousarray(Qn, dtype=np.float32)
-        if not np.isfinite(Qn).all():
-            raise ValueError("q contains NaN or Inf")
+        Qn = cache_queries(cpu_queries(q, type(self).__name__), self.batch, self.kv_heads, self.dim)
         out, info = attend_heads(self.heads, Qn, spec, tau_rows=Qn.shape[:3])
         return framework_out(out, q), (info if with_info else None)
 
@@ -225,6 +218,19 @@ class KVCacheIndex:
     def __repr__(self):
         return (f"KVCacheIndex(batch={self.batch}, kv_heads={self.kv_heads}, seq={len(self)}, "
                 f"dim={self.dim})")
+
+
+def cache_queries(Qn: np.ndarray, batch: int, kv_heads: int, dim: int) -> np.ndarray:
+    """Queries ``(batch, Hq, M, dim)`` for a cache of ``kv_heads`` heads (``Hq`` a multiple of
+    them), as finite float32 C-contiguous; ``ValueError`` naming what does not fit."""
+    if Qn.ndim != 4 or Qn.shape[0] != batch or Qn.shape[-1] != dim:
+        raise ValueError(f"q must be (batch={batch}, heads, seq, dim={dim}), got {Qn.shape}")
+    if Qn.shape[1] % kv_heads:
+        raise ValueError(f"query heads ({Qn.shape[1]}) must be a multiple of kv heads ({kv_heads})")
+    Q4 = np.ascontiguousarray(Qn, dtype=np.float32)
+    if not np.isfinite(Q4).all():
+        raise ValueError("q contains NaN or Inf")
+    return Q4
 
 
 def framework_out(out: np.ndarray, like: ArrayLike) -> Array:

@@ -189,3 +189,17 @@ class Sharded:
     def __len__(self) -> int:
         return self._n
 
+    @classmethod
+    def _load(cls, read: Any, path: Any, group: ProcessGroup | None, broadcast_queries: bool) -> Any:
+        """Each rank reads its own shard with ``read(path, rank, world) -> (local, start)``;
+        collective: the ranks agree it worked, and each checks its start is where it was saved."""
+        comm = Comm(group)
+        got = comm.attempt(read, path, comm.rank, comm.world)
+        comm.agree(f"{cls.__name__}.load")
+        local, saved = got
+        self = cls(local, group=group, broadcast_queries=broadcast_queries)
+        if saved != self.start:
+            raise ValueError(f"rank {self.rank}: shard saved at start {saved}, but the loaded shards put it "
+                             f"at {self.start}")
+        return self
+

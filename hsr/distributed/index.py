@@ -298,14 +298,7 @@ class ShardedIndex(Sharded):
     def load(cls, path: StrPath, *, group: ProcessGroup | None = None, broadcast_queries: bool = True
              ) -> ShardedIndex:
         """Each rank reads its own shard (collective: checks world size and starts)."""
-        comm = Comm(group)
-        got = comm.attempt(_files.load_index, path, comm.rank, comm.world)
-        comm.agree("ShardedIndex.load")
-        local, saved = got
-        self = cls(local, group=group, broadcast_queries=broadcast_queries)
-        if saved != self.start:
-            raise ValueError(f"rank {self.rank}: shard saved at start {saved}, loaded at {self.start}")
-        return self
+        return cls._load(_files.load_index, path, group, broadcast_queries)
 
     def __repr__(self):
         return f"ShardedIndex(rank={self.rank}/{self.world}, ids from {self.start}, ntotal={self._live}, n_total={self._n}, d={self.d})"

@@ -21,7 +21,7 @@ import numpy as np
 
 from .._typing import Array, ArrayLike, ProcessGroup, StrPath, lazy
 from .._protocol import FEATURES, AttentionInfo, AttentionSpec
-from ..attention.kv import KVCacheIndex, KVIndex, framework_out
+from ..attention.kv import KVCacheIndex, KVIndex, cache_queries, framework_out
 from .._arrays import as_float_array, to_numpy
 from ._comm import Comm, Sharded
 from .merge import dropped_fraction, kth_best, merge_attention, shard_range
@@ -272,14 +272,7 @@ class ShardedKVCache(Sharded):
         if self._kind == 0:
             Q2 = as_float_array(Qn, "q", np.float32, ndim=2, dim=self.dim)
             return np.ascontiguousarray(Q2[None, None]), q
-        if Qn.ndim != 4 or Qn.shape[0] != self.batch or Qn.shape[-1] != self.dim:
-            raise ValueError(f"q must be (batch={self.batch}, heads, seq, dim={self.dim}), got {Qn.shape}")
-        if Qn.shape[1] % self.kv_heads:
-            raise ValueError(f"query heads ({Qn.shape[1]}) must be a multiple of kv heads ({self.kv_heads})")
-        Q4 = np.ascontiguousarray(Qn, dtype=np.float32)
-        if not np.isfinite(Q4).all():
-            raise ValueError("q contains NaN or Inf")
-        return Q4, q
+        return cache_queries(Qn, self.batch, self.kv_heads, self.dim), q
 
     def _global_kth(self, Qn, k, causal):
         """Per query row, the k-th best score over every shard (``-inf``: fewer than k visible)."""
@@ -303,15 +296,7 @@ class ShardedKVCache(Sharded):
              ) -> ShardedKVCache:
         """Each rank reads its own shard from the folder ``path`` (collective: the ranks check
         that the world size and the shard starts match what was saved)."""
-        comm = Comm(group)
-        got = comm.attempt(_files.load_kv, path, comm.rank, comm.world)
-        comm.agree("ShardedKVCache.load")
-        local, saved_start = got
-        self = cls(local, group=group, broadcast_queries=broadcast_queries)
-        if saved_start != self.start:
-            raise ValueError(f"rank {self.rank}: shard saved at start {saved_start}, but the loaded shards put it "
-                             f"at {self.start}")
-        return self
+        return cls._load(_files.load_kv, path, group, broadcast_queries)
 
     def __repr__(self):
         return (f"ShardedKVCache(rank={self.rank}/{self.world}, positions [{self.start}, {self.end}) of {self._n}, "

@@ -33,7 +33,7 @@ from ._brute_backend import BruteScan
 from ._code_backend import CodeSearch
 from ._forest_backend import ForestSearch
 from .. import _devices
-from .._protocol import SearchIndex
+from .._protocol import FaissNames, SearchIndex
 from .._typing import ArrayLike, Device, DTypeLike, StrPath, TorchDType
 
 __all__ = ["HSRIndex", "BruteForceIndex", "SearchStats", "KeyView", "ForestView"]
@@ -60,7 +60,7 @@ def _reads(method):
     return caught_up
 
 
-class HSRIndex:
+class HSRIndex(FaissNames):
     """Exact half-space reporting: ``{j : score(q, k_j) >= tau}`` for batches of queries.
 
     At dimension ``AUTO_CODE_MIN_DIM`` (16) and above, the default (``method="auto"``) is the
@@ -156,16 +156,6 @@ class HSRIndex:
     # ------------------------------------------------------------------ size and content
     def __len__(self) -> int:
         return self._table.n_live
-
-    @property
-    def ntotal(self) -> int:
-        """Live keys, FAISS's name (same as ``len(index)``; ids stay ``0 .. n_total - 1``)."""
-        return len(self)
-
-    @property
-    def d(self) -> int:
-        """Dimension, FAISS's name (same as :attr:`dim`)."""
-        return self.dim
 
     @property
     def n_total(self) -> int:

@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._protocol import FaissNames
 from .._typing import Device
 from ..index import HSRIndex
 from ..index.results import RangeResult, SearchResult
@@ -39,7 +40,7 @@ def _score_rows_kernel(Q, K, SURV, OUT, S, s_q, s_k, s_o,
     tl.store(OUT + offs_r[:, None] * s_o + offs_j[None, :], sc, mask=j_ok[None, :])
 
 
-class GPUCodeIndex:
+class GPUCodeIndex(FaissNames):
     """An :class:`hsr.HSRIndex`'s keys on a device (``HSRIndex.to("cuda")``): the same range
     search with the code filter, returning torch tensors.
 
@@ -70,16 +71,6 @@ class GPUCodeIndex:
         self.cache = CodeKVCache(keys[None, None], None, seed=seed)
         self.alive = torch.ones(keys.shape[0], dtype=torch.bool, device=keys.device)  # (n_total,)
         self._n_dead = 0
-
-    @property
-    def ntotal(self) -> int:
-        """Keys held, FAISS's name (same as ``len(index)``)."""
-        return len(self)
-
-    @property
-    def d(self) -> int:
-        """Dimension, FAISS's name (same as :attr:`dim`)."""
-        return self.dim
 
     @property
     def dim(self) -> int:
