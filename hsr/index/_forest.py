@@ -1,9 +1,9 @@
 """The static partition trees of the forest: their arrays (``_Tree``) and their build.
 
 A thin layer over the build kernels of ``_build_kernels.py`` (the table of every array, with
-shapes and dtypes, heads ``layout.py``, whose walkers the search kernels use). ``HSRIndex``
-(``tree.py``) keeps a list of these trees plus an append buffer and merges them (logarithmic
-method).
+shapes and dtypes, heads ``layout.py``, whose walkers the search kernels use). The forest
+strategy (``_forest_backend.py``) keeps a list of these trees plus an append buffer and merges
+them (logarithmic method).
 """
 
 from __future__ import annotations
