@@ -34,18 +34,23 @@ from hsr.testing.realdata import get_real_qk  # noqa: E402
 def leaf_bounds(K, Q, tau, leaf=8):
     """Fraction of leaves whose bound is >= tau, for the node-bound variants."""
     idx = hsr.HSRIndex(K, method="tree", leaf_size=leaf)
-    t = idx._trees[0]
-    first = (1 << t.n_levels) - 1
-    starts, ends = t.node_start[first:], t.node_end[first:]
+    # the first tree of the forest (the whole key set, built at once): its leaves, through the
+    # public view (hsr.index.layout's table: ids, n_levels, node_start, node_end at 2..5)
+    tree = idx.forest_view(Q).trees[0]
+    ids, n_levels, node_start, node_end = tree[2], tree[3], tree[4], tree[5]
+    first = (1 << n_levels) - 1
+    starts, ends = node_start[first:], node_end[first:]
     keep = ends > starts
     starts, ends = starts[keep], ends[keep]
-    QR = Q.astype(np.float64) @ idx._rot.T
-    KR = K.astype(np.float64) @ idx._rot.T
+    _, v = np.linalg.eigh(np.cov(K.astype(np.float64).T))  # the boxes in the keys' PCA basis
+    rot = v[:, ::-1].T
+    QR = Q.astype(np.float64) @ rot.T
+    KR = K.astype(np.float64) @ rot.T
     out = {}
     for s in (0, 16, 32, 64):
         ub = np.zeros((len(Q), len(starts)))
         for li, (a, b) in enumerate(zip(starts, ends)):
-            kk = KR[t.ids[a:b]]
+            kk = KR[ids[a:b]]
             c = kk.mean(0)
             lo, hi = kk.min(0), kk.max(0)
             rt = np.linalg.norm((kk - c)[:, s:], axis=1).max()
