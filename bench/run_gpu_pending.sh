@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The GPU measurements still owed by the open issues, one group per call (each fits a 10-minute
+# device call); results in $OUT. Real keys: carry bench/cache/gpu_real_keys.npz
+# (python bench/make_gpu_keys.py --n-tokens 8192 makes it on the CPU).
+#   decode   the decode loop with the certificate, in-place replay and the filter sweep (issue 21)
+#   faiss    the CPU batch path's thread scaling on the GPU host's 16 cores (issue 24)
+#   generate greedy generate() with CodeCache vs StaticCache + SDPA, both captured (issue 22)
+#   striped  the striped decode step on 1 and 2 GPUs (issue 26; needs a 2-GPU machine)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/out}; mkdir -p "$OUT"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpus.txt"
+case "${1:-decode}" in
+  decode)   timeout 560 python bench/bench_decode_loop.py --sweep --out "$OUT/decode_loop.json" 2>&1 | tee "$OUT/decode_loop_log.txt" ;;
+  faiss)    timeout 560 python bench/bench_faiss.py --threads-scaling 1,2,4,8,16 --out "$OUT/faiss_threads.json" 2>&1 | tee "$OUT/faiss_log.txt" ;;
+  generate) timeout 560 python bench/bench_generate_gpu.py --out "$OUT/generate_gpu.json" 2>&1 | tee "$OUT/generate_log.txt" ;;
+  striped)  timeout 560 python bench/bench_striped.py --worlds 1,2 --out "$OUT/striped.json" 2>&1 | tee "$OUT/striped_log.txt" ;;
+  *) echo "usage: $0 decode|faiss|generate|striped"; exit 2 ;;
+esac
