@@ -18,7 +18,11 @@ them), each variant with its own cache:
     append into buffers with room to grow: no copy per step).
 ``hsr_eps<e>``, ``hsr_top<k>``
     the HSR softmax backend with ``dense_below=0`` on an ``HSRCache(index_from=0)``: the code
-    filter index appended per step, certified ``eps``, or each query's ``topk`` best keys.
+    filter index appended per step, certified ``eps``, or each query's ``topk`` best keys, the
+    index at every step (``guard=False``).
+``hsr_eps<e>_guard``
+    the same with the per-layer guard (the default): each layer times its step through the
+    index and its dense step and takes the faster.
 
 Reported per length and variant: tokens/s (the median step), the median of the per-step speed
 ratios against ``sdpa`` and against ``sdpa_hsrcache`` (paired: the same step), the agreement of
@@ -106,9 +110,11 @@ def main(argv=None):
         "sdpa": ("sdpa", None, lambda: DynamicCache(config=model.config)),
         "sdpa_hsrcache": (dense.name, dense, lambda: ht.HSRCache(model.config, index_from=1 << 40)),
         f"hsr_eps{args.eps:g}": (None, ht.register_hsr_attention("bench_gen_eps", kind="softmax", eps=args.eps,
-                                                                 dense_below=0), None),
+                                                                 dense_below=0, guard=False), None),
+        f"hsr_eps{args.eps:g}_guard": (None, ht.register_hsr_attention("bench_gen_eps_guard", kind="softmax",
+                                                                       eps=args.eps, dense_below=0, guard=True), None),
         f"hsr_top{args.topk}": (None, ht.register_hsr_attention("bench_gen_top", kind="softmax", topk=args.topk,
-                                                                dense_below=0), None),
+                                                                dense_below=0, guard=False), None),
     }
     for name, (impl, be, make) in list(backends.items()):
         if impl is None:
@@ -150,7 +156,8 @@ def main(argv=None):
             if be is not None and name != "sdpa_hsrcache":
                 st = be.stats.decode.total
                 r.update(scored_fraction=st.scored_fraction, selected_fraction=st.selected_fraction,
-                         max_dropped=be.stats.decode.max_dropped, dense_calls=st.dense_calls)
+                         max_dropped=be.stats.decode.max_dropped, dense_calls=st.dense_calls,
+                         guarded_calls=st.guarded_calls)
             row[name] = r
             extra = f"  scored {r['scored_fraction']:.3f}  max dropped {r['max_dropped']:.1e}" if "scored_fraction" in r else ""
             print(f"{n:6d} {name:14s} {r['tokens_per_s']:6.2f} tok/s  x{r['speed_vs_sdpa']:.2f} sdpa  "

@@ -24,10 +24,13 @@ class LayerStats:
     a scanned leaf is counted whole. ``dense_calls`` counts the calls that took the dense path
     below ``dense_below`` (no index: torch SDPA for the default softmax, else a dense torch
     computation of the same selection rule); their keys count as scored and nothing is dropped.
+    ``guarded_calls`` counts the decode calls the per-layer guard sent the same dense way (it
+    timed the layer's dense step faster than its step through the index).
     """
 
     calls: int = 0
     dense_calls: int = 0
+    guarded_calls: int = 0
     queries: int = 0
     keys_visible: int = 0
     keys_scored: int = 0
@@ -52,7 +55,7 @@ class LayerStats:
         return d
 
 
-_SUMMED = ("calls", "dense_calls", "queries", "keys_visible", "keys_scored", "keys_selected", "index_s",
+_SUMMED = ("calls", "dense_calls", "guarded_calls", "queries", "keys_visible", "keys_scored", "keys_selected", "index_s",
            "search_s", "attend_s")
 
 
@@ -127,12 +130,12 @@ class HSRStats:
 
     def table(self, per_layer: bool = True) -> str:
         """A plain-text table, one row per layer and a total row."""
-        head = f"{'layer':>5} {'calls':>5} {'dense':>5} {'scored':>7} {'selected':>8} {'max eps':>9} " \
+        head = f"{'layer':>5} {'calls':>5} {'dense':>5} {'guard':>5} {'scored':>7} {'selected':>8} {'max eps':>9} " \
                f"{'index s':>8} {'search s':>8} {'attend s':>8}"
         rows = [head]
 
         def row(name, s):
-            return (f"{name:>5} {s.calls:>5} {s.dense_calls:>5} {s.scored_fraction:>7.3f} {s.selected_fraction:>8.3f} "
+            return (f"{name:>5} {s.calls:>5} {s.dense_calls:>5} {s.guarded_calls:>5} {s.scored_fraction:>7.3f} {s.selected_fraction:>8.3f} "
                     f"{s.max_dropped:>9.2e} {s.index_s:>8.3f} {s.search_s:>8.3f} {s.attend_s:>8.3f}")
 
         if per_layer:

@@ -54,6 +54,7 @@ dropped mass, and the seconds spent maintaining the index, searching it, and att
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any, Dict, Optional, Tuple, Union
 
@@ -102,6 +103,12 @@ _BATCHED_MAX_Q = 16
 # --------------------------------------------------------------------------------------------
 _REGISTERED: Dict[str, "HSRAttentionBackend"] = {}
 
+#: whether backends time each layer's two ways at decode and take the faster (the default of
+#: ``register_hsr_attention(guard=)``; the test suite turns it off to exercise the index)
+GUARD = True
+#: the per-layer guard re-times a layer's slower way every this many decode steps
+GUARD_PROBE = 32
+
 
 class HSRAttentionBackend:
     """A registered attention function with its settings and statistics.
@@ -129,6 +136,8 @@ class HSRAttentionBackend:
         self.index_kwargs = dict(index_kwargs or {})
         self.stats = HSRStats()
         self.__name__ = f"hsr_{mode}_attention"
+        self._guard: Dict[int, dict] = {}  # layer -> its two ways' seconds per decode call, calls
+        self._guard_lock = threading.Lock()
 
     def __repr__(self):
         s = ", ".join(f"{k}={v!r}" for k, v in self.settings.items())
@@ -180,22 +189,75 @@ class HSRAttentionBackend:
             self.stats.decode.add(layer_idx, st)
         return out.transpose(1, 2).contiguous(), None
 
+    def _dense(self, query, key, value, attention_mask, st, scale, key_padding):
+        """The backend's rule computed densely: SDPA for softmax with eps (every key kept,
+        nothing dropped), else the same selection in torch."""
+        s = self.settings
+        t0 = time.perf_counter()
+        if _short.uses_sdpa(s):
+            out = _short.sdpa_attention(query, key, value, attention_mask, scale)
+            st.keys_scored += st.keys_visible
+            st.keys_selected += st.keys_visible
+        else:
+            out, scored, selected = dense_attention(query, key, value, s, scale, key_padding)
+            st.keys_scored += scored
+            st.keys_selected += selected
+        st.attend_s += time.perf_counter() - t0
+        return out
+
+    def _choose_dense(self, layer_idx: int, M: int) -> bool:
+        """Whether this decode call of the layer goes dense: the per-layer guard times both
+        ways (the index's step, the dense step) and takes the faster, measuring each once
+        first and the slower one again every ``GUARD_PROBE``-th call (the costs move as the
+        cache grows)."""
+        if not self.settings.get("guard") or M != 1:
+            return False
+        with self._guard_lock:
+            g = self._guard.setdefault(layer_idx, {"index_s": None, "dense_s": None, "calls": 0})
+            if g["index_s"] is None:
+                return False
+            if g["dense_s"] is None:
+                return True
+            g["calls"] += 1
+            dense_faster = g["dense_s"] < g["index_s"]
+            probe = g["calls"] % GUARD_PROBE == 0
+            return dense_faster != probe
+
+    def _timed(self, layer_idx: int, M: int, dense: bool, seconds: float) -> None:
+        """Fold one decode call's seconds into the layer's estimate of that way (an average
+        that halves the weight of the past at each call)."""
+        if not self.settings.get("guard") or M != 1:
+            return
+        with self._guard_lock:
+            g = self._guard.setdefault(layer_idx, {"index_s": None, "dense_s": None, "calls": 0})
+            key = "dense_s" if dense else "index_s"
+            g[key] = seconds if g[key] is None else 0.5 * (g[key] + seconds)
+
     def _hsr(self, module, query, key, value, attention_mask, kwargs, st, scale, key_padding):
         s = self.settings
         if key.shape[2] < s["dense_below"] and not isinstance(s["bias"], str):
             # short context: dense is faster than any index; no index is built or updated
-            t0 = time.perf_counter()
             st.dense_calls += 1
-            if _short.uses_sdpa(s):  # every key kept, nothing dropped: exactly SDPA
-                out = _short.sdpa_attention(query, key, value, attention_mask, scale)
-                st.keys_scored += st.keys_visible
-                st.keys_selected += st.keys_visible
-            else:
-                out, scored, selected = dense_attention(query, key, value, s, scale, key_padding)
-                st.keys_scored += scored
-                st.keys_selected += selected
-            st.attend_s += time.perf_counter() - t0
+            return self._dense(query, key, value, attention_mask, st, scale, key_padding)
+        layer_idx = getattr(module, "layer_idx", -1)
+        layer_idx = -1 if layer_idx is None else layer_idx
+        M = query.shape[2]
+        t_start = time.perf_counter()
+        if not isinstance(s["bias"], str) and self._choose_dense(layer_idx, M):
+            # dense is this layer's faster way now: take it (the cache still grows)
+            layer = cache_layer_for(module, key, kwargs)
+            if layer is not None:
+                layer.get_index()  # keep the index in step, for the probe that comes back to it
+            st.guarded_calls += 1
+            out = self._dense(query, key, value, attention_mask, st, scale, key_padding)
+            self._timed(layer_idx, M, True, time.perf_counter() - t_start)
             return out
+        out = self._hsr_index(module, query, key, value, kwargs, st, scale, key_padding)
+        self._timed(layer_idx, M, False, time.perf_counter() - t_start)
+        return out
+
+    def _hsr_index(self, module, query, key, value, kwargs, st, scale, key_padding):
+        s = self.settings
         index = self._index(module, key, value, kwargs, st, key_padding)
         t0 = time.perf_counter()
         fast = self._hsr_batched(module, query, key, kwargs, index, scale)
@@ -307,7 +369,7 @@ def registered_backends() -> Dict[str, HSRAttentionBackend]:
 def register_hsr_attention(name: str = "hsr_softmax", *, kind: str = "softmax", eps: Optional[float] = None,
                            tau: Optional[float] = None, topk: Optional[int] = None, alpha: int = 2,
                            bias: Union[float, str] = 0.0, index_kwargs: Optional[dict] = None,
-                           dense_below: Optional[int] = None) -> HSRAttentionBackend:
+                           dense_below: Optional[int] = None, guard: Optional[bool] = None) -> HSRAttentionBackend:
     """Register :func:`hsr.hsr_attention` as transformers attention ``name``.
 
     Parameters
@@ -329,6 +391,15 @@ def register_hsr_attention(name: str = "hsr_softmax", *, kind: str = "softmax", 
         default keeps SmolLM2-135M (8K context) dense on the CPU, where the index decoded
         slower than SDPA at every length measured (docs/transformers.md). 0: always use the
         index. ``bias="paper"`` always uses the index (its bias is computed per head from it).
+    guard : bool, default :data:`GUARD` (True)
+        Never slower than dense, per layer: at decode, the backend times each layer's step
+        through the index and its dense step (as below ``dense_below``), takes the faster,
+        and re-times the slower every ``GUARD_PROBE``-th step (the costs change as the cache
+        grows). ``stats`` counts the dense ones (``guarded_calls``). On the 2-core CPU the
+        index's step measured slower than SDPA over the same buffers for every layer, rule
+        and scored fraction tried at 16K and 32K (``bench/bench_layer_guard.py``,
+        ``bench/results/layer_guard_cpu.json``), so there the guard sends the decode dense.
+        False: always the index above ``dense_below``.
 
     Returns
     -------
@@ -348,7 +419,11 @@ def register_hsr_attention(name: str = "hsr_softmax", *, kind: str = "softmax", 
         raise ValueError("give at most one of eps, tau and topk")
     if eps is not None and not 0.0 < eps < 1.0:
         raise ValueError(f"eps must be in (0, 1), got {eps!r}")
-    settings = dict(kind=kind, eps=eps, tau=tau, topk=topk, alpha=alpha, bias=bias, dense_below=dense_below)
+    guard = GUARD if guard is None else guard
+    if not isinstance(guard, bool):
+        raise ValueError(f"guard must be True or False, got {guard!r}")
+    settings = dict(kind=kind, eps=eps, tau=tau, topk=topk, alpha=alpha, bias=bias, dense_below=dense_below,
+                    guard=guard)
     return _register(HSRAttentionBackend(name, "hsr", settings, index_kwargs))
 
 
