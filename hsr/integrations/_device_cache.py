@@ -235,13 +235,17 @@ def register_code_attention(name: str = "hsr_code", *, eps: float = 1e-3, calibr
 
 @torch.no_grad()
 def generate_greedy(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: int, cache: CodeCache, *,
-                    graph: Optional[bool] = None) -> torch.Tensor:
+                    graph: Optional[bool] = None, timings: Optional[dict] = None) -> torch.Tensor:
     """Greedy decoding: prefill, then one decode step replayed from a CUDA graph for every token
     (``graph`` defaults to on CUDA). Returns ``(B, prompt + new)`` token ids.
 
     With a :class:`CodeCache` the model uses the code attention backend
     (:func:`register_code_attention`). Any cache whose state lives on the device works the same
-    way: transformers' ``StaticCache`` with SDPA is the dense loop to compare with."""
+    way: transformers' ``StaticCache`` with SDPA is the dense loop to compare with.
+
+    ``timings``, a dict, receives ``prefill_s`` and ``decode_s`` (seconds, the device
+    synchronised at both ends of each: only when asked)."""
+    import time
     import inspect
 
     B, P = input_ids.shape
@@ -251,6 +255,10 @@ def generate_greedy(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tok
     # transformers >= 5.24 names the cache ``cache`` and takes no cache_position; older releases
     # ``past_key_values`` and ``cache_position``
     cache_kw = "cache" if "cache" in params else "past_key_values"
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    if timings is not None:
+        sync()
+        t0 = time.perf_counter()
     out = model(input_ids=input_ids, use_cache=True, **{cache_kw: cache})
     ids = torch.empty(B, P + max_new_tokens, dtype=input_ids.dtype, device=dev)
     ids[:, :P] = input_ids
@@ -258,6 +266,10 @@ def generate_greedy(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tok
         return ids[:, :P]
     tok = out.logits[:, -1].argmax(-1, keepdim=True)
     pos = torch.full((1,), P, dtype=torch.long, device=dev)
+    if timings is not None:
+        sync()
+        t1 = time.perf_counter()
+        timings["prefill_s"] = t1 - t0
 
     kw = {cache_kw: cache, "position_ids": pos[None].expand(B, 1), "use_cache": True}
     if "cache_position" in params:
@@ -286,4 +298,7 @@ def generate_greedy(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tok
                 for layer in cache.layers:
                     layer.crop(n - layer.code.n)
     ids[:, P + max_new_tokens - 1] = tok[:, 0]
+    if timings is not None:
+        sync()
+        timings["decode_s"] = time.perf_counter() - t1  # the first decode step includes the capture
     return ids
