@@ -5,7 +5,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._softmax import _dot, _online_softmax_step, _relu_weights, _weighted_values, _weights_epilogue
+from ._softmax import _dot, _online_softmax_step, _relu_base, _relu_rows_step, _weights_epilogue
 
 #: radius of a block with no real key: its upper bound is far below any threshold
 EMPTY_RADIUS = -1e30
@@ -133,7 +133,10 @@ def _hsr_decode_kernel(
     offs_nb = tl.arange(0, NB)
     blk_lo = pid_s * BLOCKS_PER_SPLIT
     blk_hi = tl.minimum(blk_lo + BLOCKS_PER_SPLIT, NB_TOTAL)
-    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    if KIND == 0:
+        m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    else:  # ReLU: the running maximum of the base starts at 0
+        m_i = tl.zeros([ROWS], tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
     n_vis = 0
@@ -161,10 +164,9 @@ def _hsr_decode_kernel(
                     s2 = tl.where(keep, s * qk_scale, float("-inf"))
                     m_i, l_i, acc = _online_softmax_step(s2, vt, m_i, l_i, acc, UPCAST)
                 else:
-                    w = _relu_weights(s, keep, qk_scale, bias, ALPHA)
-                    l_i = l_i + tl.sum(w, 1)
-                    acc = acc + _weighted_values(w, vt, UPCAST)
-    l_safe, lse = _weights_epilogue(m_i, l_i, KIND)
+                    m_i, l_i, acc = _relu_rows_step(_relu_base(s, keep, qk_scale, bias), vt, m_i, l_i, acc,
+                                                    ALPHA, UPCAST)
+    l_safe, lse = _weights_epilogue(m_i, l_i, KIND, ALPHA)
     out = acc / l_safe[:, None]
     prow = (b * Hq + head) * M + mrow
     tl.store(OP + (pid_s * BHM + prow[:, None]).to(tl.int64) * HEAD_DIM + offs_d[None, :],

@@ -32,7 +32,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._softmax import _online_softmax_step, _weighted_values, _weights_epilogue
+from ._softmax import _online_softmax_step, _relu_base, _relu_rows_step, _weights_epilogue
 
 #: bits of the cache's device status word (``CodeKVCache.status``), set by the kernels
 BAD_Q = 1          # a query row holds NaN or Inf
@@ -341,14 +341,9 @@ def _attend_tile(q, idx, i_ok, kbase, vbase, s_kn, s_vn, tau, bias, limit, r_ok,
         s2 = tl.where(keep, sc * qk_scale, float("-inf"))
         m_i, l_i, acc = _online_softmax_step(s2, v, m_i, l_i, acc, UPCAST)
     else:
-        z = tl.maximum(sc * scale - bias[:, None], 0.0)
-        w = z
-        for _ in tl.static_range(ALPHA - 1):
-            w = w * z
-        w = tl.where(keep, w, 0.0)
-        l_i += tl.sum(w, 1)
-        # weights rounded to v's 16-bit dtype for the tensor cores, as softmax rounds P
-        acc += _weighted_values(w, v, UPCAST)
+        # weights scaled by the rows' running maximum, rounded to v's 16-bit dtype for the
+        # tensor cores (as softmax rounds P): they cannot underflow or overflow
+        m_i, l_i, acc = _relu_rows_step(_relu_base(sc, keep, scale, bias[:, None]), v, m_i, l_i, acc, ALPHA, UPCAST)
     return m_i, l_i, acc, rem
 
 
@@ -380,7 +375,10 @@ def _code_attend_kernel(Q, K, V, TAU, tau_scalar, BIAS, bias_scalar, SURV, COUNT
     tl.atomic_or(STATUS, worst, mask=(worst > 0) & (pid_s == 0))
     row_bad = (code > 0) | ((tl.load(STATUS) & _BAD_KV) != 0)
     limit = N - M + mrow  # causal: query m of M sits at N - M + m
-    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    if KIND == 0:
+        m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    else:  # ReLU: the running maximum of the base starts at 0
+        m_i = tl.zeros([ROWS], tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
     rem = tl.zeros([ROWS], tl.float32)
@@ -405,7 +403,7 @@ def _code_attend_kernel(Q, K, V, TAU, tau_scalar, BIAS, bias_scalar, SURV, COUNT
                 m_i, l_i, acc, rem = _attend_tile(q, idx, i_ok, kbase, vbase, s_kn, s_vn, tau, bias, limit, r_ok,
                                                   m_i, l_i, acc, rem, gap, qk_scale, scale, HEAD_DIM, KIND, ALPHA,
                                                   UPCAST, CERTIFY)
-    l_safe, lse = _weights_epilogue(m_i, l_i, KIND)
+    l_safe, lse = _weights_epilogue(m_i, l_i, KIND, ALPHA)
     o = acc / l_safe[:, None]
     # every split writes NaN for a bad row, so the merge's max and sums are NaN too
     o = tl.where(row_bad[:, None], float("nan"), o)

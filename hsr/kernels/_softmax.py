@@ -10,8 +10,9 @@ This module owns
   row): the FlashAttention update of the running max ``m_i``, the normaliser ``l_i`` and the
   accumulator ``acc`` with one tile of scores;
 * ``_weights_epilogue``: the same for softmax or ReLU^alpha partials (``lse = log sum w``);
-* ``_ipow`` and ``_relu_weights``: ``x ** ALPHA`` as ``ALPHA - 1`` unrolled products, and the
-  masked ReLU^alpha weights ``relu(s * scale - bias) ** ALPHA`` built from it;
+* ``_ipow``, ``_relu_base``, ``_relu_rows_step`` / ``_relu_row_step``: ``x ** ALPHA`` as
+  ``ALPHA - 1`` unrolled products, the masked ReLU base ``relu(s * scale - bias)``, and the
+  ReLU^alpha update of the running sums, scaled by the rows' running maximum;
 * ``_softmax_epilogue``: the division by ``l_i`` and the natural-log lse, with empty rows
   (no finite score) giving 0 and ``-inf``;
 * ``_query_tile`` and ``_store_rows``: the load of one head's query tile (queries are the
@@ -125,15 +126,17 @@ def _softmax_epilogue(m_i, l_i):
 
 
 @triton.jit
-def _weights_epilogue(m_i, l_i, KIND: tl.constexpr):
+def _weights_epilogue(m_i, l_i, KIND: tl.constexpr, ALPHA: tl.constexpr):
     """``(l_safe, lse)`` for softmax (``KIND == 0``: :func:`_softmax_epilogue`) or ReLU^alpha
-    (``KIND == 1``: ``lse = log(sum of weights)``, ``-inf`` for empty rows), so the split merge
-    (log-sum-exp weights) averages ReLU partials correctly too."""
+    (``KIND == 1``, sums kept scaled by the row maximum ``m`` of ``relu``: the natural log of
+    the row's sum of weights, ``log l + ALPHA log m``, ``-inf`` for empty rows), so the split
+    merge (log-sum-exp weights) averages ReLU partials correctly too."""
     if KIND == 0:
         l_safe, lse = _softmax_epilogue(m_i, l_i)
     else:
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-        lse = tl.where(l_i > 0.0, tl.log(l_safe), float("-inf"))
+        lse = tl.where(l_i > 0.0, tl.log(l_safe) + ALPHA * tl.log(tl.where(m_i > 0.0, m_i, 1.0)),
+                       float("-inf"))
     return l_safe, lse
 
 
@@ -147,9 +150,38 @@ def _ipow(x, ALPHA: tl.constexpr):
 
 
 @triton.jit
-def _relu_weights(s, keep, qk_scale, bias, ALPHA: tl.constexpr):
-    """ReLU^alpha weights ``relu(s * qk_scale - bias) ** ALPHA`` where ``keep``, 0 elsewhere."""
-    return tl.where(keep, _ipow(tl.maximum(s * qk_scale - bias, 0.0), ALPHA), 0.0)
+def _relu_base(s, keep, qk_scale, bias):
+    """``relu(s * qk_scale - bias)`` where ``keep``, 0 elsewhere (the base of ReLU^alpha)."""
+    return tl.where(keep, tl.maximum(s * qk_scale - bias, 0.0), 0.0)
+
+
+@triton.jit
+def _relu_rows_step(x, v, m_i, l_i, acc, ALPHA: tl.constexpr, UPCAST: tl.constexpr):
+    """Fold one tile of ReLU^alpha into rows' running sums, scaled by each row's running
+    maximum ``m`` of the base ``x (ROWS, N)`` (0 where masked): the weights are
+    ``p = (x / m) ** ALPHA`` in [0, 1] and the sums are rescaled by ``(m_old / m_new) ** ALPHA``
+    when ``m`` grows. Raw powers would underflow fp32 (``x ** 16`` for ``x < 4e-3``: a row whose
+    keys all fire weakly would come out zero) or overflow a 16-bit ``p @ v``; these cannot.
+    ``m_i`` starts at 0; :func:`_weights_epilogue` turns ``(m, l)`` into ``log sum w``."""
+    m_new = tl.maximum(m_i, tl.max(x, 1))
+    inv = tl.where(m_new > 0.0, 1.0 / tl.where(m_new > 0.0, m_new, 1.0), 0.0)
+    p = _ipow(x * inv[:, None], ALPHA)
+    corr = _ipow(m_i * inv, ALPHA)  # (old max over new max, in [0, 1]) ** alpha
+    l_i = l_i * corr + tl.sum(p, 1)
+    acc = acc * corr[:, None] + _weighted_values(p, v, UPCAST)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _relu_row_step(x, v, m_i, l_i, acc, ALPHA: tl.constexpr):
+    """:func:`_relu_rows_step` for one row: ``x (N,)``, ``v (N, D)``, scalar ``m_i``, ``l_i``."""
+    m_new = tl.maximum(m_i, tl.max(x, 0))
+    inv = tl.where(m_new > 0.0, 1.0 / tl.where(m_new > 0.0, m_new, 1.0), 0.0)
+    p = _ipow(x * inv, ALPHA)
+    corr = _ipow(m_i * inv, ALPHA)
+    l_i = l_i * corr + tl.sum(p, 0)
+    acc = acc * corr + tl.sum(p[:, None] * v.to(tl.float32), 0)
+    return m_new, l_i, acc
 
 
 @triton.jit

@@ -38,7 +38,7 @@ import triton.language as tl
 
 from ._compat import interpreting as _interpreting
 from ._compat import patch_interpreter
-from ._softmax import _dot, _ipow, _query_tile, _store_rows, _weighted_values
+from ._softmax import _dot, _query_tile, _relu_rows_step, _store_rows
 from ._validate import check_alpha, check_attention_inputs, check_int32_offsets, check_tile, check_triton_device
 
 patch_interpreter()
@@ -117,13 +117,7 @@ def _relu_step(s, keep, v, m_i, l_i, acc, ALPHA: tl.constexpr, MASKED: tl.conste
     x = tl.maximum(s, 0.0)
     if MASKED:
         x = tl.where(keep, x, 0.0)
-    m_new = tl.maximum(m_i, tl.max(x, 1))
-    inv = tl.where(m_new > 0.0, 1.0 / tl.where(m_new > 0.0, m_new, 1.0), 0.0)
-    p = _ipow(x * inv[:, None], ALPHA)
-    corr = _ipow(m_i * inv, ALPHA)  # (old max over new max, in [0, 1]) ** alpha
-    l_i = l_i * corr + tl.sum(p, 1)
-    acc = acc * corr[:, None] + _weighted_values(p, v, UPCAST)
-    return m_new, l_i, acc
+    return _relu_rows_step(x, v, m_i, l_i, acc, ALPHA, UPCAST)
 
 
 @triton.jit

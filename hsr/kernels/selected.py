@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ._compat import interpreting, patch_interpreter
-from ._softmax import LOG2E, _online_softmax_step_row, _relu_weights, _weights_epilogue
+from ._softmax import LOG2E, _online_softmax_step_row, _relu_base, _relu_row_step, _weights_epilogue
 from ._validate import check_alpha, check_attention_inputs, check_kind, check_tensor, check_triton_device
 from .block_sparse import _num_sms, merge_partials
 
@@ -55,7 +55,8 @@ def _selected_kernel(
     if KIND == 0:
         m_i = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), 0)
         l_i = tl.sum(tl.zeros([BLOCK_N], tl.float32), 0)
-    else:
+    else:  # ReLU: the running maximum of the base starts at 0
+        m_i = tl.max(tl.zeros([BLOCK_N], tl.float32), 0)
         l_i = tl.sum(tl.zeros([BLOCK_N], tl.float32), 0)
     for start in range(lo, hi, BLOCK_N):
         offs = start + offs_n0
@@ -68,11 +69,9 @@ def _selected_kernel(
             s = tl.where(ok, s * qk_scale, float("-inf"))
             m_i, l_i, acc = _online_softmax_step_row(s, vv, m_i, l_i, acc)
         else:
-            w = _relu_weights(s, ok, qk_scale, bias, ALPHA)
-            l_i = l_i + tl.sum(w, 0)
-            acc = acc + tl.sum(w[:, None] * vv.to(tl.float32), 0)
+            m_i, l_i, acc = _relu_row_step(_relu_base(s, ok, qk_scale, bias), vv, m_i, l_i, acc, ALPHA)
     # relu: the lse slot carries log(sum of weights), so the split merge averages correctly
-    l_safe, lse = _weights_epilogue(m_i, l_i, KIND)
+    l_safe, lse = _weights_epilogue(m_i, l_i, KIND, ALPHA)
     out = acc / l_safe
     tl.store(OP + (pid_s * BHM + row).to(tl.int64) * HEAD_DIM + offs_d, out)
     tl.store(LSEP + pid_s * BHM + row, lse)
