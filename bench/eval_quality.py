@@ -79,7 +79,8 @@ def variants(model, eps_list):
 
     out = {"dense": ("sdpa", None, lambda: DynamicCache(config=model.config))}
     for eps in eps_list:
-        be = ht.register_hsr_attention(f"quality_eps{eps:g}", kind="softmax", eps=eps, dense_below=0)
+        be = ht.register_hsr_attention(f"quality_eps{eps:g}", kind="softmax", eps=eps, dense_below=0,
+                                       guard=False)  # the index's quality: no dense steps
         out[f"hsr_eps{eps:g}"] = (be.name, be, lambda: ht.HSRCache(model.config, index_from=0))
     return out
 
