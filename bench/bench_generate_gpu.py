@@ -92,6 +92,7 @@ def main(argv=None):
                         # decode steps past the first `warm` (capture included there) over their time
                         decode_s = max(tm["decode_s"] - t_warm["decode_s"], 1e-9)
                         row[f"{name}_prefill_s"] = tm["prefill_s"]
+                        row[f"{name}_capture_error"] = tm.get("capture_error")
                         row[f"{name}_decode_tok_s"] = B * (args.new - warm) / decode_s
                         got[name] = out[:, n:]
                         if name == "ours":

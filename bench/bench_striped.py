@@ -132,6 +132,7 @@ def _rank_main(rank, world, cfg, folder):
                 slowest = torch.tensor([ms], dtype=torch.float64, device=dev)
                 dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
                 row["striped_ms"] = float(slowest)
+                row["gather_capture_error"] = step.capture_error
                 row["tokens_per_s"] = B * 1e3 / row["striped_ms"]
                 mem = local.memory_bytes()
                 per_pos = (mem["kv"] + mem["index"]) / local.capacity

@@ -96,6 +96,8 @@ class StripedDecodeStep:
         self.out = torch.zeros(self.shape, dtype=local.dtype, device=local.device)
         self.use_graph = self._steps[True].use_graph
         self._graph = None
+        #: why the gather + merge could not be captured (then they run eagerly), or None
+        self.capture_error: str | None = None
 
     @property
     def mine(self) -> bool:
@@ -114,13 +116,16 @@ class StripedDecodeStep:
             self._graph.replay()
             return self.out
         self._gather_merge()
-        if self.use_graph and self.comm.backend == "nccl":  # gloo collectives cannot be captured
-            import torch
+        if self.use_graph and self.comm.backend == "nccl" and self.capture_error is None:
+            import torch  # gloo collectives cannot be captured
 
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                self._gather_merge()
-            self._graph = g
+            try:
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    self._gather_merge()
+                self._graph = g
+            except RuntimeError as exc:  # an NCCL build that cannot be captured: stay eager, say why
+                self.capture_error = f"{type(exc).__name__}: {exc}"
         return self.out
 
     def _gather_merge(self):

@@ -244,7 +244,8 @@ def generate_greedy(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tok
     way: transformers' ``StaticCache`` with SDPA is the dense loop to compare with.
 
     ``timings``, a dict, receives ``prefill_s`` and ``decode_s`` (seconds, the device
-    synchronised at both ends of each: only when asked)."""
+    synchronised at both ends of each: only when asked), and ``capture_error`` when the
+    model's forward could not be captured (the loop then runs eagerly)."""
     import time
     import inspect
 
@@ -292,8 +293,13 @@ def generate_greedy(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tok
         if use_graph and i == 0:  # the first step ran eagerly (it compiled every kernel): now record one
             n = int(cache.get_seq_length())
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                step()
+            try:
+                with torch.cuda.graph(g):
+                    step()
+            except RuntimeError as exc:  # a model whose forward cannot be captured: go on eagerly, say why
+                g = None
+                if timings is not None:
+                    timings["capture_error"] = f"{type(exc).__name__}: {exc}"
             if isinstance(cache, CodeCache):  # recording ran nothing: put the host's counts back
                 for layer in cache.layers:
                     layer.crop(n - layer.code.n)
