@@ -11,7 +11,7 @@ runs every row:
 
 ``softmax_bounds_rows``
     the certified softmax of the code filter (:func:`hsr.attention._kernels.softmax_from_bounds`,
-    ``eps`` mode) over per-key upper bounds ``ub (rows, n)`` from ``HSRIndex.score_bounds``.
+    ``eps`` mode) over per-key upper bounds ``ub (rows, n)`` from ``HSRIndex.upper_bounds``.
     Same buckets, same order inside a bucket (ascending id), same canonical scores, same
     online-softmax arithmetic (``_accumulate`` / ``_finish`` are shared), so the kept keys,
     the output and the certified dropped mass are bit for bit those of the per-head kernel.
@@ -298,7 +298,7 @@ def layer_softmax(Q: np.ndarray, index: KVCacheIndex, keys: np.ndarray, values: 
     if eps is not None:
         ub = np.empty((R, n))
         for h, ix in enumerate(flat):
-            ub[h * rph:(h + 1) * rph] = ix.score_bounds(Qr[h * rph:(h + 1) * rph])[0]
+            ix.upper_bounds(Qr[h * rph:(h + 1) * rph], out=ub[h * rph:(h + 1) * rph])
         alive = np.stack([ix.key_view().alive for ix in flat]) if has_dead else np.ones((len(flat), 0), np.uint8)
         softmax_bounds_rows(Qr, keys, values, alive, has_dead, ub, rph, float(scale), float(eps), lim, out, info)
         scored = info[:, 3].astype(np.int64)

@@ -159,7 +159,7 @@ def _attend_head_locked(kvi: Any, Q, kind, alpha, bias, scale, eps, tau, topk, l
     if index.backend == "code":
         for s in range(0, m, _BOUND_ROWS):
             sl = slice(s, s + _BOUND_ROWS)
-            ub, _ = index.score_bounds(Q[sl])
+            ub = index.upper_bounds(Q[sl])
             AK.softmax_from_bounds(Q[sl], kv.keys, kv.alive, kv.has_dead, ub, kvi.values, float(scale), mode, e,
                                    tau_arr[sl], lim[sl], out[sl], info[sl])
     else:

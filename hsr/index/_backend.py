@@ -162,6 +162,10 @@ class SearchBackend(ABC):
         """Sound bounds ``(upper, lower)``, ``(m, n_total)`` float64, of every key's score."""
         raise ValueError(f"score_bounds needs the code backend; this index uses {self.name!r}")
 
+    def upper_bounds(self, queries: ArrayLike, table: KeyTable, out: np.ndarray | None) -> np.ndarray:
+        """The upper half of :meth:`score_bounds`, ``(m, n_total)``, into ``out`` when given."""
+        raise ValueError(f"upper_bounds needs the code backend; this index uses {self.name!r}")
+
     def forest_view(self, queries: ArrayLike) -> ForestView:
         """The forest and the queries in its bounds' basis."""
         raise ValueError(f"forest_view needs the tree backend; this index uses {self.name!r}")

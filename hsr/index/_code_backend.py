@@ -89,7 +89,15 @@ class CodeSearch(SearchBackend):
 
     def score_bounds(self, queries: ArrayLike, table: KeyTable) -> tuple[np.ndarray, np.ndarray]:
         Q, _, _ = self.prepare(queries, 0.0, None, table.max_norm)
-        return self.store.upper_bounds(Q, table.max_norm)
+        return self.store.bounds(Q, table.max_norm)
+
+    def upper_bounds(self, queries: ArrayLike, table: KeyTable, out: np.ndarray | None) -> np.ndarray:
+        Q, _, _ = self.prepare(queries, 0.0, None, table.max_norm)
+        want = (Q.shape[0], table.n_total)
+        if out is not None and (not isinstance(out, np.ndarray) or out.shape != want or out.dtype != np.float64
+                                or not out.flags.c_contiguous or not out.flags.writeable):
+            raise ValueError(f"out must be a writeable C-contiguous float64 array of shape {want}")
+        return self.store.upper_bounds(Q, table.max_norm, out)
 
     # ------------------------------------------------------------------ persistence
     def state(self) -> tuple[dict, dict]:

@@ -290,6 +290,32 @@ def _verify(Q, r, i, p, tau_r, keys, cand, ncand, sc4, cap, buf_ids, buf_sc, cou
 
 
 @njit(cache=True, nogil=True, parallel=True)
+def code_upper_bounds(QP, qa, qn, slack, codes, scale, err, n, widen, out):
+    """``out[r, j] = s_j a_r <qi_r, c_j> + (||q_r|| err_j + slack_r) * widen`` for ids
+    ``j < n``, float64 ``(m, n)``: :func:`code_centres` and the half-width in one pass (no
+    ``(m, n)`` temporaries), what the certified softmax reads. Same rows layout as there."""
+    m = out.shape[0]
+    dh = QP.shape[1]
+    nb = (n + BLOCK - 1) // BLOCK
+    cflat = codes.reshape(-1)
+    qflat = QP.reshape(-1)
+    for b in prange(nb):
+        acc = np.empty(8 * BLOCK, dtype=np.int32)
+        first = b * BLOCK
+        cnt = min(BLOCK, n - first)
+        for g in range(0, m, 8):
+            pair_dot_8x1(cflat, b * dh * 2 * BLOCK, dh * 2 * BLOCK, qflat, g * dh, dh, dh, acc)
+            for i in range(min(8, m - g)):
+                a = qa[g + i]
+                qq = qn[g + i]
+                sl = slack[g + i]
+                for t in range(cnt):
+                    j = first + t
+                    out[g + i, j] = (np.float64(scale[j]) * a * np.float64(acc[i * BLOCK + t])
+                                     + (qq * np.float64(err[j]) + sl) * widen)
+
+
+@njit(cache=True, nogil=True, parallel=True)
 def code_centres(QP, qa, codes, scale, n, out):
     """``out[r, j] = s_j * a_r * <qi_r, c_j>`` for ids ``j < n``, float64 ``(m, n)``: the
     centre of key j's score interval (its half-width is ``||q|| err_j`` plus the query's

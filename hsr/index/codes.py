@@ -253,7 +253,16 @@ class CodeStore:
             remainder = (rem.sum(axis=1) + hist.sum(axis=1) @ edges + far_mass) * (1.0 + 1e-12)
         return lims, ids, scores, coded, stats.sum(axis=1), remainder
 
-    def upper_bounds(self, Q, max_norm):
+    def upper_bounds(self, Q, max_norm, out=None):
+        """Upper bounds of the canonical scores of every coded key, ``(m, n)`` float64, into
+        ``out`` when given: the upper half of :meth:`bounds` in one compiled pass."""
+        QP, qa, qn, _, slack = self._queries(Q, np.zeros(Q.shape[0]), max_norm)[:5]
+        out = np.empty((Q.shape[0], self.n)) if out is None else out
+        if self.n:
+            CK.code_upper_bounds(QP, qa, qn, slack, self.codes, self.scale, self.err, self.n, 1.0 + 4 * _EPS64, out)
+        return out
+
+    def bounds(self, Q, max_norm):
         """Upper and lower bounds of the canonical scores of every coded key, ``(m, n)``
         float64 each: ``centre +/- (||q|| err_j + slack)``."""
         QP, qa, qn, _, slack = self._queries(Q, np.zeros(Q.shape[0]), max_norm)[:5]

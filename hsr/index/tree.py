@@ -89,10 +89,8 @@ class HSRIndex(FaissNames):
     split : {"pca", "axis"}, default "pca"
         Split direction: the node's top principal direction, or its widest coordinate.
     rotate : bool, default False
-        Bound boxes in the keys' principal basis (True) or in the input coordinates (False).
-        Measured on clustered and real keys, the principal basis pruned no better (slightly
-        worse) and costs an n*d^2 product per build, hence the default. Splits always follow
-        the principal directions.
+        Bound boxes in the keys' principal basis (True) or the input coordinates: the basis
+        pruned no better on clustered and real keys and costs an n*d^2 product per build.
     method : {"auto", "code", "tree", "brute"}, default "auto"
         ``"code"`` is the code filter (per-key int8 codes with an exact error bound, then the
         canonical score of the few candidates; appends are O(d), nothing is rebuilt);
@@ -110,12 +108,9 @@ class HSRIndex(FaissNames):
     seed : int, default 0
         Seeds the sample for the PCA basis. Same keys and seed, identical trees.
     copy : bool, default True
-        False: keys that are already a C-contiguous array of the working dtype are used in
-        place, through a read-only view, instead of copied (the index then holds no second
-        copy of them: building a 4M x 64 code index peaks at 1.3x the keys instead of 2.3x);
-        they must not change while the index uses them. The first later :meth:`add` copies
-        them into a buffer of its own. Keys that need a conversion (another dtype, a strided
-        array) are converted once either way, and the index keeps the result.
+        False: C-contiguous keys of the working dtype are used in place (read-only; a 4M x 64
+        code index then peaks at 1.3x the keys instead of 2.3x) and must not change; the first
+        :meth:`add` copies them. Keys that need a conversion are converted once either way.
 
     Examples
     --------
@@ -226,6 +221,12 @@ class HSRIndex(FaissNames):
             included; mask them with :meth:`key_view`).
         """
         return self._search.score_bounds(queries, self._table)
+
+    @_reads
+    def upper_bounds(self, queries: ArrayLike, *, out: np.ndarray | None = None) -> np.ndarray:
+        """The upper half of :meth:`score_bounds`, ``(m, n_total)`` float64, in one pass and
+        into ``out`` when given (C-contiguous, that shape): what the certified softmax reads."""
+        return self._search.upper_bounds(queries, self._table, out)
 
     @_reads
     def to(self, device: Device, *, dtype: TorchDType | None = None) -> HSRIndex | SearchIndex:

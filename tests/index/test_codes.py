@@ -118,6 +118,17 @@ def test_score_bounds_contain_scores():
     assert (lo <= S).all() and (S <= up).all()
     with pytest.raises(ValueError, match="code backend"):
         hsr.HSRIndex(K, method="tree").score_bounds(Q)
+    # the upper half alone, in one pass: the same floats, into the caller's array too
+    np.testing.assert_array_equal(idx.upper_bounds(Q), up)
+    out = np.full((9, 777), np.nan)
+    assert idx.upper_bounds(Q, out=out[2:8]) is not None
+    np.testing.assert_array_equal(out[2:8], up)
+    assert np.isnan(out[:2]).all() and np.isnan(out[8:]).all()
+    for bad in (np.empty((6, 776)), np.empty((6, 777), np.float32), np.empty((777, 6)).T):
+        with pytest.raises(ValueError, match="out must be"):
+            idx.upper_bounds(Q, out=bad)
+    with pytest.raises(ValueError, match="code backend"):
+        hsr.HSRIndex(K, method="tree").upper_bounds(Q)
 
 
 def test_save_load_recodes(tmp_path):
