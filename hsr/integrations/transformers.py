@@ -110,6 +110,12 @@ GUARD = True
 GUARD_PROBE = 32
 
 
+def _new_guard() -> dict:
+    """A layer's guard state: each way's seconds per decode step (None until timed), how
+    many steps each has taken, and the calls since the choice was made."""
+    return {"index_s": None, "dense_s": None, "index_n": 0, "dense_n": 0, "calls": 0}
+
+
 class HSRAttentionBackend:
     """A registered attention function with its settings and statistics.
 
@@ -136,7 +142,7 @@ class HSRAttentionBackend:
         self.index_kwargs = dict(index_kwargs or {})
         self.stats = HSRStats()
         self.__name__ = f"hsr_{mode}_attention"
-        self._guard: Dict[int, dict] = {}  # layer -> its two ways' seconds per decode call, calls
+        self._guard: Dict[int, dict] = {}  # layer -> _new_guard()
         self._guard_lock = threading.Lock()
 
     def __repr__(self):
@@ -213,10 +219,10 @@ class HSRAttentionBackend:
         if not self.settings.get("guard") or M != 1:
             return False
         with self._guard_lock:
-            g = self._guard.setdefault(layer_idx, {"index_s": None, "dense_s": None, "calls": 0})
-            if g["index_s"] is None:
+            g = self._guard.setdefault(layer_idx, _new_guard())
+            if g["index_n"] < 2:  # two steps each way first: the first of each is not timed
                 return False
-            if g["dense_s"] is None:
+            if g["dense_n"] < 2:
                 return True
             g["calls"] += 1
             dense_faster = g["dense_s"] < g["index_s"]
@@ -225,12 +231,16 @@ class HSRAttentionBackend:
 
     def _timed(self, layer_idx: int, M: int, dense: bool, seconds: float) -> None:
         """Fold one decode call's seconds into the layer's estimate of that way (an average
-        that halves the weight of the past at each call)."""
+        that halves the weight of the past at each call); each way's first call is left out."""
         if not self.settings.get("guard") or M != 1:
             return
         with self._guard_lock:
-            g = self._guard.setdefault(layer_idx, {"index_s": None, "dense_s": None, "calls": 0})
-            key = "dense_s" if dense else "index_s"
+            g = self._guard.setdefault(layer_idx, _new_guard())
+            way = "dense" if dense else "index"
+            g[way + "_n"] += 1
+            if g[way + "_n"] == 1:  # one-time costs (the index codes its keys at its first search)
+                return
+            key = way + "_s"
             g[key] = seconds if g[key] is None else 0.5 * (g[key] + seconds)
 
     def _hsr(self, module, query, key, value, attention_mask, kwargs, st, scale, key_padding):
@@ -393,8 +403,9 @@ def register_hsr_attention(name: str = "hsr_softmax", *, kind: str = "softmax", 
         index. ``bias="paper"`` always uses the index (its bias is computed per head from it).
     guard : bool, default :data:`GUARD` (True)
         Never slower than dense, per layer: at decode, the backend times each layer's step
-        through the index and its dense step (as below ``dense_below``), takes the faster,
-        and re-times the slower every ``GUARD_PROBE``-th step (the costs change as the cache
+        through the index and its dense step (as below ``dense_below``; two steps each, the
+        first not counted: it pays one-time costs), takes the faster, and re-times the slower
+        every ``GUARD_PROBE``-th step (the costs change as the cache
         grows). ``stats`` counts the dense ones (``guarded_calls``). On the 2-core CPU the
         index's step beat SDPA over the same buffers in 2 of 48 layer/rule/length
         configurations at 16K and 32K (``bench/bench_layer_guard.py``,
