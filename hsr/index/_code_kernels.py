@@ -290,10 +290,13 @@ def _verify(Q, r, i, p, tau_r, keys, cand, ncand, sc4, cap, buf_ids, buf_sc, cou
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def code_upper_bounds(QP, qa, qn, slack, codes, scale, err, n, widen, out):
+def code_bounds(QP, qa, qn, slack, codes, scale, err, n, widen, out):
     """``out[r, j] = s_j a_r <qi_r, c_j> + (||q_r|| err_j + slack_r) * widen`` for ids
-    ``j < n``, float64 ``(m, n)``: :func:`code_centres` and the half-width in one pass (no
-    ``(m, n)`` temporaries), what the certified softmax reads. Same rows layout as there."""
+    ``j < n``, float64 ``(m, n)``: the centre of key j's score interval plus ``widen`` times
+    its half-width, in one pass (no ``(m, n)`` temporaries). ``widen = +-(1 + 4 eps)`` gives
+    the upper / lower bounds. ``QP (m8, dp/2)`` int32 query pairs, rows padded with zeros to a
+    multiple of 8; parallel over blocks; eight rows share each read of a block
+    (``pair_dot_8x1``)."""
     m = out.shape[0]
     dh = QP.shape[1]
     nb = (n + BLOCK - 1) // BLOCK
@@ -315,24 +318,3 @@ def code_upper_bounds(QP, qa, qn, slack, codes, scale, err, n, widen, out):
                                      + (qq * np.float64(err[j]) + sl) * widen)
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def code_centres(QP, qa, codes, scale, n, out):
-    """``out[r, j] = s_j * a_r * <qi_r, c_j>`` for ids ``j < n``, float64 ``(m, n)``: the
-    centre of key j's score interval (its half-width is ``||q|| err_j`` plus the query's
-    slack). ``QP (m8, dp/2)`` int32 query pairs, rows padded with zeros to a multiple of 8.
-    Parallel over blocks; eight rows share each read of a block (``pair_dot_8x1``)."""
-    m = out.shape[0]
-    dh = QP.shape[1]
-    nb = (n + BLOCK - 1) // BLOCK
-    cflat = codes.reshape(-1)
-    qflat = QP.reshape(-1)
-    for b in prange(nb):
-        acc = np.empty(8 * BLOCK, dtype=np.int32)
-        first = b * BLOCK
-        cnt = min(BLOCK, n - first)
-        for g in range(0, m, 8):
-            pair_dot_8x1(cflat, b * dh * 2 * BLOCK, dh * 2 * BLOCK, qflat, g * dh, dh, dh, acc)
-            for i in range(min(8, m - g)):
-                a = qa[g + i]
-                for t in range(cnt):
-                    out[g + i, first + t] = np.float64(scale[first + t]) * a * np.float64(acc[i * BLOCK + t])

@@ -18,7 +18,6 @@ import numpy as np
 
 from . import _batch_kernels as BK
 from . import _code_kernels as CK
-from ._kernels import verify_candidates
 
 __all__ = ["CodeStore", "ROTATIONS"]
 
@@ -259,21 +258,18 @@ class CodeStore:
         QP, qa, qn, _, slack = self._queries(Q, np.zeros(Q.shape[0]), max_norm)[:5]
         out = np.empty((Q.shape[0], self.n)) if out is None else out
         if self.n:
-            CK.code_upper_bounds(QP, qa, qn, slack, self.codes, self.scale, self.err, self.n, 1.0 + 4 * _EPS64, out)
+            CK.code_bounds(QP, qa, qn, slack, self.codes, self.scale, self.err, self.n, 1.0 + 4 * _EPS64, out)
         return out
 
     def bounds(self, Q, max_norm):
         """Upper and lower bounds of the canonical scores of every coded key, ``(m, n)``
         float64 each: ``centre +/- (||q|| err_j + slack)``."""
         QP, qa, qn, _, slack = self._queries(Q, np.zeros(Q.shape[0]), max_norm)[:5]
-        centre = np.empty((Q.shape[0], self.n))
+        upper, lower = np.empty((Q.shape[0], self.n)), np.empty((Q.shape[0], self.n))
         if self.n:
-            CK.code_centres(QP, qa, self.codes, self.scale, self.n, centre)
-        half = qn[:, None] * self.err[None, :self.n].astype(np.float64) + slack[:, None]
-        half *= 1.0 + 4 * _EPS64
-        upper = centre + half
-        np.subtract(centre, half, out=centre)  # the lower bounds, in place: one (m, n) array less
-        return upper, centre
+            for out, widen in ((upper, 1.0 + 4 * _EPS64), (lower, -(1.0 + 4 * _EPS64))):
+                CK.code_bounds(QP, qa, qn, slack, self.codes, self.scale, self.err, self.n, widen, out)
+        return upper, lower
 
     def topk(self, Q, k, lim, keys, alive, has_dead, max_norm, top_s, top_i, stats):
         """Exact top-k through the batch range search: a threshold no higher than each

@@ -5,7 +5,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._softmax import _dot, _online_softmax_step, _relu_base, _relu_rows_step, _weights_epilogue
+from ._softmax import _dot, _online_softmax_step, _relu_base, _relu_rows_step, _running_max_init, _weights_epilogue
 
 #: radius of a block with no real key: its upper bound is far below any threshold
 EMPTY_RADIUS = -1e30
@@ -133,10 +133,7 @@ def _hsr_decode_kernel(
     offs_nb = tl.arange(0, NB)
     blk_lo = pid_s * BLOCKS_PER_SPLIT
     blk_hi = tl.minimum(blk_lo + BLOCKS_PER_SPLIT, NB_TOTAL)
-    if KIND == 0:
-        m_i = tl.full([ROWS], float("-inf"), tl.float32)
-    else:  # ReLU: the running maximum of the base starts at 0
-        m_i = tl.zeros([ROWS], tl.float32)
+    m_i = _running_max_init(ROWS, KIND)
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
     n_vis = 0

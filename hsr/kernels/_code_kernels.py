@@ -32,7 +32,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._softmax import _online_softmax_step, _relu_base, _relu_rows_step, _weights_epilogue
+from ._softmax import _online_softmax_step, _relu_base, _relu_rows_step, _running_max_init, _weights_epilogue
 
 #: bits of the cache's device status word (``CodeKVCache.status``), set by the kernels
 BAD_Q = 1          # a query row holds NaN or Inf
@@ -375,10 +375,7 @@ def _code_attend_kernel(Q, K, V, TAU, tau_scalar, BIAS, bias_scalar, SURV, COUNT
     tl.atomic_or(STATUS, worst, mask=(worst > 0) & (pid_s == 0))
     row_bad = (code > 0) | ((tl.load(STATUS) & _BAD_KV) != 0)
     limit = N - M + mrow  # causal: query m of M sits at N - M + m
-    if KIND == 0:
-        m_i = tl.full([ROWS], float("-inf"), tl.float32)
-    else:  # ReLU: the running maximum of the base starts at 0
-        m_i = tl.zeros([ROWS], tl.float32)
+    m_i = _running_max_init(ROWS, KIND)
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
     rem = tl.zeros([ROWS], tl.float32)

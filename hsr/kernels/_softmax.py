@@ -150,6 +150,17 @@ def _ipow(x, ALPHA: tl.constexpr):
 
 
 @triton.jit
+def _running_max_init(ROWS: tl.constexpr, KIND: tl.constexpr):
+    """The rows' running maximum before the first tile: ``-inf`` for softmax scores, 0 for the
+    ReLU base (never negative)."""
+    if KIND == 0:
+        m = tl.full([ROWS], float("-inf"), tl.float32)
+    else:
+        m = tl.zeros([ROWS], tl.float32)
+    return m
+
+
+@triton.jit
 def _relu_base(s, keep, qk_scale, bias):
     """``relu(s * qk_scale - bias)`` where ``keep``, 0 elsewhere (the base of ReLU^alpha)."""
     return tl.where(keep, tl.maximum(s * qk_scale - bias, 0.0), 0.0)
