@@ -9,7 +9,7 @@ against torch SDPA over the same buffers, on real SmolLM2 keys (layers 3, 9, 15 
 query of the last position; ``hsr.testing.realdata``) at 16K and 32K keys, for several
 selection rules (``eps`` and ``topk``): the scored fraction varies with the layer and the rule,
 and the time with it. Whether a static threshold on the scored fraction could decide where
-the index loses is what this asks; on the 2-core machine the index won 2 of 48 configurations
+the index loses is what this asks; on the 2-core machine the index won 1-2 of 48 configurations
 (2-3% scored) and lost the others down to 0.2% scored, so no threshold separates them and the
 backend's guard (``register_hsr_attention(guard=True)``) times both ways per layer instead and
 takes the faster. Median of repeats; numba compiled first.

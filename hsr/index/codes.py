@@ -289,7 +289,9 @@ class CodeStore:
         n_s = int(min(n, max(4 * k, 256, np.sqrt(10.0 * k * n))))
         sid = (np.arange(n_s, dtype=np.int64) * n) // n_s
         kth = np.empty(m)
-        BK.sample_kth(Q, np.ascontiguousarray(keys[sid].T), sid, lim, alive, has_dead, min(k, n_s), kth)
+        KsT = np.empty((keys.shape[1], n_s), dtype=keys.dtype)
+        BK.gather_transposed(keys, sid, KsT)
+        BK.sample_kth(Q, KsT, sid, lim, alive, has_dead, min(k, n_s), kth)
         u = self._u
         gam = d * u / (1.0 - d * u)
         qn = np.sqrt(np.einsum("ij,ij->i", Q, Q, dtype=np.float64))

@@ -407,7 +407,7 @@ def register_hsr_attention(name: str = "hsr_softmax", *, kind: str = "softmax", 
         first not counted: it pays one-time costs), takes the faster, and re-times the slower
         every ``GUARD_PROBE``-th step (the costs change as the cache
         grows). ``stats`` counts the dense ones (``guarded_calls``). On the 2-core CPU the
-        index's step beat SDPA over the same buffers in 2 of 48 layer/rule/length
+        index's step beat SDPA over the same buffers in 1–2 of 48 layer/rule/length
         configurations at 16K and 32K (``bench/bench_layer_guard.py``,
         ``bench/results/layer_guard_cpu.json``): there the guard sends most decode dense.
         False: always the index above ``dense_below``.
