@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import statistics
 import sys
-import time
 
 import numpy as np
 
@@ -29,18 +27,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from _results import default_out, save  # noqa: E402
+from _timing import median_of  # noqa: E402
 
 RULES = (("eps", 1e-2), ("eps", 1e-3), ("eps", 1e-4), ("topk", 64), ("topk", 1024), ("topk", 4096))
-
-
-def _median_s(fn, repeats):
-    fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def main(argv=None):
@@ -69,13 +58,13 @@ def main(argv=None):
             def sdpa():
                 return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True)
 
-            t_sdpa = _median_s(sdpa, args.repeats)
+            t_sdpa = median_of(sdpa, args.repeats)
             for rule, val in RULES:
                 def ours():
                     return layer_softmax(q, index, k, v, n, scale, **{rule: val})
 
                 _, scored, _, _ = ours()
-                t = _median_s(ours, args.repeats)
+                t = median_of(ours, args.repeats)
                 row = dict(layer=int(L), n=n, rule=rule, value=val, scored_fraction=float(scored.mean() / n),
                            ours_ms=t * 1e3, sdpa_ms=t_sdpa * 1e3, ours_over_sdpa=t / t_sdpa)
                 rows.append(row)

@@ -69,7 +69,8 @@ class GPUCodeIndex(FaissNames):
         check_triton_device("GPUCodeIndex", keys=keys)
         self.seed = seed
         self.cache = CodeKVCache(keys[None, None], None, seed=seed)
-        self.alive = torch.ones(keys.shape[0], dtype=torch.bool, device=keys.device)  # (n_total,)
+        # liveness by id, sized with the cache's capacity (ids past n_total read True, unused)
+        self.alive = torch.ones(self.cache.capacity, dtype=torch.bool, device=keys.device)
         self._n_dead = 0
 
     @property
@@ -96,7 +97,10 @@ class GPUCodeIndex(FaissNames):
         k = keys.reshape(1, self.dim) if keys.dim() == 1 else keys
         start = self.cache.n
         self.cache.add(k[None, None], None)
-        self.alive = torch.cat([self.alive, torch.ones(self.cache.n - start, dtype=torch.bool, device=self.device)])
+        if self.alive.numel() < self.cache.capacity:  # grows with the cache's storage, not per add
+            grown = torch.ones(self.cache.capacity, dtype=torch.bool, device=self.device)
+            grown[:self.alive.numel()] = self.alive
+            self.alive = grown
         return torch.arange(start, self.cache.n, device=self.device)
 
     def remove(self, ids: torch.Tensor | Sequence[int]) -> None:
@@ -130,7 +134,7 @@ class GPUCodeIndex(FaissNames):
         the keys' dtype, default this one's)."""
         dev = torch.device(device)
         keys = self.cache.k[0, 0, :self.n_total]
-        dead = torch.nonzero(~self.alive).reshape(-1)
+        dead = torch.nonzero(~self.alive[:self.n_total]).reshape(-1)
         if dev.type == "cpu":
             out = HSRIndex(keys.float().cpu().numpy(), dim=self.dim, method="code", seed=self.seed)
             if dead.numel():

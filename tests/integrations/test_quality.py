@@ -32,18 +32,6 @@ MARGIN = 2 / 32
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    pytest.importorskip("gguf")
-    pytest.importorskip("accelerate")
-    try:
-        realdata.find_smollm2_gguf()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-    model, tok = realdata.load_smollm2()
-    return model, tok
-
-
-@pytest.fixture(scope="module")
 def hsr_backend():
     return ht.register_hsr_attention("t_quality_eps1e-2", kind="softmax", eps=1e-2, dense_below=0)
 

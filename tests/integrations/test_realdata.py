@@ -57,18 +57,6 @@ def test_an_unreadable_capture_file_is_captured_again(tmp_path, monkeypatch, con
     with pytest.warns(RuntimeWarning, match="not a readable capture"), pytest.raises(Captured):
         realdata.get_real_qk(16, [0], cache_dir=tmp_path)
 
-@pytest.fixture(scope="module")
-def smollm2():
-    pytest.importorskip("transformers")
-    pytest.importorskip("gguf")
-    pytest.importorskip("accelerate")
-    try:
-        realdata.find_smollm2_gguf()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-    return realdata.load_smollm2()
-
-
 @pytest.mark.model
 def test_capture_qk_matches_model_attention(smollm2):
     model, tok = smollm2

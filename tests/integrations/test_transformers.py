@@ -270,17 +270,6 @@ def test_cache_appends_then_survives_crop_reorder_select():
 # ------------------------------------------------------------------------------------------
 # real model
 # ------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def smollm2():
-    pytest.importorskip("gguf")
-    pytest.importorskip("accelerate")
-    try:
-        realdata.find_smollm2_gguf()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-    return realdata.load_smollm2()
-
-
 @pytest.mark.model
 def test_real_model_hsr_softmax_matches_dense(smollm2):
     """Every layer's output is within its certificate; logits and greedy decoding match dense.
