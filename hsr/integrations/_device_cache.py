@@ -249,6 +249,10 @@ def generate_greedy(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tok
     import time
     import inspect
 
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+    if not torch.is_tensor(input_ids) or input_ids.dim() != 2:
+        raise ValueError("input_ids must be a (batch, prompt_len) tensor of token ids")
     B, P = input_ids.shape
     dev = input_ids.device
     use_graph = dev.type == "cuda" if graph is None else bool(graph)

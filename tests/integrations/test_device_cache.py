@@ -68,6 +68,10 @@ def test_a_full_cache_and_a_foreign_cache_are_refused():
             model(ids)
     with pytest.raises(ValueError, match="max_cache_len"):
         CodeCache(cfg, max_cache_len=0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate_greedy(model, ids, -1, CodeCache(cfg, max_cache_len=12))
+    with pytest.raises(ValueError, match="input_ids"):
+        generate_greedy(model, ids[0], 2, CodeCache(cfg, max_cache_len=12))
 
 
 def test_the_dense_loop_to_compare_with_is_greedy_decoding_too():
