@@ -10,6 +10,8 @@ cache is cropped back between repetitions), reporting the median time per step:
   replaying ONE captured CUDA graph at every length;
 * ``ours_graph_inplace``: the same replays with the inputs already in the step's buffers (a
   model that writes its projections there; the captured SDPA step reads static buffers too);
+* ``ours_graph_certified``: the same step also writing each row's certified bound on the
+  dropped softmax mass (``certify=True``; its largest and median value are reported);
 * ``ours_dense_graph``: the same step with no filter (every key scored by our attend kernel):
   the fallback where the filter costs more than it saves;
 * ``ours_eager``: ``cache.add(k, v, check=False)`` then ``cache.attend(q, spec, check=False)``
@@ -167,6 +169,12 @@ def one_config(real, D, n, B, steps, reps, top, bw, dev, profile=False, sweep=Fa
     # inputs already in the step's buffers (a model writing its projections there), as the
     # captured SDPA step below reads static buffers
     res["ours_graph_inplace_ms"] = time_loop(lambda i: step(), steps, reps, reset)
+    cstep = cache.decode_step(q, knew[0], vnew[0], kind="softmax", tau=tau, certify=True)
+    res["ours_graph_certified_ms"] = time_loop(lambda i: cstep(qs[i], knew[i], vnew[i]), steps, reps, reset)
+    res["certified_max_diff"] = float((cstep.out.float() - out_last.float()).abs().max())
+    res["certified_bound_max"] = float(cstep.bound.max())
+    res["certified_bound_median"] = float(cstep.bound.float().median())
+    del cstep
     dstep = cache.decode_step(q, knew[0], vnew[0], kind="softmax", tau=tau, dense=True)
     res["ours_dense_graph_ms"] = time_loop(lambda i: dstep(qs[i], knew[i], vnew[i]), steps, reps, reset)
     res["dense_mode_max_diff"] = float((dstep.out.float() - out_last.float()).abs().max())
@@ -310,7 +318,8 @@ def main(argv=None):
                                sweep=args.sweep and B == 1)
                 rows.append(r)
                 print(f"d{D} {r['Hq']}/{r['Hkv']} n={n:6d} B={B}: ours graph {r['ours_graph_ms']*1e3:6.1f} us "
-                      f"(in place {r['ours_graph_inplace_ms']*1e3:6.1f}) "
+                      f"(in place {r['ours_graph_inplace_ms']*1e3:6.1f}, certified {r['ours_graph_certified_ms']*1e3:6.1f} "
+                      f"bound<={r['certified_bound_max']:.1e}) "
                       f"dense-mode {r['ours_dense_graph_ms']*1e3:6.1f} eager {r['ours_eager_ms']*1e3:6.1f} (checked {r['ours_eager_checked_ms']*1e3:6.1f}) | "
                       f"sdpa eager {r['sdpa_eager_ms']*1e3:6.1f} graph {r['sdpa_graph_ms']*1e3:6.1f} "
                       f"static {r['sdpa_static_ms']*1e3:6.1f} | x{r['graph_vs_sdpa_best']:.2f} vs best, "

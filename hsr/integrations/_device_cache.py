@@ -244,7 +244,8 @@ def generate_greedy(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tok
     way: transformers' ``StaticCache`` with SDPA is the dense loop to compare with.
 
     ``timings``, a dict, receives ``prefill_s`` and ``decode_s`` (seconds, the device
-    synchronised at both ends of each: only when asked), and ``capture_error`` when the
+    synchronised at both ends of each: only when asked), ``first_step_s`` (the part of
+    ``decode_s`` spent on the first step and the graph's capture), and ``capture_error`` when the
     model's forward could not be captured (the loop then runs eagerly)."""
     import time
     import inspect
@@ -264,7 +265,9 @@ def generate_greedy(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tok
     if timings is not None:
         sync()
         t0 = time.perf_counter()
-    out = model(input_ids=input_ids, use_cache=True, **{cache_kw: cache})
+    # only the last position's logits: a long prompt's full logits would take (B, P, vocab) of memory
+    last = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+    out = model(input_ids=input_ids, use_cache=True, **{cache_kw: cache}, **last)
     ids = torch.empty(B, P + max_new_tokens, dtype=input_ids.dtype, device=dev)
     ids[:, :P] = input_ids
     if max_new_tokens < 1:
@@ -307,6 +310,9 @@ def generate_greedy(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tok
             if isinstance(cache, CodeCache):  # recording ran nothing: put the host's counts back
                 for layer in cache.layers:
                     layer.crop(n - layer.code.n)
+            if timings is not None:
+                sync()
+                timings["first_step_s"] = time.perf_counter() - t1
     ids[:, P + max_new_tokens - 1] = tok[:, 0]
     if timings is not None:
         sync()
