@@ -2,8 +2,8 @@
 
 ``CodePlan`` is what :meth:`hsr.kernels.CodeKVCache.plan` returns and ``run`` consumes;
 :func:`status_message` turns the kernels' status bits into the error a checked call raises;
-:func:`dropped_share` turns the certificate's sums into the per-row bound on the dropped
-softmax share (docs/codes.md, "A softmax certificate on the GPU").
+:func:`dropped_terms` and :func:`certified_share` turn the certificate's sums into the per-row
+bound on the dropped softmax share (docs/codes.md, "A softmax certificate on the GPU").
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from .._protocol import AttentionInfo, AttentionSpec
 from ._code_kernels import BAD_BIAS, BAD_KV, BAD_Q, BAD_RANGE, BAD_TAU
 from ._validate import f32_at_least
 
-__all__ = ["CodePlan", "default_tau", "dropped_share", "per_row_values", "plan_info", "spec_thresholds",
+__all__ = ["CodePlan", "certified_share", "default_tau", "dropped_terms", "per_row_values", "plan_info", "spec_thresholds",
            "status_message"]
 
 #: what each status bit means, in the words of the error a checked call raises
@@ -102,11 +102,16 @@ def status_message(bits: int) -> str:
     return "; ".join(w for b, w in STATUS_WORDS if bits & b)
 
 
-def dropped_share(rem: torch.Tensor, lse: torch.Tensor, tau, s: float, gap: torch.Tensor, n: int) -> torch.Tensor:
-    """``D / (Z + D)`` per row, from ``rem >= sum_dropped exp(s (score - tau))`` and
-    ``lse = log Z`` of the kept fp32 scores, on the device (elementwise, capturable). Widened
-    for what the kernels' fp32 sums may lose: the kept scores are within ``gap`` of the real
-    ones, the sums within ``2 n 2^-24``; a term that underflowed is below ``2^-126``.
+def dropped_terms(rem: torch.Tensor, lse: torch.Tensor, tau, s: float, gap: torch.Tensor,
+                  n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The certificate's two sums per row, on the device (elementwise, capturable):
+    ``log_dropped``, the log of an upper bound ``U`` of the dropped mass
+    ``sum_dropped exp(s score)`` (from ``rem >= sum_dropped exp(s (score - tau))``), and
+    ``lse_low``, the log of a lower bound ``Z_low`` of the kept mass ``Z`` (from ``lse``, the
+    kernels' fp32 ``log Z``). ``lse_low`` is widened for what the fp32 sums may lose: the kept
+    scores are within ``gap`` of the real ones, the sums within ``2 n 2^-24``; a dropped term
+    that underflowed is below ``2^-126``. Both are masses in the same units, so the terms of
+    disjoint key sets add (``hsr.distributed`` merges ranks this way).
 
     Parameters
     ----------
@@ -117,14 +122,23 @@ def dropped_share(rem: torch.Tensor, lse: torch.Tensor, tau, s: float, gap: torc
     gap : Tensor (B, Hq, M)
         Bound of ``|fp32-accumulated score - score|`` per row.
     n : int
-        Keys in the cache.
+        Keys the sums may cover (in a captured step: the capacity, every length it serves).
+
+    Returns
+    -------
+    log_dropped, lse_low : Tensor (B, Hq, M) float32
     """
     n = max(int(n), 1)
     margin = s * gap + 1e-4 + 2.0 * n * 2.0 ** -24
-    x = torch.log(rem + n * 2.0 ** -126) + s * torch.as_tensor(tau, dtype=torch.float32, device=rem.device) \
-        - lse + margin
-    # nothing kept (lse = -inf, e.g. tau = +inf): every visible key was dropped
-    return torch.where(torch.isneginf(lse), torch.ones_like(lse), torch.sigmoid(x))
+    log_dropped = torch.log(rem + n * 2.0 ** -126) + s * torch.as_tensor(tau, dtype=torch.float32, device=rem.device)
+    return log_dropped, lse - margin
+
+
+def certified_share(log_dropped: torch.Tensor, lse_low: torch.Tensor) -> torch.Tensor:
+    """``U / (Z_low + U)`` per row (:func:`dropped_terms`): a certified upper bound on the share
+    of the softmax mass the kept set leaves out, since ``x / (Z + x)`` grows with ``x`` and
+    falls with ``Z``. 1 where nothing is kept (``lse_low = -inf``, e.g. ``tau = +inf``)."""
+    return torch.where(torch.isneginf(lse_low), torch.ones_like(lse_low), torch.sigmoid(log_dropped - lse_low))
 
 
 def per_row_values(x, shape, name: str, device) -> tuple:

@@ -38,7 +38,7 @@ import torch
 import triton
 
 from ._code_kernels import BAD_KV, _code_add_kernel, _code_attend_kernel, _code_filter_kernel, _rotate_kernel
-from ._code_plan import (CodePlan, capturing as _capturing, dropped_share, per_row_values, plan_info,
+from ._code_plan import (CodePlan, capturing as _capturing, certified_share, dropped_terms, per_row_values, plan_info,
                          random_rotation, spec_thresholds, status_message)
 from ._compat import interpreting, patch_interpreter
 from ._softmax import LOG2E
@@ -392,8 +392,11 @@ class CodeKVCache:
         self._raise_if(check)
         return out
 
-    def _run(self, q, plan: CodePlan, *, kind, alpha=2, scale=None, num_splits=None, return_bound=False):
-        """:meth:`run`'s body: ``q`` checked, the read lock held by the caller."""
+    def _run(self, q, plan: CodePlan, *, kind, alpha=2, scale=None, num_splits=None, return_bound=False,
+             return_terms=False):
+        """:meth:`run`'s body: ``q`` checked, the read lock held by the caller. ``return_terms``
+        (with ``return_bound``): also the certificate's ``log_dropped, lse_low``
+        (:func:`dropped_terms`), which add over disjoint key sets."""
         kind_id = check_kind(kind)
         if not self.has_values:
             raise ValueError("this cache holds keys only (v=None): no attention")
@@ -440,16 +443,21 @@ class CodeKVCache:
         out = torch.empty(B, Hq, M, D, dtype=q.dtype, device=self.device)
         lse = torch.empty(B, Hq, M, dtype=torch.float32, device=self.device)
         merge_partials(o_part, l_part, out, lse, M)
-        return (out, lse) if rem is None else (out, lse, self._dropped_share(q, rem, lse, tau_t if tau_t is not None
-                                                                              else tau_s, s))
+        if rem is None:
+            return out, lse
+        terms = self._dropped_terms(q, rem, lse, tau_t if tau_t is not None else tau_s, s)
+        bound = certified_share(*terms)
+        return (out, lse, bound, *terms) if return_terms else (out, lse, bound)
 
-    def _dropped_share(self, q, rem, lse, tau, s):
-        """The certified dropped share (:func:`dropped_share`) with this cache's fp32 score gap."""
+    def _dropped_terms(self, q, rem, lse, tau, s):
+        """The certificate's sums (:func:`dropped_terms`) with this cache's fp32 score gap."""
         B, Hq, M, D = q.shape
         G = Hq // self.Hkv
         qn = torch.linalg.vector_norm(q.float(), dim=-1)  # (B, Hq, M)
         maxn = self.max_norm.view(B, self.Hkv, 1, 1).expand(B, self.Hkv, G, 1).reshape(B, Hq, 1)
-        return dropped_share(rem, lse, tau, s, 4.0 * D * 2.0 ** -24 * qn * maxn, self.n)
+        # a captured step replays at every length up to the capacity: its widening must cover them
+        n = self.capacity if _capturing() else self.n
+        return dropped_terms(rem, lse, tau, s, 4.0 * D * 2.0 ** -24 * qn * maxn, n)
 
     supports = frozenset({"tau", "info"})
 

@@ -63,6 +63,10 @@ class DecodeStep:
     lse : Tensor (B, Hq, M) float32
         After a call: each row's log of its kept mass (softmax) or of its sum of weights
         (ReLU), what merging partial results needs (``hsr.distributed``).
+    log_dropped, lse_low : Tensor (B, Hq, M) float32, or None
+        With ``certify``: the certificate's terms, the log of an upper bound of the dropped
+        mass and of a lower bound of the kept mass (``bound = sigmoid(log_dropped - lse_low)``).
+        Unlike ``bound`` they add over disjoint key sets: a striped cache merges them.
 
     Notes
     -----
@@ -108,6 +112,8 @@ class DecodeStep:
             raise ValueError("certify=True bounds the dropped softmax mass: kind='softmax'")
         self.certify = bool(certify)
         self.bound = None
+        self.log_dropped = None
+        self.lse_low = None
         self.lse = None
         if self.use_graph and dev.type != "cuda":
             raise ValueError("graph=True needs a CUDA cache")
@@ -124,8 +130,10 @@ class DecodeStep:
             c._launch_add(self.k, self.v, self.t)
         plan = (c._dense_plan if self.dense else c._plan)(self.q, self.tau, bias=self.bias, certify=self.certify,
                                                           scale=self.scale)
-        res = c._run(self.q, plan, kind=self.kind, alpha=self.alpha, scale=self.scale, return_bound=self.certify)
-        for name, x in (("lse", res[1]), ("bound", res[2] if self.certify else None)):
+        res = c._run(self.q, plan, kind=self.kind, alpha=self.alpha, scale=self.scale, return_bound=self.certify,
+                     return_terms=self.certify)
+        extra = res[2:] if self.certify else (None, None, None)
+        for name, x in (("lse", res[1]), ("bound", extra[0]), ("log_dropped", extra[1]), ("lse_low", extra[2])):
             if x is not None and getattr(self, name) is None:
                 setattr(self, name, x)
             elif x is not None:
