@@ -57,6 +57,12 @@ class StripedDecodeStep:
         Example query (shape and dtype).
     kind, tau, alpha, bias, scale
         As :meth:`hsr.kernels.CodeKVCache.decode_step`.
+    certify : bool
+        Softmax only: every call also writes :attr:`bound`, the certified share of each row's
+        mass over the whole cache that the kept keys leave out. Each rank's step bounds its
+        dropped mass ``U_r`` and its kept mass from below ``Z_r``; these add over the stripes,
+        so the global bound is ``sum U_r / (sum Z_r + sum U_r)`` (one all-gather carries
+        them with the partial outputs; no extra collective).
     group : torch.distributed.ProcessGroup, optional
     graph : bool, optional
         Capture CUDA graphs (default: on CUDA).
@@ -71,7 +77,7 @@ class StripedDecodeStep:
 
     def __init__(self, local: Any, n_global: int, q: Any, *, kind: str, tau: Any = None, alpha: int = 2,
                  bias: Any = 0.0, scale: float | None = None, group: ProcessGroup | None = None,
-                 graph: bool | None = None) -> None:
+                 graph: bool | None = None, certify: bool = False) -> None:
         import numpy as np
         import torch
 
@@ -87,13 +93,18 @@ class StripedDecodeStep:
         self.local, self.n = local, int(n_global)
         B, Hq, _, D = q.shape
         kv = torch.empty(B, local.Hkv, 1, D, dtype=local.dtype, device=local.device)
-        opts = dict(kind=kind, tau=tau, alpha=alpha, bias=bias, scale=scale, graph=graph)
+        opts = dict(kind=kind, tau=tau, alpha=alpha, bias=bias, scale=scale, graph=graph, certify=certify)
         self._steps = {True: local.decode_step(q, kv, kv, **opts), False: local.decode_step(q, None, None, **opts)}
         self.rows, self.D = B * Hq, D
         self.shape = (B, Hq, 1, D)
-        self.send = torch.zeros(self.rows, D + 1, dtype=torch.float32, device=local.device)
-        self.got = torch.zeros(W, self.rows, D + 1, dtype=torch.float32, device=local.device)
+        self.certify = bool(certify)
+        width = D + (3 if certify else 1)  # [out | lse] or [out | lse | log_dropped | lse_low]
+        self.send = torch.zeros(self.rows, width, dtype=torch.float32, device=local.device)
+        self.got = torch.zeros(W, self.rows, width, dtype=torch.float32, device=local.device)
         self.out = torch.zeros(self.shape, dtype=local.dtype, device=local.device)
+        #: with ``certify``: (B, Hq, 1) float32, the certified share of each row's softmax mass
+        #: (over every rank's keys) that the kept keys leave out; rewritten by every call
+        self.bound = torch.zeros(self.shape[:3], dtype=torch.float32, device=local.device) if certify else None
         self.use_graph = self._steps[True].use_graph
         self._graph = None
         #: why the gather + merge could not be captured (then they run eagerly), or None
@@ -112,6 +123,9 @@ class StripedDecodeStep:
         self.n += 1
         self.send[:, :self.D].copy_(part.reshape(self.rows, self.D))
         self.send[:, self.D].copy_(step.lse.reshape(self.rows))
+        if self.certify:
+            self.send[:, self.D + 1].copy_(step.log_dropped.reshape(self.rows))
+            self.send[:, self.D + 2].copy_(step.lse_low.reshape(self.rows))
         if self._graph is not None:
             self._graph.replay()
             return self.out
@@ -141,6 +155,12 @@ class StripedDecodeStep:
         tot = w.sum(dim=0)
         merged = (w.unsqueeze(-1) * O).sum(dim=0) / torch.where(tot > 0, tot, torch.ones_like(tot)).unsqueeze(-1)
         self.out.copy_(merged.reshape(self.shape))
+        if self.certify:  # the ranks' bounds on the dropped and the kept mass add (dropped_terms)
+            from ..kernels import certified_share
+
+            log_u = torch.logsumexp(self.got[:, :, self.D + 1], dim=0)
+            low = torch.logsumexp(self.got[:, :, self.D + 2], dim=0)
+            self.bound.copy_(certified_share(log_u, low).reshape(self.bound.shape))
 
     def check(self) -> None:
         """Raise on every rank if any rank's cache saw bad values (one collective, one sync):

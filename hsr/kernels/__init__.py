@@ -33,6 +33,8 @@ from .. import _devices
 _LAZY = {
     "CodeKVCache": "codes",
     "CodePlan": "codes",
+    "certified_share": "_code_plan",
+    "dropped_terms": "_code_plan",
     "DecodeStep": "decode",
     "GPUCodeIndex": "code_index",
     "block_sparse_attention": "block_sparse",

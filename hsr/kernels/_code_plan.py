@@ -102,7 +102,7 @@ def status_message(bits: int) -> str:
     return "; ".join(w for b, w in STATUS_WORDS if bits & b)
 
 
-def dropped_terms(rem: torch.Tensor, lse: torch.Tensor, tau, s: float, gap: torch.Tensor,
+def dropped_terms(rem: torch.Tensor, lse: torch.Tensor, tau: float | torch.Tensor, s: float, gap: torch.Tensor,
                   n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The certificate's two sums per row, on the device (elementwise, capturable):
     ``log_dropped``, the log of an upper bound ``U`` of the dropped mass

@@ -125,6 +125,18 @@ def striped(rank, world, folder):
             outs.append(step(q[i], k[:, :, t], v[:, :, t]).clone().numpy())
             refs.append(ref(q[i], k[:, :, t], v[:, :, t]).clone().numpy())
         res[kind] = (outs, refs, len(local))
+    # the certified step: the same outputs, and a bound over every rank's keys
+    local = CodeKVCache(*hd.stripe(k[:, :, :n0], v[:, :, :n0], world, rank), capacity=32)
+    cstep = hd.StripedDecodeStep(local, n0, q[0], kind="softmax", tau=0.5, certify=True)
+    bounds, shares, couts = [], [], []
+    for i in range(steps):
+        t = slice(n0 + i, n0 + i + 1)
+        couts.append(cstep(q[i], k[:, :, t], v[:, :, t]).clone().numpy())
+        bounds.append(cstep.bound.clone().numpy())
+        sc = q[i].double().reshape(1, 2, 2, 16) @ k[:, :, :n0 + i + 1].double().transpose(-1, -2)
+        w = torch.exp((sc - sc.amax(-1, keepdim=True)) * 16 ** -0.5)
+        shares.append((torch.where(sc < 0.5, w, 0).sum(-1) / w.sum(-1)).reshape(1, 4, 1).numpy())
+    res["certified"] = (couts, bounds, shares)
     bad = q[0].clone()
     bad[0, 1, 0, 3] = float("nan")
     res["nan_row"] = step(bad, k[:, :, :1], v[:, :, :1]).clone().numpy()

@@ -236,3 +236,11 @@ def test_striped_decode_step_equals_one_cache(tmp_path, world):
                 np.testing.assert_array_equal(out, results[0][kind][0][i])
         assert np.isnan(res["nan_row"][0, 1]).all() and np.isfinite(res["nan_row"][0, 0]).all()
         assert res["check"] is not None and "NaN" in res["check"][1], res["check"]
+        # certify=True: the same outputs, and a bound on the dropped share over the whole cache
+        # (every rank's keys) that holds at every step, is the same on every rank, and says something
+        couts, bounds, shares = res["certified"]
+        for i in range(len(couts)):
+            np.testing.assert_array_equal(couts[i], res["softmax"][0][i])
+            assert (shares[i] <= bounds[i]).all() and (bounds[i] <= 1).all(), (i, shares[i], bounds[i])
+            np.testing.assert_array_equal(bounds[i], results[0]["certified"][1][i])
+        assert 0 < np.mean(bounds) < 1
