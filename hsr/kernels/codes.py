@@ -393,10 +393,11 @@ class CodeKVCache:
         return out
 
     def _run(self, q, plan: CodePlan, *, kind, alpha=2, scale=None, num_splits=None, return_bound=False,
-             return_terms=False):
+             return_terms=False, out=None, lse=None):
         """:meth:`run`'s body: ``q`` checked, the read lock held by the caller. ``return_terms``
         (with ``return_bound``): also the certificate's ``log_dropped, lse_low``
-        (:func:`dropped_terms`), which add over disjoint key sets."""
+        (:func:`dropped_terms`), which add over disjoint key sets. ``out``, ``lse``: contiguous
+        buffers of the result's shapes to write into (a captured step's own: no copies after)."""
         kind_id = check_kind(kind)
         if not self.has_values:
             raise ValueError("this cache holds keys only (v=None): no attention")
@@ -440,8 +441,10 @@ class CodeKVCache:
             ROWS=plan.rows, BLOCK_N=64, HEAD_DIM=D, KIND=kind_id, ALPHA=alpha,
             UPCAST=interpreting() or q.dtype == torch.float32, TAU_TENSOR=tau_t is not None,
             BIAS_TENSOR=bias_t is not None, DENSE=plan.dense, CERTIFY=rem is not None, num_warps=4)
-        out = torch.empty(B, Hq, M, D, dtype=q.dtype, device=self.device)
-        lse = torch.empty(B, Hq, M, dtype=torch.float32, device=self.device)
+        if out is None:
+            out = torch.empty(B, Hq, M, D, dtype=q.dtype, device=self.device)
+        if lse is None:
+            lse = torch.empty(B, Hq, M, dtype=torch.float32, device=self.device)
         merge_partials(o_part, l_part, out, lse, M)
         if rem is None:
             return out, lse

@@ -103,7 +103,6 @@ class DecodeStep:
         self.tau = self._own(tau, "tau")
         self.bias = self._own(bias, "bias")
         self.t = k.shape[2]
-        self.out = None
         self._graph = None
         self._storage = cache._storage
         self.use_graph = (dev.type == "cuda") if graph is None else bool(graph)
@@ -114,7 +113,8 @@ class DecodeStep:
         self.bound = None
         self.log_dropped = None
         self.lse_low = None
-        self.lse = None
+        self.out = torch.empty(q.shape, dtype=dt, device=dev)
+        self.lse = torch.empty(q.shape[:3], dtype=torch.float32, device=dev)
         if self.use_graph and dev.type != "cuda":
             raise ValueError("graph=True needs a CUDA cache")
 
@@ -130,10 +130,11 @@ class DecodeStep:
             c._launch_add(self.k, self.v, self.t)
         plan = (c._dense_plan if self.dense else c._plan)(self.q, self.tau, bias=self.bias, certify=self.certify,
                                                           scale=self.scale)
+        # the attention writes into the step's own out and lse (two copies fewer per step)
         res = c._run(self.q, plan, kind=self.kind, alpha=self.alpha, scale=self.scale, return_bound=self.certify,
-                     return_terms=self.certify)
+                     return_terms=self.certify, out=self.out, lse=self.lse)
         extra = res[2:] if self.certify else (None, None, None)
-        for name, x in (("lse", res[1]), ("bound", extra[0]), ("log_dropped", extra[1]), ("lse_low", extra[2])):
+        for name, x in (("bound", extra[0]), ("log_dropped", extra[1]), ("lse_low", extra[2])):
             if x is not None and getattr(self, name) is None:
                 setattr(self, name, x)
             elif x is not None:
@@ -164,11 +165,7 @@ class DecodeStep:
             if self._graph is not None:
                 self._graph.replay()
             else:
-                out = self._step()
-                if self.out is None:
-                    self.out = out
-                else:
-                    self.out.copy_(out)
+                self._step()
             c.advanced(self.t)
             if self.use_graph and self._graph is None:
                 self._capture()
@@ -179,6 +176,5 @@ class DecodeStep:
         # so the cache is not advanced by it
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
-            out = self._step()
-            self.out.copy_(out)
+            self._step()
         self._graph = g
