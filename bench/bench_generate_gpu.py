@@ -9,8 +9,11 @@ shapes); ``1b`` = 16 layers, 32/8 heads, d 64, hidden 2048 (Llama-3.2-1B's). The
 ``n`` random token ids. Random weights give nearly uniform attention, so the keys a step keeps
 (tau calibrated at the prefill to keep ``1 - eps`` of the mass) are many more than a trained
 model's: this measures the machinery, not the selectivity a real model would give
-(``bench/bench_decode_loop.py`` times the step on real keys). Greedy tokens of the two loops are
-compared (``same_tokens_share``).
+(``bench/bench_decode_loop.py`` times the step on real keys). ``--qk-gain`` multiplies every
+layer's q projection so that attention concentrates as a trained model's does (gain 1: nearly
+uniform, most keys kept); ``kept_fraction`` is the share of visible keys the rows keep at the
+first decode step, averaged over rows and layers. Greedy tokens of the two loops are compared
+(``same_tokens_share``; with random weights a near tie can flip).
 
 Both loops are :func:`hsr.integrations.transformers.generate_greedy`: prefill, then one decode
 step captured in a CUDA graph and replayed. ``ours``: :class:`CodeCache` with the code
@@ -43,6 +46,34 @@ SHAPES = {
 }
 
 
+class KeptShare:
+    """The code attention backend, counting at the first decode step (eager, before the capture)
+    the share of the visible keys each row keeps (``score >= tau``), averaged over rows and layers."""
+
+    def __init__(self, inner):
+        self.inner, self.on, self.kept = inner, False, []
+        self.__name__ = inner.__name__
+
+    def start(self):
+        self.on, self.kept = True, []
+
+    def mean(self):
+        return sum(self.kept) / len(self.kept) if self.kept else None
+
+    def __call__(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        import torch
+
+        out = self.inner(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        capturing = query.is_cuda and torch.cuda.is_current_stream_capturing()
+        if self.on and query.shape[2] == 1 and not capturing:
+            layer = self.inner._layer(module, key, kwargs)
+            B, Hq, _, D = query.shape
+            Hkv = key.shape[1]
+            sc = query.float().reshape(B, Hkv, Hq // Hkv, D) @ key.float().transpose(-1, -2)
+            self.kept.append(float((sc.reshape(B, Hq, -1) >= layer.tau).float().mean()))
+        return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", nargs="+", default=["1b", "8b"])
@@ -50,6 +81,9 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--eps", type=float, default=1e-3)
+    ap.add_argument("--qk-gain", type=float, nargs="+", default=[1.0, 4.0],
+                    help="multiply every q projection by this (random weights attend nearly uniformly; "
+                         "a gain concentrates attention as a trained model's is): one run per value")
     ap.add_argument("--max-tokens", type=int, default=262144,
                     help="skip configurations whose prompt tokens B*n exceed this (prefill time and memory)")
     ap.add_argument("--out", default=default_out("generate_gpu.json"))
@@ -66,7 +100,10 @@ def main(argv=None):
     from hsr.integrations.transformers import CodeCache, generate_greedy, register_code_attention
 
     dev = torch.device(args.device)
-    register_code_attention("hsr_code", eps=args.eps)
+    stats = KeptShare(register_code_attention("hsr_code", eps=args.eps))
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("hsr_code", stats)
     rows = []
     for shape in args.shapes:
         cfg = LlamaConfig(vocab_size=32000 if shape != "tiny" else 64, max_position_embeddings=max(args.n) + args.new + 8,
@@ -76,46 +113,53 @@ def main(argv=None):
         with dev:
             model = LlamaForCausalLM(cfg).eval()
         torch.set_default_dtype(torch.float32)
-        for n in args.n:
-            for B in args.batch:
-                row = dict(shape=shape, n=n, B=B, new=args.new, eps=args.eps,
-                           weights="random " + ("bf16" if dev.type == "cuda" else "fp32"))
-                if B * n > args.max_tokens:  # the prefill's time and memory: said, not attempted
-                    row["skipped"] = f"B*n = {B * n} > --max-tokens {args.max_tokens}"
-                    rows.append(row)
-                    print(row, flush=True)
-                    continue
-                ids = torch.randint(3, cfg.vocab_size, (B, n), device=dev, generator=torch.Generator(dev).manual_seed(n))
-                got = {}
-                for name, impl, make in (("dense", "sdpa", lambda: StaticCache(config=cfg, max_cache_len=n + args.new + 1)),
-                                         ("ours", "hsr_code", lambda: CodeCache(cfg, n + args.new + 1))):
-                    model.set_attn_implementation(impl)
-                    try:
-                        with torch.no_grad():
-                            generate_greedy(model, ids[:, :64], 4, make())  # warm: compile, autotune
-                            tm = {}
-                            cache = make()
-                            out = generate_greedy(model, ids, args.new, cache, timings=tm)
-                        # the replayed steps: the decode time past the first step (eager + capture)
-                        decode_s = max(tm["decode_s"] - tm.get("first_step_s", 0.0), 1e-9)
-                        row[f"{name}_prefill_s"] = tm["prefill_s"]
-                        row[f"{name}_first_step_s"] = tm.get("first_step_s")
-                        row[f"{name}_capture_error"] = tm.get("capture_error")
-                        row[f"{name}_decode_tok_s"] = B * (args.new - 2) / decode_s
-                        got[name] = out[:, n:]
-                        if name == "ours":
-                            cache.check()
-                            row["tau_mean"] = float(sum(l.tau.float().mean() for l in cache.layers) / len(cache.layers))
-                        cache = None
-                    except torch.cuda.OutOfMemoryError:
-                        row[f"{name}_decode_tok_s"] = "oom"
-                    if dev.type == "cuda":
-                        torch.cuda.empty_cache()
-                if len(got) == 2:
-                    row["same_tokens_share"] = float((got["dense"] == got["ours"]).float().mean())
-                    row["speedup"] = row["ours_decode_tok_s"] / row["dense_decode_tok_s"]
+        gain_now = 1.0
+        for gain, n, B in [(g, n, B) for g in args.qk_gain for n in args.n for B in args.batch]:
+            with torch.no_grad():  # sharper attention, as a trained model's: every layer's q scaled
+                for layer in model.model.layers:
+                    layer.self_attn.q_proj.weight.mul_(gain / gain_now)
+            gain_now = gain
+            row = dict(shape=shape, n=n, B=B, new=args.new, eps=args.eps, qk_gain=gain,
+                       weights="random " + ("bf16" if dev.type == "cuda" else "fp32"))
+            if B * n > args.max_tokens:  # the prefill's time and memory: said, not attempted
+                row["skipped"] = f"B*n = {B * n} > --max-tokens {args.max_tokens}"
                 rows.append(row)
                 print(row, flush=True)
+                continue
+            ids = torch.randint(3, cfg.vocab_size, (B, n), device=dev, generator=torch.Generator(dev).manual_seed(n))
+            got = {}
+            for name, impl, make in (("dense", "sdpa", lambda: StaticCache(config=cfg, max_cache_len=n + args.new + 1)),
+                                     ("ours", "hsr_code", lambda: CodeCache(cfg, n + args.new + 1))):
+                model.set_attn_implementation(impl)
+                try:
+                    with torch.no_grad():
+                        generate_greedy(model, ids[:, :64], 4, make())  # warm: compile, autotune
+                        tm = {}
+                        cache = make()
+                        stats.start()
+                        out = generate_greedy(model, ids, args.new, cache, timings=tm)
+                        stats.on = False
+                    # the replayed steps: the decode time past the first step (eager + capture)
+                    decode_s = max(tm["decode_s"] - tm.get("first_step_s", 0.0), 1e-9)
+                    row[f"{name}_prefill_s"] = tm["prefill_s"]
+                    row[f"{name}_first_step_s"] = tm.get("first_step_s")
+                    row[f"{name}_capture_error"] = tm.get("capture_error")
+                    row[f"{name}_decode_tok_s"] = B * (args.new - 2) / decode_s
+                    got[name] = out[:, n:]
+                    if name == "ours":
+                        cache.check()
+                        row["tau_mean"] = float(sum(l.tau.float().mean() for l in cache.layers) / len(cache.layers))
+                        row["kept_fraction"] = stats.mean()  # first decode step, every layer
+                    cache = None
+                except torch.cuda.OutOfMemoryError:
+                    row[f"{name}_decode_tok_s"] = "oom"
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+            if len(got) == 2:
+                row["same_tokens_share"] = float((got["dense"] == got["ours"]).float().mean())
+                row["speedup"] = row["ours_decode_tok_s"] / row["dense_decode_tok_s"]
+            rows.append(row)
+            print(row, flush=True)
         model = None
         if dev.type == "cuda":
             torch.cuda.empty_cache()
