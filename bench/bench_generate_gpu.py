@@ -153,12 +153,16 @@ def main(argv=None):
                     cache = None
                 except torch.cuda.OutOfMemoryError:
                     row[f"{name}_decode_tok_s"] = "oom"
+                except Exception as exc:  # a failure is a result: record it, go on with the next loop
+                    row[f"{name}_error"] = f"{type(exc).__name__}: {exc}"[:500]
+                    print(row[f"{name}_error"], flush=True)
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
             if len(got) == 2:
                 row["same_tokens_share"] = float((got["dense"] == got["ours"]).float().mean())
                 row["speedup"] = row["ours_decode_tok_s"] / row["dense_decode_tok_s"]
             rows.append(row)
+            save(args.out, rows, shapes={k: SHAPES[k] for k in args.shapes})  # every row: a timeout keeps them
             print(row, flush=True)
         model = None
         if dev.type == "cuda":
