@@ -329,6 +329,7 @@ def main(argv=None):
                       f"{r['survivor_fraction']*100:.2f}% kept {r['kept_fraction']*100:.2f}% | err "
                       f"{r['max_err_vs_kept']:.1e} rel-vs-full {r['rel_err_vs_full']:.3f}", flush=True)
                 torch.cuda.empty_cache()
+                save(args.out, rows, copy_bandwidth_Bps=bw, steps=args.steps, top=args.top)  # a timeout keeps them
     save(args.out, rows, copy_bandwidth_Bps=bw, steps=args.steps, top=args.top,
          keys="SmolLM2-135M post-RoPE keys of unseen text (stdlib sources), tiled; random values")
     try:
