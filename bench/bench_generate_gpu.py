@@ -65,8 +65,8 @@ class KeptShare:
 
         out = self.inner(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
         capturing = query.is_cuda and torch.cuda.is_current_stream_capturing()
-        if self.on and query.shape[2] == 1 and not capturing:
-            layer = self.inner._layer(module, key, kwargs)
+        layer = self.inner._layer(module, key, kwargs) if self.on and query.shape[2] == 1 and not capturing else None
+        if layer is not None and layer.tau is not None:  # a dense (unfiltered) layer keeps every key
             B, Hq, _, D = query.shape
             Hkv = key.shape[1]
             sc = query.float().reshape(B, Hkv, Hq // Hkv, D) @ key.float().transpose(-1, -2)
@@ -84,6 +84,8 @@ def main(argv=None):
     ap.add_argument("--qk-gain", type=float, nargs="+", default=[1.0, 4.0],
                     help="multiply every q projection by this (random weights attend nearly uniformly; "
                          "a gain concentrates attention as a trained model's is): one run per value")
+    ap.add_argument("--filter-from", type=int, default=None,
+                    help="CodeCache's filter_from (default: the library's FILTER_FROM; 0: the filter at every size)")
     ap.add_argument("--max-tokens", type=int, default=262144,
                     help="skip configurations whose prompt tokens B*n exceed this (prefill time and memory)")
     ap.add_argument("--out", default=default_out("generate_gpu.json"))
@@ -129,7 +131,7 @@ def main(argv=None):
             ids = torch.randint(3, cfg.vocab_size, (B, n), device=dev, generator=torch.Generator(dev).manual_seed(n))
             got = {}
             for name, impl, make in (("dense", "sdpa", lambda: StaticCache(config=cfg, max_cache_len=n + args.new + 1)),
-                                     ("ours", "hsr_code", lambda: CodeCache(cfg, n + args.new + 1))):
+                                     ("ours", "hsr_code", lambda: CodeCache(cfg, n + args.new + 1, filter_from=args.filter_from))):
                 model.set_attn_implementation(impl)
                 try:
                     with torch.no_grad():
@@ -148,7 +150,9 @@ def main(argv=None):
                     got[name] = out[:, n:]
                     if name == "ours":
                         cache.check()
-                        row["tau_mean"] = float(sum(l.tau.float().mean() for l in cache.layers) / len(cache.layers))
+                        row["filtered"] = bool(cache.layers[0].filtered)
+                        row["tau_mean"] = (float(sum(l.tau.float().mean() for l in cache.layers) / len(cache.layers))
+                                           if cache.layers[0].tau is not None else None)
                         row["kept_fraction"] = stats.mean()  # first decode step, every layer
                     cache = None
                 except torch.cuda.OutOfMemoryError:

@@ -42,8 +42,12 @@ def _index_paths_at_any_size():
         import hsr.integrations.transformers as ht  # the per-layer guard off: the tests time nothing
 
         guard_default, ht.GUARD = ht.GUARD, False
+        import hsr.integrations._device_cache as device_cache  # the GPU cache's filter at any size
+
+        filter_default, device_cache.FILTER_FROM = device_cache.FILTER_FROM, 0
     yield
     core.DENSE_BELOW = default
     if short:
         short.MODEL_DENSE_BELOW = model_default
         ht.GUARD = guard_default
+        device_cache.FILTER_FROM = filter_default

@@ -30,7 +30,15 @@ from ._masks import key_padding_of
 _LAST = threading.local()
 
 __all__ = ["CodeLayer", "CodeCache", "CodeAttention", "register_code_attention", "calibrate_tau",
-           "generate_greedy"]
+           "generate_greedy", "FILTER_FROM"]
+
+#: a CodeCache whose batch holds fewer positions than this (``B * max_cache_len``) attends with
+#: torch SDPA over its buffers, masked to the device-side length (transformers' static-cache
+#: form), instead of the code filter: in the GPU decode loop on an H200
+#: (``bench/results/decode_loop_h200_2026-12-05_run1.json``, real keys, top 1%) the filtered
+#: step beat that form from ``B * n`` = 128K on (128K at B 1; 16K and 32K at B 8) and lost
+#: below it (16K and 32K at B 1), at d 128 and d 64 alike
+FILTER_FROM = 1 << 17
 
 
 def calibrate_tau(query: torch.Tensor, key: torch.Tensor, scale: float, eps: float, rows: int = 32) -> torch.Tensor:
@@ -81,19 +89,36 @@ class CodeLayer(DynamicLayer):
     :attr:`tau` is the layer's decode threshold, set at the prefill.
     """
 
-    def __init__(self, capacity: int, seed: int = 0) -> None:
+    def __init__(self, capacity: int, seed: int = 0, filter_from: int = 0) -> None:
         super().__init__()
         self.capacity = int(capacity)
         self.seed = seed
+        self.filter_from = int(filter_from)
         self.code = None
         self.tau = None
+        #: whether decode steps go through the code filter (else SDPA over the buffers), set
+        #: with the batch size at the first update
+        self.filtered = None
+        self._positions = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         from ..kernels.codes import CodeKVCache  # triton loads with the first GPU cache
 
         self.device = key_states.device
         self.code = CodeKVCache(key_states[:, :, :0], value_states[:, :, :0], capacity=self.capacity, seed=self.seed)
+        self.filtered = key_states.shape[0] * self.capacity >= self.filter_from
+        self._positions = torch.arange(self.capacity, device=self.device)
         self.is_initialized = True
+
+    def dense_attend(self, query: torch.Tensor, scale: float) -> torch.Tensor:
+        """SDPA of ``query (B, Hq, 1, D)`` over every held position (the whole capacity, masked
+        to the device-side length: one captured graph serves every length), ``(B, Hq, 1, D)``."""
+        code = self.code
+        B, Hq = query.shape[:2]
+        held = self._positions < code.lengths.view(B, code.Hkv, 1, 1)  # (B, Hkv, 1, capacity)
+        mask = held.repeat_interleave(Hq // code.Hkv, dim=1)
+        return torch.nn.functional.scaled_dot_product_attention(query, code.k, code.v, attn_mask=mask, scale=scale,
+                                                                enable_gqa=True)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,9 +170,14 @@ class CodeCache(Cache):
         Prompt plus generated tokens.
     seed : int
         Seeds each layer's random rotation.
+    filter_from : int, default :data:`FILTER_FROM`
+        Decode through the code filter when the batch holds at least this many positions
+        (``batch * max_cache_len``); below it, SDPA over the cache's buffers (every key kept:
+        within any ``eps``), where the filter measured slower. 0: always the filter.
     """
 
-    def __init__(self, config: PreTrainedConfig, max_cache_len: int, *, seed: int = 0) -> None:
+    def __init__(self, config: PreTrainedConfig, max_cache_len: int, *, seed: int = 0,
+                 filter_from: Optional[int] = None) -> None:
         if not HAVE_TRANSFORMERS:  # pragma: no cover
             raise ImportError("CodeCache needs transformers (pip install 'hsr-attention[transformers]')")
         if isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len < 1:
@@ -157,7 +187,11 @@ class CodeCache(Cache):
         bad = sorted({t for t in types if t != "full_attention"})
         if bad:
             raise NotImplementedError(f"CodeCache supports full-attention layers only, config has {bad}")
-        Cache.__init__(self, layers=[CodeLayer(max_cache_len, seed) for _ in types])
+        if filter_from is None:
+            filter_from = FILTER_FROM
+        if isinstance(filter_from, bool) or not isinstance(filter_from, int) or filter_from < 0:
+            raise ValueError(f"filter_from must be a non-negative integer, got {filter_from!r}")
+        Cache.__init__(self, layers=[CodeLayer(max_cache_len, seed, filter_from) for _ in types])
 
     def check(self) -> None:
         """Raise a bad value any layer's kernels saw (NaN/Inf in q, k, v): one synchronisation."""
@@ -178,7 +212,8 @@ class CodeAttention:
 
     Prefill (more than one query position): torch SDPA over the prompt, and the layer's
     ``tau`` calibrated from it (:func:`calibrate_tau`, target ``eps``). Decode (one position):
-    the code filter and attention over the keys with ``score >= tau``, no host synchronisation.
+    the code filter and attention over the keys with ``score >= tau``, no host synchronisation;
+    in a cache below ``filter_from`` positions (:class:`CodeCache`), SDPA over its buffers.
     """
 
     def __init__(self, name: str, eps: float = 1e-3, calibration_rows: int = 32) -> None:
@@ -195,15 +230,19 @@ class CodeAttention:
         layer = self._layer(module, key, kwargs)
         B, Hq, M, D = query.shape
         scale = float(scaling) if scaling is not None else D ** -0.5
-        if M > 1 or layer.tau is None:  # the prefill: dense, and the threshold from it
+        if M > 1 or (layer.filtered and layer.tau is None):  # the prefill: dense, and the threshold from it
             if key_padding_of(attention_mask, B, M, key.shape[2]) is not None:
                 raise NotImplementedError("CodeCache does not serve padded batches (left padding): give "
                                           "prompts of one length")
-            layer.tau = calibrate_tau(query, key, scale, self.eps, self.rows)
+            if layer.filtered:
+                layer.tau = calibrate_tau(query, key, scale, self.eps, self.rows)
             return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                           scaling=scale, **kwargs)
-        spec = AttentionSpec(kind="softmax", tau=layer.tau, scale=scale, causal=True)
-        out, _ = layer.code.attend(query, spec, check=False)
+        if not layer.filtered:  # a small cache: dense SDPA over its buffers was measured faster
+            out = layer.dense_attend(query, scale)
+        else:
+            spec = AttentionSpec(kind="softmax", tau=layer.tau, scale=scale, causal=True)
+            out, _ = layer.code.attend(query, spec, check=False)
         return out.transpose(1, 2).contiguous(), None
 
     @staticmethod

@@ -41,6 +41,39 @@ def test_greedy_decoding_through_the_code_cache_equals_dense():
     assert backend.eps == 1e-6
 
 
+def test_a_small_cache_decodes_with_sdpa_over_its_buffers():
+    """Below filter_from (batch x capacity) the decode steps attend densely over the buffers
+    (masked to the device-side length), no threshold is calibrated, and greedy tokens equal
+    dense decoding; the filter_from argument is checked."""
+    model, cfg = _model()
+    ids = torch.randint(3, 64, (2, 40), generator=torch.Generator().manual_seed(1))
+    want = _dense_greedy(model, ids, 6)
+    register_code_attention("hsr_code_small", eps=1e-3)
+    model.set_attn_implementation("hsr_code_small")
+    cache = CodeCache(cfg, max_cache_len=64, filter_from=2 * 64 + 1)
+    got = generate_greedy(model, ids, 6, cache)
+    assert torch.equal(got, want)
+    assert all(layer.filtered is False and layer.tau is None for layer in cache.layers)
+    q = torch.randn(2, 4, 1, 16, generator=torch.Generator().manual_seed(3))
+    layer = cache.layers[0]
+    n = layer.code.n
+    ref = torch.nn.functional.scaled_dot_product_attention(q, layer.code.k[:, :, :n], layer.code.v[:, :, :n],
+                                                           enable_gqa=True)
+    torch.testing.assert_close(layer.dense_attend(q, 16 ** -0.5), ref)
+    assert all(layer.filtered for layer in _filled(cfg, model, ids, filter_from=2 * 64).layers)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="filter_from"):
+            CodeCache(cfg, max_cache_len=64, filter_from=bad)
+
+
+def _filled(cfg, model, ids, **kw):
+    cache = CodeCache(cfg, max_cache_len=64, **kw)
+    model.set_attn_implementation("hsr_code_small")
+    with torch.no_grad():
+        generate_greedy(model, ids, 1, cache)
+    return cache
+
+
 def test_calibrated_tau_keeps_the_target_mass():
     g = torch.Generator().manual_seed(2)
     q = torch.randn(1, 4, 16, 16, generator=g) * 2
