@@ -114,11 +114,12 @@ class CodeLayer(DynamicLayer):
         """SDPA of ``query (B, Hq, 1, D)`` over every held position (the whole capacity, masked
         to the device-side length: one captured graph serves every length), ``(B, Hq, 1, D)``."""
         code = self.code
-        B, Hq = query.shape[:2]
+        B, Hq, _, D = query.shape
         held = self._positions < code.lengths.view(B, code.Hkv, 1, 1)  # (B, Hkv, 1, capacity)
-        mask = held.repeat_interleave(Hq // code.Hkv, dim=1)
-        return torch.nn.functional.scaled_dot_product_attention(query, code.k, code.v, attn_mask=mask, scale=scale,
-                                                                enable_gqa=True)
+        # a kv head's query heads as its query positions: the mask broadcasts over them, no copy
+        out = torch.nn.functional.scaled_dot_product_attention(query.reshape(B, code.Hkv, Hq // code.Hkv, D), code.k,
+                                                               code.v, attn_mask=held, scale=scale)
+        return out.reshape(B, Hq, 1, D)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
                ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -103,7 +103,7 @@ def status_message(bits: int) -> str:
 
 
 def dropped_terms(rem: torch.Tensor, lse: torch.Tensor, tau: float | torch.Tensor, s: float, gap: torch.Tensor,
-                  n: int) -> tuple[torch.Tensor, torch.Tensor]:
+                  n: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The certificate's two sums per row, on the device (elementwise, capturable):
     ``log_dropped``, the log of an upper bound ``U`` of the dropped mass
     ``sum_dropped exp(s score)`` (from ``rem >= sum_dropped exp(s (score - tau))``), and
@@ -121,14 +121,15 @@ def dropped_terms(rem: torch.Tensor, lse: torch.Tensor, tau: float | torch.Tenso
         Softmax scale.
     gap : Tensor (B, Hq, M)
         Bound of ``|fp32-accumulated score - score|`` per row.
-    n : int
-        Keys the sums may cover (in a captured step: the capacity, every length it serves).
+    n : int or Tensor broadcastable to (B, Hq, M)
+        Keys the sums cover (the cache's device-side lengths: right at every replay of a
+        captured step).
 
     Returns
     -------
     log_dropped, lse_low : Tensor (B, Hq, M) float32
     """
-    n = max(int(n), 1)
+    n = torch.as_tensor(n, dtype=torch.float32, device=rem.device).clamp(min=1.0)
     margin = s * gap + 1e-4 + 2.0 * n * 2.0 ** -24
     log_dropped = torch.log(rem + n * 2.0 ** -126) + s * torch.as_tensor(tau, dtype=torch.float32, device=rem.device)
     return log_dropped, lse - margin

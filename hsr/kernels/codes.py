@@ -457,10 +457,10 @@ class CodeKVCache:
         B, Hq, M, D = q.shape
         G = Hq // self.Hkv
         qn = torch.linalg.vector_norm(q.float(), dim=-1)  # (B, Hq, M)
-        maxn = self.max_norm.view(B, self.Hkv, 1, 1).expand(B, self.Hkv, G, 1).reshape(B, Hq, 1)
-        # a captured step replays at every length up to the capacity: its widening must cover them
-        n = self.capacity if _capturing() else self.n
-        return dropped_terms(rem, lse, tau, s, 4.0 * D * 2.0 ** -24 * qn * maxn, n)
+        per_head = lambda x: x.view(B, self.Hkv, 1, 1).expand(B, self.Hkv, G, 1).reshape(B, Hq, 1)  # noqa: E731
+        # the lengths on the device: a captured step replays at every length, read them there
+        return dropped_terms(rem, lse, tau, s, 4.0 * D * 2.0 ** -24 * qn * per_head(self.max_norm),
+                             per_head(self.lengths))
 
     supports = frozenset({"tau", "info"})
 
