@@ -6,6 +6,8 @@ The array helpers every room shares (``as_float_array``, ``to_numpy``...) live i
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .._arrays import is_torch
@@ -25,6 +27,10 @@ def resolve_dtype(dtype) -> np.dtype:
 
 def as_tau(tau, m: int) -> np.ndarray:
     """Thresholds as a float64 array of shape ``(m,)`` (a scalar is broadcast)."""
+    if type(tau) is float:  # the common case, without numpy's scalar round trip
+        if not math.isfinite(tau):
+            raise ValueError("tau contains NaN or Inf")
+        return np.full(m, float(tau))
     if is_torch(tau):
         tau = tau.detach().cpu().double().numpy()
     t = np.asarray(tau)

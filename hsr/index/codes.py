@@ -231,7 +231,10 @@ class CodeStore:
             b2_sc = np.empty((m, n_parts, 0), dtype=keys.dtype)
         ids = np.empty(lims[-1], dtype=np.int64)
         scores = np.empty(lims[-1], dtype=keys.dtype)
-        BK.gather_hits(counts, cap, buf_ids, buf_sc, b2_ids, b2_sc, lims, ids, scores)
+        if m > BK.SERIAL_ROWS:
+            BK.gather_hits_parallel(counts, cap, buf_ids, buf_sc, b2_ids, b2_sc, lims, ids, scores)
+        else:
+            BK.gather_hits(counts, cap, buf_ids, buf_sc, b2_ids, b2_sc, lims, ids, scores, 0, m)
         # the next search starts with room for what this one found
         # and forgets a larger one slowly: searches that alternate between thresholds (a range
         # search, then a top-k's much higher one) would otherwise re-run every other call
