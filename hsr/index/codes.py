@@ -149,12 +149,16 @@ class CodeStore:
         QI = np.zeros((-(-m // 8) * 8, self.dp), dtype=np.int16)
         qa, qn, thr, slack = np.empty(m), np.empty(m), np.empty(m), np.empty(m)
         qa32, qn32, thr32 = np.empty(m, np.float32), np.empty(m, np.float32), np.empty(m, np.float32)
-        w = (1.0 + self.defect) * (1.0 + 1e-12) * max_norm + self.max_err  # >= max_j s_j ||c_j||
+        w = self._query_w(max_norm)
         # one compiled pass (the numpy form of the same arithmetic took 37 us of a 32K search)
         BK.prepare_queries(Q, self.rot, float(self.qmax), self.dim, w, float(self.max_err), float(max_norm),
                            self._u, np.ascontiguousarray(tau, dtype=np.float64), QI, qa, qn, thr, slack, qa32, qn32,
                            thr32)
         return QI.view(np.int32), qa, qn, thr, slack, qa32, qn32, thr32
+
+    def _query_w(self, max_norm: float) -> float:
+        """``w >= max_j s_j ||c_j||``, the code norm bound of the queries' slack."""
+        return (1.0 + self.defect) * (1.0 + 1e-12) * max_norm + self.max_err
 
     def _layout(self, m, nb):
         """The tasks of a search of m queries over nb blocks: ``(n_parts, part_b, tile_r,
@@ -178,6 +182,13 @@ class CodeStore:
             self._layouts[key] = got
         return got
 
+    def _grow_cap_hint(self, most: int) -> None:
+        """The next search starts with room for the ``most`` hits of one task's row this one
+        found, and forgets a larger room slowly: searches that alternate between thresholds (a
+        range search, then a top-k's much higher one) would otherwise re-run every other call
+        (measured: 3.5x the time of a 1M-key batch); unused room costs address space only."""
+        self._cap_hint = int(min(max(1024, 1.25 * most, 0.9 * self._cap_hint), 1 << 20))
+
     def range_search(self, Q, tau, lim, keys, alive, has_dead, max_norm, remainder_scale=None):
         """CSR ``(lims, ids, scores, codes_evaluated, keys_verified, remainder)`` of the keys
         with canonical ``score >= tau`` and id ``<= lim``; ids ascending within each row.
@@ -187,29 +198,32 @@ class CodeStore:
         over the reported keys, relative to ``exp(s tau)``."""
         n = self.n
         m = Q.shape[0]
-        QP, qa, qn, thr, slack, qa32, qn32, thr32 = self._queries(Q, tau, max_norm)
-        want_rem = remainder_scale is not None
-        rscale = float(remainder_scale) if want_rem else 0.0
-        # keys bounded further than _FAR e-folds below tau are only counted (each < e^-_FAR)
-        near32 = (thr32 - np.float32(_FAR / rscale)).astype(np.float32) if want_rem else thr32
         nb = -(-n // CK.BLOCK)
         n_parts, part_b, tile_r, task_tile, task_part = self._layout(m, nb)
-        per_part = -(-nb // n_parts) * CK.BLOCK
-        cap = int(min(per_part, self._cap_hint))
+        cap = int(min(-(-nb // n_parts) * CK.BLOCK, self._cap_hint))
+        if remainder_scale is None:  # the whole search in one compiled call
+            lims, ids, scores, coded, verified, most = BK.code_search(
+                Q, self.rot, float(self.qmax), self.dim, self._query_w(max_norm), float(self.max_err),
+                float(max_norm), self._u, tau, lim, keys, self.codes, self.scale, self.err, alive, has_dead, n,
+                task_tile, task_part, tile_r[:-1], tile_r[1:], part_b[:-1], part_b[1:], _TILE_ROWS, cap)
+            self._grow_cap_hint(most)
+            return lims, ids, scores, coded, verified, None
+        # the remainder too: the kernel that also bounds what it does not report
+        QP, qa, qn, thr, slack, qa32, qn32, thr32 = self._queries(Q, tau, max_norm)
+        rscale = float(remainder_scale)
+        # keys bounded further than _FAR e-folds below tau are only counted (each < e^-_FAR)
+        near32 = (thr32 - np.float32(_FAR / rscale)).astype(np.float32)
         counts = np.zeros((m, n_parts), dtype=np.int64)
         stats = np.zeros((m, n_parts), dtype=np.int64)
         rem = np.zeros((m, n_parts))
-        hist = np.zeros((m, n_parts, int(4 * _FAR) + 1), dtype=np.int64) if want_rem else None
+        hist = np.zeros((m, n_parts, int(4 * _FAR) + 1), dtype=np.int64)
         looked = np.zeros((m, n_parts), dtype=np.int64)
         buf_ids = np.empty((m, n_parts, cap), dtype=np.int64)
         buf_sc = np.empty((m, n_parts, cap), dtype=keys.dtype)
         args = (QP, qa32, qn32, thr32, tau, lim, Q, keys, self.codes, self.scale, self.err, alive, has_dead, n,
                 task_tile, task_part, tile_r[:-1], tile_r[1:], part_b[:-1], part_b[1:], cap, buf_ids, buf_sc,
                 counts, stats)
-        if want_rem:
-            BK.code_range_remainder(*args, near32, slack, rscale, rem, hist, looked)
-        else:
-            BK.code_range(*args)
+        BK.code_range_remainder(*args, near32, slack, rscale, rem, hist, looked)
         lims = np.empty(m + 1, dtype=np.int64)
         coded = np.empty(m, dtype=np.int64)
         most = BK.csr_lims(counts, lim, n, lims, coded)
@@ -235,24 +249,18 @@ class CodeStore:
             BK.gather_hits_parallel(counts, cap, buf_ids, buf_sc, b2_ids, b2_sc, lims, ids, scores)
         else:
             BK.gather_hits(counts, cap, buf_ids, buf_sc, b2_ids, b2_sc, lims, ids, scores, 0, m)
-        # the next search starts with room for what this one found
-        # and forgets a larger one slowly: searches that alternate between thresholds (a range
-        # search, then a top-k's much higher one) would otherwise re-run every other call
-        # (measured: 3.5x the time of a 1M-key batch); unused room costs address space only
-        self._cap_hint = int(min(max(1024, 1.25 * most, 0.9 * self._cap_hint), 1 << 20))
-        remainder = None
-        if want_rem:
-            # the far keys' bound, taken at the near threshold (a float32 value) plus the slack
-            with np.errstate(over="ignore", invalid="ignore"):
-                far_bound = np.exp(rscale * (near32.astype(np.float64) + slack - tau))
-            far_bound = np.where(np.isfinite(far_bound), far_bound, np.where(np.isneginf(near32), 0.0, np.inf))
-            # far: every visible key not looked at closely (visible - looked at), a count that
-            # may include removed keys (an overcount keeps the bound)
-            n_far = np.clip(np.minimum(lim, n - 1) + 1, 0, n) - looked.sum(axis=1)
-            far_mass = np.where(n_far > 0, n_far * np.where(n_far > 0, far_bound, 0.0), 0.0)
-            # bin k holds terms below exp(-k/4) (the last bin also everything further down)
-            edges = np.exp(-np.arange(hist.shape[2]) / 4.0) * (1.0 + 1e-6)
-            remainder = (rem.sum(axis=1) + hist.sum(axis=1) @ edges + far_mass) * (1.0 + 1e-12)
+        self._grow_cap_hint(most)
+        # the far keys' bound, taken at the near threshold (a float32 value) plus the slack
+        with np.errstate(over="ignore", invalid="ignore"):
+            far_bound = np.exp(rscale * (near32.astype(np.float64) + slack - tau))
+        far_bound = np.where(np.isfinite(far_bound), far_bound, np.where(np.isneginf(near32), 0.0, np.inf))
+        # far: every visible key not looked at closely (visible - looked at), a count that
+        # may include removed keys (an overcount keeps the bound)
+        n_far = np.clip(np.minimum(lim, n - 1) + 1, 0, n) - looked.sum(axis=1)
+        far_mass = np.where(n_far > 0, n_far * np.where(n_far > 0, far_bound, 0.0), 0.0)
+        # bin k holds terms below exp(-k/4) (the last bin also everything further down)
+        edges = np.exp(-np.arange(hist.shape[2]) / 4.0) * (1.0 + 1e-6)
+        remainder = (rem.sum(axis=1) + hist.sum(axis=1) @ edges + far_mass) * (1.0 + 1e-12)
         return lims, ids, scores, coded, stats.sum(axis=1), remainder
 
     def upper_bounds(self, Q, max_norm, out=None):
