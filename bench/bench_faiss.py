@@ -270,9 +270,10 @@ def compile_times():
     return out
 
 
-def thread_scaling(threads, budget_s):
+def thread_scaling(threads, budget_s, on_row=None):
     """hsr alone (no FAISS needed) at each numba thread count, synthetic N(0, 1) keys, d = 64,
-    the same shared tau per configuration as the main table: medians of interleaved rounds."""
+    the same shared tau per configuration as the main table: medians of interleaved rounds.
+    ``on_row(rows)`` after each configuration (the caller saves: a time limit keeps them)."""
     rng = np.random.default_rng(0)
     out = []
     for n, m in ((32768, 1), (1 << 20, 1), (131072, 64), (1 << 20, 64), (1 << 20, 512)):
@@ -291,6 +292,8 @@ def thread_scaling(threads, budget_s):
         print(f"n={n:8d} m={m:4d} " + " ".join(f"{t}t {ms[f'range_{t}t']:.3f}" for t in threads) + " ms | speed-up "
               + " ".join(f"{row['range_speedup'][t]:.2f}" for t in threads), flush=True)
         out.append(row)
+        if on_row is not None:
+            on_row(out)
     numba.set_num_threads(max(threads))
     return out
 
@@ -312,8 +315,8 @@ def main():
         from hsr.index import _code_kernels
 
         threads = [int(t) for t in args.threads_scaling.split(",")]
-        rows = thread_scaling(threads, args.budget)
-        save(args.out, dict(scaling=rows), flavour=_code_kernels._FLAVOUR, numba_threads=numba.config.NUMBA_NUM_THREADS)
+        thread_scaling(threads, args.budget, lambda rows: save(
+            args.out, dict(scaling=rows), flavour=_code_kernels._FLAVOUR, numba_threads=numba.config.NUMBA_NUM_THREADS))
         return
     sizes = [int(s) for s in args.sizes.split(",")]
     batches = [int(b) for b in args.batches.split(",")]

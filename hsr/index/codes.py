@@ -93,7 +93,7 @@ class CodeStore:
         self.err = np.zeros(0, dtype=np.float32)
         self.n = 0
         self.max_err = 0.0
-        self._cap_hint = 1024
+        self._hit_share = 0.0  # the share of a block range's keys one row found, recently (see _cap)
         self._layouts = {}
 
     # ------------------------------------------------------------------ growth
@@ -182,12 +182,20 @@ class CodeStore:
             self._layouts[key] = got
         return got
 
-    def _grow_cap_hint(self, most: int) -> None:
-        """The next search starts with room for the ``most`` hits of one task's row this one
-        found, and forgets a larger room slowly: searches that alternate between thresholds (a
-        range search, then a top-k's much higher one) would otherwise re-run every other call
-        (measured: 3.5x the time of a 1M-key batch); unused room costs address space only."""
-        self._cap_hint = int(min(max(1024, 1.25 * most, 0.9 * self._cap_hint), 1 << 20))
+    def _cap(self, per_part: int) -> int:
+        """Room for one row's hits in one block range of ``per_part`` keys: a quarter more than
+        the largest share of a range's keys a recent search found (at least 1024, at most the
+        range). Kept as a share, not a count, so a search split into more or fewer ranges
+        (another thread count, another batch size) gets room in proportion; a row whose hits
+        do not fit is re-run (``BK.code_search``). Unused room costs address space only."""
+        return int(min(per_part, max(1024, self._hit_share * per_part), 1 << 20))
+
+    def _saw(self, most: int, per_part: int) -> None:
+        """Remember the share of its range one row's hits took, and forget a larger one slowly:
+        searches that alternate between thresholds (a range search, then a top-k's much higher
+        one) would otherwise re-run every other call (measured: 3.5x the time of a 1M-key
+        batch)."""
+        self._hit_share = min(1.0, max(1.25 * most / per_part, 0.9 * self._hit_share))
 
     def range_search(self, Q, tau, lim, keys, alive, has_dead, max_norm, remainder_scale=None):
         """CSR ``(lims, ids, scores, codes_evaluated, keys_verified, remainder)`` of the keys
@@ -200,13 +208,14 @@ class CodeStore:
         m = Q.shape[0]
         nb = -(-n // CK.BLOCK)
         n_parts, part_b, tile_r, task_tile, task_part = self._layout(m, nb)
-        cap = int(min(-(-nb // n_parts) * CK.BLOCK, self._cap_hint))
+        per_part = -(-nb // n_parts) * CK.BLOCK
+        cap = self._cap(per_part)
         if remainder_scale is None:  # the whole search in one compiled call
             lims, ids, scores, coded, verified, most = BK.code_search(
                 Q, self.rot, float(self.qmax), self.dim, self._query_w(max_norm), float(self.max_err),
                 float(max_norm), self._u, tau, lim, keys, self.codes, self.scale, self.err, alive, has_dead, n,
                 task_tile, task_part, tile_r[:-1], tile_r[1:], part_b[:-1], part_b[1:], _TILE_ROWS, cap)
-            self._grow_cap_hint(most)
+            self._saw(most, per_part)
             return lims, ids, scores, coded, verified, None
         # the remainder too: the kernel that also bounds what it does not report
         QP, qa, qn, thr, slack, qa32, qn32, thr32 = self._queries(Q, tau, max_norm)
@@ -249,7 +258,7 @@ class CodeStore:
             BK.gather_hits_parallel(counts, cap, buf_ids, buf_sc, b2_ids, b2_sc, lims, ids, scores)
         else:
             BK.gather_hits(counts, cap, buf_ids, buf_sc, b2_ids, b2_sc, lims, ids, scores, 0, m)
-        self._grow_cap_hint(most)
+        self._saw(most, per_part)
         # the far keys' bound, taken at the near threshold (a float32 value) plus the slack
         with np.errstate(over="ignore", invalid="ignore"):
             far_bound = np.exp(rscale * (near32.astype(np.float64) + slack - tau))
