@@ -49,11 +49,6 @@ TILE_ROWS = 64
 KEY_TILE = 16
 #: below this many rows in a task, rows go one at a time against four blocks
 FEW_ROWS = 4
-#: row loops of at most this many rows run on the calling thread: a parallel region costs more
-#: than their work, and on few cores the worker it leaves spinning slows the next kernel (one
-#: query over 32K real keys, 2 threads: 180 us a search with the gather in parallel, 100 us
-#: without)
-SERIAL_ROWS = 64
 
 
 _F32, _I32, _I64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
@@ -307,13 +302,16 @@ def code_range_remainder(QP, qa32, qn32, thr32, tau, lim, Q, keys, codes, scale,
 
 
 @njit(cache=True, nogil=True)
-def gather_hits(counts, cap, buf_ids, buf_sc, b2_ids, b2_sc, lims, ids, scores, r0, r1):
+def gather_hits(counts, cap, buf_ids, buf_sc, b2_ids, b2_sc, lims, ids, scores):
     """Concatenate each row's hits of its block ranges, in range order (so ids ascend), into
     the CSR ``ids, scores`` at ``lims``: from ``buf_*[r, p, :c]``, or from the re-run's
-    ``b2_*`` where ``c = counts[r, p]`` exceeded ``cap``. Rows ``r0 .. r1 - 1``, on the
-    calling thread (:func:`gather_hits_parallel` splits many rows over threads)."""
-    n_parts = counts.shape[1]
-    for r in range(r0, r1):
+    ``b2_*`` where ``c = counts[r, p]`` exceeded ``cap``. On the calling thread: a copy of
+    the hits, a few percent of a batch's search at most (512 queries x 1M keys: 60 MB against
+    0.5-1 s), where a parallel region costs more than it saves at a few rows and, on few
+    cores, leaves a worker spinning that slows the next kernel (one query over 32K real keys
+    in a loop, 2 threads: 180 us a search with the gather in parallel, 107 us without)."""
+    m, n_parts = counts.shape
+    for r in range(m):
         off = lims[r]
         for p in range(n_parts):
             c = counts[r, p]
@@ -326,15 +324,6 @@ def gather_hits(counts, cap, buf_ids, buf_sc, b2_ids, b2_sc, lims, ids, scores, 
                     ids[off + x] = buf_ids[r, p, x]
                     scores[off + x] = buf_sc[r, p, x]
             off += c
-
-
-@njit(cache=True, nogil=True, parallel=True)
-def gather_hits_parallel(counts, cap, buf_ids, buf_sc, b2_ids, b2_sc, lims, ids, scores):
-    """:func:`gather_hits` of every row, ``SERIAL_ROWS`` rows a task across threads."""
-    m = counts.shape[0]
-    for c in prange((m + SERIAL_ROWS - 1) // SERIAL_ROWS):
-        gather_hits(counts, cap, buf_ids, buf_sc, b2_ids, b2_sc, lims, ids, scores, c * SERIAL_ROWS,
-                    min(m, (c + 1) * SERIAL_ROWS))
 
 
 _EPS64 = 2.0 ** -53
@@ -487,10 +476,7 @@ def code_search(Q, rot, qmax, d, w, max_err, max_norm, u, tau, lim, keys, codes,
                    np.zeros_like(stats))
     ids = np.empty(lims[m], dtype=np.int64)
     scores = np.empty(lims[m], dtype=keys.dtype)
-    if m > SERIAL_ROWS:
-        gather_hits_parallel(counts, cap, buf_ids, buf_sc, b2_ids, b2_sc, lims, ids, scores)
-    else:
-        gather_hits(counts, cap, buf_ids, buf_sc, b2_ids, b2_sc, lims, ids, scores, 0, m)
+    gather_hits(counts, cap, buf_ids, buf_sc, b2_ids, b2_sc, lims, ids, scores)
     return lims, ids, scores, coded, stats.sum(axis=1), most
 
 

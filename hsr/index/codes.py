@@ -254,10 +254,7 @@ class CodeStore:
             b2_sc = np.empty((m, n_parts, 0), dtype=keys.dtype)
         ids = np.empty(lims[-1], dtype=np.int64)
         scores = np.empty(lims[-1], dtype=keys.dtype)
-        if m > BK.SERIAL_ROWS:
-            BK.gather_hits_parallel(counts, cap, buf_ids, buf_sc, b2_ids, b2_sc, lims, ids, scores)
-        else:
-            BK.gather_hits(counts, cap, buf_ids, buf_sc, b2_ids, b2_sc, lims, ids, scores, 0, m)
+        BK.gather_hits(counts, cap, buf_ids, buf_sc, b2_ids, b2_sc, lims, ids, scores)
         self._saw(most, per_part)
         # the far keys' bound, taken at the near threshold (a float32 value) plus the slack
         with np.errstate(over="ignore", invalid="ignore"):
