@@ -114,7 +114,7 @@ def test_search_and_count_share_the_codes(m):
 
 
 @pytest.mark.parametrize("dp", [64, 1024])
-@pytest.mark.parametrize("R,B", [(1, 1), (1, 4), (8, 1)])
+@pytest.mark.parametrize("R,B", [(1, 1), (1, 4), (4, 1), (8, 1)])
 def test_pair_dot_is_exact_at_the_extremes(R, B, dp):
     """The int32 sums of the multiply-add-pairs intrinsic equal int64 products, with codes
     and query entries at their largest magnitudes (the worst case of the overflow bound)."""
@@ -125,7 +125,7 @@ def test_pair_dot_is_exact_at_the_extremes(R, B, dp):
     codes[0] = 127
     QI = rng.choice(np.array([-qmax, qmax, 1], dtype=np.int16), size=(R, dp))
     QI[0] = qmax
-    fn = {(1, 1): CK.pair_dot_1x1, (1, 4): CK.pair_dot_1x4, (8, 1): CK.pair_dot_8x1}[(R, B)]
+    fn = {(1, 1): CK.pair_dot_1x1, (1, 4): CK.pair_dot_1x4, (4, 1): CK.pair_dot_4x1, (8, 1): CK.pair_dot_8x1}[(R, B)]
 
     @numba.njit
     def run(codes, QP, b):

@@ -131,6 +131,24 @@ def test_score_bounds_contain_scores():
         hsr.HSRIndex(K, method="tree").upper_bounds(Q)
 
 
+@pytest.mark.parametrize("m", [1, 3, 4, 5, 8, 11, 12, 13])
+def test_bounds_of_any_row_count_are_the_rows_own(m):
+    """Rows in groups of 8 and a last group of at most 4 (two product forms): every row's
+    bounds equal its bounds computed alone, and contain the canonical scores; key counts off
+    the 32-key blocks and the 16-block chunks."""
+    rng = np.random.default_rng(m)
+    K = fixture_keys(rng, 16 * 32 + 45, 64, "lattice")
+    Q = fixture_keys(rng, m, 64, "lattice")
+    idx = hsr.HSRIndex(K, method="code")
+    up, lo = idx.score_bounds(Q)
+    S = canonical_scores(Q, K).astype(np.float64)
+    assert (lo <= S).all() and (S <= up).all()
+    for r in range(m):
+        u1, l1 = idx.score_bounds(Q[r:r + 1])
+        np.testing.assert_array_equal(u1[0], up[r])
+        np.testing.assert_array_equal(l1[0], lo[r])
+
+
 def test_save_load_recodes(tmp_path):
     rng = np.random.default_rng(6)
     K = fixture_keys(rng, 3000, 32, "clustered")
