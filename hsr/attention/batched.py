@@ -158,15 +158,46 @@ def _visible_max(alive, has_dead, ub, top, scale):
     ``scale * ub`` among them (``-inf`` when none)."""
     mref = -np.inf
     if not has_dead:  # no liveness test in the loop when nothing was ever removed
-        for j in range(top + 1):
-            mref = max(mref, scale * ub[j])
-        return max(top + 1, 0), mref
+        # four running maxima: one chain waits on each max's latency (32K keys: 36 -> 9 us)
+        m0 = m1 = m2 = m3 = -np.inf
+        j = 0
+        while j + 4 <= top + 1:
+            m0 = max(m0, scale * ub[j])
+            m1 = max(m1, scale * ub[j + 1])
+            m2 = max(m2, scale * ub[j + 2])
+            m3 = max(m3, scale * ub[j + 3])
+            j += 4
+        for j in range(j, top + 1):
+            m0 = max(m0, scale * ub[j])
+        return max(top + 1, 0), max(max(m0, m1), max(m2, m3))
     visible = 0
     for j in range(top + 1):
         if alive[j] != 0:
             visible += 1
             mref = max(mref, scale * ub[j])
     return visible, mref
+
+
+@njit(cache=True, nogil=True)
+def _bucket_counts(bucket, top):
+    """``cnt (_NB + 1,)``: ``cnt[b + 1]`` keys of ids ``<= top`` in bucket ``b`` (255: removed,
+    not counted). Four histograms, one per id mod 4, summed: consecutive keys mostly share a
+    bucket, and one histogram's increments then wait on each other (32K keys: 38 -> 22 us with
+    the bucket pass)."""
+    cnt4 = np.zeros((4, 257), dtype=np.int64)  # every uint8 bucket + 1: removed keys land past _NB
+    j = 0
+    while j + 4 <= top + 1:
+        cnt4[0, bucket[j] + 1] += 1
+        cnt4[1, bucket[j + 1] + 1] += 1
+        cnt4[2, bucket[j + 2] + 1] += 1
+        cnt4[3, bucket[j + 3] + 1] += 1
+        j += 4
+    for j in range(j, top + 1):
+        cnt4[0, bucket[j] + 1] += 1
+    cnt = np.zeros(_NB + 1, dtype=np.int64)
+    for b in range(_NB + 1):
+        cnt[b] = cnt4[0, b] + cnt4[1, b] + cnt4[2, b] + cnt4[3, b]
+    return cnt
 
 
 @njit(cache=True, nogil=True)
@@ -179,16 +210,14 @@ def _bounds_row(q, K, V, alive, has_dead, ub, scale, eps, lim, out_row, info):
     st = np.zeros(5)  # the online-softmax state [m_run, Z, D, kept, scored] of ``_accumulate``
     st[0] = -np.inf
     # bucket b holds keys with mref - scale*ub in [b/4, (b+1)/4): each term <= e^(-b/4)
-    cnt = np.zeros(_NB + 1, dtype=np.int64)
     bucket = np.empty(max(top + 1, 0), dtype=np.uint8)
     for j in range(top + 1):
         if has_dead and alive[j] == 0:
             bucket[j] = 255
             continue
         gap = _PER_EFOLD * (mref - scale * ub[j])
-        b = _NB - 1 if gap >= _NB - 1 else int(gap)
-        bucket[j] = b
-        cnt[b + 1] += 1
+        bucket[j] = _NB - 1 if gap >= _NB - 1 else int(gap)
+    cnt = _bucket_counts(bucket, top)
     mass = np.zeros(_NB)
     for b in range(_NB):
         mass[b] = cnt[b + 1] * max(np.exp(-b / _PER_EFOLD), _TINY)
