@@ -59,11 +59,13 @@ def main():
                 held_q = (pos < n).view(1, 1, 1, cap).expand(B, 1, 1, cap)
                 add = torch.zeros(B, 1, 1, cap, device=dev, dtype=torch.bfloat16).masked_fill(~held_q, float("-inf"))
                 forms = {
-                    "ours_dense_attend": lambda: F.scaled_dot_product_attention(q.view(B, Hkv, G, D), k, v, attn_mask=held),
+                    "groups_bool_mask (dense_attend before)": lambda: F.scaled_dot_product_attention(q.view(B, Hkv, G, D), k, v, attn_mask=held),
                     "repeat_kv_bool_mask": lambda: F.scaled_dot_product_attention(
                         q, k.repeat_interleave(G, 1), v.repeat_interleave(G, 1), attn_mask=held_q),
                     "repeat_kv_float_mask": lambda: F.scaled_dot_product_attention(
                         q, k.repeat_interleave(G, 1), v.repeat_interleave(G, 1), attn_mask=add),
+                    "gqa_bool_mask (CodeLayer.dense_attend)": lambda: F.scaled_dot_product_attention(
+                        q, k, v, attn_mask=held_q, enable_gqa=True),
                     "gqa_float_mask": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=add, enable_gqa=True),
                     "groups_float_mask": lambda: F.scaled_dot_product_attention(q.view(B, Hkv, G, D), k, v,
                                                                                 attn_mask=add.expand(B, Hkv, 1, cap)),
