@@ -19,7 +19,9 @@ Both loops are :func:`hsr.integrations.transformers.generate_greedy`: prefill, t
 step captured in a CUDA graph and replayed. ``ours``: :class:`CodeCache` with the code
 attention backend. ``dense``: transformers' ``StaticCache`` (preallocated to the same length)
 with SDPA, which attends over the whole preallocated length under a mask, as transformers'
-static cache does in its own compiled loop. Decode tokens/s = ``B * (new - 2)`` over the time
+static cache does in its own compiled loop (its SDPA repeats K and V to every query head: a
+weak baseline; ``--filter-from`` above ``B * n`` makes ``ours`` the strong dense loop, SDPA with
+its own GQA over the code cache's buffers, to compare the filter with). Decode tokens/s = ``B * (new - 2)`` over the time
 of the replayed steps (the decode time less the first step, which runs eagerly and records the
 graph). ``"oom"`` where a configuration does not fit; configurations with more than
 ``--max-tokens`` prompt tokens in all are listed as skipped.
