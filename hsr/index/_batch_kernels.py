@@ -331,17 +331,22 @@ _U32 = 2.0 ** -24
 
 
 @njit(cache=True, nogil=True)
-def prepare_queries(Q, rot, qmax, d, w, max_err, max_norm, u, tau, QI, qa, qn, thr, slack, qa32, qn32, thr32):
+def prepare_queries(Q, rot, qmax, d, w, max_err, max_norm, u, tau):
     """Quantise the rotated queries and size each one's slack (``CodeStore._queries``).
 
-    ``Q (m, d)`` (working dtype), ``rot (dp, d)`` float64; ``w >= max_j s_j ||c_j||``.
-    Writes ``QI (m8, dp)`` int16 rows ``0..m-1`` (``R q = qa qi + rq``, ``|qi| <= qmax``), the
-    float64 ``qa, qn, slack`` and ``thr = tau - slack`` (less 4 ulps), and their float32 forms
-    for the filter: ``qa32, qn32`` rounded to nearest (inside the 16 u term of the slack) and
-    ``thr32`` rounded *down* (a threshold below float32's range becomes -inf: keep all).
-    Sums run in any order: every term of the slack is a worst-case bound of its rounding."""
+    ``Q (m, d)`` (working dtype), ``rot (dp, d)`` float64; ``w >= max_j s_j ||c_j||``;
+    ``tau (m,)`` float64. Returns ``(QP, qa, qn, thr, slack, qa32, qn32, thr32)``: ``QP (m8,
+    dp/2)`` int32, the int16 codes ``qi`` (``R q = qa qi + rq``, ``|qi| <= qmax``) as pairs of
+    dimensions, rows padded with zeros to ``m8``, a multiple of 8; the float64 ``qa, qn, slack``
+    and ``thr = tau - slack`` (less 4 ulps), and their float32 forms for the filter:
+    ``qa32, qn32`` rounded to nearest (inside the 16 u term of the slack) and ``thr32`` rounded
+    *down* (a threshold below float32's range becomes -inf: keep all). Sums run in any order:
+    every term of the slack is a worst-case bound of its rounding."""
     m = Q.shape[0]
     dp = rot.shape[0]
+    QI = np.zeros(((m + 7) // 8 * 8, dp), dtype=np.int16)
+    qa, qn, thr, slack = np.empty(m), np.empty(m), np.empty(m), np.empty(m)
+    qa32, qn32, thr32 = np.empty(m, np.float32), np.empty(m, np.float32), np.empty(m, np.float32)
     qr = np.empty(dp)
     for r in range(m):
         qn2 = 0.0
@@ -385,6 +390,7 @@ def prepare_queries(Q, rot, qmax, d, w, max_err, max_norm, u, tau, QI, qa, qn, t
         if np.float64(t32) > t:
             t32 = np.nextafter(t32, np.float32(-np.inf))
         thr32[r] = t32
+    return QI.view(np.int32), qa, qn, thr, slack, qa32, qn32, thr32
 
 
 @njit(cache=True, nogil=True, parallel=True)
@@ -431,6 +437,33 @@ def csr_lims(counts, lim, n, lims, coded):
 
 
 @njit(cache=True, nogil=True)
+def rerun_and_gather(QP, qa32, qn32, thr32, tau, lim, Q, keys, codes, scale, err, alive, has_dead, n, n_tasks,
+                     tile_r0, tile_r1, part_b0, part_b1, tile_rows, cap, buf_ids, buf_sc, counts, lims, most):
+    """The CSR ``(ids, scores)`` of a search whose per-task hits are in ``buf_*`` (``cap`` a
+    row and range), ``counts`` and ``lims`` (:func:`csr_lims`, ``most`` its largest count).
+    Where a row's hits outgrew ``cap`` (rare), only the tasks holding such rows are re-run by
+    :func:`code_range` with room for ``most``, then everything is gathered in id order."""
+    m, n_parts = counts.shape
+    b2_ids, b2_sc = buf_ids, buf_sc  # read only where a count exceeds cap: never, unless re-run
+    if most > cap:
+        redo = np.zeros(n_tasks, dtype=np.bool_)
+        for r in range(m):
+            for p in range(n_parts):
+                if counts[r, p] > cap:
+                    redo[(r // tile_rows) * n_parts + p] = True
+        sel = np.flatnonzero(redo)
+        b2_ids = np.empty((m, n_parts, most), dtype=np.int64)
+        b2_sc = np.empty((m, n_parts, most), dtype=buf_sc.dtype)
+        code_range(QP, qa32, qn32, thr32, tau, lim, Q, keys, codes, scale, err, alive, has_dead, n, sel // n_parts,
+                   sel % n_parts, tile_r0, tile_r1, part_b0, part_b1, most, b2_ids, b2_sc, np.zeros_like(counts),
+                   np.zeros_like(counts))
+    ids = np.empty(lims[m], dtype=np.int64)
+    scores = np.empty(lims[m], dtype=buf_sc.dtype)
+    gather_hits(counts, cap, buf_ids, buf_sc, b2_ids, b2_sc, lims, ids, scores)
+    return ids, scores
+
+
+@njit(cache=True, nogil=True)
 def code_search(Q, rot, qmax, d, w, max_err, max_norm, u, tau, lim, keys, codes, scale, err, alive, has_dead, n,
                 task_tile, task_part, tile_r0, tile_r1, part_b0, part_b1, tile_rows, cap):
     """A whole range search of the code filter in one compiled call: :func:`prepare_queries`,
@@ -445,13 +478,8 @@ def code_search(Q, rot, qmax, d, w, max_err, max_norm, u, tau, lim, keys, codes,
     verified (m,), most)``: the CSR result (ids ascending within a row), the codes and the
     full-precision scores each row took, and the largest hit count of one task's row."""
     m = Q.shape[0]
-    dp = rot.shape[0]
     n_parts = part_b0.shape[0]
-    QI = np.zeros(((m + 7) // 8 * 8, dp), dtype=np.int16)
-    qa, qn, thr, slack = np.empty(m), np.empty(m), np.empty(m), np.empty(m)
-    qa32, qn32, thr32 = np.empty(m, np.float32), np.empty(m, np.float32), np.empty(m, np.float32)
-    prepare_queries(Q, rot, qmax, d, w, max_err, max_norm, u, tau, QI, qa, qn, thr, slack, qa32, qn32, thr32)
-    QP = QI.view(np.int32)
+    QP, qa, qn, thr, slack, qa32, qn32, thr32 = prepare_queries(Q, rot, qmax, d, w, max_err, max_norm, u, tau)
     counts = np.zeros((m, n_parts), dtype=np.int64)
     stats = np.zeros((m, n_parts), dtype=np.int64)
     buf_ids = np.empty((m, n_parts, cap), dtype=np.int64)
@@ -461,22 +489,9 @@ def code_search(Q, rot, qmax, d, w, max_err, max_norm, u, tau, lim, keys, codes,
     lims = np.empty(m + 1, dtype=np.int64)
     coded = np.empty(m, dtype=np.int64)
     most = csr_lims(counts, lim, n, lims, coded)
-    b2_ids, b2_sc = buf_ids, buf_sc  # read only where a count exceeds cap: never, unless re-run
-    if most > cap:  # rare: re-run only the tasks whose hits did not fit, with room for all
-        redo = np.zeros(task_tile.shape[0], dtype=np.bool_)
-        for r in range(m):
-            for p in range(n_parts):
-                if counts[r, p] > cap:
-                    redo[(r // tile_rows) * n_parts + p] = True
-        sel = np.flatnonzero(redo)
-        b2_ids = np.empty((m, n_parts, most), dtype=np.int64)
-        b2_sc = np.empty((m, n_parts, most), dtype=keys.dtype)
-        code_range(QP, qa32, qn32, thr32, tau, lim, Q, keys, codes, scale, err, alive, has_dead, n, sel // n_parts,
-                   sel % n_parts, tile_r0, tile_r1, part_b0, part_b1, most, b2_ids, b2_sc, np.zeros_like(counts),
-                   np.zeros_like(stats))
-    ids = np.empty(lims[m], dtype=np.int64)
-    scores = np.empty(lims[m], dtype=keys.dtype)
-    gather_hits(counts, cap, buf_ids, buf_sc, b2_ids, b2_sc, lims, ids, scores)
+    ids, scores = rerun_and_gather(QP, qa32, qn32, thr32, tau, lim, Q, keys, codes, scale, err, alive, has_dead, n,
+                                   task_tile.shape[0], tile_r0, tile_r1, part_b0, part_b1, tile_rows, cap, buf_ids,
+                                   buf_sc, counts, lims, most)
     return lims, ids, scores, coded, stats.sum(axis=1), most
 
 

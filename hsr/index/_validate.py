@@ -30,7 +30,7 @@ def as_tau(tau, m: int) -> np.ndarray:
     if type(tau) is float:  # the common case, without numpy's scalar round trip
         if not math.isfinite(tau):
             raise ValueError("tau contains NaN or Inf")
-        return np.full(m, float(tau))
+        return np.full(m, tau)
     if is_torch(tau):
         tau = tau.detach().cpu().double().numpy()
     t = np.asarray(tau)

@@ -145,16 +145,10 @@ class CodeStore:
         ``thr (m,)``: ``tau - slack``, the slack covering every rounding between a key's
         bound and its canonical score (see ``_code_kernels``), ``slack (m,)``, and the
         float32 ``qa32, qn32, thr32`` the filter runs on (``thr32`` rounded down)."""
-        m = Q.shape[0]
-        QI = np.zeros((-(-m // 8) * 8, self.dp), dtype=np.int16)
-        qa, qn, thr, slack = np.empty(m), np.empty(m), np.empty(m), np.empty(m)
-        qa32, qn32, thr32 = np.empty(m, np.float32), np.empty(m, np.float32), np.empty(m, np.float32)
-        w = self._query_w(max_norm)
         # one compiled pass (the numpy form of the same arithmetic took 37 us of a 32K search)
-        BK.prepare_queries(Q, self.rot, float(self.qmax), self.dim, w, float(self.max_err), float(max_norm),
-                           self._u, np.ascontiguousarray(tau, dtype=np.float64), QI, qa, qn, thr, slack, qa32, qn32,
-                           thr32)
-        return QI.view(np.int32), qa, qn, thr, slack, qa32, qn32, thr32
+        return BK.prepare_queries(Q, self.rot, float(self.qmax), self.dim, self._query_w(max_norm),
+                                  float(self.max_err), float(max_norm), self._u,
+                                  np.ascontiguousarray(tau, dtype=np.float64))
 
     def _query_w(self, max_norm: float) -> float:
         """``w >= max_j s_j ||c_j||``, the code norm bound of the queries' slack."""
@@ -236,25 +230,9 @@ class CodeStore:
         lims = np.empty(m + 1, dtype=np.int64)
         coded = np.empty(m, dtype=np.int64)
         most = BK.csr_lims(counts, lim, n, lims, coded)
-        if most > cap:  # rare: re-run only the tasks whose hits did not fit
-            over = counts > cap
-            cap2 = most
-            rows, parts = np.nonzero(over)
-            tiles = rows // _TILE_ROWS
-            redo = np.unique(tiles * n_parts + parts)
-            c2 = np.zeros_like(counts)
-            s2 = np.zeros_like(stats)
-            b2_ids = np.empty((m, n_parts, cap2), dtype=np.int64)
-            b2_sc = np.empty((m, n_parts, cap2), dtype=keys.dtype)
-            BK.code_range(QP, qa32, qn32, thr32, tau, lim, Q, keys, self.codes, self.scale, self.err, alive,
-                          has_dead, n, redo // n_parts, redo % n_parts, tile_r[:-1], tile_r[1:], part_b[:-1], part_b[1:],
-                          cap2, b2_ids, b2_sc, c2, s2)
-        else:
-            b2_ids = np.empty((m, n_parts, 0), dtype=np.int64)
-            b2_sc = np.empty((m, n_parts, 0), dtype=keys.dtype)
-        ids = np.empty(lims[-1], dtype=np.int64)
-        scores = np.empty(lims[-1], dtype=keys.dtype)
-        BK.gather_hits(counts, cap, buf_ids, buf_sc, b2_ids, b2_sc, lims, ids, scores)
+        ids, scores = BK.rerun_and_gather(QP, qa32, qn32, thr32, tau, lim, Q, keys, self.codes, self.scale, self.err,
+                                          alive, has_dead, n, len(task_tile), tile_r[:-1], tile_r[1:], part_b[:-1],
+                                          part_b[1:], _TILE_ROWS, cap, buf_ids, buf_sc, counts, lims, most)
         self._saw(most, per_part)
         # the far keys' bound, taken at the near threshold (a float32 value) plus the slack
         with np.errstate(over="ignore", invalid="ignore"):
