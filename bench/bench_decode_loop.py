@@ -140,6 +140,26 @@ def time_loop(body, steps, reps, reset=None):
     return statistics.median(per)
 
 
+def kernel_profile(step, reset, reps=20):
+    """Mean GPU microseconds per replay of each kernel of an in-place captured step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    reset()
+    step()
+    torch.cuda.synchronize()
+    reset()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            step()
+        torch.cuda.synchronize()
+    out = {}
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if t and ev.key and not ev.key.startswith("cudaGraph"):
+            out[ev.key[:60]] = round(t / reps, 2)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1])[:12])
+
+
 def sdpa(q, k, v, **kw):
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kw)
 
@@ -169,6 +189,17 @@ def one_config(real, D, n, B, steps, reps, top, bw, dev, profile=False, sweep=Fa
     # inputs already in the step's buffers (a model writing its projections there), as the
     # captured SDPA step below reads static buffers
     res["ours_graph_inplace_ms"] = time_loop(lambda i: step(), steps, reps, reset)
+    if profile:  # the kernels of one replayed in-place step: GPU time each
+        try:
+            res["kernel_profile_us"] = kernel_profile(step, reset)
+        except Exception as e:  # a profiler that cannot see graph kernels must not cost the run
+            res["kernel_profile_us"] = repr(e)
+        print("  kernels (us):", res["kernel_profile_us"])
+    ustep = cache.decode_step(q, knew[0], vnew[0], kind="softmax", tau=tau, fuse=False)
+    res["ours_graph_unfused_ms"] = time_loop(lambda i: ustep(qs[i], knew[i], vnew[i]), steps, reps, reset)
+    res["ours_graph_unfused_inplace_ms"] = time_loop(lambda i: ustep(), steps, reps, reset)
+    res["unfused_max_diff"] = float((ustep.out.float() - out_last.float()).abs().max())
+    del ustep
     cstep = cache.decode_step(q, knew[0], vnew[0], kind="softmax", tau=tau, certify=True)
     res["ours_graph_certified_ms"] = time_loop(lambda i: cstep(qs[i], knew[i], vnew[i]), steps, reps, reset)
     res["certified_max_diff"] = float((cstep.out.float() - out_last.float()).abs().max())
@@ -206,6 +237,15 @@ def one_config(real, D, n, B, steps, reps, top, bw, dev, profile=False, sweep=Fa
     cache.crop(n0)
     g_add = capture(lambda: cache._launch_add(knew[-1], vnew[-1], 1), warm=0)
     res["add_graph_ms"] = time_loop(lambda i: g_add.replay(), steps, reps, lambda: cache.lengths.fill_(n0))
+    res["add_variants"] = []
+    for bj in (32, 64, 128):
+        for nw in (4, 8):
+            cache.crop(n0)
+            ga = capture(lambda: cache._launch_add(knew[-1], vnew[-1], 1, block_j=bj, num_warps=nw), warm=0)
+            t = time_loop(lambda i: ga.replay(), steps, reps, lambda: cache.lengths.fill_(n0))
+            res["add_variants"].append(dict(block_j=bj, num_warps=nw, ms=t))
+            del ga
+    print("  add variants (us):", [(r["block_j"], r["num_warps"], round(r["ms"] * 1e3, 1)) for r in res["add_variants"]])
     cache.crop(n0)
     for i in range(steps):  # the real tokens again, for the filter and attend timings at n
         cache.add(knew[i], vnew[i])
@@ -313,12 +353,13 @@ def main(argv=None):
     for D in args.dims:
         for n in args.n:
             for B in args.batch:
-                first = (D, n, B) == (128, max(args.n), 1)
+                first = (D, n) == (128, max(args.n))  # profiles: the largest d 128 size
                 r = one_config(real, D, n, B, args.steps, args.reps, args.top, bw, dev, profile=first,
                                sweep=args.sweep and B == 1)
                 rows.append(r)
                 print(f"d{D} {r['Hq']}/{r['Hkv']} n={n:6d} B={B}: ours graph {r['ours_graph_ms']*1e3:6.1f} us "
-                      f"(in place {r['ours_graph_inplace_ms']*1e3:6.1f}, certified {r['ours_graph_certified_ms']*1e3:6.1f} "
+                      f"(in place {r['ours_graph_inplace_ms']*1e3:6.1f}, unfused {r['ours_graph_unfused_ms']*1e3:6.1f} / "
+                      f"{r['ours_graph_unfused_inplace_ms']*1e3:6.1f}, certified {r['ours_graph_certified_ms']*1e3:6.1f} "
                       f"bound<={r['certified_bound_max']:.1e}) "
                       f"dense-mode {r['ours_dense_graph_ms']*1e3:6.1f} eager {r['ours_eager_ms']*1e3:6.1f} (checked {r['ours_eager_checked_ms']*1e3:6.1f}) | "
                       f"sdpa eager {r['sdpa_eager_ms']*1e3:6.1f} graph {r['sdpa_graph_ms']*1e3:6.1f} "

@@ -248,14 +248,20 @@ def _code_add_kernel(KN, VN, K, V, CODES, SCALE, ERR, MAXN, MAXE, LENS, STATUS, 
 
 @triton.jit
 def _code_filter_kernel(Q, ROT, QR, TAU, tau_scalar, MAXN, MAXE, CODES, SCALE, ERR, COUNT, SURV, LENS, STATUS, REM,
+                        K, V, BIAS, bias_scalar, O_PART, L_PART,
                         s_qb, s_qh, s_qm, s_tb, s_th, s_tm, s_cb, s_ch, s_cn, s_sb, s_sh,
-                        G, M, Hkv, SURV_STRIDE, SEG, defect, NPROG, qk_scale,
+                        s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_bb, s_bh, s_bm,
+                        G, M, Hkv, SURV_STRIDE, SEG, defect, NPROG, BHM, qk_scale, scale,
                         ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                         DP: tl.constexpr, TAU_TENSOR: tl.constexpr, UPCAST: tl.constexpr,
                         ROTATE: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
-                        CERTIFY: tl.constexpr):
+                        CERTIFY: tl.constexpr, ATTEND: tl.constexpr, KIND: tl.constexpr, ALPHA: tl.constexpr,
+                        BIAS_TENSOR: tl.constexpr, BLOCK_A: tl.constexpr):
     # CERTIFY: REM (B*Hq*M,) fp32 += sum over the keys no row of the group keeps of
     # exp(scale * (ub - thr)) >= exp(scale * (score - tau)) (qk_scale = scale * log2(e))
+    # ATTEND (filter and attend fused): each program then attends its own survivors, as
+    # _code_attend_kernel does a split, and writes partial NPROG-indexed pid_n to O_PART,
+    # L_PART (NPROG, BHM, ...): one launch and one pass over the survivor lists fewer
     # A persistent grid: NPROG programs per (batch, kv head) rotate the group's rows (or read
     # them from QR), derive their int8 parts and thresholds once, then stride over the key
     # tiles below LENS[bh] (pipelined loads). Program p appends the survivors of any row to
@@ -315,8 +321,21 @@ def _code_filter_kernel(Q, ROT, QR, TAU, tau_scalar, MAXN, MAXE, CODES, SCALE, E
             out = n_ok[None, :] & ~keep[None, :] & (offs_n[None, :] <= limit[:, None])
             rem += tl.sum(tl.where(out, tl.exp2((ub - thr[:, None]) * qk_scale), 0.0), 1)
     tl.store(COUNT + pid_bh * NPROG + pid_n, found)
+    row = (b * Hkv * G + head).to(tl.int64) * M + mrow
+    if ATTEND:
+        # the survivors this program wrote above, read back by all of its threads: a barrier
+        # makes the segment's stores visible (to the block; no other program reads it)
+        tl.debug_barrier()
+        bias = _load_rows(BIAS, bias_scalar, s_bb, s_bh, s_bm, b, head, mrow, r_ok, 0.0, BIAS_TENSOR)
+        row_bad, gap, m_i, l_i, acc, _unused = _attend_setup(q, tau, bias, r_ok, maxn, STATUS, pid_n == 0,
+                                                             ROWS, HEAD_DIM, KIND)
+        kbase = K + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
+        vbase = V + b.to(tl.int64) * s_vb + h.to(tl.int64) * s_vh
+        m_i, l_i, acc, rem = _attend_list(q, obase, found, kbase, vbase, s_kn, s_vn, tau, bias, limit, r_ok,
+                                          m_i, l_i, acc, rem, gap, qk_scale, scale, BLOCK_A, HEAD_DIM, KIND, ALPHA,
+                                          UPCAST, CERTIFY)
+        _store_partial(m_i, l_i, acc, row_bad, r_ok, row, pid_n, BHM, O_PART, L_PART, HEAD_DIM, KIND, ALPHA)
     if CERTIFY:
-        row = (b * Hkv * G + head).to(tl.int64) * M + mrow
         tl.atomic_add(REM + row, rem * 1.0001, mask=r_ok)  # 1.0001: exp2's and the sum's rounding
 
 
@@ -348,6 +367,56 @@ def _attend_tile(q, idx, i_ok, kbase, vbase, s_kn, s_vn, tau, bias, limit, r_ok,
 
 
 @triton.jit
+def _attend_setup(q, tau, bias, r_ok, maxn, STATUS, first,
+                  ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, KIND: tl.constexpr):
+    # inputs the answer must not be trusted with: NaN rows and a status bit (set by the
+    # ``first`` program of the head), no sync; then the running sums and each row's bound on
+    # the gap between the fp32-accumulated score and the real one
+    code = _bad_rows(q, tau, r_ok, maxn)
+    code = code | tl.where(r_ok & ~(tl.abs(bias) < float("inf")), _BAD_BIAS, 0)
+    worst = tl.max(code, 0)
+    tl.atomic_or(STATUS, worst, mask=(worst > 0) & first)
+    row_bad = (code > 0) | ((tl.load(STATUS) & _BAD_KV) != 0)
+    qf = q.to(tl.float32)
+    gap = 4.0 * HEAD_DIM * 5.9604645e-08 * tl.sqrt(tl.sum(qf * qf, 1)) * maxn
+    m_i = _running_max_init(ROWS, KIND)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
+    rem = tl.zeros([ROWS], tl.float32)
+    return row_bad, gap, m_i, l_i, acc, rem
+
+
+@triton.jit
+def _attend_list(q, SBASE, cnt, kbase, vbase, s_kn, s_vn, tau, bias, limit, r_ok, m_i, l_i, acc, rem, gap,
+                 qk_scale, scale, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, KIND: tl.constexpr,
+                 ALPHA: tl.constexpr, UPCAST: tl.constexpr, CERTIFY: tl.constexpr):
+    # the cnt key positions listed at SBASE (a filter program's segment), BLOCK_N at a time
+    for off in range(0, cnt, BLOCK_N):
+        offs_i = off + tl.arange(0, BLOCK_N)
+        i_ok = offs_i < cnt
+        idx = tl.load(SBASE + offs_i, mask=i_ok, other=0)
+        m_i, l_i, acc, rem = _attend_tile(q, idx, i_ok, kbase, vbase, s_kn, s_vn, tau, bias, limit, r_ok,
+                                          m_i, l_i, acc, rem, gap, qk_scale, scale, HEAD_DIM, KIND, ALPHA,
+                                          UPCAST, CERTIFY)
+    return m_i, l_i, acc, rem
+
+
+@triton.jit
+def _store_partial(m_i, l_i, acc, row_bad, r_ok, row, part, BHM, O_PART, L_PART,
+                   HEAD_DIM: tl.constexpr, KIND: tl.constexpr, ALPHA: tl.constexpr):
+    # one split's normalised output and lse (or log sum of weights) for its rows, at index
+    # ``part`` of the partials; every split writes NaN for a bad row, so the merge's max and
+    # sums are NaN too
+    l_safe, lse = _weights_epilogue(m_i, l_i, KIND, ALPHA)
+    o = acc / l_safe[:, None]
+    o = tl.where(row_bad[:, None], float("nan"), o)
+    lse = tl.where(row_bad, float("nan"), lse)
+    offs_d = tl.arange(0, HEAD_DIM)
+    tl.store(O_PART + (part.to(tl.int64) * BHM + row)[:, None] * HEAD_DIM + offs_d[None, :], o, mask=r_ok[:, None])
+    tl.store(L_PART + part.to(tl.int64) * BHM + row, lse, mask=r_ok)
+
+
+@triton.jit
 def _code_attend_kernel(Q, K, V, TAU, tau_scalar, BIAS, bias_scalar, SURV, COUNT, O_PART, L_PART, LENS,
                         MAXN, STATUS, REM,
                         s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
@@ -365,22 +434,11 @@ def _code_attend_kernel(Q, K, V, TAU, tau_scalar, BIAS, bias_scalar, SURV, COUNT
     h = pid_bh % Hkv
     N = tl.load(LENS + pid_bh)
     q, r_ok, head, mrow = _load_query_rows(Q, s_qb, s_qh, s_qm, b, h, G, M, ROWS, HEAD_DIM)
-    offs_d = tl.arange(0, HEAD_DIM)
     tau = _load_rows(TAU, tau_scalar, s_tb, s_th, s_tm, b, head, mrow, r_ok, float("inf"), TAU_TENSOR)
     bias = _load_rows(BIAS, bias_scalar, s_bb, s_bh, s_bm, b, head, mrow, r_ok, 0.0, BIAS_TENSOR)
-    # ---- inputs the answer must not be trusted with: NaN rows and a status bit, no sync
-    code = _bad_rows(q, tau, r_ok, tl.load(MAXN + pid_bh))
-    code = code | tl.where(r_ok & ~(tl.abs(bias) < float("inf")), _BAD_BIAS, 0)
-    worst = tl.max(code, 0)
-    tl.atomic_or(STATUS, worst, mask=(worst > 0) & (pid_s == 0))
-    row_bad = (code > 0) | ((tl.load(STATUS) & _BAD_KV) != 0)
+    row_bad, gap, m_i, l_i, acc, rem = _attend_setup(q, tau, bias, r_ok, tl.load(MAXN + pid_bh), STATUS, pid_s == 0,
+                                                     ROWS, HEAD_DIM, KIND)
     limit = N - M + mrow  # causal: query m of M sits at N - M + m
-    m_i = _running_max_init(ROWS, KIND)
-    l_i = tl.zeros([ROWS], tl.float32)
-    acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
-    rem = tl.zeros([ROWS], tl.float32)
-    qf = q.to(tl.float32)
-    gap = 4.0 * HEAD_DIM * 5.9604645e-08 * tl.sqrt(tl.sum(qf * qf, 1)) * tl.load(MAXN + pid_bh)  # fp32 score
     kbase = K + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
     vbase = V + b.to(tl.int64) * s_vb + h.to(tl.int64) * s_vh
     if DENSE:  # no filter: split s takes key tiles s, s+SPLITS, ... below the length
@@ -393,21 +451,47 @@ def _code_attend_kernel(Q, K, V, TAU, tau_scalar, BIAS, bias_scalar, SURV, COUNT
         for seg in range(pid_s, NPROG, SPLITS):  # split s takes the filter's segments s, s+SPLITS, ...
             sbase = SURV + pid_bh.to(tl.int64) * SURV_STRIDE + seg * SEG
             cnt = tl.load(COUNT + pid_bh * NPROG + seg)
-            for off in range(0, cnt, BLOCK_N):
-                offs_i = off + tl.arange(0, BLOCK_N)
-                i_ok = offs_i < cnt
-                idx = tl.load(sbase + offs_i, mask=i_ok, other=0)
-                m_i, l_i, acc, rem = _attend_tile(q, idx, i_ok, kbase, vbase, s_kn, s_vn, tau, bias, limit, r_ok,
-                                                  m_i, l_i, acc, rem, gap, qk_scale, scale, HEAD_DIM, KIND, ALPHA,
-                                                  UPCAST, CERTIFY)
-    l_safe, lse = _weights_epilogue(m_i, l_i, KIND, ALPHA)
-    o = acc / l_safe[:, None]
-    # every split writes NaN for a bad row, so the merge's max and sums are NaN too
-    o = tl.where(row_bad[:, None], float("nan"), o)
-    lse = tl.where(row_bad, float("nan"), lse)
+            m_i, l_i, acc, rem = _attend_list(q, sbase, cnt, kbase, vbase, s_kn, s_vn, tau, bias, limit, r_ok,
+                                              m_i, l_i, acc, rem, gap, qk_scale, scale, BLOCK_N, HEAD_DIM, KIND,
+                                              ALPHA, UPCAST, CERTIFY)
     row = (b * Hkv * G + head).to(tl.int64) * M + mrow
-    tl.store(O_PART + (pid_s.to(tl.int64) * BHM + row)[:, None] * HEAD_DIM + offs_d[None, :], o,
-             mask=r_ok[:, None])
-    tl.store(L_PART + pid_s.to(tl.int64) * BHM + row, lse, mask=r_ok)
+    _store_partial(m_i, l_i, acc, row_bad, r_ok, row, pid_s, BHM, O_PART, L_PART, HEAD_DIM, KIND, ALPHA)
     if CERTIFY:
         tl.atomic_add(REM + row, rem * 1.0001, mask=r_ok)
+
+
+@triton.jit
+def _certify_kernel(REM, LSE, TAU, tau_scalar, Q, MAXN, LENS, BOUND, LOG_DROPPED, LSE_LOW,
+                    s_qb, s_qh, s_qm, s_tb, s_th, s_tm, Hq, M, G, BHM, scale,
+                    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, TAU_TENSOR: tl.constexpr):
+    # The certificate of BLOCK rows (ordered (b, hq, m)) in one pass, the formula of
+    # ``_code_plan.dropped_terms`` and ``certified_share``: from REM (>= sum over dropped keys
+    # of exp(scale (score - tau))) and LSE (log of the kept mass, fp32 sums):
+    #   log_dropped = log(REM + n 2^-126) + scale tau            (+ 1e-5: this log's rounding)
+    #   lse_low     = LSE - (scale gap + 1e-4 + 2 n 2^-24),  gap = 4 D 2^-24 ||q|| max||k||
+    #   bound       = sigmoid(log_dropped - lse_low), 1 where nothing is kept
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < BHM
+    m = offs % M
+    hq = (offs // M) % Hq
+    b = offs // (M * Hq)
+    bh = b * (Hq // G) + hq // G
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + b[:, None].to(tl.int64) * s_qb + hq[:, None].to(tl.int64) * s_qh + m[:, None] * s_qm
+                + offs_d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    qn = tl.sqrt(tl.sum(q * q, 1))
+    n = tl.maximum(tl.load(LENS + bh, mask=ok, other=1).to(tl.float32), 1.0)
+    if TAU_TENSOR:
+        tau = tl.load(TAU + b.to(tl.int64) * s_tb + hq * s_th + m * s_tm, mask=ok, other=0.0)
+    else:
+        tau = tl.zeros([BLOCK], tl.float32) + tau_scalar
+    gap = 4.0 * HEAD_DIM * 5.9604645e-08 * qn * tl.load(MAXN + bh, mask=ok, other=0.0)
+    rem = tl.load(REM + offs, mask=ok, other=0.0)
+    lse = tl.load(LSE + offs, mask=ok, other=0.0)
+    log_dropped = tl.log(rem + n * 1.1754944e-38) + scale * tau + 1e-5
+    lse_low = lse - (scale * gap + 1e-4 + 2.0 * n * 5.9604645e-08)
+    bound = 1.0 / (1.0 + tl.exp(lse_low - log_dropped))
+    bound = tl.where(lse_low == float("-inf"), 1.0, bound)
+    tl.store(LOG_DROPPED + offs, log_dropped, mask=ok)
+    tl.store(LSE_LOW + offs, lse_low, mask=ok)
+    tl.store(BOUND + offs, bound, mask=ok)

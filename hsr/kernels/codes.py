@@ -37,9 +37,10 @@ from __future__ import annotations
 import torch
 import triton
 
-from ._code_kernels import BAD_KV, _code_add_kernel, _code_attend_kernel, _code_filter_kernel, _rotate_kernel
-from ._code_plan import (CodePlan, capturing as _capturing, certified_share, dropped_terms, per_row_values, plan_info,
-                         random_rotation, spec_thresholds, status_message)
+from ._code_kernels import (BAD_KV, _certify_kernel, _code_add_kernel, _code_attend_kernel, _code_filter_kernel,
+                            _rotate_kernel)
+from ._code_plan import (CodePlan, capturing as _capturing, per_row_values, plan_info, random_rotation, spec_thresholds,
+                         status_message)
 from ._compat import interpreting, patch_interpreter
 from ._softmax import LOG2E
 from ._validate import check_alpha, check_kind, check_triton_device
@@ -239,9 +240,10 @@ class CodeKVCache:
         self.n += t
         self._version += 1
 
-    def _launch_add(self, k, v, t):
+    def _launch_add(self, k, v, t, *, block_j=32, num_warps=4):
         # one program per (batch, kv head) for a decode step's few tokens (it also advances
-        # the length); long appends spread over programs of up to 64 tokens each
+        # the length); long appends spread over programs of up to 64 tokens each. block_j:
+        # rotated columns per pass (block_j == DP: one pass; the bench times the choices)
         per = t if t <= 64 else 64
         progs = triton.cdiv(t, per)
         vv = v if v is not None else k
@@ -252,9 +254,8 @@ class CodeKVCache:
             vv.stride(2), self.k.stride(0), self.k.stride(1), self.k.stride(2), vc.stride(0), vc.stride(1),
             vc.stride(2), self.codes.stride(0), self.codes.stride(1), self.codes.stride(2), self.scale.stride(0),
             self.scale.stride(1), self.Hkv, self.defect, HEAD_DIM=self.D, DP=self.DP,
-            # 32 columns at a time (two passes; one where DP == 32), as measured on an H200: the
-            # whole-tile single pass for d up to 128 is written but not yet measured there
-            BLOCK_J=32, HAS_V=self.has_values, UPDATE_LEN=progs == 1, num_warps=4)
+            # 32 columns at a time (two passes; one where DP == 32), as measured on an H200
+            BLOCK_J=min(block_j, self.DP), HAS_V=self.has_values, UPDATE_LEN=progs == 1, num_warps=num_warps)
         if progs > 1:  # several programs per head read the old length: advance it after them
             self.lengths.add_(t)
 
@@ -323,14 +324,16 @@ class CodeKVCache:
         return nprog, triton.cdiv(cap_tiles, nprog) * block_n
 
     def _plan(self, q, tau, *, bias=0.0, block_n=128, num_warps=4, num_stages=3, programs_per_sm=None,
-              rotate_inside=False, certify=False, scale=None):
+              rotate_inside=False, certify=False, scale=None, attend=None):
         """:meth:`plan`'s body: ``q`` checked, the read lock held by the caller. ``rotate_inside``:
-        the filter rotates the rows itself (one launch fewer; measured slower on an H200)."""
+        the filter rotates the rows itself (one launch fewer; measured slower on an H200).
+        ``attend=(kind_id, alpha)``: the filter programs also attend their own survivors (one
+        launch); returns ``(plan, o_part, l_part)``, the partials indexed by filter program."""
         B, Hq, M, D = q.shape
         G = Hq // self.Hkv
         rows = max(16, triton.next_power_of_2(G * M))
         tau_t, tau_s, ts = self._per_row(tau, q, "tau")
-        bias_t, bias_s, _ = self._per_row(bias, q, "bias")
+        bias_t, bias_s, bs = self._per_row(bias, q, "bias")
         BH = B * self.Hkv
         dev = self.device
         rotate = bool(rotate_inside)
@@ -345,17 +348,32 @@ class CodeKVCache:
         count = torch.empty(BH, nprog, dtype=torch.int32, device=dev)
         s = float(scale) if scale is not None else D ** -0.5
         rem = torch.zeros(B, Hq, M, dtype=torch.float32, device=dev) if certify else None
+        BHM = B * Hq * M
+        kind_id, alpha = attend if attend is not None else (0, 1)
+        if attend is not None:
+            o_part = torch.empty(nprog, BHM, D, dtype=torch.float32, device=dev)
+            l_part = torch.empty(nprog, BHM, dtype=torch.float32, device=dev)
+            kv = (self.k, self.v)
+        else:
+            o_part = l_part = count
+            kv = (self.k, self.k)  # unread
         _code_filter_kernel[(nprog, BH)](
             q, self.rot32, QR, count if tau_t is None else tau_t, tau_s, self.max_norm, self.max_err, self.codes,
             self.scale, self.err, count, surv, self.lengths, self.status, count if rem is None else rem,
+            kv[0], kv[1], count if bias_t is None else bias_t, bias_s, o_part, l_part,
             q.stride(0), q.stride(1), q.stride(2),
             ts[0], ts[1], ts[2], self.codes.stride(0), self.codes.stride(1), self.codes.stride(2),
-            self.scale.stride(0), self.scale.stride(1), G, M, self.Hkv, surv.stride(0), seg, self.defect,
-            nprog, s * LOG2E, ROWS=rows, BLOCK_N=block_n, HEAD_DIM=D, DP=self.DP, TAU_TENSOR=tau_t is not None,
-            UPCAST=interpreting(), ROTATE=rotate, BLOCK_K=min(32, D), STAGES=num_stages, CERTIFY=certify,
-            num_warps=num_warps)
-        return CodePlan(surv, count, seg, (tau_t, tau_s), (bias_t, bias_s), rows, M, self._version,
+            self.scale.stride(0), self.scale.stride(1),
+            kv[0].stride(0), kv[0].stride(1), kv[0].stride(2), kv[1].stride(0), kv[1].stride(1), kv[1].stride(2),
+            bs[0], bs[1], bs[2],
+            G, M, self.Hkv, surv.stride(0), seg, self.defect, nprog, BHM, s * LOG2E, s,
+            ROWS=rows, BLOCK_N=block_n, HEAD_DIM=D, DP=self.DP, TAU_TENSOR=tau_t is not None,
+            UPCAST=interpreting() or (attend is not None and q.dtype == torch.float32), ROTATE=rotate,
+            BLOCK_K=min(32, D), STAGES=num_stages, CERTIFY=certify, ATTEND=attend is not None, KIND=kind_id,
+            ALPHA=alpha, BIAS_TENSOR=bias_t is not None, BLOCK_A=64, num_warps=num_warps)
+        plan = CodePlan(surv, count, seg, (tau_t, tau_s), (bias_t, bias_s), rows, M, self._version,
                         remainder=rem, scale=s)
+        return plan if attend is None else (plan, o_part, l_part)
 
     def _dense_plan(self, q, tau, *, bias=0.0, certify=False, scale=None):
         """A plan with no filter (nothing launched): ``run`` then scores every key."""
@@ -441,6 +459,12 @@ class CodeKVCache:
             ROWS=plan.rows, BLOCK_N=64, HEAD_DIM=D, KIND=kind_id, ALPHA=alpha,
             UPCAST=interpreting() or q.dtype == torch.float32, TAU_TENSOR=tau_t is not None,
             BIAS_TENSOR=bias_t is not None, DENSE=plan.dense, CERTIFY=rem is not None, num_warps=4)
+        return self._finish(q, o_part, l_part, rem, (tau_t, tau_s), s, out, lse, return_terms)
+
+    def _finish(self, q, o_part, l_part, rem, tau, s, out, lse, return_terms):
+        """Merge the partials into ``out``, ``lse`` (allocated if None); with ``rem`` (the
+        dropped terms' sum) also the certificate: ``(out, lse, bound[, log_dropped, lse_low])``."""
+        B, Hq, M, D = q.shape
         if out is None:
             out = torch.empty(B, Hq, M, D, dtype=q.dtype, device=self.device)
         if lse is None:
@@ -448,19 +472,39 @@ class CodeKVCache:
         merge_partials(o_part, l_part, out, lse, M)
         if rem is None:
             return out, lse
-        terms = self._dropped_terms(q, rem, lse, tau_t if tau_t is not None else tau_s, s)
-        bound = certified_share(*terms)
-        return (out, lse, bound, *terms) if return_terms else (out, lse, bound)
+        bound, log_dropped, lse_low = self._certificate(q, rem, lse, tau, s)
+        return (out, lse, bound, log_dropped, lse_low) if return_terms else (out, lse, bound)
 
-    def _dropped_terms(self, q, rem, lse, tau, s):
-        """The certificate's sums (:func:`dropped_terms`) with this cache's fp32 score gap."""
+    def _certificate(self, q, rem, lse, tau, s):
+        """``bound, log_dropped, lse_low`` (B, Hq, M) float32 in one launch: the formula of
+        :func:`~hsr.kernels.dropped_terms` and :func:`~hsr.kernels.certified_share` with this
+        cache's fp32 score gap and device-side lengths (right at every replay of a capture)."""
         B, Hq, M, D = q.shape
-        G = Hq // self.Hkv
-        qn = torch.linalg.vector_norm(q.float(), dim=-1)  # (B, Hq, M)
-        per_head = lambda x: x.view(B, self.Hkv, 1, 1).expand(B, self.Hkv, G, 1).reshape(B, Hq, 1)  # noqa: E731
-        # the lengths on the device: a captured step replays at every length, read them there
-        return dropped_terms(rem, lse, tau, s, 4.0 * D * 2.0 ** -24 * qn * per_head(self.max_norm),
-                             per_head(self.lengths))
+        tau_t, tau_s = tau
+        ts = tau_t.stride() if tau_t is not None else (0, 0, 0)
+        bound = torch.empty(B, Hq, M, dtype=torch.float32, device=self.device)
+        log_dropped = torch.empty_like(bound)
+        lse_low = torch.empty_like(bound)
+        BHM = B * Hq * M
+        block = 32
+        _certify_kernel[(triton.cdiv(BHM, block),)](
+            rem, lse, rem if tau_t is None else tau_t, tau_s, q, self.max_norm, self.lengths, bound, log_dropped,
+            lse_low, q.stride(0), q.stride(1), q.stride(2), *ts, Hq, M, Hq // self.Hkv, BHM, s,
+            HEAD_DIM=D, BLOCK=block, TAU_TENSOR=tau_t is not None, num_warps=4)
+        return bound, log_dropped, lse_low
+
+    def _fused(self, q, tau, *, bias, kind, alpha, scale, certify, out=None, lse=None, return_terms=False):
+        """Filter and attend in one launch (each filter program attends its own survivors),
+        then the merge (and the certificate): what :meth:`attend` and a decode step run.
+        Returns ``(plan, result)``, ``result`` as :meth:`_run`'s."""
+        kind_id = check_kind(kind)
+        if not self.has_values:
+            raise ValueError("this cache holds keys only (v=None): no attention")
+        alpha = check_alpha(alpha)
+        s = float(scale) if scale is not None else self.D ** -0.5
+        plan, o_part, l_part = self._plan(q, tau, bias=bias, certify=certify, scale=s, attend=(kind_id, alpha))
+        res = self._finish(q, o_part, l_part, plan.remainder, plan.tau, s, out, lse, return_terms)
+        return plan, res
 
     supports = frozenset({"tau", "info"})
 
@@ -486,21 +530,24 @@ class CodeKVCache:
         bias, tau = spec_thresholds(spec, s, self.device)
         certify = with_info and spec.kind == "softmax"
         self._check_q(q)
-        plan = self._plan(q, tau, bias=bias, certify=certify, scale=s)
-        res = self._run(q, plan, kind=spec.kind, alpha=spec.alpha, scale=s, num_splits=num_splits,
-                        return_bound=certify)
+        if num_splits is None:
+            plan, res = self._fused(q, tau, bias=bias, kind=spec.kind, alpha=spec.alpha, scale=s, certify=certify)
+        else:
+            plan = self._plan(q, tau, bias=bias, certify=certify, scale=s)
+            res = self._run(q, plan, kind=spec.kind, alpha=spec.alpha, scale=s, num_splits=num_splits,
+                            return_bound=certify)
         self._raise_if(check)
         return res[0], (plan_info(plan, q.shape, res, self.n) if with_info else None)
 
     def decode_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kind: str,
                     tau: float | torch.Tensor | None = None, alpha: int = 2, bias: float | torch.Tensor = 0.0,
                     scale: float | None = None, graph: bool | None = None, dense: bool | None = None,
-                    certify: bool = False) -> DecodeStep:
+                    certify: bool = False, fuse: bool = True) -> DecodeStep:
         """A :class:`hsr.kernels.decode.DecodeStep` over this cache: add ``k, v`` then attend
         ``q``, captured once in a CUDA graph that replays at every length up to the capacity.
         The arguments are example inputs (shapes and dtypes) and the attention options."""
         return DecodeStep(self, q, k, v, kind=kind, tau=tau, alpha=alpha, bias=bias, scale=scale, graph=graph,
-                          dense=dense, certify=certify)
+                          dense=dense, certify=certify, fuse=fuse)
 
     def keys_read_bytes(self) -> int:
         """Bytes one filter step reads: codes, steps and errors of every key of every head."""

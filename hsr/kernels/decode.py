@@ -57,6 +57,10 @@ class DecodeStep:
     certify : bool
         Softmax only: each call also writes :attr:`bound` ``(B, Hq, M)``, a certified upper
         bound on the share of each row's softmax mass below tau (read it at a sync point).
+    fuse : bool
+        Filter and attend in one launch, each filter program attending its own survivors
+        (the default); False: two launches, the filter's survivor lists then the attention
+        (:meth:`~hsr.kernels.CodeKVCache.plan` and :meth:`~hsr.kernels.CodeKVCache.run`).
 
     Attributes
     ----------
@@ -78,7 +82,7 @@ class DecodeStep:
     def __init__(self, cache: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kind: str,
                  tau: float | torch.Tensor | None = None, alpha: int = 2, bias: float | torch.Tensor = 0.0,
                  scale: float | None = None, graph: bool | None = None, dense: bool | None = None,
-                 certify: bool = False) -> None:  # cache: a CodeKVCache (codes.py imports this module)
+                 certify: bool = False, fuse: bool = True) -> None:  # cache: a CodeKVCache (codes.py imports this module)
         check_kind(kind)
         self.alpha = check_alpha(alpha)
         if k is None and v is None:  # attend only: an empty token step keeps every check below
@@ -110,6 +114,7 @@ class DecodeStep:
         if certify and kind != "softmax":
             raise ValueError("certify=True bounds the dropped softmax mass: kind='softmax'")
         self.certify = bool(certify)
+        self.fuse = bool(fuse)
         self.bound = None
         self.log_dropped = None
         self.lse_low = None
@@ -128,11 +133,15 @@ class DecodeStep:
         c = self.cache
         if self.t:
             c._launch_add(self.k, self.v, self.t)
-        plan = (c._dense_plan if self.dense else c._plan)(self.q, self.tau, bias=self.bias, certify=self.certify,
-                                                          scale=self.scale)
         # the attention writes into the step's own out and lse (two copies fewer per step)
-        res = c._run(self.q, plan, kind=self.kind, alpha=self.alpha, scale=self.scale, return_bound=self.certify,
-                     return_terms=self.certify, out=self.out, lse=self.lse)
+        if self.fuse and not self.dense:
+            _, res = c._fused(self.q, self.tau, bias=self.bias, kind=self.kind, alpha=self.alpha, scale=self.scale,
+                              certify=self.certify, out=self.out, lse=self.lse, return_terms=self.certify)
+        else:
+            plan = (c._dense_plan if self.dense else c._plan)(self.q, self.tau, bias=self.bias,
+                                                              certify=self.certify, scale=self.scale)
+            res = c._run(self.q, plan, kind=self.kind, alpha=self.alpha, scale=self.scale,
+                         return_bound=self.certify, return_terms=self.certify, out=self.out, lse=self.lse)
         extra = res[2:] if self.certify else (None, None, None)
         for name, x in (("bound", extra[0]), ("log_dropped", extra[1]), ("lse_low", extra[2])):
             if x is not None and getattr(self, name) is None:

@@ -223,3 +223,64 @@ def test_decode_step_certifies_every_step(device):
         assert (step.bound[:, :, 0].double() >= true).all() and (step.bound[:, :, 0].double() <= 1.5 * true + 1e-3).all()
     with pytest.raises(ValueError, match="kind='softmax'"):
         cache.decode_step(q, k[:, :, :1], v[:, :, :1], kind="relu", certify=True)
+
+
+@pytest.mark.parametrize("kind", ["softmax", "relu"])
+def test_fused_step_equals_the_two_launch_step(device, kind):
+    # filter + attend in one launch (each filter program attends its own survivors) against
+    # the filter's lists then the attention: the same kept keys, outputs within fp32
+    # summation order, the same certificate; per-row tau and bias tensors, M = 2 causal rows
+    B, Hkv, G, M, D, n0 = 2, 2, 3, 2, 32, 150
+    q, k, v = _inputs(B, Hkv, G, M, n0 + 6, D, torch.float32, device, False, seed=31)
+    g = torch.Generator(device="cpu").manual_seed(3)
+    scale = D ** -0.5
+    if kind == "softmax":
+        tau, bias = (torch.rand(B, Hkv * G, M, generator=g) * 2).to(device), 0.0
+    else:
+        bias = (torch.rand(B, Hkv * G, M, generator=g) * 0.5).to(device)
+        tau = bias / scale
+    caches = [CodeKVCache(k[:, :, :n0], v[:, :, :n0], capacity=n0 + 8) for _ in range(2)]
+    steps = [c.decode_step(q, k[:, :, :M], v[:, :, :M], kind=kind, tau=tau, bias=bias, fuse=f,
+                           certify=kind == "softmax") for c, f in zip(caches, (True, False))]
+    for i in range(3):
+        kk, vv = k[:, :, n0 + 2 * i:n0 + 2 * i + 2], v[:, :, n0 + 2 * i:n0 + 2 * i + 2]
+        qi = q.roll(i, dims=-1).contiguous()
+        a, b = (s(qi, kk, vv).clone() for s in steps)
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(steps[0].lse, steps[1].lse, atol=1e-6, rtol=1e-6)
+        n = n0 + 2 * i + 2
+        bias_r = bias if kind == "softmax" else bias.double()[..., None]
+        ref = _reference(qi, k[:, :, :n], v[:, :, :n], torch.as_tensor(tau).double(), kind, 2, bias_r, scale)[0]
+        torch.testing.assert_close(a.double(), ref, atol=1e-5, rtol=1e-5)
+        if kind == "softmax":
+            for name in ("bound", "log_dropped", "lse_low"):
+                torch.testing.assert_close(getattr(steps[0], name), getattr(steps[1], name), atol=1e-6, rtol=1e-5)
+
+
+def test_certificate_kernel_is_the_documented_formula(device):
+    # the one-launch certificate against dropped_terms + certified_share in torch: never
+    # smaller, and equal within the kernel's extra 1e-5 of log slack; +inf tau keeps nothing
+    from hsr.kernels import certified_share, dropped_terms
+
+    B, Hkv, G, M, D = 2, 2, 2, 3, 16
+    q, k, v = _inputs(B, Hkv, G, M, 40, D, torch.float32, device, False, seed=5)
+    cache = CodeKVCache(k, v)
+    g = torch.Generator(device="cpu").manual_seed(1)
+    rem = (torch.rand(B, Hkv * G, M, generator=g) * 3).to(device)
+    lse = (torch.randn(B, Hkv * G, M, generator=g) * 4).to(device)
+    lse[0, 0, 0] = -math.inf
+    tau = torch.randn(B, Hkv * G, M, generator=g).to(device)
+    tau[1, 1, 1] = math.inf
+    s = 0.3
+    bound, log_d, low = cache._certificate(q, rem, lse, (tau, 0.0), s)
+    qn = torch.linalg.vector_norm(q.float(), dim=-1)
+    per_head = cache.max_norm.view(B, Hkv, 1, 1).expand(B, Hkv, G, 1).reshape(B, Hkv * G, 1)
+    lens = cache.lengths.view(B, Hkv, 1, 1).expand(B, Hkv, G, 1).reshape(B, Hkv * G, 1)
+    ref_d, ref_low = dropped_terms(rem, lse, tau, s, 4.0 * D * 2.0 ** -24 * qn * per_head, lens)
+    ref = certified_share(ref_d, ref_low)
+    assert (bound >= ref - 1e-7).all()
+    torch.testing.assert_close(bound, ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(low, ref_low, atol=1e-5, rtol=1e-5)
+    finite = torch.isfinite(ref_d)
+    torch.testing.assert_close(log_d[finite], ref_d[finite], atol=2e-5, rtol=1e-5)
+    assert bound[0, 0, 0] == 1.0 and bound[1, 1, 1] == 1.0
