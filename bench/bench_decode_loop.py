@@ -140,26 +140,6 @@ def time_loop(body, steps, reps, reset=None):
     return statistics.median(per)
 
 
-def kernel_profile(step, reset, reps=20):
-    """Mean GPU microseconds per replay of each kernel of an in-place captured step."""
-    from torch.profiler import ProfilerActivity, profile
-
-    reset()
-    step()
-    torch.cuda.synchronize()
-    reset()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            step()
-        torch.cuda.synchronize()
-    out = {}
-    for ev in prof.key_averages():
-        t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
-        if t and ev.key and not ev.key.startswith("cudaGraph"):
-            out[ev.key[:60]] = round(t / reps, 2)
-    return dict(sorted(out.items(), key=lambda kv: -kv[1])[:12])
-
-
 def sdpa(q, k, v, **kw):
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kw)
 
@@ -189,12 +169,6 @@ def one_config(real, D, n, B, steps, reps, top, bw, dev, profile=False, sweep=Fa
     # inputs already in the step's buffers (a model writing its projections there), as the
     # captured SDPA step below reads static buffers
     res["ours_graph_inplace_ms"] = time_loop(lambda i: step(), steps, reps, reset)
-    if profile:  # the kernels of one replayed in-place step: GPU time each
-        try:
-            res["kernel_profile_us"] = kernel_profile(step, reset)
-        except Exception as e:  # a profiler that cannot see graph kernels must not cost the run
-            res["kernel_profile_us"] = repr(e)
-        print("  kernels (us):", res["kernel_profile_us"])
     ustep = cache.decode_step(q, knew[0], vnew[0], kind="softmax", tau=tau, fuse=False)
     res["ours_graph_unfused_ms"] = time_loop(lambda i: ustep(qs[i], knew[i], vnew[i]), steps, reps, reset)
     res["ours_graph_unfused_inplace_ms"] = time_loop(lambda i: ustep(), steps, reps, reset)
@@ -333,6 +307,63 @@ def one_config(real, D, n, B, steps, reps, top, bw, dev, profile=False, sweep=Fa
     return res
 
 
+def crossover_config(real, D, n, B, steps, reps, tops, dev):
+    """The filtered step (captured, inputs in place) against SDPA captured, with the mask of a
+    static cache (the dense loop ``generate()`` falls back to) and over exactly the valid keys,
+    at several kept shares (``tops``): where the filter stops paying."""
+    q, k, v = make_inputs(real, D, n, B, steps, dev)
+    n0 = n - steps
+    s0 = scores(q, k[:, :, :n0])[:, :, 0]
+    knew = [k[:, :, n0 + i:n0 + i + 1].contiguous() for i in range(steps)]
+    vnew = [v[:, :, n0 + i:n0 + i + 1].contiguous() for i in range(steps)]
+    cache = CodeKVCache(k[:, :, :n0], v[:, :, :n0], capacity=n)
+    reset = lambda: cache.crop(n0)  # noqa: E731
+    rows = []
+    for top in tops:
+        tau = torch.quantile(s0[0].float(), 1 - top, dim=-1)[None].expand(B, -1)[..., None].contiguous()
+        step = cache.decode_step(q, knew[0], vnew[0], kind="softmax", tau=tau)
+        step(q, knew[0], vnew[0])  # compiles, captures and fills the step's buffers
+        t = time_loop(lambda i: step(), steps, reps, reset)
+        cache.check()
+        rows.append(dict(D=D, n=n, B=B, top=top, ours_graph_inplace_ms=t))
+        del step
+    kc = torch.zeros(B, k.shape[1], n, D, dtype=k.dtype, device=dev)
+    vc = torch.zeros_like(kc)
+    kc[:, :, :n0], vc[:, :, :n0] = k[:, :, :n0], v[:, :, :n0]
+    kb, vb = knew[-1].clone(), vnew[-1].clone()
+    mask = torch.zeros(B, 1, 1, n, dtype=torch.bool, device=dev)
+    mask[..., :n0] = True
+    length = torch.tensor([n0], device=dev)
+
+    def dense_static():
+        kc.index_copy_(2, length, kb)
+        vc.index_copy_(2, length, vb)
+        mask.index_fill_(3, length, True)
+        length.add_(1)
+        return sdpa(q, kc, vc, attn_mask=mask)
+
+    g_static = capture(dense_static)
+    t_static = time_loop(lambda i: g_static.replay(), steps, reps,
+                         lambda: (length.fill_(n0), mask[..., n0:].fill_(False)))
+    pos = torch.tensor([n - 1], device=dev)
+
+    def dense_fixed():
+        kc.index_copy_(2, pos, kb)
+        vc.index_copy_(2, pos, vb)
+        return sdpa(q, kc, vc)
+
+    g = capture(dense_fixed)
+    t_exact = time_loop(lambda i: g.replay(), steps, reps)
+    for r in rows:
+        r.update(sdpa_static_ms=t_static, sdpa_graph_ms=t_exact, vs_static=t_static / r["ours_graph_inplace_ms"],
+                 vs_best=min(t_static, t_exact) / r["ours_graph_inplace_ms"])
+        print(f"d{D} n={n} B={B} top {r['top']:.2f}: ours {r['ours_graph_inplace_ms']*1e3:6.1f} us | sdpa static "
+              f"{t_static*1e3:6.1f} exact {t_exact*1e3:6.1f} | x{r['vs_static']:.2f} vs static, "
+              f"x{r['vs_best']:.2f} vs best", flush=True)
+    del g, g_static, cache
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, nargs="+", default=[16384, 32768, 131072])
@@ -344,16 +375,26 @@ def main(argv=None):
     ap.add_argument("--real", default=str(ROOT / "bench" / "cache" / "gpu_real_keys.npz"))
     ap.add_argument("--out", default=default_out("decode_loop.json"))
     ap.add_argument("--sweep", action="store_true", help="sweep the filter's launch parameters at B 1")
+    ap.add_argument("--crossover", type=float, nargs="+", default=None,
+                    help="only the captured step at these kept shares against SDPA (where the filter stops paying)")
     args = ap.parse_args(argv)
     dev = torch.device("cuda")
     real = np.load(args.real)
     bw = copy_bandwidth(dev)
     print(f"{torch.cuda.get_device_name(0)}: copy bandwidth {bw / 1e12:.2f} TB/s (read + write)", flush=True)
     rows = []
+    if args.crossover:
+        for D in args.dims:
+            for n in args.n:
+                for B in args.batch:
+                    rows += crossover_config(real, D, n, B, args.steps, args.reps, args.crossover, dev)
+                    torch.cuda.empty_cache()
+                    save(args.out, rows, copy_bandwidth_Bps=bw, steps=args.steps, tops=args.crossover)
+        return rows
     for D in args.dims:
         for n in args.n:
             for B in args.batch:
-                first = (D, n) == (128, max(args.n))  # profiles: the largest d 128 size
+                first = (D, n, B) == (128, max(args.n), 1)
                 r = one_config(real, D, n, B, args.steps, args.reps, args.top, bw, dev, profile=first,
                                sweep=args.sweep and B == 1)
                 rows.append(r)

@@ -88,6 +88,8 @@ def main(argv=None):
                          "a gain concentrates attention as a trained model's is): one run per value")
     ap.add_argument("--filter-from", type=int, default=None,
                     help="CodeCache's filter_from (default: the library's FILTER_FROM; 0: the filter at every size)")
+    ap.add_argument("--dense-mode", action="store_true",
+                    help="also run CodeCache in dense mode (filter_from above every size): the strong dense loop")
     ap.add_argument("--max-tokens", type=int, default=262144,
                     help="skip configurations whose prompt tokens B*n exceed this (prefill time and memory)")
     ap.add_argument("--out", default=default_out("generate_gpu.json"))
@@ -132,8 +134,11 @@ def main(argv=None):
                 continue
             ids = torch.randint(3, cfg.vocab_size, (B, n), device=dev, generator=torch.Generator(dev).manual_seed(n))
             got = {}
-            for name, impl, make in (("dense", "sdpa", lambda: StaticCache(config=cfg, max_cache_len=n + args.new + 1)),
-                                     ("ours", "hsr_code", lambda: CodeCache(cfg, n + args.new + 1, filter_from=args.filter_from))):
+            loops = [("dense", "sdpa", lambda: StaticCache(config=cfg, max_cache_len=n + args.new + 1)),
+                     ("ours", "hsr_code", lambda: CodeCache(cfg, n + args.new + 1, filter_from=args.filter_from))]
+            if args.dense_mode:
+                loops.append(("dense_mode", "hsr_code", lambda: CodeCache(cfg, n + args.new + 1, filter_from=2 ** 62)))
+            for name, impl, make in loops:
                 model.set_attn_implementation(impl)
                 try:
                     with torch.no_grad():
@@ -164,9 +169,11 @@ def main(argv=None):
                     print(row[f"{name}_error"], flush=True)
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
-            if len(got) == 2:
+            if "dense" in got and "ours" in got:
                 row["same_tokens_share"] = float((got["dense"] == got["ours"]).float().mean())
                 row["speedup"] = row["ours_decode_tok_s"] / row["dense_decode_tok_s"]
+            if "dense_mode" in got and "ours" in got:
+                row["speedup_vs_dense_mode"] = row["ours_decode_tok_s"] / row["dense_mode_decode_tok_s"]
             rows.append(row)
             save(args.out, rows, shapes={k: SHAPES[k] for k in args.shapes})  # every row: a timeout keeps them
             print(row, flush=True)

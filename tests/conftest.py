@@ -45,9 +45,11 @@ def _index_paths_at_any_size():
         import hsr.integrations._device_cache as device_cache  # the GPU cache's filter at any size
 
         filter_default, device_cache.FILTER_FROM = device_cache.FILTER_FROM, 0
+        above_default, device_cache.DENSE_ABOVE = device_cache.DENSE_ABOVE, 1.0  # and whatever it keeps
     yield
     core.DENSE_BELOW = default
     if short:
         short.MODEL_DENSE_BELOW = model_default
         ht.GUARD = guard_default
         device_cache.FILTER_FROM = filter_default
+        device_cache.DENSE_ABOVE = above_default

@@ -29,8 +29,8 @@ from ._masks import key_padding_of
 #: (transformers calls ``update`` then the attention function, layer by layer)
 _LAST = threading.local()
 
-__all__ = ["CodeLayer", "CodeCache", "CodeAttention", "register_code_attention", "calibrate_tau",
-           "generate_greedy", "FILTER_FROM"]
+__all__ = ["CodeLayer", "CodeCache", "CodeAttention", "register_code_attention", "calibrate_tau", "kept_share",
+           "generate_greedy", "FILTER_FROM", "DENSE_ABOVE"]
 
 #: a CodeCache whose batch holds fewer positions than this (``B * max_cache_len``) attends with
 #: torch SDPA over its buffers, masked to the device-side length (transformers' static-cache
@@ -39,6 +39,14 @@ __all__ = ["CodeLayer", "CodeCache", "CodeAttention", "register_code_attention",
 #: step beat that form from ``B * n`` = 128K on (128K at B 1; 16K and 32K at B 8) and lost
 #: below it (16K and 32K at B 1), at d 128 and d 64 alike
 FILTER_FROM = 1 << 17
+
+#: a layer whose calibrated ``tau`` keeps more than this share of the prompt's keys (for the
+#: calibration queries, :func:`kept_share`) decodes with SDPA over its buffers, not the filter:
+#: in ``generate()`` on an H100 (``bench/results/generate_gpu_h100_2026-12-05.json``) the
+#: filter was 1.25x the dense loop at 4% of the keys kept (8B shape, 128K) and 0.81x at 63%
+#: (1B shape, 128K); the decode loop on real keys (``bench/results/decode_crossover_h100_2026-12-05.json``)
+#: puts the crossover of attention alone near this share
+DENSE_ABOVE = 0.25
 
 
 def calibrate_tau(query: torch.Tensor, key: torch.Tensor, scale: float, eps: float, rows: int = 32) -> torch.Tensor:
@@ -82,6 +90,38 @@ def calibrate_tau(query: torch.Tensor, key: torch.Tensor, scale: float, eps: flo
     return tau
 
 
+def kept_share(query: torch.Tensor, key: torch.Tensor, tau: torch.Tensor, rows: int = 32) -> float:
+    """The mean share of its visible keys that each of the last ``rows`` prompt queries keeps
+    at ``tau`` (``score >= tau``): what a decode step's filter would keep, as seen at the prefill.
+
+    Parameters
+    ----------
+    query : (B, Hq, M, D), the prompt's queries (post-RoPE)
+    key : (B, Hkv, N, D), the keys they attend (the last M are theirs: causal)
+    tau : (B, Hq, 1), raw-score thresholds (:func:`calibrate_tau`)
+    rows : int
+
+    Returns
+    -------
+    float in [0, 1] (one host synchronisation)
+    """
+    B, Hq, M, D = query.shape
+    Hkv, N = key.shape[1], key.shape[2]
+    G = Hq // Hkv
+    r = min(rows, M)
+    pos = torch.arange(N, device=query.device)
+    limit = (N - r + torch.arange(r, device=query.device))[:, None]
+    visible = pos[None, :] <= limit  # (r, N)
+    total = torch.zeros((), dtype=torch.float64, device=query.device)
+    for b in range(B):
+        for hk in range(Hkv):
+            q = query[b, hk * G:(hk + 1) * G, M - r:].float()  # (G, r, D)
+            s = q @ key[b, hk].float().T  # (G, r, N)
+            kept = (s >= tau[b, hk * G:(hk + 1) * G, :, None]) & visible  # tau (G, 1, 1)
+            total += (kept.sum(-1).double() / visible.sum(-1)).sum()
+    return float(total) / (B * Hq * r)
+
+
 class CodeLayer(DynamicLayer):
     """One decoder layer's cache: a :class:`hsr.kernels.CodeKVCache` of ``capacity`` positions.
 
@@ -97,8 +137,12 @@ class CodeLayer(DynamicLayer):
         self.code = None
         self.tau = None
         #: whether decode steps go through the code filter (else SDPA over the buffers), set
-        #: with the batch size at the first update
+        #: with the batch size at the first update, and cleared at the prefill when ``tau``
+        #: keeps more than the backend's ``dense_above`` share of the keys
         self.filtered = None
+        #: the share of the prompt's keys ``tau`` keeps for the calibration queries (None
+        #: until a filtered layer's prefill)
+        self.kept_share = None
         self._positions = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -216,13 +260,19 @@ class CodeAttention:
     Prefill (more than one query position): torch SDPA over the prompt, and the layer's
     ``tau`` calibrated from it (:func:`calibrate_tau`, target ``eps``). Decode (one position):
     the code filter and attention over the keys with ``score >= tau``, no host synchronisation;
-    in a cache below ``filter_from`` positions (:class:`CodeCache`), SDPA over its buffers.
+    in a cache below ``filter_from`` positions (:class:`CodeCache`), or in a layer whose ``tau``
+    keeps more than ``dense_above`` of the prompt's keys (:func:`kept_share`), SDPA over its
+    buffers.
     """
 
-    def __init__(self, name: str, eps: float = 1e-3, calibration_rows: int = 32) -> None:
+    def __init__(self, name: str, eps: float = 1e-3, calibration_rows: int = 32,
+                 dense_above: Optional[float] = None) -> None:
         if not 0.0 < eps < 1.0:
             raise ValueError(f"eps must be in (0, 1), got {eps!r}")
+        if dense_above is not None and not 0.0 <= dense_above <= 1.0:
+            raise ValueError(f"dense_above must be a share in [0, 1] (or None: DENSE_ABOVE), got {dense_above!r}")
         self.name, self.eps, self.rows = name, float(eps), int(calibration_rows)
+        self.dense_above = dense_above
         self.__name__ = "hsr_code_attention"
 
     def __call__(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -239,6 +289,10 @@ class CodeAttention:
                                           "prompts of one length")
             if layer.filtered:
                 layer.tau = calibrate_tau(query, key, scale, self.eps, self.rows)
+                layer.kept_share = kept_share(query, key, layer.tau, self.rows)
+                limit = DENSE_ABOVE if self.dense_above is None else self.dense_above
+                if layer.kept_share > limit:  # the filter would keep most keys: dense is faster
+                    layer.filtered = False
             return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                           scaling=scale, **kwargs)
         if not layer.filtered:  # a small cache: dense SDPA over its buffers was measured faster
@@ -262,14 +316,16 @@ class CodeAttention:
                          "past_key_values=CodeCache(model.config, max_cache_len))")
 
 
-def register_code_attention(name: str = "hsr_code", *, eps: float = 1e-3, calibration_rows: int = 32
-                            ) -> CodeAttention:
+def register_code_attention(name: str = "hsr_code", *, eps: float = 1e-3, calibration_rows: int = 32,
+                            dense_above: Optional[float] = None) -> CodeAttention:
     """Register :class:`CodeAttention` under ``name`` (with the stock SDPA mask builder) and
-    return it: ``model.set_attn_implementation(name)``."""
+    return it: ``model.set_attn_implementation(name)``. ``dense_above``: a layer whose
+    calibrated ``tau`` keeps more than this share of the prompt's keys decodes densely
+    (default :data:`DENSE_ABOVE`, read at each prefill; 1 never)."""
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import sdpa_mask
 
-    backend = CodeAttention(name, eps, calibration_rows)
+    backend = CodeAttention(name, eps, calibration_rows, dense_above)
     AttentionInterface.register(name, backend)
     AttentionMaskInterface.register(name, sdpa_mask)
     return backend

@@ -69,7 +69,8 @@ from ..attention.kv import KVCacheIndex
 from ..attention.patterns import Pattern
 from . import _short
 from ._cache import HAVE_TRANSFORMERS, HSRCache, HSRLayer, cache_layer_for, remove_pad
-from ._device_cache import CodeAttention, CodeCache, CodeLayer, calibrate_tau, generate_greedy, register_code_attention
+from ._device_cache import (CodeAttention, CodeCache, CodeLayer, calibrate_tau, generate_greedy, kept_share,
+                            register_code_attention)
 from ._masks import key_padding_of, masked_sdpa, pattern_kept, visible_counts
 from ._short import dense_attention
 from ._stats import HSRStats, LayerStats
@@ -90,6 +91,7 @@ __all__ = [
     "CodeAttention",
     "register_code_attention",
     "calibrate_tau",
+    "kept_share",
     "generate_greedy",
 ]
 

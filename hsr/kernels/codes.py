@@ -240,10 +240,11 @@ class CodeKVCache:
         self.n += t
         self._version += 1
 
-    def _launch_add(self, k, v, t, *, block_j=32, num_warps=4):
+    def _launch_add(self, k, v, t, *, block_j=None, num_warps=None):
         # one program per (batch, kv head) for a decode step's few tokens (it also advances
         # the length); long appends spread over programs of up to 64 tokens each. block_j:
-        # rotated columns per pass (block_j == DP: one pass; the bench times the choices)
+        # rotated columns per pass; default the whole rotation in one pass (8 warps from d 128),
+        # measured fastest on an H100 (6.1 against 8.8 us at d 128, 5.0 against 5.6 at d 64)
         per = t if t <= 64 else 64
         progs = triton.cdiv(t, per)
         vv = v if v is not None else k
@@ -254,8 +255,8 @@ class CodeKVCache:
             vv.stride(2), self.k.stride(0), self.k.stride(1), self.k.stride(2), vc.stride(0), vc.stride(1),
             vc.stride(2), self.codes.stride(0), self.codes.stride(1), self.codes.stride(2), self.scale.stride(0),
             self.scale.stride(1), self.Hkv, self.defect, HEAD_DIM=self.D, DP=self.DP,
-            # 32 columns at a time (two passes; one where DP == 32), as measured on an H200
-            BLOCK_J=min(block_j, self.DP), HAS_V=self.has_values, UPDATE_LEN=progs == 1, num_warps=num_warps)
+            BLOCK_J=min(block_j or self.DP, self.DP), HAS_V=self.has_values, UPDATE_LEN=progs == 1,
+            num_warps=num_warps or (8 if self.DP >= 128 else 4))
         if progs > 1:  # several programs per head read the old length: advance it after them
             self.lengths.add_(t)
 

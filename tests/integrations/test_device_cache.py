@@ -6,7 +6,7 @@ import torch
 pytest.importorskip("triton")
 pytest.importorskip("transformers")
 
-from hsr.integrations.transformers import (CodeCache, calibrate_tau, generate_greedy,  # noqa: E402
+from hsr.integrations.transformers import (CodeCache, calibrate_tau, generate_greedy, kept_share,  # noqa: E402
                                            register_code_attention)
 
 
@@ -116,3 +116,30 @@ def test_the_dense_loop_to_compare_with_is_greedy_decoding_too():
     want = _dense_greedy(model, ids, 5)
     got = generate_greedy(model, ids, 5, StaticCache(config=cfg, max_cache_len=32))
     assert torch.equal(got, want)
+
+
+def test_a_layer_whose_tau_keeps_most_keys_decodes_densely():
+    """At the prefill each filtered layer measures the share of the prompt's keys its tau keeps
+    (kept_share, checked against a direct count); above dense_above it decodes with SDPA over
+    its buffers and says so (filtered False); greedy tokens still equal dense decoding."""
+    model, cfg = _model()
+    ids = torch.randint(3, 64, (2, 40), generator=torch.Generator().manual_seed(1))
+    want = _dense_greedy(model, ids, 6)
+    for above, filtered in ((0.0, False), (1.0, True)):
+        register_code_attention("hsr_code_above", eps=1e-3, dense_above=above)
+        model.set_attn_implementation("hsr_code_above")
+        cache = CodeCache(cfg, max_cache_len=64)
+        assert torch.equal(generate_greedy(model, ids, 6, cache), want)
+        assert all(layer.filtered is filtered for layer in cache.layers)
+        assert all(0.0 < layer.kept_share <= 1.0 for layer in cache.layers)
+    with pytest.raises(ValueError, match="dense_above"):
+        register_code_attention("hsr_code_bad", dense_above=1.5)
+    g = torch.Generator().manual_seed(4)
+    q, k = torch.randn(1, 4, 12, 8, generator=g), torch.randn(1, 2, 12, 8, generator=g)
+    tau = torch.randn(1, 4, 1, generator=g)
+    want_share = []
+    for h in range(4):
+        for i in range(8, 12):  # the last 4 rows: row i sees keys 0..i
+            s = q[0, h, i] @ k[0, h // 2, :i + 1].T
+            want_share.append(float((s >= tau[0, h, 0]).float().mean()))
+    assert abs(kept_share(q, k, tau, rows=4) - sum(want_share) / len(want_share)) < 1e-6  # float32 means
