@@ -322,6 +322,7 @@ def crossover_config(real, D, n, B, steps, reps, tops, dev):
     for top in tops:
         tau = torch.quantile(s0[0].float(), 1 - top, dim=-1)[None].expand(B, -1)[..., None].contiguous()
         step = cache.decode_step(q, knew[0], vnew[0], kind="softmax", tau=tau)
+        reset()
         step(q, knew[0], vnew[0])  # compiles, captures and fills the step's buffers
         t = time_loop(lambda i: step(), steps, reps, reset)
         cache.check()

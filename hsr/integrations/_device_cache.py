@@ -41,12 +41,14 @@ __all__ = ["CodeLayer", "CodeCache", "CodeAttention", "register_code_attention",
 FILTER_FROM = 1 << 17
 
 #: a layer whose calibrated ``tau`` keeps more than this share of the prompt's keys (for the
-#: calibration queries, :func:`kept_share`) decodes with SDPA over its buffers, not the filter:
-#: in ``generate()`` on an H100 (``bench/results/generate_gpu_h100_2026-12-05.json``) the
-#: filter was 1.25x the dense loop at 4% of the keys kept (8B shape, 128K) and 0.81x at 63%
-#: (1B shape, 128K); the decode loop on real keys (``bench/results/decode_crossover_h100_2026-12-05.json``)
-#: puts the crossover of attention alone near this share
-DENSE_ABOVE = 0.25
+#: calibration queries, :func:`kept_share`) decodes with SDPA over its buffers, not the filter.
+#: Measured on an H100: in the decode loop on real keys
+#: (``bench/results/decode_crossover_h100_2026-12-05.json``) the filtered step was still 1.04x
+#: or more the static-cache SDPA at a 20% share in every configuration of at least
+#: :data:`FILTER_FROM` positions, and fell below 1x at 30% (d 64, 128K, B 1) to 50%; in
+#: ``generate()`` the filter kept 63% of the keys in a 1B shape's layers and ran at 0.81x the
+#: dense loop (``bench/results/generate_gpu_h100_2026-12-05_1b_before_policy.json``)
+DENSE_ABOVE = 0.2
 
 
 def calibrate_tau(query: torch.Tensor, key: torch.Tensor, scale: float, eps: float, rows: int = 32) -> torch.Tensor:
