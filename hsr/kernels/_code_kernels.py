@@ -102,12 +102,10 @@ def _rotate_rows(Q, s_qb, s_qh, s_qm, b, head, mrow, r_ok, ROT,
 
 
 @triton.jit
-def _rotate_kernel(Q, ROT, QR, s_qb, s_qh, s_qm, G, M, Hkv,
-                   ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, DP: tl.constexpr, BLOCK_J: tl.constexpr):
+def _rotate_columns(Q, ROT, QR, s_qb, s_qh, s_qm, G, M, Hkv, pid, pid_j,
+                    ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, DP: tl.constexpr, BLOCK_J: tl.constexpr):
     # QR fp32 (B*Hkv, ROWS, DP) = the group's query rows times ROT^T, columns [pid_j*BLOCK_J, ...)
-    # per program: the filter's rotation for head dims too large to rotate inside it
-    pid = tl.program_id(0)
-    pid_j = tl.program_id(1)
+    # of kv head pid: the filter's rotation, done before it (measured faster than inside it)
     q, r_ok, head, mrow = _load_query_rows(Q, s_qb, s_qh, s_qm, pid // Hkv, pid % Hkv, G, M, ROWS, HEAD_DIM)
     offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -173,13 +171,45 @@ def _code_add_kernel(KN, VN, K, V, CODES, SCALE, ERR, MAXN, MAXE, LENS, STATUS, 
                      s_cb, s_ch, s_cn, s_sb, s_sh, Hkv, defect,
                      HEAD_DIM: tl.constexpr, DP: tl.constexpr, BLOCK_J: tl.constexpr,
                      HAS_V: tl.constexpr, UPDATE_LEN: tl.constexpr):
+    # program (bh, p) adds tokens [p * PER_PROG, (p + 1) * PER_PROG) of head bh (_add_tokens)
+    _add_tokens(KN, VN, K, V, CODES, SCALE, ERR, MAXN, MAXE, LENS, STATUS, ROT, T, PER_PROG, tl.program_id(0),
+                tl.program_id(1), s_nb, s_nh, s_nt, s_wb, s_wh, s_wt, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
+                s_cb, s_ch, s_cn, s_sb, s_sh, Hkv, defect, HEAD_DIM, DP, BLOCK_J, HAS_V, UPDATE_LEN)
+
+
+@triton.jit
+def _prepare_kernel(KN, VN, K, V, CODES, SCALE, ERR, MAXN, MAXE, LENS, STATUS, ROT, T,
+                    s_nb, s_nh, s_nt, s_wb, s_wh, s_wt, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
+                    s_cb, s_ch, s_cn, s_sb, s_sh, Hkv, defect,
+                    Q, QR, s_qb, s_qh, s_qm, G, M,
+                    HEAD_DIM: tl.constexpr, DP: tl.constexpr, BLOCK_J: tl.constexpr, HAS_V: tl.constexpr,
+                    ADD: tl.constexpr, ROWS: tl.constexpr, BLOCK_R: tl.constexpr):
+    # A decode step's first launch, grid (B*Hkv, DP // BLOCK_R): program (bh, j) rotates
+    # columns [j*BLOCK_R, ...) of kv head bh's query rows into QR (as _rotate_kernel); with
+    # ADD, program (bh, 0) also adds the T new tokens of head bh (T <= 64: one program per
+    # head). The two are independent (the filter, next launch, reads both), so the add runs
+    # beside the other columns' rotations instead of in a launch of its own.
+    pid_bh = tl.program_id(0)
+    pid_j = tl.program_id(1)
+    if ADD:
+        if pid_j == 0:
+            _add_tokens(KN, VN, K, V, CODES, SCALE, ERR, MAXN, MAXE, LENS, STATUS, ROT, T, T, pid_bh, 0,
+                        s_nb, s_nh, s_nt, s_wb, s_wh, s_wt, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
+                        s_cb, s_ch, s_cn, s_sb, s_sh, Hkv, defect, HEAD_DIM, DP, BLOCK_J, HAS_V, True)
+    _rotate_columns(Q, ROT, QR, s_qb, s_qh, s_qm, G, M, Hkv, pid_bh, pid_j, ROWS, HEAD_DIM, DP, BLOCK_R)
+
+
+@triton.jit
+def _add_tokens(KN, VN, K, V, CODES, SCALE, ERR, MAXN, MAXE, LENS, STATUS, ROT, T, PER_PROG, pid_bh, pid_t,
+                s_nb, s_nh, s_nt, s_wb, s_wh, s_wt, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
+                s_cb, s_ch, s_cn, s_sb, s_sh, Hkv, defect,
+                HEAD_DIM: tl.constexpr, DP: tl.constexpr, BLOCK_J: tl.constexpr,
+                HAS_V: tl.constexpr, UPDATE_LEN: tl.constexpr):
     # KN, VN (B, Hkv, T, D) new keys / values in the cache's dtype, written at LENS[bh] + t;
-    # program (bh, p) takes tokens [p * PER_PROG, (p + 1) * PER_PROG). Codes c = round(x / s)
-    # with x = ROT k in fp32 and s = max|x| / 127; the error bound
+    # this program takes tokens [pid_t * PER_PROG, (pid_t + 1) * PER_PROG). Codes
+    # c = round(x / s) with x = ROT k in fp32 and s = max|x| / 127; the error bound
     #   err >= (1 + defect) ||R k - s c|| + defect ||k||   (R k exact, R = ROT)
     # from the fp32 quantities (docs/codes.md, "The add kernel's bound").
-    pid_bh = tl.program_id(0)
-    pid_t = tl.program_id(1)
     b = pid_bh // Hkv
     h = pid_bh % Hkv
     start = tl.load(LENS + pid_bh)

@@ -38,7 +38,7 @@ import torch
 import triton
 
 from ._code_kernels import (BAD_KV, _certify_kernel, _code_add_kernel, _code_attend_kernel, _code_filter_kernel,
-                            _rotate_kernel)
+                            _prepare_kernel)
 from ._code_plan import (CodePlan, capturing as _capturing, per_row_values, plan_info, random_rotation, spec_thresholds,
                          status_message)
 from ._compat import interpreting, patch_interpreter
@@ -260,6 +260,30 @@ class CodeKVCache:
         if progs > 1:  # several programs per head read the old length: advance it after them
             self.lengths.add_(t)
 
+    def _launch_prepare(self, q, QR, rows, add):
+        """Rotate the query rows into ``QR`` (grid (B*Hkv, DP / 32)); with ``add=(k, v)``, the
+        first column program of each head also adds its tokens (``t <= 64``) and advances the
+        length: one launch for both, as a decode step needs them."""
+        B, Hq, M, D = q.shape
+        G = Hq // self.Hkv
+        if add is None:
+            k = v = vc = self.k  # unread
+            t = 0
+        else:
+            k, v = add
+            v = v if v is not None else k
+            t = k.shape[2]
+            vc = self.v if self.has_values else self.k
+        _prepare_kernel[(self.B * self.Hkv, self.DP // 32)](
+            k, v, self.k, vc, self.codes, self.scale, self.err, self.max_norm, self.max_err, self.lengths,
+            self.status, self.rot32, t, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
+            v.stride(2), self.k.stride(0), self.k.stride(1), self.k.stride(2), vc.stride(0), vc.stride(1),
+            vc.stride(2), self.codes.stride(0), self.codes.stride(1), self.codes.stride(2), self.scale.stride(0),
+            self.scale.stride(1), self.Hkv, self.defect,
+            q, QR, q.stride(0), q.stride(1), q.stride(2), G, M,
+            HEAD_DIM=D, DP=self.DP, BLOCK_J=self.DP, HAS_V=self.has_values, ADD=add is not None, ROWS=rows,
+            BLOCK_R=32, num_warps=8 if (add is not None and self.DP >= 128) else 4)
+
     # ------------------------------------------------------------------ plan (filter)
     def _check_q(self, q):
         """Shapes, device and dtype of ``q`` (host only: values are the kernels' business)."""
@@ -325,11 +349,13 @@ class CodeKVCache:
         return nprog, triton.cdiv(cap_tiles, nprog) * block_n
 
     def _plan(self, q, tau, *, bias=0.0, block_n=128, num_warps=4, num_stages=3, programs_per_sm=None,
-              rotate_inside=False, certify=False, scale=None, attend=None):
+              rotate_inside=False, certify=False, scale=None, attend=None, add=None):
         """:meth:`plan`'s body: ``q`` checked, the read lock held by the caller. ``rotate_inside``:
         the filter rotates the rows itself (one launch fewer; measured slower on an H200).
         ``attend=(kind_id, alpha)``: the filter programs also attend their own survivors (one
-        launch); returns ``(plan, o_part, l_part)``, the partials indexed by filter program."""
+        launch); returns ``(plan, o_part, l_part)``, the partials indexed by filter program.
+        ``add=(k, v)``: first add these ``(B, Hkv, t <= 64, D)`` tokens (checked by the caller)
+        in the launch that rotates the query rows (a decode step: one launch fewer)."""
         B, Hq, M, D = q.shape
         G = Hq // self.Hkv
         rows = max(16, triton.next_power_of_2(G * M))
@@ -339,11 +365,12 @@ class CodeKVCache:
         dev = self.device
         rotate = bool(rotate_inside)
         QR = self.status
+        if add is not None and (rotate or add[0].shape[2] > 64):
+            self._launch_add(add[0], add[1], add[0].shape[2])
+            add = None
         if not rotate:
             QR = torch.empty(BH, rows, self.DP, dtype=torch.float32, device=dev)
-            _rotate_kernel[(BH, self.DP // 32)](
-                q, self.rot32, QR, q.stride(0), q.stride(1), q.stride(2), G, M, self.Hkv,
-                ROWS=rows, HEAD_DIM=D, DP=self.DP, BLOCK_J=32, num_warps=4)
+            self._launch_prepare(q, QR, rows, add)
         nprog, seg = self._grid(block_n, programs_per_sm)
         surv = torch.empty(BH, nprog * seg, dtype=torch.int32, device=dev)
         count = torch.empty(BH, nprog, dtype=torch.int32, device=dev)
@@ -494,16 +521,19 @@ class CodeKVCache:
             HEAD_DIM=D, BLOCK=block, TAU_TENSOR=tau_t is not None, num_warps=4)
         return bound, log_dropped, lse_low
 
-    def _fused(self, q, tau, *, bias, kind, alpha, scale, certify, out=None, lse=None, return_terms=False):
+    def _fused(self, q, tau, *, bias, kind, alpha, scale, certify, out=None, lse=None, return_terms=False,
+               add=None):
         """Filter and attend in one launch (each filter program attends its own survivors),
         then the merge (and the certificate): what :meth:`attend` and a decode step run.
+        ``add=(k, v)``: add these tokens first, in the launch that rotates the query.
         Returns ``(plan, result)``, ``result`` as :meth:`_run`'s."""
         kind_id = check_kind(kind)
         if not self.has_values:
             raise ValueError("this cache holds keys only (v=None): no attention")
         alpha = check_alpha(alpha)
         s = float(scale) if scale is not None else self.D ** -0.5
-        plan, o_part, l_part = self._plan(q, tau, bias=bias, certify=certify, scale=s, attend=(kind_id, alpha))
+        plan, o_part, l_part = self._plan(q, tau, bias=bias, certify=certify, scale=s, attend=(kind_id, alpha),
+                                          add=add)
         res = self._finish(q, o_part, l_part, plan.remainder, plan.tau, s, out, lse, return_terms)
         return plan, res
 

@@ -131,13 +131,14 @@ class DecodeStep:
 
     def _step(self):
         c = self.cache
-        if self.t:
-            c._launch_add(self.k, self.v, self.t)
         # the attention writes into the step's own out and lse (two copies fewer per step)
-        if self.fuse and not self.dense:
+        if self.fuse and not self.dense:  # the add rides in the launch that rotates the query
             _, res = c._fused(self.q, self.tau, bias=self.bias, kind=self.kind, alpha=self.alpha, scale=self.scale,
-                              certify=self.certify, out=self.out, lse=self.lse, return_terms=self.certify)
+                              certify=self.certify, out=self.out, lse=self.lse, return_terms=self.certify,
+                              add=(self.k, self.v) if self.t else None)
         else:
+            if self.t:
+                c._launch_add(self.k, self.v, self.t)
             plan = (c._dense_plan if self.dense else c._plan)(self.q, self.tau, bias=self.bias,
                                                               certify=self.certify, scale=self.scale)
             res = c._run(self.q, plan, kind=self.kind, alpha=self.alpha, scale=self.scale,
