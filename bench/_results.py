@@ -37,6 +37,11 @@ def environment(**extra) -> dict:
         meta["torch_threads"] = torch.get_num_threads()
     except Exception:
         meta["device"] = "cpu"
+    # the threading settings that move CPU timings, where the run set them
+    env = {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "NUMBA_THREADING_LAYER",
+                                      "NUMBA_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ}
+    if env:
+        meta["env"] = env
     meta.update(extra)
     return meta
 
