@@ -121,16 +121,6 @@ def _round_half(x):
 
 
 @triton.jit
-def _round_4(x):
-    return tl.minimum(tl.maximum(tl.floor(x + 0.5), -7.0), 7.0)
-
-
-#: the 4-bit stage's step is the int8 step times this, in fp32, in the add kernel and the
-#: filter alike (the same product: the bound is measured against the step the filter uses)
-_S4 = tl.constexpr(127.0 / 7.0)
-
-
-@triton.jit
 def _query_parts(qr, q, tau, r_ok, maxn, maxe, defect, HEAD_DIM: tl.constexpr):
     """Split rotated rows ``qr (ROWS, DP)`` into two int8 parts ``a1 i1 + a2 i2`` and return
     them with the threshold ``tau - slack`` per row (docs/codes.md: every fp32 rounding on
@@ -166,18 +156,10 @@ def _query_parts(qr, q, tau, r_ok, maxn, maxe, defect, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
-def _dot_int(qi, c, UPCAST: tl.constexpr):
-    # exact integer products of query parts (ROWS, K) and codes (N, K) as fp32 (|.| < 2^24)
-    if UPCAST:  # the interpreter's int8 matmul would wrap: integer-valued fp32 sums are exact
-        return tl.dot(qi, tl.trans(c.to(tl.float32)), input_precision="ieee")
-    return tl.dot(qi, tl.trans(c)).to(tl.float32)
-
-
-@triton.jit
-def _rotate_key(kf, ROT, j0, HEAD_DIM: tl.constexpr, BLOCK_J: tl.constexpr, STRIDE: tl.constexpr = 1):
-    # columns j0, j0 + STRIDE, ... (BLOCK_J of them) of ROT k for one key kf (D,) fp32, as a
-    # broadcast product and a row sum (a (BLOCK_J, D) tile: no tensor-core dot for one row)
-    offs_j = j0 + STRIDE * tl.arange(0, BLOCK_J)
+def _rotate_key(kf, ROT, j0, HEAD_DIM: tl.constexpr, BLOCK_J: tl.constexpr):
+    # columns [j0, j0 + BLOCK_J) of ROT k for one key kf (D,) fp32, as a broadcast product and
+    # a row sum (a (BLOCK_J, D) tile: no tensor-core dot for one row, no large register tile)
+    offs_j = j0 + tl.arange(0, BLOCK_J)
     offs_d = tl.arange(0, HEAD_DIM)
     r = tl.load(ROT + offs_j[:, None] * HEAD_DIM + offs_d[None, :], mask=offs_j[:, None] < HEAD_DIM, other=0.0)
     return tl.sum(r * kf[None, :], 1), offs_j
@@ -186,23 +168,22 @@ def _rotate_key(kf, ROT, j0, HEAD_DIM: tl.constexpr, BLOCK_J: tl.constexpr, STRI
 @triton.jit
 def _code_add_kernel(KN, VN, K, V, CODES, SCALE, ERR, MAXN, MAXE, LENS, STATUS, ROT, T, PER_PROG,
                      s_nb, s_nh, s_nt, s_wb, s_wh, s_wt, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
-                     s_cb, s_ch, s_cn, s_sb, s_sh, Hkv, defect, CODES4, ERR4, MAXE4, s_4b, s_4h, s_4n,
+                     s_cb, s_ch, s_cn, s_sb, s_sh, Hkv, defect,
                      HEAD_DIM: tl.constexpr, DP: tl.constexpr, BLOCK_J: tl.constexpr,
-                     HAS_V: tl.constexpr, UPDATE_LEN: tl.constexpr, INT4: tl.constexpr):
+                     HAS_V: tl.constexpr, UPDATE_LEN: tl.constexpr):
     # program (bh, p) adds tokens [p * PER_PROG, (p + 1) * PER_PROG) of head bh (_add_tokens)
     _add_tokens(KN, VN, K, V, CODES, SCALE, ERR, MAXN, MAXE, LENS, STATUS, ROT, T, PER_PROG, tl.program_id(0),
                 tl.program_id(1), s_nb, s_nh, s_nt, s_wb, s_wh, s_wt, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
-                s_cb, s_ch, s_cn, s_sb, s_sh, Hkv, defect, CODES4, ERR4, MAXE4, s_4b, s_4h, s_4n,
-                HEAD_DIM, DP, BLOCK_J, HAS_V, UPDATE_LEN, INT4)
+                s_cb, s_ch, s_cn, s_sb, s_sh, Hkv, defect, HEAD_DIM, DP, BLOCK_J, HAS_V, UPDATE_LEN)
 
 
 @triton.jit
 def _prepare_kernel(KN, VN, K, V, CODES, SCALE, ERR, MAXN, MAXE, LENS, STATUS, ROT, T,
                     s_nb, s_nh, s_nt, s_wb, s_wh, s_wt, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
-                    s_cb, s_ch, s_cn, s_sb, s_sh, Hkv, defect, CODES4, ERR4, MAXE4, s_4b, s_4h, s_4n,
+                    s_cb, s_ch, s_cn, s_sb, s_sh, Hkv, defect,
                     Q, QR, s_qb, s_qh, s_qm, G, M,
                     HEAD_DIM: tl.constexpr, DP: tl.constexpr, BLOCK_J: tl.constexpr, HAS_V: tl.constexpr,
-                    ADD: tl.constexpr, ROWS: tl.constexpr, BLOCK_R: tl.constexpr, INT4: tl.constexpr):
+                    ADD: tl.constexpr, ROWS: tl.constexpr, BLOCK_R: tl.constexpr):
     # A decode step's first launch, grid (B*Hkv, DP // BLOCK_R): program (bh, j) rotates
     # columns [j*BLOCK_R, ...) of kv head bh's query rows into QR (as _rotate_kernel); with
     # ADD, program (bh, 0) also adds the T new tokens of head bh (T <= 64: one program per
@@ -214,21 +195,16 @@ def _prepare_kernel(KN, VN, K, V, CODES, SCALE, ERR, MAXN, MAXE, LENS, STATUS, R
         if pid_j == 0:
             _add_tokens(KN, VN, K, V, CODES, SCALE, ERR, MAXN, MAXE, LENS, STATUS, ROT, T, T, pid_bh, 0,
                         s_nb, s_nh, s_nt, s_wb, s_wh, s_wt, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
-                        s_cb, s_ch, s_cn, s_sb, s_sh, Hkv, defect, CODES4, ERR4, MAXE4, s_4b, s_4h, s_4n,
-                        HEAD_DIM, DP, BLOCK_J, HAS_V, True, INT4)
+                        s_cb, s_ch, s_cn, s_sb, s_sh, Hkv, defect, HEAD_DIM, DP, BLOCK_J, HAS_V, True)
     _rotate_columns(Q, ROT, QR, s_qb, s_qh, s_qm, G, M, Hkv, pid_bh, pid_j, ROWS, HEAD_DIM, DP, BLOCK_R)
 
 
 @triton.jit
 def _add_tokens(KN, VN, K, V, CODES, SCALE, ERR, MAXN, MAXE, LENS, STATUS, ROT, T, PER_PROG, pid_bh, pid_t,
                 s_nb, s_nh, s_nt, s_wb, s_wh, s_wt, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
-                s_cb, s_ch, s_cn, s_sb, s_sh, Hkv, defect, CODES4, ERR4, MAXE4, s_4b, s_4h, s_4n,
+                s_cb, s_ch, s_cn, s_sb, s_sh, Hkv, defect,
                 HEAD_DIM: tl.constexpr, DP: tl.constexpr, BLOCK_J: tl.constexpr,
-                HAS_V: tl.constexpr, UPDATE_LEN: tl.constexpr, INT4: tl.constexpr):
-    # INT4: also 4-bit codes d = round(x / s4), |d| <= 7, s4 = s * 127/7, packed two to a byte
-    # (column 2j in the low nibble, 2j + 1 in the high one, each stored + 8) into
-    # CODES4 (B, Hkv, C, DP/2) uint8, their error bound (the same formula) in ERR4 and the
-    # head's largest in MAXE4: the filter's first stage
+                HAS_V: tl.constexpr, UPDATE_LEN: tl.constexpr):
     # KN, VN (B, Hkv, T, D) new keys / values in the cache's dtype, written at LENS[bh] + t;
     # this program takes tokens [pid_t * PER_PROG, (pid_t + 1) * PER_PROG). Codes
     # c = round(x / s) with x = ROT k in fp32 and s = max|x| / 127; the error bound
@@ -244,7 +220,6 @@ def _add_tokens(KN, VN, K, V, CODES, SCALE, ERR, MAXN, MAXE, LENS, STATUS, ROT, 
     rot_err = 1.01 * u * (1.0 + defect) + 1.01 * dd * u * tl.sqrt(dd * (1.0 + defect))
     top_n = 0.0
     top_e = 0.0
-    top_e4 = 0.0
     nbad = 0
     t0 = pid_t * PER_PROG
     for t in range(t0, tl.minimum(t0 + PER_PROG, T)):
@@ -258,29 +233,7 @@ def _add_tokens(KN, VN, K, V, CODES, SCALE, ERR, MAXN, MAXE, LENS, STATUS, ROT, 
             tl.store(V + b.to(tl.int64) * s_vb + h.to(tl.int64) * s_vh + pos * s_vn + offs_d, v)
             nbad += tl.sum(tl.where(tl.abs(v.to(tl.float32)) < float("inf"), 0, 1), 0)
         cbase = CODES + b.to(tl.int64) * s_cb + h.to(tl.int64) * s_ch + pos * s_cn
-        if INT4:  # even and odd columns, each one tile: the 4-bit packing pairs them
-            x_lo, o_lo = _rotate_key(kf, ROT, 0, HEAD_DIM, DP // 2, 2)
-            x_hi, o_hi = _rotate_key(kf, ROT, 1, HEAD_DIM, DP // 2, 2)
-            step = tl.maximum(tl.max(tl.abs(x_lo), 0), tl.max(tl.abs(x_hi), 0)) / 127.0
-            inv = tl.where(step > 0.0, 1.0 / tl.where(step > 0.0, step, 1.0), 0.0)
-            c_lo = _round_half(x_lo * inv)
-            c_hi = _round_half(x_hi * inv)
-            r_lo = (x_lo - step * c_lo) * inv
-            r_hi = (x_hi - step * c_hi) * inv
-            res2 = tl.sum(r_lo * r_lo, 0) + tl.sum(r_hi * r_hi, 0)
-            tl.store(cbase + o_lo, c_lo.to(tl.int8))
-            tl.store(cbase + o_hi, c_hi.to(tl.int8))
-            step4 = step * _S4
-            inv4 = tl.where(step4 > 0.0, 1.0 / tl.where(step4 > 0.0, step4, 1.0), 0.0)
-            d_lo = _round_4(x_lo * inv4)
-            d_hi = _round_4(x_hi * inv4)
-            r4_lo = (x_lo - step4 * d_lo) * inv4
-            r4_hi = (x_hi - step4 * d_hi) * inv4
-            res42 = tl.sum(r4_lo * r4_lo, 0) + tl.sum(r4_hi * r4_hi, 0)
-            packed = (d_lo + 8.0).to(tl.int32) + (d_hi + 8.0).to(tl.int32) * 16
-            tl.store(CODES4 + b.to(tl.int64) * s_4b + h.to(tl.int64) * s_4h + pos * s_4n + tl.arange(0, DP // 2),
-                     packed.to(tl.uint8))
-        elif BLOCK_J == DP:  # the whole rotation in one tile: one pass
+        if BLOCK_J == DP:  # the whole rotation in one tile: one pass
             x, offs_j = _rotate_key(kf, ROT, 0, HEAD_DIM, BLOCK_J)
             step = tl.max(tl.abs(x), 0) / 127.0
             inv = tl.where(step > 0.0, 1.0 / tl.where(step > 0.0, step, 1.0), 0.0)
@@ -316,22 +269,16 @@ def _add_tokens(KN, VN, K, V, CODES, SCALE, ERR, MAXN, MAXE, LENS, STATUS, ROT, 
         tl.store(ERR + b.to(tl.int64) * s_sb + h.to(tl.int64) * s_sh + pos, err)
         top_n = tl.maximum(top_n, kn * big)
         top_e = tl.maximum(top_e, err)
-        if INT4:
-            err4 = big * ((1.0 + defect) * step4 * tl.sqrt(res42) + kn * ((1.0 + defect) * rot_err + defect)) + 1e-36
-            tl.store(ERR4 + b.to(tl.int64) * s_sb + h.to(tl.int64) * s_sh + pos, err4)
-            top_e4 = tl.maximum(top_e4, err4)
     tl.atomic_or(STATUS, tl.where(nbad > 0, _BAD_KV, 0), mask=nbad > 0)
     tl.atomic_max(MAXN + pid_bh, top_n)
     tl.atomic_max(MAXE + pid_bh, top_e)
-    if INT4:
-        tl.atomic_max(MAXE4 + pid_bh, top_e4)
     if UPDATE_LEN:  # the only program of this head: nobody else reads LENS[bh] in this launch
         tl.store(LENS + pid_bh, start + T)
 
 
 @triton.jit
 def _code_filter_kernel(Q, ROT, QR, TAU, tau_scalar, MAXN, MAXE, CODES, SCALE, ERR, COUNT, SURV, LENS, STATUS, REM,
-                        K, V, BIAS, bias_scalar, O_PART, L_PART, CODES4, ERR4, MAXE4, s_4b, s_4h, s_4n,
+                        K, V, BIAS, bias_scalar, O_PART, L_PART,
                         s_qb, s_qh, s_qm, s_tb, s_th, s_tm, s_cb, s_ch, s_cn, s_sb, s_sh,
                         s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_bb, s_bh, s_bm,
                         G, M, Hkv, SURV_STRIDE, SEG, defect, NPROG, BHM, qk_scale, scale,
@@ -339,13 +286,9 @@ def _code_filter_kernel(Q, ROT, QR, TAU, tau_scalar, MAXN, MAXE, CODES, SCALE, E
                         DP: tl.constexpr, TAU_TENSOR: tl.constexpr, UPCAST: tl.constexpr,
                         ROTATE: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
                         CERTIFY: tl.constexpr, ATTEND: tl.constexpr, KIND: tl.constexpr, ALPHA: tl.constexpr,
-                        BIAS_TENSOR: tl.constexpr, BLOCK_A: tl.constexpr, INT4: tl.constexpr):
+                        BIAS_TENSOR: tl.constexpr, BLOCK_A: tl.constexpr):
     # CERTIFY: REM (B*Hq*M,) fp32 += sum over the keys no row of the group keeps of
     # exp(scale * (ub - thr)) >= exp(scale * (score - tau)) (qk_scale = scale * log2(e))
-    # INT4 (a first stage): each tile's 4-bit codes (DP/2 + 4 bytes a key) bound every key
-    # first; only the keys that pass for some row read their int8 codes and error (masked
-    # loads), whose bound then decides as without the stage. Both bounds are sound, so the
-    # survivors are the same keys or fewer.
     # ATTEND (filter and attend fused): each program then attends its own survivors, as
     # _code_attend_kernel does a split, and writes partial NPROG-indexed pid_n to O_PART,
     # L_PART (NPROG, BHM, ...): one launch and one pass over the survivor lists fewer
@@ -378,10 +321,6 @@ def _code_filter_kernel(Q, ROT, QR, TAU, tau_scalar, MAXN, MAXE, CODES, SCALE, E
     else:
         q1 = i1.to(tl.int8)
         q2 = i2.to(tl.int8)
-    if INT4:  # the 4-bit codes' own threshold: their larger error enters the slack
-        offs_h = tl.arange(0, DP // 2)
-        thr4 = _query_parts(qr, q, tau, r_ok, maxn, tl.load(MAXE4 + pid_bh), defect, HEAD_DIM)[5]
-        c4base = CODES4 + b.to(tl.int64) * s_4b + h.to(tl.int64) * s_4h
     cbase = CODES + b.to(tl.int64) * s_cb + h.to(tl.int64) * s_ch
     sbase = b.to(tl.int64) * s_sb + h.to(tl.int64) * s_sh
     obase = SURV + pid_bh.to(tl.int64) * SURV_STRIDE + pid_n.to(tl.int64) * SEG
@@ -392,37 +331,25 @@ def _code_filter_kernel(Q, ROT, QR, TAU, tau_scalar, MAXN, MAXE, CODES, SCALE, E
     for tile in tl.range(pid_n, n_tiles, NPROG, num_stages=STAGES):
         offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
-        s = tl.load(SCALE + sbase + offs_n, mask=n_ok, other=0.0)
-        if INT4:
-            w4 = tl.load(c4base + offs_n[:, None].to(tl.int64) * s_4n + offs_h[None, :], mask=n_ok[:, None],
-                         other=136)  # 0x88: zeros
-            # byte j holds columns 2j (low nibble) and 2j + 1: interleaved back to (BLOCK_N, DP)
-            c4 = tl.reshape(tl.join((w4 & 15).to(tl.int8) - 8, (w4 >> 4).to(tl.int8) - 8), [BLOCK_N, DP])
-            p1 = _dot_int(q1, c4, UPCAST)
-            p2 = _dot_int(q2, c4, UPCAST)
-            e4 = tl.load(ERR4 + sbase + offs_n, mask=n_ok, other=0.0)
-            ub4 = (s * _S4)[None, :] * (a1[:, None] * p1 + a2[:, None] * p2) + qn[:, None] * e4[None, :]
-            cand = (tl.max(tl.where(ub4 >= thr4[:, None], 1, 0), 0) > 0) & n_ok
+        c = tl.load(cbase + offs_n[:, None].to(tl.int64) * s_cn + offs_d[None, :], mask=n_ok[:, None], other=0)
+        if UPCAST:  # the interpreter's int8 matmul would wrap: integer-valued fp32 sums are exact
+            p1 = tl.dot(q1, tl.trans(c.to(tl.float32)), input_precision="ieee")
+            p2 = tl.dot(q2, tl.trans(c.to(tl.float32)), input_precision="ieee")
         else:
-            cand = n_ok
-        # the int8 codes of the candidates only (every key without the first stage)
-        c = tl.load(cbase + offs_n[:, None].to(tl.int64) * s_cn + offs_d[None, :], mask=cand[:, None], other=0)
-        p1 = _dot_int(q1, c, UPCAST)
-        p2 = _dot_int(q2, c, UPCAST)
-        e = tl.load(ERR + sbase + offs_n, mask=cand, other=0.0)
+            p1 = tl.dot(q1, tl.trans(c)).to(tl.float32)  # exact int32, |.| < 2^24
+            p2 = tl.dot(q2, tl.trans(c)).to(tl.float32)
+        s = tl.load(SCALE + sbase + offs_n, mask=n_ok, other=0.0)
+        e = tl.load(ERR + sbase + offs_n, mask=n_ok, other=0.0)
         ub = s[None, :] * (a1[:, None] * p1 + a2[:, None] * p2) + qn[:, None] * e[None, :]
         hit = tl.where(ub >= thr[:, None], 1, 0)
-        keep = (tl.max(hit, 0) > 0) & cand
+        keep = (tl.max(hit, 0) > 0) & n_ok
         keep_i = keep.to(tl.int32)
         pos = found + tl.cumsum(keep_i, 0) - 1
         tl.store(obase + pos, offs_n, mask=keep)
         found += tl.sum(keep_i, 0)
         if CERTIFY:  # keys no row keeps: score - tau <= ub - thr < 0 (thr absorbs every rounding)
             out = n_ok[None, :] & ~keep[None, :] & (offs_n[None, :] <= limit[:, None])
-            gap = ub - thr[:, None]
-            if INT4:  # keys the first stage dropped: their 4-bit bound
-                gap = tl.where(cand[None, :], gap, ub4 - thr4[:, None])
-            rem += tl.sum(tl.where(out, tl.exp2(gap * qk_scale), 0.0), 1)
+            rem += tl.sum(tl.where(out, tl.exp2((ub - thr[:, None]) * qk_scale), 0.0), 1)
     tl.store(COUNT + pid_bh * NPROG + pid_n, found)
     row = (b * Hkv * G + head).to(tl.int64) * M + mrow
     if ATTEND:

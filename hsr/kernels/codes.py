@@ -75,11 +75,6 @@ class CodeKVCache:
         Seeds the random rotation.
     capacity : int, optional
         Rows to reserve. Appending beyond it reallocates (and invalidates captured steps).
-    int4_stage : bool
-        Also keep 4-bit codes (``DP / 2 + 4`` more bytes a key) and filter in two stages: the
-        4-bit bound of every key first, the int8 bound only for the keys it passes. The same
-        keys survive or fewer; fewer bytes read where the first stage passes few keys
-        (docs/codes.md).
 
     Examples
     --------
@@ -88,8 +83,7 @@ class CodeKVCache:
     >>> out = step(q, k1, v1)   # add one token, attend; replays one graph at every length
     """
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor | None, *, seed: int = 0, capacity: int | None = None,
-                 int4_stage: bool = False) -> None:
+    def __init__(self, k: torch.Tensor, v: torch.Tensor | None, *, seed: int = 0, capacity: int | None = None) -> None:
         self._lock = RWLock()  # adds wait for searches in flight; searches run together
         self.has_values = v is not None
         if v is None:
@@ -126,8 +120,6 @@ class CodeKVCache:
         self.max_norm = torch.zeros(BH, dtype=torch.float32, device=self.device)
         self.max_err = torch.zeros(BH, dtype=torch.float32, device=self.device)
         self.status = torch.zeros(1, dtype=torch.int32, device=self.device)
-        self.int4 = bool(int4_stage)
-        self.max_err4 = torch.zeros(BH if self.int4 else 1, dtype=torch.float32, device=self.device)
         self.capacity = 0
         self._alloc(max(int(capacity or 0), n, 64))
         self.add(k, v if self.has_values else None)
@@ -140,10 +132,6 @@ class CodeKVCache:
         codes = torch.zeros(B, H, cap, self.DP, dtype=torch.int8, device=dev)
         scale = torch.zeros(B, H, cap, dtype=torch.float32, device=dev)
         err = torch.zeros(B, H, cap, dtype=torch.float32, device=dev)
-        # the 4-bit stage's codes (0x88: two zero codes) and errors; a placeholder without it
-        c4_shape, e4_shape = ((B, H, cap, self.DP // 2), (B, H, cap)) if self.int4 else ((1, 1, 1, 1), (1, 1, 1))
-        codes4 = torch.full(c4_shape, 0x88, dtype=torch.uint8, device=dev)
-        err4 = torch.zeros(e4_shape, dtype=torch.float32, device=dev)
         if self.capacity:
             n = self.n
             k[:, :, :n] = self.k[:, :, :n]
@@ -152,11 +140,7 @@ class CodeKVCache:
             codes[:, :, :n] = self.codes[:, :, :n]
             scale[:, :, :n] = self.scale[:, :, :n]
             err[:, :, :n] = self.err[:, :, :n]
-            if self.int4:
-                codes4[:, :, :n] = self.codes4[:, :, :n]
-                err4[:, :, :n] = self.err4[:, :, :n]
         self.k, self.v, self.codes, self.scale, self.err = k, v, codes, scale, err
-        self.codes4, self.err4 = codes4, err4
         self.capacity = cap
         self._storage += 1
 
@@ -195,8 +179,6 @@ class CodeKVCache:
         """Device bytes at the capacity: ``kv`` (K, V), ``index`` (codes, steps, errors, words), ratio."""
         kv = self.k.numel() * self.k.element_size() + (self.v.numel() * self.v.element_size() if self.has_values else 0)
         index = self.codes.numel() + 4 * (self.scale.numel() + self.err.numel() + 3 * self.lengths.numel() + 1)
-        if self.int4:
-            index += self.codes4.numel() + 4 * (self.err4.numel() + self.max_err4.numel())
         return {"kv": kv, "index": index, "index_over_kv": index / kv}
 
     # ------------------------------------------------------------------ status
@@ -258,11 +240,6 @@ class CodeKVCache:
         self.n += t
         self._version += 1
 
-    def _int4_args(self):
-        """The 4-bit stage's arrays and the codes' strides, as every kernel takes them."""
-        c4 = self.codes4
-        return (c4, self.err4, self.max_err4, c4.stride(0), c4.stride(1), c4.stride(2))
-
     def _launch_add(self, k, v, t, *, block_j=None, num_warps=None):
         # one program per (batch, kv head) for a decode step's few tokens (it also advances
         # the length); long appends spread over programs of up to 64 tokens each. block_j:
@@ -277,9 +254,9 @@ class CodeKVCache:
             self.status, self.rot32, t, per, k.stride(0), k.stride(1), k.stride(2), vv.stride(0), vv.stride(1),
             vv.stride(2), self.k.stride(0), self.k.stride(1), self.k.stride(2), vc.stride(0), vc.stride(1),
             vc.stride(2), self.codes.stride(0), self.codes.stride(1), self.codes.stride(2), self.scale.stride(0),
-            self.scale.stride(1), self.Hkv, self.defect, *self._int4_args(), HEAD_DIM=self.D, DP=self.DP,
+            self.scale.stride(1), self.Hkv, self.defect, HEAD_DIM=self.D, DP=self.DP,
             BLOCK_J=min(block_j or self.DP, self.DP), HAS_V=self.has_values, UPDATE_LEN=progs == 1,
-            num_warps=num_warps or (8 if self.DP >= 128 else 4), INT4=self.int4)
+            num_warps=num_warps or (8 if self.DP >= 128 else 4))
         if progs > 1:  # several programs per head read the old length: advance it after them
             self.lengths.add_(t)
 
@@ -302,10 +279,10 @@ class CodeKVCache:
             self.status, self.rot32, t, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
             v.stride(2), self.k.stride(0), self.k.stride(1), self.k.stride(2), vc.stride(0), vc.stride(1),
             vc.stride(2), self.codes.stride(0), self.codes.stride(1), self.codes.stride(2), self.scale.stride(0),
-            self.scale.stride(1), self.Hkv, self.defect, *self._int4_args(),
+            self.scale.stride(1), self.Hkv, self.defect,
             q, QR, q.stride(0), q.stride(1), q.stride(2), G, M,
             HEAD_DIM=D, DP=self.DP, BLOCK_J=self.DP, HAS_V=self.has_values, ADD=add is not None, ROWS=rows,
-            BLOCK_R=32, num_warps=8 if (add is not None and self.DP >= 128) else 4, INT4=self.int4)
+            BLOCK_R=32, num_warps=8 if (add is not None and self.DP >= 128) else 4)
 
     # ------------------------------------------------------------------ plan (filter)
     def _check_q(self, q):
@@ -411,7 +388,7 @@ class CodeKVCache:
         _code_filter_kernel[(nprog, BH)](
             q, self.rot32, QR, count if tau_t is None else tau_t, tau_s, self.max_norm, self.max_err, self.codes,
             self.scale, self.err, count, surv, self.lengths, self.status, count if rem is None else rem,
-            kv[0], kv[1], count if bias_t is None else bias_t, bias_s, o_part, l_part, *self._int4_args(),
+            kv[0], kv[1], count if bias_t is None else bias_t, bias_s, o_part, l_part,
             q.stride(0), q.stride(1), q.stride(2),
             ts[0], ts[1], ts[2], self.codes.stride(0), self.codes.stride(1), self.codes.stride(2),
             self.scale.stride(0), self.scale.stride(1),
@@ -421,8 +398,7 @@ class CodeKVCache:
             ROWS=rows, BLOCK_N=block_n, HEAD_DIM=D, DP=self.DP, TAU_TENSOR=tau_t is not None,
             UPCAST=interpreting() or (attend is not None and q.dtype == torch.float32), ROTATE=rotate,
             BLOCK_K=min(32, D), STAGES=num_stages, CERTIFY=certify, ATTEND=attend is not None, KIND=kind_id,
-            ALPHA=alpha, BIAS_TENSOR=bias_t is not None, BLOCK_A=64, INT4=self.int4 and not rotate,
-            num_warps=num_warps)
+            ALPHA=alpha, BIAS_TENSOR=bias_t is not None, BLOCK_A=64, num_warps=num_warps)
         plan = CodePlan(surv, count, seg, (tau_t, tau_s), (bias_t, bias_s), rows, M, self._version,
                         remainder=rem, scale=s)
         return plan if attend is None else (plan, o_part, l_part)
@@ -605,11 +581,9 @@ class CodeKVCache:
                           dense=dense, certify=certify, fuse=fuse)
 
     def keys_read_bytes(self) -> int:
-        """Bytes one filter step reads of every key of every head: its int8 code, step and
-        error; with the 4-bit stage its 4-bit code, step and 4-bit error (plus the int8 code
-        and error of the keys the first stage passes, not counted here)."""
-        return self.B * self.Hkv * self.n * (self.DP // 2 + 8 if self.int4 else self.DP + 8)
+        """Bytes one filter step reads: codes, steps and errors of every key of every head."""
+        return self.B * self.Hkv * self.n * (self.DP + 8)
 
     def __repr__(self):
         return (f"CodeKVCache(B={self.B}, Hkv={self.Hkv}, n={self.n}, capacity={self.capacity}, D={self.D}, "
-                f"dtype={self.dtype}, device={self.device}{', int4_stage=True' if self.int4 else ''})")
+                f"dtype={self.dtype}, device={self.device})")
