@@ -90,6 +90,8 @@ def main(argv=None):
                     help="CodeCache's filter_from (default: the library's FILTER_FROM; 0: the filter at every size)")
     ap.add_argument("--dense-mode", action="store_true",
                     help="also run CodeCache in dense mode (filter_from above every size): the strong dense loop")
+    ap.add_argument("--eager", action="store_true",
+                    help="run every loop eagerly (no CUDA graph): what a caller without a captured step gets")
     ap.add_argument("--max-tokens", type=int, default=262144,
                     help="skip configurations whose prompt tokens B*n exceed this (prefill time and memory)")
     ap.add_argument("--out", default=default_out("generate_gpu.json"))
@@ -125,7 +127,7 @@ def main(argv=None):
                 for layer in model.model.layers:
                     layer.self_attn.q_proj.weight.mul_(gain / gain_now)
             gain_now = gain
-            row = dict(shape=shape, n=n, B=B, new=args.new, eps=args.eps, qk_gain=gain,
+            row = dict(shape=shape, n=n, B=B, new=args.new, eps=args.eps, qk_gain=gain, graphs=not args.eager,
                        weights="random " + ("bf16" if dev.type == "cuda" else "fp32"))
             if B * n > args.max_tokens:  # the prefill's time and memory: said, not attempted
                 row["skipped"] = f"B*n = {B * n} > --max-tokens {args.max_tokens}"
@@ -142,11 +144,12 @@ def main(argv=None):
                 model.set_attn_implementation(impl)
                 try:
                     with torch.no_grad():
-                        generate_greedy(model, ids[:, :64], 4, make())  # warm: compile, autotune
+                        graph = False if args.eager else None
+                        generate_greedy(model, ids[:, :64], 4, make(), graph=graph)  # warm: compile, autotune
                         tm = {}
                         cache = make()
                         stats.start()
-                        out = generate_greedy(model, ids, args.new, cache, timings=tm)
+                        out = generate_greedy(model, ids, args.new, cache, timings=tm, graph=graph)
                         stats.on = False
                     # the replayed steps: the decode time past the first step (eager + capture)
                     decode_s = max(tm["decode_s"] - tm.get("first_step_s", 0.0), 1e-9)
