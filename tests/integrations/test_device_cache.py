@@ -10,6 +10,11 @@ from hsr.integrations.transformers import (CodeCache, calibrate_tau, generate_gr
                                            register_code_attention)
 
 
+#: the code cache's kernels run on the GPU where there is one (compiled), else under Triton's
+#: interpreter on the CPU (tests/conftest.py sets it): the model and its inputs live there
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _model(seed=0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -17,7 +22,7 @@ def _model(seed=0):
     cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    return LlamaForCausalLM(cfg).eval(), cfg
+    return LlamaForCausalLM(cfg).eval().to(DEV), cfg
 
 
 def _dense_greedy(model, ids, new):
@@ -28,7 +33,7 @@ def _dense_greedy(model, ids, new):
 
 def test_greedy_decoding_through_the_code_cache_equals_dense():
     model, cfg = _model()
-    ids = torch.randint(3, 64, (2, 40), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(3, 64, (2, 40), generator=torch.Generator().manual_seed(1)).to(DEV)
     want = _dense_greedy(model, ids, 6)
     backend = register_code_attention("hsr_code_test", eps=1e-6)
     model.set_attn_implementation("hsr_code_test")
@@ -46,7 +51,7 @@ def test_a_small_cache_decodes_with_sdpa_over_its_buffers():
     (masked to the device-side length), no threshold is calibrated, and greedy tokens equal
     dense decoding; the filter_from argument is checked."""
     model, cfg = _model()
-    ids = torch.randint(3, 64, (2, 40), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(3, 64, (2, 40), generator=torch.Generator().manual_seed(1)).to(DEV)
     want = _dense_greedy(model, ids, 6)
     register_code_attention("hsr_code_small", eps=1e-3)
     model.set_attn_implementation("hsr_code_small")
@@ -54,7 +59,7 @@ def test_a_small_cache_decodes_with_sdpa_over_its_buffers():
     got = generate_greedy(model, ids, 6, cache)
     assert torch.equal(got, want)
     assert all(layer.filtered is False and layer.tau is None for layer in cache.layers)
-    q = torch.randn(2, 4, 1, 16, generator=torch.Generator().manual_seed(3))
+    q = torch.randn(2, 4, 1, 16, generator=torch.Generator().manual_seed(3)).to(DEV)
     layer = cache.layers[0]
     n = layer.code.n
     ref = torch.nn.functional.scaled_dot_product_attention(q, layer.code.k[:, :, :n], layer.code.v[:, :, :n],
@@ -93,7 +98,7 @@ def test_a_full_cache_and_a_foreign_cache_are_refused():
     model, cfg = _model()
     register_code_attention("hsr_code_test2")
     model.set_attn_implementation("hsr_code_test2")
-    ids = torch.randint(3, 64, (1, 10))
+    ids = torch.randint(3, 64, (1, 10)).to(DEV)
     with pytest.raises(ValueError, match="CodeCache is full"):
         generate_greedy(model, ids, 8, CodeCache(cfg, max_cache_len=12))
     with pytest.raises(ValueError, match="runs with a CodeCache only"):
@@ -112,7 +117,7 @@ def test_the_dense_loop_to_compare_with_is_greedy_decoding_too():
     from transformers import StaticCache
 
     model, cfg = _model(seed=3)
-    ids = torch.randint(3, 64, (2, 20), generator=torch.Generator().manual_seed(4))
+    ids = torch.randint(3, 64, (2, 20), generator=torch.Generator().manual_seed(4)).to(DEV)
     want = _dense_greedy(model, ids, 5)
     got = generate_greedy(model, ids, 5, StaticCache(config=cfg, max_cache_len=32))
     assert torch.equal(got, want)
@@ -123,7 +128,7 @@ def test_a_layer_whose_tau_keeps_most_keys_decodes_densely():
     (kept_share, checked against a direct count); above dense_above it decodes with SDPA over
     its buffers and says so (filtered False); greedy tokens still equal dense decoding."""
     model, cfg = _model()
-    ids = torch.randint(3, 64, (2, 40), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(3, 64, (2, 40), generator=torch.Generator().manual_seed(1)).to(DEV)
     want = _dense_greedy(model, ids, 6)
     for above, filtered in ((0.0, False), (1.0, True)):
         register_code_attention("hsr_code_above", eps=1e-3, dense_above=above)
