@@ -345,8 +345,9 @@ def generate_greedy(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tok
 
     ``timings``, a dict, receives ``prefill_s`` and ``decode_s`` (seconds, the device
     synchronised at both ends of each: only when asked), ``first_step_s`` (the part of
-    ``decode_s`` spent on the first step and the graph's capture), and ``capture_error`` when the
-    model's forward could not be captured (the loop then runs eagerly)."""
+    ``decode_s`` spent on the first step, which compiles the kernels, and the graph's capture),
+    and ``capture_error`` when the model's forward could not be captured (the loop then runs
+    eagerly)."""
     import time
     import inspect
 
@@ -410,9 +411,9 @@ def generate_greedy(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tok
             if isinstance(cache, CodeCache):  # recording ran nothing: put the host's counts back
                 for layer in cache.layers:
                     layer.crop(n - layer.code.n)
-            if timings is not None:
-                sync()
-                timings["first_step_s"] = time.perf_counter() - t1
+        if i == 0 and timings is not None:  # eager or not, the first step compiles the kernels
+            sync()
+            timings["first_step_s"] = time.perf_counter() - t1
     ids[:, P + max_new_tokens - 1] = tok[:, 0]
     if timings is not None:
         sync()
