@@ -144,6 +144,41 @@ def sdpa(q, k, v, **kw):
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kw)
 
 
+def sdpa_captured(q, k, v, kb, vb, n0, n, steps, reps):
+    """Captured SDPA decode steps over a buffer of ``n`` positions holding ``k, v``'s first
+    ``n0``, each writing the token ``kb, vb``: ``(graph_ms, static_ms)``. ``graph``: at exactly
+    ``n`` keys (a graph per length: the best case, which a loop cannot have); ``static``:
+    transformers' static-cache form, the whole capacity masked to the length (one graph)."""
+    B, Hkv, _, D = k.shape
+    kc = torch.zeros(B, Hkv, n, D, dtype=k.dtype, device=k.device)
+    vc = torch.zeros_like(kc)
+    kc[:, :, :n0], vc[:, :, :n0] = k[:, :, :n0], v[:, :, :n0]
+    pos = torch.tensor([n - 1], device=k.device)
+
+    def dense_fixed():
+        kc.index_copy_(2, pos, kb)
+        vc.index_copy_(2, pos, vb)
+        return sdpa(q, kc, vc)
+
+    g = capture(dense_fixed)
+    t_graph = time_loop(lambda i: g.replay(), steps, reps)
+    mask = torch.zeros(B, 1, 1, n, dtype=torch.bool, device=k.device)
+    mask[..., :n0] = True
+    length = torch.tensor([n0], device=k.device)
+
+    def dense_static():
+        kc.index_copy_(2, length, kb)
+        vc.index_copy_(2, length, vb)
+        mask.index_fill_(3, length, True)
+        length.add_(1)
+        return sdpa(q, kc, vc, attn_mask=mask)
+
+    g_static = capture(dense_static)
+    t_static = time_loop(lambda i: g_static.replay(), steps, reps,
+                         lambda: (length.fill_(n0), mask[..., n0:].fill_(False)))
+    return t_graph, t_static
+
+
 def one_config(real, D, n, B, steps, reps, top, bw, dev, profile=False, sweep=False):
     q, k, v = make_inputs(real, D, n, B, steps, dev)
     Hq, Hkv = q.shape[1], k.shape[1]
@@ -263,30 +298,8 @@ def one_config(real, D, n, B, steps, reps, top, bw, dev, profile=False, sweep=Fa
         return sdpa(qs[i], kc[:, :, :p + 1], vc[:, :, :p + 1])
 
     res["sdpa_eager_ms"] = time_loop(dense_eager, steps, reps)
-    qb, kb, vb = qs[-1].clone(), knew[-1].clone(), vnew[-1].clone()
-    pos = torch.tensor([n - 1], device=dev)
-
-    def dense_fixed():
-        kc.index_copy_(2, pos, kb)
-        vc.index_copy_(2, pos, vb)
-        return sdpa(qb, kc, vc)
-
-    g = capture(dense_fixed)
-    res["sdpa_graph_ms"] = time_loop(lambda i: g.replay(), steps, reps)
-    mask = torch.zeros(B, 1, 1, n, dtype=torch.bool, device=dev)
-    mask[..., :n0] = True
-    length = torch.tensor([n0], device=dev)
-
-    def dense_static():  # transformers' StaticCache: the whole capacity, masked
-        kc.index_copy_(2, length, kb)
-        vc.index_copy_(2, length, vb)
-        mask.index_fill_(3, length, True)
-        length.add_(1)
-        return sdpa(qb, kc, vc, attn_mask=mask)
-
-    g_static = capture(dense_static)
-    res["sdpa_static_ms"] = time_loop(lambda i: g_static.replay(), steps, reps,
-                                      lambda: (length.fill_(n0), mask[..., n0:].fill_(False)))
+    res["sdpa_graph_ms"], res["sdpa_static_ms"] = sdpa_captured(qs[-1].clone(), k, v, knew[-1].clone(),
+                                                                vnew[-1].clone(), n0, n, steps, reps)
     res["sdpa_best_ms"] = min(res["sdpa_eager_ms"], res["sdpa_graph_ms"], res["sdpa_static_ms"])
 
     # ---------------- accuracy at length n (the last step), floors, ratios
@@ -308,7 +321,7 @@ def one_config(real, D, n, B, steps, reps, top, bw, dev, profile=False, sweep=Fa
     res["graph_vs_sdpa_graph"] = res["sdpa_graph_ms"] / res["ours_graph_ms"]
     res["eager_vs_sdpa_eager"] = res["sdpa_eager_ms"] / res["ours_eager_ms"]
     res["graph_over_floor"] = res["ours_graph_ms"] / res["ours_floor_ms"]
-    del cache, step, g, g_static, g_add, g_filter, g_filter_in, g_attend
+    del cache, step, g_add, g_filter, g_filter_in, g_attend
     return res
 
 
@@ -333,40 +346,14 @@ def crossover_config(real, D, n, B, steps, reps, tops, dev):
         cache.check()
         rows.append(dict(D=D, n=n, B=B, top=top, ours_graph_inplace_ms=t))
         del step
-    kc = torch.zeros(B, k.shape[1], n, D, dtype=k.dtype, device=dev)
-    vc = torch.zeros_like(kc)
-    kc[:, :, :n0], vc[:, :, :n0] = k[:, :, :n0], v[:, :, :n0]
-    kb, vb = knew[-1].clone(), vnew[-1].clone()
-    mask = torch.zeros(B, 1, 1, n, dtype=torch.bool, device=dev)
-    mask[..., :n0] = True
-    length = torch.tensor([n0], device=dev)
-
-    def dense_static():
-        kc.index_copy_(2, length, kb)
-        vc.index_copy_(2, length, vb)
-        mask.index_fill_(3, length, True)
-        length.add_(1)
-        return sdpa(q, kc, vc, attn_mask=mask)
-
-    g_static = capture(dense_static)
-    t_static = time_loop(lambda i: g_static.replay(), steps, reps,
-                         lambda: (length.fill_(n0), mask[..., n0:].fill_(False)))
-    pos = torch.tensor([n - 1], device=dev)
-
-    def dense_fixed():
-        kc.index_copy_(2, pos, kb)
-        vc.index_copy_(2, pos, vb)
-        return sdpa(q, kc, vc)
-
-    g = capture(dense_fixed)
-    t_exact = time_loop(lambda i: g.replay(), steps, reps)
+    del cache
+    t_exact, t_static = sdpa_captured(q, k, v, knew[-1].clone(), vnew[-1].clone(), n0, n, steps, reps)
     for r in rows:
         r.update(sdpa_static_ms=t_static, sdpa_graph_ms=t_exact, vs_static=t_static / r["ours_graph_inplace_ms"],
                  vs_best=min(t_static, t_exact) / r["ours_graph_inplace_ms"])
         print(f"d{D} n={n} B={B} top {r['top']:.2f}: ours {r['ours_graph_inplace_ms']*1e3:6.1f} us | sdpa static "
               f"{t_static*1e3:6.1f} exact {t_exact*1e3:6.1f} | x{r['vs_static']:.2f} vs static, "
               f"x{r['vs_best']:.2f} vs best", flush=True)
-    del g, g_static, cache
     return rows
 
 
