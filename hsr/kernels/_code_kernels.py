@@ -5,7 +5,9 @@ entry per (batch, kv head)) and sizes nothing from it on the host: grids come fr
 capacity, programs past the length exit early, so one captured CUDA graph replays at every
 length up to the capacity (as paged decode kernels take their sequence lengths as a tensor).
 
-Kernels (a decode step is ``add`` + ``filter`` + ``attend`` + the merge of the splits):
+Kernels (a decode step is three launches: ``_prepare_kernel`` — the add and the query's
+rotation —, ``_code_filter_kernel`` with ``ATTEND`` — filter and attend —, and the merge of
+the partials; :meth:`~hsr.kernels.CodeKVCache.plan` and ``run`` launch them apart):
 
 ``_code_add_kernel``, grid (B*Hkv, tiles of new tokens)
     Writes the new keys and values at the device-side position ``LENS[bh]``, rotates them
@@ -15,17 +17,26 @@ Kernels (a decode step is ``add`` + ``filter`` + ``attend`` + the merge of the s
     bounds, atomic max) and, when one program covers the new tokens, advances ``LENS``.
     Reads and writes ``t * (2 * 2D + DP + 8)`` bytes per head: microseconds.
 
+``_prepare_kernel``, grid (B*Hkv, DP / 32)
+    Rotates the group's query rows into ``QR`` (a column block per program); with ``ADD``,
+    the first program of each head also adds its tokens as ``_code_add_kernel`` does.
+
 ``_code_filter_kernel``, a persistent grid (programs per (batch, kv head) from the capacity)
-    Rotates the group's query rows itself (``ROTATE``) or reads them from
-    ``_rotate_kernel`` (the default: measured faster on an H200), splits them into two int8 parts, thresholds once,
+    Rotates the group's query rows itself (``ROTATE``) or reads them from ``QR`` (the
+    default: measured faster on an H200), splits them into two int8 parts, thresholds once,
     then strides over the key tiles below the length, reading ``DP + 8`` bytes per key, and
-    appends the survivors of any row of the group to the program's own segment.
+    appends the survivors of any row of the group to the program's own segment. With
+    ``ATTEND`` it then attends that segment and writes one partial per program.
 
 ``_code_attend_kernel``, grid (splits, B*Hkv)
     Gathers the survivors' K and V (``DENSE``: every key below the length, no filter: the
     fallback where the filter costs more than it saves), keeps ``score >= tau`` (fp32-accumulated scores) and the
     causal limit, accumulates softmax (online) or ReLU^alpha. A row whose inputs it must not
     trust gets NaN (never a finite wrong answer) and a bit in ``STATUS`` (see ``BAD_*``).
+
+``_certify_kernel``, grid (rows / 32,)
+    Turns each row's dropped-term sum and lse into the certificate (``_code_plan.dropped_terms``
+    and ``certified_share``, in one pass).
 """
 from __future__ import annotations
 
@@ -185,7 +196,7 @@ def _prepare_kernel(KN, VN, K, V, CODES, SCALE, ERR, MAXN, MAXE, LENS, STATUS, R
                     HEAD_DIM: tl.constexpr, DP: tl.constexpr, BLOCK_J: tl.constexpr, HAS_V: tl.constexpr,
                     ADD: tl.constexpr, ROWS: tl.constexpr, BLOCK_R: tl.constexpr):
     # A decode step's first launch, grid (B*Hkv, DP // BLOCK_R): program (bh, j) rotates
-    # columns [j*BLOCK_R, ...) of kv head bh's query rows into QR (as _rotate_kernel); with
+    # columns [j*BLOCK_R, ...) of kv head bh's query rows into QR (_rotate_columns); with
     # ADD, program (bh, 0) also adds the T new tokens of head bh (T <= 64: one program per
     # head). The two are independent (the filter, next launch, reads both), so the add runs
     # beside the other columns' rotations instead of in a launch of its own.
