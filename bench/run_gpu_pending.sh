@@ -6,6 +6,9 @@
 #   faiss    the CPU batch path's thread scaling on the GPU host's 16 cores (issue 24)
 #   generate greedy generate() with CodeCache vs StaticCache + SDPA, both captured (issue 22)
 #   striped  the striped decode step on 1 and 2 GPUs (issue 26; needs a 2-GPU machine)
+#   tests    the code cache's kernel and integration tests, compiled (the integration tests
+#            have not run on a GPU since they moved their model there)
+#   eager    greedy generate() without CUDA graphs, 8B shape at 128K B 1 (never measured)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out}; mkdir -p "$OUT"
@@ -16,5 +19,9 @@ case "${1:-decode}" in
   faiss)    timeout 560 python bench/bench_faiss.py --threads-scaling 1,2,4,8,16 --out "$OUT/faiss_threads.json" 2>&1 | tee "$OUT/faiss_log.txt" ;;
   generate) timeout 560 python bench/bench_generate_gpu.py --out "$OUT/generate_gpu.json" 2>&1 | tee "$OUT/generate_log.txt" ;;
   striped)  timeout 560 python bench/bench_striped.py --worlds 1,2 --out "$OUT/striped.json" 2>&1 | tee "$OUT/striped_log.txt" ;;
-  *) echo "usage: $0 decode|faiss|generate|striped"; exit 2 ;;
+  tests)    timeout 560 python -m pytest -q -p no:cacheprovider tests/kernels/test_codes.py tests/kernels/test_decode_step.py \
+              tests/integrations/test_device_cache.py 2>&1 | tee "$OUT/tests_log.txt" ;;
+  eager)    timeout 560 python bench/bench_generate_gpu.py --shapes 8b --n 131072 --batch 1 --qk-gain 4 --dense-mode \
+              --eager --new 32 --out "$OUT/generate_gpu_eager.json" 2>&1 | tee "$OUT/generate_eager_log.txt" ;;
+  *) echo "usage: $0 decode|faiss|generate|striped|tests|eager"; exit 2 ;;
 esac
