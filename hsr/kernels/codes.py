@@ -240,6 +240,17 @@ class CodeKVCache:
         self.n += t
         self._version += 1
 
+    def _add_args(self, k, v, t, per):
+        """The arguments the add kernels share: new ``(B, Hkv, t, D)`` keys and values (``v``
+        None for a keys-only cache), ``per`` tokens a program, the cache's arrays, strides."""
+        v = v if v is not None else k
+        vc = self.v if self.has_values else self.k
+        return (k, v, self.k, vc, self.codes, self.scale, self.err, self.max_norm, self.max_err, self.lengths,
+                self.status, self.rot32, t, per, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
+                v.stride(2), self.k.stride(0), self.k.stride(1), self.k.stride(2), vc.stride(0), vc.stride(1),
+                vc.stride(2), self.codes.stride(0), self.codes.stride(1), self.codes.stride(2), self.scale.stride(0),
+                self.scale.stride(1), self.Hkv, self.defect)
+
     def _launch_add(self, k, v, t, *, block_j=None, num_warps=None):
         # one program per (batch, kv head) for a decode step's few tokens (it also advances
         # the length); long appends spread over programs of up to 64 tokens each. block_j:
@@ -247,14 +258,8 @@ class CodeKVCache:
         # measured fastest on an H100 (6.1 against 8.8 us at d 128, 5.0 against 5.6 at d 64)
         per = t if t <= 64 else 64
         progs = triton.cdiv(t, per)
-        vv = v if v is not None else k
-        vc = self.v if self.has_values else self.k
         _code_add_kernel[(self.B * self.Hkv, progs)](
-            k, vv, self.k, vc, self.codes, self.scale, self.err, self.max_norm, self.max_err, self.lengths,
-            self.status, self.rot32, t, per, k.stride(0), k.stride(1), k.stride(2), vv.stride(0), vv.stride(1),
-            vv.stride(2), self.k.stride(0), self.k.stride(1), self.k.stride(2), vc.stride(0), vc.stride(1),
-            vc.stride(2), self.codes.stride(0), self.codes.stride(1), self.codes.stride(2), self.scale.stride(0),
-            self.scale.stride(1), self.Hkv, self.defect, HEAD_DIM=self.D, DP=self.DP,
+            *self._add_args(k, v, t, per), HEAD_DIM=self.D, DP=self.DP,
             BLOCK_J=min(block_j or self.DP, self.DP), HAS_V=self.has_values, UPDATE_LEN=progs == 1,
             num_warps=num_warps or (8 if self.DP >= 128 else 4))
         if progs > 1:  # several programs per head read the old length: advance it after them
@@ -265,22 +270,10 @@ class CodeKVCache:
         first column program of each head also adds its tokens (``t <= 64``) and advances the
         length: one launch for both, as a decode step needs them."""
         B, Hq, M, D = q.shape
-        G = Hq // self.Hkv
-        if add is None:
-            k = v = vc = self.k  # unread
-            t = 0
-        else:
-            k, v = add
-            v = v if v is not None else k
-            t = k.shape[2]
-            vc = self.v if self.has_values else self.k
+        k, v = add if add is not None else (self.k, self.k)  # without an add: unread
+        t = k.shape[2] if add is not None else 0
         _prepare_kernel[(self.B * self.Hkv, self.DP // 32)](
-            k, v, self.k, vc, self.codes, self.scale, self.err, self.max_norm, self.max_err, self.lengths,
-            self.status, self.rot32, t, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
-            v.stride(2), self.k.stride(0), self.k.stride(1), self.k.stride(2), vc.stride(0), vc.stride(1),
-            vc.stride(2), self.codes.stride(0), self.codes.stride(1), self.codes.stride(2), self.scale.stride(0),
-            self.scale.stride(1), self.Hkv, self.defect,
-            q, QR, q.stride(0), q.stride(1), q.stride(2), G, M,
+            *self._add_args(k, v, t, t), q, QR, q.stride(0), q.stride(1), q.stride(2), Hq // self.Hkv, M,
             HEAD_DIM=D, DP=self.DP, BLOCK_J=self.DP, HAS_V=self.has_values, ADD=add is not None, ROWS=rows,
             BLOCK_R=32, num_warps=8 if (add is not None and self.DP >= 128) else 4)
 
@@ -438,16 +431,20 @@ class CodeKVCache:
         self._raise_if(check)
         return out
 
+    def _attention_kind(self, kind, alpha):
+        """``(kind_id, alpha)`` checked, for a cache that holds values."""
+        kind_id = check_kind(kind)
+        if not self.has_values:
+            raise ValueError("this cache holds keys only (v=None): no attention")
+        return kind_id, check_alpha(alpha)
+
     def _run(self, q, plan: CodePlan, *, kind, alpha=2, scale=None, num_splits=None, return_bound=False,
              return_terms=False, out=None, lse=None):
         """:meth:`run`'s body: ``q`` checked, the read lock held by the caller. ``return_terms``
         (with ``return_bound``): also the certificate's ``log_dropped, lse_low``
         (:func:`dropped_terms`), which add over disjoint key sets. ``out``, ``lse``: contiguous
         buffers of the result's shapes to write into (a captured step's own: no copies after)."""
-        kind_id = check_kind(kind)
-        if not self.has_values:
-            raise ValueError("this cache holds keys only (v=None): no attention")
-        alpha = check_alpha(alpha)
+        kind_id, alpha = self._attention_kind(kind, alpha)
         if not isinstance(plan, CodePlan):
             raise TypeError(f"plan must be a CodePlan (from CodeKVCache.plan), got {type(plan).__name__}")
         if plan.version != self._version:
@@ -527,10 +524,7 @@ class CodeKVCache:
         then the merge (and the certificate): what :meth:`attend` and a decode step run.
         ``add=(k, v)``: add these tokens first, in the launch that rotates the query.
         Returns ``(plan, result)``, ``result`` as :meth:`_run`'s."""
-        kind_id = check_kind(kind)
-        if not self.has_values:
-            raise ValueError("this cache holds keys only (v=None): no attention")
-        alpha = check_alpha(alpha)
+        kind_id, alpha = self._attention_kind(kind, alpha)
         s = float(scale) if scale is not None else self.D ** -0.5
         plan, o_part, l_part = self._plan(q, tau, bias=bias, certify=certify, scale=s, attend=(kind_id, alpha),
                                           add=add)
