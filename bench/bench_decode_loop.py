@@ -15,8 +15,10 @@ cache is cropped back between repetitions), reporting the median time per step:
 * ``ours_dense_graph``: the same step with no filter (every key scored by our attend kernel):
   the fallback where the filter costs more than it saves;
 * ``ours_eager``: ``cache.add(k, v, check=False)`` then ``cache.attend(q, spec, check=False)``
-  (no host synchronisation); ``ours_eager_checked``: the same with ``check=True`` (one
-  synchronisation in ``add`` and one in ``attend``: the clear-error mode);
+  (no host synchronisation; each call replays the cache's own graph of its shape);
+  ``ours_eager_checked``: the same with ``check=True`` (one synchronisation in ``add`` and
+  one in ``attend``: the clear-error mode); ``ours_eager_launched``: the eager loop with the
+  cache's replays off (every Triton kernel launched from Python);
 * ``sdpa_eager``: the new K/V written into a preallocated cache, then torch SDPA over the
   first n positions (GQA, torch's default backend choice), eager;
 * ``sdpa_graph``: the same step captured in a CUDA graph at the final length and replayed
@@ -246,6 +248,9 @@ def one_config(real, D, n, B, steps, reps, top, bw, dev, profile=False, sweep=Fa
         pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(14)
         res["eager_profile"] = buf.getvalue()
         print(res["eager_profile"][-3000:])
+    cache.replays.enabled = False
+    res["ours_eager_launched_ms"] = time_loop(eager, steps, reps, reset)
+    cache.replays.enabled = True
     res["ours_eager_checked_ms"] = time_loop(lambda i: eager(i, True), steps, reps, reset)
     # parts, each captured alone: add (replayed `steps` times from n0), then filter and attend at n
     cache.crop(n0)
@@ -320,6 +325,7 @@ def one_config(real, D, n, B, steps, reps, top, bw, dev, profile=False, sweep=Fa
     res["graph_inplace_vs_sdpa_best"] = res["sdpa_best_ms"] / res["ours_graph_inplace_ms"]
     res["graph_vs_sdpa_graph"] = res["sdpa_graph_ms"] / res["ours_graph_ms"]
     res["eager_vs_sdpa_eager"] = res["sdpa_eager_ms"] / res["ours_eager_ms"]
+    res["eager_launched_vs_sdpa_eager"] = res["sdpa_eager_ms"] / res["ours_eager_launched_ms"]
     res["graph_over_floor"] = res["ours_graph_ms"] / res["ours_floor_ms"]
     del cache, step, g_add, g_filter, g_filter_in, g_attend
     return res
@@ -396,7 +402,7 @@ def main(argv=None):
                       f"{r['ours_graph_unfused_inplace_ms']*1e3:6.1f}, attend only "
                       f"{r['ours_attend_only_inplace_ms']*1e3:6.1f}, certified {r['ours_graph_certified_ms']*1e3:6.1f} "
                       f"bound<={r['certified_bound_max']:.1e}) "
-                      f"dense-mode {r['ours_dense_graph_ms']*1e3:6.1f} eager {r['ours_eager_ms']*1e3:6.1f} (checked {r['ours_eager_checked_ms']*1e3:6.1f}) | "
+                      f"dense-mode {r['ours_dense_graph_ms']*1e3:6.1f} eager {r['ours_eager_ms']*1e3:6.1f} (checked {r['ours_eager_checked_ms']*1e3:6.1f}, launched {r['ours_eager_launched_ms']*1e3:6.1f}) | "
                       f"sdpa eager {r['sdpa_eager_ms']*1e3:6.1f} graph {r['sdpa_graph_ms']*1e3:6.1f} "
                       f"static {r['sdpa_static_ms']*1e3:6.1f} | x{r['graph_vs_sdpa_best']:.2f} vs best, "
                       f"eager x{r['eager_vs_sdpa_eager']:.2f} | parts add {r['add_graph_ms']*1e3:.1f} "

@@ -42,8 +42,9 @@ from ._code_kernels import (BAD_KV, _certify_kernel, _code_add_kernel, _code_att
 from ._code_plan import (CodePlan, capturing as _capturing, per_row_values, plan_info, random_rotation, spec_thresholds,
                          status_message)
 from ._compat import interpreting, patch_interpreter
+from ._replay import Replays
 from ._softmax import LOG2E
-from ._validate import check_alpha, check_kind, check_triton_device
+from ._validate import check_alpha, check_kind, check_triton_device, f32_at_least
 from .._lock import RWLock, reads, writes
 from .._protocol import AttentionInfo, AttentionSpec
 from .block_sparse import _num_sms, merge_partials
@@ -121,6 +122,9 @@ class CodeKVCache:
         self.max_err = torch.zeros(BH, dtype=torch.float32, device=self.device)
         self.status = torch.zeros(1, dtype=torch.int32, device=self.device)
         self.capacity = 0
+        # eager add and attend calls replay per-shape CUDA graphs (host time, not GPU time,
+        # bounded an eager step: _replay.py); replays.enabled = False launches every kernel
+        self.replays = Replays(self.device)
         self._alloc(max(int(capacity or 0), n, 64))
         self.add(k, v if self.has_values else None)
 
@@ -236,7 +240,10 @@ class CodeKVCache:
                 raise ValueError(f"the cache is full ({self.n} + {t} > capacity {self.capacity}): reserve() more "
                                  "before capturing")
             self._alloc(max(2 * self.capacity, self.n + t))
-        self._launch_add(k, v, t)
+        if t <= 64:  # a decode step's few tokens: replayed (a long append is one launch anyway)
+            self.replays.run(("add", t), self._storage, (k, v), lambda b: self._launch_add(b[0], b[1], t) or ())
+        else:
+            self._launch_add(k, v, t)
         self.n += t
         self._version += 1
 
@@ -555,6 +562,10 @@ class CodeKVCache:
         bias, tau = spec_thresholds(spec, s, self.device)
         certify = with_info and spec.kind == "softmax"
         self._check_q(q)
+        if num_splits is None and not with_info:  # the common call: replayed per shape
+            out = self._replayed_attend(q, tau, bias, spec.kind, spec.alpha, s)
+            self._raise_if(check)
+            return out, None
         if num_splits is None:
             plan, res = self._fused(q, tau, bias=bias, kind=spec.kind, alpha=spec.alpha, scale=s, certify=certify)
         else:
@@ -563,6 +574,30 @@ class CodeKVCache:
                             return_bound=certify)
         self._raise_if(check)
         return res[0], (plan_info(plan, q.shape, res, self.n) if with_info else None)
+
+    def _replayed_attend(self, q, tau, bias, kind, alpha, s):
+        """``out`` of the fused filter + attend + merge through :attr:`replays`: numbers are part
+        of the graph's key, tensors are copied into its buffers (float32 on this device, as
+        the kernels read them in place)."""
+        kind_id, alpha = self._attention_kind(kind, alpha)
+        key = ["attend", tuple(q.shape), kind_id, alpha, s]
+        inputs = [q]
+        for x, name in ((tau, "tau"), (bias, "bias")):
+            if torch.is_tensor(x):
+                if x.device != self.device or x.dtype != torch.float32:
+                    x = f32_at_least(x.to(self.device)) if name == "tau" else x.to(self.device, torch.float32)
+                key.append(tuple(x.shape))
+                inputs.append(x)
+            else:
+                key.append(float(x))
+                inputs.append(None)
+
+        def body(b):
+            t = b[1] if b[1] is not None else tau
+            bs = b[2] if b[2] is not None else bias
+            return self._fused(b[0], t, bias=bs, kind=kind, alpha=alpha, scale=s, certify=False)[1][:1]
+
+        return self.replays.run(tuple(key), self._storage, inputs, body)[0]
 
     def decode_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kind: str,
                     tau: float | torch.Tensor | None = None, alpha: int = 2, bias: float | torch.Tensor = 0.0,

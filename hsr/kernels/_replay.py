@@ -1,0 +1,132 @@
+"""Eager calls of a GPU cache, replayed from CUDA graphs captured per call shape.
+
+A decode step of :class:`hsr.kernels.CodeKVCache` is three or four Triton launches. Launched
+from Python, each costs more host time than the kernel runs on the GPU (Triton binds and
+hashes ~60 arguments per launch: 240–560 µs for an eager step on an H100 whose GPU work took
+50–60 µs), so an eager caller — ``cache.add`` then ``cache.attend`` in a loop, or
+transformers' ``generate()`` without CUDA graphs — was host-bound. :class:`Replays` records
+each call shape once and replays it: a call then costs a copy of its inputs into the graph's
+buffers, one graph launch and a copy of its outputs.
+
+Why one graph serves every call of a shape: the kernels read the cache's length on the
+device and size their grids from the capacity, so a graph is right at every length up to the
+capacity; growing past it reallocates (a new ``storage``), which drops every graph.
+
+The first call of a shape runs eagerly (no capture for one-off shapes); the second runs
+eagerly on the entry's own input buffers — it is the real call, and it compiles what the
+capture records — then captures; later calls replay. At most ``limit`` shapes are kept
+(least recently used dropped). Graphs of one cache share one memory pool: they replay one at
+a time, in the order of the calls, on one stream. A call on another stream than the capture's,
+or inside someone else's capture, runs eagerly.
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import Callable, Hashable, Optional, Sequence
+
+import torch
+
+from ._code_plan import capturing
+
+__all__ = ["Replays"]
+
+
+class _Entry:
+    __slots__ = ("graph", "inputs", "outputs", "stream")
+
+    def __init__(self, graph, inputs, outputs, stream):
+        self.graph = graph
+        self.inputs = inputs
+        self.outputs = outputs
+        self.stream = stream
+
+
+class Replays:
+    """Per-shape CUDA graphs of one cache's eager calls.
+
+    Parameters
+    ----------
+    device : torch.device
+        The cache's device: off CUDA every call runs eagerly.
+    limit : int
+        Shapes kept (each holds its graph and its buffers).
+
+    Attributes
+    ----------
+    enabled : bool
+        False: every call runs eagerly (set it to compare, or where graphs are unwanted).
+    """
+
+    def __init__(self, device: torch.device, limit: int = 16) -> None:
+        self.enabled = device.type == "cuda"
+        self.limit = int(limit)
+        self._mutex = threading.Lock()  # one replay at a time: buffers and the pool are shared
+        self._entries: OrderedDict = OrderedDict()
+        self._seen: dict = {}
+        self._storage = None
+        self._pool = None
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        """Drop every graph (and its buffers)."""
+        with self._mutex:
+            self._entries.clear()
+            self._seen.clear()
+
+    def run(self, key: Hashable, storage: int, inputs: Sequence[Optional[torch.Tensor]],
+            body: Callable[[tuple], tuple], *, clone: bool = True) -> tuple:
+        """``body(inputs)``, replayed from a graph when this ``key`` was seen before.
+
+        Parameters
+        ----------
+        key : hashable
+            Everything the launches depend on besides the inputs' values: shapes, dtypes,
+            options and numbers baked into the launches.
+        storage : int
+            The cache's allocation count: a new one drops every graph.
+        inputs : sequence of Tensor or None
+            The tensors ``body`` reads (None where it reads none); a replay copies them into
+            the graph's buffers, so they may have any strides.
+        body : callable
+            ``body(inputs) -> tuple of Tensor``: the launches, no synchronisation.
+        clone : bool
+            Return copies of the graph's outputs (the next replay overwrites its own).
+        """
+        if not self.enabled or capturing():
+            return body(tuple(inputs))
+        stream = torch.cuda.current_stream()
+        with self._mutex:
+            if storage != self._storage:  # reallocated: every graph points at the old storage
+                self._entries.clear()
+                self._seen.clear()
+                self._storage = storage
+            entry = self._entries.get(key)
+            if entry is not None and entry.stream == stream:
+                self._entries.move_to_end(key)
+                for buf, x in zip(entry.inputs, inputs):
+                    if buf is not None:
+                        buf.copy_(x)
+                entry.graph.replay()
+                return tuple(o.clone() for o in entry.outputs) if clone else entry.outputs
+            if entry is not None or not self._seen.get(key):
+                self._seen[key] = 1
+                return body(tuple(inputs))
+            return self._capture(key, inputs, body, stream)
+
+    def _capture(self, key, inputs, body, stream):
+        bufs = tuple(None if x is None else x.clone(memory_format=torch.contiguous_format) for x in inputs)
+        result = body(bufs)  # the real call, on the buffers: it also compiles what the capture records
+        graph = torch.cuda.CUDAGraph()
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        # thread_local: another thread's CUDA work during the capture is not an error
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            outputs = body(bufs)  # recorded, not run
+        self._entries[key] = _Entry(graph, bufs, outputs, stream)
+        self._seen.pop(key, None)
+        while len(self._entries) > self.limit:
+            self._entries.popitem(last=False)
+        return result

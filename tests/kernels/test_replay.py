@@ -1,0 +1,123 @@
+"""Eager calls of a CodeKVCache replayed from per-shape CUDA graphs (``hsr/kernels/_replay.py``).
+
+The graphs exist on CUDA only: there every test compares a cache whose eager calls replay
+with one that launches every kernel, step by step, while the cache grows; on the CPU (the
+interpreter in CI) the replays are off and the first test checks that they stay off.
+"""
+import pytest
+import torch
+
+from hsr import AttentionSpec
+from hsr.kernels._replay import Replays
+from hsr.kernels.codes import CodeKVCache
+
+from .test_codes import _inputs
+from .test_decode_step import _dense
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+
+
+def test_replays_off_the_gpu_run_the_body(device):
+    r = Replays(torch.device("cpu"))
+    assert not r.enabled
+    calls = []
+    for _ in range(3):
+        assert r.run("k", 1, (torch.ones(2),), lambda b: calls.append(1) or (b[0] * 2,))[0].tolist() == [2.0, 2.0]
+    assert len(calls) == 3 and len(r) == 0
+    if device == "cpu":
+        q, k, v = _inputs(1, 1, 2, 1, 20, 16, torch.float32, device, True, seed=1)
+        cache = CodeKVCache(k, v)
+        cache.attend(q, AttentionSpec(kind="softmax", tau=0.0, causal=True))
+        assert len(cache.replays) == 0
+
+
+def _pair(B, Hkv, G, D, n0, steps, dtype, seed, keys_only=False):
+    q, k, v = _inputs(B, Hkv, G, 1, n0 + steps, D, dtype, "cuda", True, seed=seed)
+    vv = None if keys_only else v[:, :, :n0]
+    fast = CodeKVCache(k[:, :, :n0], vv, capacity=n0 + 4)
+    slow = CodeKVCache(k[:, :, :n0], vv, capacity=n0 + 4)
+    slow.replays.enabled = False
+    return q, k, v, fast, slow
+
+
+@cuda
+@pytest.mark.parametrize("tau_kind", ["number", "per_head", "per_row"])
+def test_replayed_loop_equals_launched_loop(tau_kind):
+    B, Hkv, G, D, n0, steps = 2, 2, 3, 32, 60, 10  # grows past the capacity (n0 + 4) once
+    q, k, v, fast, slow = _pair(B, Hkv, G, D, n0, steps, torch.float16, seed=3)
+    scale = D ** -0.5
+    outs = []
+    for i in range(steps):
+        n = n0 + i + 1
+        if tau_kind == "number":
+            tau = 2.0
+        elif tau_kind == "per_head":
+            tau = torch.linspace(-1.0, 4.0, B * Hkv * G // B, device="cuda") + i  # new values every step
+        else:
+            tau = torch.full((B, Hkv * G, 1), 1.0 + i % 3, device="cuda", dtype=torch.bfloat16)  # converted
+        qi = q.roll(i, dims=-1)  # a new, strided query every step
+        spec = AttentionSpec(kind="softmax", tau=tau, scale=scale, causal=True)
+        for c in (fast, slow):
+            c.add(k[:, :, n - 1:n], v[:, :, n - 1:n], check=False)
+        out, _ = fast.attend(qi, spec, check=False)
+        ref, _ = slow.attend(qi, spec, check=False)
+        assert torch.equal(out, ref), f"step {i}"
+        t = tau if torch.is_tensor(tau) else torch.tensor(tau)
+        t = t.float().to("cuda").expand(B, Hkv * G) if t.dim() < 3 else t.float()[..., 0]
+        dense = _dense(qi, k[:, :, :n], v[:, :, :n], "softmax", t[..., None].double(), 0.0, scale)
+        torch.testing.assert_close(out.double(), dense, atol=2e-3, rtol=2e-3)
+        outs.append(out)
+    for i, out in enumerate(outs):  # each call returned its own tensor: later replays left it alone
+        assert not any(out.data_ptr() == o.data_ptr() for o in outs[:i])
+    assert len(fast.replays) >= 1 and len(slow.replays) == 0
+    fast.check()
+    assert fast.lengths.tolist() == slow.lengths.tolist() == [n0 + steps] * (B * Hkv)
+
+
+@cuda
+def test_replayed_relu_and_keys_only_add():
+    B, Hkv, G, D, n0, steps = 1, 2, 2, 64, 70, 6
+    q, k, v, fast, slow = _pair(B, Hkv, G, D, n0, steps, torch.bfloat16, seed=5)
+    spec = AttentionSpec(kind="relu", alpha=2, bias=0.25, scale=D ** -0.5, causal=True)
+    for i in range(steps):
+        n = n0 + i + 1
+        for c in (fast, slow):
+            c.add(k[:, :, n - 1:n], v[:, :, n - 1:n])
+        assert torch.equal(fast.attend(q, spec)[0], slow.attend(q, spec)[0])
+    kf = CodeKVCache(k[:, :, :n0], None)
+    ks = CodeKVCache(k[:, :, :n0], None)
+    ks.replays.enabled = False
+    for i in range(steps):
+        for c in (kf, ks):
+            c.add(k[:, :, n0 + i:n0 + i + 1], None)
+    for name in ("codes", "scale", "err", "lengths", "max_norm", "max_err"):
+        assert torch.equal(getattr(kf, name), getattr(ks, name)), name
+
+
+@cuda
+def test_bad_values_still_raise_after_replays():
+    q, k, v, fast, _ = _pair(1, 1, 2, 16, 40, 4, torch.float32, seed=7)
+    spec = AttentionSpec(kind="softmax", tau=0.0, causal=True)
+    for _ in range(3):  # captured by now
+        fast.attend(q, spec, check=False)
+    bad = q.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    out, _ = fast.attend(bad, spec, check=False)
+    assert torch.isnan(out[0, 0]).all()
+    with pytest.raises(ValueError, match="q contains NaN"):
+        fast.check()
+    with pytest.raises(ValueError, match="q contains NaN"):
+        fast.attend(bad, spec)
+
+
+@cuda
+def test_replays_keep_at_most_their_limit():
+    q, k, v, fast, slow = _pair(1, 1, 2, 16, 40, 4, torch.float32, seed=9)
+    fast.replays.limit = 2
+    for tau in (0.0, 1.0, 2.0, 3.0):  # a number is part of the key: four shapes
+        spec = AttentionSpec(kind="softmax", tau=tau, causal=True)
+        for _ in range(3):
+            out = fast.attend(q, spec)[0]
+        slow.replays.enabled = False
+        assert torch.equal(out, slow.attend(q, spec)[0])
+    assert len(fast.replays) == 2
