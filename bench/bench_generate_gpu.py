@@ -23,7 +23,8 @@ static cache does in its own compiled loop (its SDPA repeats K and V to every qu
 weak baseline; ``--filter-from`` above ``B * n`` makes ``ours`` the strong dense loop, SDPA with
 its own GQA over the code cache's buffers, to compare the filter with). Decode tokens/s = ``B * (new - 2)`` over the time
 of the replayed steps (the decode time less the first step, which runs eagerly and records the
-graph). ``"oom"`` where a configuration does not fit; configurations with more than
+graph). ``--prefill-chunk`` feeds long prompts in pieces (the decode is the same).
+``"oom"`` where a configuration does not fit; configurations with more than
 ``--max-tokens`` prompt tokens in all are listed as skipped.
 """
 from __future__ import annotations
@@ -68,7 +69,9 @@ class KeptShare:
         out = self.inner(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
         capturing = query.is_cuda and torch.cuda.is_current_stream_capturing()
         layer = self.inner._layer(module, key, kwargs) if self.on and query.shape[2] == 1 and not capturing else None
-        if layer is not None and layer.tau is not None:  # a dense (unfiltered) layer keeps every key
+        if layer is not None and not layer.filtered:  # a dense layer keeps every key
+            self.kept.append(1.0)
+        elif layer is not None:
             B, Hq, _, D = query.shape
             Hkv = key.shape[1]
             sc = query.float().reshape(B, Hkv, Hq // Hkv, D) @ key.float().transpose(-1, -2)
@@ -92,6 +95,9 @@ def main(argv=None):
                     help="also run CodeCache in dense mode (filter_from above every size): the strong dense loop")
     ap.add_argument("--eager", action="store_true",
                     help="run every loop eagerly (no CUDA graph): what a caller without a captured step gets")
+    ap.add_argument("--prefill-chunk", type=int, default=None,
+                    help="feed the prompt this many positions at a time (every loop): a long batch's prefill "
+                         "then fits (8B, 32K, B 8 did not in one pass on 80 GB)")
     ap.add_argument("--max-tokens", type=int, default=262144,
                     help="skip configurations whose prompt tokens B*n exceed this (prefill time and memory)")
     ap.add_argument("--out", default=default_out("generate_gpu.json"))
@@ -128,6 +134,7 @@ def main(argv=None):
                     layer.self_attn.q_proj.weight.mul_(gain / gain_now)
             gain_now = gain
             row = dict(shape=shape, n=n, B=B, new=args.new, eps=args.eps, qk_gain=gain, graphs=not args.eager,
+                       prefill_chunk=args.prefill_chunk,
                        weights="random " + ("bf16" if dev.type == "cuda" else "fp32"))
             if B * n > args.max_tokens:  # the prefill's time and memory: said, not attempted
                 row["skipped"] = f"B*n = {B * n} > --max-tokens {args.max_tokens}"
@@ -149,7 +156,8 @@ def main(argv=None):
                         tm = {}
                         cache = make()
                         stats.start()
-                        out = generate_greedy(model, ids, args.new, cache, timings=tm, graph=graph)
+                        out = generate_greedy(model, ids, args.new, cache, timings=tm, graph=graph,
+                                              prefill_chunk=args.prefill_chunk)
                         stats.on = False
                     # the replayed steps: the decode time past the first step (eager + capture)
                     decode_s = max(tm["decode_s"] - tm.get("first_step_s", 0.0), 1e-9)

@@ -138,10 +138,12 @@ class CodeLayer(DynamicLayer):
         self.filter_from = int(filter_from)
         self.code = None
         self.tau = None
-        #: whether decode steps go through the code filter (else SDPA over the buffers), set
-        #: with the batch size at the first update, and cleared at the prefill when ``tau``
-        #: keeps more than the backend's ``dense_above`` share of the keys
+        #: whether decode steps go through the code filter (else SDPA over the buffers): the
+        #: cache's size rule (:attr:`fits_filter`), and at each prefill chunk whether ``tau``
+        #: keeps at most the backend's ``dense_above`` share of the keys
         self.filtered = None
+        #: the size rule alone (``batch * capacity >= filter_from``), set at the first update
+        self.fits_filter = None
         #: the share of the prompt's keys ``tau`` keeps for the calibration queries (None
         #: until a filtered layer's prefill)
         self.kept_share = None
@@ -152,7 +154,8 @@ class CodeLayer(DynamicLayer):
 
         self.device = key_states.device
         self.code = CodeKVCache(key_states[:, :, :0], value_states[:, :, :0], capacity=self.capacity, seed=self.seed)
-        self.filtered = key_states.shape[0] * self.capacity >= self.filter_from
+        self.fits_filter = key_states.shape[0] * self.capacity >= self.filter_from
+        self.filtered = self.fits_filter
         self._positions = torch.arange(self.capacity, device=self.device)
         self.is_initialized = True
 
@@ -289,12 +292,12 @@ class CodeAttention:
             if key_padding_of(attention_mask, B, M, key.shape[2]) is not None:
                 raise NotImplementedError("CodeCache does not serve padded batches (left padding): give "
                                           "prompts of one length")
-            if layer.filtered:
+            if layer.fits_filter:  # every prefill chunk calibrates again: the last one, over every key, decides
                 layer.tau = calibrate_tau(query, key, scale, self.eps, self.rows)
                 layer.kept_share = kept_share(query, key, layer.tau, self.rows)
                 limit = DENSE_ABOVE if self.dense_above is None else self.dense_above
-                if layer.kept_share > limit:  # the filter would keep most keys: dense is faster
-                    layer.filtered = False
+                # a tau that keeps most keys: dense is faster
+                layer.filtered = layer.kept_share <= limit
             return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                           scaling=scale, **kwargs)
         if not layer.filtered:  # a small cache: dense SDPA over its buffers was measured faster
@@ -335,13 +338,20 @@ def register_code_attention(name: str = "hsr_code", *, eps: float = 1e-3, calibr
 
 @torch.no_grad()
 def generate_greedy(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: int, cache: CodeCache, *,
-                    graph: Optional[bool] = None, timings: Optional[dict] = None) -> torch.Tensor:
+                    graph: Optional[bool] = None, timings: Optional[dict] = None,
+                    prefill_chunk: Optional[int] = None) -> torch.Tensor:
     """Greedy decoding: prefill, then one decode step replayed from a CUDA graph for every token
     (``graph`` defaults to on CUDA). Returns ``(B, prompt + new)`` token ids.
 
     With a :class:`CodeCache` the model uses the code attention backend
     (:func:`register_code_attention`). Any cache whose state lives on the device works the same
     way: transformers' ``StaticCache`` with SDPA is the dense loop to compare with.
+
+    ``prefill_chunk``: feed the prompt this many positions at a time (default all at once):
+    a long batch's prefill then holds one chunk's activations and mask, not the prompt's (an
+    8B shape at 32K, batch 8, did not fit 80 GB in one pass). A :class:`CodeCache` calibrates
+    each layer's ``tau`` again at every chunk; the last chunk's, over every key, stays (from
+    the chunk's own rows: give chunks of at least the backend's ``calibration_rows``).
 
     ``timings``, a dict, receives ``prefill_s`` and ``decode_s`` (seconds, the device
     synchronised at both ends of each: only when asked), ``first_step_s`` (the part of
@@ -356,6 +366,9 @@ def generate_greedy(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tok
     if not torch.is_tensor(input_ids) or input_ids.dim() != 2:
         raise ValueError("input_ids must be a (batch, prompt_len) tensor of token ids")
     B, P = input_ids.shape
+    if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
+                                      or prefill_chunk < 1):
+        raise ValueError(f"prefill_chunk must be a positive integer (or None), got {prefill_chunk!r}")
     dev = input_ids.device
     use_graph = dev.type == "cuda" if graph is None else bool(graph)
     params = inspect.signature(model.forward).parameters
@@ -368,7 +381,15 @@ def generate_greedy(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tok
         t0 = time.perf_counter()
     # only the last position's logits: a long prompt's full logits would take (B, P, vocab) of memory
     last = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
-    out = model(input_ids=input_ids, use_cache=True, **{cache_kw: cache}, **last)
+    chunk = P if prefill_chunk is None else prefill_chunk
+    for a in range(0, P, chunk):
+        part = {}
+        if a:  # later chunks say where they sit (the first one's positions are the default)
+            p = torch.arange(a, min(a + chunk, P), device=dev)
+            part = {"position_ids": p[None].expand(B, -1)}
+            if "cache_position" in params:
+                part["cache_position"] = p
+        out = model(input_ids=input_ids[:, a:a + chunk], use_cache=True, **{cache_kw: cache}, **last, **part)
     ids = torch.empty(B, P + max_new_tokens, dtype=input_ids.dtype, device=dev)
     ids[:, :P] = input_ids
     if max_new_tokens < 1:

@@ -151,3 +151,33 @@ def test_a_layer_whose_tau_keeps_most_keys_decodes_densely():
             s = q[0, h, i] @ k[0, h // 2, :i + 1].T
             want_share.append(float((s >= tau[0, h, 0]).float().mean()))
     assert abs(kept_share(q, k, tau, rows=4) - sum(want_share) / len(want_share)) < 1e-6  # float32 means
+
+
+def test_a_chunked_prefill_decodes_as_one_pass():
+    """generate_greedy(prefill_chunk=c) feeds the prompt c positions at a time: the tokens
+    equal dense decoding and the one-pass prefill's, and each layer's tau is the one the last
+    chunk calibrates over every key (the one-pass tau when the chunk holds the calibration
+    rows)."""
+    from transformers import StaticCache
+
+    model, cfg = _model(seed=5)
+    ids = torch.randint(3, 64, (2, 44), generator=torch.Generator().manual_seed(6)).to(DEV)
+    want = _dense_greedy(model, ids, 5)
+    assert torch.equal(generate_greedy(model, ids, 5, StaticCache(config=cfg, max_cache_len=64), prefill_chunk=16),
+                       want)
+    register_code_attention("hsr_code_chunk", eps=1e-6, calibration_rows=8)
+    model.set_attn_implementation("hsr_code_chunk")
+    one = CodeCache(cfg, max_cache_len=64)
+    assert torch.equal(generate_greedy(model, ids, 5, one), want)
+    for chunk in (12, 5):
+        cache = CodeCache(cfg, max_cache_len=64)
+        assert torch.equal(generate_greedy(model, ids, 5, cache, prefill_chunk=chunk), want)
+        if chunk == 12:  # the last chunk (8 positions) holds the 8 calibration rows: the same tau
+            for a, b in zip(one.layers, cache.layers):
+                torch.testing.assert_close(a.tau, b.tau, rtol=1e-5, atol=1e-5)
+                assert a.filtered == b.filtered
+        else:  # a last chunk of 4 calibrates from its 4 rows
+            assert all(b.tau.shape == (2, 4, 1) for b in cache.layers)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="prefill_chunk"):
+            generate_greedy(model, ids, 2, CodeCache(cfg, max_cache_len=64), prefill_chunk=bad)
