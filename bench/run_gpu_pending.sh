@@ -9,6 +9,8 @@
 #   tests    the code cache's kernel and integration tests, compiled (the integration tests
 #            have not run on a GPU since they moved their model there)
 #   eager    greedy generate() without CUDA graphs, 8B shape at 128K B 1 (never measured)
+#   replay   the replay tests, then the decode loop's eager rows (the cache's own graphs) at 128K
+#   b8       greedy generate() at 8B shapes, 32K, B 8, the prefill in 4K chunks (one pass did not fit)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out}; mkdir -p "$OUT"
@@ -23,5 +25,11 @@ case "${1:-decode}" in
               tests/integrations/test_device_cache.py 2>&1 | tee "$OUT/tests_log.txt" ;;
   eager)    timeout 560 python bench/bench_generate_gpu.py --shapes 8b --n 131072 --batch 1 --qk-gain 4 --dense-mode \
               --eager --new 32 --out "$OUT/generate_gpu_eager.json" 2>&1 | tee "$OUT/generate_eager_log.txt" ;;
-  *) echo "usage: $0 decode|faiss|generate|striped|tests|eager"; exit 2 ;;
+  replay)   timeout 240 python -m pytest -q -p no:cacheprovider tests/kernels/test_replay.py tests/kernels/test_decode_step.py \
+              tests/integrations/test_device_cache.py 2>&1 | tee "$OUT/tests_log.txt"
+            timeout 330 python bench/bench_decode_loop.py --n 131072 --dims 128 --batch 1 8 --reps 3 \
+              --out "$OUT/decode_loop_replay.json" 2>&1 | tee "$OUT/decode_loop_log.txt" ;;
+  b8)       timeout 560 python bench/bench_generate_gpu.py --shapes 8b --n 32768 --batch 8 --qk-gain 4 --dense-mode \
+              --prefill-chunk 4096 --new 32 --out "$OUT/generate_gpu_8b_32k_b8.json" 2>&1 | tee "$OUT/generate_b8_log.txt" ;;
+  *) echo "usage: $0 decode|faiss|generate|striped|tests|eager|replay|b8"; exit 2 ;;
 esac
