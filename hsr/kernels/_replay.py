@@ -132,7 +132,9 @@ class Replays:
         # thread_local: another thread's CUDA work during the capture is not an error
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             outputs = body(bufs)  # recorded, not run
-        self._entries[key] = _Entry(graph, bufs, outputs, stream)
+        entry = _Entry(graph, bufs, outputs, stream)
+        entry.last = [None if x is None else (x, x._version) for x in inputs]
+        self._entries[key] = entry
         self._seen.pop(key, None)
         while len(self._entries) > self.limit:
             self._entries.popitem(last=False)
