@@ -41,16 +41,21 @@ def _pair(B, Hkv, G, D, n0, steps, dtype, seed, keys_only=False):
 
 
 @cuda
-@pytest.mark.parametrize("tau_kind", ["number", "per_head", "per_row"])
+@pytest.mark.parametrize("tau_kind", ["number", "per_head", "per_row", "rewritten"])
 def test_replayed_loop_equals_launched_loop(tau_kind):
     B, Hkv, G, D, n0, steps = 2, 2, 3, 32, 60, 10  # grows past the capacity (n0 + 4) once
     q, k, v, fast, slow = _pair(B, Hkv, G, D, n0, steps, torch.float16, seed=3)
     scale = D ** -0.5
     outs = []
+    held = torch.zeros(Hkv * G, device="cuda")
     for i in range(steps):
         n = n0 + i + 1
         if tau_kind == "number":
             tau = 2.0
+        elif tau_kind == "rewritten":  # one tensor, rewritten in place: a replay must copy it again
+            tau = held
+            if i % 2:
+                tau.fill_(1.0 + i)
         elif tau_kind == "per_head":
             tau = torch.linspace(-1.0, 4.0, B * Hkv * G // B, device="cuda") + i  # new values every step
         else:
