@@ -189,6 +189,8 @@ class CodeLayer(DynamicLayer):
     def get_max_length(self) -> int:
         return self.capacity
 
+    get_max_cache_shape = get_max_length  # the name of transformers releases before 5.24
+
     def reset(self) -> None:
         if self.code is not None:
             self.code.crop(0)
@@ -336,6 +338,16 @@ def register_code_attention(name: str = "hsr_code", *, eps: float = 1e-3, calibr
     return backend
 
 
+def _max_length(cache) -> Optional[int]:
+    """Positions a transformers cache holds (None: it grows). The name moved between releases."""
+    for name in ("get_max_length", "get_max_cache_shape"):
+        fn = getattr(cache, name, None)
+        if fn is not None:
+            m = fn()
+            return int(m) if m is not None and int(m) > 0 else None
+    return None
+
+
 @torch.no_grad()
 def generate_greedy(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: int, cache: CodeCache, *,
                     graph: Optional[bool] = None, timings: Optional[dict] = None,
@@ -370,6 +382,11 @@ def generate_greedy(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tok
                                       or prefill_chunk < 1):
         raise ValueError(f"prefill_chunk must be a positive integer (or None), got {prefill_chunk!r}")
     dev = input_ids.device
+    cap = _max_length(cache)
+    if cap is not None and P + max_new_tokens - 1 > cap:  # the last token is produced, not stored
+        # refused before the prefill: a replayed step past the end would not get to say it
+        raise ValueError(f"the {type(cache).__name__} is full: {P} prompt + {max(max_new_tokens - 1, 0)} stored "
+                         f"tokens > its {cap} positions; make it with a larger max_cache_len")
     use_graph = dev.type == "cuda" if graph is None else bool(graph)
     params = inspect.signature(model.forward).parameters
     # transformers >= 5.24 names the cache ``cache`` and takes no cache_position; older releases

@@ -51,6 +51,7 @@ BAD_TAU = 2        # a threshold is NaN
 BAD_BIAS = 4       # a ReLU bias is NaN or Inf
 BAD_KV = 8         # an added key or value holds NaN or Inf (sticky: the cache is poisoned)
 BAD_RANGE = 16     # |q| |k| beyond the fp32 bounds of the filter (~1e37)
+BAD_FULL = 32      # an add past the capacity (a replayed graph): nothing written (sticky: poisoned)
 
 # their constexpr twins, for use inside kernels
 _BAD_Q = tl.constexpr(BAD_Q)
@@ -58,6 +59,7 @@ _BAD_TAU = tl.constexpr(BAD_TAU)
 _BAD_BIAS = tl.constexpr(BAD_BIAS)
 _BAD_KV = tl.constexpr(BAD_KV)
 _BAD_RANGE = tl.constexpr(BAD_RANGE)
+_BAD_FULL = tl.constexpr(BAD_FULL)
 
 
 @triton.jit
@@ -179,19 +181,19 @@ def _rotate_key(kf, ROT, j0, HEAD_DIM: tl.constexpr, BLOCK_J: tl.constexpr):
 @triton.jit
 def _code_add_kernel(KN, VN, K, V, CODES, SCALE, ERR, MAXN, MAXE, LENS, STATUS, ROT, T, PER_PROG,
                      s_nb, s_nh, s_nt, s_wb, s_wh, s_wt, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
-                     s_cb, s_ch, s_cn, s_sb, s_sh, Hkv, defect,
+                     s_cb, s_ch, s_cn, s_sb, s_sh, Hkv, defect, CAP,
                      HEAD_DIM: tl.constexpr, DP: tl.constexpr, BLOCK_J: tl.constexpr,
                      HAS_V: tl.constexpr, UPDATE_LEN: tl.constexpr):
     # program (bh, p) adds tokens [p * PER_PROG, (p + 1) * PER_PROG) of head bh (_add_tokens)
     _add_tokens(KN, VN, K, V, CODES, SCALE, ERR, MAXN, MAXE, LENS, STATUS, ROT, T, PER_PROG, tl.program_id(0),
                 tl.program_id(1), s_nb, s_nh, s_nt, s_wb, s_wh, s_wt, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
-                s_cb, s_ch, s_cn, s_sb, s_sh, Hkv, defect, HEAD_DIM, DP, BLOCK_J, HAS_V, UPDATE_LEN)
+                s_cb, s_ch, s_cn, s_sb, s_sh, Hkv, defect, CAP, HEAD_DIM, DP, BLOCK_J, HAS_V, UPDATE_LEN)
 
 
 @triton.jit
 def _prepare_kernel(KN, VN, K, V, CODES, SCALE, ERR, MAXN, MAXE, LENS, STATUS, ROT, T, PER_PROG,
                     s_nb, s_nh, s_nt, s_wb, s_wh, s_wt, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
-                    s_cb, s_ch, s_cn, s_sb, s_sh, Hkv, defect,
+                    s_cb, s_ch, s_cn, s_sb, s_sh, Hkv, defect, CAP,
                     Q, QR, s_qb, s_qh, s_qm, G, M,
                     HEAD_DIM: tl.constexpr, DP: tl.constexpr, BLOCK_J: tl.constexpr, HAS_V: tl.constexpr,
                     ADD: tl.constexpr, ROWS: tl.constexpr, BLOCK_R: tl.constexpr):
@@ -206,14 +208,14 @@ def _prepare_kernel(KN, VN, K, V, CODES, SCALE, ERR, MAXN, MAXE, LENS, STATUS, R
         if pid_j == 0:
             _add_tokens(KN, VN, K, V, CODES, SCALE, ERR, MAXN, MAXE, LENS, STATUS, ROT, T, PER_PROG, pid_bh, 0,
                         s_nb, s_nh, s_nt, s_wb, s_wh, s_wt, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
-                        s_cb, s_ch, s_cn, s_sb, s_sh, Hkv, defect, HEAD_DIM, DP, BLOCK_J, HAS_V, True)
+                        s_cb, s_ch, s_cn, s_sb, s_sh, Hkv, defect, CAP, HEAD_DIM, DP, BLOCK_J, HAS_V, True)
     _rotate_columns(Q, ROT, QR, s_qb, s_qh, s_qm, G, M, Hkv, pid_bh, pid_j, ROWS, HEAD_DIM, DP, BLOCK_R)
 
 
 @triton.jit
 def _add_tokens(KN, VN, K, V, CODES, SCALE, ERR, MAXN, MAXE, LENS, STATUS, ROT, T, PER_PROG, pid_bh, pid_t,
                 s_nb, s_nh, s_nt, s_wb, s_wh, s_wt, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
-                s_cb, s_ch, s_cn, s_sb, s_sh, Hkv, defect,
+                s_cb, s_ch, s_cn, s_sb, s_sh, Hkv, defect, CAP,
                 HEAD_DIM: tl.constexpr, DP: tl.constexpr, BLOCK_J: tl.constexpr,
                 HAS_V: tl.constexpr, UPDATE_LEN: tl.constexpr):
     # KN, VN (B, Hkv, T, D) new keys / values in the cache's dtype, written at LENS[bh] + t;
@@ -233,7 +235,9 @@ def _add_tokens(KN, VN, K, V, CODES, SCALE, ERR, MAXN, MAXE, LENS, STATUS, ROT, 
     top_e = 0.0
     nbad = 0
     t0 = pid_t * PER_PROG
-    for t in range(t0, tl.minimum(t0 + PER_PROG, T)):
+    # past the capacity (a graph replayed once too often): write nothing, poison the cache
+    full = start + T > CAP
+    for t in range(t0, tl.where(full, t0, tl.minimum(t0 + PER_PROG, T))):
         pos = (start + t).to(tl.int64)
         k = tl.load(KN + b.to(tl.int64) * s_nb + h * s_nh + t * s_nt + offs_d)
         tl.store(K + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh + pos * s_kn + offs_d, k)
@@ -281,10 +285,11 @@ def _add_tokens(KN, VN, K, V, CODES, SCALE, ERR, MAXN, MAXE, LENS, STATUS, ROT, 
         top_n = tl.maximum(top_n, kn * big)
         top_e = tl.maximum(top_e, err)
     tl.atomic_or(STATUS, tl.where(nbad > 0, _BAD_KV, 0), mask=nbad > 0)
+    tl.atomic_or(STATUS, _BAD_FULL, mask=full)
     tl.atomic_max(MAXN + pid_bh, top_n)
     tl.atomic_max(MAXE + pid_bh, top_e)
     if UPDATE_LEN:  # the only program of this head: nobody else reads LENS[bh] in this launch
-        tl.store(LENS + pid_bh, start + T)
+        tl.store(LENS + pid_bh, tl.where(full, start, start + T))
 
 
 @triton.jit
@@ -417,7 +422,7 @@ def _attend_setup(q, tau, bias, r_ok, maxn, STATUS, first,
     code = code | tl.where(r_ok & ~(tl.abs(bias) < float("inf")), _BAD_BIAS, 0)
     worst = tl.max(code, 0)
     tl.atomic_or(STATUS, worst, mask=(worst > 0) & first)
-    row_bad = (code > 0) | ((tl.load(STATUS) & _BAD_KV) != 0)
+    row_bad = (code > 0) | ((tl.load(STATUS) & (_BAD_KV | _BAD_FULL)) != 0)
     qf = q.to(tl.float32)
     gap = 4.0 * HEAD_DIM * 5.9604645e-08 * tl.sqrt(tl.sum(qf * qf, 1)) * maxn
     m_i = _running_max_init(ROWS, KIND)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .._protocol import AttentionInfo, AttentionSpec
-from ._code_kernels import BAD_BIAS, BAD_KV, BAD_Q, BAD_RANGE, BAD_TAU
+from ._code_kernels import BAD_BIAS, BAD_FULL, BAD_KV, BAD_Q, BAD_RANGE, BAD_TAU
 from ._validate import f32_at_least
 
 __all__ = ["CodePlan", "certified_share", "default_tau", "dropped_terms", "per_row_values", "plan_info", "spec_thresholds",
@@ -24,7 +24,9 @@ STATUS_WORDS = ((BAD_Q, "q contains NaN or Inf"), (BAD_TAU, "tau contains NaN"),
                  (BAD_BIAS, "bias contains NaN or Inf"),
                  (BAD_RANGE, "|q|*|k| may reach 1e37: beyond the fp32 bounds of the code filter; rescale q or k"),
                  (BAD_KV, "keys or values added with NaN or Inf (check=False): the cache is poisoned, every "
-                          "answer is NaN; rebuild it"))
+                          "answer is NaN; rebuild it"),
+                (BAD_FULL, "tokens added past the capacity (a replayed graph ran once too often; nothing was "
+                           "written): the cache is poisoned, every answer is NaN; rebuild it with a larger capacity"))
 
 
 def random_rotation(d: int, seed: int, device) -> torch.Tensor:

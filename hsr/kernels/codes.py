@@ -37,7 +37,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from ._code_kernels import (BAD_KV, _certify_kernel, _code_add_kernel, _code_attend_kernel, _code_filter_kernel,
+from ._code_kernels import (BAD_FULL, BAD_KV, _certify_kernel, _code_add_kernel, _code_attend_kernel, _code_filter_kernel,
                             _prepare_kernel)
 from ._code_plan import (CodePlan, capturing as _capturing, per_row_values, plan_info, random_rotation, spec_thresholds,
                          status_message)
@@ -192,7 +192,7 @@ class CodeKVCache:
         bits = int(self.status.item())
         if not bits:
             return
-        self.status.bitwise_and_(BAD_KV)
+        self.status.bitwise_and_(BAD_KV | BAD_FULL)
         raise ValueError(status_message(bits))
 
     # ------------------------------------------------------------------ add
@@ -256,7 +256,7 @@ class CodeKVCache:
                 self.status, self.rot32, t, per, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
                 v.stride(2), self.k.stride(0), self.k.stride(1), self.k.stride(2), vc.stride(0), vc.stride(1),
                 vc.stride(2), self.codes.stride(0), self.codes.stride(1), self.codes.stride(2), self.scale.stride(0),
-                self.scale.stride(1), self.Hkv, self.defect)
+                self.scale.stride(1), self.Hkv, self.defect, self.capacity)
 
     def _launch_add(self, k, v, t, *, block_j=None, num_warps=None):
         # one program per (batch, kv head) for a decode step's few tokens (it also advances

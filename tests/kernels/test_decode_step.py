@@ -284,3 +284,19 @@ def test_certificate_kernel_is_the_documented_formula(device):
     finite = torch.isfinite(ref_d)
     torch.testing.assert_close(log_d[finite], ref_d[finite], atol=2e-5, rtol=1e-5)
     assert bound[0, 0, 0] == 1.0 and bound[1, 1, 1] == 1.0
+
+
+def test_an_add_past_the_capacity_writes_nothing_and_poisons(device):
+    """The add kernel refuses tokens past the capacity on the device (a replayed graph the host
+    did not stop): nothing written, the length kept, every answer NaN, check() says why."""
+    q, k, v = _inputs(1, 2, 2, 1, 70, 16, torch.float32, device, True, seed=4)
+    cache = CodeKVCache(k[:, :, :64], v[:, :, :64], capacity=64)
+    before = cache.k.clone()
+    cache._launch_add(k[:, :, 64:65], v[:, :, 64:65], 1)  # what a replay would launch
+    assert cache.lengths.tolist() == [64, 64] and torch.equal(cache.k, before)
+    out, _ = cache.attend(q, AttentionSpec(kind="softmax", tau=0.0, causal=True), check=False)
+    assert torch.isnan(out).all()
+    with pytest.raises(ValueError, match="past the capacity"):
+        cache.check()
+    with pytest.raises(ValueError, match="past the capacity"):  # sticky
+        cache.check()
