@@ -37,9 +37,14 @@ def random_rotation(d: int, seed: int, device) -> torch.Tensor:
     return (qm * torch.sign(torch.diagonal(rm))).T.contiguous().to(device)
 
 
+_CUDA: list = []  # torch.cuda.is_available(), asked once (it reads the environment: ~3 us a call)
+
+
 def capturing() -> bool:
     """Inside CUDA-graph capture nothing may synchronise: checks are deferred there."""
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    if not _CUDA:
+        _CUDA.append(torch.cuda.is_available())
+    return _CUDA[0] and torch.cuda.is_current_stream_capturing()
 
 
 @dataclass(frozen=True)
