@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["is_torch", "to_numpy", "as_float_array", "kept_in_place"]
+__all__ = ["is_torch", "to_numpy", "as_float_array", "kept_in_place", "tensor_version"]
 
 _FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
 
@@ -91,3 +91,13 @@ def kept_in_place(arr: np.ndarray, given, copy: bool) -> np.ndarray | None:
     view = arr.view()
     view.flags.writeable = False
     return view
+
+
+def tensor_version(x) -> int | None:
+    """A torch tensor's version counter (bumped by every in-place write to it or a view of it),
+    or None where it has none (tensors made under ``torch.inference_mode``): then "the same
+    tensor, unwritten since" cannot be known, and callers must assume it was written."""
+    try:
+        return x._version
+    except RuntimeError:
+        return None

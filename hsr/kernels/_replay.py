@@ -27,6 +27,7 @@ from typing import Callable, Hashable, Optional, Sequence
 
 import torch
 
+from .._arrays import tensor_version
 from ._code_plan import capturing
 
 __all__ = ["Replays"]
@@ -114,11 +115,13 @@ class Replays:
                         continue
                     # the same tensor, unwritten since (views share the version counter): the
                     # buffer already holds it (a layer's thresholds, passed at every step)
-                    if entry.last[i] is not None and entry.last[i][0] is x and entry.last[i][1] == x._version:
+                    version = tensor_version(x)
+                    if (version is not None and entry.last[i] is not None and entry.last[i][0] is x
+                            and entry.last[i][1] == version):
                         continue
                     dst.append(buf)
                     src.append(x)
-                    entry.last[i] = (x, x._version)
+                    entry.last[i] = None if version is None else (x, version)
                 if dst:  # one call copies them all (each torch op costs ~10-17 us of host time)
                     torch._foreach_copy_(dst, src)
                 entry.graph.replay()
@@ -146,7 +149,7 @@ class Replays:
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             outputs = body(bufs)  # recorded, not run
         entry = _Entry(graph, bufs, outputs, stream)
-        entry.last = [None if x is None else (x, x._version) for x in inputs]
+        entry.last = [None if x is None or tensor_version(x) is None else (x, tensor_version(x)) for x in inputs]
         self._entries[key] = entry
         self._seen.pop(key, None)
         while len(self._entries) > self.limit:

@@ -198,6 +198,15 @@ def test_padding_mask_supported_and_other_masks_rejected():
     bad[0, 0, 20, 3] = False  # a hole that is not key padding
     with pytest.raises(ValueError, match="key padding"):
         be(_module(), q, k, v, bad, scaling=0.25)
+    # a mask is checked once per object and version: written in place, it is checked again
+    from hsr.integrations._masks import key_padding_of
+
+    again = mask.clone()
+    assert key_padding_of(again, 2, 30, 30)[1, :7].sum() == 0
+    assert key_padding_of(again, 2, 30, 30) is key_padding_of(again, 2, 30, 30)  # remembered
+    again[0, 0, 20, 3] = False
+    with pytest.raises(ValueError, match="key padding"):
+        key_padding_of(again, 2, 30, 30)
     pw = ht.register_power_attention("t_power_pad", power_pattern(block_size=8, window=2))
     out, _ = pw(_module(), q, k, v, mask, scaling=0.25)
     pm = torch.from_numpy(power_pattern(block_size=8, window=2).dense_mask(30))

@@ -126,3 +126,18 @@ def test_replays_keep_at_most_their_limit():
         slow.replays.enabled = False
         assert torch.equal(out, slow.attend(q, spec)[0])
     assert len(fast.replays) == 2
+
+
+@cuda
+def test_replays_under_inference_mode():
+    """Inference tensors have no version counter: every replay copies them, and answers agree."""
+    with torch.inference_mode():
+        q, k, v, fast, slow = _pair(1, 2, 2, 32, 50, 5, torch.bfloat16, seed=13)
+        tau = torch.zeros(4, device="cuda")
+        spec = AttentionSpec(kind="softmax", tau=tau, causal=True)
+        for i in range(5):
+            for c in (fast, slow):
+                c.add(k[:, :, 50 + i:51 + i], v[:, :, 50 + i:51 + i], check=False)
+            tau.fill_(float(i % 2))  # written in place, with no version to tell
+            assert torch.equal(fast.attend(q, spec, check=False)[0], slow.attend(q, spec, check=False)[0])
+        assert len(fast.replays) >= 1
