@@ -139,15 +139,21 @@ class Replays:
         get = getattr(torch._C, "_cuda_getCurrentStream", None)
         return get(self._index)[0] if get is not None else torch.cuda.current_stream(self._index).stream_id
 
-    def _capture(self, key, inputs, body, stream):
-        bufs = tuple(None if x is None else x.clone(memory_format=torch.contiguous_format) for x in inputs)
-        result = body(bufs)  # the real call, on the buffers: it also compiles what the capture records
+    def _record(self, body, bufs):
+        """``(graph, outputs)``: ``body(bufs)`` recorded (not run) in a CUDA graph whose
+        ``replay()`` runs it again, writing ``outputs``."""
         graph = torch.cuda.CUDAGraph()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         # thread_local: another thread's CUDA work during the capture is not an error
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            outputs = body(bufs)  # recorded, not run
+            outputs = body(bufs)
+        return graph, outputs
+
+    def _capture(self, key, inputs, body, stream):
+        bufs = tuple(None if x is None else x.clone(memory_format=torch.contiguous_format) for x in inputs)
+        result = body(bufs)  # the real call, on the buffers: it also compiles what the capture records
+        graph, outputs = self._record(body, bufs)
         entry = _Entry(graph, bufs, outputs, stream)
         entry.last = [None if x is None or tensor_version(x) is None else (x, tensor_version(x)) for x in inputs]
         self._entries[key] = entry

@@ -141,3 +141,72 @@ def test_replays_under_inference_mode():
             tau.fill_(float(i % 2))  # written in place, with no version to tell
             assert torch.equal(fast.attend(q, spec, check=False)[0], slow.attend(q, spec, check=False)[0])
         assert len(fast.replays) >= 1
+
+
+class _Recorded:
+    """A stand-in for a CUDA graph on the CPU: replay() runs the recorded body again."""
+
+    def __init__(self, body, bufs, outputs):
+        self.body, self.bufs, self.outputs = body, bufs, outputs
+
+    def replay(self):
+        for o, x in zip(self.outputs, self.body(self.bufs)):
+            o.copy_(x)
+
+
+class _CpuReplays(Replays):
+    """Replays' bookkeeping on the CPU: the same code, a recorded function for a graph."""
+
+    def __init__(self, limit=16):
+        super().__init__(torch.device("cpu"), limit)
+        self.enabled = True
+        self.stream = 0
+
+    def _stream(self):
+        return self.stream
+
+    def _record(self, body, bufs):
+        outputs = tuple(o.clone() for o in body(bufs))
+        return _Recorded(body, bufs, outputs), outputs
+
+
+def test_replay_bookkeeping_on_the_cpu():
+    """When a shape runs eagerly, captures and replays; what a replay copies; what drops the
+    graphs (a new storage, the limit); another stream runs eagerly."""
+    r = _CpuReplays(limit=2)
+    ran = []
+
+    def body(b):
+        ran.append(b[0].data_ptr())
+        return (b[0] * 2 + (0 if b[1] is None else b[1]),)
+
+    x = torch.arange(4.0)
+    assert r.run("a", 1, (x, None), body)[0].tolist() == [0, 2, 4, 6]  # first sighting: eager, on x
+    assert ran[-1] == x.data_ptr() and len(r) == 0
+    assert r.run("a", 1, (x, None), body)[0].tolist() == [0, 2, 4, 6]  # second: eager on the buffers, recorded
+    assert ran[-1] != x.data_ptr() and len(r) == 1
+    calls = len(ran)
+    y = torch.full((4,), 5.0)
+    out = r.run("a", 1, (y, None), body)[0]  # replayed: y copied in
+    assert out.tolist() == [10.0] * 4 and len(ran) == calls + 1
+    out2 = r.run("a", 1, (y, None), body)[0]
+    assert out2.data_ptr() != out.data_ptr() and out.tolist() == [10.0] * 4  # each call its own copy
+    buf = r._entries["a"].inputs[0]
+    buf.zero_()  # behind its back: the same y, unwritten, is not copied again
+    assert r.run("a", 1, (y, None), body)[0].tolist() == [0.0] * 4
+    y.add_(1)  # written in place: copied again
+    assert r.run("a", 1, (y, None), body)[0].tolist() == [12.0] * 4
+    r.stream = 1  # another stream: eager, the graph kept
+    before = len(ran)
+    assert r.run("a", 1, (x, None), body)[0].tolist() == [0, 2, 4, 6] and ran[-1] == x.data_ptr()
+    assert len(ran) == before + 1 and len(r) == 1
+    r.stream = 0
+    for key in ("b", "c"):  # two more shapes captured: the limit (2) drops the oldest, "a"
+        for _ in range(2):
+            r.run(key, 1, (x, torch.ones(4)), body)
+    assert len(r) == 2 and "a" not in r._entries
+    assert r.run("c", 1, (x, torch.ones(4)), body)[0].tolist() == [1, 3, 5, 7]
+    r.run("c", 2, (x, torch.ones(4)), body)  # a new storage: every graph dropped
+    assert len(r) == 0
+    r.clear()
+    assert len(r) == 0
