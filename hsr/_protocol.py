@@ -40,6 +40,7 @@ FEATURES = {
     "paper_bias": "bias='paper' (the bias computed from the keys)",
     "info": "return_info=True (an AttentionInfo beside the output)",
     "dense_below": "dense_below= (score every key below a cache length)",
+    "group_union": "group_union=True (softmax: every query row of a GQA group keeps the keys any row of it keeps)",
 }
 
 
@@ -70,6 +71,11 @@ class AttentionSpec:
         Queries are the last M positions of the cache (bottom-right alignment).
     dense_below : int >= 0, optional
         Score every key below this cache length (CPU caches).
+    group_union : bool, default False
+        Softmax with ``tau``: every query row keeps the union of the kept sets of its GQA
+        group (the query heads that share a kv head, and with ``causal`` the M positions, each
+        within its own causal limit). The GPU code filter reads that union anyway; attending
+        it drops less mass for the same bytes (GPU code cache only).
     """
 
     kind: str = "relu"
@@ -81,6 +87,7 @@ class AttentionSpec:
     topk: int | None = None
     causal: bool = False
     dense_below: int | None = None
+    group_union: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in ("relu", "softmax"):
@@ -97,10 +104,12 @@ class AttentionSpec:
             raise ValueError(f"causal must be True or False, got {self.causal!r}")
         if self.dense_below is not None and (not _is_int(self.dense_below) or self.dense_below < 0):
             raise ValueError(f"dense_below must be a non-negative integer, got {self.dense_below!r}")
+        if not isinstance(self.group_union, (bool, np.bool_)):
+            raise ValueError(f"group_union must be True or False, got {self.group_union!r}")
         given = [x is not None for x in (self.eps, self.tau, self.topk)]
         if self.kind == "relu":
-            if any(given):
-                raise ValueError("eps, tau and topk apply to kind='softmax' only")
+            if any(given) or self.group_union:
+                raise ValueError("eps, tau, topk and group_union apply to kind='softmax' only")
             return
         if sum(given) > 1:
             raise ValueError("give at most one of eps, tau and topk")
@@ -135,6 +144,8 @@ class AttentionSpec:
             used.add("paper_bias")
         if self.dense_below is not None:
             used.add("dense_below")
+        if self.group_union:
+            used.add("group_union")
         if with_info:
             used.add("info")
         return frozenset(used)

@@ -172,7 +172,7 @@ def _attend_head_locked(kvi: Any, Q, kind, alpha, bias, scale, eps, tau, topk, l
 def hsr_attention(q: ArrayLike | None, index: AttentionCache, *, kind: str = "relu", alpha: int = 2,
                   bias: float | ArrayLike | str = 0.0, scale: float | None = None, eps: float | None = None,
                   tau: float | ArrayLike | None = None, topk: int | None = None, causal: bool = False,
-                  return_info: bool = False, dense_below: int | None = None
+                  return_info: bool = False, dense_below: int | None = None, group_union: bool = False
                   ) -> Array | tuple[Array, AttentionInfo]:
     """Attention of ``q`` over an indexed KV cache, computed only at the keys the index reports.
 
@@ -211,6 +211,10 @@ def hsr_attention(q: ArrayLike | None, index: AttentionCache, *, kind: str = "re
         Below this many keys in the cache, score every key instead of searching the index
         (same keys, same weights; short contexts never cost more than dense). Default
         :data:`DENSE_BELOW`; 0 always searches the index. CPU caches only.
+    group_union : bool
+        Softmax with ``tau``: every query row keeps the keys that any row of its GQA group
+        keeps (each within its own causal limit): less dropped mass for the bytes the GPU
+        filter reads anyway. ``hsr.kernels.CodeKVCache`` only.
 
     Returns
     -------
@@ -255,7 +259,7 @@ def hsr_attention(q: ArrayLike | None, index: AttentionCache, *, kind: str = "re
     True
     """
     spec = AttentionSpec(kind=kind, alpha=alpha, bias=bias, scale=scale, eps=eps, tau=tau, topk=topk,
-                         causal=causal, dense_below=dense_below)
+                         causal=causal, dense_below=dense_below, group_union=group_union)
     check_supported(index, spec, with_info=return_info)
     out, info = index.attend(q, spec, with_info=return_info)
     return (out, info) if return_info else out

@@ -269,17 +269,19 @@ class CodeAttention:
     the code filter and attention over the keys with ``score >= tau``, no host synchronisation;
     in a cache below ``filter_from`` positions (:class:`CodeCache`), or in a layer whose ``tau``
     keeps more than ``dense_above`` of the prompt's keys (:func:`kept_share`), SDPA over its
-    buffers.
+    buffers. ``group_union=True``: each query row attends the keys any row of its GQA group
+    keeps (the union the filter reads anyway: less dropped mass, the same bytes).
     """
 
     def __init__(self, name: str, eps: float = 1e-3, calibration_rows: int = 32,
-                 dense_above: Optional[float] = None) -> None:
+                 dense_above: Optional[float] = None, group_union: bool = False) -> None:
         if not 0.0 < eps < 1.0:
             raise ValueError(f"eps must be in (0, 1), got {eps!r}")
         if dense_above is not None and not 0.0 <= dense_above <= 1.0:
             raise ValueError(f"dense_above must be a share in [0, 1] (or None: DENSE_ABOVE), got {dense_above!r}")
         self.name, self.eps, self.rows = name, float(eps), int(calibration_rows)
         self.dense_above = dense_above
+        self.group_union = bool(group_union)
         self.__name__ = "hsr_code_attention"
 
     def __call__(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -305,7 +307,8 @@ class CodeAttention:
         if not layer.filtered:  # a small cache: dense SDPA over its buffers was measured faster
             out = layer.dense_attend(query, scale)
         else:
-            spec = AttentionSpec(kind="softmax", tau=layer.tau, scale=scale, causal=True)
+            spec = AttentionSpec(kind="softmax", tau=layer.tau, scale=scale, causal=True,
+                                 group_union=self.group_union)
             out, _ = layer.code.attend(query, spec, check=False)
         return out.transpose(1, 2).contiguous(), None
 
@@ -324,15 +327,16 @@ class CodeAttention:
 
 
 def register_code_attention(name: str = "hsr_code", *, eps: float = 1e-3, calibration_rows: int = 32,
-                            dense_above: Optional[float] = None) -> CodeAttention:
+                            dense_above: Optional[float] = None, group_union: bool = False) -> CodeAttention:
     """Register :class:`CodeAttention` under ``name`` (with the stock SDPA mask builder) and
     return it: ``model.set_attn_implementation(name)``. ``dense_above``: a layer whose
     calibrated ``tau`` keeps more than this share of the prompt's keys decodes densely
-    (default :data:`DENSE_ABOVE`, read at each prefill; 1 never)."""
+    (default :data:`DENSE_ABOVE`, read at each prefill; 1 never). ``group_union``: each query
+    row attends the union of its GQA group's kept sets (:class:`CodeAttention`)."""
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import sdpa_mask
 
-    backend = CodeAttention(name, eps, calibration_rows, dense_above)
+    backend = CodeAttention(name, eps, calibration_rows, dense_above, group_union)
     AttentionInterface.register(name, backend)
     AttentionMaskInterface.register(name, sdpa_mask)
     return backend

@@ -302,7 +302,7 @@ def _code_filter_kernel(Q, ROT, QR, TAU, tau_scalar, MAXN, MAXE, CODES, SCALE, E
                         DP: tl.constexpr, TAU_TENSOR: tl.constexpr, UPCAST: tl.constexpr,
                         ROTATE: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
                         CERTIFY: tl.constexpr, ATTEND: tl.constexpr, KIND: tl.constexpr, ALPHA: tl.constexpr,
-                        BIAS_TENSOR: tl.constexpr, BLOCK_A: tl.constexpr):
+                        BIAS_TENSOR: tl.constexpr, BLOCK_A: tl.constexpr, GROUP: tl.constexpr):
     # CERTIFY: REM (B*Hq*M,) fp32 += sum over the keys no row of the group keeps of
     # exp(scale * (ub - thr)) >= exp(scale * (score - tau)) (qk_scale = scale * log2(e))
     # ATTEND (filter and attend fused): each program then attends its own survivors, as
@@ -379,7 +379,7 @@ def _code_filter_kernel(Q, ROT, QR, TAU, tau_scalar, MAXN, MAXE, CODES, SCALE, E
         vbase = V + b.to(tl.int64) * s_vb + h.to(tl.int64) * s_vh
         m_i, l_i, acc, rem = _attend_list(q, obase, found, kbase, vbase, s_kn, s_vn, tau, bias, limit, r_ok,
                                           m_i, l_i, acc, rem, gap, qk_scale, scale, BLOCK_A, HEAD_DIM, KIND, ALPHA,
-                                          UPCAST, CERTIFY)
+                                          UPCAST, CERTIFY, GROUP)
         _store_partial(m_i, l_i, acc, row_bad, r_ok, row, pid_n, BHM, O_PART, L_PART, HEAD_DIM, KIND, ALPHA)
     if CERTIFY:
         tl.atomic_add(REM + row, rem * 1.0001, mask=r_ok)  # 1.0001: exp2's and the sum's rounding
@@ -388,9 +388,10 @@ def _code_filter_kernel(Q, ROT, QR, TAU, tau_scalar, MAXN, MAXE, CODES, SCALE, E
 @triton.jit
 def _attend_tile(q, idx, i_ok, kbase, vbase, s_kn, s_vn, tau, bias, limit, r_ok, m_i, l_i, acc, rem, gap,
                  qk_scale, scale, HEAD_DIM: tl.constexpr, KIND: tl.constexpr, ALPHA: tl.constexpr,
-                 UPCAST: tl.constexpr, CERTIFY: tl.constexpr):
+                 UPCAST: tl.constexpr, CERTIFY: tl.constexpr, GROUP: tl.constexpr):
     # one tile of key positions idx (BLOCK_N,): exact fp32 scores, keep score >= tau within the
-    # causal limit, and fold them into the running softmax or ReLU^alpha sums
+    # causal limit, and fold them into the running softmax or ReLU^alpha sums. GROUP (softmax):
+    # a row keeps every key that any row of its group keeps (the union the tile was read for)
     offs_d = tl.arange(0, HEAD_DIM)
     k = tl.load(kbase + idx[:, None].to(tl.int64) * s_kn + offs_d[None, :], mask=i_ok[:, None], other=0.0)
     v = tl.load(vbase + idx[:, None].to(tl.int64) * s_vn + offs_d[None, :], mask=i_ok[:, None], other=0.0)
@@ -398,9 +399,13 @@ def _attend_tile(q, idx, i_ok, kbase, vbase, s_kn, s_vn, tau, bias, limit, r_ok,
         sc = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
     else:
         sc = tl.dot(q, tl.trans(k))
-    keep = i_ok[None, :] & (sc >= tau[:, None]) & (idx[None, :] <= limit[:, None]) & r_ok[:, None]
+    seen = i_ok[None, :] & (idx[None, :] <= limit[:, None])  # causal: each row its own limit
+    keep = seen & (sc >= tau[:, None]) & r_ok[:, None]
+    if GROUP:  # the union of the rows' kept sets, each row within its own limit
+        keep = (tl.max(tl.where(keep, 1, 0), 0) > 0)[None, :] & seen & r_ok[:, None]
     if CERTIFY:  # survivors this row drops: their exact mass, widened by the score's rounding
-        out = i_ok[None, :] & (sc < tau[:, None]) & (idx[None, :] <= limit[:, None])
+        # (with GROUP a dropped key is below every row's tau: each term is still below 1)
+        out = seen & ~keep
         rem += tl.sum(tl.where(out, tl.exp2((sc - tau[:, None] + gap[:, None]) * qk_scale), 0.0), 1)
     if KIND == 0:
         s2 = tl.where(keep, sc * qk_scale, float("-inf"))
@@ -435,7 +440,7 @@ def _attend_setup(q, tau, bias, r_ok, maxn, STATUS, first,
 @triton.jit
 def _attend_list(q, SBASE, cnt, kbase, vbase, s_kn, s_vn, tau, bias, limit, r_ok, m_i, l_i, acc, rem, gap,
                  qk_scale, scale, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, KIND: tl.constexpr,
-                 ALPHA: tl.constexpr, UPCAST: tl.constexpr, CERTIFY: tl.constexpr):
+                 ALPHA: tl.constexpr, UPCAST: tl.constexpr, CERTIFY: tl.constexpr, GROUP: tl.constexpr):
     # the cnt key positions listed at SBASE (a filter program's segment), BLOCK_N at a time
     for off in range(0, cnt, BLOCK_N):
         offs_i = off + tl.arange(0, BLOCK_N)
@@ -443,7 +448,7 @@ def _attend_list(q, SBASE, cnt, kbase, vbase, s_kn, s_vn, tau, bias, limit, r_ok
         idx = tl.load(SBASE + offs_i, mask=i_ok, other=0)
         m_i, l_i, acc, rem = _attend_tile(q, idx, i_ok, kbase, vbase, s_kn, s_vn, tau, bias, limit, r_ok,
                                           m_i, l_i, acc, rem, gap, qk_scale, scale, HEAD_DIM, KIND, ALPHA,
-                                          UPCAST, CERTIFY)
+                                          UPCAST, CERTIFY, GROUP)
     return m_i, l_i, acc, rem
 
 
@@ -471,7 +476,7 @@ def _code_attend_kernel(Q, K, V, TAU, tau_scalar, BIAS, bias_scalar, SURV, COUNT
                         ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                         KIND: tl.constexpr, ALPHA: tl.constexpr, UPCAST: tl.constexpr,
                         TAU_TENSOR: tl.constexpr, BIAS_TENSOR: tl.constexpr, DENSE: tl.constexpr,
-                        CERTIFY: tl.constexpr):
+                        CERTIFY: tl.constexpr, GROUP: tl.constexpr):
     # TAU/BIAS: (B, Hq, M)-strided tensors or scalars. Partials: O_PART (SPLITS, BHM, D) fp32, L_PART (SPLITS, BHM)
     # natural-log lse (softmax) or log(sum w) (ReLU, KIND == 1); rows ordered (b, hq, m).
     pid_s = tl.program_id(0)
@@ -492,14 +497,14 @@ def _code_attend_kernel(Q, K, V, TAU, tau_scalar, BIAS, bias_scalar, SURV, COUNT
             idx = tile * BLOCK_N + tl.arange(0, BLOCK_N)
             m_i, l_i, acc, rem = _attend_tile(q, idx, idx < N, kbase, vbase, s_kn, s_vn, tau, bias, limit, r_ok,
                                               m_i, l_i, acc, rem, gap, qk_scale, scale, HEAD_DIM, KIND, ALPHA,
-                                              UPCAST, CERTIFY)
+                                              UPCAST, CERTIFY, GROUP)
     else:
         for seg in range(pid_s, NPROG, SPLITS):  # split s takes the filter's segments s, s+SPLITS, ...
             sbase = SURV + pid_bh.to(tl.int64) * SURV_STRIDE + seg * SEG
             cnt = tl.load(COUNT + pid_bh * NPROG + seg)
             m_i, l_i, acc, rem = _attend_list(q, sbase, cnt, kbase, vbase, s_kn, s_vn, tau, bias, limit, r_ok,
                                               m_i, l_i, acc, rem, gap, qk_scale, scale, BLOCK_N, HEAD_DIM, KIND,
-                                              ALPHA, UPCAST, CERTIFY)
+                                              ALPHA, UPCAST, CERTIFY, GROUP)
     row = (b * Hkv * G + head).to(tl.int64) * M + mrow
     _store_partial(m_i, l_i, acc, row_bad, r_ok, row, pid_s, BHM, O_PART, L_PART, HEAD_DIM, KIND, ALPHA)
     if CERTIFY:

@@ -352,7 +352,7 @@ class CodeKVCache:
               rotate_inside=False, certify=False, scale=None, attend=None, add=None):
         """:meth:`plan`'s body: ``q`` checked, the read lock held by the caller. ``rotate_inside``:
         the filter rotates the rows itself (one launch fewer; measured slower on an H200).
-        ``attend=(kind_id, alpha)``: the filter programs also attend their own survivors (one
+        ``attend=(kind_id, alpha, group_union)``: the filter programs also attend their own survivors (one
         launch); returns ``(plan, o_part, l_part)``, the partials indexed by filter program.
         ``add=(k, v)``: first add these ``(B, Hkv, t <= 64, D)`` tokens (checked by the caller)
         in the launch that rotates the query rows (a decode step: one launch fewer)."""
@@ -377,7 +377,7 @@ class CodeKVCache:
         s = float(scale) if scale is not None else D ** -0.5
         rem = torch.zeros(B, Hq, M, dtype=torch.float32, device=dev) if certify else None
         BHM = B * Hq * M
-        kind_id, alpha = attend if attend is not None else (0, 1)
+        kind_id, alpha, group = attend if attend is not None else (0, 1, False)
         if attend is not None:
             o_part = torch.empty(nprog, BHM, D, dtype=torch.float32, device=dev)
             l_part = torch.empty(nprog, BHM, dtype=torch.float32, device=dev)
@@ -398,7 +398,7 @@ class CodeKVCache:
             ROWS=rows, BLOCK_N=block_n, HEAD_DIM=D, DP=self.DP, TAU_TENSOR=tau_t is not None,
             UPCAST=interpreting() or (attend is not None and q.dtype == torch.float32), ROTATE=rotate,
             BLOCK_K=min(32, D), STAGES=num_stages, CERTIFY=certify, ATTEND=attend is not None, KIND=kind_id,
-            ALPHA=alpha, BIAS_TENSOR=bias_t is not None, BLOCK_A=64, num_warps=num_warps)
+            ALPHA=alpha, BIAS_TENSOR=bias_t is not None, BLOCK_A=64, GROUP=group, num_warps=num_warps)
         plan = CodePlan(surv, count, seg, (tau_t, tau_s), (bias_t, bias_s), rows, M, self._version,
                         remainder=rem, scale=s)
         return plan if attend is None else (plan, o_part, l_part)
@@ -418,9 +418,11 @@ class CodeKVCache:
     # ------------------------------------------------------------------ run (attend)
     @reads
     def run(self, q: torch.Tensor, plan: CodePlan, *, kind: str, alpha: int = 2, scale: float | None = None,
-            num_splits: int | None = None, return_bound: bool = False, check: bool = True) -> tuple:
+            num_splits: int | None = None, return_bound: bool = False, check: bool = True,
+            group_union: bool = False) -> tuple:
         """Attention of ``q (B, Hq, M, D)`` over a plan's survivors (keys with ``score >= tau``,
-        causal: query m of M sits at position ``n - M + m``).
+        causal: query m of M sits at position ``n - M + m``; ``group_union=True``, softmax:
+        each row keeps every key that any row of its GQA group keeps, within its own causal limit).
 
         ``kind="relu"``: weights ``relu(scale * score - bias) ** alpha`` (exact ReLU^alpha when
         ``tau = bias / scale``); ``kind="softmax"``: softmax over the kept keys. Returns
@@ -434,24 +436,26 @@ class CodeKVCache:
         """
         self._check_q(q)
         out = self._run(q, plan, kind=kind, alpha=alpha, scale=scale, num_splits=num_splits,
-                        return_bound=return_bound)
+                        return_bound=return_bound, group_union=group_union)
         self._raise_if(check)
         return out
 
-    def _attention_kind(self, kind, alpha):
-        """``(kind_id, alpha)`` checked, for a cache that holds values."""
+    def _attention_kind(self, kind, alpha, group_union=False):
+        """``(kind_id, alpha)`` checked, for a cache that holds values (``group_union``: softmax only)."""
         kind_id = check_kind(kind)
         if not self.has_values:
             raise ValueError("this cache holds keys only (v=None): no attention")
+        if group_union and kind_id != 0:
+            raise ValueError("group_union=True widens softmax's kept sets: kind='softmax'")
         return kind_id, check_alpha(alpha)
 
     def _run(self, q, plan: CodePlan, *, kind, alpha=2, scale=None, num_splits=None, return_bound=False,
-             return_terms=False, out=None, lse=None):
+             return_terms=False, out=None, lse=None, group_union=False):
         """:meth:`run`'s body: ``q`` checked, the read lock held by the caller. ``return_terms``
         (with ``return_bound``): also the certificate's ``log_dropped, lse_low``
         (:func:`dropped_terms`), which add over disjoint key sets. ``out``, ``lse``: contiguous
         buffers of the result's shapes to write into (a captured step's own: no copies after)."""
-        kind_id, alpha = self._attention_kind(kind, alpha)
+        kind_id, alpha = self._attention_kind(kind, alpha, group_union)
         if not isinstance(plan, CodePlan):
             raise TypeError(f"plan must be a CodePlan (from CodeKVCache.plan), got {type(plan).__name__}")
         if plan.version != self._version:
@@ -490,7 +494,8 @@ class CodeKVCache:
             M, G, self.Hkv, plan.surv.stride(0), plan.seg, nprog, splits, BHM, s * LOG2E, s,
             ROWS=plan.rows, BLOCK_N=64, HEAD_DIM=D, KIND=kind_id, ALPHA=alpha,
             UPCAST=interpreting() or q.dtype == torch.float32, TAU_TENSOR=tau_t is not None,
-            BIAS_TENSOR=bias_t is not None, DENSE=plan.dense, CERTIFY=rem is not None, num_warps=4)
+            BIAS_TENSOR=bias_t is not None, DENSE=plan.dense, CERTIFY=rem is not None, GROUP=bool(group_union),
+            num_warps=4)
         return self._finish(q, o_part, l_part, rem, (tau_t, tau_s), s, out, lse, return_terms)
 
     def _finish(self, q, o_part, l_part, rem, tau, s, out, lse, return_terms):
@@ -526,19 +531,19 @@ class CodeKVCache:
         return bound, log_dropped, lse_low
 
     def _fused(self, q, tau, *, bias, kind, alpha, scale, certify, out=None, lse=None, return_terms=False,
-               add=None):
+               add=None, group_union=False):
         """Filter and attend in one launch (each filter program attends its own survivors),
         then the merge (and the certificate): what :meth:`attend` and a decode step run.
         ``add=(k, v)``: add these tokens first, in the launch that rotates the query.
         Returns ``(plan, result)``, ``result`` as :meth:`_run`'s."""
-        kind_id, alpha = self._attention_kind(kind, alpha)
+        kind_id, alpha = self._attention_kind(kind, alpha, group_union)
         s = float(scale) if scale is not None else self.D ** -0.5
-        plan, o_part, l_part = self._plan(q, tau, bias=bias, certify=certify, scale=s, attend=(kind_id, alpha),
-                                          add=add)
+        plan, o_part, l_part = self._plan(q, tau, bias=bias, certify=certify, scale=s,
+                                          attend=(kind_id, alpha, bool(group_union)), add=add)
         res = self._finish(q, o_part, l_part, plan.remainder, plan.tau, s, out, lse, return_terms)
         return plan, res
 
-    supports = frozenset({"tau", "info"})
+    supports = frozenset({"tau", "info", "group_union"})
 
     @reads  # plan and run under one read: an add cannot fall between them
     def attend(self, q: torch.Tensor, spec: AttentionSpec, *, with_info: bool = False,
@@ -563,24 +568,25 @@ class CodeKVCache:
         certify = with_info and spec.kind == "softmax"
         self._check_q(q)
         if num_splits is None and not with_info:  # the common call: replayed per shape
-            out = self._replayed_attend(q, tau, bias, spec.kind, spec.alpha, s)
+            out = self._replayed_attend(q, tau, bias, spec.kind, spec.alpha, s, spec.group_union)
             self._raise_if(check)
             return out, None
         if num_splits is None:
-            plan, res = self._fused(q, tau, bias=bias, kind=spec.kind, alpha=spec.alpha, scale=s, certify=certify)
+            plan, res = self._fused(q, tau, bias=bias, kind=spec.kind, alpha=spec.alpha, scale=s, certify=certify,
+                                    group_union=spec.group_union)
         else:
             plan = self._plan(q, tau, bias=bias, certify=certify, scale=s)
             res = self._run(q, plan, kind=spec.kind, alpha=spec.alpha, scale=s, num_splits=num_splits,
-                            return_bound=certify)
+                            return_bound=certify, group_union=spec.group_union)
         self._raise_if(check)
         return res[0], (plan_info(plan, q.shape, res, self.n) if with_info else None)
 
-    def _replayed_attend(self, q, tau, bias, kind, alpha, s):
+    def _replayed_attend(self, q, tau, bias, kind, alpha, s, group_union):
         """``out`` of the fused filter + attend + merge through :attr:`replays`: numbers are part
         of the graph's key, tensors are copied into its buffers (float32 on this device, as
         the kernels read them in place)."""
-        kind_id, alpha = self._attention_kind(kind, alpha)
-        key = ["attend", tuple(q.shape), kind_id, alpha, s]
+        kind_id, alpha = self._attention_kind(kind, alpha, group_union)
+        key = ["attend", tuple(q.shape), kind_id, alpha, s, bool(group_union)]
         inputs = [q]
         for x, name in ((tau, "tau"), (bias, "bias")):
             if torch.is_tensor(x):
@@ -595,19 +601,20 @@ class CodeKVCache:
         def body(b):
             t = b[1] if b[1] is not None else tau
             bs = b[2] if b[2] is not None else bias
-            return self._fused(b[0], t, bias=bs, kind=kind, alpha=alpha, scale=s, certify=False)[1][:1]
+            return self._fused(b[0], t, bias=bs, kind=kind, alpha=alpha, scale=s, certify=False,
+                               group_union=group_union)[1][:1]
 
         return self.replays.run(tuple(key), self._storage, inputs, body)[0]
 
     def decode_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kind: str,
                     tau: float | torch.Tensor | None = None, alpha: int = 2, bias: float | torch.Tensor = 0.0,
                     scale: float | None = None, graph: bool | None = None, dense: bool | None = None,
-                    certify: bool = False, fuse: bool = True) -> DecodeStep:
+                    certify: bool = False, fuse: bool = True, group_union: bool = False) -> DecodeStep:
         """A :class:`hsr.kernels.decode.DecodeStep` over this cache: add ``k, v`` then attend
         ``q``, captured once in a CUDA graph that replays at every length up to the capacity.
         The arguments are example inputs (shapes and dtypes) and the attention options."""
         return DecodeStep(self, q, k, v, kind=kind, tau=tau, alpha=alpha, bias=bias, scale=scale, graph=graph,
-                          dense=dense, certify=certify, fuse=fuse)
+                          dense=dense, certify=certify, fuse=fuse, group_union=group_union)
 
     def keys_read_bytes(self) -> int:
         """Bytes one filter step reads: codes, steps and errors of every key of every head."""

@@ -57,6 +57,9 @@ class DecodeStep:
     certify : bool
         Softmax only: each call also writes :attr:`bound` ``(B, Hq, M)``, a certified upper
         bound on the share of each row's softmax mass below tau (read it at a sync point).
+    group_union : bool
+        Softmax: each query row keeps every key that any row of its GQA group keeps (the
+        union the filter reads anyway): less dropped mass for the same bytes.
     fuse : bool
         Filter and attend in one launch, each filter program attending its own survivors
         (the default); False: two launches, the filter's survivor lists then the attention
@@ -82,7 +85,8 @@ class DecodeStep:
     def __init__(self, cache: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kind: str,
                  tau: float | torch.Tensor | None = None, alpha: int = 2, bias: float | torch.Tensor = 0.0,
                  scale: float | None = None, graph: bool | None = None, dense: bool | None = None,
-                 certify: bool = False, fuse: bool = True) -> None:  # cache: a CodeKVCache (codes.py imports this module)
+                 certify: bool = False, fuse: bool = True, group_union: bool = False) -> None:
+        # cache: a CodeKVCache (codes.py imports this module)
         check_kind(kind)
         self.alpha = check_alpha(alpha)
         if k is None and v is None:  # attend only: an empty token step keeps every check below
@@ -114,6 +118,9 @@ class DecodeStep:
         if certify and kind != "softmax":
             raise ValueError("certify=True bounds the dropped softmax mass: kind='softmax'")
         self.certify = bool(certify)
+        if group_union and kind != "softmax":
+            raise ValueError("group_union=True widens softmax's kept sets: kind='softmax'")
+        self.group_union = bool(group_union)
         self.fuse = bool(fuse)
         self.bound = None
         self.log_dropped = None
@@ -135,14 +142,15 @@ class DecodeStep:
         if self.fuse and not self.dense:  # the add rides in the launch that rotates the query
             _, res = c._fused(self.q, self.tau, bias=self.bias, kind=self.kind, alpha=self.alpha, scale=self.scale,
                               certify=self.certify, out=self.out, lse=self.lse, return_terms=self.certify,
-                              add=(self.k, self.v) if self.t else None)
+                              add=(self.k, self.v) if self.t else None, group_union=self.group_union)
         else:
             if self.t:
                 c._launch_add(self.k, self.v, self.t)
             plan = (c._dense_plan if self.dense else c._plan)(self.q, self.tau, bias=self.bias,
                                                               certify=self.certify, scale=self.scale)
             res = c._run(self.q, plan, kind=self.kind, alpha=self.alpha, scale=self.scale,
-                         return_bound=self.certify, return_terms=self.certify, out=self.out, lse=self.lse)
+                         return_bound=self.certify, return_terms=self.certify, out=self.out, lse=self.lse,
+                         group_union=self.group_union)
         extra = res[2:] if self.certify else (None, None, None)
         for name, x in (("bound", extra[0]), ("log_dropped", extra[1]), ("lse_low", extra[2])):
             if x is not None and getattr(self, name) is None:

@@ -47,6 +47,10 @@ def test_greedy_decoding_through_the_code_cache_equals_dense():
     assert all(layer.tau is not None and layer.tau.shape == (2, 4, 1) for layer in cache.layers)
     cache.check()
     assert backend.eps == 1e-6
+    # each row attending its GQA group's union keeps more of the mass: the same tokens
+    register_code_attention("hsr_code_union", eps=1e-3, group_union=True)
+    model.set_attn_implementation("hsr_code_union")
+    assert torch.equal(generate_greedy(model, ids, 6, CodeCache(cfg, max_cache_len=64)), want)
 
 
 def test_a_small_cache_decodes_with_sdpa_over_its_buffers():

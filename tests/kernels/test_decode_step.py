@@ -300,3 +300,79 @@ def test_an_add_past_the_capacity_writes_nothing_and_poisons(device):
         cache.check()
     with pytest.raises(ValueError, match="past the capacity"):  # sticky
         cache.check()
+
+
+def _union_reference(q, k, v, tau, scale):
+    """Dense float64 softmax where each row keeps the union of its GQA group's kept sets (every
+    head and position of the group), within its own causal limit; and the kept mask."""
+    B, Hq, M, D = q.shape
+    Hkv, N = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    s = q.double() @ k.double().repeat_interleave(G, 1).transpose(-1, -2)  # (B, Hq, M, N)
+    visible = torch.arange(N, device=q.device)[None, :] <= (N - M + torch.arange(M, device=q.device))[:, None]
+    hit = (s >= tau[..., None]) & visible
+    union = hit.view(B, Hkv, G * M, N).any(2)  # (B, Hkv, N)
+    keep = union.repeat_interleave(G, 1)[:, :, None, :] & visible
+    z = torch.where(keep, s * scale, -math.inf)
+    w = torch.where(keep, torch.exp(z - z.amax(-1, keepdim=True).clamp_min(-1e300)), 0.0)
+    den = w.sum(-1, keepdim=True)
+    out = torch.where(den > 0, (w @ v.double().repeat_interleave(G, 1)) / torch.where(den > 0, den, 1.0), 0.0)
+    return out, s, keep, visible
+
+
+@pytest.mark.parametrize("path", ["fused", "split", "dense", "step"])
+def test_group_union_keeps_the_groups_union(device, path):
+    # group_union=True: every row attends the keys that any row of its group keeps; against
+    # float64 on every path; the certificate still bounds each row's (smaller) dropped share;
+    # with one query head per kv head and M = 1 it is the plain kept set
+    B, Hkv, G, M, N, D = 2, 2, 3, 2, 140, 32
+    q, k, v = _inputs(B, Hkv, G, M, N, D, torch.float32, device, False, seed=41)
+    s = D ** -0.5
+    cache = CodeKVCache(k[:, :, :N - 1], v[:, :, :N - 1], capacity=N + 4)
+    scores = q.double() @ k.double().repeat_interleave(G, 1).transpose(-1, -2)
+    # (B, Hq, M): every row its own top 10%, off any score (the kernels keep fp32 scores >= tau:
+    # a tie would be decided by rounding, which float64 cannot judge)
+    tau = (scores.quantile(0.9, dim=-1) + 0.01).float()
+    assert (scores - tau.double()[..., None]).abs().min() > 1e-4
+    ref, _, keep, visible = _union_reference(q, k, v, tau.double(), s)
+    spec = AttentionSpec(kind="softmax", tau=tau, causal=True, group_union=True)
+    if path == "step":
+        step = cache.decode_step(q, k[:, :, :1], v[:, :, :1], kind="softmax", tau=tau, certify=True,
+                                 group_union=True)
+        out, bound = step(q, k[:, :, N - 1:N], v[:, :, N - 1:N]), step.bound
+    else:
+        cache.add(k[:, :, N - 1:N], v[:, :, N - 1:N])
+        if path == "fused":
+            out, info = cache.attend(q, spec, with_info=True)
+            bound = info.dropped_bound
+        else:
+            plan = cache._dense_plan(q, tau, certify=True) if path == "dense" else cache.plan(q, tau, certify=True)
+            out, _, bound = cache.run(q, plan, kind="softmax", return_bound=True, group_union=True)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    w = torch.exp(s * scores.masked_fill(~visible, -math.inf) - (s * scores).amax(-1, keepdim=True))
+    true = (w * ~keep).sum(-1) / w.sum(-1)
+    own = (w * (scores < tau.double()[..., None])).sum(-1) / w.sum(-1)
+    assert (bound.double() >= true).all()
+    assert (true <= own + 1e-12).all() and (true < own).any()  # the union drops less
+    plain = _reference(q, k, v, tau.double(), "softmax", 2, 0, s)[0]
+    assert not torch.allclose(out.double(), plain, atol=1e-4)  # and it is not the plain kept set
+
+
+def test_group_union_is_softmax_only_and_gpu_only(device):
+    q, k, v = _inputs(1, 1, 1, 1, 70, 16, torch.float32, device, True, seed=2)
+    cache = CodeKVCache(k, v)
+    spec = AttentionSpec(kind="softmax", tau=1.0, causal=True, group_union=True)
+    one, _ = cache.attend(q, spec)  # one query head per kv head, one position: the plain kept set
+    plain, _ = cache.attend(q, AttentionSpec(kind="softmax", tau=1.0, causal=True))
+    torch.testing.assert_close(one, plain, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="softmax"):
+        AttentionSpec(kind="relu", group_union=True)
+    with pytest.raises(ValueError, match="group_union"):
+        AttentionSpec(kind="softmax", tau=1.0, group_union=1)
+    with pytest.raises(ValueError, match="kind='softmax'"):
+        cache.decode_step(q, k[:, :, :1], v[:, :, :1], kind="relu", group_union=True)
+    from hsr import KVIndex, hsr_attention
+
+    cpu = KVIndex(k[0, 0].float().cpu().numpy(), v[0, 0].float().cpu().numpy())
+    with pytest.raises(ValueError, match="group_union"):
+        hsr_attention(q[0, 0].float().cpu().numpy(), cpu, kind="softmax", tau=1.0, group_union=True)
