@@ -12,6 +12,8 @@ cache is cropped back between repetitions), reporting the median time per step:
   model that writes its projections there; the captured SDPA step reads static buffers too);
 * ``ours_graph_certified``: the same step also writing each row's certified bound on the
   dropped softmax mass (``certify=True``; its largest and median value are reported);
+* ``ours_graph_group_union``: the same step with ``group_union=True`` (each row attends its
+  GQA group's union of kept sets; its error against full softmax beside the plain step's);
 * ``ours_dense_graph``: the same step with no filter (every key scored by our attend kernel):
   the fallback where the filter costs more than it saves;
 * ``ours_eager``: ``cache.add(k, v, check=False)`` then ``cache.attend(q, spec, check=False)``
@@ -222,6 +224,10 @@ def one_config(real, D, n, B, steps, reps, top, bw, dev, profile=False, sweep=Fa
     res["certified_bound_max"] = float(cstep.bound.max())
     res["certified_bound_median"] = float(cstep.bound.float().median())
     del cstep
+    gstep = cache.decode_step(q, knew[0], vnew[0], kind="softmax", tau=tau, group_union=True)
+    res["ours_graph_group_union_ms"] = time_loop(lambda i: gstep(qs[i], knew[i], vnew[i]), steps, reps, reset)
+    group_out = gstep.out.float().clone()
+    del gstep
     dstep = cache.decode_step(q, knew[0], vnew[0], kind="softmax", tau=tau, dense=True)
     res["ours_dense_graph_ms"] = time_loop(lambda i: dstep(qs[i], knew[i], vnew[i]), steps, reps, reset)
     res["dense_mode_max_diff"] = float((dstep.out.float() - out_last.float()).abs().max())
@@ -313,6 +319,7 @@ def one_config(real, D, n, B, steps, reps, top, bw, dev, profile=False, sweep=Fa
     ref_kept, ref_full = references(qs[-1], kk, vv, tau, scale)
     res["max_err_vs_kept"] = float((out_last.float() - ref_kept).abs().max())
     res["rel_err_vs_full"] = float((out_last.float() - ref_full).norm() / ref_full.norm())
+    res["group_union_rel_err_vs_full"] = float((group_out - ref_full).norm() / ref_full.norm())
     kept = float((scores(qs[-1], kk) >= tau[..., None]).sum(-1).double().mean())
     kv_row = 2 * D * 2
     code_bytes = B * Hkv * n * (cache.DP + 8)

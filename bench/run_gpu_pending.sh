@@ -9,7 +9,8 @@
 #   tests    the code cache's kernel and integration tests, compiled (the integration tests
 #            have not run on a GPU since they moved their model there)
 #   eager    greedy generate() without CUDA graphs, 8B shape at 128K B 1 (never measured)
-#   replay   the replay tests, then the decode loop's eager rows (the cache's own graphs) at 128K
+#   replay   the replay tests, then the decode loop at 128K (eager rows: the cache's own graphs; the
+#            group_union step, never timed on a GPU)
 #   b8       greedy generate() at 8B shapes, 32K, B 8, the prefill in 4K chunks (one pass did not fit)
 set -uo pipefail
 cd "$(dirname "$0")/.."
