@@ -6,12 +6,13 @@
 #   faiss    the CPU batch path's thread scaling on the GPU host's 16 cores (issue 24)
 #   generate greedy generate() with CodeCache vs StaticCache + SDPA, both captured (issue 22)
 #   striped  the striped decode step on 1 and 2 GPUs (issue 26; needs a 2-GPU machine)
-#   tests    the code cache's kernel and integration tests, compiled (the integration tests
-#            have not run on a GPU since they moved their model there)
-#   eager    greedy generate() without CUDA graphs, 8B shape at 128K B 1 (never measured)
-#   replay   the replay tests, then the decode loop at 128K (eager rows: the cache's own graphs; the
-#            group_union step, never timed on a GPU)
-#   b8       greedy generate() at 8B shapes, 32K, B 8, the prefill in 4K chunks (one pass did not fit)
+#   tests    the code cache's kernel and integration tests, compiled
+#   eager    greedy generate() without CUDA graphs, 8B shape at 128K B 1 (measured once with the
+#            first version of the eager replays: re-run after the host trims)
+#   replay   the replay and kernel tests, then the decode loop at 128K (eager rows: the cache's own
+#            graphs; the group_union step, never timed on a GPU)
+#   b8       greedy generate() at 8B shapes, 32K, B 8, the prefill in 8K chunks (its prefill time
+#            not re-measured since the mask check moved to the device)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out}; mkdir -p "$OUT"
@@ -31,6 +32,6 @@ case "${1:-decode}" in
             timeout 330 python bench/bench_decode_loop.py --n 131072 --dims 128 --batch 1 8 --reps 3 \
               --out "$OUT/decode_loop_replay.json" 2>&1 | tee "$OUT/decode_loop_log.txt" ;;
   b8)       timeout 560 python bench/bench_generate_gpu.py --shapes 8b --n 32768 --batch 8 --qk-gain 4 --dense-mode \
-              --prefill-chunk 4096 --new 32 --out "$OUT/generate_gpu_8b_32k_b8.json" 2>&1 | tee "$OUT/generate_b8_log.txt" ;;
+              --prefill-chunk 8192 --new 16 --out "$OUT/generate_gpu_8b_32k_b8.json" 2>&1 | tee "$OUT/generate_b8_log.txt" ;;
   *) echo "usage: $0 decode|faiss|generate|striped|tests|eager|replay|b8"; exit 2 ;;
 esac
