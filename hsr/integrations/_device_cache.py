@@ -68,6 +68,12 @@ def calibrate_tau(query: torch.Tensor, key: torch.Tensor, scale: float, eps: flo
     -------
     tau : (B, Hq, 1) float32 on the device
     """
+    return _calibrate(query, key, scale, eps, rows, with_share=False)[0]
+
+
+def _calibrate(query, key, scale, eps, rows, with_share=True):
+    """``(tau, share)``: :func:`calibrate_tau` and, from the same scores (one pass over the
+    keys at the prefill, not two), :func:`kept_share` at that tau (None without ``with_share``)."""
     B, Hq, M, D = query.shape
     Hkv, N = key.shape[1], key.shape[2]
     G = Hq // Hkv
@@ -75,11 +81,14 @@ def calibrate_tau(query: torch.Tensor, key: torch.Tensor, scale: float, eps: flo
     tau = torch.empty(B, Hq, 1, dtype=torch.float32, device=query.device)
     pos = torch.arange(N, device=query.device)
     limit = (N - r + torch.arange(r, device=query.device))[:, None]  # causal: query i sees keys <= N - r + i
+    hidden = (pos[None, :] > limit).repeat(G, 1)  # (G * r, N)
+    visible = (~hidden).sum(1).double()
+    total = torch.zeros((), dtype=torch.float64, device=query.device)
     for b in range(B):
         for hk in range(Hkv):  # one kv head at a time: (G * r, N) scores
             q = query[b, hk * G:(hk + 1) * G, M - r:].float().reshape(G * r, D)
             kf = key[b, hk].float()
-            s = (q @ kf.T).masked_fill((pos[None, :] > limit).repeat(G, 1), float("-inf"))
+            s = (q @ kf.T).masked_fill(hidden, float("-inf"))
             srt, _ = torch.sort(s, dim=1, descending=True)  # raw scores: the threshold is one of them
             w = torch.exp((srt - srt[:, :1]) * scale)
             share = torch.cumsum(w, 1) / w.sum(1, keepdim=True)
@@ -88,8 +97,12 @@ def calibrate_tau(query: torch.Tensor, key: torch.Tensor, scale: float, eps: flo
             # the decode kernel scores in another order: lower tau by a bound on fp32 dot-product
             # rounding, so that the key that reaches 1 - eps is kept whatever the order
             slack = D * 2.0 ** -23 * q.norm(dim=1) * kf.norm(dim=1).max()
-            tau[b, hk * G:(hk + 1) * G, 0] = (t - slack).reshape(G, r).min(1).values
-    return tau
+            tg = (t - slack).reshape(G, r).min(1).values
+            tau[b, hk * G:(hk + 1) * G, 0] = tg
+            if with_share:
+                kept = (s >= tg.repeat_interleave(r)[:, None]) & ~hidden
+                total += (kept.sum(1).double() / visible).sum()
+    return tau, (float(total) / (B * Hq * r) if with_share else None)
 
 
 def kept_share(query: torch.Tensor, key: torch.Tensor, tau: torch.Tensor, rows: int = 32) -> float:
@@ -297,8 +310,7 @@ class CodeAttention:
                 raise NotImplementedError("CodeCache does not serve padded batches (left padding): give "
                                           "prompts of one length")
             if layer.fits_filter:  # every prefill chunk calibrates again: the last one, over every key, decides
-                layer.tau = calibrate_tau(query, key, scale, self.eps, self.rows)
-                layer.kept_share = kept_share(query, key, layer.tau, self.rows)
+                layer.tau, layer.kept_share = _calibrate(query, key, scale, self.eps, self.rows)
                 limit = DENSE_ABOVE if self.dense_above is None else self.dense_above
                 # a tau that keeps most keys: dense is faster
                 layer.filtered = layer.kept_share <= limit

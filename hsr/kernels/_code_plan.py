@@ -7,6 +7,7 @@ bound on the dropped softmax share (docs/codes.md, "A softmax certificate on the
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -16,8 +17,8 @@ from .._protocol import AttentionInfo, AttentionSpec
 from ._code_kernels import BAD_BIAS, BAD_FULL, BAD_KV, BAD_Q, BAD_RANGE, BAD_TAU
 from ._validate import f32_at_least
 
-__all__ = ["CodePlan", "certified_share", "default_tau", "dropped_terms", "per_row_values", "plan_info", "spec_thresholds",
-           "status_message"]
+__all__ = ["CodePlan", "as_float32", "certified_share", "default_tau", "dropped_terms", "per_row_values", "plan_info",
+           "spec_thresholds", "status_message"]
 
 #: what each status bit means, in the words of the error a checked call raises
 STATUS_WORDS = ((BAD_Q, "q contains NaN or Inf"), (BAD_TAU, "tau contains NaN"),
@@ -37,14 +38,15 @@ def random_rotation(d: int, seed: int, device) -> torch.Tensor:
     return (qm * torch.sign(torch.diagonal(rm))).T.contiguous().to(device)
 
 
-_CUDA: list = []  # torch.cuda.is_available(), asked once (it reads the environment: ~3 us a call)
+@functools.lru_cache(maxsize=None)
+def _has_cuda() -> bool:
+    """``torch.cuda.is_available()``, asked once (it reads the environment: ~3 us a call)."""
+    return torch.cuda.is_available()
 
 
 def capturing() -> bool:
     """Inside CUDA-graph capture nothing may synchronise: checks are deferred there."""
-    if not _CUDA:
-        _CUDA.append(torch.cuda.is_available())
-    return _CUDA[0] and torch.cuda.is_current_stream_capturing()
+    return _has_cuda() and torch.cuda.is_current_stream_capturing()
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,18 @@ def certified_share(log_dropped: torch.Tensor, lse_low: torch.Tensor) -> torch.T
     return torch.where(torch.isneginf(lse_low), torch.ones_like(lse_low), torch.sigmoid(log_dropped - lse_low))
 
 
+def as_float32(x: torch.Tensor, name: str, device) -> torch.Tensor:
+    """A tau or bias tensor as the kernels read it: float32 on ``device``, as given when it is
+    (no copy, graph-safe), else converted — tau rounded up, which keeps the same keys."""
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    if x.device != device or x.dtype != torch.float32:
+        if capturing():
+            raise ValueError(f"inside a capture, {name} must be a float32 tensor on {device}")
+        x = f32_at_least(x.to(device)) if name == "tau" else x.to(device, torch.float32)
+    return x
+
+
 def per_row_values(x, shape, name: str, device) -> tuple:
     """``(tensor or None, scalar, strides)`` of tau or bias for queries of ``shape (B, Hq, M, D)``:
     a number, or a tensor of shape (), (Hq,) or (B, Hq, M), read in place through strides
@@ -160,12 +174,7 @@ def per_row_values(x, shape, name: str, device) -> tuple:
         if math.isnan(x) or (name == "bias" and math.isinf(x)):
             raise ValueError(f"{name} must be a number (not NaN{'/Inf' if name == 'bias' else ''}), got {x}")
         return None, x, (0, 0, 0)
-    if not x.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
-    if x.device != device or x.dtype != torch.float32:
-        if capturing():
-            raise ValueError(f"inside a capture, {name} must be a float32 tensor on {device}")
-        x = f32_at_least(x.to(device)) if name == "tau" else x.to(device, torch.float32)
+    x = as_float32(x, name, device)
     if x.dim() == 0:
         t = x.reshape(1, 1, 1).expand(B, Hq, M)
     elif tuple(x.shape) == (Hq,):

@@ -33,15 +33,22 @@ from ._code_plan import capturing
 __all__ = ["Replays"]
 
 
+def _stamp(x: Optional[torch.Tensor]):
+    """``(x, version)``: what a buffer copied from ``x`` holds, while ``x`` stays at that version
+    (None where that cannot be told: no tensor, or no version counter)."""
+    version = None if x is None else tensor_version(x)
+    return None if version is None else (x, version)
+
+
 class _Entry:
     __slots__ = ("graph", "inputs", "outputs", "stream", "last")
 
-    def __init__(self, graph, inputs, outputs, stream):
+    def __init__(self, graph, inputs, outputs, stream, last):
         self.graph = graph
         self.inputs = inputs
         self.outputs = outputs
         self.stream = stream
-        self.last = [None] * len(inputs)  # (tensor, version) each buffer was last copied from
+        self.last = last  # the _stamp of what each buffer was last copied from
 
 
 class Replays:
@@ -66,7 +73,7 @@ class Replays:
         self.limit = int(limit)
         self._mutex = threading.Lock()  # one replay at a time: buffers and the pool are shared
         self._entries: OrderedDict = OrderedDict()
-        self._seen: dict = {}
+        self._seen: set = set()  # keys run once, eagerly: the next call captures
         self._storage = None
         self._pool = None
 
@@ -76,11 +83,14 @@ class Replays:
     def clear(self) -> None:
         """Drop every graph (and its buffers)."""
         with self._mutex:
-            self._entries.clear()
-            self._seen.clear()
+            self._drop()
+
+    def _drop(self) -> None:
+        self._entries.clear()
+        self._seen.clear()
 
     def run(self, key: Hashable, storage: int, inputs: Sequence[Optional[torch.Tensor]],
-            body: Callable[[tuple], tuple], *, clone: bool = True) -> tuple:
+            body: Callable[[tuple], tuple]) -> tuple:
         """``body(inputs)``, replayed from a graph when this ``key`` was seen before.
 
         Parameters
@@ -95,16 +105,19 @@ class Replays:
             the graph's buffers, so they may have any strides.
         body : callable
             ``body(inputs) -> tuple of Tensor``: the launches, no synchronisation.
-        clone : bool
-            Return copies of the graph's outputs (the next replay overwrites its own).
+
+        Returns
+        -------
+        tuple of Tensor
+            ``body``'s outputs; from a replay, copies of the graph's own (the next replay
+            overwrites those).
         """
         if not self.enabled or capturing():
             return body(tuple(inputs))
         stream = self._stream()
         with self._mutex:
             if storage != self._storage:  # reallocated: every graph points at the old storage
-                self._entries.clear()
-                self._seen.clear()
+                self._drop()
                 self._storage = storage
             entry = self._entries.get(key)
             if entry is not None and entry.stream == stream:
@@ -115,19 +128,18 @@ class Replays:
                         continue
                     # the same tensor, unwritten since (views share the version counter): the
                     # buffer already holds it (a layer's thresholds, passed at every step)
-                    version = tensor_version(x)
-                    if (version is not None and entry.last[i] is not None and entry.last[i][0] is x
-                            and entry.last[i][1] == version):
+                    stamp, last = _stamp(x), entry.last[i]
+                    if stamp is not None and last is not None and last[0] is x and last[1] == stamp[1]:
                         continue
                     dst.append(buf)
                     src.append(x)
-                    entry.last[i] = None if version is None else (x, version)
+                    entry.last[i] = stamp
                 if dst:  # one call copies them all (each torch op costs ~10-17 us of host time)
                     torch._foreach_copy_(dst, src)
                 entry.graph.replay()
-                return tuple(o.clone() for o in entry.outputs) if clone else entry.outputs
-            if entry is not None or not self._seen.get(key):
-                self._seen[key] = 1
+                return tuple(o.clone() for o in entry.outputs)
+            if entry is not None or key not in self._seen:  # another stream, or a first sighting
+                self._seen.add(key)
                 return body(tuple(inputs))
             return self._capture(key, inputs, body, stream)
 
@@ -154,10 +166,8 @@ class Replays:
         bufs = tuple(None if x is None else x.clone(memory_format=torch.contiguous_format) for x in inputs)
         result = body(bufs)  # the real call, on the buffers: it also compiles what the capture records
         graph, outputs = self._record(body, bufs)
-        entry = _Entry(graph, bufs, outputs, stream)
-        entry.last = [None if x is None or tensor_version(x) is None else (x, tensor_version(x)) for x in inputs]
-        self._entries[key] = entry
-        self._seen.pop(key, None)
+        self._entries[key] = _Entry(graph, bufs, outputs, stream, [_stamp(x) for x in inputs])
+        self._seen.discard(key)
         while len(self._entries) > self.limit:
             self._entries.popitem(last=False)
         return result

@@ -37,14 +37,14 @@ from __future__ import annotations
 import torch
 import triton
 
-from ._code_kernels import (BAD_FULL, BAD_KV, _certify_kernel, _code_add_kernel, _code_attend_kernel, _code_filter_kernel,
-                            _prepare_kernel)
-from ._code_plan import (CodePlan, capturing as _capturing, per_row_values, plan_info, random_rotation, spec_thresholds,
-                         status_message)
+from ._code_kernels import (BAD_FULL, BAD_KV, _certify_kernel, _code_add_kernel, _code_attend_kernel,
+                            _code_filter_kernel, _prepare_kernel)
+from ._code_plan import (CodePlan, as_float32, capturing as _capturing, per_row_values, plan_info, random_rotation,
+                         spec_thresholds, status_message)
 from ._compat import interpreting, patch_interpreter
 from ._replay import Replays
 from ._softmax import LOG2E
-from ._validate import check_alpha, check_kind, check_triton_device, f32_at_least
+from ._validate import check_alpha, check_kind, check_triton_device
 from .._lock import RWLock, reads, writes
 from .._protocol import AttentionInfo, AttentionSpec
 from .block_sparse import _num_sms, merge_partials
@@ -590,8 +590,7 @@ class CodeKVCache:
         inputs = [q]
         for x, name in ((tau, "tau"), (bias, "bias")):
             if torch.is_tensor(x):
-                if x.device != self.device or x.dtype != torch.float32:
-                    x = f32_at_least(x.to(self.device)) if name == "tau" else x.to(self.device, torch.float32)
+                x = as_float32(x, name, self.device)
                 key.append(tuple(x.shape))
                 inputs.append(x)
             else:

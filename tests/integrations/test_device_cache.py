@@ -155,6 +155,12 @@ def test_a_layer_whose_tau_keeps_most_keys_decodes_densely():
             s = q[0, h, i] @ k[0, h // 2, :i + 1].T
             want_share.append(float((s >= tau[0, h, 0]).float().mean()))
     assert abs(kept_share(q, k, tau, rows=4) - sum(want_share) / len(want_share)) < 1e-6  # float32 means
+    # the backend takes tau and its share from one pass over the scores: the same as the two calls
+    from hsr.integrations._device_cache import _calibrate
+
+    both, share = _calibrate(q, k, 0.3, 1e-2, 4)
+    assert torch.equal(both, calibrate_tau(q, k, 0.3, 1e-2, 4))
+    assert abs(share - kept_share(q, k, both, rows=4)) < 1e-6
 
 
 def test_a_chunked_prefill_decodes_as_one_pass():

@@ -210,3 +210,16 @@ def test_replay_bookkeeping_on_the_cpu():
     assert len(r) == 0
     r.clear()
     assert len(r) == 0
+
+
+def test_an_integer_threshold_is_refused_on_every_call(device):
+    """The replayed path converts tau as the launched one does, and refuses what it refuses."""
+    q, k, v = _inputs(1, 1, 2, 1, 40, 16, torch.float32, device, True, seed=3)
+    cache = CodeKVCache(k, v)
+    spec = AttentionSpec(kind="softmax", tau=torch.zeros(2, device=device), causal=True)
+    for _ in range(3):  # on a GPU: eager, captured, replayed
+        cache.attend(q, spec)
+    bad = AttentionSpec(kind="softmax", tau=torch.zeros(2, dtype=torch.int32, device=device), causal=True)
+    for _ in range(3):
+        with pytest.raises(ValueError, match="floating-point"):
+            cache.attend(q, bad)
