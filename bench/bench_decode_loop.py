@@ -20,7 +20,9 @@ cache is cropped back between repetitions), reporting the median time per step:
   (no host synchronisation; each call replays the cache's own graph of its shape);
   ``ours_eager_checked``: the same with ``check=True`` (one synchronisation in ``add`` and
   one in ``attend``: the clear-error mode); ``ours_eager_launched``: the eager loop with the
-  cache's replays off (every Triton kernel launched from Python);
+  cache's replays off (every Triton kernel launched from Python); ``ours_eager_add_attend``:
+  one call per step, ``cache.attend(q, spec, add=(k, v), check=False)`` (the add rides in the
+  attend's graph: one replay and one input copy per step instead of two);
 * ``sdpa_eager``: the new K/V written into a preallocated cache, then torch SDPA over the
   first n positions (GQA, torch's default backend choice), eager;
 * ``sdpa_graph``: the same step captured in a CUDA graph at the final length and replayed
@@ -238,6 +240,16 @@ def one_config(real, D, n, B, steps, reps, top, bw, dev, profile=False, sweep=Fa
         return cache.attend(qs[i], AttentionSpec(kind="softmax", tau=tau, causal=True), check=check)[0]
 
     res["ours_eager_ms"] = time_loop(eager, steps, reps, reset)
+
+    def eager_one_call(i):
+        spec = AttentionSpec(kind="softmax", tau=tau, causal=True)
+        return cache.attend(qs[i], spec, add=(knew[i], vnew[i]), check=False)[0]
+
+    res["ours_eager_add_attend_ms"] = time_loop(eager_one_call, steps, reps, reset)
+    reset()  # the last step again, as one call, against the captured step's output at length n
+    for i in range(steps - 1):
+        cache.add(knew[i], vnew[i])
+    res["eager_add_attend_max_diff"] = float((eager_one_call(steps - 1).float() - out_last.float()).abs().max())
     if profile:  # where the eager step's host time goes
         import cProfile
         import io
@@ -333,6 +345,7 @@ def one_config(real, D, n, B, steps, reps, top, bw, dev, profile=False, sweep=Fa
     res["graph_vs_sdpa_graph"] = res["sdpa_graph_ms"] / res["ours_graph_ms"]
     res["eager_vs_sdpa_eager"] = res["sdpa_eager_ms"] / res["ours_eager_ms"]
     res["eager_launched_vs_sdpa_eager"] = res["sdpa_eager_ms"] / res["ours_eager_launched_ms"]
+    res["eager_add_attend_vs_sdpa_eager"] = res["sdpa_eager_ms"] / res["ours_eager_add_attend_ms"]
     res["graph_over_floor"] = res["ours_graph_ms"] / res["ours_floor_ms"]
     del cache, step, g_add, g_filter, g_filter_in, g_attend
     return res
@@ -409,7 +422,7 @@ def main(argv=None):
                       f"{r['ours_graph_unfused_inplace_ms']*1e3:6.1f}, attend only "
                       f"{r['ours_attend_only_inplace_ms']*1e3:6.1f}, certified {r['ours_graph_certified_ms']*1e3:6.1f} "
                       f"bound<={r['certified_bound_max']:.1e}) "
-                      f"dense-mode {r['ours_dense_graph_ms']*1e3:6.1f} eager {r['ours_eager_ms']*1e3:6.1f} (checked {r['ours_eager_checked_ms']*1e3:6.1f}, launched {r['ours_eager_launched_ms']*1e3:6.1f}) | "
+                      f"dense-mode {r['ours_dense_graph_ms']*1e3:6.1f} eager {r['ours_eager_ms']*1e3:6.1f} (checked {r['ours_eager_checked_ms']*1e3:6.1f}, launched {r['ours_eager_launched_ms']*1e3:6.1f}; one call {r['ours_eager_add_attend_ms']*1e3:6.1f}) | "
                       f"sdpa eager {r['sdpa_eager_ms']*1e3:6.1f} graph {r['sdpa_graph_ms']*1e3:6.1f} "
                       f"static {r['sdpa_static_ms']*1e3:6.1f} | x{r['graph_vs_sdpa_best']:.2f} vs best, "
                       f"eager x{r['eager_vs_sdpa_eager']:.2f} | parts add {r['add_graph_ms']*1e3:.1f} "

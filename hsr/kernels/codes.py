@@ -205,8 +205,23 @@ class CodeKVCache:
         ``check=True`` refuses NaN/Inf before writing (one synchronisation); with
         ``check=False`` nothing waits, and such values poison the cache instead (every answer
         NaN, :meth:`check` says why). Inputs of another dtype or device are converted (a
-        copy); inside a CUDA-graph capture they must already match.
+        copy); inside a CUDA-graph capture they must already match. A decode loop that adds
+        and then attends saves a replay with ``attend(q, spec, add=(k, v))``.
         """
+        k, v, t = self._new_tokens(k, v, check)
+        if t == 0:
+            return
+        if t <= 64:  # a decode step's few tokens: replayed (a long append is one launch anyway)
+            self.replays.run(("add", t), self._storage, (k, v), lambda b: self._launch_add(b[0], b[1], t) or ())
+        else:
+            self._launch_add(k, v, t)
+        self.n += t
+        self._version += 1
+
+    def _new_tokens(self, k, v, check):
+        """``(k, v, t)``: tokens to add, checked (shapes; values with ``check``, one
+        synchronisation), converted to the cache's dtype and device outside a capture, and
+        room made for them (a reallocation past the capacity). Nothing is written."""
         if (v is None) == self.has_values:
             raise ValueError("this cache holds values: add keys and values" if self.has_values
                              else "this cache holds keys only: add keys with v=None")
@@ -218,7 +233,7 @@ class CodeKVCache:
                              f"{tuple(k.shape)} and {None if v is None else tuple(v.shape)}")
         t = k.shape[2]
         if t == 0:
-            return
+            return k, v, 0
         capturing = _capturing()
         if k.dtype != self.dtype or k.device != self.device or (v is not None and (
                 v.dtype != self.dtype or v.device != self.device)):
@@ -240,12 +255,7 @@ class CodeKVCache:
                 raise ValueError(f"the cache is full ({self.n} + {t} > capacity {self.capacity}): reserve() more "
                                  "before capturing")
             self._alloc(max(2 * self.capacity, self.n + t))
-        if t <= 64:  # a decode step's few tokens: replayed (a long append is one launch anyway)
-            self.replays.run(("add", t), self._storage, (k, v), lambda b: self._launch_add(b[0], b[1], t) or ())
-        else:
-            self._launch_add(k, v, t)
-        self.n += t
-        self._version += 1
+        return k, v, t
 
     def _add_args(self, k, v, t, per):
         """The arguments the add kernels share: new ``(B, Hkv, t, D)`` keys and values (``v``
@@ -285,8 +295,9 @@ class CodeKVCache:
             BLOCK_R=32, num_warps=8 if (add is not None and self.DP >= 128) else 4)
 
     # ------------------------------------------------------------------ plan (filter)
-    def _check_q(self, q):
-        """Shapes, device and dtype of ``q`` (host only: values are the kernels' business)."""
+    def _check_q(self, q, adding=0):
+        """Shapes, device and dtype of ``q`` (host only: values are the kernels' business);
+        ``adding``: keys added before it attends."""
         if not torch.is_tensor(q) or q.dim() != 4:
             raise ValueError(f"q must be a (B, Hq, M, D) tensor, got {type(q).__name__} "
                              f"{tuple(q.shape) if torch.is_tensor(q) else ''}")
@@ -298,8 +309,9 @@ class CodeKVCache:
                              f"convert it with q.to({self.dtype}) (scores are then those of the converted q)")
         if q.stride(-1) != 1:
             raise ValueError("q's last dimension must be contiguous")
-        if M > self.n:
-            raise ValueError(f"{M} query positions but only {self.n} keys: causal queries are the last positions")
+        if M > self.n + adding:
+            raise ValueError(f"{M} query positions but only {self.n + adding} keys: causal queries are the last "
+                             "positions")
 
     def _per_row(self, x, q, name):
         """tau or bias as the kernels read them (:func:`per_row_values`)."""
@@ -545,8 +557,7 @@ class CodeKVCache:
 
     supports = frozenset({"tau", "info", "group_union"})
 
-    @reads  # plan and run under one read: an add cannot fall between them
-    def attend(self, q: torch.Tensor, spec: AttentionSpec, *, with_info: bool = False,
+    def attend(self, q: torch.Tensor, spec: AttentionSpec, *, add: tuple | None = None, with_info: bool = False,
                num_splits: int | None = None, check: bool = True) -> tuple[torch.Tensor, AttentionInfo | None]:
         """Filter + attend ``q (B, Hq, M, D)`` (on this device, this dtype) as ``spec`` says: the
         attention protocol's method (:func:`hsr.hsr_attention` calls it).
@@ -558,7 +569,28 @@ class CodeKVCache:
         ``keys_selected`` None (the kernel does not count), ``lse``, and for softmax
         ``dropped_bound`` the certified share of the mass below tau (see :meth:`run`; one
         more pass over the survivors). ``check=True``: one synchronisation, a ``ValueError``
-        for bad values; ``check=False``: none (NaN rows, and :meth:`check` raises later)."""
+        for bad values; ``check=False``: none (NaN rows, and :meth:`check` raises later).
+
+        ``add=(k, v)``: first add these ``(B, Hkv, t, D)`` keys and values, as :meth:`add` does,
+        in the same call (a decode loop's step: for ``t <= 64`` the add rides in the launch
+        that rotates the query, and an eager call replays one graph instead of two). Nothing
+        is added when the call is refused (shapes, kind, options).
+        """
+        lock = self._lock
+        if add is None:  # plan and run under one read: an add cannot fall between them
+            lock.acquire_read()
+            try:
+                return self._attend(q, spec, None, with_info, num_splits, check)
+            finally:
+                lock.release_read()
+        lock.acquire_write()
+        try:
+            return self._attend(q, spec, add, with_info, num_splits, check)
+        finally:
+            lock.release_write()
+
+    def _attend(self, q, spec, add, with_info, num_splits, check):
+        """:meth:`attend`'s body, under the lock it takes."""
         if not (torch.is_tensor(q) and q.device == self.device):
             raise TypeError(f"a CodeKVCache on {self.device} takes query tensors (B, Hq, M, D) on the same device")
         if not spec.causal and q.dim() == 4 and q.shape[2] > 1:
@@ -566,9 +598,24 @@ class CodeKVCache:
         s = spec.scale_for(self.D)
         bias, tau = spec_thresholds(spec, s, self.device)
         certify = with_info and spec.kind == "softmax"
-        self._check_q(q)
-        if num_splits is None and not with_info:  # the common call: replayed per shape
-            out = self._replayed_attend(q, tau, bias, spec.kind, spec.alpha, s, spec.group_union)
+        self._attention_kind(spec.kind, spec.alpha, spec.group_union)  # refused before anything is added
+        t = 0
+        if add is not None:
+            if not (isinstance(add, (tuple, list)) and len(add) == 2):
+                raise TypeError(f"add must be a (k, v) pair of tensors, got {type(add).__name__}")
+            k, v, t = self._new_tokens(add[0], add[1], check)
+        self._check_q(q, t)
+        replayed = num_splits is None and not with_info  # the common call: replayed per shape
+        if t and not (replayed and t <= 64):  # added first, on its own
+            self._launch_add(k, v, t)
+            self.n += t
+            self._version += 1
+            t = 0
+        if replayed:
+            out = self._replayed_attend(q, tau, bias, spec.kind, spec.alpha, s, spec.group_union,
+                                        (k, v) if t else None)
+            self.n += t
+            self._version += bool(t)
             self._raise_if(check)
             return out, None
         if num_splits is None:
@@ -581,10 +628,11 @@ class CodeKVCache:
         self._raise_if(check)
         return res[0], (plan_info(plan, q.shape, res, self.n) if with_info else None)
 
-    def _replayed_attend(self, q, tau, bias, kind, alpha, s, group_union):
+    def _replayed_attend(self, q, tau, bias, kind, alpha, s, group_union, add=None):
         """``out`` of the fused filter + attend + merge through :attr:`replays`: numbers are part
         of the graph's key, tensors are copied into its buffers (float32 on this device, as
-        the kernels read them in place)."""
+        the kernels read them in place). ``add=(k, v)``: ``t <= 64`` tokens added first, in
+        the same graph (the caller advances the host's length)."""
         kind_id, alpha = self._attention_kind(kind, alpha, group_union)
         key = ["attend", tuple(q.shape), kind_id, alpha, s, bool(group_union)]
         inputs = [q]
@@ -596,12 +644,15 @@ class CodeKVCache:
             else:
                 key.append(float(x))
                 inputs.append(None)
+        if add is not None:
+            key.append(("add", add[0].shape[2]))
+            inputs.extend(add)
 
         def body(b):
             t = b[1] if b[1] is not None else tau
             bs = b[2] if b[2] is not None else bias
             return self._fused(b[0], t, bias=bs, kind=kind, alpha=alpha, scale=s, certify=False,
-                               group_union=group_union)[1][:1]
+                               group_union=group_union, add=None if add is None else (b[3], b[4]))[1][:1]
 
         return self.replays.run(tuple(key), self._storage, inputs, body)[0]
 

@@ -155,18 +155,26 @@ class _Recorded:
 
 
 class _CpuReplays(Replays):
-    """Replays' bookkeeping on the CPU: the same code, a recorded function for a graph."""
+    """Replays' bookkeeping on the CPU: the same code, a recorded function for a graph.
 
-    def __init__(self, limit=16):
+    A capture records without running: ``state`` are tensors the body writes that are put back
+    after the stand-in's recording run (a cache's ``lengths``: the add's rows past the length
+    are then unread)."""
+
+    def __init__(self, limit=16, state=()):
         super().__init__(torch.device("cpu"), limit)
         self.enabled = True
         self.stream = 0
+        self.state = tuple(state)
 
     def _stream(self):
         return self.stream
 
     def _record(self, body, bufs):
+        saved = [x.clone() for x in self.state]
         outputs = tuple(o.clone() for o in body(bufs))
+        for x, old in zip(self.state, saved):
+            x.copy_(old)
         return _Recorded(body, bufs, outputs), outputs
 
 
@@ -223,3 +231,68 @@ def test_an_integer_threshold_is_refused_on_every_call(device):
     for _ in range(3):
         with pytest.raises(ValueError, match="floating-point"):
             cache.attend(q, bad)
+
+
+@pytest.mark.parametrize("path", ["replayed", "info", "splits"])
+@pytest.mark.parametrize("t", [1, 3, 70])
+def test_attend_with_add_equals_add_then_attend(device, path, t):
+    """``attend(q, spec, add=(k, v))`` adds then attends in one call (one replay where the
+    tokens ride in the query's launch): the same cache state as ``add`` then ``attend``, the
+    same outputs, across a reallocation; on the CPU the replays run through the recorded
+    stand-in, so the graph's bookkeeping of the add is exercised in CI."""
+    B, Hkv, G, D, n0, steps = 1, 2, 2, 32, 50, 3
+    q, k, v = _inputs(B, Hkv, G, 1, n0 + steps * t, D, torch.float32, device, False, seed=11)
+    scale = D ** -0.5
+    one = CodeKVCache(k[:, :, :n0], v[:, :, :n0], capacity=n0 + t + 1)  # grows once
+    two = CodeKVCache(k[:, :, :n0], v[:, :, :n0], capacity=n0 + t + 1)
+    if device == "cpu":
+        one.replays = _CpuReplays(state=(one.lengths,))
+    tau = torch.linspace(-1.0, 1.0, Hkv * G, device=device)
+    spec = AttentionSpec(kind="softmax", tau=tau, scale=scale, causal=True)
+    kw = {"replayed": {}, "info": {"with_info": True}, "splits": {"num_splits": 2}}[path]
+    for i in range(steps):
+        lo, hi = n0 + i * t, n0 + (i + 1) * t
+        qi = q.roll(i, dims=-1).contiguous()
+        a, info = one.attend(qi, spec, add=(k[:, :, lo:hi], v[:, :, lo:hi]), **kw)
+        two.add(k[:, :, lo:hi], v[:, :, lo:hi])
+        b, _ = two.attend(qi, spec, **kw)
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+        assert len(one) == len(two) == hi and one.version == two.version
+        if path == "info":
+            assert int(info.keys_scored.max()) <= hi
+        ref = _dense(qi, k[:, :, :hi], v[:, :, :hi], "softmax", tau.double().expand(B, Hkv * G)[..., None], 0.0,
+                     scale)
+        torch.testing.assert_close(a.double(), ref, atol=1e-5, rtol=1e-5)
+    for name in ("scale", "err"):  # the fused add computes the codes as the add kernel does
+        torch.testing.assert_close(getattr(one, name)[..., :hi], getattr(two, name)[..., :hi], atol=0, rtol=0)
+    assert torch.equal(one.lengths, two.lengths) and one.lengths.tolist() == [n0 + steps * t] * (B * Hkv)
+    torch.testing.assert_close(one.k[:, :, :hi], two.k[:, :, :hi], atol=0, rtol=0)
+    torch.testing.assert_close(one.v[:, :, :hi], two.v[:, :, :hi], atol=0, rtol=0)
+    if path == "replayed" and t <= 64:
+        assert len(one.replays) == 1  # add + attend: one graph (a first sighting, then captured)
+
+
+def test_attend_with_add_refuses_before_adding(device):
+    """A refused call adds nothing: bad tokens, a kind the cache cannot run, too many rows."""
+    q, k, v = _inputs(1, 1, 2, 1, 30, 16, torch.float32, device, False, seed=2)
+    cache = CodeKVCache(k[:, :, :20], v[:, :, :20])
+    spec = AttentionSpec(kind="softmax", tau=0.0, causal=True)
+    k1, v1 = k[:, :, 20:21], v[:, :, 20:21]
+    with pytest.raises(ValueError, match="add expects"):
+        cache.attend(q, spec, add=(k[:, :, 20:21, :8], v1))
+    with pytest.raises(TypeError, match="pair"):
+        cache.attend(q, spec, add=k1)
+    with pytest.raises(ValueError, match="group_union"):
+        cache.attend(q, AttentionSpec(kind="relu", group_union=True, causal=True), add=(k1, v1))
+    bad = k1.clone()
+    bad[0, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        cache.attend(q, spec, add=(bad, v1))
+    q30 = torch.zeros(1, 2, 30, 16, device=device)
+    with pytest.raises(ValueError, match="query positions"):
+        cache.attend(q30, spec, add=(k1, v1))
+    assert len(cache) == 20 and cache.lengths.tolist() == [20]
+    keys = CodeKVCache(k[:, :, :20], None)
+    with pytest.raises(ValueError, match="holds keys only"):
+        keys.attend(q, spec, add=(k1, None))
+    assert len(keys) == 20
