@@ -167,6 +167,9 @@ class CodeLayer(DynamicLayer):
 
         self.device = key_states.device
         self.code = CodeKVCache(key_states[:, :, :0], value_states[:, :, :0], capacity=self.capacity, seed=self.seed)
+        # eager generate(): each decode step repeats the shapes of the first, so its add and
+        # attend record their graphs there, in the warm-up step, not in the second
+        self.code.replays.record_first = True
         self.fits_filter = key_states.shape[0] * self.capacity >= self.filter_from
         self.filtered = self.fits_filter
         self._positions = torch.arange(self.capacity, device=self.device)

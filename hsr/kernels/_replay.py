@@ -12,9 +12,10 @@ Why one graph serves every call of a shape: the kernels read the cache's length 
 device and size their grids from the capacity, so a graph is right at every length up to the
 capacity; growing past it reallocates (a new ``storage``), which drops every graph.
 
-The first call of a shape runs eagerly (no capture for one-off shapes); the second runs
-eagerly on the entry's own input buffers — it is the real call, and it compiles what the
-capture records — then captures; later calls replay. At most ``limit`` shapes are kept
+The first call of a shape runs eagerly (no capture for one-off shapes; ``record_first``
+records at once, for a generation loop); the second runs eagerly on the entry's own input
+buffers — it is the real call, and it compiles what the capture records — then captures;
+later calls replay. At most ``limit`` shapes are kept
 (least recently used dropped). Graphs of one cache share one memory pool: they replay one at
 a time, in the order of the calls, on one stream. A call on another stream than the capture's,
 or inside someone else's capture, runs eagerly.
@@ -65,10 +66,15 @@ class Replays:
     ----------
     enabled : bool
         False: every call runs eagerly (set it to compare, or where graphs are unwanted).
+    record_first : bool
+        True: the first call of a shape records its graph (after running eagerly on the
+        graph's buffers), for a caller whose shapes repeat — a generation loop, whose first
+        decode step is its warm-up anyway. Default False: one-off shapes record nothing.
     """
 
     def __init__(self, device: torch.device, limit: int = 16) -> None:
         self.enabled = device.type == "cuda"
+        self.record_first = False
         self._index = device.index  # the cache's device (None: the current one, asked at first use)
         self.limit = int(limit)
         self._mutex = threading.Lock()  # one replay at a time: buffers and the pool are shared
@@ -138,7 +144,9 @@ class Replays:
                     torch._foreach_copy_(dst, src)
                 entry.graph.replay()
                 return tuple(o.clone() for o in entry.outputs)
-            if entry is not None or key not in self._seen:  # another stream, or a first sighting
+            if entry is not None:  # recorded on another stream
+                return body(tuple(inputs))
+            if key not in self._seen and not self.record_first:  # a first sighting
                 self._seen.add(key)
                 return body(tuple(inputs))
             return self._capture(key, inputs, body, stream)

@@ -218,6 +218,9 @@ def test_replay_bookkeeping_on_the_cpu():
     assert len(r) == 0
     r.clear()
     assert len(r) == 0
+    r.record_first = True  # a generation loop's shapes repeat: the first call records
+    assert r.run("d", 3, (y, None), body)[0].tolist() == [12.0] * 4 and len(r) == 1
+    assert r.run("d", 3, (x, None), body)[0].tolist() == [0, 2, 4, 6]  # replayed, x copied in
 
 
 def test_an_integer_threshold_is_refused_on_every_call(device):
