@@ -51,14 +51,16 @@ SHAPES = {
 
 class KeptShare:
     """The code attention backend, counting at the first decode step (eager, before the capture)
-    the share of the visible keys each row keeps (``score >= tau``), averaged over rows and layers."""
+    the share of the visible keys each row keeps (``score >= tau``), averaged over rows and layers.
+    Each layer counts once: an eager loop (``--eager``) is not captured, and counting at every
+    step (a dense fp32 score pass and a synchronisation per layer) was timed with it once."""
 
     def __init__(self, inner):
-        self.inner, self.on, self.kept = inner, False, []
+        self.inner, self.on, self.kept, self.counted = inner, False, [], set()
         self.__name__ = inner.__name__
 
     def start(self):
-        self.on, self.kept = True, []
+        self.on, self.kept, self.counted = True, [], set()
 
     def mean(self):
         return sum(self.kept) / len(self.kept) if self.kept else None
@@ -69,6 +71,10 @@ class KeptShare:
         out = self.inner(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
         capturing = query.is_cuda and torch.cuda.is_current_stream_capturing()
         layer = self.inner._layer(module, key, kwargs) if self.on and query.shape[2] == 1 and not capturing else None
+        if layer is not None and id(layer) in self.counted:
+            layer = None
+        elif layer is not None:
+            self.counted.add(id(layer))
         if layer is not None and not layer.filtered:  # a dense layer keeps every key
             self.kept.append(1.0)
         elif layer is not None:
