@@ -12,6 +12,9 @@ cache is cropped back between repetitions), reporting the median time per step:
   model that writes its projections there; the captured SDPA step reads static buffers too);
 * ``ours_graph_certified``: the same step also writing each row's certified bound on the
   dropped softmax mass (``certify=True``; its largest and median value are reported);
+* ``ours_graph_eps1e-2``, ``ours_graph_eps1e-3``: the certified step guarded at that eps (rows
+  whose bound exceeds it attend every key, in the same graph), with the share of rows and of
+  (batch, kv head) groups past eps at the last step (``eps..._rows_full``, ``..._groups_full``);
 * ``ours_graph_group_union``: the same step with ``group_union=True`` (each row attends its
   GQA group's union of kept sets; its error against full softmax beside the plain step's);
 * ``ours_dense_graph``: the same step with no filter (every key scored by our attend kernel):
@@ -225,6 +228,14 @@ def one_config(real, D, n, B, steps, reps, top, bw, dev, profile=False, sweep=Fa
     res["certified_max_diff"] = float((cstep.out.float() - out_last.float()).abs().max())
     res["certified_bound_max"] = float(cstep.bound.max())
     res["certified_bound_median"] = float(cstep.bound.float().median())
+    for eps in (1e-2, 1e-3):  # the guarded step: rows past eps attend every key, in the same graph
+        past = cstep.bound > eps  # at the last step of the certified loop (length n)
+        res[f"eps{eps:g}_rows_full"] = float(past.float().mean())
+        res[f"eps{eps:g}_groups_full"] = float(past.view(B, Hkv, -1).any(-1).float().mean())
+        estep = cache.decode_step(q, knew[0], vnew[0], kind="softmax", tau=tau, eps=eps)
+        res[f"ours_graph_eps{eps:g}_ms"] = time_loop(lambda i: estep(qs[i], knew[i], vnew[i]), steps, reps, reset)
+        res[f"eps{eps:g}_bound_max"] = float(estep.bound.max())
+        del estep
     del cstep
     gstep = cache.decode_step(q, knew[0], vnew[0], kind="softmax", tau=tau, group_union=True)
     res["ours_graph_group_union_ms"] = time_loop(lambda i: gstep(qs[i], knew[i], vnew[i]), steps, reps, reset)
@@ -420,7 +431,9 @@ def main(argv=None):
                 print(f"d{D} {r['Hq']}/{r['Hkv']} n={n:6d} B={B}: ours graph {r['ours_graph_ms']*1e3:6.1f} us "
                       f"(in place {r['ours_graph_inplace_ms']*1e3:6.1f}, unfused {r['ours_graph_unfused_ms']*1e3:6.1f} / "
                       f"{r['ours_graph_unfused_inplace_ms']*1e3:6.1f}, attend only "
-                      f"{r['ours_attend_only_inplace_ms']*1e3:6.1f}, certified {r['ours_graph_certified_ms']*1e3:6.1f} "
+                      f"{r['ours_attend_only_inplace_ms']*1e3:6.1f}, certified {r['ours_graph_certified_ms']*1e3:6.1f}, eps 1e-2 {r['ours_graph_eps0.01_ms']*1e3:6.1f} "
+                      f"({r['eps0.01_rows_full']*100:.1f}% rows full), eps 1e-3 {r['ours_graph_eps0.001_ms']*1e3:6.1f} "
+                      f"({r['eps0.001_rows_full']*100:.1f}% rows full) "
                       f"bound<={r['certified_bound_max']:.1e}) "
                       f"dense-mode {r['ours_dense_graph_ms']*1e3:6.1f} eager {r['ours_eager_ms']*1e3:6.1f} (checked {r['ours_eager_checked_ms']*1e3:6.1f}, launched {r['ours_eager_launched_ms']*1e3:6.1f}; one call {r['ours_eager_add_attend_ms']*1e3:6.1f}) | "
                       f"sdpa eager {r['sdpa_eager_ms']*1e3:6.1f} graph {r['sdpa_graph_ms']*1e3:6.1f} "

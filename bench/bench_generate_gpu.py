@@ -99,6 +99,8 @@ def main(argv=None):
                     help="CodeCache's filter_from (default: the library's FILTER_FROM; 0: the filter at every size)")
     ap.add_argument("--dense-mode", action="store_true",
                     help="also run CodeCache in dense mode (filter_from above every size): the strong dense loop")
+    ap.add_argument("--certified", action="store_true",
+                    help="the backend guards eps at every decode step (rows past it attend every key)")
     ap.add_argument("--eager", action="store_true",
                     help="run every loop eagerly (no CUDA graph): what a caller without a captured step gets")
     ap.add_argument("--prefill-chunk", type=int, default=None,
@@ -120,7 +122,7 @@ def main(argv=None):
     from hsr.integrations.transformers import CodeCache, generate_greedy, register_code_attention
 
     dev = torch.device(args.device)
-    stats = KeptShare(register_code_attention("hsr_code", eps=args.eps))
+    stats = KeptShare(register_code_attention("hsr_code", eps=args.eps, certified=args.certified))
     from transformers import AttentionInterface
 
     AttentionInterface.register("hsr_code", stats)
@@ -139,7 +141,7 @@ def main(argv=None):
                 for layer in model.model.layers:
                     layer.self_attn.q_proj.weight.mul_(gain / gain_now)
             gain_now = gain
-            row = dict(shape=shape, n=n, B=B, new=args.new, eps=args.eps, qk_gain=gain, graphs=not args.eager,
+            row = dict(shape=shape, n=n, B=B, new=args.new, eps=args.eps, qk_gain=gain, graphs=not args.eager, certified=args.certified,
                        prefill_chunk=args.prefill_chunk,
                        weights="random " + ("bf16" if dev.type == "cuda" else "fp32"))
             if B * n > args.max_tokens:  # the prefill's time and memory: said, not attempted

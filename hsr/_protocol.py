@@ -41,6 +41,8 @@ FEATURES = {
     "info": "return_info=True (an AttentionInfo beside the output)",
     "dense_below": "dense_below= (score every key below a cache length)",
     "group_union": "group_union=True (softmax: every query row of a GQA group keeps the keys any row of it keeps)",
+    "tau_eps": "softmax with tau and eps together: score >= tau, and every key for a row whose certified "
+               "dropped share under tau may exceed eps",
 }
 
 
@@ -66,7 +68,11 @@ class AttentionSpec:
     eps, tau, topk
         Softmax only, at most one: the certified dropped fraction, a raw-score threshold
         (scalar, per query head or per query row), the count of best keys.
-        Softmax with none of them keeps a certified :data:`DEFAULT_EPS`.
+        Softmax with none of them keeps a certified :data:`DEFAULT_EPS`. ``tau`` and ``eps``
+        together (the ``"tau_eps"`` feature, GPU code cache): each row keeps ``score >= tau``
+        where the certified bound on the mass that drops is at most ``eps``, and every key
+        where it may be more — a threshold chosen ahead (calibrated, no search per step) with
+        a per-row guarantee.
     causal : bool, default False
         Queries are the last M positions of the cache (bottom-right alignment).
     dense_below : int >= 0, optional
@@ -111,8 +117,8 @@ class AttentionSpec:
             if any(given) or self.group_union:
                 raise ValueError("eps, tau, topk and group_union apply to kind='softmax' only")
             return
-        if sum(given) > 1:
-            raise ValueError("give at most one of eps, tau and topk")
+        if sum(given) > 1 and not (self.topk is None and sum(given) == 2):  # tau with eps: guarded
+            raise ValueError("give at most one of eps, tau and topk (or tau with eps: a guarded threshold)")
         if self.eps is not None and (isinstance(self.eps, bool) or not isinstance(self.eps, numbers.Real)
                                      or not 0.0 < self.eps < 1.0):
             raise ValueError(f"eps must be in (0, 1), got {self.eps!r}")
@@ -138,6 +144,8 @@ class AttentionSpec:
             used.add("eps")
         if self.tau is not None:
             used.add("tau")
+            if self.eps is not None:
+                used.add("tau_eps")
         if self.topk is not None:
             used.add("topk")
         if isinstance(self.bias, str):

@@ -96,7 +96,8 @@ def test_every_cache_answers_the_attention_protocol():
 
 
 @pytest.mark.parametrize("options, feature", [(dict(kind="softmax"), "eps"), (dict(kind="softmax", topk=3), "topk"),
-                                              (dict(bias="paper"), "paper_bias"), (dict(dense_below=0), "dense_below")])
+                                              (dict(bias="paper"), "paper_bias"), (dict(dense_below=0), "dense_below"),
+                                              (dict(kind="softmax", tau=1.0, eps=0.1), "tau_eps")])
 def test_a_cache_refuses_what_it_does_not_support_by_name(options, feature):
     class TauOnly:  # the smallest cache: ReLU^alpha and softmax at a threshold, nothing else
         supports = frozenset({"tau"})
@@ -117,9 +118,21 @@ def test_not_a_cache_is_a_type_error():
 @pytest.mark.parametrize("options, match", [(dict(kind="linear"), "kind must be"), (dict(alpha=0), "alpha must be"),
                                             (dict(alpha=2.5), "alpha must be"), (dict(scale=-1.0), "scale must be"),
                                             (dict(kind="softmax", eps=2.0), "eps must be"),
-                                            (dict(kind="softmax", eps=0.1, tau=1.0), "at most one"),
+                                            (dict(kind="softmax", eps=0.1, topk=3), "at most one"),
+                                            (dict(kind="softmax", eps=0.1, tau=1.0, topk=3), "at most one"),
                                             (dict(tau=1.0), "apply to kind='softmax' only"), (dict(bias="median"), "bias must be"),
                                             (dict(causal="yes"), "causal must be"), (dict(dense_below=-1), "dense_below")])
 def test_the_spec_names_a_bad_option(options, match):
     with pytest.raises(ValueError, match=match):
         AttentionSpec(**options)
+
+
+def test_a_cpu_cache_refuses_a_guarded_threshold():
+    """tau with eps is the GPU code cache's guarded threshold: a CPU cache names what it lacks."""
+    rng = np.random.default_rng(5)
+    k = rng.standard_normal((64, 16)).astype(np.float32)
+    kv = hsr.KVIndex(k, k)
+    spec = AttentionSpec(kind="softmax", tau=1.0, eps=0.1)
+    assert {"tau", "tau_eps"} <= spec.features() and "eps" not in spec.features()
+    with pytest.raises(ValueError, match="does not support tau_eps"):
+        hsr.hsr_attention(rng.standard_normal((2, 16)).astype(np.float32), kv, kind="softmax", tau=1.0, eps=0.1)

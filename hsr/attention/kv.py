@@ -25,7 +25,7 @@ else:  # torch and the Triton kernels load only when a cache moves to a GPU
 __all__ = ["KVIndex", "KVCacheIndex", "cache_queries", "framework_out"]
 
 #: the CPU caches implement every feature of the attention protocol
-CPU_FEATURES = frozenset(FEATURES) - {"group_union"}  # the GPU code filter's alone
+CPU_FEATURES = frozenset(FEATURES) - {"group_union", "tau_eps"}  # the GPU code filter's alone
 
 
 def _value_buffer(V: np.ndarray) -> np.ndarray:

@@ -36,7 +36,7 @@ else:  # torch and the Triton kernels load only with a GPU shard
 __all__ = ["ShardedKVCache"]
 
 _KINDS = {"KVIndex": 0, "KVCacheIndex": 1, "CodeKVCache": 2}
-_CPU_FEATURES = frozenset(FEATURES) - {"paper_bias", "group_union"}
+_CPU_FEATURES = frozenset(FEATURES) - {"paper_bias", "group_union", "tau_eps"}
 _GPU_FEATURES = frozenset({"tau"})
 
 

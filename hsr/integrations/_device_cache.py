@@ -287,10 +287,15 @@ class CodeAttention:
     keeps more than ``dense_above`` of the prompt's keys (:func:`kept_share`), SDPA over its
     buffers. ``group_union=True``: each query row attends the keys any row of its GQA group
     keeps (the union the filter reads anyway: less dropped mass, the same bytes).
+
+    ``certified=True``: the calibrated ``tau`` is a guess made at the prefill; with this, every
+    decode step also bounds each row's dropped share under it, and a row whose bound exceeds
+    ``eps`` attends every key (in the same step, no synchronisation): ``eps`` holds per row,
+    layer and step (``AttentionSpec(tau=, eps=)``).
     """
 
     def __init__(self, name: str, eps: float = 1e-3, calibration_rows: int = 32,
-                 dense_above: Optional[float] = None, group_union: bool = False) -> None:
+                 dense_above: Optional[float] = None, group_union: bool = False, certified: bool = False) -> None:
         if not 0.0 < eps < 1.0:
             raise ValueError(f"eps must be in (0, 1), got {eps!r}")
         if dense_above is not None and not 0.0 <= dense_above <= 1.0:
@@ -298,6 +303,7 @@ class CodeAttention:
         self.name, self.eps, self.rows = name, float(eps), int(calibration_rows)
         self.dense_above = dense_above
         self.group_union = bool(group_union)
+        self.certified = bool(certified)
         self.__name__ = "hsr_code_attention"
 
     def __call__(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -323,7 +329,7 @@ class CodeAttention:
             out = layer.dense_attend(query, scale)
         else:
             spec = AttentionSpec(kind="softmax", tau=layer.tau, scale=scale, causal=True,
-                                 group_union=self.group_union)
+                                 group_union=self.group_union, eps=self.eps if self.certified else None)
             out, _ = layer.code.attend(query, spec, check=False)
         return out.transpose(1, 2).contiguous(), None
 
@@ -342,16 +348,18 @@ class CodeAttention:
 
 
 def register_code_attention(name: str = "hsr_code", *, eps: float = 1e-3, calibration_rows: int = 32,
-                            dense_above: Optional[float] = None, group_union: bool = False) -> CodeAttention:
+                            dense_above: Optional[float] = None, group_union: bool = False,
+                            certified: bool = False) -> CodeAttention:
     """Register :class:`CodeAttention` under ``name`` (with the stock SDPA mask builder) and
     return it: ``model.set_attn_implementation(name)``. ``dense_above``: a layer whose
     calibrated ``tau`` keeps more than this share of the prompt's keys decodes densely
     (default :data:`DENSE_ABOVE`, read at each prefill; 1 never). ``group_union``: each query
-    row attends the union of its GQA group's kept sets (:class:`CodeAttention`)."""
+    row attends the union of its GQA group's kept sets; ``certified``: every decode step
+    guarantees ``eps`` per row (:class:`CodeAttention`)."""
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import sdpa_mask
 
-    backend = CodeAttention(name, eps, calibration_rows, dense_above, group_union)
+    backend = CodeAttention(name, eps, calibration_rows, dense_above, group_union, certified)
     AttentionInterface.register(name, backend)
     AttentionMaskInterface.register(name, sdpa_mask)
     return backend

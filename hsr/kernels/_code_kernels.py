@@ -493,7 +493,10 @@ def _code_attend_kernel(Q, K, V, TAU, tau_scalar, BIAS, bias_scalar, SURV, COUNT
     kbase = K + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
     vbase = V + b.to(tl.int64) * s_vb + h.to(tl.int64) * s_vh
     if DENSE:  # no filter: split s takes key tiles s, s+SPLITS, ... below the length
-        for tile in range(pid_s, tl.cdiv(N, BLOCK_N), SPLITS):
+        # a group whose rows all have tau = +inf keeps nothing: its tiles are not read (a
+        # certified step's dense pass for the rows past their eps skips every other group)
+        live = tl.max(tl.where(r_ok & (tau < float("inf")), 1, 0), 0)
+        for tile in range(pid_s, tl.cdiv(N, BLOCK_N) * live, SPLITS):
             idx = tile * BLOCK_N + tl.arange(0, BLOCK_N)
             m_i, l_i, acc, rem = _attend_tile(q, idx, idx < N, kbase, vbase, s_kn, s_vn, tau, bias, limit, r_ok,
                                               m_i, l_i, acc, rem, gap, qk_scale, scale, HEAD_DIM, KIND, ALPHA,

@@ -543,19 +543,38 @@ class CodeKVCache:
         return bound, log_dropped, lse_low
 
     def _fused(self, q, tau, *, bias, kind, alpha, scale, certify, out=None, lse=None, return_terms=False,
-               add=None, group_union=False):
+               add=None, group_union=False, eps=None):
         """Filter and attend in one launch (each filter program attends its own survivors),
         then the merge (and the certificate): what :meth:`attend` and a decode step run.
         ``add=(k, v)``: add these tokens first, in the launch that rotates the query.
+        ``eps`` (with ``certify``): rows whose bound exceeds it attend every key (:meth:`_guard`).
         Returns ``(plan, result)``, ``result`` as :meth:`_run`'s."""
         kind_id, alpha = self._attention_kind(kind, alpha, group_union)
         s = float(scale) if scale is not None else self.D ** -0.5
         plan, o_part, l_part = self._plan(q, tau, bias=bias, certify=certify, scale=s,
                                           attend=(kind_id, alpha, bool(group_union)), add=add)
         res = self._finish(q, o_part, l_part, plan.remainder, plan.tau, s, out, lse, return_terms)
+        if eps is not None:
+            res = self._guard(q, res, eps, s)
         return plan, res
 
-    supports = frozenset({"tau", "info", "group_union"})
+    def _guard(self, q, res, eps, scale):
+        """``res = (out, lse, bound[, log_dropped, lse_low])`` of a certified softmax run, with
+        every row whose bound exceeds ``eps`` replaced by full softmax over its visible keys
+        (bound 0): one dense launch in which only the groups holding such a row read their
+        keys (the others have ``tau = +inf``: nothing kept, no tile read), its merge and
+        certificate, and a few elementwise selects. No synchronisation, so a captured step
+        guarantees ``eps`` per row at every replay. ``out`` and ``lse`` are rewritten in place
+        (a step's own buffers); the others are returned anew."""
+        need = res[2] > eps
+        every = torch.where(need, float("-inf"), float("inf"))  # -inf keeps every key, +inf none
+        plan = self._dense_plan(q, every, certify=True, scale=scale)
+        full = self._run(q, plan, kind="softmax", scale=scale, return_bound=True, return_terms=len(res) > 3)
+        res[0].copy_(torch.where(need[..., None], full[0], res[0]))
+        res[1].copy_(torch.where(need, full[1], res[1]))
+        return tuple(res[:2]) + tuple(torch.where(need, f, r) for f, r in zip(full[2:], res[2:]))
+
+    supports = frozenset({"tau", "info", "group_union", "tau_eps"})
 
     def attend(self, q: torch.Tensor, spec: AttentionSpec, *, add: tuple | None = None, with_info: bool = False,
                num_splits: int | None = None, check: bool = True) -> tuple[torch.Tensor, AttentionInfo | None]:
@@ -570,6 +589,11 @@ class CodeKVCache:
         ``dropped_bound`` the certified share of the mass below tau (see :meth:`run`; one
         more pass over the survivors). ``check=True``: one synchronisation, a ``ValueError``
         for bad values; ``check=False``: none (NaN rows, and :meth:`check` raises later).
+
+        ``spec.eps`` with ``spec.tau`` (softmax): each row keeps ``score >= tau`` where its
+        certified dropped share is at most ``eps``, and every key where it may be more (one
+        more launch that reads only the keys of the groups holding such a row; no
+        synchronisation): ``eps`` holds per row and step.
 
         ``add=(k, v)``: first add these ``(B, Hkv, t, D)`` keys and values, as :meth:`add` does,
         in the same call (a decode loop's step: for ``t <= 64`` the add rides in the launch
@@ -597,7 +621,8 @@ class CodeKVCache:
             raise ValueError("the code cache attends the last M positions causally: pass causal=True for M > 1")
         s = spec.scale_for(self.D)
         bias, tau = spec_thresholds(spec, s, self.device)
-        certify = with_info and spec.kind == "softmax"
+        eps = float(spec.eps) if spec.kind == "softmax" and spec.tau is not None and spec.eps is not None else None
+        certify = (with_info and spec.kind == "softmax") or eps is not None
         self._attention_kind(spec.kind, spec.alpha, spec.group_union)  # refused before anything is added
         t = 0
         if add is not None:
@@ -613,28 +638,30 @@ class CodeKVCache:
             t = 0
         if replayed:
             out = self._replayed_attend(q, tau, bias, spec.kind, spec.alpha, s, spec.group_union,
-                                        (k, v) if t else None)
+                                        (k, v) if t else None, eps)
             self.n += t
             self._version += bool(t)
             self._raise_if(check)
             return out, None
         if num_splits is None:
             plan, res = self._fused(q, tau, bias=bias, kind=spec.kind, alpha=spec.alpha, scale=s, certify=certify,
-                                    group_union=spec.group_union)
+                                    group_union=spec.group_union, eps=eps)
         else:
             plan = self._plan(q, tau, bias=bias, certify=certify, scale=s)
             res = self._run(q, plan, kind=spec.kind, alpha=spec.alpha, scale=s, num_splits=num_splits,
                             return_bound=certify, group_union=spec.group_union)
+            if eps is not None:
+                res = self._guard(q, res, eps, s)
         self._raise_if(check)
         return res[0], (plan_info(plan, q.shape, res, self.n) if with_info else None)
 
-    def _replayed_attend(self, q, tau, bias, kind, alpha, s, group_union, add=None):
+    def _replayed_attend(self, q, tau, bias, kind, alpha, s, group_union, add=None, eps=None):
         """``out`` of the fused filter + attend + merge through :attr:`replays`: numbers are part
         of the graph's key, tensors are copied into its buffers (float32 on this device, as
         the kernels read them in place). ``add=(k, v)``: ``t <= 64`` tokens added first, in
-        the same graph (the caller advances the host's length)."""
+        the same graph (the caller advances the host's length). ``eps``: guarded (:meth:`_guard`)."""
         kind_id, alpha = self._attention_kind(kind, alpha, group_union)
-        key = ["attend", tuple(q.shape), kind_id, alpha, s, bool(group_union)]
+        key = ["attend", tuple(q.shape), kind_id, alpha, s, bool(group_union), eps]
         inputs = [q]
         for x, name in ((tau, "tau"), (bias, "bias")):
             if torch.is_tensor(x):
@@ -651,20 +678,21 @@ class CodeKVCache:
         def body(b):
             t = b[1] if b[1] is not None else tau
             bs = b[2] if b[2] is not None else bias
-            return self._fused(b[0], t, bias=bs, kind=kind, alpha=alpha, scale=s, certify=False,
-                               group_union=group_union, add=None if add is None else (b[3], b[4]))[1][:1]
+            return self._fused(b[0], t, bias=bs, kind=kind, alpha=alpha, scale=s, certify=eps is not None,
+                               group_union=group_union, add=None if add is None else (b[3], b[4]), eps=eps)[1][:1]
 
         return self.replays.run(tuple(key), self._storage, inputs, body)[0]
 
     def decode_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kind: str,
                     tau: float | torch.Tensor | None = None, alpha: int = 2, bias: float | torch.Tensor = 0.0,
                     scale: float | None = None, graph: bool | None = None, dense: bool | None = None,
-                    certify: bool = False, fuse: bool = True, group_union: bool = False) -> DecodeStep:
+                    certify: bool = False, fuse: bool = True, group_union: bool = False,
+                    eps: float | None = None) -> DecodeStep:
         """A :class:`hsr.kernels.decode.DecodeStep` over this cache: add ``k, v`` then attend
         ``q``, captured once in a CUDA graph that replays at every length up to the capacity.
         The arguments are example inputs (shapes and dtypes) and the attention options."""
         return DecodeStep(self, q, k, v, kind=kind, tau=tau, alpha=alpha, bias=bias, scale=scale, graph=graph,
-                          dense=dense, certify=certify, fuse=fuse, group_union=group_union)
+                          dense=dense, certify=certify, fuse=fuse, group_union=group_union, eps=eps)
 
     def keys_read_bytes(self) -> int:
         """Bytes one filter step reads: codes, steps and errors of every key of every head."""

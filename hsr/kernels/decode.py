@@ -57,6 +57,10 @@ class DecodeStep:
     certify : bool
         Softmax only: each call also writes :attr:`bound` ``(B, Hq, M)``, a certified upper
         bound on the share of each row's softmax mass below tau (read it at a sync point).
+    eps : float in (0, 1), optional
+        Softmax only (implies ``certify``): rows whose bound exceeds ``eps`` attend every key
+        instead, in the same graph (one more launch that reads only the keys of the groups
+        holding such a row), so every row's dropped share is at most ``eps`` at every replay.
     group_union : bool
         Softmax: each query row keeps every key that any row of its GQA group keeps (the
         union the filter reads anyway): less dropped mass for the same bytes.
@@ -85,7 +89,8 @@ class DecodeStep:
     def __init__(self, cache: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kind: str,
                  tau: float | torch.Tensor | None = None, alpha: int = 2, bias: float | torch.Tensor = 0.0,
                  scale: float | None = None, graph: bool | None = None, dense: bool | None = None,
-                 certify: bool = False, fuse: bool = True, group_union: bool = False) -> None:
+                 certify: bool = False, fuse: bool = True, group_union: bool = False,
+                 eps: float | None = None) -> None:
         # cache: a CodeKVCache (codes.py imports this module)
         check_kind(kind)
         self.alpha = check_alpha(alpha)
@@ -115,9 +120,12 @@ class DecodeStep:
         self._storage = cache._storage
         self.use_graph = (dev.type == "cuda") if graph is None else bool(graph)
         self.dense = cache.capacity < DENSE_BELOW if dense is None else bool(dense)
-        if certify and kind != "softmax":
-            raise ValueError("certify=True bounds the dropped softmax mass: kind='softmax'")
-        self.certify = bool(certify)
+        if (certify or eps is not None) and kind != "softmax":
+            raise ValueError("certify=True and eps= bound the dropped softmax mass: kind='softmax'")
+        if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 < eps < 1.0):
+            raise ValueError(f"eps must be in (0, 1), got {eps!r}")
+        self.eps = None if eps is None else float(eps)
+        self.certify = bool(certify) or eps is not None
         if group_union and kind != "softmax":
             raise ValueError("group_union=True widens softmax's kept sets: kind='softmax'")
         self.group_union = bool(group_union)
@@ -142,7 +150,8 @@ class DecodeStep:
         if self.fuse and not self.dense:  # the add rides in the launch that rotates the query
             _, res = c._fused(self.q, self.tau, bias=self.bias, kind=self.kind, alpha=self.alpha, scale=self.scale,
                               certify=self.certify, out=self.out, lse=self.lse, return_terms=self.certify,
-                              add=(self.k, self.v) if self.t else None, group_union=self.group_union)
+                              add=(self.k, self.v) if self.t else None, group_union=self.group_union,
+                              eps=self.eps)
         else:
             if self.t:
                 c._launch_add(self.k, self.v, self.t)
@@ -151,6 +160,8 @@ class DecodeStep:
             res = c._run(self.q, plan, kind=self.kind, alpha=self.alpha, scale=self.scale,
                          return_bound=self.certify, return_terms=self.certify, out=self.out, lse=self.lse,
                          group_union=self.group_union)
+            if self.eps is not None:
+                res = c._guard(self.q, res, self.eps, self.scale)
         extra = res[2:] if self.certify else (None, None, None)
         for name, x in (("bound", extra[0]), ("log_dropped", extra[1]), ("lse_low", extra[2])):
             if x is not None and getattr(self, name) is None:

@@ -198,3 +198,31 @@ def test_a_chunked_prefill_decodes_as_one_pass():
     for bad in (0, -3, 2.5, True):
         with pytest.raises(ValueError, match="prefill_chunk"):
             generate_greedy(model, ids, 2, CodeCache(cfg, max_cache_len=64), prefill_chunk=bad)
+
+
+def test_a_certified_backend_attends_every_key_where_tau_drops_too_much():
+    """``certified=True``: a row whose bound under the layer's tau exceeds eps attends every
+    key. With a tau that keeps nothing, the certified decode step still gives dense's logits;
+    the uncertified one does not."""
+    import inspect
+
+    model, cfg = _model()
+    ids = torch.randint(3, 64, (1, 41), generator=torch.Generator().manual_seed(3)).to(DEV)
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        want = model(ids).logits[:, -1]
+    kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    got = {}
+    for certified in (False, True):
+        name = f"hsr_code_certified_{certified}"
+        register_code_attention(name, eps=1e-3, certified=certified)
+        model.set_attn_implementation(name)
+        cache = CodeCache(cfg, max_cache_len=64)
+        with torch.no_grad():
+            model(ids[:, :40], use_cache=True, **{kw: cache})  # the prefill calibrates tau
+            for layer in cache.layers:
+                layer.tau.fill_(1e4)  # now a threshold that keeps nothing
+            got[certified] = model(ids[:, 40:], use_cache=True, **{kw: cache}).logits[:, -1]
+        cache.check()
+    torch.testing.assert_close(got[True], want, atol=1e-4, rtol=1e-4)
+    assert (got[False] - want).abs().max() > 1e-2

@@ -376,3 +376,60 @@ def test_group_union_is_softmax_only_and_gpu_only(device):
     cpu = KVIndex(k[0, 0].float().cpu().numpy(), v[0, 0].float().cpu().numpy())
     with pytest.raises(ValueError, match="group_union"):
         hsr_attention(q[0, 0].float().cpu().numpy(), cpu, kind="softmax", tau=1.0, group_union=True)
+
+
+@pytest.mark.parametrize("path", ["step", "step_unfused", "attend", "info", "splits"])
+def test_eps_guard_keeps_every_row_within_eps(device, path):
+    """tau with eps: a row whose certified bound under tau is at most eps keeps the tau step's
+    answer (the same numbers); a row past it attends every visible key (full softmax, bound 0).
+    Thresholds spread so that both kinds of row occur; M = 2 causal rows."""
+    B, Hkv, G, M, D, n = 2, 2, 2, M_ROWS, 32, 180
+    q, k, v = _inputs(B, Hkv, G, M, n + M, D, torch.float32, device, False, seed=41)
+    scale = D ** -0.5
+    g = torch.Generator(device="cpu").manual_seed(4)
+    tau = (torch.rand(B, Hkv * G, M, generator=g) * 6 - 1).to(device)
+    eps = 0.05
+    kk, vv = k[:, :, n:n + M], v[:, :, n:n + M]
+    plain = CodeKVCache(k[:, :, :n], v[:, :, :n], capacity=n + 8)
+    guarded = CodeKVCache(k[:, :, :n], v[:, :, :n], capacity=n + 8)
+    ref_step = plain.decode_step(q, kk, vv, kind="softmax", tau=tau, certify=True)
+    ref_out = ref_step(q, kk, vv).clone()
+    ref_bound = ref_step.bound.clone()
+    need = ref_bound > eps
+    assert need.any() and (~need).any(), "the thresholds must give both kinds of row"
+    spec = AttentionSpec(kind="softmax", tau=tau, eps=eps, causal=True)
+    bound = None
+    if path in ("step", "step_unfused"):
+        step = guarded.decode_step(q, kk, vv, kind="softmax", tau=tau, eps=eps, fuse=path == "step")
+        out = step(q, kk, vv)
+        bound = step.bound
+    elif path == "attend":
+        out, _ = guarded.attend(q, spec, add=(kk, vv))
+    else:
+        out, info = guarded.attend(q, spec, add=(kk, vv), with_info=True,
+                                   num_splits=3 if path == "splits" else None)
+        bound = info.dropped_bound
+    full = _dense(q, k[:, :, :n + M], v[:, :, :n + M], "softmax", -math.inf, 0.0, scale)
+    torch.testing.assert_close(out[~need], ref_out[~need], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out[need].double(), full[need], atol=1e-5, rtol=1e-5)
+    if bound is not None:
+        assert (bound <= eps).all()
+        assert (bound[need] == 0).all()
+        torch.testing.assert_close(bound[~need], ref_bound[~need])
+
+
+M_ROWS = 2
+
+
+def test_eps_guard_options_are_checked(device):
+    q, k, v = _inputs(1, 1, 2, 1, 40, 16, torch.float32, device, False, seed=2)
+    cache = CodeKVCache(k, v)
+    with pytest.raises(ValueError, match="eps must be in"):
+        cache.decode_step(q, k[:, :, :1], v[:, :, :1], kind="softmax", tau=0.0, eps=1.5)
+    with pytest.raises(ValueError, match="kind='softmax'"):
+        cache.decode_step(q, k[:, :, :1], v[:, :, :1], kind="relu", eps=0.1)
+    # a tiny eps sends every row whose tau drops anything to full softmax
+    out, info = cache.attend(q, AttentionSpec(kind="softmax", tau=1e30, eps=1e-6, causal=True), with_info=True)
+    full = _dense(q, k, v, "softmax", -math.inf, 0.0, 16 ** -0.5)
+    torch.testing.assert_close(out.double(), full, atol=1e-5, rtol=1e-5)
+    assert (info.dropped_bound == 0).all()
