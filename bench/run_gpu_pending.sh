@@ -11,8 +11,10 @@
 #            first version of the eager replays: re-run after the host trims)
 #   replay   the replay and kernel tests, then the decode loop at 128K (eager rows: the cache's own
 #            graphs; the group_union step, never timed on a GPU)
-#   b8       greedy generate() at 8B shapes, 32K, B 8, the prefill in 8K chunks (its prefill time
-#            not re-measured since the mask check moved to the device)
+#   b8       greedy generate() at 8B shapes, 32K, B 8, the prefill in 8K chunks
+#   eps      the guarded step (tau with eps: rows past eps attend every key), never run on a GPU:
+#            its kernel and integration tests compiled, the decode loop's eps rows at 128K, and
+#            greedy generate() with register_code_attention(certified=True), 8B shape, 128K, B 1
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out}; mkdir -p "$OUT"
@@ -33,5 +35,11 @@ case "${1:-decode}" in
               --out "$OUT/decode_loop_replay.json" 2>&1 | tee "$OUT/decode_loop_log.txt" ;;
   b8)       timeout 560 python bench/bench_generate_gpu.py --shapes 8b --n 32768 --batch 8 --qk-gain 4 --dense-mode \
               --prefill-chunk 8192 --new 16 --out "$OUT/generate_gpu_8b_32k_b8.json" 2>&1 | tee "$OUT/generate_b8_log.txt" ;;
-  *) echo "usage: $0 decode|faiss|generate|striped|tests|eager|replay|b8"; exit 2 ;;
+  eps)      timeout 220 python -m pytest -q -p no:cacheprovider tests/kernels/test_decode_step.py tests/kernels/test_replay.py \
+              tests/integrations/test_device_cache.py 2>&1 | tee "$OUT/tests_log.txt"
+            timeout 220 python bench/bench_decode_loop.py --n 131072 --dims 128 --batch 1 8 --reps 3 \
+              --out "$OUT/decode_loop_eps.json" 2>&1 | tee "$OUT/decode_loop_log.txt"
+            timeout 150 python bench/bench_generate_gpu.py --shapes 8b --n 131072 --batch 1 --qk-gain 4 --certified \
+              --new 64 --out "$OUT/generate_gpu_certified.json" 2>&1 | tee "$OUT/generate_certified_log.txt" ;;
+  *) echo "usage: $0 decode|faiss|generate|striped|tests|eager|replay|b8|eps"; exit 2 ;;
 esac
