@@ -433,3 +433,34 @@ def test_eps_guard_options_are_checked(device):
     full = _dense(q, k, v, "softmax", -math.inf, 0.0, 16 ** -0.5)
     torch.testing.assert_close(out.double(), full, atol=1e-5, rtol=1e-5)
     assert (info.dropped_bound == 0).all()
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                   HealthCheck.function_scoped_fixture])
+@given(D=st.sampled_from([16, 32]), n=st.integers(3, 150), G=st.integers(1, 3), M=st.integers(1, 2),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+       eps=st.sampled_from([1e-3, 0.05, 0.5]), seed=st.integers(0, 10 ** 6))
+def test_eps_guard_property(device, D, n, G, M, dtype, eps, seed):
+    """On integer-valued keys (exact scores, ties exactly at integer thresholds), duplicates and
+    a zero key: every row's answer is either ``{score >= tau}``'s or full softmax's, the
+    reported bound is at most eps, and a row that kept tau's answer really dropped at most
+    eps of its mass (float64)."""
+    B, Hkv = 1, 2
+    q, k, v = _inputs(B, Hkv, G, M, n, D, dtype, device, True, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    tau = torch.randint(-4, 12, (B, Hkv * G, M), generator=g).float().to(device)
+    scale = D ** -0.5
+    cache = CodeKVCache(k, v, seed=seed % 5)
+    out, info = cache.attend(q, AttentionSpec(kind="softmax", tau=tau, eps=eps, causal=True), with_info=True)
+    kept, s, keep = _reference(q, k, v, tau.double(), "softmax", 2, 0.0, scale)
+    full, _, visible = _reference(q, k, v, torch.full_like(tau, -math.inf).double(), "softmax", 2, 0.0, scale)
+    z = torch.where(visible, s * scale, -math.inf)
+    w = torch.exp(z - z.amax(-1, keepdim=True))
+    dropped = torch.where(visible & ~keep, w, 0.0).sum(-1) / w.sum(-1)  # (B, Hq, M), exact scores
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    o = out.double()
+    as_kept = ((o - kept).abs() <= tol + tol * kept.abs()).all(-1)
+    as_full = ((o - full).abs() <= tol + tol * full.abs()).all(-1)
+    assert (as_kept | as_full).all()
+    assert (dropped[as_kept & ~as_full] <= eps + 1e-9).all()
+    assert (info.dropped_bound <= eps).all()
