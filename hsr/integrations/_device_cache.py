@@ -167,9 +167,6 @@ class CodeLayer(DynamicLayer):
 
         self.device = key_states.device
         self.code = CodeKVCache(key_states[:, :, :0], value_states[:, :, :0], capacity=self.capacity, seed=self.seed)
-        # eager generate(): each decode step repeats the shapes of the first, so its add and
-        # attend record their graphs there, in the warm-up step, not in the second
-        self.code.replays.record_first = True
         self.fits_filter = key_states.shape[0] * self.capacity >= self.filter_from
         self.filtered = self.fits_filter
         self._positions = torch.arange(self.capacity, device=self.device)
@@ -196,6 +193,9 @@ class CodeLayer(DynamicLayer):
         if self.code.n + t > self.capacity:
             raise ValueError(f"the CodeCache is full ({self.code.n} + {t} > capacity {self.capacity}): make it "
                              "with a larger max_cache_len")
+        # eager generate(): each decode step repeats the shapes of the first, so its add and
+        # attend record their graphs there, in the warm-up step; a prompt's add is one-off
+        self.code.replays.record_first = t == 1
         self.code.add(key_states, value_states, check=False)  # no synchronisation: code.check() raises later
         self.keys = self.code.k[:, :, :self.code.n]
         self.values = self.code.v[:, :, :self.code.n]

@@ -48,12 +48,13 @@ def test_greedy_decoding_through_the_code_cache_equals_dense():
     cache.check()
     assert backend.eps == 1e-6
     # eager (no graph of the model): each layer's add and attend record their own graphs at
-    # the first decode step (the warm-up), replayed from the second; the same tokens. Three
-    # graphs a layer: the 40-token prefill's add (at most 64 tokens: replayed), the decode
-    # step's add and its attend
+    # the first decode step (the warm-up), replayed from the second; the same tokens. Two
+    # graphs a layer: the decode step's add and its attend (the 40-token prompt's add, one-off,
+    # records none)
     cache = CodeCache(cfg, max_cache_len=64)
     assert torch.equal(generate_greedy(model, ids, 6, cache, graph=False), want)
-    assert all(len(layer.code.replays) == (3 if DEV == "cuda" else 0) for layer in cache.layers)
+    assert all(len(layer.code.replays) == (2 if DEV == "cuda" else 0) for layer in cache.layers)
+    assert all(layer.code.replays.record_first for layer in cache.layers)
     # each row attending its GQA group's union keeps more of the mass: the same tokens
     register_code_attention("hsr_code_union", eps=1e-3, group_union=True)
     model.set_attn_implementation("hsr_code_union")
