@@ -378,7 +378,7 @@ def test_group_union_is_softmax_only_and_gpu_only(device):
         hsr_attention(q[0, 0].float().cpu().numpy(), cpu, kind="softmax", tau=1.0, group_union=True)
 
 
-@pytest.mark.parametrize("path", ["step", "step_unfused", "attend", "info", "splits"])
+@pytest.mark.parametrize("path", ["step", "step_unfused", "attend", "info", "splits", "union"])
 def test_eps_guard_keeps_every_row_within_eps(device, path):
     """tau with eps: a row whose certified bound under tau is at most eps keeps the tau step's
     answer (the same numbers); a row past it attends every visible key (full softmax, bound 0).
@@ -392,15 +392,19 @@ def test_eps_guard_keeps_every_row_within_eps(device, path):
     kk, vv = k[:, :, n:n + M], v[:, :, n:n + M]
     plain = CodeKVCache(k[:, :, :n], v[:, :, :n], capacity=n + 8)
     guarded = CodeKVCache(k[:, :, :n], v[:, :, :n], capacity=n + 8)
-    ref_step = plain.decode_step(q, kk, vv, kind="softmax", tau=tau, certify=True)
+    union = path == "union"  # the group's union under the guard: its own certified answer or full softmax
+    ref_step = plain.decode_step(q, kk, vv, kind="softmax", tau=tau, certify=True, group_union=union)
     ref_out = ref_step(q, kk, vv).clone()
     ref_bound = ref_step.bound.clone()
+    if union:  # the union drops less: guard at its median bound, so that both kinds of row occur
+        eps = min(max(float(ref_bound.flatten().sort().values[ref_bound.numel() // 2]), 1e-6), 0.5)
     need = ref_bound > eps
     assert need.any() and (~need).any(), "the thresholds must give both kinds of row"
-    spec = AttentionSpec(kind="softmax", tau=tau, eps=eps, causal=True)
+    spec = AttentionSpec(kind="softmax", tau=tau, eps=eps, causal=True, group_union=union)
     bound = None
-    if path in ("step", "step_unfused"):
-        step = guarded.decode_step(q, kk, vv, kind="softmax", tau=tau, eps=eps, fuse=path == "step")
+    if path in ("step", "step_unfused", "union"):
+        step = guarded.decode_step(q, kk, vv, kind="softmax", tau=tau, eps=eps, fuse=path != "step_unfused",
+                                   group_union=union)
         out = step(q, kk, vv)
         bound = step.bound
     elif path == "attend":
