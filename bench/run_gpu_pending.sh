@@ -7,12 +7,11 @@
 #   generate greedy generate() with CodeCache vs StaticCache + SDPA, both captured (issue 22)
 #   striped  the striped decode step on 1 and 2 GPUs (issue 26; needs a 2-GPU machine)
 #   tests    the code cache's kernel and integration tests, compiled
-#   eager    greedy generate() without CUDA graphs, 8B shape at 128K B 1 (measured once with the
-#            first version of the eager replays: re-run after the host trims)
+#   eager    greedy generate() without CUDA graphs, 8B shape at 128K B 1
 #   replay   the replay and kernel tests, then the decode loop at 128K (eager rows: the cache's own
-#            graphs; the group_union step, never timed on a GPU)
+#            graphs, attend(add=); the group_union step)
 #   b8       greedy generate() at 8B shapes, 32K, B 8, the prefill in 8K chunks
-#   eps      the guarded step (tau with eps: rows past eps attend every key), never run on a GPU:
+#   eps      STILL OWED: the guarded step (tau with eps: rows past eps attend every key), never run on a GPU:
 #            its kernel and integration tests compiled, the decode loop's eps rows at 128K, and
 #            greedy generate() with register_code_attention(certified=True), 8B shape, 128K, B 1
 set -uo pipefail
