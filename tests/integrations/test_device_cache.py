@@ -227,3 +227,26 @@ def test_a_certified_backend_attends_every_key_where_tau_drops_too_much():
         cache.check()
     torch.testing.assert_close(got[True], want, atol=1e-4, rtol=1e-4)
     assert (got[False] - want).abs().max() > 1e-2
+
+
+def test_calibrate_at_sets_the_prefill_target_apart_from_eps():
+    """``calibrate_at``: tau is calibrated at that target (lower tau for a smaller one: more
+    keys kept), while ``eps`` stays the guard's; a bad value is refused by name."""
+    import inspect
+
+    model, cfg = _model()
+    ids = torch.randint(3, 64, (1, 40), generator=torch.Generator().manual_seed(5)).to(DEV)
+    kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    taus = {}
+    for at in (None, 1e-4):
+        name = f"hsr_code_calibrate_{at}"
+        backend = register_code_attention(name, eps=0.9, certified=True, calibrate_at=at)  # a random model:
+        assert backend.eps == 0.9 and backend.calibrate_at == (0.9 if at is None else at)  # near-uniform mass
+        model.set_attn_implementation(name)
+        cache = CodeCache(cfg, max_cache_len=64)
+        with torch.no_grad():
+            model(ids, use_cache=True, **{kw: cache})
+        taus[at] = torch.stack([layer.tau for layer in cache.layers])
+    assert (taus[1e-4] <= taus[None]).all() and (taus[1e-4] < taus[None]).any()
+    with pytest.raises(ValueError, match="calibrate_at must be in"):
+        register_code_attention("hsr_code_bad", eps=1e-2, calibrate_at=1.5)
