@@ -101,6 +101,10 @@ def main(argv=None):
                     help="also run CodeCache in dense mode (filter_from above every size): the strong dense loop")
     ap.add_argument("--certified", action="store_true",
                     help="the backend guards eps at every decode step (rows past it attend every key)")
+    ap.add_argument("--calibrate-at", type=float, default=None,
+                    help="the prefill's calibration target for tau (default: eps)")
+    ap.add_argument("--group-union", action="store_true",
+                    help="each query row attends its GQA group's union of kept sets")
     ap.add_argument("--eager", action="store_true",
                     help="run every loop eagerly (no CUDA graph): what a caller without a captured step gets")
     ap.add_argument("--prefill-chunk", type=int, default=None,
@@ -122,7 +126,8 @@ def main(argv=None):
     from hsr.integrations.transformers import CodeCache, generate_greedy, register_code_attention
 
     dev = torch.device(args.device)
-    stats = KeptShare(register_code_attention("hsr_code", eps=args.eps, certified=args.certified))
+    stats = KeptShare(register_code_attention("hsr_code", eps=args.eps, certified=args.certified,
+                                              calibrate_at=args.calibrate_at, group_union=args.group_union))
     from transformers import AttentionInterface
 
     AttentionInterface.register("hsr_code", stats)
@@ -142,6 +147,7 @@ def main(argv=None):
                     layer.self_attn.q_proj.weight.mul_(gain / gain_now)
             gain_now = gain
             row = dict(shape=shape, n=n, B=B, new=args.new, eps=args.eps, qk_gain=gain, graphs=not args.eager, certified=args.certified,
+                       calibrate_at=args.calibrate_at, group_union=args.group_union,
                        prefill_chunk=args.prefill_chunk,
                        weights="random " + ("bf16" if dev.type == "cuda" else "fp32"))
             if B * n > args.max_tokens:  # the prefill's time and memory: said, not attempted

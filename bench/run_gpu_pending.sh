@@ -39,6 +39,9 @@ case "${1:-decode}" in
             timeout 220 python bench/bench_decode_loop.py --n 131072 --dims 128 --batch 1 8 --reps 3 \
               --out "$OUT/decode_loop_eps.json" 2>&1 | tee "$OUT/decode_loop_log.txt"
             timeout 150 python bench/bench_generate_gpu.py --shapes 8b --n 131072 --batch 1 --qk-gain 4 --certified \
-              --new 64 --out "$OUT/generate_gpu_certified.json" 2>&1 | tee "$OUT/generate_certified_log.txt" ;;
+              --new 64 --out "$OUT/generate_gpu_certified.json" 2>&1 | tee "$OUT/generate_certified_log.txt"
+            timeout 150 python bench/bench_generate_gpu.py --shapes 8b --n 131072 --batch 1 --qk-gain 4 --certified \
+              --calibrate-at 5e-4 --group-union --new 64 --out "$OUT/generate_gpu_certified_half_union.json" 2>&1 \
+              | tee -a "$OUT/generate_certified_log.txt" ;;
   *) echo "usage: $0 decode|faiss|generate|striped|tests|eager|replay|b8|eps"; exit 2 ;;
 esac
