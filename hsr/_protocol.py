@@ -133,6 +133,12 @@ class AttentionSpec:
             return None
         return float(self.eps) if self.eps is not None else DEFAULT_EPS
 
+    @property
+    def guard_eps(self) -> float | None:
+        """The eps a guarded threshold holds per row (``tau`` and ``eps`` together, the
+        ``"tau_eps"`` feature); None otherwise."""
+        return float(self.eps) if self.tau is not None and self.eps is not None else None
+
     def scale_for(self, d: int) -> float:
         """The score scale for head dimension ``d``: as given, else ``1 / sqrt(d)``."""
         return float(self.scale) if self.scale is not None else float(d) ** -0.5
@@ -144,8 +150,8 @@ class AttentionSpec:
             used.add("eps")
         if self.tau is not None:
             used.add("tau")
-            if self.eps is not None:
-                used.add("tau_eps")
+        if self.guard_eps is not None:
+            used.add("tau_eps")
         if self.topk is not None:
             used.add("topk")
         if isinstance(self.bias, str):

@@ -134,5 +134,7 @@ def test_a_cpu_cache_refuses_a_guarded_threshold():
     kv = hsr.KVIndex(k, k)
     spec = AttentionSpec(kind="softmax", tau=1.0, eps=0.1)
     assert {"tau", "tau_eps"} <= spec.features() and "eps" not in spec.features()
+    assert spec.guard_eps == 0.1 and spec.softmax_eps is None
+    assert AttentionSpec(kind="softmax", tau=1.0).guard_eps is None and AttentionSpec(kind="softmax", eps=0.1).guard_eps is None
     with pytest.raises(ValueError, match="does not support tau_eps"):
         hsr.hsr_attention(rng.standard_normal((2, 16)).astype(np.float32), kv, kind="softmax", tau=1.0, eps=0.1)

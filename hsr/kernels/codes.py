@@ -600,18 +600,14 @@ class CodeKVCache:
         that rotates the query, and an eager call replays one graph instead of two). Nothing
         is added when the call is refused (shapes, kind, options).
         """
-        lock = self._lock
-        if add is None:  # plan and run under one read: an add cannot fall between them
-            lock.acquire_read()
-            try:
-                return self._attend(q, spec, None, with_info, num_splits, check)
-            finally:
-                lock.release_read()
-        lock.acquire_write()
+        lock = self._lock  # plan and run under one read (an add cannot fall between them); a write to add
+        acquire, release = ((lock.acquire_read, lock.release_read) if add is None
+                            else (lock.acquire_write, lock.release_write))
+        acquire()
         try:
             return self._attend(q, spec, add, with_info, num_splits, check)
         finally:
-            lock.release_write()
+            release()
 
     def _attend(self, q, spec, add, with_info, num_splits, check):
         """:meth:`attend`'s body, under the lock it takes."""
@@ -621,9 +617,9 @@ class CodeKVCache:
             raise ValueError("the code cache attends the last M positions causally: pass causal=True for M > 1")
         s = spec.scale_for(self.D)
         bias, tau = spec_thresholds(spec, s, self.device)
-        eps = float(spec.eps) if spec.kind == "softmax" and spec.tau is not None and spec.eps is not None else None
+        eps = spec.guard_eps
         certify = (with_info and spec.kind == "softmax") or eps is not None
-        self._attention_kind(spec.kind, spec.alpha, spec.group_union)  # refused before anything is added
+        _, alpha = self._attention_kind(spec.kind, spec.alpha, spec.group_union)  # refused before an add
         t = 0
         if add is not None:
             if not (isinstance(add, (tuple, list)) and len(add) == 2):
@@ -637,8 +633,8 @@ class CodeKVCache:
             self._version += 1
             t = 0
         if replayed:
-            out = self._replayed_attend(q, tau, bias, spec.kind, spec.alpha, s, spec.group_union,
-                                        (k, v) if t else None, eps)
+            out = self._replayed_attend(q, tau, bias, spec.kind, alpha, s, spec.group_union, (k, v) if t else None,
+                                        eps)
             self.n += t
             self._version += bool(t)
             self._raise_if(check)
@@ -656,12 +652,12 @@ class CodeKVCache:
         return res[0], (plan_info(plan, q.shape, res, self.n) if with_info else None)
 
     def _replayed_attend(self, q, tau, bias, kind, alpha, s, group_union, add=None, eps=None):
-        """``out`` of the fused filter + attend + merge through :attr:`replays`: numbers are part
-        of the graph's key, tensors are copied into its buffers (float32 on this device, as
-        the kernels read them in place). ``add=(k, v)``: ``t <= 64`` tokens added first, in
-        the same graph (the caller advances the host's length). ``eps``: guarded (:meth:`_guard`)."""
-        kind_id, alpha = self._attention_kind(kind, alpha, group_union)
-        key = ["attend", tuple(q.shape), kind_id, alpha, s, bool(group_union), eps]
+        """``out`` of the fused filter + attend + merge through :attr:`replays` (``kind``,
+        ``alpha``: checked by the caller): numbers are part of the graph's key, tensors are
+        copied into its buffers (float32 on this device, as the kernels read them in place).
+        ``add=(k, v)``: ``t <= 64`` tokens added first, in the same graph (the caller advances
+        the host's length). ``eps``: guarded (:meth:`_guard`)."""
+        key = ["attend", tuple(q.shape), kind, alpha, s, bool(group_union), eps]
         inputs = [q]
         for x, name in ((tau, "tau"), (bias, "bias")):
             if torch.is_tensor(x):
