@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurements still owed by the open issues, one group per call (each fits a 10-minute
+# The GPU measurements of the open issues, one group per call (each fits a 10-minute
 # device call); results in $OUT. Real keys: carry bench/cache/gpu_real_keys.npz
 # (python bench/make_gpu_keys.py --n-tokens 8192 makes it on the CPU).
 #   decode   the decode loop with the certificate, in-place replay and the filter sweep (issue 21)
@@ -11,9 +11,9 @@
 #   replay   the replay and kernel tests, then the decode loop at 128K (eager rows: the cache's own
 #            graphs, attend(add=); the group_union step)
 #   b8       greedy generate() at 8B shapes, 32K, B 8, the prefill in 8K chunks
-#   eps      STILL OWED: the guarded step (tau with eps: rows past eps attend every key), never run on a GPU:
-#            its kernel and integration tests compiled, the decode loop's eps rows at 128K, and
-#            greedy generate() with register_code_attention(certified=True), 8B shape, 128K, B 1
+#   eps      the guarded step (tau with eps): its kernel and integration tests compiled, the decode loop's
+#            eps rows at 128K, and greedy generate() with register_code_attention(certified=True), 8B
+#            shape, 128K, B 1 (run once, 2026-12-05, on an H100: bench/results/*_eps.json, *_certified*.json)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out}; mkdir -p "$OUT"
