@@ -13,7 +13,10 @@ model's: this measures the machinery, not the selectivity a real model would giv
 layer's q projection so that attention concentrates as a trained model's does (gain 1: nearly
 uniform, most keys kept); ``kept_fraction`` is the share of visible keys the rows keep at the
 first decode step, averaged over rows and layers. Greedy tokens of the two loops are compared
-(``same_tokens_share``; with random weights a near tie can flip).
+(``same_tokens_share``; with random weights a near tie can flip). With ``--certified
+--count-guard``, ``guard_rows_full_share`` is the share of the guarded rows (every layer,
+every decode step, the counting's small launches included in the timing) that attended every
+key because the calibrated tau dropped more than eps.
 
 Both loops are :func:`hsr.integrations.transformers.generate_greedy`: prefill, then one decode
 step captured in a CUDA graph and replayed. ``ours``: :class:`CodeCache` with the code
@@ -101,6 +104,9 @@ def main(argv=None):
                     help="also run CodeCache in dense mode (filter_from above every size): the strong dense loop")
     ap.add_argument("--certified", action="store_true",
                     help="the backend guards eps at every decode step (rows past it attend every key)")
+    ap.add_argument("--count-guard", action="store_true",
+                    help="with --certified: count the rows the guard sends to every key (three small launches "
+                         "a layer step: time without it)")
     ap.add_argument("--calibrate-at", type=float, default=None,
                     help="the prefill's calibration target for tau (default: eps)")
     ap.add_argument("--group-union", action="store_true",
@@ -127,7 +133,8 @@ def main(argv=None):
 
     dev = torch.device(args.device)
     stats = KeptShare(register_code_attention("hsr_code", eps=args.eps, certified=args.certified,
-                                              calibrate_at=args.calibrate_at, group_union=args.group_union))
+                                              calibrate_at=args.calibrate_at, group_union=args.group_union,
+                                              count_guard=args.count_guard))
     from transformers import AttentionInterface
 
     AttentionInterface.register("hsr_code", stats)
@@ -186,6 +193,9 @@ def main(argv=None):
                         row["tau_mean"] = (float(sum(l.tau.float().mean() for l in cache.layers) / len(cache.layers))
                                            if cache.layers[0].tau is not None else None)
                         row["kept_fraction"] = stats.mean()  # first decode step, every layer
+                        if args.count_guard:  # every decode step of every layer, the first included
+                            full, guarded = cache.guard_counts()
+                            row["guard_rows_full_share"] = full / max(guarded, 1)
                     cache = None
                 except torch.cuda.OutOfMemoryError:
                     row[f"{name}_decode_tok_s"] = "oom"

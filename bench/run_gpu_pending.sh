@@ -14,6 +14,9 @@
 #   eps      the guarded step (tau with eps): its kernel and integration tests compiled, the decode loop's
 #            eps rows at 128K, and greedy generate() with register_code_attention(certified=True), 8B
 #            shape, 128K, B 1 (run once, 2026-12-05, on an H100: bench/results/*_eps.json, *_certified*.json)
+#   count    STILL OWED: how often the guard fires in generate() (--count-guard; not timed against the
+#            others, its counting adds three small launches a layer step): certified at the default
+#            calibration, then calibrated at eps/2 with the group's union; also the kernel tests compiled
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out}; mkdir -p "$OUT"
@@ -43,5 +46,12 @@ case "${1:-decode}" in
             timeout 150 python bench/bench_generate_gpu.py --shapes 8b --n 131072 --batch 1 --qk-gain 4 --certified \
               --calibrate-at 5e-4 --group-union --new 64 --out "$OUT/generate_gpu_certified_half_union.json" 2>&1 \
               | tee -a "$OUT/generate_certified_log.txt" ;;
-  *) echo "usage: $0 decode|faiss|generate|striped|tests|eager|replay|b8|eps"; exit 2 ;;
+  count)    timeout 150 python -m pytest -q -p no:cacheprovider tests/kernels/test_decode_step.py \
+              tests/integrations/test_device_cache.py -k "guard or certified" 2>&1 | tee "$OUT/tests_log.txt"
+            timeout 200 python bench/bench_generate_gpu.py --shapes 8b --n 131072 --batch 1 --qk-gain 4 --certified \
+              --count-guard --new 32 --out "$OUT/generate_gpu_guard_counts.json" 2>&1 | tee "$OUT/generate_count_log.txt"
+            timeout 200 python bench/bench_generate_gpu.py --shapes 8b --n 131072 --batch 1 --qk-gain 4 --certified \
+              --count-guard --calibrate-at 5e-4 --group-union --new 32 --out "$OUT/generate_gpu_guard_counts_half_union.json" \
+              2>&1 | tee -a "$OUT/generate_count_log.txt" ;;
+  *) echo "usage: $0 decode|faiss|generate|striped|tests|eager|replay|b8|eps|count"; exit 2 ;;
 esac

@@ -276,6 +276,18 @@ class CodeCache(Cache):
             layer.keys = layer.code.k[:, :, :layer.code.n]
             layer.values = layer.code.v[:, :, :layer.code.n]
 
+    def guard_counts(self) -> tuple[int, int]:
+        """``(rows that attended every key, rows guarded)`` over every layer's decode steps,
+        with ``register_code_attention(certified=True, count_guard=True)`` (zeros otherwise):
+        how often the guard found the calibrated ``tau`` dropping more than ``eps``. One
+        synchronisation."""
+        counts = [layer.code.count_guard() for layer in self.layers
+                  if layer.code is not None and layer.code.counts_guard]
+        if not counts:
+            return 0, 0
+        full, guarded = torch.stack(counts).sum(0).tolist()
+        return int(full), int(guarded)
+
 
 class CodeAttention:
     """The attention function of a :class:`CodeCache` (transformers' ``AttentionInterface``).
@@ -295,11 +307,13 @@ class CodeAttention:
     a ``tau`` calibrated at ``eps`` dropped more than ``eps`` in 1–10% of the later decode rows;
     ``calibrate_at=eps / 2`` (default ``eps``: ``tau`` keeps ``1 - calibrate_at`` of the
     calibration rows' mass) left 0–3.3% for the guard, for 5–7 points more of the keys kept.
+    ``count_guard=True`` (with ``certified``): each layer counts its guarded rows on the device
+    (three small launches a step), read with :meth:`CodeCache.guard_counts`.
     """
 
     def __init__(self, name: str, eps: float = 1e-3, calibration_rows: int = 32,
                  dense_above: Optional[float] = None, group_union: bool = False, certified: bool = False,
-                 calibrate_at: Optional[float] = None) -> None:
+                 calibrate_at: Optional[float] = None, count_guard: bool = False) -> None:
         if not 0.0 < eps < 1.0:
             raise ValueError(f"eps must be in (0, 1), got {eps!r}")
         if calibrate_at is not None and not 0.0 < calibrate_at < 1.0:
@@ -311,6 +325,9 @@ class CodeAttention:
         self.group_union = bool(group_union)
         self.certified = bool(certified)
         self.calibrate_at = float(calibrate_at) if calibrate_at is not None else self.eps
+        if count_guard and not certified:
+            raise ValueError("count_guard=True counts the guard of certified=True: pass both")
+        self.count_guard = bool(count_guard)
         self.__name__ = "hsr_code_attention"
 
     def __call__(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -330,6 +347,8 @@ class CodeAttention:
                 limit = DENSE_ABOVE if self.dense_above is None else self.dense_above
                 # a tau that keeps most keys: dense is faster
                 layer.filtered = layer.kept_share <= limit
+                if self.count_guard:  # before any decode step is recorded
+                    layer.code.count_guard()
             return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                           scaling=scale, **kwargs)
         if not layer.filtered:  # a small cache: dense SDPA over its buffers was measured faster
@@ -356,18 +375,21 @@ class CodeAttention:
 
 def register_code_attention(name: str = "hsr_code", *, eps: float = 1e-3, calibration_rows: int = 32,
                             dense_above: Optional[float] = None, group_union: bool = False,
-                            certified: bool = False, calibrate_at: Optional[float] = None) -> CodeAttention:
+                            certified: bool = False, calibrate_at: Optional[float] = None,
+                            count_guard: bool = False) -> CodeAttention:
     """Register :class:`CodeAttention` under ``name`` (with the stock SDPA mask builder) and
     return it: ``model.set_attn_implementation(name)``. ``dense_above``: a layer whose
     calibrated ``tau`` keeps more than this share of the prompt's keys decodes densely
     (default :data:`DENSE_ABOVE`, read at each prefill; 1 never). ``group_union``: each query
     row attends the union of its GQA group's kept sets; ``certified``: every decode step
     guarantees ``eps`` per row; ``calibrate_at``: the prefill's target for ``tau`` when it
-    should differ from ``eps`` (:class:`CodeAttention`)."""
+    should differ from ``eps``; ``count_guard``: count the guard's rows
+    (:meth:`CodeCache.guard_counts`) (:class:`CodeAttention`)."""
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import sdpa_mask
 
-    backend = CodeAttention(name, eps, calibration_rows, dense_above, group_union, certified, calibrate_at)
+    backend = CodeAttention(name, eps, calibration_rows, dense_above, group_union, certified, calibrate_at,
+                            count_guard)
     AttentionInterface.register(name, backend)
     AttentionMaskInterface.register(name, sdpa_mask)
     return backend

@@ -125,6 +125,7 @@ class CodeKVCache:
         # eager add and attend calls replay per-shape CUDA graphs (host time, not GPU time,
         # bounded an eager step: _replay.py); replays.enabled = False launches every kernel
         self.replays = Replays(self.device)
+        self._guard_counts = None  # count_guard(): the guard's work, counted on the device
         self._alloc(max(int(capacity or 0), n, 64))
         self.add(k, v if self.has_values else None)
 
@@ -567,12 +568,32 @@ class CodeKVCache:
         guarantees ``eps`` per row at every replay. ``out`` and ``lse`` are rewritten in place
         (a step's own buffers); the others are returned anew."""
         need = res[2] > eps
+        if self._guard_counts is not None:  # three small launches, only when asked for
+            self._guard_counts[0].add_(need.sum())
+            self._guard_counts[1].add_(need.numel())
         every = torch.where(need, float("-inf"), float("inf"))  # -inf keeps every key, +inf none
         plan = self._dense_plan(q, every, certify=True, scale=scale)
         full = self._run(q, plan, kind="softmax", scale=scale, return_bound=True, return_terms=len(res) > 3)
         res[0].copy_(torch.where(need[..., None], full[0], res[0]))
         res[1].copy_(torch.where(need, full[1], res[1]))
         return tuple(res[:2]) + tuple(torch.where(need, f, r) for f, r in zip(full[2:], res[2:]))
+
+    def count_guard(self) -> torch.Tensor:
+        """Count the guard's work from now on (``tau`` with ``eps``): returns a ``(2,)`` int64
+        tensor on this device, ``[rows that attended every key, rows guarded]``, to which every
+        guarded call adds on the device (no synchronisation; a captured step adds at every
+        replay). The same tensor at every call: zero it in place to start again. Steps
+        captured before the first call count nothing (make them after it; the cache's own
+        replays are recorded again). Costs three small launches per guarded call."""
+        if self._guard_counts is None:
+            self._guard_counts = torch.zeros(2, dtype=torch.int64, device=self.device)
+            self.replays.clear()  # graphs recorded before would count nothing
+        return self._guard_counts
+
+    @property
+    def counts_guard(self) -> bool:
+        """Whether :meth:`count_guard` was called (guarded calls add to its counter)."""
+        return self._guard_counts is not None
 
     supports = frozenset({"tau", "info", "group_union", "tau_eps"})
 

@@ -216,17 +216,22 @@ def test_a_certified_backend_attends_every_key_where_tau_drops_too_much():
     got = {}
     for certified in (False, True):
         name = f"hsr_code_certified_{certified}"
-        register_code_attention(name, eps=1e-3, certified=certified)
+        register_code_attention(name, eps=1e-3, certified=certified, count_guard=certified)
         model.set_attn_implementation(name)
         cache = CodeCache(cfg, max_cache_len=64)
         with torch.no_grad():
             model(ids[:, :40], use_cache=True, **{kw: cache})  # the prefill calibrates tau
+            assert cache.guard_counts() == (0, 0)
             for layer in cache.layers:
                 layer.tau.fill_(1e4)  # now a threshold that keeps nothing
             got[certified] = model(ids[:, 40:], use_cache=True, **{kw: cache}).logits[:, -1]
         cache.check()
+        rows = cfg.num_hidden_layers * cfg.num_attention_heads if certified else 0  # B 1, one position
+        assert cache.guard_counts() == (rows, rows)  # every row past eps, and counted once
     torch.testing.assert_close(got[True], want, atol=1e-4, rtol=1e-4)
     assert (got[False] - want).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="count_guard"):
+        register_code_attention("hsr_code_count_only", count_guard=True)
 
 
 def test_calibrate_at_sets_the_prefill_target_apart_from_eps():

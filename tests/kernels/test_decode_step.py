@@ -402,6 +402,7 @@ def test_eps_guard_keeps_every_row_within_eps(device, path):
     assert need.any() and (~need).any(), "the thresholds must give both kinds of row"
     spec = AttentionSpec(kind="softmax", tau=tau, eps=eps, causal=True, group_union=union)
     bound = None
+    counts = guarded.count_guard()
     if path in ("step", "step_unfused", "union"):
         step = guarded.decode_step(q, kk, vv, kind="softmax", tau=tau, eps=eps, fuse=path != "step_unfused",
                                    group_union=union)
@@ -420,6 +421,26 @@ def test_eps_guard_keeps_every_row_within_eps(device, path):
         assert (bound <= eps).all()
         assert (bound[need] == 0).all()
         torch.testing.assert_close(bound[~need], ref_bound[~need])
+    assert counts.tolist() == [int(need.sum()), need.numel()]  # rows sent to every key, rows guarded
+
+
+def test_count_guard_adds_at_every_guarded_call(device):
+    """count_guard(): one tensor, zero until a guarded call, then each guarded call adds its
+    rows past eps and its rows; unguarded calls add nothing."""
+    B, Hkv, G, M, D, n = 1, 2, 2, 1, 32, 150
+    q, k, v = _inputs(B, Hkv, G, M, n, D, torch.float32, device, False, seed=43)
+    cache = CodeKVCache(k, v)
+    counts = cache.count_guard()
+    assert cache.count_guard() is counts and counts.tolist() == [0, 0]
+    tau = torch.full((B, Hkv * G, M), 1e9, device=device)  # keeps nothing: every row is past eps
+    cache.attend(q, AttentionSpec(kind="softmax", tau=tau, causal=True))
+    assert counts.tolist() == [0, 0]
+    for i in range(1, 3):
+        cache.attend(q, AttentionSpec(kind="softmax", tau=tau, eps=1e-3, causal=True))
+        assert counts.tolist() == [i * B * Hkv * G * M] * 2
+    counts.zero_()
+    cache.attend(q, AttentionSpec(kind="softmax", tau=torch.full_like(tau, -1e9), eps=1e-3, causal=True))
+    assert counts.tolist() == [0, B * Hkv * G * M]  # keeps every key: nothing dropped, no row past eps
 
 
 M_ROWS = 2
