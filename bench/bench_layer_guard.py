@@ -13,6 +13,9 @@ the index loses is what this asks; on the 2-core machine the index won 1-2 of 48
 (2-3% scored) and lost the others down to 0.2% scored, so no threshold separates them and the
 backend's guard (``register_hsr_attention(guard=True)``) times both ways per layer instead and
 takes the faster. Median of repeats; numba compiled first.
+
+32K keys are past SmolLM2's trained 8K context: capture them once, on purpose (RoPE
+extrapolated), with ``python bench/capture_real_keys.py --n-tokens 32768 --layers 3,9,15,21``.
 """
 from __future__ import annotations
 

@@ -21,6 +21,9 @@ threshold whose dropped share is at most 1e-3), so "kept" is the attention a cer
 would do. Reported per placement: the slowest rank's share over the mean rank's, for keys held
 and for keys kept, averaged over the decode steps (1.0 = perfect balance), and the same at the
 last step. No GPU is involved: these are counts, the inputs of the step time, not a timing.
+
+32K keys are past SmolLM2's trained 8K context: capture them once, on purpose (RoPE
+extrapolated), with ``python bench/capture_real_keys.py --n-tokens 32768 --layers 3,9,15,21``.
 """
 from __future__ import annotations
 

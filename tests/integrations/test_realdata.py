@@ -57,6 +57,21 @@ def test_an_unreadable_capture_file_is_captured_again(tmp_path, monkeypatch, con
     with pytest.warns(RuntimeWarning, match="not a readable capture"), pytest.raises(Captured):
         realdata.get_real_qk(16, [0], cache_dir=tmp_path)
 
+def test_a_capture_past_the_trained_context_names_the_command(tmp_path, monkeypatch):
+    # get_real_qk refuses more tokens than the model was trained on, and says how to capture
+    # them on purpose (the model and the capture are stood in for)
+    monkeypatch.delenv("HSR_CACHE_DIR", raising=False)
+    monkeypatch.setattr(realdata, "load_smollm2", lambda: (object(), object()))
+    monkeypatch.setattr(realdata, "layer_count", lambda model: 30)
+
+    def capture_qk(*args, **kwargs):
+        raise ValueError("n_tokens=32768 exceeds max_position_embeddings=8192")
+
+    monkeypatch.setattr(realdata, "capture_qk", capture_qk)
+    with pytest.raises(ValueError, match="capture_real_keys.py --n-tokens 32768 --layers 3,9"):
+        realdata.get_real_qk(32768, [3, 9], cache_dir=tmp_path)
+
+
 @pytest.mark.model
 def test_capture_qk_matches_model_attention(smollm2):
     model, tok = smollm2
