@@ -168,7 +168,8 @@ class CodeKVCache:
         self._version += 1
 
     def advanced(self, t: int) -> None:
-        """Record ``t`` keys a replayed CUDA graph appended (the device advanced its lengths)."""
+        """Record ``t`` keys appended on the device (an add launch, or a replayed graph that
+        holds one: the device advanced its lengths); the host's counters only."""
         self.n += int(t)
         self._version += 1
 
@@ -216,8 +217,7 @@ class CodeKVCache:
             self.replays.run(("add", t), self._storage, (k, v), lambda b: self._launch_add(b[0], b[1], t) or ())
         else:
             self._launch_add(k, v, t)
-        self.n += t
-        self._version += 1
+        self.advanced(t)
 
     def _new_tokens(self, k, v, check):
         """``(k, v, t)``: tokens to add, checked (shapes; values with ``check``, one
@@ -650,14 +650,13 @@ class CodeKVCache:
         replayed = num_splits is None and not with_info  # the common call: replayed per shape
         if t and not (replayed and t <= 64):  # added first, on its own
             self._launch_add(k, v, t)
-            self.n += t
-            self._version += 1
+            self.advanced(t)
             t = 0
         if replayed:
             out = self._replayed_attend(q, tau, bias, spec.kind, alpha, s, spec.group_union, (k, v) if t else None,
                                         eps)
-            self.n += t
-            self._version += bool(t)
+            if t:
+                self.advanced(t)
             self._raise_if(check)
             return out, None
         if num_splits is None:
