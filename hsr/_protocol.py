@@ -26,7 +26,7 @@ import numpy as np
 from ._typing import Array, ArrayLike
 
 __all__ = ["AttentionSpec", "AttentionInfo", "AttentionCache", "SearchIndex", "FaissNames", "FEATURES", "DEFAULT_EPS",
-           "check_supported"]
+           "check_share", "check_supported"]
 
 #: the certified dropped fraction a softmax call keeps when it is given no eps, tau or topk
 DEFAULT_EPS = 1e-3
@@ -48,6 +48,15 @@ FEATURES = {
 
 def _is_int(x) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def check_share(x, name: str) -> float:
+    """``x`` as a float in the open interval (0, 1): a share of softmax mass (``eps``,
+    ``calibrate_at``); anything else (a bool, NaN, 0, 1, a string) is a ``ValueError`` naming
+    ``name``. The one check of every place that takes such a share."""
+    if isinstance(x, bool) or not isinstance(x, numbers.Real) or not 0.0 < x < 1.0:
+        raise ValueError(f"{name} must be in (0, 1), got {x!r}")
+    return float(x)
 
 
 @dataclass(frozen=True, eq=False)
@@ -119,9 +128,8 @@ class AttentionSpec:
             return
         if sum(given) > 1 and not (self.topk is None and sum(given) == 2):  # tau with eps: guarded
             raise ValueError("give at most one of eps, tau and topk (or tau with eps: a guarded threshold)")
-        if self.eps is not None and (isinstance(self.eps, bool) or not isinstance(self.eps, numbers.Real)
-                                     or not 0.0 < self.eps < 1.0):
-            raise ValueError(f"eps must be in (0, 1), got {self.eps!r}")
+        if self.eps is not None:
+            check_share(self.eps, "eps")
         if self.topk is not None and (not _is_int(self.topk) or self.topk < 1):
             raise ValueError(f"topk must be a positive integer, got {self.topk!r}")
 

@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 import torch
 
-from .._protocol import AttentionSpec
+from .._protocol import AttentionSpec, check_share
 from ._cache import HAVE_TRANSFORMERS, Cache, DynamicLayer, PreTrainedConfig
 from ._masks import key_padding_of
 
@@ -314,10 +314,9 @@ class CodeAttention:
     def __init__(self, name: str, eps: float = 1e-3, calibration_rows: int = 32,
                  dense_above: Optional[float] = None, group_union: bool = False, certified: bool = False,
                  calibrate_at: Optional[float] = None, count_guard: bool = False) -> None:
-        if not 0.0 < eps < 1.0:
-            raise ValueError(f"eps must be in (0, 1), got {eps!r}")
-        if calibrate_at is not None and not 0.0 < calibrate_at < 1.0:
-            raise ValueError(f"calibrate_at must be in (0, 1) (or None: eps), got {calibrate_at!r}")
+        eps = check_share(eps, "eps")
+        if calibrate_at is not None:
+            calibrate_at = check_share(calibrate_at, "calibrate_at")
         if dense_above is not None and not 0.0 <= dense_above <= 1.0:
             raise ValueError(f"dense_above must be a share in [0, 1] (or None: DENSE_ABOVE), got {dense_above!r}")
         self.name, self.eps, self.rows = name, float(eps), int(calibration_rows)

@@ -61,6 +61,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 import numpy as np
 import torch
 
+from .._protocol import DEFAULT_EPS, check_share
 from ..attention import batched
 from ..attention import core as _core
 from ..attention.core import hsr_attention
@@ -425,13 +426,13 @@ def register_hsr_attention(name: str = "hsr_softmax", *, kind: str = "softmax", 
     if kind not in ("softmax", "relu"):
         raise ValueError(f"kind must be 'softmax' or 'relu', got {kind!r}")
     if kind == "softmax" and eps is None and tau is None and topk is None:
-        eps = 1e-3
+        eps = DEFAULT_EPS
     if kind == "relu" and any(x is not None for x in (eps, tau, topk)):
         raise ValueError("eps, tau and topk apply to kind='softmax' only")
     if sum(x is not None for x in (eps, tau, topk)) > 1:
         raise ValueError("give at most one of eps, tau and topk")
-    if eps is not None and not 0.0 < eps < 1.0:
-        raise ValueError(f"eps must be in (0, 1), got {eps!r}")
+    if eps is not None:
+        eps = check_share(eps, "eps")
     guard = GUARD if guard is None else guard
     if not isinstance(guard, bool):
         raise ValueError(f"guard must be True or False, got {guard!r}")

@@ -463,11 +463,12 @@ class CodeKVCache:
         return kind_id, check_alpha(alpha)
 
     def _run(self, q, plan: CodePlan, *, kind, alpha=2, scale=None, num_splits=None, return_bound=False,
-             return_terms=False, out=None, lse=None, group_union=False):
+             return_terms=False, out=None, lse=None, group_union=False, eps=None):
         """:meth:`run`'s body: ``q`` checked, the read lock held by the caller. ``return_terms``
         (with ``return_bound``): also the certificate's ``log_dropped, lse_low``
         (:func:`dropped_terms`), which add over disjoint key sets. ``out``, ``lse``: contiguous
-        buffers of the result's shapes to write into (a captured step's own: no copies after)."""
+        buffers of the result's shapes to write into (a captured step's own: no copies after).
+        ``eps`` (with ``return_bound``): rows whose bound exceeds it attend every key (:meth:`_guard`)."""
         kind_id, alpha = self._attention_kind(kind, alpha, group_union)
         if not isinstance(plan, CodePlan):
             raise TypeError(f"plan must be a CodePlan (from CodeKVCache.plan), got {type(plan).__name__}")
@@ -490,6 +491,8 @@ class CodeKVCache:
         ts = tau_t.stride() if tau_t is not None else (0, 0, 0)
         bs = bias_t.stride() if bias_t is not None else (0, 0, 0)
         rem = None
+        if eps is not None and not return_bound:
+            raise ValueError("eps guards the certified bound: run with return_bound=True")
         if return_bound:
             if kind_id != 0 or plan.remainder is None:
                 raise ValueError("return_bound needs kind='softmax' and a plan made with certify=True")
@@ -509,11 +512,12 @@ class CodeKVCache:
             UPCAST=interpreting() or q.dtype == torch.float32, TAU_TENSOR=tau_t is not None,
             BIAS_TENSOR=bias_t is not None, DENSE=plan.dense, CERTIFY=rem is not None, GROUP=bool(group_union),
             num_warps=4)
-        return self._finish(q, o_part, l_part, rem, (tau_t, tau_s), s, out, lse, return_terms)
+        return self._finish(q, o_part, l_part, rem, (tau_t, tau_s), s, out, lse, return_terms, eps)
 
-    def _finish(self, q, o_part, l_part, rem, tau, s, out, lse, return_terms):
+    def _finish(self, q, o_part, l_part, rem, tau, s, out, lse, return_terms, eps=None):
         """Merge the partials into ``out``, ``lse`` (allocated if None); with ``rem`` (the
-        dropped terms' sum) also the certificate: ``(out, lse, bound[, log_dropped, lse_low])``."""
+        dropped terms' sum) also the certificate: ``(out, lse, bound[, log_dropped, lse_low])``,
+        guarded when ``eps`` is given (the one place every path applies :meth:`_guard`)."""
         B, Hq, M, D = q.shape
         if out is None:
             out = torch.empty(B, Hq, M, D, dtype=q.dtype, device=self.device)
@@ -523,7 +527,8 @@ class CodeKVCache:
         if rem is None:
             return out, lse
         bound, log_dropped, lse_low = self._certificate(q, rem, lse, tau, s)
-        return (out, lse, bound, log_dropped, lse_low) if return_terms else (out, lse, bound)
+        res = (out, lse, bound, log_dropped, lse_low) if return_terms else (out, lse, bound)
+        return res if eps is None else self._guard(q, res, eps, s)
 
     def _certificate(self, q, rem, lse, tau, s):
         """``bound, log_dropped, lse_low`` (B, Hq, M) float32 in one launch: the formula of
@@ -554,10 +559,7 @@ class CodeKVCache:
         s = float(scale) if scale is not None else self.D ** -0.5
         plan, o_part, l_part = self._plan(q, tau, bias=bias, certify=certify, scale=s,
                                           attend=(kind_id, alpha, bool(group_union)), add=add)
-        res = self._finish(q, o_part, l_part, plan.remainder, plan.tau, s, out, lse, return_terms)
-        if eps is not None:
-            res = self._guard(q, res, eps, s)
-        return plan, res
+        return plan, self._finish(q, o_part, l_part, plan.remainder, plan.tau, s, out, lse, return_terms, eps)
 
     def _guard(self, q, res, eps, scale):
         """``res = (out, lse, bound[, log_dropped, lse_low])`` of a certified softmax run, with
@@ -665,9 +667,7 @@ class CodeKVCache:
         else:
             plan = self._plan(q, tau, bias=bias, certify=certify, scale=s)
             res = self._run(q, plan, kind=spec.kind, alpha=spec.alpha, scale=s, num_splits=num_splits,
-                            return_bound=certify, group_union=spec.group_union)
-            if eps is not None:
-                res = self._guard(q, res, eps, s)
+                            return_bound=certify, group_union=spec.group_union, eps=eps)
         self._raise_if(check)
         return res[0], (plan_info(plan, q.shape, res, self.n) if with_info else None)
 

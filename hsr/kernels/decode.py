@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from .._protocol import check_share
 from ._code_plan import default_tau
 from ._validate import check_alpha, check_kind, f32_at_least
 
@@ -122,9 +123,7 @@ class DecodeStep:
         self.dense = cache.capacity < DENSE_BELOW if dense is None else bool(dense)
         if (certify or eps is not None) and kind != "softmax":
             raise ValueError("certify=True and eps= bound the dropped softmax mass: kind='softmax'")
-        if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 < eps < 1.0):
-            raise ValueError(f"eps must be in (0, 1), got {eps!r}")
-        self.eps = None if eps is None else float(eps)
+        self.eps = None if eps is None else check_share(eps, "eps")
         self.certify = bool(certify) or eps is not None
         if group_union and kind != "softmax":
             raise ValueError("group_union=True widens softmax's kept sets: kind='softmax'")
@@ -159,9 +158,7 @@ class DecodeStep:
                                                               certify=self.certify, scale=self.scale)
             res = c._run(self.q, plan, kind=self.kind, alpha=self.alpha, scale=self.scale,
                          return_bound=self.certify, return_terms=self.certify, out=self.out, lse=self.lse,
-                         group_union=self.group_union)
-            if self.eps is not None:
-                res = c._guard(self.q, res, self.eps, self.scale)
+                         group_union=self.group_union, eps=self.eps)
         extra = res[2:] if self.certify else (None, None, None)
         for name, x in (("bound", extra[0]), ("log_dropped", extra[1]), ("lse_low", extra[2])):
             if x is not None and getattr(self, name) is None:
