@@ -1,0 +1,107 @@
+"""Where a captured decode step's time goes: the GPU time of each kernel of one replay of
+``DecodeStep`` (add one token + filter + attend + merge, inputs in place) against the step's
+time in a loop, at B 1 and 8, 16K and 128K, on the carried real keys. The difference is the
+step's idle time: launch gaps and each kernel's ramp, what no kernel's speed removes.
+
+    python bench/diag_step_kernels.py --out bench/results/step_kernels.json
+
+d 128 with 28/4 heads (two real SmolLM2 heads per kv head, as ``bench_decode_loop.py``) and
+the 8B shape's 32/8 (the real kv heads twice, four of each head's query rows); each row keeps
+its top 1%.
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+import numpy as np
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _results import default_out, save  # noqa: E402
+from bench_decode_loop import scores, time_loop  # noqa: E402
+
+from hsr.kernels.codes import CodeKVCache  # noqa: E402
+
+
+def inputs(real, Hkv, n, B, dev):
+    """q (B, Hq, 1, 128), k/v (B, Hkv, n, 128) bf16: 28/4 as the decode-loop bench, or 32/8."""
+    k_all = torch.from_numpy(real["k"].astype(np.float32))  # (4, n_real, 128)
+    q_all = torch.from_numpy(real["q"].astype(np.float32))  # (28, 128): 7 rows per kv head
+    if Hkv == 4:
+        k, q = k_all, q_all
+    else:  # 32/8: kv head i is real head i % 4, with four of its query rows
+        k = k_all.repeat(Hkv // 4, 1, 1)
+        q = torch.stack([q_all[(i % 4) * 7 + j] for i in range(Hkv) for j in range(4)])
+    k = k.repeat(1, -(-n // k.shape[1]), 1)[:, :n]
+    v = torch.randn(Hkv, n, 128, generator=torch.Generator().manual_seed(0))
+    k = k[None].expand(B, -1, -1, -1).to(dev, torch.bfloat16).contiguous()
+    v = v[None].expand(B, -1, -1, -1).to(dev, torch.bfloat16).contiguous()
+    q = q.reshape(1, -1, 1, 128).expand(B, -1, -1, -1).to(dev, torch.bfloat16).contiguous()
+    return q, k, v
+
+
+def kernel_times(fn, calls):
+    """GPU µs per call of each kernel ``fn`` launches (a graph replay's kernels included)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    per = {}
+    for ev in prof.events():
+        if ev.device_type.name == "CUDA" and ev.device_time > 0:
+            per[ev.name] = per.get(ev.name, 0.0) + ev.device_time / calls
+    return dict(sorted(per.items(), key=lambda kv: -kv[1]))
+
+
+def one(real, Hkv, n, B, steps, reps, dev):
+    q, k, v = inputs(real, Hkv, n, B, dev)
+    n0 = n - steps
+    tau = torch.quantile(scores(q, k[:, :, :n0])[0, :, 0], 0.99, dim=-1)
+    tau = tau[None, :, None].expand(B, -1, 1).contiguous()
+    cache = CodeKVCache(k[:, :, :n0], v[:, :, :n0], capacity=n)
+    knew, vnew = k[:, :, n0:n0 + 1].contiguous(), v[:, :, n0:n0 + 1].contiguous()
+    step = cache.decode_step(q, knew, vnew, kind="softmax", tau=tau)
+    step(q, knew, vnew)  # eager first call, then the capture
+    reset = lambda: cache.crop(n0)  # noqa: E731
+    row = dict(Hq=q.shape[1], Hkv=Hkv, n=n, B=B, steps=steps,
+               step_us=1e3 * time_loop(lambda i: step(), steps, reps, reset))
+    cache.crop(n0)
+    kt = kernel_times(lambda: step(), steps)  # steps replays: the cache grows to n again
+    row["kernels_us"] = {name: round(t, 2) for name, t in kt.items()}
+    row["kernels_sum_us"] = sum(kt.values())
+    row["idle_us"] = row["step_us"] - row["kernels_sum_us"]
+    row["codes_bytes"] = cache.keys_read_bytes()
+    print(f"{q.shape[1]}/{Hkv} n={n} B={B}: step {row['step_us']:.1f} us, kernels {row['kernels_sum_us']:.1f} "
+          f"(idle {row['idle_us']:.1f}): " + ", ".join(f"{k_[:40]} {t:.1f}" for k_, t in kt.items()), flush=True)
+    return row
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--real", default=str(ROOT / "bench" / "cache" / "gpu_real_keys.npz"))
+    ap.add_argument("--configs", nargs="+", default=["4:16384:1", "4:131072:1", "8:131072:1", "4:131072:8"],
+                    help="Hkv:n:B")
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--out", default=default_out("step_kernels.json"))
+    args = ap.parse_args(argv)
+    real = np.load(args.real)
+    dev = torch.device("cuda")
+    rows = []
+    for c in args.configs:
+        Hkv, n, B = (int(x) for x in c.split(":"))
+        rows.append(one(real, Hkv, n, B, args.steps, args.reps, dev))
+        save(args.out, rows)
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
