@@ -138,3 +138,17 @@ def test_a_cpu_cache_refuses_a_guarded_threshold():
     assert AttentionSpec(kind="softmax", tau=1.0).guard_eps is None and AttentionSpec(kind="softmax", eps=0.1).guard_eps is None
     with pytest.raises(ValueError, match="does not support tau_eps"):
         hsr.hsr_attention(rng.standard_normal((2, 16)).astype(np.float32), kv, kind="softmax", tau=1.0, eps=0.1)
+
+
+@pytest.mark.parametrize("bad", [0.0, 1.0, -0.5, float("nan"), float("inf"), True, "0.1", None])
+def test_a_share_outside_the_open_unit_interval_is_refused_by_name(bad):
+    from hsr._protocol import check_share
+
+    with pytest.raises(ValueError, match="calibrate_at must be in"):
+        check_share(bad, "calibrate_at")
+
+
+def test_a_share_inside_is_a_float():
+    from hsr._protocol import check_share
+
+    assert check_share(np.float32(0.25), "eps") == 0.25 and type(check_share(1e-3, "eps")) is float
