@@ -174,10 +174,13 @@ def check_tile(name: str, value) -> None:
         raise ValueError(f"{name} must be a power of two >= {MIN_TILE}, got {value!r}")
 
 
-def check_kind(kind) -> int:
-    """``0`` for ``"softmax"``, ``1`` for ``"relu"`` (the kernels' KIND)."""
+def check_kind(kind, group_union: bool = False) -> int:
+    """``0`` for ``"softmax"``, ``1`` for ``"relu"`` (the kernels' KIND); ``group_union``
+    (each row keeps its GQA group's union) is a softmax option."""
     if kind not in ("softmax", "relu"):
         raise ValueError(f"kind must be 'softmax' or 'relu', got {kind!r}")
+    if group_union and kind != "softmax":
+        raise ValueError("group_union=True widens softmax's kept sets: kind='softmax'")
     return 0 if kind == "softmax" else 1
 
 

@@ -455,11 +455,9 @@ class CodeKVCache:
 
     def _attention_kind(self, kind, alpha, group_union=False):
         """``(kind_id, alpha)`` checked, for a cache that holds values (``group_union``: softmax only)."""
-        kind_id = check_kind(kind)
+        kind_id = check_kind(kind, group_union)
         if not self.has_values:
             raise ValueError("this cache holds keys only (v=None): no attention")
-        if group_union and kind_id != 0:
-            raise ValueError("group_union=True widens softmax's kept sets: kind='softmax'")
         return kind_id, check_alpha(alpha)
 
     def _run(self, q, plan: CodePlan, *, kind, alpha=2, scale=None, num_splits=None, return_bound=False,

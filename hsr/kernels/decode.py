@@ -93,7 +93,7 @@ class DecodeStep:
                  certify: bool = False, fuse: bool = True, group_union: bool = False,
                  eps: float | None = None) -> None:
         # cache: a CodeKVCache (codes.py imports this module)
-        check_kind(kind)
+        check_kind(kind, group_union)
         self.alpha = check_alpha(alpha)
         if k is None and v is None:  # attend only: an empty token step keeps every check below
             k = v = torch.empty(cache.B, cache.Hkv, 0, cache.D, dtype=cache.dtype, device=cache.device)
@@ -125,8 +125,6 @@ class DecodeStep:
             raise ValueError("certify=True and eps= bound the dropped softmax mass: kind='softmax'")
         self.eps = None if eps is None else check_share(eps, "eps")
         self.certify = bool(certify) or eps is not None
-        if group_union and kind != "softmax":
-            raise ValueError("group_union=True widens softmax's kept sets: kind='softmax'")
         self.group_union = bool(group_union)
         self.fuse = bool(fuse)
         self.bound = None
