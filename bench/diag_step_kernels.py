@@ -23,26 +23,20 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from _results import default_out, save  # noqa: E402
-from bench_decode_loop import scores, time_loop  # noqa: E402
+from bench_decode_loop import make_inputs, scores, time_loop  # noqa: E402
 
 from hsr.kernels.codes import CodeKVCache  # noqa: E402
 
 
 def inputs(real, Hkv, n, B, dev):
-    """q (B, Hq, 1, 128), k/v (B, Hkv, n, 128) bf16: 28/4 as the decode-loop bench, or 32/8."""
-    k_all = torch.from_numpy(real["k"].astype(np.float32))  # (4, n_real, 128)
-    q_all = torch.from_numpy(real["q"].astype(np.float32))  # (28, 128): 7 rows per kv head
+    """q (B, Hq, 1, 128), k/v (B, Hkv, n, 128) bf16: the decode-loop bench's 28/4
+    (``make_inputs``), or 32/8 from it: kv head i is its head i % 4, with four of that head's
+    seven query rows."""
+    q, k, v = make_inputs(real, 128, n, B, 0, dev)
     if Hkv == 4:
-        k, q = k_all, q_all
-    else:  # 32/8: kv head i is real head i % 4, with four of its query rows
-        k = k_all.repeat(Hkv // 4, 1, 1)
-        q = torch.stack([q_all[(i % 4) * 7 + j] for i in range(Hkv) for j in range(4)])
-    k = k.repeat(1, -(-n // k.shape[1]), 1)[:, :n]
-    v = torch.randn(Hkv, n, 128, generator=torch.Generator().manual_seed(0))
-    k = k[None].expand(B, -1, -1, -1).to(dev, torch.bfloat16).contiguous()
-    v = v[None].expand(B, -1, -1, -1).to(dev, torch.bfloat16).contiguous()
-    q = q.reshape(1, -1, 1, 128).expand(B, -1, -1, -1).to(dev, torch.bfloat16).contiguous()
-    return q, k, v
+        return q, k, v
+    rows = [(i % 4) * 7 + j for i in range(Hkv) for j in range(4)]
+    return q[:, rows].contiguous(), k.repeat(1, Hkv // 4, 1, 1), v.repeat(1, Hkv // 4, 1, 1)
 
 
 def kernel_times(fn, calls):

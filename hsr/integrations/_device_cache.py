@@ -319,11 +319,11 @@ class CodeAttention:
             calibrate_at = check_share(calibrate_at, "calibrate_at")
         if dense_above is not None and not 0.0 <= dense_above <= 1.0:
             raise ValueError(f"dense_above must be a share in [0, 1] (or None: DENSE_ABOVE), got {dense_above!r}")
-        self.name, self.eps, self.rows = name, float(eps), int(calibration_rows)
+        self.name, self.eps, self.rows = name, eps, int(calibration_rows)
         self.dense_above = dense_above
         self.group_union = bool(group_union)
         self.certified = bool(certified)
-        self.calibrate_at = float(calibrate_at) if calibrate_at is not None else self.eps
+        self.calibrate_at = calibrate_at if calibrate_at is not None else eps
         if count_guard and not certified:
             raise ValueError("count_guard=True counts the guard of certified=True: pass both")
         self.count_guard = bool(count_guard)

@@ -187,15 +187,13 @@ def get_real_qk(n_tokens: int = 4096, layers: Sequence[int] | None = None, cache
     model, tok = load_smollm2()
     n_layers = layer_count(model)
     union = sorted(set(stored) | set(range(n_layers) if want is None else want))
-    try:
-        cap = capture_qk(model, tok, None, n_tokens=n_tokens, layers=union)
-    except ValueError as exc:  # past the trained context: only on purpose, and recorded as such
-        if "max_position_embeddings" not in str(exc):
-            raise
-        layer_list = ",".join(str(l) for l in union)
-        raise ValueError(f"{exc}. To capture past the model's trained context on purpose (RoPE extrapolated, "
-                         f"recorded in the capture's meta), run: python bench/capture_real_keys.py --n-tokens "
-                         f"{n_tokens} --layers {layer_list}") from exc
+    max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if max_pos is not None and n_tokens > max_pos:  # past the trained context: only on purpose, recorded
+        raise ValueError(f"n_tokens={n_tokens} exceeds max_position_embeddings={max_pos}. To capture past the "
+                         f"model's trained context on purpose (RoPE extrapolated, recorded in the capture's meta), "
+                         f"run: python bench/capture_real_keys.py --n-tokens {n_tokens} --layers "
+                         + ",".join(str(l) for l in union))
+    cap = capture_qk(model, tok, None, n_tokens=n_tokens, layers=union)
     save_capture(path, cap)
     del model
     if want is None or want == union:

