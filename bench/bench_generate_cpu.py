@@ -83,6 +83,23 @@ def filled(cache, kv, n):
     return cache
 
 
+def numba_passive():
+    """Start numba's thread pool with ``OMP_WAIT_POLICY=PASSIVE`` (its workers sleep after a
+    parallel region instead of spinning), then restore the environment. torch's OpenMP runtime
+    read the variable when torch loaded, so it keeps its own setting."""
+    from numba.np.ufunc import parallel
+
+    before = os.environ.get("OMP_WAIT_POLICY")
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    try:
+        parallel._launch_threads()
+    finally:
+        if before is None:
+            del os.environ["OMP_WAIT_POLICY"]
+        else:
+            os.environ["OMP_WAIT_POLICY"] = before
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
@@ -91,8 +108,13 @@ def main(argv=None):
     ap.add_argument("--topk", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1, help="torch and numba threads (default 1)")
     ap.add_argument("--kv-file", default=None, help="keep the prefill's keys and values here (torch file)")
+    ap.add_argument("--numba-passive", action="store_true",
+                    help="numba's OpenMP runtime (a second libgomp beside torch's) with OMP_WAIT_POLICY=PASSIVE, "
+                         "torch's left at the default: each runtime reads the variable once, when it loads")
     ap.add_argument("--out", default=default_out("generate_cpu.json"))
     args = ap.parse_args(argv)
+    if args.numba_passive:
+        numba_passive()
     torch.set_num_threads(args.threads)
     numba.set_num_threads(args.threads)
 
@@ -167,6 +189,7 @@ def main(argv=None):
         del caches
     save(args.out, results, model="SmolLM2-135M-Instruct (GGUF Q4_1 de-quantised to float32)",
          steps=args.steps, warmup_steps=warm, threads=args.threads, eps=args.eps, topk=args.topk,
+         numba_passive=args.numba_passive,
          prefill_s=t_prefill, note="paired: variants alternate step by step in one process; "
          "median step; the CPU was shared with other jobs")
     return 0
