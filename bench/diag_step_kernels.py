@@ -8,6 +8,10 @@ step's idle time: launch gaps and each kernel's ramp, what no kernel's speed rem
 d 128 with 28/4 heads (two real SmolLM2 heads per kv head, as ``bench_decode_loop.py``) and
 the 8B shape's 32/8 (the real kv heads twice, four of each head's query rows); each row keeps
 its top 1%.
+
+``--sweep``: at B 1, the fused step (add + filter-and-attend + merge, one graph) over the
+filter's launch parameters — programs per SM, keys per tile, warps — each timed in the same
+loop; the defaults were chosen on the older, unfused filter.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from _results import default_out, save  # noqa: E402
-from bench_decode_loop import make_inputs, scores, time_loop  # noqa: E402
+from bench_decode_loop import capture, make_inputs, scores, time_loop  # noqa: E402
 
 from hsr.kernels.codes import CodeKVCache  # noqa: E402
 
@@ -55,7 +59,32 @@ def kernel_times(fn, calls):
     return dict(sorted(per.items(), key=lambda kv: -kv[1]))
 
 
-def one(real, Hkv, n, B, steps, reps, dev):
+def sweep(cache, q, tau, knew, vnew, n0, steps):
+    """µs per step of the fused step, one graph per launch of the filter: a list of rows."""
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    rows = []
+    for pps in (1, 2, 4, 8):
+        for bn in (64, 128, 256):
+            for nw in (4, 8):
+                launch = dict(programs_per_sm=pps, block_n=bn, num_warps=nw)
+                g = capture(lambda: cache._fused(q, tau, bias=0.0, kind="softmax", alpha=2, scale=None,
+                                                 certify=False, out=out, lse=lse, add=(knew, vnew), launch=launch))
+                cache.crop(n0)
+
+                def body(i, g=g):
+                    g.replay()
+                    cache.advanced(1)
+
+                rows.append(dict(launch, step_us=1e3 * time_loop(body, steps, 2, lambda: cache.crop(n0))))
+                cache.crop(n0)
+    best = sorted(rows, key=lambda r: r["step_us"])[:4]
+    print("  fused step sweep, best (pps, block_n, warps, us):",
+          [(r["programs_per_sm"], r["block_n"], r["num_warps"], round(r["step_us"], 1)) for r in best], flush=True)
+    return rows
+
+
+def one(real, Hkv, n, B, steps, reps, dev, do_sweep=False):
     q, k, v = inputs(real, Hkv, n, B, dev)
     n0 = n - steps
     tau = torch.quantile(scores(q, k[:, :, :n0])[0, :, 0], 0.99, dim=-1)
@@ -73,6 +102,13 @@ def one(real, Hkv, n, B, steps, reps, dev):
     row["kernels_sum_us"] = sum(kt.values())
     row["idle_us"] = row["step_us"] - row["kernels_sum_us"]
     row["codes_bytes"] = cache.keys_read_bytes()
+    if do_sweep and B == 1:
+        cache.crop(n0)
+        try:  # the profile above is saved whatever the sweep does
+            row["sweep"] = sweep(cache, q, tau, knew, vnew, n0, steps)
+        except Exception as e:  # noqa: BLE001 - recorded, not hidden
+            row["sweep_error"] = f"{type(e).__name__}: {e}"
+            print("  sweep failed:", row["sweep_error"], flush=True)
     print(f"{q.shape[1]}/{Hkv} n={n} B={B}: step {row['step_us']:.1f} us, kernels {row['kernels_sum_us']:.1f} "
           f"(idle {row['idle_us']:.1f}): " + ", ".join(f"{k_[:40]} {t:.1f}" for k_, t in kt.items()), flush=True)
     return row
@@ -85,6 +121,7 @@ def main(argv=None):
                     help="Hkv:n:B")
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--sweep", action="store_true", help="at B 1, time the fused step over the filter's launches")
     ap.add_argument("--out", default=default_out("step_kernels.json"))
     args = ap.parse_args(argv)
     real = np.load(args.real)
@@ -92,7 +129,7 @@ def main(argv=None):
     rows = []
     for c in args.configs:
         Hkv, n, B = (int(x) for x in c.split(":"))
-        rows.append(one(real, Hkv, n, B, args.steps, args.reps, dev))
+        rows.append(one(real, Hkv, n, B, args.steps, args.reps, dev, args.sweep))
         save(args.out, rows)
         torch.cuda.empty_cache()
 

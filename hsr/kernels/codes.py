@@ -547,16 +547,18 @@ class CodeKVCache:
         return bound, log_dropped, lse_low
 
     def _fused(self, q, tau, *, bias, kind, alpha, scale, certify, out=None, lse=None, return_terms=False,
-               add=None, group_union=False, eps=None):
+               add=None, group_union=False, eps=None, launch=None):
         """Filter and attend in one launch (each filter program attends its own survivors),
         then the merge (and the certificate): what :meth:`attend` and a decode step run.
         ``add=(k, v)``: add these tokens first, in the launch that rotates the query.
         ``eps`` (with ``certify``): rows whose bound exceeds it attend every key (:meth:`_guard`).
+        ``launch``: the filter's launch parameters (:meth:`plan`'s ``block_n``, ``num_warps``,
+        ``num_stages``, ``programs_per_sm``), for tuning benches; the defaults otherwise.
         Returns ``(plan, result)``, ``result`` as :meth:`_run`'s."""
         kind_id, alpha = self._attention_kind(kind, alpha, group_union)
         s = float(scale) if scale is not None else self.D ** -0.5
         plan, o_part, l_part = self._plan(q, tau, bias=bias, certify=certify, scale=s,
-                                          attend=(kind_id, alpha, bool(group_union)), add=add)
+                                          attend=(kind_id, alpha, bool(group_union)), add=add, **(launch or {}))
         return plan, self._finish(q, o_part, l_part, plan.remainder, plan.tau, s, out, lse, return_terms, eps)
 
     def _guard(self, q, res, eps, scale):

@@ -489,3 +489,21 @@ def test_eps_guard_property(device, D, n, G, M, dtype, eps, seed):
     assert (as_kept | as_full).all()
     assert (dropped[as_kept & ~as_full] <= eps + 1e-9).all()
     assert (info.dropped_bound <= eps).all()
+
+
+@pytest.mark.parametrize("launch", [dict(block_n=64, programs_per_sm=1), dict(block_n=128, programs_per_sm=8),
+                                    dict(block_n=64, num_warps=8, programs_per_sm=4)])
+def test_fused_launch_parameters_keep_the_answer(device, launch):
+    # the tuning bench's launches (bench/diag_step_kernels.py --sweep): other tiles and
+    # program counts split the keys differently, never the kept set or the answer
+    B, Hkv, G, D, n = 1, 2, 3, 32, 300
+    q, k, v = _inputs(B, Hkv, G, 1, n, D, torch.float32, device, True, seed=5)
+    cache = CodeKVCache(k, v, capacity=n + 40)
+    base = cache._fused(q, 1.0, bias=0.0, kind="softmax", alpha=2, scale=None, certify=True, return_terms=True)
+    other = cache._fused(q, 1.0, bias=0.0, kind="softmax", alpha=2, scale=None, certify=True, return_terms=True,
+                         launch=launch)
+    assert other[0].n_survivors().tolist() == base[0].n_survivors().tolist()
+    for a, b in zip(base[1], other[1]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    ref = _dense(q, k, v, "softmax", 1.0, 0.0, D ** -0.5)
+    torch.testing.assert_close(other[1][0].double(), ref, atol=1e-5, rtol=1e-5)
