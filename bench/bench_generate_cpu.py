@@ -14,18 +14,22 @@ them), each variant with its own cache:
     transformers' ``sdpa`` backend on a ``DynamicCache`` (what ``generate()`` does by default;
     the cache grows by ``torch.cat``, a copy of the whole cache per layer per step).
 ``sdpa_hsrcache``
-    SDPA through the HSR backend's dense path on an ``HSRCache`` with no index (its layers
-    append into buffers with room to grow: no copy per step).
+    torch's SDPA through the HSR backend's dense path (``dense_kernel="sdpa"``) on an
+    ``HSRCache`` with no index (its layers append into buffers with room to grow: no copy per
+    step).
+``dense_hsrcache``
+    the same with the library's CPU decode kernel (``dense_kernel="hsr"``, the default:
+    :func:`hsr.attention.batched.layer_dense_softmax`): full softmax, no index.
 ``hsr_eps<e>``, ``hsr_top<k>``
     the HSR softmax backend with ``dense_below=0`` on an ``HSRCache(index_from=0)``: the code
     filter index appended per step, certified ``eps``, or each query's ``topk`` best keys, the
     index at every step (``guard=False``).
 ``hsr_eps<e>_guard``
     the same with the per-layer guard (the default): each layer times its step through the
-    index and its dense step and takes the faster.
+    index and its dense step (the decode kernel) and takes the faster.
 
 Reported per length and variant: tokens/s (the median step), the median of the per-step speed
-ratios against ``sdpa`` and against ``sdpa_hsrcache`` (paired: the same step), the agreement of
+ratios against ``sdpa``, ``sdpa_hsrcache`` and ``dense_hsrcache`` (paired: the same step), the agreement of
 each step's next-token argmax with ``sdpa``'s, and the backend's decode statistics (keys
 scored, largest certified dropped mass). Threads: ``--threads`` for torch and numba alike.
 """
@@ -127,10 +131,13 @@ def main(argv=None):
 
     from transformers import DynamicCache
 
+    sdpa_bufs = ht.register_hsr_attention("bench_gen_sdpa_bufs", kind="softmax", eps=args.eps, dense_below=1 << 40,
+                                          dense_kernel="sdpa")
     dense = ht.register_hsr_attention("bench_gen_dense", kind="softmax", eps=args.eps, dense_below=1 << 40)
     backends = {
         "sdpa": ("sdpa", None, lambda: DynamicCache(config=model.config)),
-        "sdpa_hsrcache": (dense.name, dense, lambda: ht.HSRCache(model.config, index_from=1 << 40)),
+        "sdpa_hsrcache": (sdpa_bufs.name, sdpa_bufs, lambda: ht.HSRCache(model.config, index_from=1 << 40)),
+        "dense_hsrcache": (dense.name, dense, lambda: ht.HSRCache(model.config, index_from=1 << 40)),
         f"hsr_eps{args.eps:g}": (None, ht.register_hsr_attention("bench_gen_eps", kind="softmax", eps=args.eps,
                                                                  dense_below=0, guard=False), None),
         f"hsr_eps{args.eps:g}_guard": (None, ht.register_hsr_attention("bench_gen_eps_guard", kind="softmax",
@@ -173,9 +180,11 @@ def main(argv=None):
                      speed_vs_sdpa=statistics.median(a / b for a, b in zip(steps["sdpa"], steps[name])),
                      speed_vs_sdpa_hsrcache=statistics.median(
                          a / b for a, b in zip(steps["sdpa_hsrcache"], steps[name])),
+                     speed_vs_dense_hsrcache=statistics.median(
+                         a / b for a, b in zip(steps["dense_hsrcache"], steps[name])),
                      argmax_agreement=sum(a == b for a, b in zip(tokens[name], tokens["sdpa"])) / args.steps,
                      cache_fill_s=build[name], step_s=steps[name])
-            if be is not None and name != "sdpa_hsrcache":
+            if be is not None and name not in ("sdpa_hsrcache", "dense_hsrcache"):
                 st = be.stats.decode.total
                 r.update(scored_fraction=st.scored_fraction, selected_fraction=st.selected_fraction,
                          max_dropped=be.stats.decode.max_dropped, dense_calls=st.dense_calls,
@@ -183,7 +192,8 @@ def main(argv=None):
             row[name] = r
             extra = f"  scored {r['scored_fraction']:.3f}  max dropped {r['max_dropped']:.1e}" if "scored_fraction" in r else ""
             print(f"{n:6d} {name:14s} {r['tokens_per_s']:6.2f} tok/s  x{r['speed_vs_sdpa']:.2f} sdpa  "
-                  f"x{r['speed_vs_sdpa_hsrcache']:.2f} sdpa_hsrcache  agree {r['argmax_agreement']:.2f}{extra}",
+                  f"x{r['speed_vs_sdpa_hsrcache']:.2f} sdpa_hsrcache  x{r['speed_vs_dense_hsrcache']:.2f} "
+                  f"dense_hsrcache  agree {r['argmax_agreement']:.2f}{extra}",
                   flush=True)
         results[str(n)] = row
         del caches

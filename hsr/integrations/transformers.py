@@ -198,13 +198,16 @@ class HSRAttentionBackend:
             self.stats.decode.add(layer_idx, st)
         return out.transpose(1, 2).contiguous(), None
 
-    def _dense(self, query, key, value, attention_mask, st, scale, key_padding):
-        """The backend's rule computed densely: SDPA for softmax with eps (every key kept,
-        nothing dropped), else the same selection in torch."""
+    def _dense(self, module, query, key, value, attention_mask, kwargs, st, scale, key_padding):
+        """The backend's rule computed densely: full softmax for softmax with eps (every key
+        kept, nothing dropped) — our CPU decode kernel where it applies
+        (:meth:`_dense_decode`), else torch's SDPA — or the same selection in torch."""
         s = self.settings
         t0 = time.perf_counter()
         if _short.uses_sdpa(s):
-            out = _short.sdpa_attention(query, key, value, attention_mask, scale)
+            out = self._dense_decode(module, query, key, value, kwargs, scale, key_padding)
+            if out is None:
+                out = _short.sdpa_attention(query, key, value, attention_mask, scale)
             st.keys_scored += st.keys_visible
             st.keys_selected += st.keys_visible
         else:
@@ -213,6 +216,34 @@ class HSRAttentionBackend:
             st.keys_selected += selected
         st.attend_s += time.perf_counter() - t0
         return out
+
+    def _dense_decode(self, module, query, key, value, kwargs, scale, key_padding):
+        """Full softmax of a CPU decode step through :func:`hsr.attention.batched.layer_dense_softmax`
+        (each key and value row read once for its group's query rows, chunks over the threads:
+        about 2x torch's CPU SDPA at 32K on SmolLM2's shapes), reading the cache's own
+        buffers (an :class:`HSRCache`) or contiguous key and value tensors in place. None
+        where it does not apply (the caller takes SDPA): ``dense_kernel="sdpa"``, not float32
+        on the CPU, more than ``_BATCHED_MAX_Q`` query positions, key padding, or keys that
+        are neither."""
+        if self.settings["dense_kernel"] != "hsr":
+            return None
+        B, Hq, M, D = query.shape
+        n = key.shape[2]
+        if (M > _BATCHED_MAX_Q or key_padding is not None or query.device.type != "cpu"
+                or not query.dtype == key.dtype == value.dtype == torch.float32 or Hq % key.shape[1]):
+            return None
+        layer = cache_layer_for(module, key, kwargs)
+        bufs = layer.buffers() if layer is not None else None
+        if bufs is None and key.is_contiguous() and value.is_contiguous():
+            bufs = key, value
+        if bufs is None or not bufs[0].dtype == bufs[1].dtype == torch.float32:
+            return None
+        kb, vb = (x.detach() for x in bufs)
+        keys = kb.numpy().reshape(-1, kb.shape[2], kb.shape[3])  # zero-copy views
+        values = vb.numpy().reshape(-1, vb.shape[2], vb.shape[3])
+        Q = query.detach().contiguous().numpy()
+        out, _ = batched.layer_dense_softmax(Q, keys, values, n, scale, causal=True)
+        return torch.from_numpy(out)
 
     def _choose_dense(self, layer_idx: int, M: int) -> bool:
         """Whether this decode call of the layer goes dense: the per-layer guard times both
@@ -251,7 +282,7 @@ class HSRAttentionBackend:
         if key.shape[2] < s["dense_below"] and not isinstance(s["bias"], str):
             # short context: dense is faster than any index; no index is built or updated
             st.dense_calls += 1
-            return self._dense(query, key, value, attention_mask, st, scale, key_padding)
+            return self._dense(module, query, key, value, attention_mask, kwargs, st, scale, key_padding)
         layer_idx = getattr(module, "layer_idx", -1)
         layer_idx = -1 if layer_idx is None else layer_idx
         M = query.shape[2]
@@ -262,7 +293,7 @@ class HSRAttentionBackend:
             if layer is not None:
                 layer.get_index()  # keep the index in step, for the probe that comes back to it
             st.guarded_calls += 1
-            out = self._dense(query, key, value, attention_mask, st, scale, key_padding)
+            out = self._dense(module, query, key, value, attention_mask, kwargs, st, scale, key_padding)
             self._timed(layer_idx, M, True, time.perf_counter() - t_start)
             return out
         out = self._hsr_index(module, query, key, value, kwargs, st, scale, key_padding)
@@ -382,7 +413,8 @@ def registered_backends() -> Dict[str, HSRAttentionBackend]:
 def register_hsr_attention(name: str = "hsr_softmax", *, kind: str = "softmax", eps: Optional[float] = None,
                            tau: Optional[float] = None, topk: Optional[int] = None, alpha: int = 2,
                            bias: Union[float, str] = 0.0, index_kwargs: Optional[dict] = None,
-                           dense_below: Optional[int] = None, guard: Optional[bool] = None) -> HSRAttentionBackend:
+                           dense_below: Optional[int] = None, guard: Optional[bool] = None,
+                           dense_kernel: str = "hsr") -> HSRAttentionBackend:
     """Register :func:`hsr.hsr_attention` as transformers attention ``name``.
 
     Parameters
@@ -414,6 +446,13 @@ def register_hsr_attention(name: str = "hsr_softmax", *, kind: str = "softmax", 
         configurations at 16K and 32K (``bench/bench_layer_guard.py``,
         ``bench/results/layer_guard_cpu.json``): there the guard sends most decode dense.
         False: always the index above ``dense_below``.
+    dense_kernel : {"hsr", "sdpa"}, default "hsr"
+        What computes full softmax where the backend attends densely (below ``dense_below``,
+        where the guard chose dense, and with ``eps``): ``"hsr"`` the library's CPU decode
+        kernel (:func:`hsr.attention.batched.layer_dense_softmax`: float32 on the CPU, up to 16
+        query positions, no key padding; torch's SDPA elsewhere), ``"sdpa"`` always torch's
+        ``scaled_dot_product_attention``. Both keep every visible key; they differ by float32
+        rounding.
 
     Returns
     -------
@@ -436,8 +475,10 @@ def register_hsr_attention(name: str = "hsr_softmax", *, kind: str = "softmax", 
     guard = GUARD if guard is None else guard
     if not isinstance(guard, bool):
         raise ValueError(f"guard must be True or False, got {guard!r}")
+    if dense_kernel not in ("hsr", "sdpa"):
+        raise ValueError(f"dense_kernel must be 'hsr' or 'sdpa', got {dense_kernel!r}")
     settings = dict(kind=kind, eps=eps, tau=tau, topk=topk, alpha=alpha, bias=bias, dense_below=dense_below,
-                    guard=guard)
+                    guard=guard, dense_kernel=dense_kernel)
     return _register(HSRAttentionBackend(name, "hsr", settings, index_kwargs))
 
 

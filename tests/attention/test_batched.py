@@ -113,3 +113,92 @@ def test_csr_rows_equal_the_per_head_kernel():
     batched.softmax_csr_rows(lims, ids, scores, values, rph, 0.3, tau, rem, out1, info1)
     np.testing.assert_array_equal(out1, out0)
     np.testing.assert_array_equal(info1, info0)
+
+
+# ------------------------------------------------------------------------------ dense decode
+
+def _dense_ref(Q, keys, values, n, scale, causal):
+    """float64 softmax of every visible key: (B, Hq, M, dv) and the log of each row's sum."""
+    B, Hq, M, d = Q.shape
+    Hkv = keys.shape[0] // B
+    G = Hq // Hkv
+    K = keys[:, :n].astype(np.float64).reshape(B, Hkv, n, d)
+    V = values[:, :n].astype(np.float64).reshape(B, Hkv, n, -1)
+    s = np.einsum("bhgmd,bhnd->bhgmn", Q.astype(np.float64).reshape(B, Hkv, G, M, d), K) * scale
+    if causal:
+        s = np.where(np.arange(n)[None, :] <= (np.arange(M) + n - M)[:, None], s, -np.inf)
+    mx = s.max(-1, keepdims=True)
+    w = np.exp(s - mx)
+    lse = np.log(w.sum(-1)) + mx[..., 0]
+    out = np.einsum("bhgmn,bhnd->bhgmd", w / w.sum(-1, keepdims=True), V)
+    return out.reshape(B, Hq, M, -1), lse.reshape(B, Hq, M)
+
+
+@pytest.mark.parametrize("B,Hkv,G,M,n,d,dv", [(1, 3, 3, 1, 1, 64, 64), (1, 3, 3, 1, 777, 64, 64),
+                                              (2, 2, 4, 3, 300, 32, 16), (1, 1, 1, 5, 5, 8, 8),
+                                              (3, 1, 2, 16, 2049, 16, 24), (1, 2, 1, 2, 5000, 64, 64)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_layer_dense_softmax_equals_float64_softmax(B, Hkv, G, M, n, d, dv, causal):
+    # chunks of 256..2048 keys: sizes on and off a chunk's edge, M rows whose last chunk may
+    # hold only ids past an early row's limit, a cache with room past n (never read)
+    if M > n:
+        pytest.skip("M <= n")
+    rng = np.random.default_rng(n + M)
+    cap = n + 37
+    keys = rng.standard_normal((B * Hkv, cap, d)).astype(np.float32) * 2
+    values = rng.standard_normal((B * Hkv, cap, dv)).astype(np.float32)
+    keys[:, n:] = np.nan  # past the cache: must not be read
+    values[:, n:] = np.nan
+    Q = rng.standard_normal((B, Hkv * G, M, d)).astype(np.float32)
+    scale = d ** -0.5
+    out, lse = batched.layer_dense_softmax(Q, keys, values, n, scale, causal=causal)
+    ref, ref_lse = _dense_ref(Q, keys, values, n, scale, causal)
+    assert out.shape == (B, Hkv * G, M, dv) and out.dtype == np.float32
+    np.testing.assert_allclose(out, ref, atol=2e-6, rtol=1e-5)
+    np.testing.assert_allclose(lse, ref_lse, atol=1e-5, rtol=1e-6)
+
+
+def test_layer_dense_softmax_chunk_edges_and_a_masked_chunk():
+    # n one past a chunk (256 keys, 1 thread): the last chunk holds one id, past row 0's
+    # limit with M = 2; duplicate keys and a zero query; extreme but finite magnitudes
+    n, M, d = 257, 2, 16
+    keys = np.ones((1, n, d), np.float32)
+    keys[0, ::3] = 0.0
+    values = np.arange(n * d, dtype=np.float32).reshape(1, n, d) / n
+    Q = np.zeros((1, 1, M, d), np.float32)
+    Q[0, 0, 1] = 30.0
+    assert batched.dense_chunk(n, 1, 1) == 256
+    out, lse = batched.layer_dense_softmax(Q, keys, values, n, 1.0, threads=1)
+    ref, ref_lse = _dense_ref(Q, keys, values, n, 1.0, True)
+    np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(lse, ref_lse, rtol=1e-6)
+    np.testing.assert_allclose(out[0, 0, 0], values[0, :n - 1].mean(0), rtol=1e-5)  # zero query: the mean
+
+
+@pytest.mark.parametrize("where", ["q", "key", "value", "inf_key"])
+def test_layer_dense_softmax_bad_input_gives_nan_not_a_finite_answer(where):
+    rng = np.random.default_rng(1)
+    n, d = 600, 16
+    keys = rng.standard_normal((2, n, d)).astype(np.float32)
+    values = rng.standard_normal((2, n, d)).astype(np.float32)
+    Q = rng.standard_normal((1, 4, 1, d)).astype(np.float32)
+    if where == "q":
+        Q[0, 1, 0, 3] = np.nan
+    elif where == "key":
+        keys[0, 400, 2] = np.nan
+    elif where == "value":
+        values[0, 10, 0] = np.nan
+    else:
+        keys[0, 5, :] = np.inf
+    out, _ = batched.layer_dense_softmax(Q, keys, values, n, 0.25)
+    bad = np.isnan(out).any(-1)[0, :, 0]
+    assert bad.tolist() == ([False, True, False, False] if where == "q" else [True, True, False, False])
+    assert np.isfinite(out[0, 2:]).all()
+
+
+def test_layer_dense_softmax_refuses_shapes_by_name():
+    keys = np.zeros((2, 10, 8), np.float32)
+    with pytest.raises(ValueError, match="multiple of the kv heads"):
+        batched.layer_dense_softmax(np.zeros((1, 3, 1, 8), np.float32), keys, keys, 10, 1.0)
+    with pytest.raises(ValueError, match="M <= n <= capacity"):
+        batched.layer_dense_softmax(np.zeros((1, 2, 1, 8), np.float32), keys, keys, 11, 1.0)

@@ -115,7 +115,7 @@ def test_short_softmax_calls_sdpa(M, padded, monkeypatch):
     sdpa = torch.nn.functional.scaled_dot_product_attention
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
                         lambda *a, **kw: calls.append(kw) or sdpa(*a, **kw))
-    be = ht.register_hsr_attention("t_short_sdpa", dense_below=10**6)
+    be = ht.register_hsr_attention("t_short_sdpa", dense_below=10**6, dense_kernel="sdpa")
     out, _ = be(_module(), q, k, v, mask, scaling=0.25)
     assert len(calls) == 1 and calls[0]["scale"] == 0.25
     ref = _dense(q, k, v, mask=mask, scale=0.25)
@@ -128,7 +128,37 @@ def test_short_softmax_calls_sdpa(M, padded, monkeypatch):
     assert "dense_calls=1" in repr(be.stats)
 
 
+@pytest.mark.parametrize("M", [1, 5, 16, 17])
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("B,Hq,Hkv", [(1, 9, 3), (2, 4, 2)])
+def test_short_softmax_through_the_dense_decode_kernel(M, padded, B, Hq, Hkv, monkeypatch):
+    # dense_kernel="hsr" (the default): a float32 CPU step of up to 16 query positions without
+    # key padding is the library's decode kernel (no SDPA call), the same answer as SDPA's;
+    # with padding or more positions, SDPA
+    N = 300
+    q, k, v = _qkv(B=B, Hq=Hq, Hkv=Hkv, M=M, N=N)
+    mask = None
+    if padded:
+        keypad = torch.ones(B, N, dtype=torch.bool)
+        keypad[-1, :6] = False
+        causal = torch.arange(N)[None, :] <= (torch.arange(M) + N - M)[:, None]
+        mask = (causal[None] & keypad[:, None, :])[:, None]
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **kw: calls.append(kw) or sdpa(*a, **kw))
+    be = ht.register_hsr_attention("t_short_kernel", dense_below=10**6)
+    out, _ = be(_module(groups=Hq // Hkv), q, k, v, mask, scaling=0.25)
+    assert len(calls) == (1 if padded or M > 16 else 0)
+    ref = _dense(q, k, v, mask=mask, scale=0.25)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    st = be.stats.layers[0]
+    assert st.dense_calls == 1 and st.keys_scored == st.keys_visible
+
+
 def test_register_rejects_bad_settings():
+    with pytest.raises(ValueError, match="dense_kernel must be 'hsr' or 'sdpa'"):
+        ht.register_hsr_attention("t_bad", dense_kernel="flash")
     with pytest.raises(ValueError):
         ht.register_hsr_attention("t_bad", kind="softmax", eps=1e-3, topk=3)
     with pytest.raises(ValueError):
