@@ -17,7 +17,7 @@
 #   count    STILL OWED: how often the guard fires in generate() (--count-guard; not timed against the
 #            others, its counting adds three small launches a layer step): certified at the default
 #            calibration, then calibrated at eps/2 with the group's union; also the kernel tests compiled
-#   owed     what is still owed, in one call (~560 s at most): kernels, then count
+#   owed     what is still owed, in one call (~470 s at most): kernels, then count
 #   kernels  where a captured decode step's time goes: each kernel's GPU time in one replay against the
 #            step's time in the loop (bench/diag_step_kernels.py; 28/4 and 32/8 heads, 16K and 128K), and at
 #            B 1 the fused step over the filter's launch parameters (--sweep)
@@ -50,14 +50,14 @@ case "${1:-decode}" in
             timeout 150 python bench/bench_generate_gpu.py --shapes 8b --n 131072 --batch 1 --qk-gain 4 --certified \
               --calibrate-at 5e-4 --group-union --new 64 --out "$OUT/generate_gpu_certified_half_union.json" 2>&1 \
               | tee -a "$OUT/generate_certified_log.txt" ;;
-  count)    timeout 90 python -m pytest -q -p no:cacheprovider tests/kernels/test_decode_step.py \
+  count)    timeout 60 python -m pytest -q -p no:cacheprovider tests/kernels/test_decode_step.py \
               tests/integrations/test_device_cache.py -k "count or guard or certified" 2>&1 | tee "$OUT/tests_log.txt"
             for extra in "" "--calibrate-at 5e-4 --group-union"; do
-              timeout 160 python bench/bench_generate_gpu.py --shapes 8b --n 131072 --batch 1 --qk-gain 4 --certified \
+              timeout 140 python bench/bench_generate_gpu.py --shapes 8b --n 131072 --batch 1 --qk-gain 4 --certified \
                 --count-guard $extra --new 32 --out "$OUT/generate_gpu_guard_counts${extra:+_half_union}.json" 2>&1 \
                 | tee -a "$OUT/generate_count_log.txt"
             done ;;
-  kernels)  timeout 150 python bench/diag_step_kernels.py --sweep --out "$OUT/step_kernels.json" 2>&1 | tee "$OUT/step_kernels_log.txt" ;;
+  kernels)  timeout 130 python bench/diag_step_kernels.py --sweep --out "$OUT/step_kernels.json" 2>&1 | tee "$OUT/step_kernels_log.txt" ;;
   owed)     OUT=$OUT bash bench/run_gpu_pending.sh kernels; OUT=$OUT bash bench/run_gpu_pending.sh count ;;
   *) echo "usage: $0 decode|faiss|generate|striped|tests|eager|replay|b8|eps|count|kernels|owed"; exit 2 ;;
 esac
