@@ -11,7 +11,9 @@ its top 1%.
 
 ``--sweep``: at B 1, the fused step (add + filter-and-attend + merge, one graph) over the
 filter's launch parameters — programs per SM, keys per tile, warps — each timed in the same
-loop; the defaults were chosen on the older, unfused filter.
+loop; the defaults were chosen on the older, unfused filter. ``--prepare-sweep``: the same
+over the parameters of the step's first launch (the query's rotation and the add), with each
+kernel's GPU time.
 """
 from __future__ import annotations
 
@@ -59,32 +61,63 @@ def kernel_times(fn, calls):
     return dict(sorted(per.items(), key=lambda kv: -kv[1]))
 
 
-def sweep(cache, q, tau, knew, vnew, n0, steps):
-    """µs per step of the fused step, one graph per launch of the filter: a list of rows."""
+def step_with(cache, q, tau, knew, vnew, n0, steps, launch, kernels=False):
+    """µs per step of the fused step (add + filter-and-attend + merge) in one graph with the
+    launch parameters ``launch`` (``CodeKVCache._fused``); with ``kernels``, also each kernel's
+    GPU µs in a replay."""
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    g = capture(lambda: cache._fused(q, tau, bias=0.0, kind="softmax", alpha=2, scale=None, certify=False,
+                                     out=out, lse=lse, add=(knew, vnew), launch=launch))
+    cache.crop(n0)
+
+    def body(i):
+        g.replay()
+        cache.advanced(1)
+
+    t = 1e3 * time_loop(body, steps, 2, lambda: cache.crop(n0))
+    kt = None
+    if kernels:
+        cache.crop(n0)
+        kt = {name: round(x, 2) for name, x in kernel_times(lambda: body(0), steps).items()}
+    cache.crop(n0)
+    return t, kt
+
+
+def sweep(cache, q, tau, knew, vnew, n0, steps):
+    """The fused step over the filter's launch parameters: a list of rows."""
     rows = []
     for pps in (1, 2, 4, 8):
         for bn in (64, 128, 256):
             for nw in (4, 8):
                 launch = dict(programs_per_sm=pps, block_n=bn, num_warps=nw)
-                g = capture(lambda: cache._fused(q, tau, bias=0.0, kind="softmax", alpha=2, scale=None,
-                                                 certify=False, out=out, lse=lse, add=(knew, vnew), launch=launch))
-                cache.crop(n0)
-
-                def body(i, g=g):
-                    g.replay()
-                    cache.advanced(1)
-
-                rows.append(dict(launch, step_us=1e3 * time_loop(body, steps, 2, lambda: cache.crop(n0))))
-                cache.crop(n0)
+                t, _ = step_with(cache, q, tau, knew, vnew, n0, steps, launch)
+                rows.append(dict(launch, step_us=t))
     best = sorted(rows, key=lambda r: r["step_us"])[:4]
     print("  fused step sweep, best (pps, block_n, warps, us):",
           [(r["programs_per_sm"], r["block_n"], r["num_warps"], round(r["step_us"], 1)) for r in best], flush=True)
     return rows
 
 
-def one(real, Hkv, n, B, steps, reps, dev, do_sweep=False):
+def prepare_sweep(cache, q, tau, knew, vnew, n0, steps):
+    """The fused step over the parameters of its first launch (query rotation + add): rotated
+    query columns per program, warps, key columns per pass of the add; each with the kernels'
+    GPU µs."""
+    rows = []
+    for br in (16, 32, 64, 128):
+        for nw in (2, 4, 8):
+            for bj in (32, 128):
+                prep = dict(block_r=br, num_warps=nw, block_j=bj)
+                t, kt = step_with(cache, q, tau, knew, vnew, n0, steps, dict(prepare=prep), kernels=True)
+                rows.append(dict(prep, step_us=t, prepare_us=kt.get("_prepare_kernel"), kernels_us=kt))
+    best = sorted(rows, key=lambda r: r["step_us"])[:4]
+    print("  prepare sweep, best (block_r, warps, block_j, step us, prepare us):",
+          [(r["block_r"], r["num_warps"], r["block_j"], round(r["step_us"], 1), r["prepare_us"]) for r in best],
+          flush=True)
+    return rows
+
+
+def one(real, Hkv, n, B, steps, reps, dev, do_sweep=False, do_prepare=False):
     q, k, v = inputs(real, Hkv, n, B, dev)
     n0 = n - steps
     tau = torch.quantile(scores(q, k[:, :, :n0])[0, :, 0], 0.99, dim=-1)
@@ -102,13 +135,14 @@ def one(real, Hkv, n, B, steps, reps, dev, do_sweep=False):
     row["kernels_sum_us"] = sum(kt.values())
     row["idle_us"] = row["step_us"] - row["kernels_sum_us"]
     row["codes_bytes"] = cache.keys_read_bytes()
-    if do_sweep and B == 1:
-        cache.crop(n0)
-        try:  # the profile above is saved whatever the sweep does
-            row["sweep"] = sweep(cache, q, tau, knew, vnew, n0, steps)
-        except Exception as e:  # noqa: BLE001 - recorded, not hidden
-            row["sweep_error"] = f"{type(e).__name__}: {e}"
-            print("  sweep failed:", row["sweep_error"], flush=True)
+    for flag, key, fn in ((do_sweep, "sweep", sweep), (do_prepare, "prepare_sweep", prepare_sweep)):
+        if flag and B == 1:
+            cache.crop(n0)
+            try:  # the profile above is saved whatever the sweep does
+                row[key] = fn(cache, q, tau, knew, vnew, n0, steps)
+            except Exception as e:  # noqa: BLE001 - recorded, not hidden
+                row[key + "_error"] = f"{type(e).__name__}: {e}"
+                print(f"  {key} failed:", row[key + "_error"], flush=True)
     print(f"{q.shape[1]}/{Hkv} n={n} B={B}: step {row['step_us']:.1f} us, kernels {row['kernels_sum_us']:.1f} "
           f"(idle {row['idle_us']:.1f}): " + ", ".join(f"{k_[:40]} {t:.1f}" for k_, t in kt.items()), flush=True)
     return row
@@ -122,6 +156,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--sweep", action="store_true", help="at B 1, time the fused step over the filter's launches")
+    ap.add_argument("--prepare-sweep", action="store_true",
+                    help="at B 1, time the fused step over its first launch's parameters (rotation + add)")
     ap.add_argument("--out", default=default_out("step_kernels.json"))
     args = ap.parse_args(argv)
     real = np.load(args.real)
@@ -129,7 +165,7 @@ def main(argv=None):
     rows = []
     for c in args.configs:
         Hkv, n, B = (int(x) for x in c.split(":"))
-        rows.append(one(real, Hkv, n, B, args.steps, args.reps, dev, args.sweep))
+        rows.append(one(real, Hkv, n, B, args.steps, args.reps, dev, args.sweep, args.prepare_sweep))
         save(args.out, rows)
         torch.cuda.empty_cache()
 

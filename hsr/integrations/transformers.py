@@ -206,8 +206,9 @@ class HSRAttentionBackend:
         t0 = time.perf_counter()
         if _short.uses_sdpa(s):
             out = self._dense_decode(module, query, key, value, kwargs, scale, key_padding)
-            if out is None:
-                out = _short.sdpa_attention(query, key, value, attention_mask, scale)
+            if out is None:  # without key padding the mask is the causal rule: SDPA's unmasked kernels
+                mask = attention_mask if key_padding is not None else None
+                out = _short.sdpa_attention(query, key, value, mask, scale)
             st.keys_scored += st.keys_visible
             st.keys_selected += st.keys_visible
         else:

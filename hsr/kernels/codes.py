@@ -283,17 +283,20 @@ class CodeKVCache:
         if progs > 1:  # several programs per head read the old length: advance it after them
             self.lengths.add_(t)
 
-    def _launch_prepare(self, q, QR, rows, add):
-        """Rotate the query rows into ``QR`` (grid (B*Hkv, DP / 32)); with ``add=(k, v)``, the
-        first column program of each head also adds its tokens (``t <= 64``) and advances the
-        length: one launch for both, as a decode step needs them."""
+    def _launch_prepare(self, q, QR, rows, add, *, block_r=32, block_j=None, num_warps=None):
+        """Rotate the query rows into ``QR`` (grid (B*Hkv, DP / block_r)); with ``add=(k, v)``,
+        the first column program of each head also adds its tokens (``t <= 64``; ``block_j``
+        rotated key columns per pass, default all) and advances the length: one launch for
+        both, as a decode step needs them."""
         B, Hq, M, D = q.shape
         k, v = add if add is not None else (self.k, self.k)  # without an add: unread
         t = k.shape[2] if add is not None else 0
-        _prepare_kernel[(self.B * self.Hkv, self.DP // 32)](
+        block_r = min(int(block_r), self.DP)
+        _prepare_kernel[(self.B * self.Hkv, self.DP // block_r)](
             *self._add_args(k, v, t, t), q, QR, q.stride(0), q.stride(1), q.stride(2), Hq // self.Hkv, M,
-            HEAD_DIM=D, DP=self.DP, BLOCK_J=self.DP, HAS_V=self.has_values, ADD=add is not None, ROWS=rows,
-            BLOCK_R=32, num_warps=8 if (add is not None and self.DP >= 128) else 4)
+            HEAD_DIM=D, DP=self.DP, BLOCK_J=min(block_j or self.DP, self.DP), HAS_V=self.has_values,
+            ADD=add is not None, ROWS=rows, BLOCK_R=block_r,
+            num_warps=num_warps or (8 if (add is not None and self.DP >= 128) else 4))
 
     # ------------------------------------------------------------------ plan (filter)
     def _check_q(self, q, adding=0):
@@ -362,13 +365,14 @@ class CodeKVCache:
         return nprog, triton.cdiv(cap_tiles, nprog) * block_n
 
     def _plan(self, q, tau, *, bias=0.0, block_n=128, num_warps=4, num_stages=3, programs_per_sm=None,
-              rotate_inside=False, certify=False, scale=None, attend=None, add=None):
+              rotate_inside=False, certify=False, scale=None, attend=None, add=None, prepare=None):
         """:meth:`plan`'s body: ``q`` checked, the read lock held by the caller. ``rotate_inside``:
         the filter rotates the rows itself (one launch fewer; measured slower on an H200).
         ``attend=(kind_id, alpha, group_union)``: the filter programs also attend their own survivors (one
         launch); returns ``(plan, o_part, l_part)``, the partials indexed by filter program.
         ``add=(k, v)``: first add these ``(B, Hkv, t <= 64, D)`` tokens (checked by the caller)
-        in the launch that rotates the query rows (a decode step: one launch fewer)."""
+        in the launch that rotates the query rows (a decode step: one launch fewer).
+        ``prepare``: that launch's parameters (:meth:`_launch_prepare`), for tuning benches."""
         B, Hq, M, D = q.shape
         G = Hq // self.Hkv
         rows = max(16, triton.next_power_of_2(G * M))
@@ -383,7 +387,7 @@ class CodeKVCache:
             add = None
         if not rotate:
             QR = torch.empty(BH, rows, self.DP, dtype=torch.float32, device=dev)
-            self._launch_prepare(q, QR, rows, add)
+            self._launch_prepare(q, QR, rows, add, **(prepare or {}))
         nprog, seg = self._grid(block_n, programs_per_sm)
         surv = torch.empty(BH, nprog * seg, dtype=torch.int32, device=dev)
         count = torch.empty(BH, nprog, dtype=torch.int32, device=dev)
@@ -553,7 +557,8 @@ class CodeKVCache:
         ``add=(k, v)``: add these tokens first, in the launch that rotates the query.
         ``eps`` (with ``certify``): rows whose bound exceeds it attend every key (:meth:`_guard`).
         ``launch``: the filter's launch parameters (:meth:`plan`'s ``block_n``, ``num_warps``,
-        ``num_stages``, ``programs_per_sm``), for tuning benches; the defaults otherwise.
+        ``num_stages``, ``programs_per_sm``; ``prepare``, a dict for the launch that rotates
+        the query and adds), for tuning benches; the defaults otherwise.
         Returns ``(plan, result)``, ``result`` as :meth:`_run`'s."""
         kind_id, alpha = self._attention_kind(kind, alpha, group_union)
         s = float(scale) if scale is not None else self.D ** -0.5
