@@ -5,10 +5,12 @@ decoding with the index at 8K tokens runs at 0.4-0.6x the speed of SDPA end to e
 backend attends densely and no index is built or updated:
 
 - ``kind="softmax"`` with ``eps`` (the default): every visible key enters the softmax, nothing
-  is dropped, which is exactly what torch's ``scaled_dot_product_attention`` computes. The
-  backend calls it itself (:func:`sdpa_attention`) with the mask transformers passed (or the
-  causal rule), grouped-query attention and the scaling done the way transformers' own
-  ``sdpa`` backend does them, so a short context costs what SDPA costs.
+  is dropped, which is exactly what torch's ``scaled_dot_product_attention`` computes. At a
+  CPU decode step the backend runs the library's decode kernel
+  (:func:`hsr.attention.batched.layer_dense_softmax`, faster than SDPA there); elsewhere it
+  calls SDPA itself (:func:`sdpa_attention`) with the mask transformers passed where keys are
+  padded (or the causal rule), grouped-query attention and the scaling done the way
+  transformers' own ``sdpa`` backend does them.
 - ``tau``, ``topk`` and ReLU^alpha select keys by their scores, which SDPA cannot express:
   :func:`dense_attention` computes the score matrix in torch with the same selection rule
   (``tau``: raw score ``>= tau``; ``topk``: at least the k-th best score; ReLU^alpha: the keys

@@ -431,9 +431,9 @@ def register_hsr_attention(name: str = "hsr_softmax", *, kind: str = "softmax", 
         For indexes built on the fly (no :class:`HSRCache`).
     dense_below : int, default ``MODEL_DENSE_BELOW`` (16384)
         Below this many cached keys, build no index and attend densely: with ``eps`` (the
-        default) through torch's ``scaled_dot_product_attention`` itself, so a short context
-        costs what SDPA costs; with ``tau``, ``topk`` or ``kind="relu"`` with the same selection
-        rule computed densely in torch. ``stats`` counts these calls (``dense_calls``). The
+        default) every key, through ``dense_kernel`` at decode and torch's
+        ``scaled_dot_product_attention`` otherwise; with ``tau``, ``topk`` or ``kind="relu"``
+        with the same selection rule computed densely in torch. ``stats`` counts these calls (``dense_calls``). The
         default keeps SmolLM2-135M (8K context) dense on the CPU, where the index decoded
         slower than SDPA at every length measured (docs/transformers.md). 0: always use the
         index. ``bias="paper"`` always uses the index (its bias is computed per head from it).
