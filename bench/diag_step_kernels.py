@@ -76,12 +76,13 @@ def step_with(cache, q, tau, knew, vnew, n0, steps, launch, kernels=False):
         cache.advanced(1)
 
     t = 1e3 * time_loop(body, steps, 2, lambda: cache.crop(n0))
+    last = out.clone()  # the answer at the final length, for comparing launches
     kt = None
     if kernels:
         cache.crop(n0)
         kt = {name: round(x, 2) for name, x in kernel_times(lambda: body(0), steps).items()}
     cache.crop(n0)
-    return t, kt
+    return t, kt, last
 
 
 def sweep(cache, q, tau, knew, vnew, n0, steps):
@@ -91,7 +92,7 @@ def sweep(cache, q, tau, knew, vnew, n0, steps):
         for bn in (64, 128, 256):
             for nw in (4, 8):
                 launch = dict(programs_per_sm=pps, block_n=bn, num_warps=nw)
-                t, _ = step_with(cache, q, tau, knew, vnew, n0, steps, launch)
+                t, _, _ = step_with(cache, q, tau, knew, vnew, n0, steps, launch)
                 rows.append(dict(launch, step_us=t))
     best = sorted(rows, key=lambda r: r["step_us"])[:4]
     print("  fused step sweep, best (pps, block_n, warps, us):",
@@ -103,17 +104,21 @@ def prepare_sweep(cache, q, tau, knew, vnew, n0, steps):
     """The fused step over the parameters of its first launch (query rotation + add): rotated
     query columns per program, warps, key columns per pass of the add; each with the kernels'
     GPU µs."""
-    rows = []
+    t, kt, ref = step_with(cache, q, tau, knew, vnew, n0, steps, {}, kernels=True)
+    rows = [dict(default=True, step_us=t, prepare_us=kt.get("_prepare_kernel"), kernels_us=kt)]
+    print(f"  default: step {t:.1f} us, kernels {kt}", flush=True)
     for br in (16, 32, 64, 128):
         for nw in (2, 4, 8):
             for bj in (32, 128):
                 prep = dict(block_r=br, num_warps=nw, block_j=bj)
-                t, kt = step_with(cache, q, tau, knew, vnew, n0, steps, dict(prepare=prep), kernels=True)
-                rows.append(dict(prep, step_us=t, prepare_us=kt.get("_prepare_kernel"), kernels_us=kt))
-    best = sorted(rows, key=lambda r: r["step_us"])[:4]
-    print("  prepare sweep, best (block_r, warps, block_j, step us, prepare us):",
-          [(r["block_r"], r["num_warps"], r["block_j"], round(r["step_us"], 1), r["prepare_us"]) for r in best],
-          flush=True)
+                t, kt, out = step_with(cache, q, tau, knew, vnew, n0, steps, dict(prepare=prep), kernels=True)
+                diff = float((out.float() - ref.float()).abs().max())
+                rows.append(dict(prep, step_us=t, prepare_us=kt.get("_prepare_kernel"), kernels_us=kt,
+                                 max_diff_vs_default=diff))
+    best = sorted(rows[1:], key=lambda r: r["step_us"])[:4]
+    print("  prepare sweep, best (block_r, warps, block_j, step us, prepare us, max diff):",
+          [(r["block_r"], r["num_warps"], r["block_j"], round(r["step_us"], 1), r["prepare_us"],
+            r["max_diff_vs_default"]) for r in best], flush=True)
     return rows
 
 
