@@ -283,11 +283,14 @@ class CodeKVCache:
         if progs > 1:  # several programs per head read the old length: advance it after them
             self.lengths.add_(t)
 
-    def _launch_prepare(self, q, QR, rows, add, *, block_r=32, block_j=None, num_warps=None):
+    def _launch_prepare(self, q, QR, rows, add, *, block_r=16, block_j=None, num_warps=4):
         """Rotate the query rows into ``QR`` (grid (B*Hkv, DP / block_r)); with ``add=(k, v)``,
         the first column program of each head also adds its tokens (``t <= 64``; ``block_j``
         rotated key columns per pass, default all) and advances the length: one launch for
-        both, as a decode step needs them."""
+        both, as a decode step needs them. Defaults: the best of a sweep of the whole step
+        (H200, 28/4 heads, d 128, 128K, B 1: 9.2 against 10.9 us for 32 columns and 8 warps;
+        more columns a program cost more: the fp32 rotation's time grows with them;
+        ``bench/results/step_prepare_h200_2026-12-06.json``)."""
         B, Hq, M, D = q.shape
         k, v = add if add is not None else (self.k, self.k)  # without an add: unread
         t = k.shape[2] if add is not None else 0
@@ -295,8 +298,7 @@ class CodeKVCache:
         _prepare_kernel[(self.B * self.Hkv, self.DP // block_r)](
             *self._add_args(k, v, t, t), q, QR, q.stride(0), q.stride(1), q.stride(2), Hq // self.Hkv, M,
             HEAD_DIM=D, DP=self.DP, BLOCK_J=min(block_j or self.DP, self.DP), HAS_V=self.has_values,
-            ADD=add is not None, ROWS=rows, BLOCK_R=block_r,
-            num_warps=num_warps or (8 if (add is not None and self.DP >= 128) else 4))
+            ADD=add is not None, ROWS=rows, BLOCK_R=block_r, num_warps=num_warps)
 
     # ------------------------------------------------------------------ plan (filter)
     def _check_q(self, q, adding=0):
