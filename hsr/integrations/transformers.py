@@ -101,6 +101,14 @@ __all__ = [
 _BATCHED_MAX_Q = 16
 
 
+def _float32_views(bufs):
+    """Zero-copy ``(B * H, cap, D)`` numpy views of float32 ``(B, H, cap, D)`` key and value
+    tensors (the compiled layer kernels' layout), or None (no tensors, or not float32)."""
+    if bufs is None or not bufs[0].dtype == bufs[1].dtype == torch.float32:
+        return None
+    return tuple(x.detach().numpy().reshape(-1, x.shape[2], x.shape[3]) for x in bufs)
+
+
 # --------------------------------------------------------------------------------------------
 # backends
 # --------------------------------------------------------------------------------------------
@@ -237,11 +245,10 @@ class HSRAttentionBackend:
         bufs = layer.buffers() if layer is not None else None
         if bufs is None and key.is_contiguous() and value.is_contiguous():
             bufs = key, value
-        if bufs is None or not bufs[0].dtype == bufs[1].dtype == torch.float32:
+        views = _float32_views(bufs)
+        if views is None:
             return None
-        kb, vb = (x.detach() for x in bufs)
-        keys = kb.numpy().reshape(-1, kb.shape[2], kb.shape[3])  # zero-copy views
-        values = vb.numpy().reshape(-1, vb.shape[2], vb.shape[3])
+        keys, values = views
         Q = query.detach().contiguous().numpy()
         out, _ = batched.layer_dense_softmax(Q, keys, values, n, scale, causal=True)
         return torch.from_numpy(out)
@@ -335,9 +342,9 @@ class HSRAttentionBackend:
         if s["kind"] != "softmax" or M > _BATCHED_MAX_Q or query.dtype != torch.float32 or query.device.type != "cpu":
             return None
         layer = cache_layer_for(module, key, kwargs)
-        bufs = layer.buffers() if layer is not None else None
+        views = _float32_views(layer.buffers() if layer is not None else None)
         n = key.shape[2]
-        if bufs is None or bufs[0].dtype != torch.float32 or bufs[1].dtype != torch.float32 or n < _core.DENSE_BELOW:
+        if views is None or n < _core.DENSE_BELOW:
             return None
         ix = index.heads[0][0].index
         if ix.backend != "code" or ix.n_total != n or not (s["tau"] is None or np.ndim(s["tau"]) == 0):
@@ -345,9 +352,7 @@ class HSRAttentionBackend:
         Q = query.detach().contiguous().numpy()
         if not np.isfinite(Q).all():
             raise ValueError("q contains NaN or Inf")
-        kb, vb = bufs
-        keys = kb.detach().numpy().reshape(-1, kb.shape[2], kb.shape[3])  # zero-copy views
-        values = vb.detach().numpy().reshape(-1, vb.shape[2], vb.shape[3])
+        keys, values = views
         out, scored, selected, dropped = batched.layer_softmax(Q, index, keys, values, n, scale, eps=s["eps"],
                                                                tau=s["tau"], topk=s["topk"], causal=True)
         return torch.from_numpy(out), scored, selected, dropped

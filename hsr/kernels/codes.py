@@ -295,6 +295,8 @@ class CodeKVCache:
         k, v = add if add is not None else (self.k, self.k)  # without an add: unread
         t = k.shape[2] if add is not None else 0
         block_r = min(int(block_r), self.DP)
+        if self.DP % block_r:  # the grid covers DP // block_r column blocks: all of them
+            raise ValueError(f"block_r={block_r} must divide the padded head dim {self.DP}")
         _prepare_kernel[(self.B * self.Hkv, self.DP // block_r)](
             *self._add_args(k, v, t, t), q, QR, q.stride(0), q.stride(1), q.stride(2), Hq // self.Hkv, M,
             HEAD_DIM=D, DP=self.DP, BLOCK_J=min(block_j or self.DP, self.DP), HAS_V=self.has_values,
