@@ -28,7 +28,10 @@ its own GQA over the code cache's buffers, to compare the filter with). Decode t
 of the replayed steps (the decode time less the first step, which runs eagerly and records the
 graph). ``--prefill-chunk`` feeds long prompts in pieces (the decode is the same).
 ``"oom"`` where a configuration does not fit; configurations with more than
-``--max-tokens`` prompt tokens in all are listed as skipped.
+``--max-tokens`` prompt tokens in all are listed as skipped. ``--ceiling`` adds a loop whose
+attention reads nothing (it returns the query, with transformers' static cache still storing
+K and V): its tokens/s over the strong dense loop's is the most that any attention, filtered
+or not, can gain end to end at that shape.
 """
 from __future__ import annotations
 
@@ -88,6 +91,12 @@ class KeptShare:
         return out
 
 
+def no_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention that reads no key (``--ceiling``): the output is the query itself, ``(B, M, Hq, D)``,
+    so the layer's other work and the cache's writes are all that remain."""
+    return query.transpose(1, 2), None
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", nargs="+", default=["1b", "8b"])
@@ -102,6 +111,9 @@ def main(argv=None):
                     help="CodeCache's filter_from (default: the library's FILTER_FROM; 0: the filter at every size)")
     ap.add_argument("--dense-mode", action="store_true",
                     help="also run CodeCache in dense mode (filter_from above every size): the strong dense loop")
+    ap.add_argument("--ceiling", action="store_true",
+                    help="also run the model with attention that costs nothing (it returns the query; a static "
+                         "cache still stores K and V): the most any attention can gain end to end")
     ap.add_argument("--certified", action="store_true",
                     help="the backend guards eps at every decode step (rows past it attend every key)")
     ap.add_argument("--count-guard", action="store_true",
@@ -138,6 +150,12 @@ def main(argv=None):
     from transformers import AttentionInterface
 
     AttentionInterface.register("hsr_code", stats)
+    if args.ceiling:
+        from transformers import AttentionMaskInterface
+        from transformers.masking_utils import sdpa_mask
+
+        AttentionInterface.register("no_attention", no_attention)
+        AttentionMaskInterface.register("no_attention", sdpa_mask)
     rows = []
     for shape in args.shapes:
         cfg = LlamaConfig(vocab_size=32000 if shape != "tiny" else 64, max_position_embeddings=max(args.n) + args.new + 8,
@@ -168,6 +186,9 @@ def main(argv=None):
                      ("ours", "hsr_code", lambda: CodeCache(cfg, n + args.new + 1, filter_from=args.filter_from))]
             if args.dense_mode:
                 loops.append(("dense_mode", "hsr_code", lambda: CodeCache(cfg, n + args.new + 1, filter_from=2 ** 62)))
+            if args.ceiling:
+                loops.append(("no_attention", "no_attention",
+                              lambda: StaticCache(config=cfg, max_cache_len=n + args.new + 1)))
             for name, impl, make in loops:
                 model.set_attn_implementation(impl)
                 try:
@@ -209,6 +230,8 @@ def main(argv=None):
                 row["speedup"] = row["ours_decode_tok_s"] / row["dense_decode_tok_s"]
             if "dense_mode" in got and "ours" in got:
                 row["speedup_vs_dense_mode"] = row["ours_decode_tok_s"] / row["dense_mode_decode_tok_s"]
+            if "no_attention" in got and "dense_mode" in got:  # free attention: the most any filter gains
+                row["ceiling_vs_dense_mode"] = row["no_attention_decode_tok_s"] / row["dense_mode_decode_tok_s"]
             rows.append(row)
             save(args.out, rows, shapes={k: SHAPES[k] for k in args.shapes})  # every row: a timeout keeps them
             print(row, flush=True)

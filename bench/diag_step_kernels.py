@@ -13,7 +13,9 @@ its top 1%.
 filter's launch parameters — programs per SM, keys per tile, warps — each timed in the same
 loop; the defaults were chosen on the older, unfused filter. ``--prepare-sweep``: the same
 over the parameters of the step's first launch (the query's rotation and the add), with each
-kernel's GPU time.
+kernel's GPU time. ``--variants``: the step in other forms (the add in a program of its own,
+the step without its add, the rotation inside the filter, survivors attended 16–128 at a
+time), at every configuration.
 """
 from __future__ import annotations
 
@@ -61,19 +63,20 @@ def kernel_times(fn, calls):
     return dict(sorted(per.items(), key=lambda kv: -kv[1]))
 
 
-def step_with(cache, q, tau, knew, vnew, n0, steps, launch, kernels=False):
+def step_with(cache, q, tau, knew, vnew, n0, steps, launch, kernels=False, add=True):
     """µs per step of the fused step (add + filter-and-attend + merge) in one graph with the
     launch parameters ``launch`` (``CodeKVCache._fused``); with ``kernels``, also each kernel's
-    GPU µs in a replay."""
+    GPU µs in a replay. ``add=False``: the same step without its add (the cache stays at n0)."""
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
     g = capture(lambda: cache._fused(q, tau, bias=0.0, kind="softmax", alpha=2, scale=None, certify=False,
-                                     out=out, lse=lse, add=(knew, vnew), launch=launch))
+                                     out=out, lse=lse, add=(knew, vnew) if add else None, launch=launch))
     cache.crop(n0)
 
     def body(i):
         g.replay()
-        cache.advanced(1)
+        if add:
+            cache.advanced(1)
 
     t = 1e3 * time_loop(body, steps, 2, lambda: cache.crop(n0))
     last = out.clone()  # the answer at the final length, for comparing launches
@@ -122,7 +125,35 @@ def prepare_sweep(cache, q, tau, knew, vnew, n0, steps):
     return rows
 
 
-def one(real, Hkv, n, B, steps, reps, dev, do_sweep=False, do_prepare=False):
+VARIANTS = [("default", {}, True),
+            ("without the add", {}, False),
+            ("add apart", dict(prepare=dict(apart=True)), True),
+            ("add apart, 8 warps", dict(prepare=dict(apart=True, num_warps=8)), True),
+            ("add apart, 32 columns", dict(prepare=dict(apart=True, block_r=32)), True),
+            ("rotation inside the filter, add its own launch", dict(rotate_inside=True), True),
+            ("attend 16 survivors at a time", dict(block_a=16), True),
+            ("attend 32 survivors at a time", dict(block_a=32), True),
+            ("attend 128 survivors at a time", dict(block_a=128), True)]
+
+
+def variants(cache, q, tau, knew, vnew, n0, steps):
+    """The fused step in other forms (``VARIANTS``: the add in its own program, the step
+    without its add, the rotation inside the filter, survivors attended per block), each with
+    its kernels' GPU µs and its answer against the default's (at the same final length)."""
+    rows, ref = [], None
+    for name, launch, add in VARIANTS:
+        t, kt, out = step_with(cache, q, tau, knew, vnew, n0, steps, launch, kernels=True, add=add)
+        ref = out if ref is None else ref
+        row = dict(variant=name, launch={k: v for k, v in launch.items()}, add=add, step_us=t, kernels_us=kt,
+                   kernels_sum_us=sum(kt.values()))
+        if add:
+            row["max_diff_vs_default"] = float((out.float() - ref.float()).abs().max())
+        rows.append(row)
+        print(f"  {name}: step {t:.1f} us, kernels {kt}", flush=True)
+    return rows
+
+
+def one(real, Hkv, n, B, steps, reps, dev, do_sweep=False, do_prepare=False, do_variants=False):
     q, k, v = inputs(real, Hkv, n, B, dev)
     n0 = n - steps
     tau = torch.quantile(scores(q, k[:, :, :n0])[0, :, 0], 0.99, dim=-1)
@@ -140,8 +171,9 @@ def one(real, Hkv, n, B, steps, reps, dev, do_sweep=False, do_prepare=False):
     row["kernels_sum_us"] = sum(kt.values())
     row["idle_us"] = row["step_us"] - row["kernels_sum_us"]
     row["codes_bytes"] = cache.keys_read_bytes()
-    for flag, key, fn in ((do_sweep, "sweep", sweep), (do_prepare, "prepare_sweep", prepare_sweep)):
-        if flag and B == 1:
+    for flag, key, fn in ((do_sweep, "sweep", sweep), (do_prepare, "prepare_sweep", prepare_sweep),
+                          (do_variants, "variants", variants)):
+        if flag and (B == 1 or key == "variants"):
             cache.crop(n0)
             try:  # the profile above is saved whatever the sweep does
                 row[key] = fn(cache, q, tau, knew, vnew, n0, steps)
@@ -163,6 +195,8 @@ def main(argv=None):
     ap.add_argument("--sweep", action="store_true", help="at B 1, time the fused step over the filter's launches")
     ap.add_argument("--prepare-sweep", action="store_true",
                     help="at B 1, time the fused step over its first launch's parameters (rotation + add)")
+    ap.add_argument("--variants", action="store_true",
+                    help="time the step's other forms (VARIANTS) at every configuration")
     ap.add_argument("--out", default=default_out("step_kernels.json"))
     args = ap.parse_args(argv)
     real = np.load(args.real)
@@ -170,7 +204,7 @@ def main(argv=None):
     rows = []
     for c in args.configs:
         Hkv, n, B = (int(x) for x in c.split(":"))
-        rows.append(one(real, Hkv, n, B, args.steps, args.reps, dev, args.sweep, args.prepare_sweep))
+        rows.append(one(real, Hkv, n, B, args.steps, args.reps, dev, args.sweep, args.prepare_sweep, args.variants))
         save(args.out, rows)
         torch.cuda.empty_cache()
 

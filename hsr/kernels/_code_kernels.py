@@ -196,20 +196,24 @@ def _prepare_kernel(KN, VN, K, V, CODES, SCALE, ERR, MAXN, MAXE, LENS, STATUS, R
                     s_cb, s_ch, s_cn, s_sb, s_sh, Hkv, defect, CAP,
                     Q, QR, s_qb, s_qh, s_qm, G, M,
                     HEAD_DIM: tl.constexpr, DP: tl.constexpr, BLOCK_J: tl.constexpr, HAS_V: tl.constexpr,
-                    ADD: tl.constexpr, ROWS: tl.constexpr, BLOCK_R: tl.constexpr):
-    # A decode step's first launch, grid (B*Hkv, DP // BLOCK_R): program (bh, j) rotates
-    # columns [j*BLOCK_R, ...) of kv head bh's query rows into QR (_rotate_columns); with
-    # ADD, program (bh, 0) also adds the T new tokens of head bh (PER_PROG = T <= 64: one
-    # program per head). The two are independent (the filter, next launch, reads both), so the add runs
-    # beside the other columns' rotations instead of in a launch of its own.
+                    ADD: tl.constexpr, ROWS: tl.constexpr, BLOCK_R: tl.constexpr, APART: tl.constexpr):
+    # A decode step's first launch, grid (B*Hkv, DP // BLOCK_R (+ 1 with APART)): program
+    # (bh, j) rotates columns [j*BLOCK_R, ...) of kv head bh's query rows into QR
+    # (_rotate_columns); with ADD, program (bh, 0) also adds the T new tokens of head bh
+    # (PER_PROG = T <= 64: one program per head), or with APART the extra last program of the
+    # head adds them and rotates nothing (the add's chain then does not wait on a rotation).
+    # The two are independent (the filter, next launch, reads both), so the add runs beside
+    # the other columns' rotations instead of in a launch of its own.
     pid_bh = tl.program_id(0)
     pid_j = tl.program_id(1)
+    add_here = pid_j == (DP // BLOCK_R if APART else 0)
     if ADD:
-        if pid_j == 0:
+        if add_here:
             _add_tokens(KN, VN, K, V, CODES, SCALE, ERR, MAXN, MAXE, LENS, STATUS, ROT, T, PER_PROG, pid_bh, 0,
                         s_nb, s_nh, s_nt, s_wb, s_wh, s_wt, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
                         s_cb, s_ch, s_cn, s_sb, s_sh, Hkv, defect, CAP, HEAD_DIM, DP, BLOCK_J, HAS_V, True)
-    _rotate_columns(Q, ROT, QR, s_qb, s_qh, s_qm, G, M, Hkv, pid_bh, pid_j, ROWS, HEAD_DIM, DP, BLOCK_R)
+    if (not APART) or (pid_j < DP // BLOCK_R):
+        _rotate_columns(Q, ROT, QR, s_qb, s_qh, s_qm, G, M, Hkv, pid_bh, pid_j, ROWS, HEAD_DIM, DP, BLOCK_R)
 
 
 @triton.jit

@@ -283,24 +283,26 @@ class CodeKVCache:
         if progs > 1:  # several programs per head read the old length: advance it after them
             self.lengths.add_(t)
 
-    def _launch_prepare(self, q, QR, rows, add, *, block_r=16, block_j=None, num_warps=4):
+    def _launch_prepare(self, q, QR, rows, add, *, block_r=16, block_j=None, num_warps=4, apart=False):
         """Rotate the query rows into ``QR`` (grid (B*Hkv, DP / block_r)); with ``add=(k, v)``,
         the first column program of each head also adds its tokens (``t <= 64``; ``block_j``
         rotated key columns per pass, default all) and advances the length: one launch for
         both, as a decode step needs them. Defaults: the best of a sweep of the whole step
         (H200, 28/4 heads, d 128, 128K, B 1: 9.2 against 10.9 us for 32 columns and 8 warps;
         more columns a program cost more: the fp32 rotation's time grows with them;
-        ``bench/results/step_prepare_h200_2026-12-06.json``)."""
+        ``bench/results/step_prepare_h200_2026-12-06.json``). ``apart``: the add in a program of
+        its own per head (one more column of the grid) instead of the first rotation's."""
         B, Hq, M, D = q.shape
         k, v = add if add is not None else (self.k, self.k)  # without an add: unread
         t = k.shape[2] if add is not None else 0
         block_r = min(int(block_r), self.DP)
         if self.DP % block_r:  # the grid covers DP // block_r column blocks: all of them
             raise ValueError(f"block_r={block_r} must divide the padded head dim {self.DP}")
-        _prepare_kernel[(self.B * self.Hkv, self.DP // block_r)](
+        apart = bool(apart) and add is not None
+        _prepare_kernel[(self.B * self.Hkv, self.DP // block_r + apart)](
             *self._add_args(k, v, t, t), q, QR, q.stride(0), q.stride(1), q.stride(2), Hq // self.Hkv, M,
             HEAD_DIM=D, DP=self.DP, BLOCK_J=min(block_j or self.DP, self.DP), HAS_V=self.has_values,
-            ADD=add is not None, ROWS=rows, BLOCK_R=block_r, num_warps=num_warps)
+            ADD=add is not None, ROWS=rows, BLOCK_R=block_r, APART=apart, num_warps=num_warps)
 
     # ------------------------------------------------------------------ plan (filter)
     def _check_q(self, q, adding=0):
@@ -369,14 +371,15 @@ class CodeKVCache:
         return nprog, triton.cdiv(cap_tiles, nprog) * block_n
 
     def _plan(self, q, tau, *, bias=0.0, block_n=128, num_warps=4, num_stages=3, programs_per_sm=None,
-              rotate_inside=False, certify=False, scale=None, attend=None, add=None, prepare=None):
+              rotate_inside=False, certify=False, scale=None, attend=None, add=None, prepare=None, block_a=64):
         """:meth:`plan`'s body: ``q`` checked, the read lock held by the caller. ``rotate_inside``:
         the filter rotates the rows itself (one launch fewer; measured slower on an H200).
         ``attend=(kind_id, alpha, group_union)``: the filter programs also attend their own survivors (one
         launch); returns ``(plan, o_part, l_part)``, the partials indexed by filter program.
         ``add=(k, v)``: first add these ``(B, Hkv, t <= 64, D)`` tokens (checked by the caller)
         in the launch that rotates the query rows (a decode step: one launch fewer).
-        ``prepare``: that launch's parameters (:meth:`_launch_prepare`), for tuning benches."""
+        ``prepare``: that launch's parameters (:meth:`_launch_prepare`), for tuning benches;
+        ``block_a``: survivors a fused program attends at a time."""
         B, Hq, M, D = q.shape
         G = Hq // self.Hkv
         rows = max(16, triton.next_power_of_2(G * M))
@@ -419,7 +422,7 @@ class CodeKVCache:
             ROWS=rows, BLOCK_N=block_n, HEAD_DIM=D, DP=self.DP, TAU_TENSOR=tau_t is not None,
             UPCAST=interpreting() or (attend is not None and q.dtype == torch.float32), ROTATE=rotate,
             BLOCK_K=min(32, D), STAGES=num_stages, CERTIFY=certify, ATTEND=attend is not None, KIND=kind_id,
-            ALPHA=alpha, BIAS_TENSOR=bias_t is not None, BLOCK_A=64, GROUP=group, num_warps=num_warps)
+            ALPHA=alpha, BIAS_TENSOR=bias_t is not None, BLOCK_A=block_a, GROUP=group, num_warps=num_warps)
         plan = CodePlan(surv, count, seg, (tau_t, tau_s), (bias_t, bias_s), rows, M, self._version,
                         remainder=rem, scale=s)
         return plan if attend is None else (plan, o_part, l_part)
