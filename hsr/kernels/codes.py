@@ -283,15 +283,17 @@ class CodeKVCache:
         if progs > 1:  # several programs per head read the old length: advance it after them
             self.lengths.add_(t)
 
-    def _launch_prepare(self, q, QR, rows, add, *, block_r=16, block_j=None, num_warps=4, apart=False):
-        """Rotate the query rows into ``QR`` (grid (B*Hkv, DP / block_r)); with ``add=(k, v)``,
-        the first column program of each head also adds its tokens (``t <= 64``; ``block_j``
+    def _launch_prepare(self, q, QR, rows, add, *, block_r=32, block_j=None, num_warps=4, apart=True):
+        """Rotate the query rows into ``QR`` (grid (B*Hkv, DP / block_r (+ 1))); with
+        ``add=(k, v)``, one more program per head adds its tokens (``t <= 64``; ``block_j``
         rotated key columns per pass, default all) and advances the length: one launch for
-        both, as a decode step needs them. Defaults: the best of a sweep of the whole step
-        (H200, 28/4 heads, d 128, 128K, B 1: 9.2 against 10.9 us for 32 columns and 8 warps;
-        more columns a program cost more: the fp32 rotation's time grows with them;
-        ``bench/results/step_prepare_h200_2026-12-06.json``). ``apart``: the add in a program of
-        its own per head (one more column of the grid) instead of the first rotation's."""
+        both, as a decode step needs them. ``apart=False``: the first column program of each
+        head adds instead, after its rotation. Defaults: the best of the step's variants on an
+        H100 (d 128, 28/4 heads at 16K and 128K and 32/8 at 128K, B 1: the first launch 6.2
+        against 9.5 us, the step 48.7 against 51.7 us at 128K;
+        ``bench/results/step_variants_h100_2026-12-06.json``): the add's chain (load, rotate,
+        quantise, bound, four atomics) is the launch's longest, so it no longer waits on a
+        rotation first."""
         B, Hq, M, D = q.shape
         k, v = add if add is not None else (self.k, self.k)  # without an add: unread
         t = k.shape[2] if add is not None else 0
