@@ -21,8 +21,8 @@
 #   kernels  where a captured decode step's time goes: each kernel's GPU time in one replay against the
 #            step's time in the loop (bench/diag_step_kernels.py; 28/4 and 32/8 heads, 16K and 128K), and at
 #            B 1 the fused step over the filter's launch parameters (--sweep)
-#   prepare  the step's first launch with the add in its own program (the new default): the decode-step,
-#            and device-cache tests compiled, the step's variants (bench/diag_step_kernels.py --variants)
+#   prepare  the step's first launch with the add in its own program (the new default): the decode-step
+#            tests compiled, the step's variants (bench/diag_step_kernels.py --variants)
 #            at 128K, then the decode loop at 128K, d 128, B 1 and 8
 #   ceiling  greedy generate() at the 8B shape with a loop whose attention reads nothing (--ceiling: the most
 #            any attention can gain end to end): 32K, B 8, the prefill in 8K chunks (128K, B 1 ran on
@@ -63,11 +63,11 @@ case "${1:-decode}" in
                 --count-guard $extra --new 32 --out "$OUT/generate_gpu_guard_counts${extra:+_half_union}.json" 2>&1 \
                 | tee -a "$OUT/generate_count_log.txt"
             done ;;
-  prepare)  timeout 150 python -m pytest -q -p no:cacheprovider tests/kernels/test_decode_step.py \
-              tests/integrations/test_device_cache.py 2>&1 | tee "$OUT/tests_log.txt"
+  prepare)  timeout 120 python -m pytest -q -p no:cacheprovider tests/kernels/test_decode_step.py 2>&1 \
+              | tee "$OUT/tests_log.txt"
             timeout 70 python bench/diag_step_kernels.py --configs 4:131072:1 --variants \
               --out "$OUT/step_variants.json" 2>&1 | tee "$OUT/step_variants_log.txt"
-            timeout 240 python bench/bench_decode_loop.py --n 131072 --dims 128 --batch 1 8 --reps 3 \
+            timeout 170 python bench/bench_decode_loop.py --n 131072 --dims 128 --batch 1 8 --reps 3 \
               --out "$OUT/decode_loop_prepare.json" 2>&1 | tee "$OUT/decode_loop_log.txt" ;;
   ceiling)  timeout 560 python bench/bench_generate_gpu.py --shapes 8b --n 32768 --batch 8 --qk-gain 4 --dense-mode \
               --ceiling --prefill-chunk 8192 --new 16 --out "$OUT/generate_gpu_8b_32k_b8_ceiling.json" 2>&1 \
