@@ -25,8 +25,8 @@
 #            tests compiled, the step's variants (bench/diag_step_kernels.py --variants)
 #            at 128K, then the decode loop at 128K, d 128, B 1 and 8
 #   ceiling  greedy generate() at the 8B shape with a loop whose attention reads nothing (--ceiling: the most
-#            any attention can gain end to end): 32K, B 8, the prefill in 8K chunks (128K, B 1 ran on
-#            2026-12-06: bench/results/generate_gpu_h100_2026-12-06_ceiling.json)
+#            any attention can gain end to end): 32K, B 8, the prefill in 8K chunks (ran on 2026-12-06,
+#            H100: bench/results/generate_gpu_h100_2026-12-06_{ceiling,8b_32k_b8_ceiling}.json)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out}; mkdir -p "$OUT"
