@@ -17,9 +17,10 @@ the partials; :meth:`~hsr.kernels.CodeKVCache.plan` and ``run`` launch them apar
     bounds, atomic max) and, when one program covers the new tokens, advances ``LENS``.
     Reads and writes ``t * (2 * 2D + DP + 8)`` bytes per head: microseconds.
 
-``_prepare_kernel``, grid (B*Hkv, DP / 32)
+``_prepare_kernel``, grid (B*Hkv, DP / 32 (+ 1 with an add))
     Rotates the group's query rows into ``QR`` (a column block per program); with ``ADD``,
-    the first program of each head also adds its tokens as ``_code_add_kernel`` does.
+    one more program per head (``APART``; else the first) adds its tokens as
+    ``_code_add_kernel`` does.
 
 ``_code_filter_kernel``, a persistent grid (programs per (batch, kv head) from the capacity)
     Rotates the group's query rows itself (``ROTATE``) or reads them from ``QR`` (the
