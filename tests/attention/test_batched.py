@@ -3,6 +3,7 @@ the same kept keys, the same output and the same certificate, bit for bit."""
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from hsr import KVCacheIndex, hsr_attention
 from hsr.attention import batched
@@ -202,3 +203,49 @@ def test_layer_dense_softmax_refuses_shapes_by_name():
         batched.layer_dense_softmax(np.zeros((1, 3, 1, 8), np.float32), keys, keys, 10, 1.0)
     with pytest.raises(ValueError, match="M <= n <= capacity"):
         batched.layer_dense_softmax(np.zeros((1, 2, 1, 8), np.float32), keys, keys, 11, 1.0)
+
+
+def _exp_reference(row, m):
+    """exp of the float32 differences, in float64 (what exp_shifted approximates)."""
+    return np.exp((row - np.float32(m)).astype(np.float64))
+
+
+@pytest.mark.parametrize("w", [1, 7, 64, 300])
+def test_exp_shifted_is_within_3e7_of_exp(w):
+    rng = np.random.default_rng(w)
+    row = (rng.standard_normal(w) * 30).astype(np.float32)
+    m = row.max()
+    ref = _exp_reference(row, m)
+    got = row.copy()
+    tot = batched.exp_shifted(got, w, m, np.empty(w, np.int32))
+    live = ref > 1.7e-38  # above e^-87: the rest are 0 by design
+    assert np.all(np.abs(got[live] - ref[live]) <= 3e-7 * ref[live])
+    assert np.all(got[~live] <= 1.7e-38)
+    assert abs(tot - ref.sum()) <= 1e-6 * ref.sum()
+
+
+@given(st.lists(st.floats(-200, 0, width=32), min_size=1, max_size=70))
+@settings(max_examples=60, deadline=None)
+def test_exp_shifted_property(xs):
+    # differences from 0 to -200 (the max at 0): ties, exact integers, the underflow edge
+    row = np.array(xs + [0.0], np.float32)
+    got = row.copy()
+    batched.exp_shifted(got, row.size, np.float32(0.0), np.empty(row.size, np.int32))
+    ref = _exp_reference(row, 0.0)
+    assert got[-1] == 1.0  # the maximum's weight is exactly 1
+    assert np.all(np.abs(got - ref) <= 3e-7 * ref + 1.7e-38)
+    assert np.all(got[row < -87.0] == 0.0)
+
+
+def test_exp_shifted_special_values():
+    row = np.array([0.0, -np.inf, np.nan, -87.5, -1e30, -87.0, -1.0], np.float32)
+    got = row.copy()
+    tot = batched.exp_shifted(got, row.size, np.float32(0.0), np.empty(row.size, np.int32))
+    assert got[0] == 1.0 and got[1] == 0.0 and np.isnan(got[2])  # -inf: 0, NaN: NaN
+    assert got[3] == 0.0 and got[4] == 0.0  # below e^-87: 0, not a denormal
+    assert abs(got[5] - np.exp(-87.0)) <= 3e-7 * np.exp(-87.0)
+    assert np.isnan(tot)  # a NaN weight makes the sum NaN: the row's answer cannot be finite
+    part = row[[0, 1, 6]].copy()  # only the first w entries are touched
+    before = part.copy()
+    batched.exp_shifted(part, 2, np.float32(0.0), np.empty(2, np.int32))
+    assert part[2] == before[2]
