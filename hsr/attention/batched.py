@@ -429,8 +429,9 @@ _EXP_LOW = np.float32(-87.0)  # below: 0 (e^-87 = 1.6e-38, the float32 normal ra
 @njit(cache=True, nogil=True, fastmath=_DENSE_MATH)
 def exp_shifted(row, w, m, bits):
     """``row[:w] = exp(row[:w] - m)`` in float32 and their sum, for ``row[j] <= m`` (a
-    softmax's maximum): within 3e-7 of the exact exponential of the float32 difference, 0
-    below ``-87`` (and for ``-inf``), NaN for NaN. ``bits``: int32 scratch of ``w`` or more."""
+    softmax's maximum): within 4e-7 of the exact exponential of the float32 difference
+    (2.97e-7 the worst of 2e7 random differences), 0 below ``-87`` (and for ``-inf``), NaN for
+    NaN. ``bits``: int32 scratch of ``w`` or more."""
     p0, p1, p2, p3, p4, p5 = _EXP_P
     for j in range(w):
         x = row[j] - m

@@ -211,7 +211,7 @@ def _exp_reference(row, m):
 
 
 @pytest.mark.parametrize("w", [1, 7, 64, 300])
-def test_exp_shifted_is_within_3e7_of_exp(w):
+def test_exp_shifted_is_within_4e7_of_exp(w):
     rng = np.random.default_rng(w)
     row = (rng.standard_normal(w) * 30).astype(np.float32)
     m = row.max()
@@ -219,7 +219,7 @@ def test_exp_shifted_is_within_3e7_of_exp(w):
     got = row.copy()
     tot = batched.exp_shifted(got, w, m, np.empty(w, np.int32))
     live = ref > 1.7e-38  # above e^-87: the rest are 0 by design
-    assert np.all(np.abs(got[live] - ref[live]) <= 3e-7 * ref[live])
+    assert np.all(np.abs(got[live] - ref[live]) <= 4e-7 * ref[live])
     assert np.all(got[~live] <= 1.7e-38)
     assert abs(tot - ref.sum()) <= 1e-6 * ref.sum()
 
@@ -233,7 +233,7 @@ def test_exp_shifted_property(xs):
     batched.exp_shifted(got, row.size, np.float32(0.0), np.empty(row.size, np.int32))
     ref = _exp_reference(row, 0.0)
     assert got[-1] == 1.0  # the maximum's weight is exactly 1
-    assert np.all(np.abs(got - ref) <= 3e-7 * ref + 1.7e-38)
+    assert np.all(np.abs(got - ref) <= 4e-7 * ref + 1.7e-38)
     assert np.all(got[row < -87.0] == 0.0)
 
 
@@ -243,7 +243,7 @@ def test_exp_shifted_special_values():
     tot = batched.exp_shifted(got, row.size, np.float32(0.0), np.empty(row.size, np.int32))
     assert got[0] == 1.0 and got[1] == 0.0 and np.isnan(got[2])  # -inf: 0, NaN: NaN
     assert got[3] == 0.0 and got[4] == 0.0  # below e^-87: 0, not a denormal
-    assert abs(got[5] - np.exp(-87.0)) <= 3e-7 * np.exp(-87.0)
+    assert abs(got[5] - np.exp(-87.0)) <= 4e-7 * np.exp(-87.0)
     assert np.isnan(tot)  # a NaN weight makes the sum NaN: the row's answer cannot be finite
     part = row[[0, 1, 6]].copy()  # only the first w entries are touched
     before = part.copy()
