@@ -145,7 +145,7 @@ def variants(cache, q, tau, knew, vnew, n0, steps):
     for name, launch, add in VARIANTS:
         t, kt, out = step_with(cache, q, tau, knew, vnew, n0, steps, launch, kernels=True, add=add)
         ref = out if ref is None else ref
-        row = dict(variant=name, launch={k: v for k, v in launch.items()}, add=add, step_us=t, kernels_us=kt,
+        row = dict(variant=name, launch=dict(launch), add=add, step_us=t, kernels_us=kt,
                    kernels_sum_us=sum(kt.values()))
         if add:
             row["max_diff_vs_default"] = float((out.float() - ref.float()).abs().max())

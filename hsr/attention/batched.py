@@ -432,6 +432,8 @@ def exp_shifted(row, w, m, bits):
     softmax's maximum): within 4e-7 of the exact exponential of the float32 difference
     (2.97e-7 the worst of 2e7 random differences), 0 below ``-87`` (and for ``-inf``), NaN for
     NaN. ``bits``: int32 scratch of ``w`` or more."""
+    if w > row.shape[0] or w > bits.shape[0]:  # numba checks no bounds: a short array would be overrun
+        raise ValueError("exp_shifted: w is longer than row or bits")
     p0, p1, p2, p3, p4, p5 = _EXP_P
     for j in range(w):
         x = row[j] - m

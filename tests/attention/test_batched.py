@@ -249,3 +249,10 @@ def test_exp_shifted_special_values():
     before = part.copy()
     batched.exp_shifted(part, 2, np.float32(0.0), np.empty(2, np.int32))
     assert part[2] == before[2]
+
+
+def test_exp_shifted_refuses_a_length_past_its_arrays():
+    with pytest.raises(ValueError, match="longer than row or bits"):
+        batched.exp_shifted(np.zeros(4, np.float32), 5, np.float32(0.0), np.empty(8, np.int32))
+    with pytest.raises(ValueError, match="longer than row or bits"):
+        batched.exp_shifted(np.zeros(8, np.float32), 5, np.float32(0.0), np.empty(4, np.int32))
