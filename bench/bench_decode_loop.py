@@ -213,6 +213,17 @@ def one_config(real, D, n, B, steps, reps, top, bw, dev, profile=False, sweep=Fa
     # inputs already in the step's buffers (a model writing its projections there), as the
     # captured SDPA step below reads static buffers
     res["ours_graph_inplace_ms"] = time_loop(lambda i: step(), steps, reps, reset)
+    # the same step with its kernels launched plainly, not as programmatic dependent launches
+    # (CodeKVCache.pdl; on by default from Hopper on): what hiding the launches saves
+    pdl = cache.pdl
+    cache.pdl = False
+    pstep = cache.decode_step(q, knew[0], vnew[0], kind="softmax", tau=tau)
+    res["pdl_default"] = pdl
+    res["ours_graph_plain_launch_ms"] = time_loop(lambda i: pstep(qs[i], knew[i], vnew[i]), steps, reps, reset)
+    res["plain_launch_max_diff"] = float((pstep.out.float() - out_last.float()).abs().max())
+    res["ours_graph_inplace_plain_launch_ms"] = time_loop(lambda i: pstep(), steps, reps, reset)
+    cache.pdl = pdl
+    del pstep
     # the same step without the add (attend only, at the final length): the add's share
     astep = cache.decode_step(q, None, None, kind="softmax", tau=tau)
     astep(qs[-1])
@@ -429,7 +440,8 @@ def main(argv=None):
                                sweep=args.sweep and B == 1)
                 rows.append(r)
                 print(f"d{D} {r['Hq']}/{r['Hkv']} n={n:6d} B={B}: ours graph {r['ours_graph_ms']*1e3:6.1f} us "
-                      f"(in place {r['ours_graph_inplace_ms']*1e3:6.1f}, unfused {r['ours_graph_unfused_ms']*1e3:6.1f} / "
+                      f"(in place {r['ours_graph_inplace_ms']*1e3:6.1f}; plain launches "
+                      f"{r['ours_graph_plain_launch_ms']*1e3:6.1f} / {r['ours_graph_inplace_plain_launch_ms']*1e3:6.1f}, unfused {r['ours_graph_unfused_ms']*1e3:6.1f} / "
                       f"{r['ours_graph_unfused_inplace_ms']*1e3:6.1f}, attend only "
                       f"{r['ours_attend_only_inplace_ms']*1e3:6.1f}, certified {r['ours_graph_certified_ms']*1e3:6.1f}, eps 1e-2 {r['ours_graph_eps0.01_ms']*1e3:6.1f} "
                       f"({r['eps0.01_rows_full']*100:.1f}% rows full), eps 1e-3 {r['ours_graph_eps0.001_ms']*1e3:6.1f} "

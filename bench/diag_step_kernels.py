@@ -127,14 +127,13 @@ def prepare_sweep(cache, q, tau, knew, vnew, n0, steps):
 
 VARIANTS = [("default", {}, True),
             ("without the add", {}, False),
-            ("add after the first rotation, 16 columns (the default before 2026-12-06)",
-             dict(prepare=dict(apart=False, block_r=16)), True),
-            ("add apart, 16 columns, 8 warps", dict(prepare=dict(block_r=16, num_warps=8)), True),
-            ("add apart, 32 columns, 8 warps", dict(prepare=dict(num_warps=8)), True),
-            ("attend 32 survivors at a time", dict(block_a=32), True)]
-# measured slower at every configuration and dropped from the list (H100, 2026-12-06,
-# bench/results/step_variants_h100_2026-12-06.json): the rotation inside the filter with the
-# add in its own launch (+20 us at 128K), survivors attended 16 or 128 at a time (+9, +15 us)
+            ("programmatic dependent launches off", dict(pdl=False), True),
+            ("filter pipelined 2 deep (default 3)", dict(num_stages=2), True),
+            ("filter pipelined 4 deep", dict(num_stages=4), True)]
+# measured and dropped from the list (H100, 2026-12-06, bench/results/step_variants_h100_2026-12-06.json
+# and _run2): the rotation inside the filter with the add in its own launch (+20 us at 128K),
+# survivors attended 16, 32 or 128 at a time (+9, +5, +15 us), the add after the first column
+# block's rotation (the default before: +3 us), the add apart with 8 warps (within 1 us)
 
 
 def variants(cache, q, tau, knew, vnew, n0, steps):

@@ -44,7 +44,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._softmax import _online_softmax_step, _relu_base, _relu_rows_step, _running_max_init, _weights_epilogue
+from ._softmax import (_online_softmax_step, _pdl_enter, _relu_base, _relu_rows_step, _running_max_init,
+                       _weights_epilogue)
 
 #: bits of the cache's device status word (``CodeKVCache.status``), set by the kernels
 BAD_Q = 1          # a query row holds NaN or Inf
@@ -197,7 +198,8 @@ def _prepare_kernel(KN, VN, K, V, CODES, SCALE, ERR, MAXN, MAXE, LENS, STATUS, R
                     s_cb, s_ch, s_cn, s_sb, s_sh, Hkv, defect, CAP,
                     Q, QR, s_qb, s_qh, s_qm, G, M,
                     HEAD_DIM: tl.constexpr, DP: tl.constexpr, BLOCK_J: tl.constexpr, HAS_V: tl.constexpr,
-                    ADD: tl.constexpr, ROWS: tl.constexpr, BLOCK_R: tl.constexpr, APART: tl.constexpr):
+                    ADD: tl.constexpr, ROWS: tl.constexpr, BLOCK_R: tl.constexpr, APART: tl.constexpr,
+                    PDL: tl.constexpr):
     # A decode step's first launch, grid (B*Hkv, DP // BLOCK_R (+ 1 with APART)): program
     # (bh, j) rotates columns [j*BLOCK_R, ...) of kv head bh's query rows into QR
     # (_rotate_columns); with ADD, program (bh, 0) also adds the T new tokens of head bh
@@ -205,6 +207,8 @@ def _prepare_kernel(KN, VN, K, V, CODES, SCALE, ERR, MAXN, MAXE, LENS, STATUS, R
     # head adds them and rotates nothing (the add's chain then does not wait on a rotation).
     # The two are independent (the filter, next launch, reads both), so the add runs beside
     # the other columns' rotations instead of in a launch of its own.
+    if PDL:  # a programmatic dependent launch: the step before may still be finishing
+        _pdl_enter()
     pid_bh = tl.program_id(0)
     pid_j = tl.program_id(1)
     add_here = pid_j == (DP // BLOCK_R if APART else 0)
@@ -307,7 +311,8 @@ def _code_filter_kernel(Q, ROT, QR, TAU, tau_scalar, MAXN, MAXE, CODES, SCALE, E
                         DP: tl.constexpr, TAU_TENSOR: tl.constexpr, UPCAST: tl.constexpr,
                         ROTATE: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
                         CERTIFY: tl.constexpr, ATTEND: tl.constexpr, KIND: tl.constexpr, ALPHA: tl.constexpr,
-                        BIAS_TENSOR: tl.constexpr, BLOCK_A: tl.constexpr, GROUP: tl.constexpr):
+                        BIAS_TENSOR: tl.constexpr, BLOCK_A: tl.constexpr, GROUP: tl.constexpr,
+                        PDL: tl.constexpr):
     # CERTIFY: REM (B*Hq*M,) fp32 += sum over the keys no row of the group keeps of
     # exp(scale * (ub - thr)) >= exp(scale * (score - tau)) (qk_scale = scale * log2(e))
     # ATTEND (filter and attend fused): each program then attends its own survivors, as
@@ -319,6 +324,10 @@ def _code_filter_kernel(Q, ROT, QR, TAU, tau_scalar, MAXN, MAXE, CODES, SCALE, E
     # its own segment SURV[bh, p*SEG : (p+1)*SEG] (int32, ascending positions) and writes
     # their number to COUNT[bh, p]: no atomics (thousands of tiles of one head would contend
     # on one counter) and a deterministic survivor order.
+    # PDL: launched as a programmatic dependent launch, its programs are resident (their launch
+    # latency hidden) while the first launch still runs; they wait here for it to end.
+    if PDL:
+        _pdl_enter()
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // Hkv

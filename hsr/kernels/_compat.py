@@ -43,3 +43,14 @@ def patch_interpreter() -> None:
 
     _interp._patch_lang_tensor = _patched
     _PATCHED = True
+
+
+def pdl_supported(device) -> bool:
+    """True where a kernel may be launched as a programmatic dependent launch: a CUDA device
+    of compute capability 9 or more (Hopper on), compiled (the interpreter has no
+    ``griddepcontrol``). Such a launch lets the next kernel's programs start while this one
+    finishes; each of ours waits (``gdc_wait``) before it touches memory."""
+    import torch
+
+    return (not interpreting() and getattr(device, "type", None) == "cuda"
+            and torch.cuda.get_device_capability(device)[0] >= 9)

@@ -17,7 +17,9 @@ This module owns
   (no finite score) giving 0 and ``-inf``;
 * ``_query_tile`` and ``_store_rows``: the load of one head's query tile (queries are the
   last ``M`` of ``N`` positions, tiles aligned to absolute positions) and the store of its
-  output and lse rows, as the prefill kernels share them.
+  output and lse rows, as the prefill kernels share them;
+* ``_pdl_enter``: the first statement of a kernel launched as a programmatic dependent
+  launch (``launch_pdl=True``, :func:`~hsr.kernels._compat.pdl_supported`).
 
 Convention: scores reach these helpers already multiplied by ``scale * LOG2E`` (the wrappers
 fold ``LOG2E`` into ``qk_scale``), so every exponential is an ``exp2`` and the running max
@@ -222,3 +224,15 @@ def _store_rows(O, LSE, out, lse, b, h, rows, row_ok, offs_d, sob, soh, som, slb
     tl.store(O + b.to(tl.int64) * sob + h * soh + rows[:, None].to(tl.int64) * som
              + offs_d[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None])
     tl.store(LSE + b * slb + h * slh + rows, lse, mask=row_ok)
+
+
+@triton.jit
+def _pdl_enter():
+    # A programmatic dependent launch lets this kernel's programs be scheduled while the kernel
+    # before it in the stream still runs (its launch latency hidden). Wait until that kernel
+    # has ended and its writes are visible (the wait returns at once where there is none),
+    # then let the next such kernel be scheduled: it waits the same way, so every kernel of
+    # the chain starts its work only after all before it have finished, as without PDL.
+    tl.extra.cuda.gdc_wait()
+    tl.extra.cuda.gdc_launch_dependents()
+

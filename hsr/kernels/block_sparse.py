@@ -39,6 +39,7 @@ from ._compat import interpreting as _interpreting
 from ._compat import patch_interpreter
 from .._shapes import list_row_offset
 from ._softmax import LN2, LOG2E, _dot, _online_softmax_step, _softmax_epilogue  # noqa: F401  (LN2, _dot: re-exported)
+from ._softmax import _pdl_enter
 from ._validate import check_triton_device
 from ._validate import (MAX_STACKED_ROWS, MIN_TILE, check_attention_inputs, check_block_lists,
                         check_int32_offsets, check_positions, check_tile)
@@ -131,7 +132,9 @@ def _bsa_decode_kernel(
 @triton.jit
 def _merge_kernel(OP, LSEP, O, LSE, S, BH_ROWS, M,
                   sob, soh, som, HqM,
-                  BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr):
+                  BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # launched before the kernel that wrote the partials ended: wait for it
+        _pdl_enter()
     row = tl.program_id(0)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -174,16 +177,18 @@ def _list_strides(kv_num_blocks, kv_indices):
     return sn, si
 
 
-def merge_partials(o_part: torch.Tensor, lse_part: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, M: int) -> None:
+def merge_partials(o_part: torch.Tensor, lse_part: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, M: int,
+                   *, pdl: bool = False) -> None:
     """Combine split partials ``(S, B*Hq*M, D)`` / ``(S, B*Hq*M)`` into ``out`` ``(B,Hq,M,D)``
-    and ``lse`` ``(B,Hq,M)`` (contiguous float32)."""
+    and ``lse`` ``(B,Hq,M)`` (contiguous float32). ``pdl``: launch it as a programmatic
+    dependent launch (:func:`~hsr.kernels._compat.pdl_supported` devices only)."""
     check_triton_device("merge_partials", o_part=o_part, lse_part=lse_part, out=out, lse=lse)
     S, BHM, D = o_part.shape
     Hq = out.shape[1]
     _merge_kernel[(BHM,)](
         o_part, lse_part, out, lse, S, BHM, M,
         out.stride(0), out.stride(1), out.stride(2), Hq * M,
-        BLOCK_S=max(triton.next_power_of_2(S), 2), HEAD_DIM=D)
+        BLOCK_S=max(triton.next_power_of_2(S), 2), HEAD_DIM=D, PDL=bool(pdl), launch_pdl=bool(pdl))
 
 
 #: benchmarks set this to time the first prefill kernel with its default knobs

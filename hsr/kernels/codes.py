@@ -41,7 +41,7 @@ from ._code_kernels import (BAD_FULL, BAD_KV, _certify_kernel, _code_add_kernel,
                             _code_filter_kernel, _prepare_kernel)
 from ._code_plan import (CodePlan, as_float32, capturing as _capturing, per_row_values, plan_info, random_rotation,
                          spec_thresholds, status_message)
-from ._compat import interpreting, patch_interpreter
+from ._compat import interpreting, patch_interpreter, pdl_supported
 from ._replay import Replays
 from ._softmax import LOG2E
 from ._validate import check_alpha, check_kind, check_triton_device
@@ -76,6 +76,14 @@ class CodeKVCache:
         Seeds the random rotation.
     capacity : int, optional
         Rows to reserve. Appending beyond it reallocates (and invalidates captured steps).
+
+    Attributes
+    ----------
+    pdl : bool
+        Launch a step's kernels (the first launch, the filter, the merge) as programmatic
+        dependent launches: True on CUDA devices of compute capability 9 on (Hopper), where
+        each kernel's programs are scheduled while the kernel before it finishes, then wait
+        for it. Set it False before capturing to launch them plainly.
 
     Examples
     --------
@@ -126,6 +134,10 @@ class CodeKVCache:
         # bounded an eager step: _replay.py); replays.enabled = False launches every kernel
         self.replays = Replays(self.device)
         self._guard_counts = None  # count_guard(): the guard's work, counted on the device
+        # a step's launches after its first (filter, merge) and the first launch itself start
+        # as programmatic dependent launches where the device has them: each kernel's programs
+        # are scheduled while the one before finishes and wait for it (launch latency hidden)
+        self.pdl = pdl_supported(self.device)
         self._alloc(max(int(capacity or 0), n, 64))
         self.add(k, v if self.has_values else None)
 
@@ -283,12 +295,12 @@ class CodeKVCache:
         if progs > 1:  # several programs per head read the old length: advance it after them
             self.lengths.add_(t)
 
-    def _launch_prepare(self, q, QR, rows, add, *, block_r=32, block_j=None, num_warps=4, apart=True):
+    def _launch_prepare(self, q, QR, rows, add, *, block_r=32, block_j=None, num_warps=4, apart=True, pdl=False):
         """Rotate the query rows into ``QR`` (grid (B*Hkv, DP / block_r (+ 1))); with
         ``add=(k, v)``, one more program per head adds its tokens (``t <= 64``; ``block_j``
         rotated key columns per pass, default all) and advances the length: one launch for
         both, as a decode step needs them. ``apart=False``: the first column program of each
-        head adds instead, after its rotation. Defaults: the best of the step's variants on an
+        head adds instead, after its rotation. ``pdl``: a programmatic dependent launch. Defaults: the best of the step's variants on an
         H100 (d 128, 28/4 heads at 16K and 128K and 32/8 at 128K, B 1: the first launch 6.2
         against 9.5 us, the step 48.7 against 51.7 us at 128K;
         ``bench/results/step_variants_h100_2026-12-06.json``): the add's chain (load, rotate,
@@ -304,7 +316,8 @@ class CodeKVCache:
         _prepare_kernel[(self.B * self.Hkv, self.DP // block_r + apart)](
             *self._add_args(k, v, t, t), q, QR, q.stride(0), q.stride(1), q.stride(2), Hq // self.Hkv, M,
             HEAD_DIM=D, DP=self.DP, BLOCK_J=min(block_j or self.DP, self.DP), HAS_V=self.has_values,
-            ADD=add is not None, ROWS=rows, BLOCK_R=block_r, APART=apart, num_warps=num_warps)
+            ADD=add is not None, ROWS=rows, BLOCK_R=block_r, APART=apart, PDL=bool(pdl), launch_pdl=bool(pdl),
+            num_warps=num_warps)
 
     # ------------------------------------------------------------------ plan (filter)
     def _check_q(self, q, adding=0):
@@ -373,7 +386,8 @@ class CodeKVCache:
         return nprog, triton.cdiv(cap_tiles, nprog) * block_n
 
     def _plan(self, q, tau, *, bias=0.0, block_n=128, num_warps=4, num_stages=3, programs_per_sm=None,
-              rotate_inside=False, certify=False, scale=None, attend=None, add=None, prepare=None, block_a=64):
+              rotate_inside=False, certify=False, scale=None, attend=None, add=None, prepare=None, block_a=64,
+              pdl=None):
         """:meth:`plan`'s body: ``q`` checked, the read lock held by the caller. ``rotate_inside``:
         the filter rotates the rows itself (one launch fewer; measured slower on an H200).
         ``attend=(kind_id, alpha, group_union)``: the filter programs also attend their own survivors (one
@@ -381,7 +395,8 @@ class CodeKVCache:
         ``add=(k, v)``: first add these ``(B, Hkv, t <= 64, D)`` tokens (checked by the caller)
         in the launch that rotates the query rows (a decode step: one launch fewer).
         ``prepare``: that launch's parameters (:meth:`_launch_prepare`), for tuning benches;
-        ``block_a``: survivors a fused program attends at a time."""
+        ``block_a``: survivors a fused program attends at a time. ``pdl``: the first launch and
+        the filter as programmatic dependent launches (default :attr:`pdl`)."""
         B, Hq, M, D = q.shape
         G = Hq // self.Hkv
         rows = max(16, triton.next_power_of_2(G * M))
@@ -390,18 +405,21 @@ class CodeKVCache:
         BH = B * self.Hkv
         dev = self.device
         rotate = bool(rotate_inside)
+        pdl = self.pdl if pdl is None else bool(pdl)
+        s = float(scale) if scale is not None else D ** -0.5
+        # allocated before the first launch: a fill kernel between it and the filter would
+        # stand between two dependent launches
+        rem = torch.zeros(B, Hq, M, dtype=torch.float32, device=dev) if certify else None
         QR = self.status
         if add is not None and (rotate or add[0].shape[2] > 64):
             self._launch_add(add[0], add[1], add[0].shape[2])
             add = None
         if not rotate:
             QR = torch.empty(BH, rows, self.DP, dtype=torch.float32, device=dev)
-            self._launch_prepare(q, QR, rows, add, **(prepare or {}))
+            self._launch_prepare(q, QR, rows, add, **{"pdl": pdl, **(prepare or {})})
         nprog, seg = self._grid(block_n, programs_per_sm)
         surv = torch.empty(BH, nprog * seg, dtype=torch.int32, device=dev)
         count = torch.empty(BH, nprog, dtype=torch.int32, device=dev)
-        s = float(scale) if scale is not None else D ** -0.5
-        rem = torch.zeros(B, Hq, M, dtype=torch.float32, device=dev) if certify else None
         BHM = B * Hq * M
         kind_id, alpha, group = attend if attend is not None else (0, 1, False)
         if attend is not None:
@@ -424,7 +442,8 @@ class CodeKVCache:
             ROWS=rows, BLOCK_N=block_n, HEAD_DIM=D, DP=self.DP, TAU_TENSOR=tau_t is not None,
             UPCAST=interpreting() or (attend is not None and q.dtype == torch.float32), ROTATE=rotate,
             BLOCK_K=min(32, D), STAGES=num_stages, CERTIFY=certify, ATTEND=attend is not None, KIND=kind_id,
-            ALPHA=alpha, BIAS_TENSOR=bias_t is not None, BLOCK_A=block_a, GROUP=group, num_warps=num_warps)
+            ALPHA=alpha, BIAS_TENSOR=bias_t is not None, BLOCK_A=block_a, GROUP=group, PDL=pdl, launch_pdl=pdl,
+            num_warps=num_warps)
         plan = CodePlan(surv, count, seg, (tau_t, tau_s), (bias_t, bias_s), rows, M, self._version,
                         remainder=rem, scale=s)
         return plan if attend is None else (plan, o_part, l_part)
@@ -525,16 +544,17 @@ class CodeKVCache:
             num_warps=4)
         return self._finish(q, o_part, l_part, rem, (tau_t, tau_s), s, out, lse, return_terms, eps)
 
-    def _finish(self, q, o_part, l_part, rem, tau, s, out, lse, return_terms, eps=None):
+    def _finish(self, q, o_part, l_part, rem, tau, s, out, lse, return_terms, eps=None, pdl=None):
         """Merge the partials into ``out``, ``lse`` (allocated if None); with ``rem`` (the
         dropped terms' sum) also the certificate: ``(out, lse, bound[, log_dropped, lse_low])``,
-        guarded when ``eps`` is given (the one place every path applies :meth:`_guard`)."""
+        guarded when ``eps`` is given (the one place every path applies :meth:`_guard`).
+        ``pdl``: the merge as a programmatic dependent launch (default :attr:`pdl`)."""
         B, Hq, M, D = q.shape
         if out is None:
             out = torch.empty(B, Hq, M, D, dtype=q.dtype, device=self.device)
         if lse is None:
             lse = torch.empty(B, Hq, M, dtype=torch.float32, device=self.device)
-        merge_partials(o_part, l_part, out, lse, M)
+        merge_partials(o_part, l_part, out, lse, M, pdl=self.pdl if pdl is None else pdl)
         if rem is None:
             return out, lse
         bound, log_dropped, lse_low = self._certificate(q, rem, lse, tau, s)
@@ -567,13 +587,15 @@ class CodeKVCache:
         ``eps`` (with ``certify``): rows whose bound exceeds it attend every key (:meth:`_guard`).
         ``launch``: the filter's launch parameters (:meth:`plan`'s ``block_n``, ``num_warps``,
         ``num_stages``, ``programs_per_sm``; ``prepare``, a dict for the launch that rotates
-        the query and adds), for tuning benches; the defaults otherwise.
+        the query and adds; ``pdl``, programmatic dependent launches or not), for tuning
+        benches; the defaults otherwise.
         Returns ``(plan, result)``, ``result`` as :meth:`_run`'s."""
         kind_id, alpha = self._attention_kind(kind, alpha, group_union)
         s = float(scale) if scale is not None else self.D ** -0.5
         plan, o_part, l_part = self._plan(q, tau, bias=bias, certify=certify, scale=s,
                                           attend=(kind_id, alpha, bool(group_union)), add=add, **(launch or {}))
-        return plan, self._finish(q, o_part, l_part, plan.remainder, plan.tau, s, out, lse, return_terms, eps)
+        return plan, self._finish(q, o_part, l_part, plan.remainder, plan.tau, s, out, lse, return_terms, eps,
+                                  pdl=(launch or {}).get("pdl"))
 
     def _guard(self, q, res, eps, scale):
         """``res = (out, lse, bound[, log_dropped, lse_low])`` of a certified softmax run, with

@@ -495,7 +495,8 @@ def test_eps_guard_property(device, D, n, G, M, dtype, eps, seed):
                                     dict(block_n=64, num_warps=8, programs_per_sm=4),
                                     dict(prepare=dict(block_r=16, block_j=16)),
                                     dict(prepare=dict(block_r=64, num_warps=2)),
-                                    dict(prepare=dict(block_r=16, apart=False)), dict(block_a=16)])
+                                    dict(prepare=dict(block_r=16, apart=False)), dict(block_a=16),
+                                    dict(pdl=False), dict(num_stages=2)])
 def test_fused_launch_parameters_keep_the_answer(device, launch):
     # the tuning bench's launches (bench/diag_step_kernels.py --sweep): other tiles and
     # program counts split the keys differently, never the kept set or the answer
@@ -520,3 +521,36 @@ def test_fused_launch_parameters_keep_the_answer(device, launch):
     assert caches[1].lengths.tolist() == caches[0].lengths.tolist() == [n] * (B * Hkv)
     ref = _dense(q, k, v, "softmax", 1.0, 0.0, D ** -0.5)
     torch.testing.assert_close(other[1][0].double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_dependent_launches_only_where_the_device_has_them(device):
+    from hsr.kernels._compat import pdl_supported
+
+    q, k, v = _inputs(1, 1, 2, 1, 20, 16, torch.float32, device, True, seed=4)
+    cache = CodeKVCache(k, v)
+    assert cache.pdl == pdl_supported(torch.device(device))
+    assert not pdl_supported(torch.device("cpu"))
+    if device == "cpu":  # the interpreter has no griddepcontrol: plain launches
+        assert not cache.pdl
+
+
+@pytest.mark.gpu
+def test_dependent_launches_give_the_plain_launches_answer(device):
+    # programmatic dependent launches change when a kernel's programs are scheduled, never what
+    # they read: each waits for the kernel before it. A captured loop, one cache launched each
+    # way, every step's outputs and certificate identical (the same kernels, the same order)
+    B, Hkv, G, D, n0, steps = 2, 2, 4, 64, 4000, 24
+    q, k, v = _inputs(B, Hkv, G, 1, n0 + steps, D, torch.bfloat16, device, True, seed=21)
+    caches = [CodeKVCache(k[:, :, :n0], v[:, :, :n0], capacity=n0 + steps) for _ in range(2)]
+    caches[0].pdl = False
+    caches[1].pdl = torch.cuda.get_device_capability()[0] >= 9
+    runs = [c.decode_step(q, k[:, :, :1], v[:, :, :1], kind="softmax", tau=0.5, certify=True) for c in caches]
+    for i in range(steps):
+        kk, vv = k[:, :, n0 + i:n0 + i + 1], v[:, :, n0 + i:n0 + i + 1]
+        qi = q.roll(i, dims=-1).contiguous()
+        a, b = (r(qi, kk, vv).clone() for r in runs)
+        assert torch.equal(a, b)
+        assert torch.equal(runs[0].bound, runs[1].bound)
+    ref = _dense(qi, k, v, "softmax", 0.5, 0.0, D ** -0.5)
+    torch.testing.assert_close(b.double(), ref, atol=2e-2, rtol=2e-2)
+
