@@ -127,9 +127,12 @@ def prepare_sweep(cache, q, tau, knew, vnew, n0, steps):
 
 VARIANTS = [("default", {}, True),
             ("without the add", {}, False),
-            ("programmatic dependent launches off", dict(pdl=False), True),
+            ("L2 prefetch off (dependent launches on)", dict(prefetch=0), True),
+            ("L2 prefetch of 8 tiles a program", dict(prefetch=8), True),
+            ("programmatic dependent launches off (no prefetch)", dict(pdl=False), True),
             ("filter pipelined 2 deep (default 3)", dict(num_stages=2), True),
-            ("filter pipelined 4 deep", dict(num_stages=4), True)]
+            ("filter pipelined 4 deep", dict(num_stages=4), True),
+            ("default again (drift)", {}, True)]
 # measured and dropped from the list (H100, 2026-12-06, bench/results/step_variants_h100_2026-12-06.json
 # and _run2): the rotation inside the filter with the add in its own launch (+20 us at 128K),
 # survivors attended 16, 32 or 128 at a time (+9, +5, +15 us), the add after the first column
@@ -142,7 +145,13 @@ def variants(cache, q, tau, knew, vnew, n0, steps):
     its kernels' GPU µs and its answer against the default's (at the same final length)."""
     rows, ref = [], None
     for name, launch, add in VARIANTS:
-        t, kt, out = step_with(cache, q, tau, knew, vnew, n0, steps, launch, kernels=True, add=add)
+        try:
+            t, kt, out = step_with(cache, q, tau, knew, vnew, n0, steps, launch, kernels=True, add=add)
+        except Exception as e:  # noqa: BLE001 - recorded with the variant, the others still run
+            rows.append(dict(variant=name, launch=dict(launch), error=f"{type(e).__name__}: {e}"))
+            print(f"  {name}: failed: {rows[-1]['error']}", flush=True)
+            cache.crop(n0)
+            continue
         ref = out if ref is None else ref
         row = dict(variant=name, launch=dict(launch), add=add, step_us=t, kernels_us=kt,
                    kernels_sum_us=sum(kt.values()))

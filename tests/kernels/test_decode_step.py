@@ -496,7 +496,7 @@ def test_eps_guard_property(device, D, n, G, M, dtype, eps, seed):
                                     dict(prepare=dict(block_r=16, block_j=16)),
                                     dict(prepare=dict(block_r=64, num_warps=2)),
                                     dict(prepare=dict(block_r=16, apart=False)), dict(block_a=16),
-                                    dict(pdl=False), dict(num_stages=2)])
+                                    dict(pdl=False), dict(prefetch=0), dict(num_stages=2)])
 def test_fused_launch_parameters_keep_the_answer(device, launch):
     # the tuning bench's launches (bench/diag_step_kernels.py --sweep): other tiles and
     # program counts split the keys differently, never the kept set or the answer
@@ -543,7 +543,8 @@ def test_dependent_launches_give_the_plain_launches_answer(device):
     q, k, v = _inputs(B, Hkv, G, 1, n0 + steps, D, torch.bfloat16, device, True, seed=21)
     caches = [CodeKVCache(k[:, :, :n0], v[:, :, :n0], capacity=n0 + steps) for _ in range(2)]
     caches[0].pdl = False
-    caches[1].pdl = torch.cuda.get_device_capability()[0] >= 9
+    caches[1].pdl = torch.cuda.get_device_capability()[0] >= 9  # and the filter's L2 prefetches
+    assert caches[1]._prefetch_tiles(8, 128) > 0
     runs = [c.decode_step(q, k[:, :, :1], v[:, :, :1], kind="softmax", tau=0.5, certify=True) for c in caches]
     for i in range(steps):
         kk, vv = k[:, :, n0 + i:n0 + i + 1], v[:, :, n0 + i:n0 + i + 1]
