@@ -127,16 +127,15 @@ def prepare_sweep(cache, q, tau, knew, vnew, n0, steps):
 
 VARIANTS = [("default", {}, True),
             ("without the add", {}, False),
-            ("L2 prefetch off (dependent launches on)", dict(prefetch=0), True),
-            ("L2 prefetch of 8 tiles a program", dict(prefetch=8), True),
-            ("programmatic dependent launches off (no prefetch)", dict(pdl=False), True),
-            ("filter pipelined 2 deep (default 3)", dict(num_stages=2), True),
-            ("filter pipelined 4 deep", dict(num_stages=4), True),
+            ("programmatic dependent launches off", dict(pdl=False), True),
             ("default again (drift)", {}, True)]
 # measured and dropped from the list (H100, 2026-12-06, bench/results/step_variants_h100_2026-12-06.json
 # and _run2): the rotation inside the filter with the add in its own launch (+20 us at 128K),
 # survivors attended 16, 32 or 128 at a time (+9, +5, +15 us), the add after the first column
-# block's rotation (the default before: +3 us), the add apart with 8 warps (within 1 us)
+# block's rotation (the default before: +3 us), the add apart with 8 warps (within 1 us);
+# (H100, step_variants_h100_2026-12-06_pdl.json) the filter pipelined 2 or 4 deep (+7, +6 us
+# at 128K), L2 prefetches of a filter program's first 4 or 8 tiles before its dependent-launch
+# wait (+0.1, +0.9 us)
 
 
 def variants(cache, q, tau, knew, vnew, n0, steps):

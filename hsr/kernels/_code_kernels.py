@@ -302,31 +302,6 @@ def _add_tokens(KN, VN, K, V, CODES, SCALE, ERR, MAXN, MAXE, LENS, STATUS, ROT, 
 
 
 @triton.jit
-def _prefetch_tiles(CODES, SCALE, ERR, LENS, pid_bh, pid_n, b, h, s_cb, s_ch, s_cn, s_sb, s_sh, NPROG,
-                    BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr):
-    # Bulk L2 prefetches (sm_90) of this filter program's first PREFETCH tiles: codes, scales,
-    # errors, one instruction a thread. Hints only: nothing is read into a register, and L2 is
-    # where every write lands, so a line the first launch is writing cannot be seen stale.
-    # The length is read before the first launch has ended (it may be adding): old or new,
-    # every tile below it is inside the arrays.
-    n_pre = tl.load(LENS + pid_bh)
-    i = tl.arange(0, 128)
-    j = i % 32  # tile j of the program, array i // 32 (codes, scales, errors)
-    arr = i // 32
-    tile = (pid_n + j * NPROG).to(tl.int64)
-    ok = (j < PREFETCH) & (arr < 3) & ((tile + 1) * BLOCK_N <= n_pre)
-    pc = (CODES + b.to(tl.int64) * s_cb + h.to(tl.int64) * s_ch + tile * BLOCK_N * s_cn).to(tl.int64)
-    ps = (SCALE + b.to(tl.int64) * s_sb + h.to(tl.int64) * s_sh + tile * BLOCK_N).to(tl.int64)
-    pe = (ERR + b.to(tl.int64) * s_sb + h.to(tl.int64) * s_sh + tile * BLOCK_N).to(tl.int64)
-    addr = tl.where(arr == 0, pc, tl.where(arr == 1, ps, pe))
-    size = tl.where(arr == 0, BLOCK_N * s_cn, BLOCK_N * 4)
-    ok = ok & (addr % 16 == 0) & (size % 16 == 0)  # a bulk prefetch's address and size: 16-byte units
-    tl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $3; mov.u32 $0, 0; }",
-        "=r,l,r,r", [addr, ok.to(tl.int32), size], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
 def _code_filter_kernel(Q, ROT, QR, TAU, tau_scalar, MAXN, MAXE, CODES, SCALE, ERR, COUNT, SURV, LENS, STATUS, REM,
                         K, V, BIAS, bias_scalar, O_PART, L_PART,
                         s_qb, s_qh, s_qm, s_tb, s_th, s_tm, s_cb, s_ch, s_cn, s_sb, s_sh,
@@ -337,7 +312,7 @@ def _code_filter_kernel(Q, ROT, QR, TAU, tau_scalar, MAXN, MAXE, CODES, SCALE, E
                         ROTATE: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
                         CERTIFY: tl.constexpr, ATTEND: tl.constexpr, KIND: tl.constexpr, ALPHA: tl.constexpr,
                         BIAS_TENSOR: tl.constexpr, BLOCK_A: tl.constexpr, GROUP: tl.constexpr,
-                        PDL: tl.constexpr, PREFETCH: tl.constexpr):
+                        PDL: tl.constexpr):
     # CERTIFY: REM (B*Hq*M,) fp32 += sum over the keys no row of the group keeps of
     # exp(scale * (ub - thr)) >= exp(scale * (score - tau)) (qk_scale = scale * log2(e))
     # ATTEND (filter and attend fused): each program then attends its own survivors, as
@@ -350,17 +325,15 @@ def _code_filter_kernel(Q, ROT, QR, TAU, tau_scalar, MAXN, MAXE, CODES, SCALE, E
     # their number to COUNT[bh, p]: no atomics (thousands of tiles of one head would contend
     # on one counter) and a deterministic survivor order.
     # PDL: launched as a programmatic dependent launch, its programs are resident (their launch
-    # latency hidden) while the first launch still runs; they wait here for it to end, first
-    # asking for their PREFETCH first tiles in L2 (the memory is idle while the first launch runs).
+    # latency hidden) while the first launch still runs; they wait here for it to end. (Asking
+    # L2 for their first tiles before the wait, while the memory is idle, measured no faster:
+    # step 47.2 against 47.3 us at 128K, B 1, H100; bench/results/step_variants_h100_2026-12-06_pdl.json.)
+    if PDL:
+        _pdl_enter()
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // Hkv
     h = pid_bh % Hkv
-    if PDL:
-        if PREFETCH > 0:
-            _prefetch_tiles(CODES, SCALE, ERR, LENS, pid_bh, pid_n, b, h, s_cb, s_ch, s_cn, s_sb, s_sh, NPROG,
-                            BLOCK_N, PREFETCH)
-        _pdl_enter()
     N = tl.load(LENS + pid_bh)
     offs_d = tl.arange(0, DP)
     offs_r = tl.arange(0, ROWS)

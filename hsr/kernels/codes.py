@@ -387,7 +387,7 @@ class CodeKVCache:
 
     def _plan(self, q, tau, *, bias=0.0, block_n=128, num_warps=4, num_stages=3, programs_per_sm=None,
               rotate_inside=False, certify=False, scale=None, attend=None, add=None, prepare=None, block_a=64,
-              pdl=None, prefetch=None):
+              pdl=None):
         """:meth:`plan`'s body: ``q`` checked, the read lock held by the caller. ``rotate_inside``:
         the filter rotates the rows itself (one launch fewer; measured slower on an H200).
         ``attend=(kind_id, alpha, group_union)``: the filter programs also attend their own survivors (one
@@ -396,9 +396,7 @@ class CodeKVCache:
         in the launch that rotates the query rows (a decode step: one launch fewer).
         ``prepare``: that launch's parameters (:meth:`_launch_prepare`), for tuning benches;
         ``block_a``: survivors a fused program attends at a time. ``pdl``: the first launch and
-        the filter as programmatic dependent launches (default :attr:`pdl`); ``prefetch``: with
-        them, key tiles each filter program asks L2 for while the first launch runs (default
-        :meth:`_prefetch_tiles`)."""
+        the filter as programmatic dependent launches (default :attr:`pdl`)."""
         B, Hq, M, D = q.shape
         G = Hq // self.Hkv
         rows = max(16, triton.next_power_of_2(G * M))
@@ -423,8 +421,6 @@ class CodeKVCache:
         surv = torch.empty(BH, nprog * seg, dtype=torch.int32, device=dev)
         count = torch.empty(BH, nprog, dtype=torch.int32, device=dev)
         BHM = B * Hq * M
-        if prefetch is None:
-            prefetch = self._prefetch_tiles(nprog * BH, block_n) if pdl and not rotate else 0
         kind_id, alpha, group = attend if attend is not None else (0, 1, False)
         if attend is not None:
             o_part = torch.empty(nprog, BHM, D, dtype=torch.float32, device=dev)
@@ -446,21 +442,11 @@ class CodeKVCache:
             ROWS=rows, BLOCK_N=block_n, HEAD_DIM=D, DP=self.DP, TAU_TENSOR=tau_t is not None,
             UPCAST=interpreting() or (attend is not None and q.dtype == torch.float32), ROTATE=rotate,
             BLOCK_K=min(32, D), STAGES=num_stages, CERTIFY=certify, ATTEND=attend is not None, KIND=kind_id,
-            ALPHA=alpha, BIAS_TENSOR=bias_t is not None, BLOCK_A=block_a, GROUP=group, PDL=pdl,
-            PREFETCH=int(prefetch) if pdl else 0, launch_pdl=pdl, num_warps=num_warps)
+            ALPHA=alpha, BIAS_TENSOR=bias_t is not None, BLOCK_A=block_a, GROUP=group, PDL=pdl, launch_pdl=pdl,
+            num_warps=num_warps)
         plan = CodePlan(surv, count, seg, (tau_t, tau_s), (bias_t, bias_s), rows, M, self._version,
                         remainder=rem, scale=s)
         return plan if attend is None else (plan, o_part, l_part)
-
-    #: bytes of L2 the filter's prefetches may fill (H100 and H200 have 50 MB): what the memory
-    #: reads in the ~6 us of a step's first launch at 3 TB/s, where it is otherwise idle
-    PREFETCH_BYTES = 20 << 20
-
-    def _prefetch_tiles(self, programs, block_n):
-        """Tiles each of ``programs`` filter programs prefetches (0 to 8): as many as fit
-        :attr:`PREFETCH_BYTES` together (codes, scales and errors of ``block_n`` keys a tile)."""
-        tile = block_n * (self.DP + 8)
-        return max(0, min(8, self.PREFETCH_BYTES // (programs * tile)))
 
     def _dense_plan(self, q, tau, *, bias=0.0, certify=False, scale=None):
         """A plan with no filter (nothing launched): ``run`` then scores every key."""

@@ -496,7 +496,7 @@ def test_eps_guard_property(device, D, n, G, M, dtype, eps, seed):
                                     dict(prepare=dict(block_r=16, block_j=16)),
                                     dict(prepare=dict(block_r=64, num_warps=2)),
                                     dict(prepare=dict(block_r=16, apart=False)), dict(block_a=16),
-                                    dict(pdl=False), dict(prefetch=0), dict(num_stages=2)])
+                                    dict(pdl=False), dict(num_stages=2)])
 def test_fused_launch_parameters_keep_the_answer(device, launch):
     # the tuning bench's launches (bench/diag_step_kernels.py --sweep): other tiles and
     # program counts split the keys differently, never the kept set or the answer
@@ -538,20 +538,20 @@ def test_dependent_launches_only_where_the_device_has_them(device):
 def test_dependent_launches_give_the_plain_launches_answer(device):
     # programmatic dependent launches change when a kernel's programs are scheduled, never what
     # they read: each waits for the kernel before it. A captured loop, one cache launched each
-    # way, every step's outputs and certificate identical (the same kernels, the same order)
+    # way: every step's outputs identical (the same kernels, the same order); the certificate
+    # within fp32 rounding (its sum is accumulated with atomics, in no fixed order)
     B, Hkv, G, D, n0, steps = 2, 2, 4, 64, 4000, 24
     q, k, v = _inputs(B, Hkv, G, 1, n0 + steps, D, torch.bfloat16, device, True, seed=21)
     caches = [CodeKVCache(k[:, :, :n0], v[:, :, :n0], capacity=n0 + steps) for _ in range(2)]
     caches[0].pdl = False
-    caches[1].pdl = torch.cuda.get_device_capability()[0] >= 9  # and the filter's L2 prefetches
-    assert caches[1]._prefetch_tiles(8, 128) > 0
+    caches[1].pdl = torch.cuda.get_device_capability()[0] >= 9
     runs = [c.decode_step(q, k[:, :, :1], v[:, :, :1], kind="softmax", tau=0.5, certify=True) for c in caches]
     for i in range(steps):
         kk, vv = k[:, :, n0 + i:n0 + i + 1], v[:, :, n0 + i:n0 + i + 1]
         qi = q.roll(i, dims=-1).contiguous()
         a, b = (r(qi, kk, vv).clone() for r in runs)
         assert torch.equal(a, b)
-        assert torch.equal(runs[0].bound, runs[1].bound)
+        torch.testing.assert_close(runs[0].bound, runs[1].bound, atol=0, rtol=1e-5)
     ref = _dense(qi, k, v, "softmax", 0.5, 0.0, D ** -0.5)
     torch.testing.assert_close(b.double(), ref, atol=2e-2, rtol=2e-2)
 
