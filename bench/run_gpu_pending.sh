@@ -27,11 +27,9 @@
 #   ceiling  greedy generate() at the 8B shape with a loop whose attention reads nothing (--ceiling: the most
 #            any attention can gain end to end): 32K, B 8, the prefill in 8K chunks (ran on 2026-12-06,
 #            H100: bench/results/generate_gpu_h100_2026-12-06_{ceiling,8b_32k_b8_ceiling}.json)
-#   pdl      programmatic dependent launches (CodeKVCache.pdl) and the filter's scores with the keys as the
-#            MMA's M: the decode-step and code-cache tests compiled, the step's variants (PDL off, the
-#            scores the other way round) at 128K and 16K, the decode loop at every size (rows with plain
-#            launches). Ran on 2026-12-06 (H100) before the scores' change:
-#            bench/results/{decode_loop,step_variants}_h100_2026-12-06_pdl*.json
+#   pdl      programmatic dependent launches (CodeKVCache.pdl): the decode-step tests compiled, the step's
+#            variants (PDL off, the filter's pipeline depth) at 128K and 16K, B 1, the decode loop at 128K
+#            (d 128, B 1 and 8; rows with plain launches) and at 16K (d 64, B 1)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out}; mkdir -p "$OUT"
@@ -77,12 +75,14 @@ case "${1:-decode}" in
   ceiling)  timeout 560 python bench/bench_generate_gpu.py --shapes 8b --n 32768 --batch 8 --qk-gain 4 --dense-mode \
               --ceiling --prefill-chunk 8192 --new 16 --out "$OUT/generate_gpu_8b_32k_b8_ceiling.json" 2>&1 \
               | tee "$OUT/generate_ceiling_log.txt" ;;
-  pdl)      timeout 150 python -m pytest -q -p no:cacheprovider tests/kernels/test_decode_step.py 2>&1 | tee "$OUT/tests_log.txt"
-            timeout 100 python -m pytest -q -p no:cacheprovider tests/kernels/test_codes.py 2>&1 | tee -a "$OUT/tests_log.txt"
-            timeout 120 python bench/diag_step_kernels.py --configs 4:131072:1 4:16384:1 8:131072:1 4:131072:8 --variants \
+  pdl)      timeout 100 python -m pytest -q -p no:cacheprovider tests/kernels/test_decode_step.py \
+              -k "dependent or launch or every_length or fused_step or certifies" 2>&1 | tee "$OUT/tests_log.txt"
+            timeout 140 python bench/diag_step_kernels.py --configs 4:131072:1 4:16384:1 --variants \
               --out "$OUT/step_variants.json" 2>&1 | tee "$OUT/step_variants_log.txt"
-            timeout 200 python bench/bench_decode_loop.py --n 131072 16384 32768 --dims 128 64 --batch 1 8 --reps 3 \
-              --out "$OUT/decode_loop_pdl.json" 2>&1 | tee "$OUT/decode_loop_log.txt" ;;
+            timeout 200 python bench/bench_decode_loop.py --n 131072 --dims 128 --batch 1 8 --reps 3 \
+              --out "$OUT/decode_loop_pdl.json" 2>&1 | tee "$OUT/decode_loop_log.txt"
+            timeout 90 python bench/bench_decode_loop.py --n 16384 --dims 64 --batch 1 --reps 3 \
+              --out "$OUT/decode_loop_pdl_d64_16k.json" 2>&1 | tee -a "$OUT/decode_loop_log.txt" ;;
   kernels)  timeout 130 python bench/diag_step_kernels.py --sweep --out "$OUT/step_kernels.json" 2>&1 | tee "$OUT/step_kernels_log.txt" ;;
   owed)     OUT=$OUT bash bench/run_gpu_pending.sh kernels; OUT=$OUT bash bench/run_gpu_pending.sh count ;;
   *) echo "usage: $0 decode|faiss|generate|striped|tests|eager|replay|b8|eps|count|kernels|owed"; exit 2 ;;

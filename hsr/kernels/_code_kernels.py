@@ -312,7 +312,7 @@ def _code_filter_kernel(Q, ROT, QR, TAU, tau_scalar, MAXN, MAXE, CODES, SCALE, E
                         ROTATE: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
                         CERTIFY: tl.constexpr, ATTEND: tl.constexpr, KIND: tl.constexpr, ALPHA: tl.constexpr,
                         BIAS_TENSOR: tl.constexpr, BLOCK_A: tl.constexpr, GROUP: tl.constexpr,
-                        PDL: tl.constexpr, CODES_FIRST: tl.constexpr):
+                        PDL: tl.constexpr):
     # CERTIFY: REM (B*Hq*M,) fp32 += sum over the keys no row of the group keeps of
     # exp(scale * (ub - thr)) >= exp(scale * (score - tau)) (qk_scale = scale * log2(e))
     # ATTEND (filter and attend fused): each program then attends its own survivors, as
@@ -347,19 +347,12 @@ def _code_filter_kernel(Q, ROT, QR, TAU, tau_scalar, MAXN, MAXE, CODES, SCALE, E
     worst = tl.max(_bad_rows(q, tau, r_ok, maxn), 0)
     tl.atomic_or(STATUS, worst, mask=(worst > 0) & (pid_n == 0))
     i1, i2, a1, a2, qn, thr = _query_parts(qr, q, tau, r_ok, maxn, tl.load(MAXE + pid_bh), defect, HEAD_DIM)
-    # CODES_FIRST: the query parts transposed, (DP, ROWS), a tile's scores codes @ parts,
-    # (BLOCK_N, ROWS): the codes tile is the dot's first operand with its keys as M (>= 64),
-    # which Hopper's warpgroup MMA reads from shared memory as staged; otherwise parts @ codes^T
-    # (ROWS, BLOCK_N), an M of 16 rows: the older MMA, the codes tile moved into registers
     if UPCAST:
         q1 = i1
         q2 = i2
     else:
         q1 = i1.to(tl.int8)
         q2 = i2.to(tl.int8)
-    if CODES_FIRST:
-        q1 = tl.trans(q1)
-        q2 = tl.trans(q2)
     cbase = CODES + b.to(tl.int64) * s_cb + h.to(tl.int64) * s_ch
     sbase = b.to(tl.int64) * s_sb + h.to(tl.int64) * s_sh
     obase = SURV + pid_bh.to(tl.int64) * SURV_STRIDE + pid_n.to(tl.int64) * SEG
@@ -371,37 +364,24 @@ def _code_filter_kernel(Q, ROT, QR, TAU, tau_scalar, MAXN, MAXE, CODES, SCALE, E
         offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         c = tl.load(cbase + offs_n[:, None].to(tl.int64) * s_cn + offs_d[None, :], mask=n_ok[:, None], other=0)
+        if UPCAST:  # the interpreter's int8 matmul would wrap: integer-valued fp32 sums are exact
+            p1 = tl.dot(q1, tl.trans(c.to(tl.float32)), input_precision="ieee")
+            p2 = tl.dot(q2, tl.trans(c.to(tl.float32)), input_precision="ieee")
+        else:
+            p1 = tl.dot(q1, tl.trans(c)).to(tl.float32)  # exact int32, |.| < 2^24
+            p2 = tl.dot(q2, tl.trans(c)).to(tl.float32)
         s = tl.load(SCALE + sbase + offs_n, mask=n_ok, other=0.0)
         e = tl.load(ERR + sbase + offs_n, mask=n_ok, other=0.0)
-        if CODES_FIRST:
-            if UPCAST:  # the interpreter's int8 matmul would wrap: integer-valued fp32 sums are exact
-                p1 = tl.dot(c.to(tl.float32), q1, input_precision="ieee")
-                p2 = tl.dot(c.to(tl.float32), q2, input_precision="ieee")
-            else:
-                p1 = tl.dot(c, q1).to(tl.float32)  # exact int32, |.| < 2^24
-                p2 = tl.dot(c, q2).to(tl.float32)
-            ub = s[:, None] * (a1[None, :] * p1 + a2[None, :] * p2) + qn[None, :] * e[:, None]  # (BLOCK_N, ROWS)
-            keep = (tl.max(tl.where(ub >= thr[None, :], 1, 0), 1) > 0) & n_ok
-        else:
-            if UPCAST:
-                p1 = tl.dot(q1, tl.trans(c.to(tl.float32)), input_precision="ieee")
-                p2 = tl.dot(q2, tl.trans(c.to(tl.float32)), input_precision="ieee")
-            else:
-                p1 = tl.dot(q1, tl.trans(c)).to(tl.float32)
-                p2 = tl.dot(q2, tl.trans(c)).to(tl.float32)
-            ub = s[None, :] * (a1[:, None] * p1 + a2[:, None] * p2) + qn[:, None] * e[None, :]  # (ROWS, BLOCK_N)
-            keep = (tl.max(tl.where(ub >= thr[:, None], 1, 0), 0) > 0) & n_ok
+        ub = s[None, :] * (a1[:, None] * p1 + a2[:, None] * p2) + qn[:, None] * e[None, :]
+        hit = tl.where(ub >= thr[:, None], 1, 0)
+        keep = (tl.max(hit, 0) > 0) & n_ok
         keep_i = keep.to(tl.int32)
         pos = found + tl.cumsum(keep_i, 0) - 1
         tl.store(obase + pos, offs_n, mask=keep)
         found += tl.sum(keep_i, 0)
         if CERTIFY:  # keys no row keeps: score - tau <= ub - thr < 0 (thr absorbs every rounding)
-            if CODES_FIRST:
-                out = n_ok[:, None] & ~keep[:, None] & (offs_n[:, None] <= limit[None, :])
-                rem += tl.sum(tl.where(out, tl.exp2((ub - thr[None, :]) * qk_scale), 0.0), 0)
-            else:
-                out = n_ok[None, :] & ~keep[None, :] & (offs_n[None, :] <= limit[:, None])
-                rem += tl.sum(tl.where(out, tl.exp2((ub - thr[:, None]) * qk_scale), 0.0), 1)
+            out = n_ok[None, :] & ~keep[None, :] & (offs_n[None, :] <= limit[:, None])
+            rem += tl.sum(tl.where(out, tl.exp2((ub - thr[:, None]) * qk_scale), 0.0), 1)
     tl.store(COUNT + pid_bh * NPROG + pid_n, found)
     row = (b * Hkv * G + head).to(tl.int64) * M + mrow
     if ATTEND:
