@@ -28,8 +28,7 @@
 #            any attention can gain end to end): 32K, B 8, the prefill in 8K chunks (ran on 2026-12-06,
 #            H100: bench/results/generate_gpu_h100_2026-12-06_{ceiling,8b_32k_b8_ceiling}.json)
 #   pdl      programmatic dependent launches (CodeKVCache.pdl): the decode-step tests compiled, the step's
-#            variants (PDL off, the filter's pipeline depth) at 128K and 16K, B 1, the decode loop at 128K
-#            (d 128, B 1 and 8; rows with plain launches) and at 16K (d 64, B 1)
+#            variants (PDL off) at 128K and 16K, B 1, the decode loop at every size (rows with plain launches)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out}; mkdir -p "$OUT"
@@ -75,14 +74,11 @@ case "${1:-decode}" in
   ceiling)  timeout 560 python bench/bench_generate_gpu.py --shapes 8b --n 32768 --batch 8 --qk-gain 4 --dense-mode \
               --ceiling --prefill-chunk 8192 --new 16 --out "$OUT/generate_gpu_8b_32k_b8_ceiling.json" 2>&1 \
               | tee "$OUT/generate_ceiling_log.txt" ;;
-  pdl)      timeout 100 python -m pytest -q -p no:cacheprovider tests/kernels/test_decode_step.py \
-              -k "dependent or launch or every_length or fused_step or certifies" 2>&1 | tee "$OUT/tests_log.txt"
-            timeout 140 python bench/diag_step_kernels.py --configs 4:131072:1 4:16384:1 --variants \
+  pdl)      timeout 150 python -m pytest -q -p no:cacheprovider tests/kernels/test_decode_step.py 2>&1 | tee "$OUT/tests_log.txt"
+            timeout 100 python bench/diag_step_kernels.py --configs 4:131072:1 4:16384:1 --variants \
               --out "$OUT/step_variants.json" 2>&1 | tee "$OUT/step_variants_log.txt"
-            timeout 200 python bench/bench_decode_loop.py --n 131072 --dims 128 --batch 1 8 --reps 3 \
-              --out "$OUT/decode_loop_pdl.json" 2>&1 | tee "$OUT/decode_loop_log.txt"
-            timeout 90 python bench/bench_decode_loop.py --n 16384 --dims 64 --batch 1 --reps 3 \
-              --out "$OUT/decode_loop_pdl_d64_16k.json" 2>&1 | tee -a "$OUT/decode_loop_log.txt" ;;
+            timeout 300 python bench/bench_decode_loop.py --n 131072 16384 32768 --dims 128 64 --batch 1 8 --reps 3 \
+              --out "$OUT/decode_loop_pdl.json" 2>&1 | tee "$OUT/decode_loop_log.txt" ;;
   kernels)  timeout 130 python bench/diag_step_kernels.py --sweep --out "$OUT/step_kernels.json" 2>&1 | tee "$OUT/step_kernels_log.txt" ;;
   owed)     OUT=$OUT bash bench/run_gpu_pending.sh kernels; OUT=$OUT bash bench/run_gpu_pending.sh count ;;
   *) echo "usage: $0 decode|faiss|generate|striped|tests|eager|replay|b8|eps|count|kernels|owed"; exit 2 ;;

@@ -364,6 +364,10 @@ def _code_filter_kernel(Q, ROT, QR, TAU, tau_scalar, MAXN, MAXE, CODES, SCALE, E
         offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         c = tl.load(cbase + offs_n[:, None].to(tl.int64) * s_cn + offs_d[None, :], mask=n_ok[:, None], other=0)
+        # (rows, keys): an M of 16 rows, the older MMA. The other way round, codes @ parts^T with
+        # the keys as M (Hopper's warpgroup MMA reading the staged codes from shared memory),
+        # measured slower at B 1: 50.3 against 47.2 us at 128K, 22.4 against 20.4 at 16K; 1% faster
+        # at B 8 (H100, bench/results/step_variants_h100_2026-12-06_codes_first.json)
         if UPCAST:  # the interpreter's int8 matmul would wrap: integer-valued fp32 sums are exact
             p1 = tl.dot(q1, tl.trans(c.to(tl.float32)), input_precision="ieee")
             p2 = tl.dot(q2, tl.trans(c.to(tl.float32)), input_precision="ieee")
