@@ -29,6 +29,8 @@
 #            H100: bench/results/generate_gpu_h100_2026-12-06_{ceiling,8b_32k_b8_ceiling}.json)
 #   pdl      programmatic dependent launches (CodeKVCache.pdl): the decode-step tests compiled, the step's
 #            variants (PDL off) at 128K and 16K, B 1, the decode loop at every size (rows with plain launches)
+#   ncu      Nsight Compute on one eager decode step's three kernels at 128K, B 1 (bench/profile_step_ncu.py):
+#            throughput, occupancy and warp stall reasons, as text
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out}; mkdir -p "$OUT"
@@ -79,6 +81,16 @@ case "${1:-decode}" in
               --out "$OUT/step_variants.json" 2>&1 | tee "$OUT/step_variants_log.txt"
             timeout 300 python bench/bench_decode_loop.py --n 131072 16384 32768 --dims 128 64 --batch 1 8 --reps 3 \
               --out "$OUT/decode_loop_pdl.json" 2>&1 | tee "$OUT/decode_loop_log.txt" ;;
+  ncu)      NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+            echo "ncu: ${NCU:-none}" | tee "$OUT/ncu_log.txt"
+            [ -n "$NCU" ] || exit 0
+            for cfg in 4:131072:1 4:16384:1; do
+              timeout 250 "$NCU" --launch-skip 9 --launch-count 3 -k regex:"_prepare_kernel|_code_filter_kernel|_merge_kernel" \
+                --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
+                --section SchedulerStats --section WarpStateStats --section SourceCounters \
+                python bench/profile_step_ncu.py --config $cfg > "$OUT/ncu_step_${cfg//:/_}.txt" 2>&1
+              tail -5 "$OUT/ncu_step_${cfg//:/_}.txt" | tee -a "$OUT/ncu_log.txt"
+            done ;;
   kernels)  timeout 130 python bench/diag_step_kernels.py --sweep --out "$OUT/step_kernels.json" 2>&1 | tee "$OUT/step_kernels_log.txt" ;;
   owed)     OUT=$OUT bash bench/run_gpu_pending.sh kernels; OUT=$OUT bash bench/run_gpu_pending.sh count ;;
   *) echo "usage: $0 decode|faiss|generate|striped|tests|eager|replay|b8|eps|count|kernels|owed"; exit 2 ;;
