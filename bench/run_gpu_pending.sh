@@ -30,7 +30,8 @@
 #   pdl      programmatic dependent launches (CodeKVCache.pdl): the decode-step tests compiled, the step's
 #            variants (PDL off) at 128K and 16K, B 1, the decode loop at every size (rows with plain launches)
 #   ncu      Nsight Compute on one eager decode step's three kernels at 128K, B 1 (bench/profile_step_ncu.py):
-#            throughput, occupancy and warp stall reasons, as text
+#            throughput, occupancy and warp stall reasons, as text (ran on 2026-12-06, H100:
+#            bench/results/ncu_step_h100_2026-12-06_{128k,16k}_b1.txt)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out}; mkdir -p "$OUT"
