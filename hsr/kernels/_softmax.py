@@ -235,4 +235,3 @@ def _pdl_enter():
     # the chain starts its work only after all before it have finished, as without PDL.
     tl.extra.cuda.gdc_wait()
     tl.extra.cuda.gdc_launch_dependents()
-

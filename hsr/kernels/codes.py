@@ -134,9 +134,9 @@ class CodeKVCache:
         # bounded an eager step: _replay.py); replays.enabled = False launches every kernel
         self.replays = Replays(self.device)
         self._guard_counts = None  # count_guard(): the guard's work, counted on the device
-        # a step's launches after its first (filter, merge) and the first launch itself start
-        # as programmatic dependent launches where the device has them: each kernel's programs
-        # are scheduled while the one before finishes and wait for it (launch latency hidden)
+        # a step's three kernels are programmatic dependent launches where the device has them:
+        # each kernel's programs are scheduled while the one before finishes, then wait for it
+        # (its launch latency hidden; docs/codes.md)
         self.pdl = pdl_supported(self.device)
         self._alloc(max(int(capacity or 0), n, 64))
         self.add(k, v if self.has_values else None)
@@ -300,12 +300,12 @@ class CodeKVCache:
         ``add=(k, v)``, one more program per head adds its tokens (``t <= 64``; ``block_j``
         rotated key columns per pass, default all) and advances the length: one launch for
         both, as a decode step needs them. ``apart=False``: the first column program of each
-        head adds instead, after its rotation. ``pdl``: a programmatic dependent launch. Defaults: the best of the step's variants on an
-        H100 (d 128, 28/4 heads at 16K and 128K and 32/8 at 128K, B 1: the first launch 6.2
-        against 9.5 us, the step 48.7 against 51.7 us at 128K;
-        ``bench/results/step_variants_h100_2026-12-06.json``): the add's chain (load, rotate,
-        quantise, bound, four atomics) is the launch's longest, so it no longer waits on a
-        rotation first."""
+        head adds instead, after its rotation. ``pdl``: a programmatic dependent launch.
+        Defaults: the best of the step's variants on an H100 (d 128, 28/4 heads at 16K and
+        128K and 32/8 at 128K, B 1: the first launch 6.2 against 9.5 us, the step 48.7 against
+        51.7 us at 128K; ``bench/results/step_variants_h100_2026-12-06.json``): the add's chain
+        (load, rotate, quantise, bound, four atomics) is the launch's longest, so it no longer
+        waits on a rotation first."""
         B, Hq, M, D = q.shape
         k, v = add if add is not None else (self.k, self.k)  # without an add: unread
         t = k.shape[2] if add is not None else 0
