@@ -128,7 +128,6 @@ def prepare_sweep(cache, q, tau, knew, vnew, n0, steps):
 VARIANTS = [("default", {}, True),
             ("without the add", {}, False),
             ("programmatic dependent launches off", dict(pdl=False), True),
-            ("the filter's loop before (per-element offsets and masks on every tile)", dict(hoist=False), True),
             ("default again (drift)", {}, True)]
 # measured and dropped from the list (H100, 2026-12-06, bench/results/step_variants_h100_2026-12-06.json
 # and _run2): the rotation inside the filter with the add in its own launch (+20 us at 128K),

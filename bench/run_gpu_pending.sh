@@ -29,8 +29,6 @@
 #            H100: bench/results/generate_gpu_h100_2026-12-06_{ceiling,8b_32k_b8_ceiling}.json)
 #   pdl      programmatic dependent launches (CodeKVCache.pdl): the decode-step tests compiled, the step's
 #            variants (PDL off) at 128K and 16K, B 1, the decode loop at every size (rows with plain launches)
-#   hoist    the filter's loop with shared offsets and unmasked full tiles against the loop before: the
-#            launch tests compiled, the step's variants at 128K (B 1, 8) and 16K, the decode loop at 128K B 1
 #   ncu      Nsight Compute on one eager decode step's three kernels at 128K, B 1 (bench/profile_step_ncu.py):
 #            throughput, occupancy and warp stall reasons, as text (ran on 2026-12-06, H100:
 #            bench/results/ncu_step_h100_2026-12-06_{128k,16k}_b1.txt)
@@ -94,12 +92,6 @@ case "${1:-decode}" in
                 python bench/profile_step_ncu.py --config $cfg > "$OUT/ncu_step_${cfg//:/_}.txt" 2>&1
               tail -5 "$OUT/ncu_step_${cfg//:/_}.txt" | tee -a "$OUT/ncu_log.txt"
             done ;;
-  hoist)    timeout 70 python -m pytest -q -p no:cacheprovider tests/kernels/test_decode_step.py -k "launch or every_length or dependent" \
-              2>&1 | tee "$OUT/tests_log.txt"
-            timeout 100 python bench/diag_step_kernels.py --configs 4:131072:1 4:16384:1 4:131072:8 --variants \
-              --out "$OUT/step_variants.json" 2>&1 | tee "$OUT/step_variants_log.txt"
-            timeout 90 python bench/bench_decode_loop.py --n 131072 --dims 128 --batch 1 --reps 3 \
-              --out "$OUT/decode_loop_hoist.json" 2>&1 | tee "$OUT/decode_loop_log.txt" ;;
   kernels)  timeout 130 python bench/diag_step_kernels.py --sweep --out "$OUT/step_kernels.json" 2>&1 | tee "$OUT/step_kernels_log.txt" ;;
   owed)     OUT=$OUT bash bench/run_gpu_pending.sh kernels; OUT=$OUT bash bench/run_gpu_pending.sh count ;;
   *) echo "usage: $0 decode|faiss|generate|striped|tests|eager|replay|b8|eps|count|kernels|owed"; exit 2 ;;

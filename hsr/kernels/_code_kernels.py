@@ -302,50 +302,6 @@ def _add_tokens(KN, VN, K, V, CODES, SCALE, ERR, MAXN, MAXE, LENS, STATUS, ROT, 
 
 
 @triton.jit
-def _filter_tile(tile, N, cbase, c_tile, s_cn, SCALE, ERR, sbase, q1, q2, a1, a2, qn, thr, limit, obase, found, rem,
-                 qk_scale, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, CERTIFY: tl.constexpr, MASKED: tl.constexpr):
-    # One tile of the filter: bound the scores of its BLOCK_N keys for every row, append the
-    # keys any row keeps to the program's survivor segment at `found`. The tile's codes are one
-    # scalar offset from c_tile, the per-byte offsets every tile shares; MASKED: the last,
-    # partial tile (the others need no masks). Returns the new (found, rem).
-    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    cptr = cbase + tl.cast(tile, tl.int64) * (BLOCK_N * s_cn) + c_tile  # (an int under the interpreter)
-    if MASKED:
-        n_ok = offs_n < N
-        c = tl.load(cptr, mask=n_ok[:, None], other=0)
-        s = tl.load(SCALE + sbase + offs_n, mask=n_ok, other=0.0)
-        e = tl.load(ERR + sbase + offs_n, mask=n_ok, other=0.0)
-    else:
-        n_ok = offs_n >= 0  # every key of a full tile
-        c = tl.load(cptr)
-        s = tl.load(SCALE + sbase + offs_n)
-        e = tl.load(ERR + sbase + offs_n)
-    # (rows, keys): an M of 16 rows, the older MMA. The other way round, codes @ parts^T with
-    # the keys as M (Hopper's warpgroup MMA reading the staged codes from shared memory),
-    # measured slower at B 1: 50.3 against 47.2 us at 128K, 22.4 against 20.4 at 16K; 1% faster
-    # at B 8 (H100, bench/results/step_variants_h100_2026-12-06_codes_first.json)
-    if UPCAST:  # the interpreter's int8 matmul would wrap: integer-valued fp32 sums are exact
-        p1 = tl.dot(q1, tl.trans(c.to(tl.float32)), input_precision="ieee")
-        p2 = tl.dot(q2, tl.trans(c.to(tl.float32)), input_precision="ieee")
-    else:
-        p1 = tl.dot(q1, tl.trans(c)).to(tl.float32)  # exact int32, |.| < 2^24
-        p2 = tl.dot(q2, tl.trans(c)).to(tl.float32)
-    ub = s[None, :] * (a1[:, None] * p1 + a2[:, None] * p2) + qn[:, None] * e[None, :]
-    hit = tl.where(ub >= thr[:, None], 1, 0)
-    keep = tl.max(hit, 0) > 0
-    if MASKED:
-        keep = keep & n_ok
-    keep_i = keep.to(tl.int32)
-    pos = found + tl.cumsum(keep_i, 0) - 1
-    tl.store(obase + pos, offs_n, mask=keep)
-    found += tl.sum(keep_i, 0)
-    if CERTIFY:  # keys no row keeps: score - tau <= ub - thr < 0 (thr absorbs every rounding)
-        out = n_ok[None, :] & ~keep[None, :] & (offs_n[None, :] <= limit[:, None])
-        rem += tl.sum(tl.where(out, tl.exp2((ub - thr[:, None]) * qk_scale), 0.0), 1)
-    return found, rem
-
-
-@triton.jit
 def _code_filter_kernel(Q, ROT, QR, TAU, tau_scalar, MAXN, MAXE, CODES, SCALE, ERR, COUNT, SURV, LENS, STATUS, REM,
                         K, V, BIAS, bias_scalar, O_PART, L_PART,
                         s_qb, s_qh, s_qm, s_tb, s_th, s_tm, s_cb, s_ch, s_cn, s_sb, s_sh,
@@ -356,7 +312,7 @@ def _code_filter_kernel(Q, ROT, QR, TAU, tau_scalar, MAXN, MAXE, CODES, SCALE, E
                         ROTATE: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
                         CERTIFY: tl.constexpr, ATTEND: tl.constexpr, KIND: tl.constexpr, ALPHA: tl.constexpr,
                         BIAS_TENSOR: tl.constexpr, BLOCK_A: tl.constexpr, GROUP: tl.constexpr,
-                        PDL: tl.constexpr, HOIST: tl.constexpr):
+                        PDL: tl.constexpr):
     # CERTIFY: REM (B*Hq*M,) fp32 += sum over the keys no row of the group keeps of
     # exp(scale * (ub - thr)) >= exp(scale * (score - tau)) (qk_scale = scale * log2(e))
     # ATTEND (filter and attend fused): each program then attends its own survivors, as
@@ -404,40 +360,32 @@ def _code_filter_kernel(Q, ROT, QR, TAU, tau_scalar, MAXN, MAXE, CODES, SCALE, E
     found = 0
     limit = N - M + mrow  # causal: keys past a row's position are not in its softmax at all
     rem = tl.zeros([ROWS], tl.float32)
-    if HOIST:
-        # the program's full tiles without masks, then the last, partial tile (if it is this
-        # program's): fewer instructions a tile, the order of the survivors unchanged
-        c_tile = tl.arange(0, BLOCK_N)[:, None] * s_cn + offs_d[None, :]
-        n_full = N // BLOCK_N
-        for tile in tl.range(pid_n, n_full, NPROG, num_stages=STAGES):
-            found, rem = _filter_tile(tile, N, cbase, c_tile, s_cn, SCALE, ERR, sbase, q1, q2, a1, a2, qn, thr, limit,
-                                      obase, found, rem, qk_scale, BLOCK_N, UPCAST, CERTIFY, False)
-        if (n_full * BLOCK_N < N) & (n_full % NPROG == pid_n):
-            found, rem = _filter_tile(n_full, N, cbase, c_tile, s_cn, SCALE, ERR, sbase, q1, q2, a1, a2, qn, thr,
-                                      limit, obase, found, rem, qk_scale, BLOCK_N, UPCAST, CERTIFY, True)
-    else:
-        for tile in tl.range(pid_n, n_tiles, NPROG, num_stages=STAGES):
-            offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < N
-            c = tl.load(cbase + offs_n[:, None].to(tl.int64) * s_cn + offs_d[None, :], mask=n_ok[:, None], other=0)
-            if UPCAST:  # the interpreter's int8 matmul would wrap: integer-valued fp32 sums are exact
-                p1 = tl.dot(q1, tl.trans(c.to(tl.float32)), input_precision="ieee")
-                p2 = tl.dot(q2, tl.trans(c.to(tl.float32)), input_precision="ieee")
-            else:
-                p1 = tl.dot(q1, tl.trans(c)).to(tl.float32)  # exact int32, |.| < 2^24
-                p2 = tl.dot(q2, tl.trans(c)).to(tl.float32)
-            s = tl.load(SCALE + sbase + offs_n, mask=n_ok, other=0.0)
-            e = tl.load(ERR + sbase + offs_n, mask=n_ok, other=0.0)
-            ub = s[None, :] * (a1[:, None] * p1 + a2[:, None] * p2) + qn[:, None] * e[None, :]
-            hit = tl.where(ub >= thr[:, None], 1, 0)
-            keep = (tl.max(hit, 0) > 0) & n_ok
-            keep_i = keep.to(tl.int32)
-            pos = found + tl.cumsum(keep_i, 0) - 1
-            tl.store(obase + pos, offs_n, mask=keep)
-            found += tl.sum(keep_i, 0)
-            if CERTIFY:  # keys no row keeps: score - tau <= ub - thr < 0 (thr absorbs every rounding)
-                out = n_ok[None, :] & ~keep[None, :] & (offs_n[None, :] <= limit[:, None])
-                rem += tl.sum(tl.where(out, tl.exp2((ub - thr[:, None]) * qk_scale), 0.0), 1)
+    for tile in tl.range(pid_n, n_tiles, NPROG, num_stages=STAGES):
+        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        c = tl.load(cbase + offs_n[:, None].to(tl.int64) * s_cn + offs_d[None, :], mask=n_ok[:, None], other=0)
+        # (rows, keys): an M of 16 rows, the older MMA. The other way round, codes @ parts^T with
+        # the keys as M (Hopper's warpgroup MMA reading the staged codes from shared memory),
+        # measured slower at B 1: 50.3 against 47.2 us at 128K, 22.4 against 20.4 at 16K; 1% faster
+        # at B 8 (H100, bench/results/step_variants_h100_2026-12-06_codes_first.json)
+        if UPCAST:  # the interpreter's int8 matmul would wrap: integer-valued fp32 sums are exact
+            p1 = tl.dot(q1, tl.trans(c.to(tl.float32)), input_precision="ieee")
+            p2 = tl.dot(q2, tl.trans(c.to(tl.float32)), input_precision="ieee")
+        else:
+            p1 = tl.dot(q1, tl.trans(c)).to(tl.float32)  # exact int32, |.| < 2^24
+            p2 = tl.dot(q2, tl.trans(c)).to(tl.float32)
+        s = tl.load(SCALE + sbase + offs_n, mask=n_ok, other=0.0)
+        e = tl.load(ERR + sbase + offs_n, mask=n_ok, other=0.0)
+        ub = s[None, :] * (a1[:, None] * p1 + a2[:, None] * p2) + qn[:, None] * e[None, :]
+        hit = tl.where(ub >= thr[:, None], 1, 0)
+        keep = (tl.max(hit, 0) > 0) & n_ok
+        keep_i = keep.to(tl.int32)
+        pos = found + tl.cumsum(keep_i, 0) - 1
+        tl.store(obase + pos, offs_n, mask=keep)
+        found += tl.sum(keep_i, 0)
+        if CERTIFY:  # keys no row keeps: score - tau <= ub - thr < 0 (thr absorbs every rounding)
+            out = n_ok[None, :] & ~keep[None, :] & (offs_n[None, :] <= limit[:, None])
+            rem += tl.sum(tl.where(out, tl.exp2((ub - thr[:, None]) * qk_scale), 0.0), 1)
     tl.store(COUNT + pid_bh * NPROG + pid_n, found)
     row = (b * Hkv * G + head).to(tl.int64) * M + mrow
     if ATTEND:

@@ -387,7 +387,7 @@ class CodeKVCache:
 
     def _plan(self, q, tau, *, bias=0.0, block_n=128, num_warps=4, num_stages=3, programs_per_sm=None,
               rotate_inside=False, certify=False, scale=None, attend=None, add=None, prepare=None, block_a=64,
-              pdl=None, hoist=True):
+              pdl=None):
         """:meth:`plan`'s body: ``q`` checked, the read lock held by the caller. ``rotate_inside``:
         the filter rotates the rows itself (one launch fewer; measured slower on an H200).
         ``attend=(kind_id, alpha, group_union)``: the filter programs also attend their own survivors (one
@@ -396,8 +396,7 @@ class CodeKVCache:
         in the launch that rotates the query rows (a decode step: one launch fewer).
         ``prepare``: that launch's parameters (:meth:`_launch_prepare`), for tuning benches;
         ``block_a``: survivors a fused program attends at a time. ``pdl``: the first launch and
-        the filter as programmatic dependent launches (default :attr:`pdl`). ``hoist``: the
-        filter's full tiles without masks, their offsets shared (``False``: the loop before)."""
+        the filter as programmatic dependent launches (default :attr:`pdl`)."""
         B, Hq, M, D = q.shape
         G = Hq // self.Hkv
         rows = max(16, triton.next_power_of_2(G * M))
@@ -444,7 +443,7 @@ class CodeKVCache:
             UPCAST=interpreting() or (attend is not None and q.dtype == torch.float32), ROTATE=rotate,
             BLOCK_K=min(32, D), STAGES=num_stages, CERTIFY=certify, ATTEND=attend is not None, KIND=kind_id,
             ALPHA=alpha, BIAS_TENSOR=bias_t is not None, BLOCK_A=block_a, GROUP=group, PDL=pdl, launch_pdl=pdl,
-            HOIST=bool(hoist), num_warps=num_warps)
+            num_warps=num_warps)
         plan = CodePlan(surv, count, seg, (tau_t, tau_s), (bias_t, bias_s), rows, M, self._version,
                         remainder=rem, scale=s)
         return plan if attend is None else (plan, o_part, l_part)
