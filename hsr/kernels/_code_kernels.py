@@ -360,6 +360,9 @@ def _code_filter_kernel(Q, ROT, QR, TAU, tau_scalar, MAXN, MAXE, CODES, SCALE, E
     found = 0
     limit = N - M + mrow  # causal: keys past a row's position are not in its softmax at all
     rem = tl.zeros([ROWS], tl.float32)
+    # (the full tiles without masks and their offsets shared, the partial one after them: 17%
+    # fewer instructions a tile on sm_90, measured slower: 48.3 against 47.6 us at 128K B 1,
+    # 22.2 against 20.7 at 16K, 246.7 against 241.1 at B 8; step_variants_h100_2026-12-06_hoist.json)
     for tile in tl.range(pid_n, n_tiles, NPROG, num_stages=STAGES):
         offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
