@@ -36,10 +36,12 @@ from bench_decode_loop import capture, make_inputs, scores, time_loop  # noqa: E
 from hsr.kernels.codes import CodeKVCache  # noqa: E402
 
 
-def inputs(real, Hkv, n, B, dev):
+def inputs(real, Hkv, n, B, dev, D=128):
     """q (B, Hq, 1, 128), k/v (B, Hkv, n, 128) bf16: the decode-loop bench's 28/4
     (``make_inputs``), or 32/8 from it: kv head i is its head i % 4, with four of that head's
-    seven query rows."""
+    seven query rows; ``D=64``: the decode-loop bench's 9/3 heads of 64."""
+    if D == 64:
+        return make_inputs(real, 64, n, B, 0, dev)
     q, k, v = make_inputs(real, 128, n, B, 0, dev)
     if Hkv == 4:
         return q, k, v
@@ -126,6 +128,7 @@ def prepare_sweep(cache, q, tau, knew, vnew, n0, steps):
 
 
 VARIANTS = [("default", {}, True),
+            ("the add in the filter's launch, its own program", dict(add_in_filter=True), True),
             ("without the add", {}, False),
             ("programmatic dependent launches off", dict(pdl=False), True),
             ("default again (drift)", {}, True)]
@@ -164,8 +167,8 @@ def variants(cache, q, tau, knew, vnew, n0, steps):
     return rows
 
 
-def one(real, Hkv, n, B, steps, reps, dev, do_sweep=False, do_prepare=False, do_variants=False):
-    q, k, v = inputs(real, Hkv, n, B, dev)
+def one(real, Hkv, n, B, steps, reps, dev, do_sweep=False, do_prepare=False, do_variants=False, D=128):
+    q, k, v = inputs(real, Hkv, n, B, dev, D)
     n0 = n - steps
     tau = torch.quantile(scores(q, k[:, :, :n0])[0, :, 0], 0.99, dim=-1)
     tau = tau[None, :, None].expand(B, -1, 1).contiguous()
@@ -174,7 +177,7 @@ def one(real, Hkv, n, B, steps, reps, dev, do_sweep=False, do_prepare=False, do_
     step = cache.decode_step(q, knew, vnew, kind="softmax", tau=tau)
     step(q, knew, vnew)  # eager first call, then the capture
     reset = lambda: cache.crop(n0)  # noqa: E731
-    row = dict(Hq=q.shape[1], Hkv=Hkv, n=n, B=B, steps=steps,
+    row = dict(D=D, Hq=q.shape[1], Hkv=Hkv, n=n, B=B, steps=steps,
                step_us=1e3 * time_loop(lambda i: step(), steps, reps, reset))
     cache.crop(n0)
     kt = kernel_times(lambda: step(), steps)  # steps replays: the cache grows to n again
@@ -200,7 +203,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--real", default=str(ROOT / "bench" / "cache" / "gpu_real_keys.npz"))
     ap.add_argument("--configs", nargs="+", default=["4:16384:1", "4:131072:1", "8:131072:1", "4:131072:8"],
-                    help="Hkv:n:B")
+                    help="Hkv:n:B[:D] (D 128, or 64 with Hkv 3: the decode-loop bench's 9/3 heads)")
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--sweep", action="store_true", help="at B 1, time the fused step over the filter's launches")
@@ -214,8 +217,9 @@ def main(argv=None):
     dev = torch.device("cuda")
     rows = []
     for c in args.configs:
-        Hkv, n, B = (int(x) for x in c.split(":"))
-        rows.append(one(real, Hkv, n, B, args.steps, args.reps, dev, args.sweep, args.prepare_sweep, args.variants))
+        Hkv, n, B, *D = (int(x) for x in c.split(":"))
+        rows.append(one(real, Hkv, n, B, args.steps, args.reps, dev, args.sweep, args.prepare_sweep, args.variants,
+                        *D))
         save(args.out, rows)
         torch.cuda.empty_cache()
 

@@ -29,6 +29,10 @@
 #            H100: bench/results/generate_gpu_h100_2026-12-06_{ceiling,8b_32k_b8_ceiling}.json)
 #   pdl      programmatic dependent launches (CodeKVCache.pdl): the decode-step tests compiled, the step's
 #            variants (PDL off) at 128K and 16K, B 1, the decode loop at every size (rows with plain launches)
+#   ride     STILL OWED: the add's program in the filter's launch (_plan(add_in_filter=True), built
+#            2026-12-06, not yet measured): the decode-step and replay tests compiled, the step's variants
+#            at 128K and 16K, d 128 and d 64, B 1, and 128K B 8 (if it wins: make it the default, then loop)
+#   loop     the decode loop at every size (16K-128K, d 128 and 64, B 1 and 8)
 #   ncu      Nsight Compute on one eager decode step's three kernels at 128K, B 1 (bench/profile_step_ncu.py):
 #            throughput, occupancy and warp stall reasons, as text (ran on 2026-12-06, H100:
 #            bench/results/ncu_step_h100_2026-12-06_{128k,16k}_b1.txt)
@@ -82,6 +86,12 @@ case "${1:-decode}" in
               --out "$OUT/step_variants.json" 2>&1 | tee "$OUT/step_variants_log.txt"
             timeout 300 python bench/bench_decode_loop.py --n 131072 16384 32768 --dims 128 64 --batch 1 8 --reps 3 \
               --out "$OUT/decode_loop_pdl.json" 2>&1 | tee "$OUT/decode_loop_log.txt" ;;
+  ride)     timeout 200 python -m pytest -q -p no:cacheprovider tests/kernels/test_decode_step.py tests/kernels/test_replay.py \
+              2>&1 | tee "$OUT/tests_log.txt"
+            timeout 200 python bench/diag_step_kernels.py --configs 4:131072:1 4:16384:1 3:16384:1:64 4:131072:8 \
+              --variants --out "$OUT/step_variants.json" 2>&1 | tee "$OUT/step_variants_log.txt" ;;
+  loop)     timeout 400 python bench/bench_decode_loop.py --n 131072 16384 32768 --dims 128 64 --batch 1 8 --reps 3 \
+              --out "$OUT/decode_loop.json" 2>&1 | tee "$OUT/decode_loop_log.txt" ;;
   ncu)      NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
             echo "ncu: ${NCU:-none}" | tee "$OUT/ncu_log.txt"
             [ -n "$NCU" ] || exit 0
@@ -94,5 +104,5 @@ case "${1:-decode}" in
             done ;;
   kernels)  timeout 130 python bench/diag_step_kernels.py --sweep --out "$OUT/step_kernels.json" 2>&1 | tee "$OUT/step_kernels_log.txt" ;;
   owed)     OUT=$OUT bash bench/run_gpu_pending.sh kernels; OUT=$OUT bash bench/run_gpu_pending.sh count ;;
-  *) echo "usage: $0 decode|faiss|generate|striped|tests|eager|replay|b8|eps|count|kernels|owed"; exit 2 ;;
+  *) echo "usage: $0 decode|faiss|generate|striped|tests|eager|replay|b8|eps|count|kernels|owed|ride|loop|pdl|ncu|prepare|ceiling"; exit 2 ;;
 esac

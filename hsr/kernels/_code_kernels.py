@@ -20,14 +20,19 @@ the partials; :meth:`~hsr.kernels.CodeKVCache.plan` and ``run`` launch them apar
 ``_prepare_kernel``, grid (B*Hkv, DP / 32 (+ 1 with an add))
     Rotates the group's query rows into ``QR`` (a column block per program); with ``ADD``,
     one more program per head (``APART``; else the first) adds its tokens as
-    ``_code_add_kernel`` does.
+    ``_code_add_kernel`` does; with ``STEP`` (the add in the filter's launch) it copies the
+    lengths to ``STEP_LENS``.
 
 ``_code_filter_kernel``, a persistent grid (programs per (batch, kv head) from the capacity)
     Rotates the group's query rows itself (``ROTATE``) or reads them from ``QR`` (the
     default: measured faster on an H200), splits them into two int8 parts, thresholds once,
     then strides over the key tiles below the length, reading ``DP + 8`` bytes per key, and
     appends the survivors of any row of the group to the program's own segment. With
-    ``ATTEND`` it then attends that segment and writes one partial per program.
+    ``ATTEND`` it then attends that segment and writes one partial per program. With ``ADD``
+    (and ``ATTEND``; not the default, not yet measured on a GPU) program 0 of each head adds
+    the step's tokens instead of ``_prepare_kernel`` and attends them from their exact scores
+    (``_add_then_attend``), while the others filter the keys below the length the launch
+    before copied (``STEP_LENS``): no launch waits for the add's chain.
 
 ``_code_attend_kernel``, grid (splits, B*Hkv)
     Gathers the survivors' K and V (``DENSE``: every key below the length, no filter: the
@@ -196,10 +201,10 @@ def _code_add_kernel(KN, VN, K, V, CODES, SCALE, ERR, MAXN, MAXE, LENS, STATUS, 
 def _prepare_kernel(KN, VN, K, V, CODES, SCALE, ERR, MAXN, MAXE, LENS, STATUS, ROT, T, PER_PROG,
                     s_nb, s_nh, s_nt, s_wb, s_wh, s_wt, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
                     s_cb, s_ch, s_cn, s_sb, s_sh, Hkv, defect, CAP,
-                    Q, QR, s_qb, s_qh, s_qm, G, M,
+                    Q, QR, s_qb, s_qh, s_qm, G, M, STEP_LENS,
                     HEAD_DIM: tl.constexpr, DP: tl.constexpr, BLOCK_J: tl.constexpr, HAS_V: tl.constexpr,
                     ADD: tl.constexpr, ROWS: tl.constexpr, BLOCK_R: tl.constexpr, APART: tl.constexpr,
-                    PDL: tl.constexpr):
+                    PDL: tl.constexpr, STEP: tl.constexpr):
     # A decode step's first launch, grid (B*Hkv, DP // BLOCK_R (+ 1 with APART)): program
     # (bh, j) rotates columns [j*BLOCK_R, ...) of kv head bh's query rows into QR
     # (_rotate_columns); with ADD, program (bh, 0) also adds the T new tokens of head bh
@@ -207,10 +212,15 @@ def _prepare_kernel(KN, VN, K, V, CODES, SCALE, ERR, MAXN, MAXE, LENS, STATUS, R
     # head adds them and rotates nothing (the add's chain then does not wait on a rotation).
     # The two are independent (the filter, next launch, reads both), so the add runs beside
     # the other columns' rotations instead of in a launch of its own.
+    # STEP (the add rides in the filter's launch instead): program (bh, 0) copies the length
+    # to STEP_LENS, the length the filter programs read while the add advances LENS.
     if PDL:  # a programmatic dependent launch: the step before may still be finishing
         _pdl_enter()
     pid_bh = tl.program_id(0)
     pid_j = tl.program_id(1)
+    if STEP:
+        if pid_j == 0:
+            tl.store(STEP_LENS + pid_bh, tl.load(LENS + pid_bh))
     add_here = pid_j == (DP // BLOCK_R if APART else 0)
     if ADD:
         if add_here:
@@ -303,16 +313,16 @@ def _add_tokens(KN, VN, K, V, CODES, SCALE, ERR, MAXN, MAXE, LENS, STATUS, ROT, 
 
 @triton.jit
 def _code_filter_kernel(Q, ROT, QR, TAU, tau_scalar, MAXN, MAXE, CODES, SCALE, ERR, COUNT, SURV, LENS, STATUS, REM,
-                        K, V, BIAS, bias_scalar, O_PART, L_PART,
+                        K, V, BIAS, bias_scalar, O_PART, L_PART, KN, VN, STEP_LENS,
                         s_qb, s_qh, s_qm, s_tb, s_th, s_tm, s_cb, s_ch, s_cn, s_sb, s_sh,
-                        s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_bb, s_bh, s_bm,
-                        G, M, Hkv, SURV_STRIDE, SEG, defect, NPROG, BHM, qk_scale, scale,
+                        s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_bb, s_bh, s_bm, s_nb, s_nh, s_nt, s_wb, s_wh, s_wt,
+                        G, M, Hkv, SURV_STRIDE, SEG, defect, NPROG, BHM, qk_scale, scale, T, CAP,
                         ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                         DP: tl.constexpr, TAU_TENSOR: tl.constexpr, UPCAST: tl.constexpr,
                         ROTATE: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
                         CERTIFY: tl.constexpr, ATTEND: tl.constexpr, KIND: tl.constexpr, ALPHA: tl.constexpr,
                         BIAS_TENSOR: tl.constexpr, BLOCK_A: tl.constexpr, GROUP: tl.constexpr,
-                        PDL: tl.constexpr):
+                        PDL: tl.constexpr, ADD: tl.constexpr):
     # CERTIFY: REM (B*Hq*M,) fp32 += sum over the keys no row of the group keeps of
     # exp(scale * (ub - thr)) >= exp(scale * (score - tau)) (qk_scale = scale * log2(e))
     # ATTEND (filter and attend fused): each program then attends its own survivors, as
@@ -328,13 +338,33 @@ def _code_filter_kernel(Q, ROT, QR, TAU, tau_scalar, MAXN, MAXE, CODES, SCALE, E
     # latency hidden) while the first launch still runs; they wait here for it to end. (Asking
     # L2 for their first tiles before the wait, while the memory is idle, measured no faster:
     # step 47.2 against 47.3 us at 128K, B 1, H100; bench/results/step_variants_h100_2026-12-06_pdl.json.)
+    # ADD (with ATTEND; a decode step's T <= 64 new tokens): program 0 of each head adds them
+    # (_add_then_attend) and the filter programs are 1..NPROG. The filter programs read the
+    # length before the add (STEP_LENS, copied by the launch before) and the add's program
+    # attends the new tokens itself from their exact scores, so no filter program waits for
+    # the add's chain (load, rotate, quantise, bound, atomics); it advances LENS.
+    # Maxima the add may raise meanwhile still bound the keys below the old length.
     if PDL:
         _pdl_enter()
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // Hkv
     h = pid_bh % Hkv
-    N = tl.load(LENS + pid_bh)
+    if ADD:
+        if pid_n == 0:
+            _add_then_attend(Q, TAU, tau_scalar, BIAS, bias_scalar, KN, VN, K, V, CODES, SCALE, ERR, MAXN, MAXE, LENS,
+                             STATUS, ROT, REM, O_PART, L_PART, T, pid_bh, b, h,
+                             s_qb, s_qh, s_qm, s_tb, s_th, s_tm, s_bb, s_bh, s_bm, s_nb, s_nh, s_nt, s_wb, s_wh, s_wt,
+                             s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_cb, s_ch, s_cn, s_sb, s_sh,
+                             G, M, Hkv, defect, CAP, BHM, qk_scale, scale, ROWS, HEAD_DIM, DP, TAU_TENSOR,
+                             BIAS_TENSOR, BLOCK_A, KIND, ALPHA, UPCAST, CERTIFY, GROUP)
+            return
+        N = tl.load(STEP_LENS + pid_bh)
+    else:
+        N = tl.load(LENS + pid_bh)
+    part = pid_n  # this program's partial
+    if ADD:
+        pid_n = pid_n - 1  # its segment of the survivor lists
     offs_d = tl.arange(0, DP)
     offs_r = tl.arange(0, ROWS)
     q, r_ok, head, mrow = _load_query_rows(Q, s_qb, s_qh, s_qm, b, h, G, M, ROWS, HEAD_DIM)
@@ -358,7 +388,7 @@ def _code_filter_kernel(Q, ROT, QR, TAU, tau_scalar, MAXN, MAXE, CODES, SCALE, E
     obase = SURV + pid_bh.to(tl.int64) * SURV_STRIDE + pid_n.to(tl.int64) * SEG
     n_tiles = tl.cdiv(N, BLOCK_N)
     found = 0
-    limit = N - M + mrow  # causal: keys past a row's position are not in its softmax at all
+    limit = N + T - M + mrow  # causal: keys past a row's position are not in its softmax at all
     rem = tl.zeros([ROWS], tl.float32)
     # (the full tiles without masks and their offsets shared, the partial one after them: 17%
     # fewer instructions a tile on sm_90, measured slower: 48.3 against 47.6 us at 128K B 1,
@@ -403,9 +433,50 @@ def _code_filter_kernel(Q, ROT, QR, TAU, tau_scalar, MAXN, MAXE, CODES, SCALE, E
         m_i, l_i, acc, rem = _attend_list(q, obase, found, kbase, vbase, s_kn, s_vn, tau, bias, limit, r_ok,
                                           m_i, l_i, acc, rem, gap, qk_scale, scale, BLOCK_A, HEAD_DIM, KIND, ALPHA,
                                           UPCAST, CERTIFY, GROUP)
-        _store_partial(m_i, l_i, acc, row_bad, r_ok, row, pid_n, BHM, O_PART, L_PART, HEAD_DIM, KIND, ALPHA)
+        _store_partial(m_i, l_i, acc, row_bad, r_ok, row, part, BHM, O_PART, L_PART, HEAD_DIM, KIND, ALPHA)
     if CERTIFY:
         tl.atomic_add(REM + row, rem * 1.0001, mask=r_ok)  # 1.0001: exp2's and the sum's rounding
+
+
+@triton.jit
+def _add_then_attend(Q, TAU, tau_scalar, BIAS, bias_scalar, KN, VN, K, V, CODES, SCALE, ERR, MAXN, MAXE, LENS,
+                     STATUS, ROT, REM, O_PART, L_PART, T, pid_bh, b, h,
+                     s_qb, s_qh, s_qm, s_tb, s_th, s_tm, s_bb, s_bh, s_bm, s_nb, s_nh, s_nt, s_wb, s_wh, s_wt,
+                     s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_cb, s_ch, s_cn, s_sb, s_sh,
+                     G, M, Hkv, defect, CAP, BHM, qk_scale, scale,
+                     ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, DP: tl.constexpr, TAU_TENSOR: tl.constexpr,
+                     BIAS_TENSOR: tl.constexpr, BLOCK_A: tl.constexpr, KIND: tl.constexpr, ALPHA: tl.constexpr,
+                     UPCAST: tl.constexpr, CERTIFY: tl.constexpr, GROUP: tl.constexpr):
+    # The filter launch's add program of head bh: add the T new tokens at the old length (as
+    # _code_add_kernel does; it advances LENS), then attend them, the keys [start, start + T),
+    # with the same exact scores and rules as a filter program's survivors, into partial 0.
+    # Its own writes (K, V, the status, the maxima) are read back by all its threads: a
+    # barrier makes them visible. Bad added values (or an add past the capacity) give this
+    # head's rows NaN in this step already (and every row from the next, via the status).
+    start = tl.load(LENS + pid_bh)
+    _add_tokens(KN, VN, K, V, CODES, SCALE, ERR, MAXN, MAXE, LENS, STATUS, ROT, T, T, pid_bh, 0,
+                s_nb, s_nh, s_nt, s_wb, s_wh, s_wt, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
+                s_cb, s_ch, s_cn, s_sb, s_sh, Hkv, defect, CAP, HEAD_DIM, DP, DP, True, True)
+    tl.debug_barrier()
+    q, r_ok, head, mrow = _load_query_rows(Q, s_qb, s_qh, s_qm, b, h, G, M, ROWS, HEAD_DIM)
+    tau = _load_rows(TAU, tau_scalar, s_tb, s_th, s_tm, b, head, mrow, r_ok, 0.0, TAU_TENSOR)
+    bias = _load_rows(BIAS, bias_scalar, s_bb, s_bh, s_bm, b, head, mrow, r_ok, 0.0, BIAS_TENSOR)
+    row_bad, gap, m_i, l_i, acc, rem = _attend_setup(q, tau, bias, r_ok, tl.load(MAXN + pid_bh), STATUS, True,
+                                                     ROWS, HEAD_DIM, KIND)
+    written = start + T <= CAP  # else nothing was written (and the status says so)
+    kbase = K + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
+    vbase = V + b.to(tl.int64) * s_vb + h.to(tl.int64) * s_vh
+    limit = start + T - M + mrow
+    for off in range(0, T, BLOCK_A):
+        offs_i = off + tl.arange(0, BLOCK_A)
+        m_i, l_i, acc, rem = _attend_tile(q, start + offs_i, (offs_i < T) & written, kbase, vbase, s_kn, s_vn, tau,
+                                          bias, limit, r_ok, m_i, l_i, acc, rem, gap, qk_scale, scale, HEAD_DIM,
+                                          KIND, ALPHA, UPCAST, CERTIFY, GROUP)
+    row = (b * Hkv * G + head).to(tl.int64) * M + mrow
+    _store_partial(m_i, l_i, acc, row_bad, r_ok, row, tl.program_id(0), BHM, O_PART, L_PART, HEAD_DIM, KIND,
+                   ALPHA)  # partial 0 (program 0)
+    if CERTIFY:
+        tl.atomic_add(REM + row, rem * 1.0001, mask=r_ok)
 
 
 @triton.jit

@@ -295,7 +295,8 @@ class CodeKVCache:
         if progs > 1:  # several programs per head read the old length: advance it after them
             self.lengths.add_(t)
 
-    def _launch_prepare(self, q, QR, rows, add, *, block_r=32, block_j=None, num_warps=4, apart=True, pdl=False):
+    def _launch_prepare(self, q, QR, rows, add, *, block_r=32, block_j=None, num_warps=4, apart=True, pdl=False,
+                        step_lens=None):
         """Rotate the query rows into ``QR`` (grid (B*Hkv, DP / block_r (+ 1))); with
         ``add=(k, v)``, one more program per head adds its tokens (``t <= 64``; ``block_j``
         rotated key columns per pass, default all) and advances the length: one launch for
@@ -305,7 +306,8 @@ class CodeKVCache:
         128K and 32/8 at 128K, B 1: the first launch 6.2 against 9.5 us, the step 48.7 against
         51.7 us at 128K; ``bench/results/step_variants_h100_2026-12-06.json``): the add's chain
         (load, rotate, quantise, bound, four atomics) is the launch's longest, so it no longer
-        waits on a rotation first."""
+        waits on a rotation first. ``step_lens`` (int32 ``(B*Hkv,)``, without ``add``): also copy
+        the lengths there, for a filter launch whose add program advances them."""
         B, Hq, M, D = q.shape
         k, v = add if add is not None else (self.k, self.k)  # without an add: unread
         t = k.shape[2] if add is not None else 0
@@ -315,9 +317,10 @@ class CodeKVCache:
         apart = bool(apart) and add is not None
         _prepare_kernel[(self.B * self.Hkv, self.DP // block_r + apart)](
             *self._add_args(k, v, t, t), q, QR, q.stride(0), q.stride(1), q.stride(2), Hq // self.Hkv, M,
+            self.lengths if step_lens is None else step_lens,
             HEAD_DIM=D, DP=self.DP, BLOCK_J=min(block_j or self.DP, self.DP), HAS_V=self.has_values,
             ADD=add is not None, ROWS=rows, BLOCK_R=block_r, APART=apart, PDL=bool(pdl), launch_pdl=bool(pdl),
-            num_warps=num_warps)
+            STEP=step_lens is not None and add is None, num_warps=num_warps)
 
     # ------------------------------------------------------------------ plan (filter)
     def _check_q(self, q, adding=0):
@@ -377,24 +380,31 @@ class CodeKVCache:
         self._raise_if(check)
         return plan
 
-    def _grid(self, block_n, programs_per_sm):
-        """Filter programs per (batch, kv head) and their segment length, from the capacity."""
+    def _grid(self, block_n, programs_per_sm, extra=0):
+        """Filter programs per (batch, kv head) and their segment length, from the capacity;
+        ``extra`` programs per head of the same launch (an add's) come out of the same count."""
         BH = self.B * self.Hkv
         cap_tiles = triton.cdiv(self.capacity, block_n)
         pps = programs_per_sm if programs_per_sm is not None else (8 if BH >= 16 else 2)
-        nprog = max(1, min(cap_tiles, -(-int(pps) * _num_sms(self.device) // BH)))
+        nprog = max(1, min(cap_tiles, -(-int(pps) * _num_sms(self.device) // BH) - extra))
         return nprog, triton.cdiv(cap_tiles, nprog) * block_n
 
     def _plan(self, q, tau, *, bias=0.0, block_n=128, num_warps=4, num_stages=3, programs_per_sm=None,
               rotate_inside=False, certify=False, scale=None, attend=None, add=None, prepare=None, block_a=64,
-              pdl=None):
+              pdl=None, add_in_filter=False):
         """:meth:`plan`'s body: ``q`` checked, the read lock held by the caller. ``rotate_inside``:
         the filter rotates the rows itself (one launch fewer; measured slower on an H200).
         ``attend=(kind_id, alpha, group_union)``: the filter programs also attend their own survivors (one
         launch); returns ``(plan, o_part, l_part)``, the partials indexed by filter program.
         ``add=(k, v)``: first add these ``(B, Hkv, t <= 64, D)`` tokens (checked by the caller)
         in the launch that rotates the query rows (a decode step: one launch fewer).
-        ``prepare``: that launch's parameters (:meth:`_launch_prepare`), for tuning benches;
+        ``add_in_filter`` (with ``attend``): in the filter's launch instead, one more program
+        per head that adds them and attends them from their exact scores, beside the filter
+        programs (which read the length before the add): then no launch waits for the add's
+        chain. Built for measuring (``bench/diag_step_kernels.py --variants``), not yet
+        measured on a GPU, so not the default; its certificate is tighter (the new tokens'
+        dropped terms are their exact mass).
+        ``prepare``: the rotating launch's parameters (:meth:`_launch_prepare`), for tuning benches;
         ``block_a``: survivors a fused program attends at a time. ``pdl``: the first launch and
         the filter as programmatic dependent launches (default :attr:`pdl`)."""
         B, Hq, M, D = q.shape
@@ -414,36 +424,42 @@ class CodeKVCache:
         if add is not None and (rotate or add[0].shape[2] > 64):
             self._launch_add(add[0], add[1], add[0].shape[2])
             add = None
+        ride = add is not None and attend is not None and add_in_filter  # the add's program in the filter launch
+        step_lens = torch.empty(BH, dtype=torch.int32, device=dev) if ride else None
         if not rotate:
             QR = torch.empty(BH, rows, self.DP, dtype=torch.float32, device=dev)
-            self._launch_prepare(q, QR, rows, add, **{"pdl": pdl, **(prepare or {})})
-        nprog, seg = self._grid(block_n, programs_per_sm)
+            self._launch_prepare(q, QR, rows, None if ride else add,
+                                 **{"pdl": pdl, "step_lens": step_lens, **(prepare or {})})
+        nprog, seg = self._grid(block_n, programs_per_sm, extra=int(ride))
         surv = torch.empty(BH, nprog * seg, dtype=torch.int32, device=dev)
         count = torch.empty(BH, nprog, dtype=torch.int32, device=dev)
         BHM = B * Hq * M
         kind_id, alpha, group = attend if attend is not None else (0, 1, False)
         if attend is not None:
-            o_part = torch.empty(nprog, BHM, D, dtype=torch.float32, device=dev)
-            l_part = torch.empty(nprog, BHM, dtype=torch.float32, device=dev)
+            o_part = torch.empty(nprog + ride, BHM, D, dtype=torch.float32, device=dev)
+            l_part = torch.empty(nprog + ride, BHM, dtype=torch.float32, device=dev)
             kv = (self.k, self.v)
         else:
             o_part = l_part = count
             kv = (self.k, self.k)  # unread
-        _code_filter_kernel[(nprog, BH)](
+        kn, vn = add if ride else (kv[0], kv[1])  # without the add: unread
+        t = kn.shape[2] if ride else 0
+        _code_filter_kernel[(nprog + ride, BH)](
             q, self.rot32, QR, count if tau_t is None else tau_t, tau_s, self.max_norm, self.max_err, self.codes,
             self.scale, self.err, count, surv, self.lengths, self.status, count if rem is None else rem,
-            kv[0], kv[1], count if bias_t is None else bias_t, bias_s, o_part, l_part,
+            kv[0], kv[1], count if bias_t is None else bias_t, bias_s, o_part, l_part, kn, vn,
+            count if step_lens is None else step_lens,
             q.stride(0), q.stride(1), q.stride(2),
             ts[0], ts[1], ts[2], self.codes.stride(0), self.codes.stride(1), self.codes.stride(2),
             self.scale.stride(0), self.scale.stride(1),
             kv[0].stride(0), kv[0].stride(1), kv[0].stride(2), kv[1].stride(0), kv[1].stride(1), kv[1].stride(2),
-            bs[0], bs[1], bs[2],
-            G, M, self.Hkv, surv.stride(0), seg, self.defect, nprog, BHM, s * LOG2E, s,
+            bs[0], bs[1], bs[2], kn.stride(0), kn.stride(1), kn.stride(2), vn.stride(0), vn.stride(1), vn.stride(2),
+            G, M, self.Hkv, surv.stride(0), seg, self.defect, nprog, BHM, s * LOG2E, s, t, self.capacity,
             ROWS=rows, BLOCK_N=block_n, HEAD_DIM=D, DP=self.DP, TAU_TENSOR=tau_t is not None,
             UPCAST=interpreting() or (attend is not None and q.dtype == torch.float32), ROTATE=rotate,
             BLOCK_K=min(32, D), STAGES=num_stages, CERTIFY=certify, ATTEND=attend is not None, KIND=kind_id,
             ALPHA=alpha, BIAS_TENSOR=bias_t is not None, BLOCK_A=block_a, GROUP=group, PDL=pdl, launch_pdl=pdl,
-            num_warps=num_warps)
+            ADD=ride, num_warps=num_warps)
         plan = CodePlan(surv, count, seg, (tau_t, tau_s), (bias_t, bias_s), rows, M, self._version,
                         remainder=rem, scale=s)
         return plan if attend is None else (plan, o_part, l_part)

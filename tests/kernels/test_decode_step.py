@@ -555,3 +555,73 @@ def test_dependent_launches_give_the_plain_launches_answer(device):
     ref = _dense(qi, k, v, "softmax", 0.5, 0.0, D ** -0.5)
     torch.testing.assert_close(b.double(), ref, atol=2e-2, rtol=2e-2)
 
+
+
+@pytest.mark.parametrize("kind", ["softmax", "relu"])
+def test_the_add_riding_in_the_filter_launch_keeps_the_answer(device, kind):
+    # _plan(add_in_filter=True): a program of the filter's launch adds the step's tokens and
+    # attends them from their exact scores while the filter programs scan the keys below the
+    # old length. Against the add in the rotating launch, step after step (M = 2 causal rows,
+    # 2 tokens a step, per-row tau and bias): the same cache contents and lengths, outputs
+    # within fp32 summation order, the dense answer, and a certificate never looser
+    B, Hkv, G, M, D, n0, steps = 2, 2, 3, 2, 32, 150, 3
+    q, k, v = _inputs(B, Hkv, G, M, n0 + 2 * steps, D, torch.float32, device, False, seed=33)
+    g = torch.Generator(device="cpu").manual_seed(4)
+    scale = D ** -0.5
+    if kind == "softmax":
+        tau, bias = (torch.rand(B, Hkv * G, M, generator=g) * 2).to(device), 0.0
+    else:
+        bias = (torch.rand(B, Hkv * G, M, generator=g) * 0.5).to(device)
+        tau = bias / scale
+    caches = [CodeKVCache(k[:, :, :n0], v[:, :, :n0], capacity=n0 + 8) for _ in range(2)]
+    certify = kind == "softmax"
+    for i in range(steps):
+        kk, vv = k[:, :, n0 + 2 * i:n0 + 2 * i + 2].contiguous(), v[:, :, n0 + 2 * i:n0 + 2 * i + 2].contiguous()
+        qi = q.roll(i, dims=-1).contiguous()
+        res = []
+        for c, ride in zip(caches, (True, False)):
+            res.append(c._fused(qi, tau, bias=bias, kind=kind, alpha=2, scale=scale, certify=certify,
+                                return_terms=certify, add=(kk, vv), launch=dict(add_in_filter=ride))[1])
+            c.advanced(2)
+        (a, lse_a, *cert_a), (b, lse_b, *cert_b) = res
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(lse_a, lse_b, atol=1e-6, rtol=1e-6)
+        n = n0 + 2 * i + 2
+        bias_r = bias if kind == "softmax" else bias.double()[..., None]
+        ref = _reference(qi, k[:, :, :n], v[:, :, :n], torch.as_tensor(tau).double(), kind, 2, bias_r, scale)[0]
+        torch.testing.assert_close(a.double(), ref, atol=1e-5, rtol=1e-5)
+        if certify:  # (bound, log_dropped, lse_low)
+            assert (cert_a[0] <= cert_b[0] + 1e-6 + 1e-5 * cert_b[0]).all()
+            assert (cert_a[1] <= cert_b[1] + 1e-6 + 1e-5 * cert_b[1].abs()).all()
+            torch.testing.assert_close(cert_a[2], cert_b[2], atol=1e-6, rtol=1e-5)
+    for name in ("k", "v", "codes", "scale", "err", "max_norm", "max_err", "lengths"):
+        assert torch.equal(getattr(caches[0], name), getattr(caches[1], name)), name
+    assert caches[0].lengths.tolist() == [n0 + 2 * steps] * (B * Hkv)
+    for c in caches:
+        c.check()
+
+
+def test_the_add_riding_in_the_filter_launch_flags_bad_tokens_and_a_full_cache(device):
+    # the add's program sees its own status bits: NaN rows for its head in the same step
+    # (the others from the next, via the poisoned cache), nothing written past the capacity
+    B, Hkv, G, D, n0 = 1, 2, 2, 16, 62
+    q, k, v = _inputs(B, Hkv, G, 1, n0 + 3, D, torch.float32, device, True, seed=8)
+    spec = dict(bias=0.0, kind="softmax", alpha=2, scale=None, certify=False, launch=dict(add_in_filter=True))
+    cache = CodeKVCache(k[:, :, :n0], v[:, :, :n0], capacity=64)
+    kk = k[:, :, n0:n0 + 1].clone()
+    kk[0, 1, 0, 3] = math.nan
+    out = cache._fused(q, 0.0, add=(kk, v[:, :, n0:n0 + 1].contiguous()), **spec)[1][0]
+    cache.advanced(1)
+    assert torch.isnan(out[0, G:]).all()  # the rows of kv head 1
+    assert torch.isnan(cache._fused(q, 0.0, **spec)[1][0]).all()
+    with pytest.raises(ValueError, match="poisoned"):
+        cache.check()
+    # past the capacity (a graph replayed once too often): nothing written, the length kept
+    cache = CodeKVCache(k[:, :, :64], v[:, :, :64], capacity=64)
+    before = (cache.k.clone(), cache.codes.clone())
+    out = cache._fused(q, 0.0, add=(k[:, :, 64:65].contiguous(), v[:, :, 64:65].contiguous()), **spec)[1][0]
+    assert torch.isnan(out).all()
+    assert cache.lengths.tolist() == [64, 64]
+    assert torch.equal(cache.k, before[0]) and torch.equal(cache.codes, before[1])
+    with pytest.raises(ValueError, match="past the capacity"):
+        cache.check()
