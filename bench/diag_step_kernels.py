@@ -13,9 +13,9 @@ its top 1%.
 filter's launch parameters — programs per SM, keys per tile, warps — each timed in the same
 loop; the defaults were chosen on the older, unfused filter. ``--prepare-sweep``: the same
 over the parameters of the step's first launch (the query's rotation and the add), with each
-kernel's GPU time. ``--variants``: the step in other forms (the add in a program of its own,
-the step without its add, the rotation inside the filter, survivors attended 16–128 at a
-time), at every configuration.
+kernel's GPU time. ``--variants``: the step in other forms (``VARIANTS``: the add in the
+filter's launch, the Hadamard rotation and its transform inside the filter, the step without
+its add, plain launches), at every configuration (``Hkv:n:B``, or ``3:n:B:64`` for d 64).
 """
 from __future__ import annotations
 
@@ -129,6 +129,9 @@ def prepare_sweep(cache, q, tau, knew, vnew, n0, steps):
 
 VARIANTS = [("default", {}, True),
             ("the add in the filter's launch, its own program", dict(add_in_filter=True), True),
+            ("Hadamard rotation (its codes), the default launches", dict(rotation="hadamard"), True),
+            ("Hadamard rotation, the query's transform in the filter, the add in its launch: two launches",
+             dict(rotation="hadamard", rotate_inside=True, add_in_filter=True), True),
             ("without the add", {}, False),
             ("programmatic dependent launches off", dict(pdl=False), True),
             ("default again (drift)", {}, True)]
@@ -145,20 +148,25 @@ VARIANTS = [("default", {}, True),
 
 
 def variants(cache, q, tau, knew, vnew, n0, steps):
-    """The fused step in other forms (``VARIANTS``: the add in its own program, the step
-    without its add, the rotation inside the filter, survivors attended per block), each with
-    its kernels' GPU µs and its answer against the default's (at the same final length)."""
+    """The fused step in other forms (``VARIANTS``: other launches, another rotation, the step
+    without its add), each with its kernels' GPU µs and its answer against the default's (at
+    the same final length; another rotation's codes keep the same keys)."""
     rows, ref = [], None
     for name, launch, add in VARIANTS:
+        launch = dict(launch)
+        rotation = launch.pop("rotation", cache.rotation)
+        # another rotation: a cache of its own over the same keys (other codes, the same kept set)
+        c = cache if rotation == cache.rotation else CodeKVCache(
+            cache.k[:, :, :n0], cache.v[:, :, :n0], capacity=cache.capacity, rotation=rotation)
         try:
-            t, kt, out = step_with(cache, q, tau, knew, vnew, n0, steps, launch, kernels=True, add=add)
+            t, kt, out = step_with(c, q, tau, knew, vnew, n0, steps, launch, kernels=True, add=add)
         except Exception as e:  # noqa: BLE001 - recorded with the variant, the others still run
-            rows.append(dict(variant=name, launch=dict(launch), error=f"{type(e).__name__}: {e}"))
+            rows.append(dict(variant=name, launch=dict(launch), rotation=rotation, error=f"{type(e).__name__}: {e}"))
             print(f"  {name}: failed: {rows[-1]['error']}", flush=True)
-            cache.crop(n0)
+            c.crop(n0)
             continue
         ref = out if ref is None else ref
-        row = dict(variant=name, launch=dict(launch), add=add, step_us=t, kernels_us=kt,
+        row = dict(variant=name, launch=dict(launch), rotation=rotation, add=add, step_us=t, kernels_us=kt,
                    kernels_sum_us=sum(kt.values()))
         if add:
             row["max_diff_vs_default"] = float((out.float() - ref.float()).abs().max())

@@ -29,9 +29,11 @@
 #            H100: bench/results/generate_gpu_h100_2026-12-06_{ceiling,8b_32k_b8_ceiling}.json)
 #   pdl      programmatic dependent launches (CodeKVCache.pdl): the decode-step tests compiled, the step's
 #            variants (PDL off) at 128K and 16K, B 1, the decode loop at every size (rows with plain launches)
-#   ride     STILL OWED: the add's program in the filter's launch (_plan(add_in_filter=True), built
-#            2026-12-06, not yet measured): the decode-step and replay tests compiled, the step's variants
-#            at 128K and 16K, d 128 and d 64, B 1, and 128K B 8 (if it wins: make it the default, then loop)
+#   ride     STILL OWED: a step of two launches (built 2026-12-06, not yet measured): the add's program
+#            in the filter's launch (add_in_filter=True) and the Hadamard rotation's transform inside the
+#            filter (rotation="hadamard", rotate_inside=True). The decode-step and replay tests compiled,
+#            the step's variants at 128K and 16K, d 128 and d 64, B 1, and 128K B 8 (if one wins: make it
+#            the default, then run loop)
 #   loop     the decode loop at every size (16K-128K, d 128 and 64, B 1 and 8)
 #   ncu      Nsight Compute on one eager decode step's three kernels at 128K, B 1 (bench/profile_step_ncu.py):
 #            throughput, occupancy and warp stall reasons, as text (ran on 2026-12-06, H100:

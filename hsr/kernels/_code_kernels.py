@@ -20,8 +20,7 @@ the partials; :meth:`~hsr.kernels.CodeKVCache.plan` and ``run`` launch them apar
 ``_prepare_kernel``, grid (B*Hkv, DP / 32 (+ 1 with an add))
     Rotates the group's query rows into ``QR`` (a column block per program); with ``ADD``,
     one more program per head (``APART``; else the first) adds its tokens as
-    ``_code_add_kernel`` does; with ``STEP`` (the add in the filter's launch) it copies the
-    lengths to ``STEP_LENS``.
+    ``_code_add_kernel`` does.
 
 ``_code_filter_kernel``, a persistent grid (programs per (batch, kv head) from the capacity)
     Rotates the group's query rows itself (``ROTATE``) or reads them from ``QR`` (the
@@ -31,8 +30,8 @@ the partials; :meth:`~hsr.kernels.CodeKVCache.plan` and ``run`` launch them apar
     ``ATTEND`` it then attends that segment and writes one partial per program. With ``ADD``
     (and ``ATTEND``; not the default, not yet measured on a GPU) program 0 of each head adds
     the step's tokens instead of ``_prepare_kernel`` and attends them from their exact scores
-    (``_add_then_attend``), while the others filter the keys below the length the launch
-    before copied (``STEP_LENS``): no launch waits for the add's chain.
+    (``_add_then_attend``), while the others filter the keys below the length (which the
+    merge then advances): no launch waits for the add's chain.
 
 ``_code_attend_kernel``, grid (splits, B*Hkv)
     Gathers the survivors' K and V (``DENSE``: every key below the length, no filter: the
@@ -122,6 +121,28 @@ def _rotate_rows(Q, s_qb, s_qh, s_qm, b, head, mrow, r_ok, ROT,
 
 
 @triton.jit
+def _butterfly(x, ROWS: tl.constexpr, D: tl.constexpr, H: tl.constexpr):
+    # one stage of the fast Walsh-Hadamard transform of each row: entries j and j + H of every
+    # block of 2H become their sum and difference
+    y = tl.permute(tl.reshape(x, (ROWS, D // (2 * H), 2, H)), (0, 1, 3, 2))
+    a, b = tl.split(y)
+    y = tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2))
+    return tl.reshape(y, (ROWS, D))
+
+
+@triton.jit
+def _hadamard_rows(q, SIGNS, ROT, ROWS: tl.constexpr, D: tl.constexpr, LOG_D: tl.constexpr):
+    # rows (ROWS, D) times ROT^T for a Hadamard ROT = c H diag(signs) (CodeKVCache(rotation=
+    # "hadamard")): c * H (signs * q) by log2(D) butterfly stages, no matrix read. c is the
+    # stored entries' magnitude (exact); the fp32 error, (log2(D) + 1) u |q| at most, is far
+    # below the dense product's 1.01 D sqrt(D) u |q| that the filter's slack allows for
+    x = q.to(tl.float32) * tl.load(SIGNS + tl.arange(0, D))[None, :]
+    for s in tl.static_range(LOG_D):
+        x = _butterfly(x, ROWS, D, 1 << s)
+    return x * tl.abs(tl.load(ROT))
+
+
+@triton.jit
 def _rotate_columns(Q, ROT, QR, s_qb, s_qh, s_qm, G, M, Hkv, pid, pid_j,
                     ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, DP: tl.constexpr, BLOCK_J: tl.constexpr):
     # QR fp32 (B*Hkv, ROWS, DP) = the group's query rows times ROT^T, columns [pid_j*BLOCK_J, ...)
@@ -201,10 +222,10 @@ def _code_add_kernel(KN, VN, K, V, CODES, SCALE, ERR, MAXN, MAXE, LENS, STATUS, 
 def _prepare_kernel(KN, VN, K, V, CODES, SCALE, ERR, MAXN, MAXE, LENS, STATUS, ROT, T, PER_PROG,
                     s_nb, s_nh, s_nt, s_wb, s_wh, s_wt, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
                     s_cb, s_ch, s_cn, s_sb, s_sh, Hkv, defect, CAP,
-                    Q, QR, s_qb, s_qh, s_qm, G, M, STEP_LENS,
+                    Q, QR, s_qb, s_qh, s_qm, G, M,
                     HEAD_DIM: tl.constexpr, DP: tl.constexpr, BLOCK_J: tl.constexpr, HAS_V: tl.constexpr,
                     ADD: tl.constexpr, ROWS: tl.constexpr, BLOCK_R: tl.constexpr, APART: tl.constexpr,
-                    PDL: tl.constexpr, STEP: tl.constexpr):
+                    PDL: tl.constexpr):
     # A decode step's first launch, grid (B*Hkv, DP // BLOCK_R (+ 1 with APART)): program
     # (bh, j) rotates columns [j*BLOCK_R, ...) of kv head bh's query rows into QR
     # (_rotate_columns); with ADD, program (bh, 0) also adds the T new tokens of head bh
@@ -212,15 +233,10 @@ def _prepare_kernel(KN, VN, K, V, CODES, SCALE, ERR, MAXN, MAXE, LENS, STATUS, R
     # head adds them and rotates nothing (the add's chain then does not wait on a rotation).
     # The two are independent (the filter, next launch, reads both), so the add runs beside
     # the other columns' rotations instead of in a launch of its own.
-    # STEP (the add rides in the filter's launch instead): program (bh, 0) copies the length
-    # to STEP_LENS, the length the filter programs read while the add advances LENS.
     if PDL:  # a programmatic dependent launch: the step before may still be finishing
         _pdl_enter()
     pid_bh = tl.program_id(0)
     pid_j = tl.program_id(1)
-    if STEP:
-        if pid_j == 0:
-            tl.store(STEP_LENS + pid_bh, tl.load(LENS + pid_bh))
     add_here = pid_j == (DP // BLOCK_R if APART else 0)
     if ADD:
         if add_here:
@@ -312,8 +328,8 @@ def _add_tokens(KN, VN, K, V, CODES, SCALE, ERR, MAXN, MAXE, LENS, STATUS, ROT, 
 
 
 @triton.jit
-def _code_filter_kernel(Q, ROT, QR, TAU, tau_scalar, MAXN, MAXE, CODES, SCALE, ERR, COUNT, SURV, LENS, STATUS, REM,
-                        K, V, BIAS, bias_scalar, O_PART, L_PART, KN, VN, STEP_LENS,
+def _code_filter_kernel(Q, ROT, SIGNS, QR, TAU, tau_scalar, MAXN, MAXE, CODES, SCALE, ERR, COUNT, SURV, LENS, STATUS,
+                        REM, K, V, BIAS, bias_scalar, O_PART, L_PART, KN, VN,
                         s_qb, s_qh, s_qm, s_tb, s_th, s_tm, s_cb, s_ch, s_cn, s_sb, s_sh,
                         s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_bb, s_bh, s_bm, s_nb, s_nh, s_nt, s_wb, s_wh, s_wt,
                         G, M, Hkv, SURV_STRIDE, SEG, defect, NPROG, BHM, qk_scale, scale, T, CAP,
@@ -322,7 +338,7 @@ def _code_filter_kernel(Q, ROT, QR, TAU, tau_scalar, MAXN, MAXE, CODES, SCALE, E
                         ROTATE: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
                         CERTIFY: tl.constexpr, ATTEND: tl.constexpr, KIND: tl.constexpr, ALPHA: tl.constexpr,
                         BIAS_TENSOR: tl.constexpr, BLOCK_A: tl.constexpr, GROUP: tl.constexpr,
-                        PDL: tl.constexpr, ADD: tl.constexpr):
+                        PDL: tl.constexpr, ADD: tl.constexpr, HADAMARD: tl.constexpr, LOG_D: tl.constexpr):
     # CERTIFY: REM (B*Hq*M,) fp32 += sum over the keys no row of the group keeps of
     # exp(scale * (ub - thr)) >= exp(scale * (score - tau)) (qk_scale = scale * log2(e))
     # ATTEND (filter and attend fused): each program then attends its own survivors, as
@@ -339,11 +355,11 @@ def _code_filter_kernel(Q, ROT, QR, TAU, tau_scalar, MAXN, MAXE, CODES, SCALE, E
     # L2 for their first tiles before the wait, while the memory is idle, measured no faster:
     # step 47.2 against 47.3 us at 128K, B 1, H100; bench/results/step_variants_h100_2026-12-06_pdl.json.)
     # ADD (with ATTEND; a decode step's T <= 64 new tokens): program 0 of each head adds them
-    # (_add_then_attend) and the filter programs are 1..NPROG. The filter programs read the
-    # length before the add (STEP_LENS, copied by the launch before) and the add's program
-    # attends the new tokens itself from their exact scores, so no filter program waits for
-    # the add's chain (load, rotate, quantise, bound, atomics); it advances LENS.
-    # Maxima the add may raise meanwhile still bound the keys below the old length.
+    # at LENS (_add_then_attend) and the filter programs are 1..NPROG. The filter programs scan
+    # the keys below LENS, the old length (the merge, next launch, advances it), and the add's
+    # program attends the new tokens itself from their exact scores, so no filter program
+    # waits for the add's chain (load, rotate, quantise, bound, atomics). Maxima the add may
+    # raise meanwhile still bound the keys below the old length.
     if PDL:
         _pdl_enter()
     pid_n = tl.program_id(0)
@@ -359,16 +375,16 @@ def _code_filter_kernel(Q, ROT, QR, TAU, tau_scalar, MAXN, MAXE, CODES, SCALE, E
                              G, M, Hkv, defect, CAP, BHM, qk_scale, scale, ROWS, HEAD_DIM, DP, TAU_TENSOR,
                              BIAS_TENSOR, BLOCK_A, KIND, ALPHA, UPCAST, CERTIFY, GROUP)
             return
-        N = tl.load(STEP_LENS + pid_bh)
-    else:
-        N = tl.load(LENS + pid_bh)
+    N = tl.load(LENS + pid_bh)
     part = pid_n  # this program's partial
     if ADD:
         pid_n = pid_n - 1  # its segment of the survivor lists
     offs_d = tl.arange(0, DP)
     offs_r = tl.arange(0, ROWS)
     q, r_ok, head, mrow = _load_query_rows(Q, s_qb, s_qh, s_qm, b, h, G, M, ROWS, HEAD_DIM)
-    if ROTATE:
+    if ROTATE and HADAMARD:  # (DP == HEAD_DIM)
+        qr = _hadamard_rows(q, SIGNS, ROT, ROWS, HEAD_DIM, LOG_D)
+    elif ROTATE:
         qr = _rotate_rows(Q, s_qb, s_qh, s_qm, b, head, mrow, r_ok, ROT, ROWS, HEAD_DIM, DP, BLOCK_K)
     else:
         qr = tl.load(QR + (pid_bh.to(tl.int64) * ROWS + offs_r)[:, None] * DP + offs_d[None, :])
@@ -447,16 +463,18 @@ def _add_then_attend(Q, TAU, tau_scalar, BIAS, bias_scalar, KN, VN, K, V, CODES,
                      ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, DP: tl.constexpr, TAU_TENSOR: tl.constexpr,
                      BIAS_TENSOR: tl.constexpr, BLOCK_A: tl.constexpr, KIND: tl.constexpr, ALPHA: tl.constexpr,
                      UPCAST: tl.constexpr, CERTIFY: tl.constexpr, GROUP: tl.constexpr):
-    # The filter launch's add program of head bh: add the T new tokens at the old length (as
-    # _code_add_kernel does; it advances LENS), then attend them, the keys [start, start + T),
+    # The filter launch's add program of head bh: add the T new tokens at the length (as
+    # _code_add_kernel does, but LENS is left to the merge), then attend them, [start, start + T),
     # with the same exact scores and rules as a filter program's survivors, into partial 0.
+    # It rotates 32 columns of a key at a time (two passes): a whole (DP, DP) tile in registers
+    # would raise the register count of the kernel's every program, for a chain off the path.
     # Its own writes (K, V, the status, the maxima) are read back by all its threads: a
     # barrier makes them visible. Bad added values (or an add past the capacity) give this
     # head's rows NaN in this step already (and every row from the next, via the status).
     start = tl.load(LENS + pid_bh)
     _add_tokens(KN, VN, K, V, CODES, SCALE, ERR, MAXN, MAXE, LENS, STATUS, ROT, T, T, pid_bh, 0,
                 s_nb, s_nh, s_nt, s_wb, s_wh, s_wt, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
-                s_cb, s_ch, s_cn, s_sb, s_sh, Hkv, defect, CAP, HEAD_DIM, DP, DP, True, True)
+                s_cb, s_ch, s_cn, s_sb, s_sh, Hkv, defect, CAP, HEAD_DIM, DP, 32, True, False)
     tl.debug_barrier()
     q, r_ok, head, mrow = _load_query_rows(Q, s_qb, s_qh, s_qm, b, h, G, M, ROWS, HEAD_DIM)
     tau = _load_rows(TAU, tau_scalar, s_tb, s_th, s_tm, b, head, mrow, r_ok, 0.0, TAU_TENSOR)

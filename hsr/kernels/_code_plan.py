@@ -38,6 +38,21 @@ def random_rotation(d: int, seed: int, device) -> torch.Tensor:
     return (qm * torch.sign(torch.diagonal(rm))).T.contiguous().to(device)
 
 
+def hadamard_rotation(d: int, seed: int, device) -> torch.Tensor:
+    """A seeded randomized Hadamard ``(d, d)`` float64 matrix ``H diag(signs) / sqrt(d)`` (``d`` a
+    power of two; ``H`` Sylvester's, natural order; rows = the basis). In float32 every entry
+    is ``±fl(1/sqrt(d))``: the stored matrix is exactly ``c H diag(signs)`` with one ``c``, so a
+    fast Walsh-Hadamard transform of ``signs * q`` times ``c`` computes it (up to rounding)."""
+    if d < 1 or d & (d - 1):
+        raise ValueError(f"a Hadamard rotation needs a power-of-two dimension, got {d}")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < d:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    g = torch.Generator().manual_seed(seed)
+    signs = torch.randint(0, 2, (d,), generator=g, dtype=torch.float64) * 2 - 1
+    return (h * signs[None, :] / d ** 0.5).to(device)
+
+
 @functools.lru_cache(maxsize=None)
 def _has_cuda() -> bool:
     """``torch.cuda.is_available()``, asked once (it reads the environment: ~3 us a call)."""

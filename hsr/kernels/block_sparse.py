@@ -131,8 +131,11 @@ def _bsa_decode_kernel(
 
 @triton.jit
 def _merge_kernel(OP, LSEP, O, LSE, S, BH_ROWS, M,
-                  sob, soh, som, HqM,
-                  BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr, PDL: tl.constexpr):
+                  sob, soh, som, HqM, LENS, T, CAP, G,
+                  BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr, PDL: tl.constexpr, ADVANCE: tl.constexpr):
+    # ADVANCE: the program of row (b, the group's first head, m 0) also advances the group's
+    # length LENS[b * Hkv + head // G] by T (not past CAP), for a launch before that added T
+    # tokens while its other programs still read the old length
     if PDL:  # launched before the kernel that wrote the partials ended: wait for it
         _pdl_enter()
     row = tl.program_id(0)
@@ -155,6 +158,11 @@ def _merge_kernel(OP, LSEP, O, LSE, S, BH_ROWS, M,
     m = rem % M
     tl.store(O + b.to(tl.int64) * sob + h * soh + m * som + offs_d, out.to(O.dtype.element_ty))
     tl.store(LSE + row, lse)
+    if ADVANCE:
+        if (h % G == 0) & (m == 0):
+            bh = b * (HqM // M // G) + h // G
+            n = tl.load(LENS + bh)
+            tl.store(LENS + bh, tl.where(n + T > CAP, n, n + T))
 
 
 # ----------------------------------------------------------------------------- wrappers
@@ -178,17 +186,21 @@ def _list_strides(kv_num_blocks, kv_indices):
 
 
 def merge_partials(o_part: torch.Tensor, lse_part: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, M: int,
-                   *, pdl: bool = False) -> None:
+                   *, pdl: bool = False, advance: tuple | None = None) -> None:
     """Combine split partials ``(S, B*Hq*M, D)`` / ``(S, B*Hq*M)`` into ``out`` ``(B,Hq,M,D)``
     and ``lse`` ``(B,Hq,M)`` (contiguous float32). ``pdl``: launch it as a programmatic
-    dependent launch (:func:`~hsr.kernels._compat.pdl_supported` devices only)."""
+    dependent launch (:func:`~hsr.kernels._compat.pdl_supported` devices only).
+    ``advance=(lengths, t, capacity, G)``: also add ``t`` to each of the int32 ``(B*Hkv,)``
+    ``lengths`` (``G`` query heads a kv head), leaving a length that would pass ``capacity``."""
     check_triton_device("merge_partials", o_part=o_part, lse_part=lse_part, out=out, lse=lse)
     S, BHM, D = o_part.shape
     Hq = out.shape[1]
+    lens, t, cap, G = advance if advance is not None else (lse, 0, 0, 1)  # without: unread
     _merge_kernel[(BHM,)](
         o_part, lse_part, out, lse, S, BHM, M,
-        out.stride(0), out.stride(1), out.stride(2), Hq * M,
-        BLOCK_S=max(triton.next_power_of_2(S), 2), HEAD_DIM=D, PDL=bool(pdl), launch_pdl=bool(pdl))
+        out.stride(0), out.stride(1), out.stride(2), Hq * M, lens, t, cap, G,
+        BLOCK_S=max(triton.next_power_of_2(S), 2), HEAD_DIM=D, PDL=bool(pdl), launch_pdl=bool(pdl),
+        ADVANCE=advance is not None)
 
 
 #: benchmarks set this to time the first prefill kernel with its default knobs

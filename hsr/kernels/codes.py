@@ -39,8 +39,8 @@ import triton
 
 from ._code_kernels import (BAD_FULL, BAD_KV, _certify_kernel, _code_add_kernel, _code_attend_kernel,
                             _code_filter_kernel, _prepare_kernel)
-from ._code_plan import (CodePlan, as_float32, capturing as _capturing, per_row_values, plan_info, random_rotation,
-                         spec_thresholds, status_message)
+from ._code_plan import (CodePlan, as_float32, capturing as _capturing, hadamard_rotation, per_row_values, plan_info,
+                         random_rotation, spec_thresholds, status_message)
 from ._compat import interpreting, patch_interpreter, pdl_supported
 from ._replay import Replays
 from ._softmax import LOG2E
@@ -74,6 +74,12 @@ class CodeKVCache:
         [16, 256]). ``v=None`` keeps keys only (an index: :meth:`plan`, no attention).
     seed : int
         Seeds the random rotation.
+    rotation : {"haar", "hadamard"}
+        The codes' random rotation: a Haar-random orthogonal matrix (the default), or a
+        randomized Hadamard matrix ``H diag(signs) / sqrt(D)``, which a filter that rotates
+        the query itself applies as a fast Walsh-Hadamard transform (no matrix to read: see
+        :meth:`_plan`'s ``rotate_inside``). The same quality of codes on real keys (survivors
+        4.24% against 4.25% of the keys at the top 1%, SmolLM2, 8K); not yet measured on a GPU.
     capacity : int, optional
         Rows to reserve. Appending beyond it reallocates (and invalidates captured steps).
 
@@ -92,7 +98,8 @@ class CodeKVCache:
     >>> out = step(q, k1, v1)   # add one token, attend; replays one graph at every length
     """
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor | None, *, seed: int = 0, capacity: int | None = None) -> None:
+    def __init__(self, k: torch.Tensor, v: torch.Tensor | None, *, seed: int = 0, capacity: int | None = None,
+                 rotation: str = "haar") -> None:
         self._lock = RWLock()  # adds wait for searches in flight; searches run together
         self.has_values = v is not None
         if v is None:
@@ -116,8 +123,14 @@ class CodeKVCache:
         self.seed = int(seed)
         self.B, self.Hkv, self.D = B, Hkv, D
         self.DP = max(32, -(-D // 32) * 32)
+        if rotation not in ("haar", "hadamard"):
+            raise ValueError(f"rotation must be 'haar' or 'hadamard', got {rotation!r}")
+        self.rotation = rotation
         # the fp32 rotation is the rotation: its defect from orthogonality is measured in fp64
-        self.rot32 = random_rotation(D, self.seed, self.device).float().contiguous()
+        make = hadamard_rotation if rotation == "hadamard" else random_rotation
+        self.rot32 = make(D, self.seed, self.device).float().contiguous()
+        # a Hadamard's column signs, for the filter's transform (its entries are c * sign)
+        self.signs = torch.sign(self.rot32[0]).contiguous() if rotation == "hadamard" else None
         r64 = self.rot32.double()
         g = r64.T @ r64 - torch.eye(D, dtype=torch.float64, device=self.device)
         self.defect = float(torch.sqrt((g * g).sum())) * (1 + 1e-6) + 4.0 * D * D * 2.0 ** -53
@@ -295,8 +308,7 @@ class CodeKVCache:
         if progs > 1:  # several programs per head read the old length: advance it after them
             self.lengths.add_(t)
 
-    def _launch_prepare(self, q, QR, rows, add, *, block_r=32, block_j=None, num_warps=4, apart=True, pdl=False,
-                        step_lens=None):
+    def _launch_prepare(self, q, QR, rows, add, *, block_r=32, block_j=None, num_warps=4, apart=True, pdl=False):
         """Rotate the query rows into ``QR`` (grid (B*Hkv, DP / block_r (+ 1))); with
         ``add=(k, v)``, one more program per head adds its tokens (``t <= 64``; ``block_j``
         rotated key columns per pass, default all) and advances the length: one launch for
@@ -306,8 +318,7 @@ class CodeKVCache:
         128K and 32/8 at 128K, B 1: the first launch 6.2 against 9.5 us, the step 48.7 against
         51.7 us at 128K; ``bench/results/step_variants_h100_2026-12-06.json``): the add's chain
         (load, rotate, quantise, bound, four atomics) is the launch's longest, so it no longer
-        waits on a rotation first. ``step_lens`` (int32 ``(B*Hkv,)``, without ``add``): also copy
-        the lengths there, for a filter launch whose add program advances them."""
+        waits on a rotation first."""
         B, Hq, M, D = q.shape
         k, v = add if add is not None else (self.k, self.k)  # without an add: unread
         t = k.shape[2] if add is not None else 0
@@ -317,10 +328,9 @@ class CodeKVCache:
         apart = bool(apart) and add is not None
         _prepare_kernel[(self.B * self.Hkv, self.DP // block_r + apart)](
             *self._add_args(k, v, t, t), q, QR, q.stride(0), q.stride(1), q.stride(2), Hq // self.Hkv, M,
-            self.lengths if step_lens is None else step_lens,
             HEAD_DIM=D, DP=self.DP, BLOCK_J=min(block_j or self.DP, self.DP), HAS_V=self.has_values,
             ADD=add is not None, ROWS=rows, BLOCK_R=block_r, APART=apart, PDL=bool(pdl), launch_pdl=bool(pdl),
-            STEP=step_lens is not None and add is None, num_warps=num_warps)
+            num_warps=num_warps)
 
     # ------------------------------------------------------------------ plan (filter)
     def _check_q(self, q, adding=0):
@@ -393,15 +403,19 @@ class CodeKVCache:
               rotate_inside=False, certify=False, scale=None, attend=None, add=None, prepare=None, block_a=64,
               pdl=None, add_in_filter=False):
         """:meth:`plan`'s body: ``q`` checked, the read lock held by the caller. ``rotate_inside``:
-        the filter rotates the rows itself (one launch fewer; measured slower on an H200).
+        the filter rotates the rows itself (one launch fewer; with the Haar rotation, a matrix
+        product per filter program: measured slower on an H200 and an H100; with
+        ``rotation="hadamard"``, a fast Walsh-Hadamard transform, not yet measured).
         ``attend=(kind_id, alpha, group_union)``: the filter programs also attend their own survivors (one
-        launch); returns ``(plan, o_part, l_part)``, the partials indexed by filter program.
+        launch); returns ``(plan, o_part, l_part, t)``, the partials indexed by filter program
+        and the tokens added in the filter's launch (``add_in_filter``; else 0), which the
+        merge must add to the lengths.
         ``add=(k, v)``: first add these ``(B, Hkv, t <= 64, D)`` tokens (checked by the caller)
         in the launch that rotates the query rows (a decode step: one launch fewer).
         ``add_in_filter`` (with ``attend``): in the filter's launch instead, one more program
         per head that adds them and attends them from their exact scores, beside the filter
-        programs (which read the length before the add): then no launch waits for the add's
-        chain. Built for measuring (``bench/diag_step_kernels.py --variants``), not yet
+        programs (which scan the keys below the old length; the merge advances it): then no
+        launch waits for the add's chain. Built for measuring (``bench/diag_step_kernels.py --variants``), not yet
         measured on a GPU, so not the default; its certificate is tighter (the new tokens'
         dropped terms are their exact mass).
         ``prepare``: the rotating launch's parameters (:meth:`_launch_prepare`), for tuning benches;
@@ -421,15 +435,13 @@ class CodeKVCache:
         # stand between two dependent launches
         rem = torch.zeros(B, Hq, M, dtype=torch.float32, device=dev) if certify else None
         QR = self.status
-        if add is not None and (rotate or add[0].shape[2] > 64):
+        ride = add is not None and attend is not None and add_in_filter and add[0].shape[2] <= 64
+        if add is not None and not ride and (rotate or add[0].shape[2] > 64):  # no launch to ride in
             self._launch_add(add[0], add[1], add[0].shape[2])
             add = None
-        ride = add is not None and attend is not None and add_in_filter  # the add's program in the filter launch
-        step_lens = torch.empty(BH, dtype=torch.int32, device=dev) if ride else None
         if not rotate:
             QR = torch.empty(BH, rows, self.DP, dtype=torch.float32, device=dev)
-            self._launch_prepare(q, QR, rows, None if ride else add,
-                                 **{"pdl": pdl, "step_lens": step_lens, **(prepare or {})})
+            self._launch_prepare(q, QR, rows, None if ride else add, **{"pdl": pdl, **(prepare or {})})
         nprog, seg = self._grid(block_n, programs_per_sm, extra=int(ride))
         surv = torch.empty(BH, nprog * seg, dtype=torch.int32, device=dev)
         count = torch.empty(BH, nprog, dtype=torch.int32, device=dev)
@@ -444,11 +456,12 @@ class CodeKVCache:
             kv = (self.k, self.k)  # unread
         kn, vn = add if ride else (kv[0], kv[1])  # without the add: unread
         t = kn.shape[2] if ride else 0
+        hadamard = rotate and self.signs is not None and self.DP == D  # the transform, no matrix read
         _code_filter_kernel[(nprog + ride, BH)](
-            q, self.rot32, QR, count if tau_t is None else tau_t, tau_s, self.max_norm, self.max_err, self.codes,
+            q, self.rot32, self.signs if hadamard else self.rot32, QR, count if tau_t is None else tau_t, tau_s,
+            self.max_norm, self.max_err, self.codes,
             self.scale, self.err, count, surv, self.lengths, self.status, count if rem is None else rem,
             kv[0], kv[1], count if bias_t is None else bias_t, bias_s, o_part, l_part, kn, vn,
-            count if step_lens is None else step_lens,
             q.stride(0), q.stride(1), q.stride(2),
             ts[0], ts[1], ts[2], self.codes.stride(0), self.codes.stride(1), self.codes.stride(2),
             self.scale.stride(0), self.scale.stride(1),
@@ -459,10 +472,10 @@ class CodeKVCache:
             UPCAST=interpreting() or (attend is not None and q.dtype == torch.float32), ROTATE=rotate,
             BLOCK_K=min(32, D), STAGES=num_stages, CERTIFY=certify, ATTEND=attend is not None, KIND=kind_id,
             ALPHA=alpha, BIAS_TENSOR=bias_t is not None, BLOCK_A=block_a, GROUP=group, PDL=pdl, launch_pdl=pdl,
-            ADD=ride, num_warps=num_warps)
+            ADD=ride, HADAMARD=hadamard, LOG_D=D.bit_length() - 1, num_warps=num_warps)
         plan = CodePlan(surv, count, seg, (tau_t, tau_s), (bias_t, bias_s), rows, M, self._version,
                         remainder=rem, scale=s)
-        return plan if attend is None else (plan, o_part, l_part)
+        return plan if attend is None else (plan, o_part, l_part, t)
 
     def _dense_plan(self, q, tau, *, bias=0.0, certify=False, scale=None):
         """A plan with no filter (nothing launched): ``run`` then scores every key."""
@@ -560,17 +573,20 @@ class CodeKVCache:
             num_warps=4)
         return self._finish(q, o_part, l_part, rem, (tau_t, tau_s), s, out, lse, return_terms, eps)
 
-    def _finish(self, q, o_part, l_part, rem, tau, s, out, lse, return_terms, eps=None, pdl=None):
+    def _finish(self, q, o_part, l_part, rem, tau, s, out, lse, return_terms, eps=None, pdl=None, added=0):
         """Merge the partials into ``out``, ``lse`` (allocated if None); with ``rem`` (the
         dropped terms' sum) also the certificate: ``(out, lse, bound[, log_dropped, lse_low])``,
         guarded when ``eps`` is given (the one place every path applies :meth:`_guard`).
-        ``pdl``: the merge as a programmatic dependent launch (default :attr:`pdl`)."""
+        ``pdl``: the merge as a programmatic dependent launch (default :attr:`pdl`).
+        ``added``: tokens the launch before added without advancing the lengths: the merge
+        advances them (before the certificate and the guard read them)."""
         B, Hq, M, D = q.shape
         if out is None:
             out = torch.empty(B, Hq, M, D, dtype=q.dtype, device=self.device)
         if lse is None:
             lse = torch.empty(B, Hq, M, dtype=torch.float32, device=self.device)
-        merge_partials(o_part, l_part, out, lse, M, pdl=self.pdl if pdl is None else pdl)
+        merge_partials(o_part, l_part, out, lse, M, pdl=self.pdl if pdl is None else pdl,
+                       advance=(self.lengths, added, self.capacity, Hq // self.Hkv) if added else None)
         if rem is None:
             return out, lse
         bound, log_dropped, lse_low = self._certificate(q, rem, lse, tau, s)
@@ -608,10 +624,11 @@ class CodeKVCache:
         Returns ``(plan, result)``, ``result`` as :meth:`_run`'s."""
         kind_id, alpha = self._attention_kind(kind, alpha, group_union)
         s = float(scale) if scale is not None else self.D ** -0.5
-        plan, o_part, l_part = self._plan(q, tau, bias=bias, certify=certify, scale=s,
-                                          attend=(kind_id, alpha, bool(group_union)), add=add, **(launch or {}))
+        plan, o_part, l_part, added = self._plan(q, tau, bias=bias, certify=certify, scale=s,
+                                                 attend=(kind_id, alpha, bool(group_union)), add=add,
+                                                 **(launch or {}))
         return plan, self._finish(q, o_part, l_part, plan.remainder, plan.tau, s, out, lse, return_terms, eps,
-                                  pdl=(launch or {}).get("pdl"))
+                                  pdl=(launch or {}).get("pdl"), added=added)
 
     def _guard(self, q, res, eps, scale):
         """``res = (out, lse, bound[, log_dropped, lse_low])`` of a certified softmax run, with

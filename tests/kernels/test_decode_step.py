@@ -7,10 +7,13 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hsr import AttentionSpec
+from hsr.kernels._code_kernels import _hadamard_rows
 from hsr.kernels.codes import CodeKVCache
 
 from .test_codes import _inputs, _reference
@@ -557,7 +560,7 @@ def test_dependent_launches_give_the_plain_launches_answer(device):
 
 
 
-@pytest.mark.parametrize("kind", ["softmax", "relu"])
+@pytest.mark.parametrize("kind", ["softmax", "relu", "union"])
 def test_the_add_riding_in_the_filter_launch_keeps_the_answer(device, kind):
     # _plan(add_in_filter=True): a program of the filter's launch adds the step's tokens and
     # attends them from their exact scores while the filter programs scan the keys below the
@@ -568,6 +571,8 @@ def test_the_add_riding_in_the_filter_launch_keeps_the_answer(device, kind):
     q, k, v = _inputs(B, Hkv, G, M, n0 + 2 * steps, D, torch.float32, device, False, seed=33)
     g = torch.Generator(device="cpu").manual_seed(4)
     scale = D ** -0.5
+    union = kind == "union"  # softmax, each row keeping its group's union
+    kind = "softmax" if union else kind
     if kind == "softmax":
         tau, bias = (torch.rand(B, Hkv * G, M, generator=g) * 2).to(device), 0.0
     else:
@@ -581,24 +586,49 @@ def test_the_add_riding_in_the_filter_launch_keeps_the_answer(device, kind):
         res = []
         for c, ride in zip(caches, (True, False)):
             res.append(c._fused(qi, tau, bias=bias, kind=kind, alpha=2, scale=scale, certify=certify,
-                                return_terms=certify, add=(kk, vv), launch=dict(add_in_filter=ride))[1])
+                                return_terms=certify, add=(kk, vv), group_union=union,
+                                launch=dict(add_in_filter=ride))[1])
             c.advanced(2)
         (a, lse_a, *cert_a), (b, lse_b, *cert_b) = res
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(lse_a, lse_b, atol=1e-6, rtol=1e-6)
         n = n0 + 2 * i + 2
         bias_r = bias if kind == "softmax" else bias.double()[..., None]
-        ref = _reference(qi, k[:, :, :n], v[:, :, :n], torch.as_tensor(tau).double(), kind, 2, bias_r, scale)[0]
+        if union:
+            ref = _union_reference(qi, k[:, :, :n], v[:, :, :n], tau, scale)[0]
+        else:
+            ref = _reference(qi, k[:, :, :n], v[:, :, :n], torch.as_tensor(tau).double(), kind, 2, bias_r, scale)[0]
         torch.testing.assert_close(a.double(), ref, atol=1e-5, rtol=1e-5)
         if certify:  # (bound, log_dropped, lse_low)
             assert (cert_a[0] <= cert_b[0] + 1e-6 + 1e-5 * cert_b[0]).all()
             assert (cert_a[1] <= cert_b[1] + 1e-6 + 1e-5 * cert_b[1].abs()).all()
             torch.testing.assert_close(cert_a[2], cert_b[2], atol=1e-6, rtol=1e-5)
-    for name in ("k", "v", "codes", "scale", "err", "max_norm", "max_err", "lengths"):
+    for name in ("k", "v", "lengths"):
         assert torch.equal(getattr(caches[0], name), getattr(caches[1], name)), name
+    assert (caches[0].codes.int() - caches[1].codes.int()).abs().max().item() <= 1  # as in the test below
+    for name in ("scale", "err", "max_norm", "max_err"):
+        torch.testing.assert_close(getattr(caches[0], name), getattr(caches[1], name), atol=0, rtol=1e-5)
     assert caches[0].lengths.tolist() == [n0 + 2 * steps] * (B * Hkv)
     for c in caches:
         c.check()
+
+
+def test_the_add_riding_in_the_filter_launch_keeps_a_new_token_tied_at_tau(device):
+    # integer-valued scores: each row's tau is exactly its score with the token the step adds
+    # (kept: score >= tau), the keys before it kept or not by the same rule
+    B, Hkv, G, D, n0 = 1, 2, 3, 16, 90
+    q, k, v = _inputs(B, Hkv, G, 1, n0 + 1, D, torch.float32, device, True, seed=13)
+    new = k[:, :, n0:n0 + 1]
+    tau = (q.double() @ new.double().repeat_interleave(G, 1).transpose(-1, -2))[..., 0].float()  # (B, Hq, 1)
+    outs = []
+    for ride in (True, False):
+        cache = CodeKVCache(k[:, :, :n0], v[:, :, :n0], capacity=n0 + 8)
+        outs.append(cache._fused(q, tau, bias=0.0, kind="softmax", alpha=2, scale=None, certify=False,
+                                 add=(new.contiguous(), v[:, :, n0:n0 + 1].contiguous()),
+                                 launch=dict(add_in_filter=ride))[1][0])
+    ref = _reference(q, k, v, tau.double(), "softmax", 2, 0.0, D ** -0.5)[0]
+    torch.testing.assert_close(outs[0].double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-6, rtol=1e-6)
 
 
 def test_the_add_riding_in_the_filter_launch_flags_bad_tokens_and_a_full_cache(device):
@@ -625,3 +655,78 @@ def test_the_add_riding_in_the_filter_launch_flags_bad_tokens_and_a_full_cache(d
     assert torch.equal(cache.k, before[0]) and torch.equal(cache.codes, before[1])
     with pytest.raises(ValueError, match="past the capacity"):
         cache.check()
+
+
+def test_hadamard_rotation_is_a_signed_scaled_hadamard():
+    from hsr.kernels._code_plan import hadamard_rotation
+
+    for d in (16, 64, 128):
+        r = hadamard_rotation(d, 5, "cpu")
+        torch.testing.assert_close(r @ r.T, torch.eye(d, dtype=torch.float64), atol=1e-12, rtol=0)
+        r32 = r.float()
+        assert (r32.abs() == r32[0, 0].abs()).all()  # one magnitude c: exactly c H diag(signs)
+        i = torch.arange(d)
+        bits = torch.tensor([bin(x).count("1") for x in (i[:, None] & i[None, :]).flatten().tolist()]).view(d, d)
+        sylvester = 1.0 - 2.0 * (bits % 2)  # H[i, j] = (-1)^popcount(i & j)
+        assert torch.equal(torch.sign(r32) * torch.sign(r32[0])[None, :], sylvester)
+    with pytest.raises(ValueError, match="power-of-two"):
+        hadamard_rotation(96, 0, "cpu")
+    k = torch.randn(1, 1, 8, 32)
+    with pytest.raises(ValueError, match="rotation must be"):
+        CodeKVCache(k, k, rotation="random")
+
+
+@triton.jit
+def _hadamard_rows_kernel(Q, S, R, O, ROWS: tl.constexpr, D: tl.constexpr, LOG_D: tl.constexpr):
+    r = tl.arange(0, ROWS)
+    d = tl.arange(0, D)
+    q = tl.load(Q + r[:, None] * D + d[None, :])
+    tl.store(O + r[:, None] * D + d[None, :], _hadamard_rows(q, S, R, ROWS, D, LOG_D))
+
+
+@pytest.mark.parametrize("D", [32, 64, 128, 256])
+def test_the_filters_hadamard_transform_is_the_stored_rotation(device, D):
+    # the butterflies against q @ ROT^T in float64: within (log2 D + 1) u |q| per row, the
+    # bound docs/codes.md gives (far below the dense product's, which the slack allows for)
+    k = torch.randn(1, 1, 8, D, device=device)
+    cache = CodeKVCache(k, k, rotation="hadamard", seed=3)
+    q = torch.randn(16, D, device=device) * torch.logspace(-20, 20, 16, device=device)[:, None]
+    q[3] = 0.0
+    out = torch.empty_like(q)
+    _hadamard_rows_kernel[(1,)](q, cache.signs, cache.rot32, out, ROWS=16, D=D, LOG_D=D.bit_length() - 1)
+    ref = q.double() @ cache.rot32.double().T
+    err = (out.double() - ref).norm(dim=1)
+    assert (err <= (D.bit_length() + 0.01) * 2.0 ** -24 * q.double().norm(dim=1)).all()
+
+
+@pytest.mark.parametrize("kind", ["softmax", "relu"])
+def test_a_two_launch_step_rotating_by_hadamard_in_the_filter(device, kind):
+    # rotation="hadamard" with the query rotated inside the filter (the transform) and the add
+    # riding in its launch: a step is the filter's launch and the merge. Every length against
+    # the dense answer, and against the same cache's default three-launch step
+    B, Hkv, G, D, n0, steps = 2, 2, 3, 64, 100, 6
+    q, k, v = _inputs(B, Hkv, G, 1, n0 + steps, D, torch.float32, device, False, seed=17)
+    scale = D ** -0.5
+    bias = 0.2 if kind == "relu" else 0.0
+    tau = 0.5 if kind == "softmax" else bias / scale
+    caches = [CodeKVCache(k[:, :, :n0], v[:, :, :n0], capacity=n0 + steps, rotation="hadamard") for _ in range(2)]
+    launches = (dict(rotate_inside=True, add_in_filter=True), None)
+    for i in range(steps):
+        n = n0 + i + 1
+        qi = q.roll(i, dims=-1).contiguous()
+        kk, vv = k[:, :, n - 1:n].contiguous(), v[:, :, n - 1:n].contiguous()
+        outs = []
+        for c, launch in zip(caches, launches):
+            outs.append(c._fused(qi, tau, bias=bias, kind=kind, alpha=2, scale=scale, certify=False, add=(kk, vv),
+                                 launch=launch)[1][0])
+            c.advanced(1)
+        ref = _dense(qi, k[:, :, :n], v[:, :, :n], kind, tau, bias, scale)
+        torch.testing.assert_close(outs[0].double(), ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(outs[0], outs[1], atol=1e-6, rtol=1e-6)
+    assert caches[0].lengths.tolist() == caches[1].lengths.tolist() == [n0 + steps] * (B * Hkv)
+    # the riding add rotates 32 columns at a time, the default all at once: a sum may round
+    # otherwise (a code within one step, the bounds within fp32 rounding, each sound)
+    assert (caches[0].codes.int() - caches[1].codes.int()).abs().max().item() <= 1
+    for name in ("scale", "err", "max_norm", "max_err"):
+        torch.testing.assert_close(getattr(caches[0], name), getattr(caches[1], name), atol=0, rtol=1e-5)
+    caches[0].check()
