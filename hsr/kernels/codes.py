@@ -79,7 +79,8 @@ class CodeKVCache:
         randomized Hadamard matrix ``H diag(signs) / sqrt(D)``, which a filter that rotates
         the query itself applies as a fast Walsh-Hadamard transform (no matrix to read: see
         :meth:`_plan`'s ``rotate_inside``). The same quality of codes on real keys (survivors
-        4.24% against 4.25% of the keys at the top 1%, SmolLM2, 8K); not yet measured on a GPU.
+        4.21–4.24% against 4.21–4.25% of the keys at the top 1%, SmolLM2, 8K, three seeds);
+        its speed not yet measured on a GPU.
     capacity : int, optional
         Rows to reserve. Appending beyond it reallocates (and invalidates captured steps).
 
