@@ -88,9 +88,9 @@ case "${1:-decode}" in
               --out "$OUT/step_variants.json" 2>&1 | tee "$OUT/step_variants_log.txt"
             timeout 300 python bench/bench_decode_loop.py --n 131072 16384 32768 --dims 128 64 --batch 1 8 --reps 3 \
               --out "$OUT/decode_loop_pdl.json" 2>&1 | tee "$OUT/decode_loop_log.txt" ;;
-  ride)     timeout 200 python -m pytest -q -p no:cacheprovider tests/kernels/test_decode_step.py tests/kernels/test_replay.py \
+  ride)     timeout 240 python -m pytest -q -p no:cacheprovider tests/kernels/test_decode_step.py tests/kernels/test_replay.py \
               2>&1 | tee "$OUT/tests_log.txt"
-            timeout 200 python bench/diag_step_kernels.py --configs 4:131072:1 4:16384:1 3:16384:1:64 4:131072:8 \
+            timeout 300 python bench/diag_step_kernels.py --configs 4:131072:1 4:16384:1 3:16384:1:64 4:131072:8 \
               --variants --out "$OUT/step_variants.json" 2>&1 | tee "$OUT/step_variants_log.txt" ;;
   loop)     timeout 400 python bench/bench_decode_loop.py --n 131072 16384 32768 --dims 128 64 --batch 1 8 --reps 3 \
               --out "$OUT/decode_loop.json" 2>&1 | tee "$OUT/decode_loop_log.txt" ;;
