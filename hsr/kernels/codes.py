@@ -416,9 +416,9 @@ class CodeKVCache:
         ``add_in_filter`` (with ``attend``): in the filter's launch instead, one more program
         per head that adds them and attends them from their exact scores, beside the filter
         programs (which scan the keys below the old length; the merge advances it): then no
-        launch waits for the add's chain. Built for measuring (``bench/diag_step_kernels.py --variants``), not yet
-        measured on a GPU, so not the default; its certificate is tighter (the new tokens'
-        dropped terms are their exact mass).
+        launch waits for the add's chain. Built for measuring (``bench/diag_step_kernels.py
+        --variants``), not yet measured on a GPU, so not the default; its certificate is
+        tighter (the new tokens' dropped terms are their exact mass).
         ``prepare``: the rotating launch's parameters (:meth:`_launch_prepare`), for tuning benches;
         ``block_a``: survivors a fused program attends at a time. ``pdl``: the first launch and
         the filter as programmatic dependent launches (default :attr:`pdl`)."""

@@ -19,6 +19,16 @@ from hsr.kernels.codes import CodeKVCache
 from .test_codes import _inputs, _reference
 
 
+def _row_thresholds(kind, shape, scale, seed, device):
+    """Per-row ``(tau, bias)`` of ``shape`` (B, Hq, M): softmax a random tau in [0, 2) and no
+    bias; ReLU a random bias in [0, 0.5) and the exact tau ``bias / scale``."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    if kind == "softmax":
+        return (torch.rand(shape, generator=g) * 2).to(device), 0.0
+    bias = (torch.rand(shape, generator=g) * 0.5).to(device)
+    return bias / scale, bias
+
+
 def _dense(q, k, v, kind, tau, bias, scale):
     t = torch.as_tensor(tau, dtype=torch.float64, device=q.device).expand(q.shape[:3])
     return _reference(q, k, v, t, kind, 2, bias, scale)[0]
@@ -235,13 +245,8 @@ def test_fused_step_equals_the_two_launch_step(device, kind):
     # summation order, the same certificate; per-row tau and bias tensors, M = 2 causal rows
     B, Hkv, G, M, D, n0 = 2, 2, 3, 2, 32, 150
     q, k, v = _inputs(B, Hkv, G, M, n0 + 6, D, torch.float32, device, False, seed=31)
-    g = torch.Generator(device="cpu").manual_seed(3)
     scale = D ** -0.5
-    if kind == "softmax":
-        tau, bias = (torch.rand(B, Hkv * G, M, generator=g) * 2).to(device), 0.0
-    else:
-        bias = (torch.rand(B, Hkv * G, M, generator=g) * 0.5).to(device)
-        tau = bias / scale
+    tau, bias = _row_thresholds(kind, (B, Hkv * G, M), scale, 3, device)
     caches = [CodeKVCache(k[:, :, :n0], v[:, :, :n0], capacity=n0 + 8) for _ in range(2)]
     steps = [c.decode_step(q, k[:, :, :M], v[:, :, :M], kind=kind, tau=tau, bias=bias, fuse=f,
                            certify=kind == "softmax") for c, f in zip(caches, (True, False))]
@@ -569,15 +574,10 @@ def test_the_add_riding_in_the_filter_launch_keeps_the_answer(device, kind):
     # within fp32 summation order, the dense answer, and a certificate never looser
     B, Hkv, G, M, D, n0, steps = 2, 2, 3, 2, 32, 150, 3
     q, k, v = _inputs(B, Hkv, G, M, n0 + 2 * steps, D, torch.float32, device, False, seed=33)
-    g = torch.Generator(device="cpu").manual_seed(4)
     scale = D ** -0.5
     union = kind == "union"  # softmax, each row keeping its group's union
     kind = "softmax" if union else kind
-    if kind == "softmax":
-        tau, bias = (torch.rand(B, Hkv * G, M, generator=g) * 2).to(device), 0.0
-    else:
-        bias = (torch.rand(B, Hkv * G, M, generator=g) * 0.5).to(device)
-        tau = bias / scale
+    tau, bias = _row_thresholds(kind, (B, Hkv * G, M), scale, 4, device)
     caches = [CodeKVCache(k[:, :, :n0], v[:, :, :n0], capacity=n0 + 8) for _ in range(2)]
     certify = kind == "softmax"
     for i in range(steps):
