@@ -205,6 +205,8 @@ def one_config(real, D, n, B, steps, reps, top, bw, dev, profile=False, sweep=Fa
 
     # ---------------- ours
     cache = CodeKVCache(k[:, :, :n0], v[:, :, :n0], capacity=n)
+    res["rotation"] = cache.rotation
+    res["step_form"] = cache.step_form()  # two launches or three (CodeKVCache.step_form)
     reset = lambda: cache.crop(n0)  # noqa: E731
     step = cache.decode_step(q, knew[0], vnew[0], kind="softmax", tau=tau)
     res["ours_graph_ms"] = time_loop(lambda i: step(qs[i], knew[i], vnew[i]), steps, reps, reset)

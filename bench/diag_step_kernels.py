@@ -13,9 +13,10 @@ its top 1%.
 filter's launch parameters — programs per SM, keys per tile, warps — each timed in the same
 loop; the defaults were chosen on the older, unfused filter. ``--prepare-sweep``: the same
 over the parameters of the step's first launch (the query's rotation and the add), with each
-kernel's GPU time. ``--variants``: the step in other forms (``VARIANTS``: the add in the
-filter's launch, the Hadamard rotation and its transform inside the filter, the step without
-its add, plain launches), at every configuration (``Hkv:n:B``, or ``3:n:B:64`` for d 64).
+kernel's GPU time. ``--variants``: the step in other forms (``VARIANTS``: three launches and two (the
+query's Hadamard transform inside the filter, the add in its launch), the default
+(``CodeKVCache.step_form``), the Haar rotation, the step without its add, plain launches), at
+every configuration (``Hkv:n:B``, or ``3:n:B:64`` for d 64).
 """
 from __future__ import annotations
 
@@ -127,14 +128,17 @@ def prepare_sweep(cache, q, tau, knew, vnew, n0, steps):
     return rows
 
 
-VARIANTS = [("default", {}, True),
-            ("the add in the filter's launch, its own program", dict(add_in_filter=True), True),
-            ("Hadamard rotation (its codes), the default launches", dict(rotation="hadamard"), True),
-            ("Hadamard rotation, the query's transform in the filter, the add in its launch: two launches",
-             dict(rotation="hadamard", rotate_inside=True, add_in_filter=True), True),
-            ("without the add", {}, False),
-            ("programmatic dependent launches off", dict(pdl=False), True),
-            ("default again (drift)", {}, True)]
+THREE = dict(rotate_inside=False, add_in_filter=False)
+TWO = dict(rotate_inside=True, add_in_filter=True)
+VARIANTS = [("three launches (the Hadamard rotation, the default cache)", THREE, True),
+            ("two launches: the query's transform in the filter, the add in its launch", TWO, True),
+            ("the default (CodeKVCache.step_form)", {}, True),
+            ("the add in the filter's launch, the query rotated apart", dict(add_in_filter=True, rotate_inside=False),
+             True),
+            ("the Haar rotation (its codes), three launches", dict(THREE, rotation="haar"), True),
+            ("three launches without the add", THREE, False),
+            ("three launches, programmatic dependent launches off", dict(THREE, pdl=False), True),
+            ("three launches again (drift)", THREE, True)]
 # measured and dropped from the list (H100, 2026-12-06, bench/results/step_variants_h100_2026-12-06.json
 # and _run2): the rotation inside the filter with the add in its own launch (+20 us at 128K),
 # survivors attended 16, 32 or 128 at a time (+9, +5, +15 us), the add after the first column

@@ -29,11 +29,14 @@
 #            H100: bench/results/generate_gpu_h100_2026-12-06_{ceiling,8b_32k_b8_ceiling}.json)
 #   pdl      programmatic dependent launches (CodeKVCache.pdl): the decode-step tests compiled, the step's
 #            variants (PDL off) at 128K and 16K, B 1, the decode loop at every size (rows with plain launches)
-#   ride     STILL OWED: a step of two launches (built 2026-12-06, not yet measured): the add's program
+#   ride     a step of two launches (ran on 2026-12-06, H100: bench/results/step_variants_h100_2026-12-06_ride.json): the add's program
 #            in the filter's launch (add_in_filter=True) and the Hadamard rotation's transform inside the
 #            filter (rotation="hadamard", rotate_inside=True). The decode-step and replay tests compiled,
 #            the step's variants at 128K and 16K, d 128 and d 64, B 1, and 128K B 8 (if one wins: make it
 #            the default, then run loop)
+#   form     the step's forms where the two-launch step (CodeKVCache.step_form) is the default: the
+#            variants at d 64 (16K-128K, B 1 and 8) and d 128 (32K B 1, 16K B 8), then the decode-step and
+#            replay tests compiled
 #   loop     the decode loop at every size (16K-128K, d 128 and 64, B 1 and 8)
 #   ncu      Nsight Compute on one eager decode step's three kernels at 128K, B 1 (bench/profile_step_ncu.py):
 #            throughput, occupancy and warp stall reasons, as text (ran on 2026-12-06, H100:
@@ -92,6 +95,11 @@ case "${1:-decode}" in
               2>&1 | tee "$OUT/tests_log.txt"
             timeout 300 python bench/diag_step_kernels.py --configs 4:131072:1 4:16384:1 3:16384:1:64 4:131072:8 \
               --variants --out "$OUT/step_variants.json" 2>&1 | tee "$OUT/step_variants_log.txt" ;;
+  form)     timeout 200 python bench/diag_step_kernels.py --configs 3:16384:1:64 3:32768:1:64 3:131072:1:64 \
+              3:16384:8:64 3:131072:8:64 4:32768:1 4:16384:8 --variants --out "$OUT/step_variants.json" 2>&1 \
+              | tee "$OUT/step_variants_log.txt"
+            timeout 340 python -m pytest -v --tb=short -p no:cacheprovider tests/kernels/test_decode_step.py \
+              tests/kernels/test_replay.py 2>&1 | tee "$OUT/tests_log.txt" ;;
   loop)     timeout 400 python bench/bench_decode_loop.py --n 131072 16384 32768 --dims 128 64 --batch 1 8 --reps 3 \
               --out "$OUT/decode_loop.json" 2>&1 | tee "$OUT/decode_loop_log.txt" ;;
   ncu)      NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)

@@ -74,13 +74,13 @@ class CodeKVCache:
         [16, 256]). ``v=None`` keeps keys only (an index: :meth:`plan`, no attention).
     seed : int
         Seeds the random rotation.
-    rotation : {"haar", "hadamard"}
-        The codes' random rotation: a Haar-random orthogonal matrix (the default), or a
-        randomized Hadamard matrix ``H diag(signs) / sqrt(D)``, which a filter that rotates
-        the query itself applies as a fast Walsh-Hadamard transform (no matrix to read: see
-        :meth:`_plan`'s ``rotate_inside``). The same quality of codes on real keys (survivors
-        4.21–4.24% against 4.21–4.25% of the keys at the top 1%, SmolLM2, 8K, three seeds);
-        its speed not yet measured on a GPU.
+    rotation : {"hadamard", "haar"}
+        The codes' random rotation: a randomized Hadamard matrix ``H diag(signs) / sqrt(D)``
+        (the default), which a filter that rotates the query itself applies as a fast
+        Walsh-Hadamard transform (no matrix to read: the decode step of two launches, see
+        :meth:`step_form`), or a Haar-random orthogonal matrix. The same quality of codes on
+        real keys (survivors 4.21–4.24% against 4.21–4.25% of the keys at the top 1%,
+        SmolLM2, 8K, three seeds) and the same step time where both run three launches (H100).
     capacity : int, optional
         Rows to reserve. Appending beyond it reallocates (and invalidates captured steps).
 
@@ -100,7 +100,7 @@ class CodeKVCache:
     """
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor | None, *, seed: int = 0, capacity: int | None = None,
-                 rotation: str = "haar") -> None:
+                 rotation: str = "hadamard") -> None:
         self._lock = RWLock()  # adds wait for searches in flight; searches run together
         self.has_values = v is not None
         if v is None:
@@ -125,7 +125,7 @@ class CodeKVCache:
         self.B, self.Hkv, self.D = B, Hkv, D
         self.DP = max(32, -(-D // 32) * 32)
         if rotation not in ("haar", "hadamard"):
-            raise ValueError(f"rotation must be 'haar' or 'hadamard', got {rotation!r}")
+            raise ValueError(f"rotation must be 'hadamard' or 'haar', got {rotation!r}")
         self.rotation = rotation
         # the fp32 rotation is the rotation: its defect from orthogonality is measured in fp64
         make = hadamard_rotation if rotation == "hadamard" else random_rotation
@@ -406,7 +406,7 @@ class CodeKVCache:
         """:meth:`plan`'s body: ``q`` checked, the read lock held by the caller. ``rotate_inside``:
         the filter rotates the rows itself (one launch fewer; with the Haar rotation, a matrix
         product per filter program: measured slower on an H200 and an H100; with
-        ``rotation="hadamard"``, a fast Walsh-Hadamard transform, not yet measured).
+        ``rotation="hadamard"``, a fast Walsh-Hadamard transform: see :meth:`step_form`).
         ``attend=(kind_id, alpha, group_union)``: the filter programs also attend their own survivors (one
         launch); returns ``(plan, o_part, l_part, t)``, the partials indexed by filter program
         and the tokens added in the filter's launch (``add_in_filter``; else 0), which the
@@ -416,9 +416,8 @@ class CodeKVCache:
         ``add_in_filter`` (with ``attend``): in the filter's launch instead, one more program
         per head that adds them and attends them from their exact scores, beside the filter
         programs (which scan the keys below the old length; the merge advances it): then no
-        launch waits for the add's chain. Built for measuring (``bench/diag_step_kernels.py
-        --variants``), not yet measured on a GPU, so not the default; its certificate is
-        tighter (the new tokens' dropped terms are their exact mass).
+        launch waits for the add's chain (:meth:`step_form` says where it is the default); its
+        certificate is tighter (the new tokens' dropped terms are their exact mass).
         ``prepare``: the rotating launch's parameters (:meth:`_launch_prepare`), for tuning benches;
         ``block_a``: survivors a fused program attends at a time. ``pdl``: the first launch and
         the filter as programmatic dependent launches (default :attr:`pdl`)."""
@@ -616,20 +615,35 @@ class CodeKVCache:
                add=None, group_union=False, eps=None, launch=None):
         """Filter and attend in one launch (each filter program attends its own survivors),
         then the merge (and the certificate): what :meth:`attend` and a decode step run.
-        ``add=(k, v)``: add these tokens first, in the launch that rotates the query.
+        ``add=(k, v)``: add these tokens in the same step (in the launch that rotates the
+        query, or in the filter's: :meth:`step_form`).
         ``eps`` (with ``certify``): rows whose bound exceeds it attend every key (:meth:`_guard`).
-        ``launch``: the filter's launch parameters (:meth:`plan`'s ``block_n``, ``num_warps``,
+        ``launch``: ``_plan`` options over :meth:`step_form`'s (``block_n``, ``num_warps``,
         ``num_stages``, ``programs_per_sm``; ``prepare``, a dict for the launch that rotates
-        the query and adds; ``pdl``, programmatic dependent launches or not), for tuning
-        benches; the defaults otherwise.
+        the query and adds; ``pdl``; ``rotate_inside``, ``add_in_filter``), for tuning benches
+        and tests.
         Returns ``(plan, result)``, ``result`` as :meth:`_run`'s."""
         kind_id, alpha = self._attention_kind(kind, alpha, group_union)
         s = float(scale) if scale is not None else self.D ** -0.5
+        launch = {**self.step_form(add is not None), **(launch or {})}
         plan, o_part, l_part, added = self._plan(q, tau, bias=bias, certify=certify, scale=s,
-                                                 attend=(kind_id, alpha, bool(group_union)), add=add,
-                                                 **(launch or {}))
+                                                 attend=(kind_id, alpha, bool(group_union)), add=add, **launch)
         return plan, self._finish(q, o_part, l_part, plan.remainder, plan.tau, s, out, lse, return_terms, eps,
-                                  pdl=(launch or {}).get("pdl"), added=added)
+                                  pdl=launch.get("pdl"), added=added)
+
+    def step_form(self, adding: bool = True) -> dict:
+        """The launches of a fused step (:meth:`attend`, a decode step), as ``_plan`` options.
+
+        Three launches by default: the query's rotation (and the add), the filter that
+        attends its survivors, the merge. Two where measured faster (H100, 2026-12-06,
+        ``bench/results/step_variants_h100_2026-12-06_ride.json``): with the Hadamard
+        rotation at d <= 64 a step that adds drops its first launch, each filter program
+        rotating the query by a fast Walsh-Hadamard transform and one more program per head
+        adding the tokens and attending them (13.2 against 15.1 µs at d 64, 16K, B 1). At
+        d 128 the same form gained nothing at 16K and lost 3 µs at 128K B 1, 42 µs at B 8.
+        Returns ``{"rotate_inside": bool, "add_in_filter": bool}``."""
+        two = bool(adding) and self.signs is not None and self.DP == self.D <= 64
+        return {"rotate_inside": two, "add_in_filter": two}
 
     def _guard(self, q, res, eps, scale):
         """``res = (out, lse, bound[, log_dropped, lse_low])`` of a certified softmax run, with
