@@ -688,15 +688,16 @@ def test_hadamard_rotation_is_a_signed_scaled_hadamard(device):
 
 
 def test_step_form_is_two_launches_only_where_measured_faster(device):
-    # two launches: a step that adds, the Hadamard rotation, d 32 or 64 (no padded columns)
-    def form(D, rotation="hadamard", adding=True):
-        k = torch.randn(1, 1, 8, D, device=device)
+    # two launches: a step that adds, the Hadamard rotation, d 32 or 64 (no padded columns),
+    # fewer than 16 (batch, kv head) pairs
+    def form(D, rotation="hadamard", adding=True, B=1, Hkv=1):
+        k = torch.randn(B, Hkv, 8, D, device=device)
         return CodeKVCache(k, k, rotation=rotation).step_form(adding)
 
     two, three = dict(rotate_inside=True, add_in_filter=True), THREE
-    assert form(64) == form(32) == two
+    assert form(64) == form(32) == form(64, B=3, Hkv=5) == two
     assert form(128) == form(256) == form(16) == three
-    assert form(64, "haar") == form(64, adding=False) == three
+    assert form(64, "haar") == form(64, adding=False) == form(64, B=8, Hkv=2) == form(32, B=16) == three
 
 
 @triton.jit
