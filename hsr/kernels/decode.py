@@ -183,9 +183,9 @@ class DecodeStep:
                 raise ValueError(f"this step takes q {tuple(self.q.shape)}, k and v {tuple(self.k.shape)}; got "
                                  f"{name} {tuple(x.shape)}")
         with c._lock.write():  # the step adds: searches of other threads wait, as for add()
-            for x, buf in ((q, self.q), (k, self.k), (v, self.v)):
-                if x is not None:
-                    buf.copy_(x)
+            pairs = [(buf, x) for x, buf in ((q, self.q), (k, self.k), (v, self.v)) if x is not None]
+            if pairs:  # one launch copies them all (three copy_ calls cost ~10 us of host time at B 1)
+                torch._foreach_copy_([b for b, _ in pairs], [x for _, x in pairs])
             if self._graph is not None:
                 self._graph.replay()
             else:
