@@ -136,8 +136,6 @@ VARIANTS = [("three launches (the Hadamard rotation, the default cache)", THREE,
             ("the add in the filter's launch, the query rotated apart", dict(add_in_filter=True, rotate_inside=False),
              True),
             ("the Haar rotation (its codes), three launches", dict(THREE, rotation="haar"), True),
-            ("three launches, two key tiles a filter iteration", dict(THREE, tiles=2), True),
-            ("two launches, two key tiles a filter iteration", dict(TWO, tiles=2), True),
             ("three launches without the add", THREE, False),
             ("three launches, programmatic dependent launches off", dict(THREE, pdl=False), True),
             ("three launches again (drift)", THREE, True)]

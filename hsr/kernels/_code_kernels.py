@@ -328,40 +328,6 @@ def _add_tokens(KN, VN, K, V, CODES, SCALE, ERR, MAXN, MAXE, LENS, STATUS, ROT, 
 
 
 @triton.jit
-def _filter_tile(tile, cbase, sbase, s_cn, SCALE, ERR, N, q1, q2, a1, a2, qn, thr, offs_d,
-                 BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
-    # One tile of keys against the group's rows: the keys' positions, whether any row keeps
-    # each (its bound reaches the row's threshold; masked past N), and the bounds (rows, keys)
-    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
-    c = tl.load(cbase + offs_n[:, None].to(tl.int64) * s_cn + offs_d[None, :], mask=n_ok[:, None], other=0)
-    # (rows, keys): an M of 16 rows, the older MMA. The other way round, codes @ parts^T with
-    # the keys as M (Hopper's warpgroup MMA reading the staged codes from shared memory),
-    # measured slower at B 1: 50.3 against 47.2 us at 128K, 22.4 against 20.4 at 16K; 1% faster
-    # at B 8 (H100, bench/results/step_variants_h100_2026-12-06_codes_first.json)
-    if UPCAST:  # the interpreter's int8 matmul would wrap: integer-valued fp32 sums are exact
-        p1 = tl.dot(q1, tl.trans(c.to(tl.float32)), input_precision="ieee")
-        p2 = tl.dot(q2, tl.trans(c.to(tl.float32)), input_precision="ieee")
-    else:
-        p1 = tl.dot(q1, tl.trans(c)).to(tl.float32)  # exact int32, |.| < 2^24
-        p2 = tl.dot(q2, tl.trans(c)).to(tl.float32)
-    s = tl.load(SCALE + sbase + offs_n, mask=n_ok, other=0.0)
-    e = tl.load(ERR + sbase + offs_n, mask=n_ok, other=0.0)
-    ub = s[None, :] * (a1[:, None] * p1 + a2[:, None] * p2) + qn[:, None] * e[None, :]
-    hit = tl.where(ub >= thr[:, None], 1, 0)
-    keep = (tl.max(hit, 0) > 0) & n_ok
-    return offs_n, keep, ub
-
-
-@triton.jit
-def _dropped_bound(ub, thr, keep, offs_n, N, limit, qk_scale):
-    # the certificate's terms of the keys no row keeps, per row: score - tau <= ub - thr < 0
-    # (thr absorbs every rounding); keys past a row's causal limit are not in its softmax
-    out = (offs_n[None, :] < N) & ~keep[None, :] & (offs_n[None, :] <= limit[:, None])
-    return tl.sum(tl.where(out, tl.exp2((ub - thr[:, None]) * qk_scale), 0.0), 1)
-
-
-@triton.jit
 def _code_filter_kernel(Q, ROT, SIGNS, QR, TAU, tau_scalar, MAXN, MAXE, CODES, SCALE, ERR, COUNT, SURV, LENS, STATUS,
                         REM, K, V, BIAS, bias_scalar, O_PART, L_PART, KN, VN,
                         s_qb, s_qh, s_qm, s_tb, s_th, s_tm, s_cb, s_ch, s_cn, s_sb, s_sh,
@@ -372,8 +338,7 @@ def _code_filter_kernel(Q, ROT, SIGNS, QR, TAU, tau_scalar, MAXN, MAXE, CODES, S
                         ROTATE: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
                         CERTIFY: tl.constexpr, ATTEND: tl.constexpr, KIND: tl.constexpr, ALPHA: tl.constexpr,
                         BIAS_TENSOR: tl.constexpr, BLOCK_A: tl.constexpr, GROUP: tl.constexpr,
-                        PDL: tl.constexpr, ADD: tl.constexpr, HADAMARD: tl.constexpr, LOG_D: tl.constexpr,
-                        TILES: tl.constexpr):
+                        PDL: tl.constexpr, ADD: tl.constexpr, HADAMARD: tl.constexpr, LOG_D: tl.constexpr):
     # CERTIFY: REM (B*Hq*M,) fp32 += sum over the keys no row of the group keeps of
     # exp(scale * (ub - thr)) >= exp(scale * (score - tau)) (qk_scale = scale * log2(e))
     # ATTEND (filter and attend fused): each program then attends its own survivors, as
@@ -444,27 +409,32 @@ def _code_filter_kernel(Q, ROT, SIGNS, QR, TAU, tau_scalar, MAXN, MAXE, CODES, S
     # (the full tiles without masks and their offsets shared, the partial one after them: 17%
     # fewer instructions a tile on sm_90, measured slower: 48.3 against 47.6 us at 128K B 1,
     # 22.2 against 20.7 at 16K, 246.7 against 241.1 at B 8; step_variants_h100_2026-12-06_hoist.json)
-    # TILES 2: each iteration takes tiles i and i + NPROG, two independent chains a warp can
-    # interleave (the B 1 filter stalls on instruction latencies with 2 warps a scheduler)
-    for tile in tl.range(pid_n, n_tiles, NPROG * TILES, num_stages=STAGES):
-        offs_n, keep, ub = _filter_tile(tile, cbase, sbase, s_cn, SCALE, ERR, N, q1, q2, a1, a2, qn, thr,
-                                        offs_d, BLOCK_N, UPCAST)
-        if TILES == 2:
-            offs_n2, keep2, ub2 = _filter_tile(tile + NPROG, cbase, sbase, s_cn, SCALE, ERR, N, q1, q2, a1, a2, qn,
-                                               thr, offs_d, BLOCK_N, UPCAST)
+    for tile in tl.range(pid_n, n_tiles, NPROG, num_stages=STAGES):
+        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        c = tl.load(cbase + offs_n[:, None].to(tl.int64) * s_cn + offs_d[None, :], mask=n_ok[:, None], other=0)
+        # (rows, keys): an M of 16 rows, the older MMA. The other way round, codes @ parts^T with
+        # the keys as M (Hopper's warpgroup MMA reading the staged codes from shared memory),
+        # measured slower at B 1: 50.3 against 47.2 us at 128K, 22.4 against 20.4 at 16K; 1% faster
+        # at B 8 (H100, bench/results/step_variants_h100_2026-12-06_codes_first.json)
+        if UPCAST:  # the interpreter's int8 matmul would wrap: integer-valued fp32 sums are exact
+            p1 = tl.dot(q1, tl.trans(c.to(tl.float32)), input_precision="ieee")
+            p2 = tl.dot(q2, tl.trans(c.to(tl.float32)), input_precision="ieee")
+        else:
+            p1 = tl.dot(q1, tl.trans(c)).to(tl.float32)  # exact int32, |.| < 2^24
+            p2 = tl.dot(q2, tl.trans(c)).to(tl.float32)
+        s = tl.load(SCALE + sbase + offs_n, mask=n_ok, other=0.0)
+        e = tl.load(ERR + sbase + offs_n, mask=n_ok, other=0.0)
+        ub = s[None, :] * (a1[:, None] * p1 + a2[:, None] * p2) + qn[:, None] * e[None, :]
+        hit = tl.where(ub >= thr[:, None], 1, 0)
+        keep = (tl.max(hit, 0) > 0) & n_ok
         keep_i = keep.to(tl.int32)
         pos = found + tl.cumsum(keep_i, 0) - 1
         tl.store(obase + pos, offs_n, mask=keep)
         found += tl.sum(keep_i, 0)
-        if CERTIFY:
-            rem += _dropped_bound(ub, thr, keep, offs_n, N, limit, qk_scale)
-        if TILES == 2:  # the later tile's survivors after the earlier's: ascending
-            keep_i2 = keep2.to(tl.int32)
-            pos2 = found + tl.cumsum(keep_i2, 0) - 1
-            tl.store(obase + pos2, offs_n2, mask=keep2)
-            found += tl.sum(keep_i2, 0)
-            if CERTIFY:
-                rem += _dropped_bound(ub2, thr, keep2, offs_n2, N, limit, qk_scale)
+        if CERTIFY:  # keys no row keeps: score - tau <= ub - thr < 0 (thr absorbs every rounding)
+            out = n_ok[None, :] & ~keep[None, :] & (offs_n[None, :] <= limit[:, None])
+            rem += tl.sum(tl.where(out, tl.exp2((ub - thr[:, None]) * qk_scale), 0.0), 1)
     tl.store(COUNT + pid_bh * NPROG + pid_n, found)
     row = (b * Hkv * G + head).to(tl.int64) * M + mrow
     if ATTEND:

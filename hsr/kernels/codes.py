@@ -402,7 +402,7 @@ class CodeKVCache:
 
     def _plan(self, q, tau, *, bias=0.0, block_n=128, num_warps=4, num_stages=3, programs_per_sm=None,
               rotate_inside=False, certify=False, scale=None, attend=None, add=None, prepare=None, block_a=64,
-              pdl=None, add_in_filter=False, tiles=1):
+              pdl=None, add_in_filter=False):
         """:meth:`plan`'s body: ``q`` checked, the read lock held by the caller. ``rotate_inside``:
         the filter rotates the rows itself (one launch fewer; with the Haar rotation, a matrix
         product per filter program: measured slower on an H200 and an H100; with
@@ -419,8 +419,7 @@ class CodeKVCache:
         launch waits for the add's chain (:meth:`step_form` says where it is the default); its
         certificate is tighter (the new tokens' dropped terms are their exact mass).
         ``prepare``: the rotating launch's parameters (:meth:`_launch_prepare`), for tuning benches;
-        ``block_a``: survivors a fused program attends at a time. ``tiles``: key tiles a filter
-        program takes an iteration (1 or 2: two independent chains). ``pdl``: the first launch and
+        ``block_a``: survivors a fused program attends at a time. ``pdl``: the first launch and
         the filter as programmatic dependent launches (default :attr:`pdl`)."""
         B, Hq, M, D = q.shape
         G = Hq // self.Hkv
@@ -458,8 +457,6 @@ class CodeKVCache:
         kn, vn = add if ride else (kv[0], kv[1])  # without the add: unread
         t = kn.shape[2] if ride else 0
         hadamard = rotate and self.signs is not None and self.DP == D  # the transform, no matrix read
-        if tiles not in (1, 2):
-            raise ValueError(f"tiles must be 1 or 2, got {tiles!r}")
         _code_filter_kernel[(nprog + ride, BH)](
             q, self.rot32, self.signs if hadamard else self.rot32, QR, count if tau_t is None else tau_t, tau_s,
             self.max_norm, self.max_err, self.codes,
@@ -475,9 +472,7 @@ class CodeKVCache:
             UPCAST=interpreting() or (attend is not None and q.dtype == torch.float32), ROTATE=rotate,
             BLOCK_K=min(32, D), STAGES=num_stages, CERTIFY=certify, ATTEND=attend is not None, KIND=kind_id,
             ALPHA=alpha, BIAS_TENSOR=bias_t is not None, BLOCK_A=block_a, GROUP=group, PDL=pdl, launch_pdl=pdl,
-            ADD=ride, HADAMARD=hadamard, LOG_D=D.bit_length() - 1, TILES=tiles, num_warps=num_warps,
-            # two tiles' chains need ~196 registers: ptxas would cap at 168 (3 programs an SM) and spill
-            **({"maxnreg": 232} if tiles == 2 and not interpreting() else {}))
+            ADD=ride, HADAMARD=hadamard, LOG_D=D.bit_length() - 1, num_warps=num_warps)
         plan = CodePlan(surv, count, seg, (tau_t, tau_s), (bias_t, bias_s), rows, M, self._version,
                         remainder=rem, scale=s)
         return plan if attend is None else (plan, o_part, l_part, t)
