@@ -148,7 +148,9 @@ VARIANTS = [("three launches (the Hadamard rotation, the default cache)", THREE,
 # wait (+0.1, +0.9 us); (step_variants_h100_2026-12-06_codes_first.json) the tile's scores as
 # codes @ query parts, keys the MMA's M (+3.1 us at 128K B 1, +2.0 at 16K, -3.1 at B 8);
 # (step_variants_h100_2026-12-06_hoist.json) the filter's full tiles without masks, their
-# offsets shared (17% fewer instructions a tile; +0.7 us at 128K B 1, +1.5 at 16K, +5.6 at B 8)
+# offsets shared (17% fewer instructions a tile; +0.7 us at 128K B 1, +1.5 at 16K, +5.6 at B 8);
+# (step_variants_h100_2026-12-06_tiles.json) two key tiles a filter iteration (+5.4 us at 128K B 1,
+# +1.7 at 16K, +25.8 at B 8; -1.2 at d 64 128K B 1)
 
 
 def variants(cache, q, tau, knew, vnew, n0, steps):

@@ -409,6 +409,10 @@ def _code_filter_kernel(Q, ROT, SIGNS, QR, TAU, tau_scalar, MAXN, MAXE, CODES, S
     # (the full tiles without masks and their offsets shared, the partial one after them: 17%
     # fewer instructions a tile on sm_90, measured slower: 48.3 against 47.6 us at 128K B 1,
     # 22.2 against 20.7 at 16K, 246.7 against 241.1 at B 8; step_variants_h100_2026-12-06_hoist.json)
+    # (two tiles an iteration, two independent chains for the latency-bound B 1 filter, 196
+    # registers: measured slower at d 128, 52.0 against 46.6 us at 128K B 1, 22.6 against 20.9
+    # at 16K, 266.7 against 240.9 at B 8; 1.2 us faster at d 64 128K B 1 only;
+    # step_variants_h100_2026-12-06_tiles.json)
     for tile in tl.range(pid_n, n_tiles, NPROG, num_stages=STAGES):
         offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N

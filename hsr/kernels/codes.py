@@ -636,16 +636,18 @@ class CodeKVCache:
 
         Three launches by default: the query's rotation (and the add), the filter that
         attends its survivors, the merge. Two where measured faster (H100, 2026-12-06,
-        ``bench/results/step_variants_h100_2026-12-06_{ride,form}.json``): a step that adds,
-        with the Hadamard rotation, at d <= 64 and fewer than 16 (batch, kv head) pairs (the
-        filter's 2 programs an SM) drops its first launch, each filter program rotating the
-        query by a fast Walsh-Hadamard transform and one more program per head adding the
-        tokens and attending them: 13.3, 15.4, 25.6 against 14.9, 17.2, 28.1 µs at d 64 (9/3
-        heads), 16K, 32K, 128K, B 1. With 8 programs an SM (B 8) it lost at d 64 (+3 µs) and
-        d 128 (+8 µs at 16K, +42 at 128K), and at d 128, B 1 it gained at 32K (-1.5 µs) and
-        lost at 128K (+3.2 µs). Returns ``{"rotate_inside": bool, "add_in_filter": bool}``."""
-        two = (bool(adding) and self.signs is not None and self.DP == self.D <= 64
-               and self.B * self.Hkv < 16)
+        ``bench/results/step_variants_h100_2026-12-06_{ride,form,tiles}.json``): a step that
+        adds, with the Hadamard rotation, fewer than 16 (batch, kv head) pairs (the filter's
+        2 programs an SM), and d <= 64, or d 128 with a capacity of at most 32K keys, drops its first
+        launch, each filter program rotating the query by a fast Walsh-Hadamard transform and
+        one more program per head adding the tokens and attending them. B 1: 13.1-13.3, 15.4,
+        25.6-26.1 against 14.9-15.1, 17.2, 28.1 µs at d 64 (9/3 heads), 16K, 32K, 128K; 19.5-20.6
+        and 22.8-23.3 against 20.8-20.9 and 24.4-24.8 at d 128 (28/4), 16K and 32K, but 50.3-50.5
+        against 46.6-47.1 at 128K. With 8 programs an SM (B 8) it lost everywhere measured
+        (+3 µs at d 64, +8 at d 128 16K, +42 at 128K).
+        Returns ``{"rotate_inside": bool, "add_in_filter": bool}``."""
+        two = (bool(adding) and self.signs is not None and self.DP == self.D and self.B * self.Hkv < 16
+               and (self.D <= 64 or (self.D == 128 and self.capacity <= 1 << 15)))  # d 256: not measured
         return {"rotate_inside": two, "add_in_filter": two}
 
     def _guard(self, q, res, eps, scale):

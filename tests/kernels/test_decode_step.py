@@ -688,15 +688,16 @@ def test_hadamard_rotation_is_a_signed_scaled_hadamard(device):
 
 
 def test_step_form_is_two_launches_only_where_measured_faster(device):
-    # two launches: a step that adds, the Hadamard rotation, d 32 or 64 (no padded columns),
-    # fewer than 16 (batch, kv head) pairs
-    def form(D, rotation="hadamard", adding=True, B=1, Hkv=1):
+    # two launches: a step that adds, the Hadamard rotation, no padded columns (d >= 32),
+    # fewer than 16 (batch, kv head) pairs, and d <= 64 or a capacity of at most 32K keys
+    def form(D, rotation="hadamard", adding=True, B=1, Hkv=1, capacity=None):
         k = torch.randn(B, Hkv, 8, D, device=device)
-        return CodeKVCache(k, k, rotation=rotation).step_form(adding)
+        return CodeKVCache(k, k, rotation=rotation, capacity=capacity).step_form(adding)
 
     two, three = dict(rotate_inside=True, add_in_filter=True), THREE
-    assert form(64) == form(32) == form(64, B=3, Hkv=5) == two
-    assert form(128) == form(256) == form(16) == three
+    assert form(64) == form(32) == form(64, B=3, Hkv=5) == form(64, capacity=1 << 17) == two
+    assert form(128) == form(128, capacity=1 << 15) == two
+    assert form(128, capacity=(1 << 15) + 1) == form(256) == form(16) == three
     assert form(64, "haar") == form(64, adding=False) == form(64, B=8, Hkv=2) == form(32, B=16) == three
 
 
