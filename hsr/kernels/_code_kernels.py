@@ -28,7 +28,7 @@ the partials; :meth:`~hsr.kernels.CodeKVCache.plan` and ``run`` launch them apar
     then strides over the key tiles below the length, reading ``DP + 8`` bytes per key, and
     appends the survivors of any row of the group to the program's own segment. With
     ``ATTEND`` it then attends that segment and writes one partial per program. With ``ADD``
-    (and ``ATTEND``; the default at d <= 64, ``CodeKVCache.step_form``) program 0 of each head adds
+    (and ``ATTEND``; where ``CodeKVCache.step_form`` picks two launches) program 0 of each head adds
     the step's tokens instead of ``_prepare_kernel`` and attends them from their exact scores
     (``_add_then_attend``), while the others filter the keys below the length (which the
     merge then advances): no launch waits for the add's chain.

@@ -67,7 +67,7 @@ class DecodeStep:
         union the filter reads anyway): less dropped mass for the same bytes.
     fuse : bool
         Filter and attend in one launch, each filter program attending its own survivors
-        (the default); False: two launches, the filter's survivor lists then the attention
+        (the default); False: the filter's survivor lists, then the attention in a launch of its own
         (:meth:`~hsr.kernels.CodeKVCache.plan` and :meth:`~hsr.kernels.CodeKVCache.run`).
 
     Attributes
@@ -144,7 +144,7 @@ class DecodeStep:
     def _step(self):
         c = self.cache
         # the attention writes into the step's own out and lse (two copies fewer per step)
-        if self.fuse and not self.dense:  # the add rides in the launch that rotates the query
+        if self.fuse and not self.dense:  # the add rides in the step's first launch (CodeKVCache.step_form)
             _, res = c._fused(self.q, self.tau, bias=self.bias, kind=self.kind, alpha=self.alpha, scale=self.scale,
                               certify=self.certify, out=self.out, lse=self.lse, return_terms=self.certify,
                               add=(self.k, self.v) if self.t else None, group_union=self.group_union,
