@@ -37,6 +37,9 @@
 #   form     the step's forms where the two-launch step (CodeKVCache.step_form) is the default: the
 #            variants at d 64 (16K-128K, B 1 and 8) and d 128 (32K B 1, 16K B 8), then the decode-step and
 #            replay tests compiled
+#   topk     the top-k mode (decode_step(topk=)): its tests and the decode-step tests compiled, then
+#            bench/bench_topk_step.py (top-k step, threshold step and SDPA, d 128 and 64, 16K-128K, B 1 and 8)
+#   loop128  the decode loop at d 128, 16K and 32K, B 1: the two-launch step there (step_form), in a loop
 #   loop     the decode loop at every size (16K-128K, d 128 and 64, B 1 and 8)
 #   ncu      Nsight Compute on one eager decode step's three kernels at 128K, B 1 (bench/profile_step_ncu.py):
 #            throughput, occupancy and warp stall reasons, as text (ran on 2026-12-06, H100:
@@ -100,6 +103,12 @@ case "${1:-decode}" in
               | tee "$OUT/step_variants_log.txt"
             timeout 340 python -m pytest -v --tb=short -p no:cacheprovider tests/kernels/test_decode_step.py \
               tests/kernels/test_replay.py 2>&1 | tee "$OUT/tests_log.txt" ;;
+  topk)     timeout 200 python -m pytest -q -p no:cacheprovider tests/kernels/test_code_topk.py \
+              tests/kernels/test_decode_step.py 2>&1 | tee "$OUT/tests_log.txt"
+            timeout 380 python bench/bench_topk_step.py --dims 128 64 --n 16384 131072 32768 --batch 1 8 \
+              --out "$OUT/topk_step.json" 2>&1 | tee "$OUT/topk_step_log.txt" ;;
+  loop128)  timeout 560 python bench/bench_decode_loop.py --n 16384 32768 --dims 128 --batch 1 --reps 3 \
+              --out "$OUT/decode_loop.json" 2>&1 | tee "$OUT/decode_loop_log.txt" ;;
   loop)     timeout 400 python bench/bench_decode_loop.py --n 131072 16384 32768 --dims 128 64 --batch 1 8 --reps 3 \
               --out "$OUT/decode_loop.json" 2>&1 | tee "$OUT/decode_loop_log.txt" ;;
   ncu)      NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
@@ -114,5 +123,5 @@ case "${1:-decode}" in
             done ;;
   kernels)  timeout 130 python bench/diag_step_kernels.py --sweep --out "$OUT/step_kernels.json" 2>&1 | tee "$OUT/step_kernels_log.txt" ;;
   owed)     OUT=$OUT bash bench/run_gpu_pending.sh kernels; OUT=$OUT bash bench/run_gpu_pending.sh count ;;
-  *) echo "usage: $0 decode|faiss|generate|striped|tests|eager|replay|b8|eps|count|kernels|owed|ride|loop|pdl|ncu|prepare|ceiling"; exit 2 ;;
+  *) echo "usage: $0 decode|faiss|generate|striped|tests|eager|replay|b8|eps|count|kernels|owed|ride|form|loop|loop128|topk|pdl|ncu|prepare|ceiling"; exit 2 ;;
 esac

@@ -39,6 +39,11 @@ the partials; :meth:`~hsr.kernels.CodeKVCache.plan` and ``run`` launch them apar
     causal limit, accumulates softmax (online) or ReLU^alpha. A row whose inputs it must not
     trust gets NaN (never a finite wrong answer) and a bit in ``STATUS`` (see ``BAD_*``).
 
+``_score_all_kernel``, grid (capacity tiles, B*Hkv), and ``_topk_attend_kernel``, grid (splits, B*Hkv)
+    The top-k mode (no filter): every visible key's fp32 score into a (rows, capacity)
+    buffer, then, after ``torch.topk`` found each row's k-th best, softmax over the keys
+    scoring at least it, reading only their values.
+
 ``_certify_kernel``, grid (rows / 32,)
     Turns each row's dropped-term sum and lse into the certificate (``_code_plan.dropped_terms``
     and ``certified_share``, in one pass).
@@ -665,3 +670,77 @@ def _certify_kernel(REM, LSE, TAU, tau_scalar, Q, MAXN, LENS, BOUND, LOG_DROPPED
     tl.store(LOG_DROPPED + offs, log_dropped, mask=ok)
     tl.store(LSE_LOW + offs, lse_low, mask=ok)
     tl.store(BOUND + offs, bound, mask=ok)
+
+
+@triton.jit
+def _score_all_kernel(Q, K, SC, LENS, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_sr, G, M, Hkv,
+                      ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
+    # SC (B*Hq*M, C) fp32, rows ordered (b, hq, m): every key's score for the group's rows of
+    # kv head pid_bh, fp32-accumulated as _attend_tile scores (the top-k mode keeps and weighs
+    # keys by these very numbers), -inf past a row's causal limit and past the length. The grid
+    # covers the capacity (one capture serves every length): a tile past the length only
+    # writes -inf, so torch.topk over the whole row sees nothing stale.
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hkv
+    h = pid_bh % Hkv
+    N = tl.load(LENS + pid_bh)
+    q, r_ok, head, mrow = _load_query_rows(Q, s_qb, s_qh, s_qm, b, h, G, M, ROWS, HEAD_DIM)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    sc = tl.full([ROWS, BLOCK_N], float("-inf"), tl.float32)
+    if pid_n * BLOCK_N < N:
+        n_ok = offs_n < N
+        offs_d = tl.arange(0, HEAD_DIM)
+        kbase = K + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
+        k = tl.load(kbase + offs_n[:, None].to(tl.int64) * s_kn + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+        if UPCAST:
+            d = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            d = tl.dot(q, tl.trans(k))
+        limit = N - M + mrow  # causal: query m of M sits at N - M + m
+        sc = tl.where(n_ok[None, :] & (offs_n[None, :] <= limit[:, None]), d, float("-inf"))
+    row = (b * Hkv * G + head).to(tl.int64) * M + mrow
+    tl.store(SC + row[:, None] * s_sr + offs_n[None, :], sc, mask=r_ok[:, None] & (offs_n[None, :] < s_sr))
+
+
+@triton.jit
+def _topk_attend_kernel(Q, V, SC, THR, LENS, MAXN, STATUS, O_PART, L_PART, REM,
+                        s_qb, s_qh, s_qm, s_vb, s_vh, s_vn, s_sr, M, G, Hkv, SPLITS, BHM, qk_scale,
+                        ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                        UPCAST: tl.constexpr, CERTIFY: tl.constexpr):
+    # Softmax over {j : SC[row, j] >= THR[row]} (THR: the row's k-th best score, so the k best
+    # and every key tied with the k-th), split s taking key tiles s, s + SPLITS, ... below the
+    # length. Only the kept keys' values are read (a tile's value rows are loaded where some
+    # row of the group keeps the key). Partials as _code_attend_kernel's; CERTIFY: REM +=
+    # the dropped keys' exp(scale (score - thr + gap)), as _attend_tile's certificate.
+    pid_s = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hkv
+    h = pid_bh % Hkv
+    N = tl.load(LENS + pid_bh)
+    q, r_ok, head, mrow = _load_query_rows(Q, s_qb, s_qh, s_qm, b, h, G, M, ROWS, HEAD_DIM)
+    row = (b * Hkv * G + head).to(tl.int64) * M + mrow
+    thr = tl.load(THR + row, mask=r_ok, other=float("inf"))
+    # a NaN thr comes from a bad q (flagged there): no second, misleading "tau" bit
+    row_bad, gap, m_i, l_i, acc, rem = _attend_setup(q, tl.where(thr == thr, thr, float("inf")),
+                                                     tl.zeros([ROWS], tl.float32), r_ok, tl.load(MAXN + pid_bh),
+                                                     STATUS, pid_s == 0, ROWS, HEAD_DIM, 0)
+    limit = N - M + mrow
+    offs_d = tl.arange(0, HEAD_DIM)
+    vbase = V + b.to(tl.int64) * s_vb + h.to(tl.int64) * s_vh
+    for tile in range(pid_s, tl.cdiv(N, BLOCK_N), SPLITS):
+        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        seen = (offs_n[None, :] < N) & (offs_n[None, :] <= limit[:, None]) & r_ok[:, None]
+        sc = tl.load(SC + row[:, None] * s_sr + offs_n[None, :], mask=seen, other=float("-inf"))
+        keep = seen & (sc >= thr[:, None])
+        col = tl.max(tl.where(keep, 1, 0), 0) > 0
+        v = tl.load(vbase + offs_n[:, None].to(tl.int64) * s_vn + offs_d[None, :], mask=col[:, None], other=0.0)
+        if CERTIFY:
+            out = seen & ~keep  # empty where thr is -inf (fewer than k keys): finite thr_c, no -inf - -inf
+            thr_c = tl.where(thr > float("-inf"), thr, 0.0)
+            rem += tl.sum(tl.where(out, tl.exp2((sc - thr_c[:, None] + gap[:, None]) * qk_scale), 0.0), 1)
+        m_i, l_i, acc = _online_softmax_step(tl.where(keep, sc * qk_scale, float("-inf")), v, m_i, l_i, acc,
+                                             UPCAST)
+    _store_partial(m_i, l_i, acc, row_bad, r_ok, row, pid_s, BHM, O_PART, L_PART, HEAD_DIM, 0, 1)
+    if CERTIFY:
+        tl.atomic_add(REM + row, rem * 1.0001, mask=r_ok)

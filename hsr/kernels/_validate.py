@@ -184,6 +184,20 @@ def check_kind(kind, group_union: bool = False) -> int:
     return 0 if kind == "softmax" else 1
 
 
+def check_topk(topk, kind: str, tau=None, eps=None, group_union: bool = False) -> int:
+    """A decode step's ``topk``: a positive integer, for softmax, instead of ``tau``/``eps`` and
+    without ``group_union`` (each row keeps its own k best)."""
+    if isinstance(topk, bool) or not isinstance(topk, numbers.Integral) or topk < 1:
+        raise ValueError(f"topk must be a positive integer, got {topk!r}")
+    if kind != "softmax":
+        raise ValueError("topk keeps each row's k best keys for softmax: kind='softmax'")
+    if tau is not None or eps is not None:
+        raise ValueError("give one of tau (with eps, a guarded threshold) and topk, not both")
+    if group_union:
+        raise ValueError("group_union applies to a threshold (tau): the top-k mode keeps each row's own k best")
+    return int(topk)
+
+
 def check_alpha(alpha) -> int:
     """ReLU power: an integer in ``[1, MAX_ALPHA]`` (the kernels unroll ``alpha - 1``
     products in fp32, where ``relu(.) ** alpha`` of ordinary scores overflows beyond a few

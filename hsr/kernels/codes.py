@@ -38,13 +38,13 @@ import torch
 import triton
 
 from ._code_kernels import (BAD_FULL, BAD_KV, _certify_kernel, _code_add_kernel, _code_attend_kernel,
-                            _code_filter_kernel, _prepare_kernel)
+                            _code_filter_kernel, _prepare_kernel, _score_all_kernel, _topk_attend_kernel)
 from ._code_plan import (CodePlan, as_float32, capturing as _capturing, hadamard_rotation, per_row_values, plan_info,
                          random_rotation, spec_thresholds, status_message)
 from ._compat import interpreting, patch_interpreter, pdl_supported
 from ._replay import Replays
 from ._softmax import LOG2E
-from ._validate import check_alpha, check_kind, check_triton_device
+from ._validate import check_alpha, check_kind, check_topk, check_triton_device
 from .._lock import RWLock, reads, writes
 from .._protocol import AttentionInfo, AttentionSpec
 from .block_sparse import _num_sms, merge_partials
@@ -631,6 +631,45 @@ class CodeKVCache:
         return plan, self._finish(q, o_part, l_part, plan.remainder, plan.tau, s, out, lse, return_terms, eps,
                                   pdl=launch.get("pdl"), added=added)
 
+    def _topk(self, q, k, *, scale, certify=False, out=None, lse=None, return_terms=False, add=None):
+        """Softmax over each row's ``k`` best keys and every key tied with the k-th (the top-k
+        mode; ``k`` checked by the caller): every visible key scored in fp32 into a
+        ``(B*Hq*M, capacity)`` buffer, ``torch.topk`` for each row's k-th best score, then a
+        softmax that reads the scores again and only the kept keys' values, and the merge.
+        No filter: a top-k has no threshold to filter with before it is found (docs/codes.md,
+        "A top-k mode"). ``add=(k, v)``: first add these tokens (one launch of its own).
+        With ``certify``: the exact dropped terms, turned into the certificate with the
+        row's k-th score as its tau. Returns :meth:`_finish`'s result."""
+        if add is not None:
+            self._launch_add(add[0], add[1], add[0].shape[2])
+        B, Hq, M, D = q.shape
+        G = Hq // self.Hkv
+        rows = max(16, triton.next_power_of_2(G * M))
+        BH, BHM, C = B * self.Hkv, B * Hq * M, self.capacity
+        dev = self.device
+        s = float(scale)
+        upcast = interpreting() or q.dtype == torch.float32
+        sc = torch.empty(BHM, C, dtype=torch.float32, device=dev)
+        block = 64
+        _score_all_kernel[(triton.cdiv(C, block), BH)](
+            q, self.k, sc, self.lengths, q.stride(0), q.stride(1), q.stride(2),
+            self.k.stride(0), self.k.stride(1), self.k.stride(2), sc.stride(0), G, M, self.Hkv,
+            ROWS=rows, BLOCK_N=block, HEAD_DIM=D, UPCAST=upcast, num_warps=4)
+        # the k-th best score of each row; -inf where a row sees fewer than k keys (it keeps them all)
+        thr = torch.topk(sc, min(int(k), C), dim=1, sorted=False).values.amin(1)
+        splits = max(1, min(64, 2 * _num_sms(dev) // BH))
+        o_part = torch.empty(splits, BHM, D, dtype=torch.float32, device=dev)
+        l_part = torch.empty(splits, BHM, dtype=torch.float32, device=dev)
+        rem = torch.zeros(BHM, dtype=torch.float32, device=dev) if certify else None
+        _topk_attend_kernel[(splits, BH)](
+            q, self.v, sc, thr, self.lengths, self.max_norm, self.status, o_part, l_part,
+            thr if rem is None else rem, q.stride(0), q.stride(1), q.stride(2),
+            self.v.stride(0), self.v.stride(1), self.v.stride(2), sc.stride(0), M, G, self.Hkv, splits, BHM,
+            s * LOG2E, ROWS=rows, BLOCK_N=block, HEAD_DIM=D, UPCAST=upcast, CERTIFY=certify, num_warps=4)
+        tau = (thr.view(B, Hq, M), 0.0)
+        return self._finish(q, o_part, l_part, None if rem is None else rem.view(B, Hq, M), tau, s, out, lse,
+                            return_terms)
+
     def step_form(self, adding: bool = True) -> dict:
         """The launches of a fused step (:meth:`attend`, a decode step), as ``_plan`` options.
 
@@ -686,7 +725,7 @@ class CodeKVCache:
         """Whether :meth:`count_guard` was called (guarded calls add to its counter)."""
         return self._guard_counts is not None
 
-    supports = frozenset({"tau", "info", "group_union", "tau_eps"})
+    supports = frozenset({"tau", "topk", "info", "group_union", "tau_eps"})
 
     def attend(self, q: torch.Tensor, spec: AttentionSpec, *, add: tuple | None = None, with_info: bool = False,
                num_splits: int | None = None, check: bool = True) -> tuple[torch.Tensor, AttentionInfo | None]:
@@ -728,6 +767,8 @@ class CodeKVCache:
         if not spec.causal and q.dim() == 4 and q.shape[2] > 1:
             raise ValueError("the code cache attends the last M positions causally: pass causal=True for M > 1")
         s = spec.scale_for(self.D)
+        if spec.topk is not None:
+            return self._attend_topk(q, spec, add, with_info, check)
         bias, tau = spec_thresholds(spec, s, self.device)
         eps = spec.guard_eps
         certify = (with_info and spec.kind == "softmax") or eps is not None
@@ -759,6 +800,39 @@ class CodeKVCache:
                             return_bound=certify, group_union=spec.group_union, eps=eps)
         self._raise_if(check)
         return res[0], (plan_info(plan, q.shape, res, self.n) if with_info else None)
+
+    def _attend_topk(self, q, spec, add, with_info, check):
+        """:meth:`_attend` for ``spec.topk`` (softmax; :meth:`_topk`): replayed per shape like the
+        threshold's call; ``with_info`` runs eagerly and certifies."""
+        self._attention_kind("softmax", 1)
+        k_best = check_topk(spec.topk, spec.kind, group_union=spec.group_union)
+        s = spec.scale_for(self.D)
+        t = 0
+        if add is not None:
+            if not (isinstance(add, (tuple, list)) and len(add) == 2):
+                raise TypeError(f"add must be a (k, v) pair of tensors, got {type(add).__name__}")
+            kn, vn, t = self._new_tokens(add[0], add[1], check)
+        self._check_q(q, t)
+        if with_info:
+            if t:
+                self._launch_add(kn, vn, t)
+                self.advanced(t)
+            res = self._topk(q, k_best, scale=s, certify=True)
+            self._raise_if(check)
+            B, Hq, M, _ = q.shape
+            seen = torch.arange(self.n - M + 1, self.n + 1, device=self.device).clamp(min=0)
+            scored = seen.view(1, 1, M).expand(B, Hq, M).contiguous()
+            return res[0], AttentionInfo(scored, None, res[2], res[1], self.n)
+        key = ("topk", tuple(q.shape), k_best, s, t)
+
+        def body(b):
+            return self._topk(b[0], k_best, scale=s, add=(b[1], b[2]) if t else None)[:1]
+
+        out = self.replays.run(key, self._storage, (q, kn, vn) if t else (q,), body)[0]
+        if t:
+            self.advanced(t)
+        self._raise_if(check)
+        return out, None
 
     def _replayed_attend(self, q, tau, bias, kind, alpha, s, group_union, add=None, eps=None):
         """``out`` of the fused filter + attend + merge through :attr:`replays` (``kind``,
@@ -792,12 +866,12 @@ class CodeKVCache:
                     tau: float | torch.Tensor | None = None, alpha: int = 2, bias: float | torch.Tensor = 0.0,
                     scale: float | None = None, graph: bool | None = None, dense: bool | None = None,
                     certify: bool = False, fuse: bool = True, group_union: bool = False,
-                    eps: float | None = None) -> DecodeStep:
+                    eps: float | None = None, topk: int | None = None) -> DecodeStep:
         """A :class:`hsr.kernels.decode.DecodeStep` over this cache: add ``k, v`` then attend
         ``q``, captured once in a CUDA graph that replays at every length up to the capacity.
         The arguments are example inputs (shapes and dtypes) and the attention options."""
         return DecodeStep(self, q, k, v, kind=kind, tau=tau, alpha=alpha, bias=bias, scale=scale, graph=graph,
-                          dense=dense, certify=certify, fuse=fuse, group_union=group_union, eps=eps)
+                          dense=dense, certify=certify, fuse=fuse, group_union=group_union, eps=eps, topk=topk)
 
     def keys_read_bytes(self) -> int:
         """Bytes one filter step reads: codes, steps and errors of every key of every head."""

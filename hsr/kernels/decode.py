@@ -22,7 +22,7 @@ import torch
 
 from .._protocol import check_share
 from ._code_plan import default_tau
-from ._validate import check_alpha, check_kind, f32_at_least
+from ._validate import check_alpha, check_kind, check_topk, f32_at_least
 
 __all__ = ["DecodeStep", "DENSE_BELOW"]
 
@@ -65,6 +65,10 @@ class DecodeStep:
     group_union : bool
         Softmax: each query row keeps every key that any row of its GQA group keeps (the
         union the filter reads anyway): less dropped mass for the same bytes.
+    topk : int, optional
+        Softmax only, instead of ``tau``: each row keeps its ``topk`` best keys and every key
+        tied with the k-th (:meth:`~hsr.kernels.CodeKVCache.attend`'s top-k mode: every key
+        scored, no filter; ``certify`` then bounds from the exact dropped terms).
     fuse : bool
         Filter and attend in one launch, each filter program attending its own survivors
         (the default); False: the filter's survivor lists, then the attention in a launch of its own
@@ -91,9 +95,10 @@ class DecodeStep:
                  tau: float | torch.Tensor | None = None, alpha: int = 2, bias: float | torch.Tensor = 0.0,
                  scale: float | None = None, graph: bool | None = None, dense: bool | None = None,
                  certify: bool = False, fuse: bool = True, group_union: bool = False,
-                 eps: float | None = None) -> None:
+                 eps: float | None = None, topk: int | None = None) -> None:
         # cache: a CodeKVCache (codes.py imports this module)
         check_kind(kind, group_union)
+        self.topk = None if topk is None else check_topk(topk, kind, tau, eps, group_union)
         self.alpha = check_alpha(alpha)
         if k is None and v is None:  # attend only: an empty token step keeps every check below
             k = v = torch.empty(cache.B, cache.Hkv, 0, cache.D, dtype=cache.dtype, device=cache.device)
@@ -109,7 +114,7 @@ class DecodeStep:
         self.cache = cache
         self.kind = kind
         self.scale = float(scale) if scale is not None else cache.D ** -0.5
-        tau = default_tau(kind, tau, bias, self.scale)
+        tau = default_tau(kind, tau, bias, self.scale) if self.topk is None else 0.0  # (unread)
         dev, dt = cache.device, cache.dtype
         self.q = torch.empty(q.shape, dtype=dt, device=dev)
         self.k = torch.empty(k.shape, dtype=dt, device=dev)
@@ -144,7 +149,10 @@ class DecodeStep:
     def _step(self):
         c = self.cache
         # the attention writes into the step's own out and lse (two copies fewer per step)
-        if self.fuse and not self.dense:  # the add rides in the step's first launch (CodeKVCache.step_form)
+        if self.topk is not None:
+            res = c._topk(self.q, self.topk, scale=self.scale, certify=self.certify, out=self.out, lse=self.lse,
+                          return_terms=self.certify, add=(self.k, self.v) if self.t else None)
+        elif self.fuse and not self.dense:  # the add rides in the step's first launch (CodeKVCache.step_form)
             _, res = c._fused(self.q, self.tau, bias=self.bias, kind=self.kind, alpha=self.alpha, scale=self.scale,
                               certify=self.certify, out=self.out, lse=self.lse, return_terms=self.certify,
                               add=(self.k, self.v) if self.t else None, group_union=self.group_union,

@@ -168,8 +168,10 @@ def test_kvcacheindex_to_device_and_hsr_attention(device):
     np.testing.assert_allclose(out_gpu.cpu().numpy(), out_cpu, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="CodeKVCache does not support eps"):
         hsr.hsr_attention(torch.from_numpy(q).to(device), gpu, kind="softmax", eps=1e-3)
-    with pytest.raises(ValueError, match="does not support topk"):
-        hsr.hsr_attention(torch.from_numpy(q).to(device), gpu, kind="softmax", topk=4)
+    # top-k: the same keys on both devices (real-valued scores: no ties within fp32 rounding)
+    out_gpu = hsr.hsr_attention(torch.from_numpy(q).to(device), gpu, kind="softmax", topk=4)
+    out_cpu = hsr.hsr_attention(q, cpu, kind="softmax", topk=4)
+    np.testing.assert_allclose(out_gpu.cpu().numpy(), out_cpu, rtol=1e-4, atol=1e-5)
     # the protocol: the same spec, the same answer on both devices; info counts on the GPU too
     spec = hsr.AttentionSpec(kind="softmax", tau=0.5)
     out_c, info_c = cpu.attend(q, spec, with_info=True)
