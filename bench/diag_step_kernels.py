@@ -133,6 +133,7 @@ TWO = dict(rotate_inside=True, add_in_filter=True)
 VARIANTS = [("three launches (the Hadamard rotation, the default cache)", THREE, True),
             ("two launches: the query's transform in the filter, the add in its launch", TWO, True),
             ("the default (CodeKVCache.step_form)", {}, True),
+            ("two launches, the add's program a function apart (noinline)", dict(TWO, add_apart=True), True),
             ("the add in the filter's launch, the query rotated apart", dict(add_in_filter=True, rotate_inside=False),
              True),
             ("the Haar rotation (its codes), three launches", dict(THREE, rotation="haar"), True),

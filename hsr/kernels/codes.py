@@ -402,7 +402,7 @@ class CodeKVCache:
 
     def _plan(self, q, tau, *, bias=0.0, block_n=128, num_warps=4, num_stages=3, programs_per_sm=None,
               rotate_inside=False, certify=False, scale=None, attend=None, add=None, prepare=None, block_a=64,
-              pdl=None, add_in_filter=False):
+              pdl=None, add_in_filter=False, add_apart=False):
         """:meth:`plan`'s body: ``q`` checked, the read lock held by the caller. ``rotate_inside``:
         the filter rotates the rows itself (one launch fewer; with the Haar rotation, a matrix
         product per filter program: measured slower on an H200 and an H100; with
@@ -420,7 +420,8 @@ class CodeKVCache:
         certificate is tighter (the new tokens' dropped terms are their exact mass).
         ``prepare``: the rotating launch's parameters (:meth:`_launch_prepare`), for tuning benches;
         ``block_a``: survivors a fused program attends at a time. ``pdl``: the first launch and
-        the filter as programmatic dependent launches (default :attr:`pdl`)."""
+        the filter as programmatic dependent launches (default :attr:`pdl`). ``add_apart`` (with
+        ``add_in_filter``): the add's program compiled as a function apart (an experiment)."""
         B, Hq, M, D = q.shape
         G = Hq // self.Hkv
         rows = max(16, triton.next_power_of_2(G * M))
@@ -472,7 +473,8 @@ class CodeKVCache:
             UPCAST=interpreting() or (attend is not None and q.dtype == torch.float32), ROTATE=rotate,
             BLOCK_K=min(32, D), STAGES=num_stages, CERTIFY=certify, ATTEND=attend is not None, KIND=kind_id,
             ALPHA=alpha, BIAS_TENSOR=bias_t is not None, BLOCK_A=block_a, GROUP=group, PDL=pdl, launch_pdl=pdl,
-            ADD=ride, HADAMARD=hadamard, LOG_D=D.bit_length() - 1, num_warps=num_warps)
+            ADD=ride, HADAMARD=hadamard, LOG_D=D.bit_length() - 1, ADD_APART=ride and bool(add_apart),
+            num_warps=num_warps)
         plan = CodePlan(surv, count, seg, (tau_t, tau_s), (bias_t, bias_s), rows, M, self._version,
                         remainder=rem, scale=s)
         return plan if attend is None else (plan, o_part, l_part, t)
@@ -631,7 +633,8 @@ class CodeKVCache:
         return plan, self._finish(q, o_part, l_part, plan.remainder, plan.tau, s, out, lse, return_terms, eps,
                                   pdl=launch.get("pdl"), added=added)
 
-    def _topk(self, q, k, *, scale, certify=False, out=None, lse=None, return_terms=False, add=None):
+    def _topk(self, q, k, *, scale, certify=False, out=None, lse=None, return_terms=False, add=None, splits=None,
+              block=64, chunk=None):
         """Softmax over each row's ``k`` best keys and every key tied with the k-th (the top-k
         mode; ``k`` checked by the caller): every visible key scored in fp32 into a
         ``(B*Hq*M, capacity)`` buffer, ``torch.topk`` for each row's k-th best score, then a
@@ -649,15 +652,21 @@ class CodeKVCache:
         dev = self.device
         s = float(scale)
         upcast = interpreting() or q.dtype == torch.float32
-        sc = torch.empty(BHM, C, dtype=torch.float32, device=dev)
-        block = 64
-        _score_all_kernel[(triton.cdiv(C, block), BH)](
+        # a row's width: the capacity, rounded up to whole chunks (past the length: -inf)
+        width = -(-C // chunk) * chunk if chunk else C
+        sc = torch.empty(BHM, width, dtype=torch.float32, device=dev)
+        _score_all_kernel[(triton.cdiv(width, block), BH)](
             q, self.k, sc, self.lengths, q.stride(0), q.stride(1), q.stride(2),
             self.k.stride(0), self.k.stride(1), self.k.stride(2), sc.stride(0), G, M, self.Hkv,
             ROWS=rows, BLOCK_N=block, HEAD_DIM=D, UPCAST=upcast, num_warps=4)
         # the k-th best score of each row; -inf where a row sees fewer than k keys (it keeps them all)
-        thr = torch.topk(sc, min(int(k), C), dim=1, sorted=False).values.amin(1)
-        splits = max(1, min(64, 2 * _num_sms(dev) // BH))
+        kk = min(int(k), C)
+        if not chunk:
+            thr = torch.topk(sc, kk, dim=1, sorted=False).values.amin(1)
+        else:  # each row's top k in chunks of ``chunk`` columns first, then over their union
+            part = torch.topk(sc.view(BHM * (width // chunk), chunk), min(kk, chunk), dim=1, sorted=False).values
+            thr = torch.topk(part.view(BHM, -1), kk, dim=1, sorted=False).values.amin(1)
+        splits = splits or max(1, min(64, 2 * _num_sms(dev) // BH))
         o_part = torch.empty(splits, BHM, D, dtype=torch.float32, device=dev)
         l_part = torch.empty(splits, BHM, dtype=torch.float32, device=dev)
         rem = torch.zeros(BHM, dtype=torch.float32, device=dev) if certify else None

@@ -1,0 +1,89 @@
+"""Where the GPU top-k step's time goes, and its tuning: the selection (``torch.topk`` over each
+row, or in chunks first), the attend launch's splits and tile, each as a whole captured step.
+
+    python bench/diag_topk.py --out bench/results/topk_diag_<device>_<date>.json
+
+Inputs as ``bench/bench_topk_step.py`` (real keys tiled to n, k = 1% of n). Each variant: the
+step (add one token, score, select, attend, merge) captured once and replayed over ``--steps``
+steps of a growing cache, median per step; its output against the default's.
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+import numpy as np
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _results import default_out, save  # noqa: E402
+from bench_decode_loop import capture, make_inputs, time_loop  # noqa: E402
+
+from hsr.kernels.codes import CodeKVCache  # noqa: E402
+
+VARIANTS = [dict(), dict(chunk=4096), dict(chunk=8192), dict(chunk=16384), dict(splits=128), dict(splits=256),
+            dict(splits=512), dict(block=128), dict(block=128, splits=256), dict(chunk=8192, splits=256)]
+
+
+def one(real, D, n, B, steps, reps, top, dev):
+    q, k, v = make_inputs(real, D, n, B, steps, dev)
+    n0 = n - steps
+    kk = max(1, int(round(top * n)))
+    cache = CodeKVCache(k[:, :, :n0], v[:, :, :n0], capacity=n)
+    kn = k[:, :, n0:n0 + 1].contiguous()
+    vn = v[:, :, n0:n0 + 1].contiguous()
+    rows, ref = [], None
+    for var in VARIANTS:
+        if var.get("chunk", 0) > n:
+            continue
+        out = torch.empty_like(q)
+        lse = torch.empty(q.shape[:3], dtype=torch.float32, device=dev)
+        cache.crop(n0)
+        try:
+            g = capture(lambda: cache._topk(q, kk, scale=D ** -0.5, out=out, lse=lse, add=(kn, vn), **var), warm=1)
+        except Exception as e:  # noqa: BLE001 - recorded, the others still run
+            rows.append(dict(var, error=f"{type(e).__name__}: {e}"))
+            continue
+        cache.crop(n0)
+        t = time_loop(lambda i: g.replay(), steps, reps, lambda: cache.lengths.fill_(n0))
+        ref = out.float().clone() if ref is None else ref
+        rows.append(dict(var, step_us=t * 1e3, max_diff_vs_default=float((out.float() - ref).abs().max())))
+        del g
+    sc = torch.randn(B * q.shape[1], n, device=dev)
+    for name, fn in (("topk", lambda: torch.topk(sc, kk, dim=1, sorted=False).values.amin(1)),
+                     ("kthvalue", lambda: torch.kthvalue(-sc, kk, dim=1).values)):
+        g = capture(fn)
+        rows.append(dict(select=name, us=time_loop(lambda i: g.replay(), steps, reps) * 1e3))
+    res = dict(D=D, n=n, B=B, topk=kk, rows=rows)
+    print(f"d{D} n={n} B={B} k={kk}:", [(tuple((a, b) for a, b in r.items() if a in ("chunk", "splits", "block",
+                                                                                      "select")),
+                                         round(r.get("step_us", r.get("us", float("nan"))), 1)) for r in rows],
+          flush=True)
+    return res
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", nargs="+", default=["128:131072:1", "128:16384:1", "64:16384:1", "128:131072:8"])
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--top", type=float, default=0.01)
+    ap.add_argument("--real", default=str(ROOT / "bench" / "cache" / "gpu_real_keys.npz"))
+    ap.add_argument("--out", default=default_out("topk_diag.json"))
+    args = ap.parse_args(argv)
+    dev = torch.device("cuda")
+    real = np.load(args.real)
+    res = []
+    for c in args.configs:
+        D, n, B = (int(x) for x in c.split(":"))
+        res.append(one(real, D, n, B, args.steps, args.reps, args.top, dev))
+        torch.cuda.empty_cache()
+        save(args.out, res, steps=args.steps, top=args.top)
+
+
+if __name__ == "__main__":
+    main()
