@@ -24,8 +24,9 @@ from _results import default_out, save  # noqa: E402
 from bench_decode_loop import capture, make_inputs, time_loop  # noqa: E402
 
 from hsr.kernels.codes import CodeKVCache  # noqa: E402
+from hsr.kernels._select import kth_largest  # noqa: E402
 
-VARIANTS = [dict(), dict(chunk=4096), dict(chunk=8192), dict(chunk=16384), dict(splits=128), dict(splits=256),
+VARIANTS = [dict(), dict(select="radix"), dict(select="radix", splits=256), dict(chunk=4096), dict(chunk=8192), dict(chunk=16384), dict(splits=128), dict(splits=256),
             dict(splits=512), dict(block=128), dict(block=128, splits=256), dict(chunk=8192, splits=256)]
 
 
@@ -55,12 +56,13 @@ def one(real, D, n, B, steps, reps, top, dev):
         del g
     sc = torch.randn(B * q.shape[1], n, device=dev)
     for name, fn in (("topk", lambda: torch.topk(sc, kk, dim=1, sorted=False).values.amin(1)),
+                     ("radix", lambda: kth_largest(sc, kk)),
                      ("kthvalue", lambda: torch.kthvalue(-sc, kk, dim=1).values)):
         g = capture(fn)
-        rows.append(dict(select=name, us=time_loop(lambda i: g.replay(), steps, reps) * 1e3))
+        rows.append(dict(alone=name, us=time_loop(lambda i: g.replay(), steps, reps) * 1e3))
     res = dict(D=D, n=n, B=B, topk=kk, rows=rows)
     print(f"d{D} n={n} B={B} k={kk}:", [(tuple((a, b) for a, b in r.items() if a in ("chunk", "splits", "block",
-                                                                                      "select")),
+                                                                                      "select", "alone")),
                                          round(r.get("step_us", r.get("us", float("nan"))), 1)) for r in rows],
           flush=True)
     return res

@@ -43,6 +43,7 @@ from ._code_plan import (CodePlan, as_float32, capturing as _capturing, hadamard
                          random_rotation, spec_thresholds, status_message)
 from ._compat import interpreting, patch_interpreter, pdl_supported
 from ._replay import Replays
+from ._select import kth_largest
 from ._softmax import LOG2E
 from ._validate import check_alpha, check_kind, check_topk, check_triton_device
 from .._lock import RWLock, reads, writes
@@ -634,7 +635,7 @@ class CodeKVCache:
                                   pdl=launch.get("pdl"), added=added)
 
     def _topk(self, q, k, *, scale, certify=False, out=None, lse=None, return_terms=False, add=None, splits=None,
-              block=64, chunk=None):
+              block=64, chunk=None, select="torch"):
         """Softmax over each row's ``k`` best keys and every key tied with the k-th (the top-k
         mode; ``k`` checked by the caller): every visible key scored in fp32 into a
         ``(B*Hq*M, capacity)`` buffer, ``torch.topk`` for each row's k-th best score, then a
@@ -661,7 +662,9 @@ class CodeKVCache:
             ROWS=rows, BLOCK_N=block, HEAD_DIM=D, UPCAST=upcast, num_warps=4)
         # the k-th best score of each row; -inf where a row sees fewer than k keys (it keeps them all)
         kk = min(int(k), C)
-        if not chunk:
+        if select == "radix":
+            thr = kth_largest(sc, kk)
+        elif not chunk:
             thr = torch.topk(sc, kk, dim=1, sorted=False).values.amin(1)
         else:  # each row's top k in chunks of ``chunk`` columns first, then over their union
             part = torch.topk(sc.view(BHM * (width // chunk), chunk), min(kk, chunk), dim=1, sorted=False).values
