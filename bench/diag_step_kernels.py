@@ -133,7 +133,6 @@ TWO = dict(rotate_inside=True, add_in_filter=True)
 VARIANTS = [("three launches (the Hadamard rotation, the default cache)", THREE, True),
             ("two launches: the query's transform in the filter, the add in its launch", TWO, True),
             ("the default (CodeKVCache.step_form)", {}, True),
-            ("two launches, the add's program a function apart (noinline)", dict(TWO, add_apart=True), True),
             ("the add in the filter's launch, the query rotated apart", dict(add_in_filter=True, rotate_inside=False),
              True),
             ("the Haar rotation (its codes), three launches", dict(THREE, rotation="haar"), True),
@@ -151,7 +150,9 @@ VARIANTS = [("three launches (the Hadamard rotation, the default cache)", THREE,
 # (step_variants_h100_2026-12-06_hoist.json) the filter's full tiles without masks, their
 # offsets shared (17% fewer instructions a tile; +0.7 us at 128K B 1, +1.5 at 16K, +5.6 at B 8);
 # (step_variants_h100_2026-12-06_tiles.json) two key tiles a filter iteration (+5.4 us at 128K B 1,
-# +1.7 at 16K, +25.8 at B 8; -1.2 at d 64 128K B 1)
+# +1.7 at 16K, +25.8 at B 8; -1.2 at d 64 128K B 1); (step_variants_h100_2026-12-06_apart.json) two
+# launches with the add's program a function apart, noinline (49.8 against 50.9 us at 128K B 1, three
+# launches 47.0; 19.8 against 19.9 at 16K)
 
 
 def variants(cache, q, tau, knew, vnew, n0, steps):

@@ -1,5 +1,7 @@
 """Where the GPU top-k step's time goes, and its tuning: the selection (``torch.topk`` over each
 row, or in chunks first), the attend launch's splits and tile, each as a whole captured step.
+(A radix select of the k-th, three rounds of ``tl.histogram`` digit counts, measured 5-7x slower
+than ``torch.topk`` alone at 128K and was dropped: ``topk_diag_h100_2026-12-06.json``, "radix".)
 
     python bench/diag_topk.py --out bench/results/topk_diag_<device>_<date>.json
 
@@ -22,15 +24,16 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from _results import default_out, save  # noqa: E402
 from bench_decode_loop import capture, make_inputs, sdpa_captured, time_loop  # noqa: E402
+from diag_step_kernels import kernel_times  # noqa: E402
 
 from hsr.kernels.codes import CodeKVCache  # noqa: E402
-from hsr.kernels._select import kth_largest  # noqa: E402
 
-VARIANTS = [dict(), dict(select="radix"), dict(select="radix", splits=256), dict(chunk=4096), dict(chunk=8192), dict(chunk=16384), dict(splits=128), dict(splits=256),
-            dict(splits=512), dict(block=128), dict(block=128, splits=256), dict(chunk=8192, splits=256)]
+VARIANTS = [dict(), dict(chunk=0), dict(chunk=4096), dict(chunk=8192), dict(chunk=16384), dict(splits=128),
+            dict(splits=256), dict(splits=512), dict(block=128), dict(block=128, splits=256),
+            dict(chunk=8192, splits=256)]
 
 
-def one(real, D, n, B, steps, reps, top, dev):
+def one(real, D, n, B, steps, reps, top, dev, variants=VARIANTS, profile=False):
     q, k, v = make_inputs(real, D, n, B, steps, dev)
     n0 = n - steps
     kk = max(1, int(round(top * n)))
@@ -38,7 +41,7 @@ def one(real, D, n, B, steps, reps, top, dev):
     kn = k[:, :, n0:n0 + 1].contiguous()
     vn = v[:, :, n0:n0 + 1].contiguous()
     rows, ref = [], None
-    for var in VARIANTS:
+    for var in variants:
         if var.get("chunk", 0) > n:
             continue
         out = torch.empty_like(q)
@@ -56,16 +59,22 @@ def one(real, D, n, B, steps, reps, top, dev):
         del g
     sc = torch.randn(B * q.shape[1], n, device=dev)
     for name, fn in (("topk", lambda: torch.topk(sc, kk, dim=1, sorted=False).values.amin(1)),
-                     ("radix", lambda: kth_largest(sc, kk)),
                      ("kthvalue", lambda: torch.kthvalue(-sc, kk, dim=1).values)):
         g = capture(fn)
         rows.append(dict(alone=name, us=time_loop(lambda i: g.replay(), steps, reps) * 1e3))
     t_graph, t_static = sdpa_captured(q, k, v, kn, vn, n0, n, steps, reps)
     res = dict(D=D, n=n, B=B, topk=kk, rows=rows, sdpa_best_us=min(t_graph, t_static) * 1e3)
-    print(f"d{D} n={n} B={B} k={kk} (sdpa best {res['sdpa_best_us']:.1f} us):", [(tuple((a, b) for a, b in r.items() if a in ("chunk", "splits", "block",
-                                                                                      "select", "alone")),
-                                         round(r.get("step_us", r.get("us", float("nan"))), 1)) for r in rows],
-          flush=True)
+    if profile:  # each kernel's GPU us in one replay of the default step (the merge's includes its wait)
+        out = torch.empty_like(q)
+        lse = torch.empty(q.shape[:3], dtype=torch.float32, device=dev)
+        cache.crop(n0)
+        g = capture(lambda: cache._topk(q, kk, scale=D ** -0.5, out=out, lse=lse, add=(kn, vn)), warm=1)
+        cache.crop(n0)
+        res["kernels_us"] = {name: round(x, 2) for name, x in kernel_times(g.replay, steps).items()}
+        print("  kernels (us):", res["kernels_us"], flush=True)
+    print(f"d{D} n={n} B={B} k={kk} (sdpa best {res['sdpa_best_us']:.1f} us):",
+          [(tuple((a, b) for a, b in r.items() if a in ("chunk", "splits", "block", "alone")),
+            round(r.get("step_us", r.get("us", float("nan"))), 1)) for r in rows], flush=True)
     return res
 
 
@@ -77,13 +86,16 @@ def main(argv=None):
     ap.add_argument("--top", type=float, default=0.01)
     ap.add_argument("--real", default=str(ROOT / "bench" / "cache" / "gpu_real_keys.npz"))
     ap.add_argument("--out", default=default_out("topk_diag.json"))
+    ap.add_argument("--profile", action="store_true", help="each kernel's time in the default step; variants: "
+                    "the default, no chunks and chunks of 4096 only")
     args = ap.parse_args(argv)
     dev = torch.device("cuda")
     real = np.load(args.real)
     res = []
     for c in args.configs:
         D, n, B = (int(x) for x in c.split(":"))
-        res.append(one(real, D, n, B, args.steps, args.reps, args.top, dev))
+        var = [dict(), dict(chunk=0), dict(chunk=4096)] if args.profile else VARIANTS
+        res.append(one(real, D, n, B, args.steps, args.reps, args.top, dev, var, args.profile))
         torch.cuda.empty_cache()
         save(args.out, res, steps=args.steps, top=args.top)
 

@@ -343,8 +343,7 @@ def _code_filter_kernel(Q, ROT, SIGNS, QR, TAU, tau_scalar, MAXN, MAXE, CODES, S
                         ROTATE: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
                         CERTIFY: tl.constexpr, ATTEND: tl.constexpr, KIND: tl.constexpr, ALPHA: tl.constexpr,
                         BIAS_TENSOR: tl.constexpr, BLOCK_A: tl.constexpr, GROUP: tl.constexpr,
-                        PDL: tl.constexpr, ADD: tl.constexpr, HADAMARD: tl.constexpr, LOG_D: tl.constexpr,
-                        ADD_APART: tl.constexpr = False):
+                        PDL: tl.constexpr, ADD: tl.constexpr, HADAMARD: tl.constexpr, LOG_D: tl.constexpr):
     # CERTIFY: REM (B*Hq*M,) fp32 += sum over the keys no row of the group keeps of
     # exp(scale * (ub - thr)) >= exp(scale * (score - tau)) (qk_scale = scale * log2(e))
     # ATTEND (filter and attend fused): each program then attends its own survivors, as
@@ -374,24 +373,16 @@ def _code_filter_kernel(Q, ROT, SIGNS, QR, TAU, tau_scalar, MAXN, MAXE, CODES, S
     h = pid_bh % Hkv
     if ADD:
         if pid_n == 0:
-            # ADD_APART: the add's program as a function apart (not inlined), an experiment on why
-            # the add's branch slows the filter programs at 128K, d 128 (docs/codes.md)
-            if ADD_APART:
-                _add_then_attend_apart(Q, TAU, tau_scalar, BIAS, bias_scalar, KN, VN, K, V, CODES, SCALE, ERR, MAXN,
-                                       MAXE, LENS, STATUS, ROT, REM, O_PART, L_PART, T, pid_bh, b, h,
-                                       s_qb, s_qh, s_qm, s_tb, s_th, s_tm, s_bb, s_bh, s_bm, s_nb, s_nh, s_nt, s_wb,
-                                       s_wh, s_wt,
-                                       s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_cb, s_ch, s_cn, s_sb, s_sh,
-                                       G, M, Hkv, defect, CAP, BHM, qk_scale, scale, ROWS, HEAD_DIM, DP, TAU_TENSOR,
-                                       BIAS_TENSOR, BLOCK_A, KIND, ALPHA, UPCAST, CERTIFY, GROUP)
-            else:
-                _add_then_attend(Q, TAU, tau_scalar, BIAS, bias_scalar, KN, VN, K, V, CODES, SCALE, ERR, MAXN,
-                                 MAXE, LENS, STATUS, ROT, REM, O_PART, L_PART, T, pid_bh, b, h,
-                                 s_qb, s_qh, s_qm, s_tb, s_th, s_tm, s_bb, s_bh, s_bm, s_nb, s_nh, s_nt, s_wb,
-                                 s_wh, s_wt,
-                                 s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_cb, s_ch, s_cn, s_sb, s_sh,
-                                 G, M, Hkv, defect, CAP, BHM, qk_scale, scale, ROWS, HEAD_DIM, DP, TAU_TENSOR,
-                                 BIAS_TENSOR, BLOCK_A, KIND, ALPHA, UPCAST, CERTIFY, GROUP)
+            # (the add's program compiled as a function apart, noinline, to see whether its inlined
+            # branch slows the filter programs: no faster, 49.8 against 50.9 us at 128K B 1 (three
+            # launches 47.0), 19.8 against 19.9 at 16K; step_variants_h100_2026-12-06_apart.json)
+            _add_then_attend(Q, TAU, tau_scalar, BIAS, bias_scalar, KN, VN, K, V, CODES, SCALE, ERR, MAXN,
+                             MAXE, LENS, STATUS, ROT, REM, O_PART, L_PART, T, pid_bh, b, h,
+                             s_qb, s_qh, s_qm, s_tb, s_th, s_tm, s_bb, s_bh, s_bm, s_nb, s_nh, s_nt, s_wb,
+                             s_wh, s_wt,
+                             s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_cb, s_ch, s_cn, s_sb, s_sh,
+                             G, M, Hkv, defect, CAP, BHM, qk_scale, scale, ROWS, HEAD_DIM, DP, TAU_TENSOR,
+                             BIAS_TENSOR, BLOCK_A, KIND, ALPHA, UPCAST, CERTIFY, GROUP)
             return
     N = tl.load(LENS + pid_bh)
     part = pid_n  # this program's partial
@@ -517,10 +508,6 @@ def _add_then_attend(Q, TAU, tau_scalar, BIAS, bias_scalar, KN, VN, K, V, CODES,
                    ALPHA)  # partial 0 (program 0)
     if CERTIFY:
         tl.atomic_add(REM + row, rem * 1.0001, mask=r_ok)
-
-
-#: the same function compiled apart, never inlined (``ADD_APART``)
-_add_then_attend_apart = triton.jit(_add_then_attend.fn, noinline=True)
 
 
 @triton.jit

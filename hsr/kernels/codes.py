@@ -43,7 +43,6 @@ from ._code_plan import (CodePlan, as_float32, capturing as _capturing, hadamard
                          random_rotation, spec_thresholds, status_message)
 from ._compat import interpreting, patch_interpreter, pdl_supported
 from ._replay import Replays
-from ._select import kth_largest
 from ._softmax import LOG2E
 from ._validate import check_alpha, check_kind, check_topk, check_triton_device
 from .._lock import RWLock, reads, writes
@@ -54,6 +53,13 @@ from .decode import DecodeStep
 patch_interpreter()
 
 __all__ = ["CodeKVCache", "CodePlan"]
+
+#: the top-k mode's selection runs ``torch.topk`` over chunks of this many columns first (then
+#: over the chunks' union) where the capacity is at most TOPK_CHUNKED_UP_TO keys: H100, one
+#: captured step at 16K, 66.5 against 119.2 us at d 64 (9 rows), 74.6 against 78.5 at d 128 (28
+#: rows); at 128K it lost (272-281 against 219 us; bench/results/topk_diag_h100_2026-12-06.json)
+TOPK_CHUNK = 4096
+TOPK_CHUNKED_UP_TO = 1 << 14
 
 
 class CodeKVCache:
@@ -403,7 +409,7 @@ class CodeKVCache:
 
     def _plan(self, q, tau, *, bias=0.0, block_n=128, num_warps=4, num_stages=3, programs_per_sm=None,
               rotate_inside=False, certify=False, scale=None, attend=None, add=None, prepare=None, block_a=64,
-              pdl=None, add_in_filter=False, add_apart=False):
+              pdl=None, add_in_filter=False):
         """:meth:`plan`'s body: ``q`` checked, the read lock held by the caller. ``rotate_inside``:
         the filter rotates the rows itself (one launch fewer; with the Haar rotation, a matrix
         product per filter program: measured slower on an H200 and an H100; with
@@ -421,8 +427,7 @@ class CodeKVCache:
         certificate is tighter (the new tokens' dropped terms are their exact mass).
         ``prepare``: the rotating launch's parameters (:meth:`_launch_prepare`), for tuning benches;
         ``block_a``: survivors a fused program attends at a time. ``pdl``: the first launch and
-        the filter as programmatic dependent launches (default :attr:`pdl`). ``add_apart`` (with
-        ``add_in_filter``): the add's program compiled as a function apart (an experiment)."""
+        the filter as programmatic dependent launches (default :attr:`pdl`)."""
         B, Hq, M, D = q.shape
         G = Hq // self.Hkv
         rows = max(16, triton.next_power_of_2(G * M))
@@ -474,8 +479,7 @@ class CodeKVCache:
             UPCAST=interpreting() or (attend is not None and q.dtype == torch.float32), ROTATE=rotate,
             BLOCK_K=min(32, D), STAGES=num_stages, CERTIFY=certify, ATTEND=attend is not None, KIND=kind_id,
             ALPHA=alpha, BIAS_TENSOR=bias_t is not None, BLOCK_A=block_a, GROUP=group, PDL=pdl, launch_pdl=pdl,
-            ADD=ride, HADAMARD=hadamard, LOG_D=D.bit_length() - 1, ADD_APART=ride and bool(add_apart),
-            num_warps=num_warps)
+            ADD=ride, HADAMARD=hadamard, LOG_D=D.bit_length() - 1, num_warps=num_warps)
         plan = CodePlan(surv, count, seg, (tau_t, tau_s), (bias_t, bias_s), rows, M, self._version,
                         remainder=rem, scale=s)
         return plan if attend is None else (plan, o_part, l_part, t)
@@ -635,13 +639,15 @@ class CodeKVCache:
                                   pdl=launch.get("pdl"), added=added)
 
     def _topk(self, q, k, *, scale, certify=False, out=None, lse=None, return_terms=False, add=None, splits=None,
-              block=64, chunk=None, select="torch"):
+              block=64, chunk=None):
         """Softmax over each row's ``k`` best keys and every key tied with the k-th (the top-k
         mode; ``k`` checked by the caller): every visible key scored in fp32 into a
         ``(B*Hq*M, capacity)`` buffer, ``torch.topk`` for each row's k-th best score, then a
         softmax that reads the scores again and only the kept keys' values, and the merge.
         No filter: a top-k has no threshold to filter with before it is found (docs/codes.md,
         "A top-k mode"). ``add=(k, v)``: first add these tokens (one launch of its own).
+        ``splits``, ``block``, ``chunk``: tuning (the attend's splits per head and tile; the
+        selection's chunk, 0 for none, default :data:`TOPK_CHUNK` up to :data:`TOPK_CHUNKED_UP_TO`).
         With ``certify``: the exact dropped terms, turned into the certificate with the
         row's k-th score as its tau. Returns :meth:`_finish`'s result."""
         if add is not None:
@@ -653,6 +659,8 @@ class CodeKVCache:
         dev = self.device
         s = float(scale)
         upcast = interpreting() or q.dtype == torch.float32
+        if chunk is None:  # torch.topk of few rows is slow; in chunks first it measured faster up to 16K
+            chunk = TOPK_CHUNK if C <= TOPK_CHUNKED_UP_TO else 0
         # a row's width: the capacity, rounded up to whole chunks (past the length: -inf)
         width = -(-C // chunk) * chunk if chunk else C
         sc = torch.empty(BHM, width, dtype=torch.float32, device=dev)
@@ -662,11 +670,9 @@ class CodeKVCache:
             ROWS=rows, BLOCK_N=block, HEAD_DIM=D, UPCAST=upcast, num_warps=4)
         # the k-th best score of each row; -inf where a row sees fewer than k keys (it keeps them all)
         kk = min(int(k), C)
-        if select == "radix":
-            thr = kth_largest(sc, kk)
-        elif not chunk:
+        if not chunk:
             thr = torch.topk(sc, kk, dim=1, sorted=False).values.amin(1)
-        else:  # each row's top k in chunks of ``chunk`` columns first, then over their union
+        else:  # each row's top k in chunks of ``chunk`` columns first, then over their union (exact)
             part = torch.topk(sc.view(BHM * (width // chunk), chunk), min(kk, chunk), dim=1, sorted=False).values
             thr = torch.topk(part.view(BHM, -1), kk, dim=1, sorted=False).values.amin(1)
         splits = splits or max(1, min(64, 2 * _num_sms(dev) // BH))
