@@ -55,9 +55,10 @@ patch_interpreter()
 __all__ = ["CodeKVCache", "CodePlan"]
 
 #: the top-k mode's selection runs ``torch.topk`` over chunks of this many columns first (then
-#: over the chunks' union) where the capacity is at most TOPK_CHUNKED_UP_TO keys: H100, one
-#: captured step at 16K, 66.5 against 119.2 us at d 64 (9 rows), 74.6 against 78.5 at d 128 (28
-#: rows); at 128K it lost (272-281 against 219 us; bench/results/topk_diag_h100_2026-12-06.json)
+#: over the chunks' union) where the capacity is at most TOPK_CHUNKED_UP_TO keys and there are
+#: at most 32 query rows: H100, one captured step at 16K, B 1, 66.5 against 119.2 us at d 64
+#: (9 rows), 74.6 against 78.5 at d 128 (28 rows); it lost at 32K (133.7 against 107.4) and at
+#: 128K (272-281 against 219; bench/results/topk_diag_h100_2026-12-06*.json); B 8 not measured
 TOPK_CHUNK = 4096
 TOPK_CHUNKED_UP_TO = 1 << 14
 
@@ -647,7 +648,8 @@ class CodeKVCache:
         No filter: a top-k has no threshold to filter with before it is found (docs/codes.md,
         "A top-k mode"). ``add=(k, v)``: first add these tokens (one launch of its own).
         ``splits``, ``block``, ``chunk``: tuning (the attend's splits per head and tile; the
-        selection's chunk, 0 for none, default :data:`TOPK_CHUNK` up to :data:`TOPK_CHUNKED_UP_TO`).
+        selection's chunk, 0 for none; default :data:`TOPK_CHUNK` up to :data:`TOPK_CHUNKED_UP_TO`
+        keys and 32 rows).
         With ``certify``: the exact dropped terms, turned into the certificate with the
         row's k-th score as its tau. Returns :meth:`_finish`'s result."""
         if add is not None:
@@ -659,8 +661,8 @@ class CodeKVCache:
         dev = self.device
         s = float(scale)
         upcast = interpreting() or q.dtype == torch.float32
-        if chunk is None:  # torch.topk of few rows is slow; in chunks first it measured faster up to 16K
-            chunk = TOPK_CHUNK if C <= TOPK_CHUNKED_UP_TO else 0
+        if chunk is None:  # torch.topk of few rows is slow; in chunks first it measured faster (B 1, 16K)
+            chunk = TOPK_CHUNK if C <= TOPK_CHUNKED_UP_TO and BHM <= 32 else 0
         # a row's width: the capacity, rounded up to whole chunks (past the length: -inf)
         width = -(-C // chunk) * chunk if chunk else C
         sc = torch.empty(BHM, width, dtype=torch.float32, device=dev)
