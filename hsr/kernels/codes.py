@@ -793,11 +793,7 @@ class CodeKVCache:
         eps = spec.guard_eps
         certify = (with_info and spec.kind == "softmax") or eps is not None
         _, alpha = self._attention_kind(spec.kind, spec.alpha, spec.group_union)  # refused before an add
-        t = 0
-        if add is not None:
-            if not (isinstance(add, (tuple, list)) and len(add) == 2):
-                raise TypeError(f"add must be a (k, v) pair of tensors, got {type(add).__name__}")
-            k, v, t = self._new_tokens(add[0], add[1], check)
+        k, v, t = self._call_tokens(add, check)
         self._check_q(q, t)
         replayed = num_splits is None and not with_info  # the common call: replayed per shape
         if t and not (replayed and t <= 64):  # added first, on its own
@@ -821,17 +817,22 @@ class CodeKVCache:
         self._raise_if(check)
         return res[0], (plan_info(plan, q.shape, res, self.n) if with_info else None)
 
+    def _call_tokens(self, add, check):
+        """``(k, v, t)`` of an attend call's ``add=(k, v)`` (:meth:`_new_tokens`); ``(None, None, 0)``
+        without one."""
+        if add is None:
+            return None, None, 0
+        if not (isinstance(add, (tuple, list)) and len(add) == 2):
+            raise TypeError(f"add must be a (k, v) pair of tensors, got {type(add).__name__}")
+        return self._new_tokens(add[0], add[1], check)
+
     def _attend_topk(self, q, spec, add, with_info, check):
         """:meth:`_attend` for ``spec.topk`` (softmax; :meth:`_topk`): replayed per shape like the
         threshold's call; ``with_info`` runs eagerly and certifies."""
         self._attention_kind("softmax", 1)
         k_best = check_topk(spec.topk, spec.kind, group_union=spec.group_union)
         s = spec.scale_for(self.D)
-        t = 0
-        if add is not None:
-            if not (isinstance(add, (tuple, list)) and len(add) == 2):
-                raise TypeError(f"add must be a (k, v) pair of tensors, got {type(add).__name__}")
-            kn, vn, t = self._new_tokens(add[0], add[1], check)
+        kn, vn, t = self._call_tokens(add, check)
         self._check_q(q, t)
         if with_info:
             if t:

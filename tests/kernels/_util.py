@@ -29,3 +29,19 @@ def qkv(B, Hq, Hkv, M, N, D, dtype, device, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return tuple(torch.randn(*s, generator=gen).to(dtype).to(device)
                  for s in ((B, Hq, M, D), (B, Hkv, N, D), (B, Hkv, N, D)))
+
+
+def code_inputs(B, Hkv, G, M, N, D, dtype, device, lattice, seed):
+    """Seeded ``q (B, Hkv*G, M, D)``, ``k, v (B, Hkv, N, D)``: integer-valued (every fp32 score
+    exact, ties) or real-valued; key 0 is zero and keys 1 and 2 are duplicates."""
+    g = torch.Generator().manual_seed(seed)
+    if lattice:
+        k = torch.randint(-3, 4, (B, Hkv, N, D), generator=g).double()
+        q = torch.randint(-3, 4, (B, Hkv * G, M, D), generator=g).double()
+    else:
+        k = torch.randn(B, Hkv, N, D, generator=g, dtype=torch.float64) * 2
+        q = torch.randn(B, Hkv * G, M, D, generator=g, dtype=torch.float64)
+    k[:, :, 0] = 0  # a zero key
+    k[:, :, 2] = k[:, :, 1]  # duplicates
+    v = torch.randn(B, Hkv, N, D, generator=g, dtype=torch.float64)
+    return [x.to(dtype).to(device) for x in (q, k, v)]

@@ -15,19 +15,11 @@ import torch
 from hsr import AttentionSpec, hsr_attention
 from hsr.kernels.codes import CodeKVCache
 
+from ._util import code_inputs
+
 
 def _inputs(B, Hkv, G, N, D, dtype, device, lattice, seed, M=1):
-    g = torch.Generator().manual_seed(seed)
-    if lattice:
-        k = torch.randint(-2, 3, (B, Hkv, N, D), generator=g).double()
-        q = torch.randint(-2, 3, (B, Hkv * G, M, D), generator=g).double()
-    else:
-        k = torch.randn(B, Hkv, N, D, generator=g, dtype=torch.float64) * 2
-        q = torch.randn(B, Hkv * G, M, D, generator=g, dtype=torch.float64)
-    k[:, :, 0] = 0  # a zero key
-    k[:, :, 2] = k[:, :, 1]  # duplicates
-    v = torch.randn(B, Hkv, N, D, generator=g, dtype=torch.float64)
-    return [x.to(dtype).to(device) for x in (q, k, v)]
+    return code_inputs(B, Hkv, G, M, N, D, dtype, device, lattice, seed)
 
 
 def _topk_reference(q, k, v, topk, scale):

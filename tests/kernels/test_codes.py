@@ -12,19 +12,7 @@ import torch
 from hsr import AttentionSpec
 from hsr.kernels.codes import CodeKVCache
 
-
-def _inputs(B, Hkv, G, M, N, D, dtype, device, lattice, seed):
-    g = torch.Generator().manual_seed(seed)
-    if lattice:
-        k = torch.randint(-3, 4, (B, Hkv, N, D), generator=g).double()
-        q = torch.randint(-3, 4, (B, Hkv * G, M, D), generator=g).double()
-    else:
-        k = torch.randn(B, Hkv, N, D, generator=g, dtype=torch.float64) * 2
-        q = torch.randn(B, Hkv * G, M, D, generator=g, dtype=torch.float64)
-    k[:, :, 0] = 0  # a zero key
-    k[:, :, 2] = k[:, :, 1]  # duplicates
-    v = torch.randn(B, Hkv, N, D, generator=g, dtype=torch.float64)
-    return [x.to(dtype).to(device) for x in (q, k, v)]
+from ._util import code_inputs as _inputs
 
 
 def _reference(q, k, v, tau, kind, alpha, bias, scale):
