@@ -46,6 +46,8 @@
 #            (128K and 16K B 1) and the decode loop at d 128, 16K, B 1, within one call
 #   topkprof the top-k mode's tests compiled (the chunked selection now the default up to 16K), then where
 #            its step's time goes, kernel by kernel (diag_topk.py --profile)
+#   topkshare the top-k tests compiled, then the top-k step's kernels at 128K B 1 keeping 0.01% and 10% of
+#            the keys (does the attend pass's time follow the values it reads?)
 #   loop128  the decode loop at d 128, 16K and 32K, B 1: the two-launch step there (step_form), in a loop
 #   loop     the decode loop at every size (16K-128K, d 128 and 64, B 1 and 8)
 #   ncu      Nsight Compute on one eager decode step's three kernels at 128K, B 1 (bench/profile_step_ncu.py):
@@ -129,6 +131,11 @@ case "${1:-decode}" in
   topkprof) timeout 100 python -m pytest -q -p no:cacheprovider tests/kernels/test_code_topk.py 2>&1 | tee "$OUT/tests_log.txt"
             timeout 200 python bench/diag_topk.py --profile --configs 128:131072:1 128:131072:8 64:16384:1 128:32768:1 \
               --out "$OUT/topk_diag.json" 2>&1 | tee "$OUT/topk_diag_log.txt" ;;
+  topkshare) timeout 100 python -m pytest -q -p no:cacheprovider tests/kernels/test_code_topk.py 2>&1 | tee "$OUT/tests_log.txt"
+            for top in 0.0001 0.1; do
+              timeout 80 python bench/diag_topk.py --profile --configs 128:131072:1 --top $top \
+                --out "$OUT/topk_diag_top$top.json" 2>&1 | tee "$OUT/topk_diag_top${top}_log.txt"
+            done ;;
   loop128)  timeout 560 python bench/bench_decode_loop.py --n 16384 32768 --dims 128 --batch 1 --reps 3 \
               --out "$OUT/decode_loop.json" 2>&1 | tee "$OUT/decode_loop_log.txt" ;;
   loop)     timeout 400 python bench/bench_decode_loop.py --n 131072 16384 32768 --dims 128 64 --batch 1 8 --reps 3 \
@@ -145,5 +152,5 @@ case "${1:-decode}" in
             done ;;
   kernels)  timeout 130 python bench/diag_step_kernels.py --sweep --out "$OUT/step_kernels.json" 2>&1 | tee "$OUT/step_kernels_log.txt" ;;
   owed)     OUT=$OUT bash bench/run_gpu_pending.sh kernels; OUT=$OUT bash bench/run_gpu_pending.sh count ;;
-  *) echo "usage: $0 decode|faiss|generate|striped|tests|eager|replay|b8|eps|count|kernels|owed|ride|form|loop|loop128|topk|apart|final|topkprof|pdl|ncu|prepare|ceiling"; exit 2 ;;
+  *) echo "usage: $0 decode|faiss|generate|striped|tests|eager|replay|b8|eps|count|kernels|owed|ride|form|loop|loop128|topk|apart|final|topkprof|topkshare|pdl|ncu|prepare|ceiling"; exit 2 ;;
 esac
