@@ -153,9 +153,13 @@ def test_topk_refusals_and_bad_values(device):
 def test_topk_selection_in_chunks_or_not_gives_the_same_answer(device):
     # the selection's k-th score is found over the whole row (chunk=0) or over chunks first
     # (the default for small caches; here also several chunks of 32 a row): the same value, so
-    # the same kept set and output, bit for bit; with ties at the k-th too
+    # the same kept set (with ties at the k-th too). Outputs agree to fp32 summation order: the
+    # scores buffer's row stride (the capacity, or whole chunks) changes the compiled layout
+    # (H100: up to 3e-7 apart; a kept set that differed would move them by far more)
     q, k, v = _inputs(1, 2, 3, 150, 32, torch.float32, device, True, seed=11, M=2)
     cache = CodeKVCache(k, v, capacity=170)
     for topk in (1, 10, 40, 170):
-        outs = [cache._topk(q, topk, scale=0.2, chunk=c)[0] for c in (None, 0, 32)]
-        assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+        outs = [cache._topk(q, topk, scale=0.2, chunk=c) for c in (None, 0, 32)]
+        for out, lse in outs[1:]:
+            torch.testing.assert_close(out, outs[0][0], atol=2e-6, rtol=2e-6)
+            torch.testing.assert_close(lse, outs[0][1], atol=2e-6, rtol=2e-6)
