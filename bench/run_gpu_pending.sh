@@ -38,16 +38,17 @@
 #            variants at d 64 (16K-128K, B 1 and 8) and d 128 (32K B 1, 16K B 8), then the decode-step and
 #            replay tests compiled
 #   topk     the top-k mode (decode_step(topk=)): its tests and the decode-step tests compiled, then
-#            bench/bench_topk_step.py (top-k step, threshold step and SDPA, d 128 and 64, 16K-128K, B 1 and 8)
-#   apart    the top-k step's tuning (bench/diag_topk.py: the selection in chunks, the attend's splits),
-#            the step's variants with the add's program a function apart (noinline: does the add's branch
-#            slow the filter at 128K, d 128?), 128K and 16K B 1; then what loop128 runs
-#   final    the radix select's and the top-k mode's tests compiled, then diag_topk, the variants of apart
-#            (128K and 16K B 1) and the decode loop at d 128, 16K, B 1, within one call
+#            bench/bench_topk_step.py (top-k step, threshold step and SDPA, d 128 and 64, 16K-128K, B 1 and 8;
+#            ran on 2026-12-06, H100: bench/results/topk_step_h100_2026-12-06.json)
+#   (ran once on 2026-12-06, H100, then their experiments reverted: the add's program as a function apart,
+#   a radix select; records bench/results/step_variants_h100_2026-12-06_apart.json, topk_diag_h100_2026-12-06.json,
+#   decode_loop_h100_2026-12-06_run12.json)
 #   topkprof the top-k mode's tests compiled (the chunked selection now the default up to 16K), then where
-#            its step's time goes, kernel by kernel (diag_topk.py --profile)
+#            its step's time goes, kernel by kernel (diag_topk.py --profile; ran on 2026-12-06, H100:
+#            topk_diag_h100_2026-12-06_profile.json)
 #   topkshare the top-k tests compiled, then the top-k step's kernels at 128K B 1 keeping 0.01% and 10% of
-#            the keys (does the attend pass's time follow the values it reads?)
+#            the keys (does the attend pass's time follow the values it reads? No: ran on 2026-12-06, H100,
+#            topk_diag_h100_2026-12-06_top*.json)
 #   loop128  the decode loop at d 128, 16K and 32K, B 1: the two-launch step there (step_form), in a loop
 #   loop     the decode loop at every size (16K-128K, d 128 and 64, B 1 and 8)
 #   ncu      Nsight Compute on one eager decode step's three kernels at 128K, B 1 (bench/profile_step_ncu.py):
@@ -116,18 +117,6 @@ case "${1:-decode}" in
               tests/kernels/test_decode_step.py 2>&1 | tee "$OUT/tests_log.txt"
             timeout 380 python bench/bench_topk_step.py --dims 128 64 --n 16384 131072 32768 --batch 1 8 \
               --out "$OUT/topk_step.json" 2>&1 | tee "$OUT/topk_step_log.txt" ;;
-  apart)    timeout 150 python bench/diag_topk.py --out "$OUT/topk_diag.json" 2>&1 | tee "$OUT/topk_diag_log.txt"
-            timeout 150 python bench/diag_step_kernels.py --configs 4:131072:1 4:16384:1 --variants \
-              --out "$OUT/step_variants.json" 2>&1 | tee "$OUT/step_variants_log.txt"
-            timeout 280 python bench/bench_decode_loop.py --n 16384 32768 --dims 128 --batch 1 --reps 3 \
-              --out "$OUT/decode_loop.json" 2>&1 | tee "$OUT/decode_loop_log.txt" ;;
-  final)    timeout 100 python -m pytest -q -p no:cacheprovider tests/kernels/test_select.py tests/kernels/test_code_topk.py \
-              2>&1 | tee "$OUT/tests_log.txt"
-            timeout 150 python bench/diag_topk.py --out "$OUT/topk_diag.json" 2>&1 | tee "$OUT/topk_diag_log.txt"
-            timeout 110 python bench/diag_step_kernels.py --configs 4:131072:1 4:16384:1 --variants \
-              --out "$OUT/step_variants.json" 2>&1 | tee "$OUT/step_variants_log.txt"
-            timeout 150 python bench/bench_decode_loop.py --n 16384 --dims 128 --batch 1 --reps 3 \
-              --out "$OUT/decode_loop.json" 2>&1 | tee "$OUT/decode_loop_log.txt" ;;
   topkprof) timeout 100 python -m pytest -q -p no:cacheprovider tests/kernels/test_code_topk.py 2>&1 | tee "$OUT/tests_log.txt"
             timeout 200 python bench/diag_topk.py --profile --configs 128:131072:1 128:131072:8 64:16384:1 128:32768:1 \
               --out "$OUT/topk_diag.json" 2>&1 | tee "$OUT/topk_diag_log.txt" ;;
@@ -152,5 +141,5 @@ case "${1:-decode}" in
             done ;;
   kernels)  timeout 130 python bench/diag_step_kernels.py --sweep --out "$OUT/step_kernels.json" 2>&1 | tee "$OUT/step_kernels_log.txt" ;;
   owed)     OUT=$OUT bash bench/run_gpu_pending.sh kernels; OUT=$OUT bash bench/run_gpu_pending.sh count ;;
-  *) echo "usage: $0 decode|faiss|generate|striped|tests|eager|replay|b8|eps|count|kernels|owed|ride|form|loop|loop128|topk|apart|final|topkprof|topkshare|pdl|ncu|prepare|ceiling"; exit 2 ;;
+  *) echo "usage: $0 decode|faiss|generate|striped|tests|eager|replay|b8|eps|count|kernels|owed|ride|form|loop|loop128|topk|topkprof|topkshare|pdl|ncu|prepare|ceiling"; exit 2 ;;
 esac
