@@ -38,7 +38,6 @@ from _results import default_out, save  # noqa: E402
 from bench_decode_loop import capture, make_inputs, scores, sdpa_captured, time_loop  # noqa: E402
 
 from hsr.kernels.codes import CodeKVCache  # noqa: E402
-from hsr.kernels._code_kernels import _score_all_kernel  # noqa: E402
 
 
 def topk_reference(q, k, v, kk, scale):
@@ -52,8 +51,6 @@ def topk_reference(q, k, v, kk, scale):
 
 
 def one_config(real, D, n, B, steps, reps, top, dev):
-    import triton
-
     q, k, v = make_inputs(real, D, n, B, steps, dev)
     Hq, Hkv = q.shape[1], k.shape[1]
     scale = D ** -0.5
@@ -90,15 +87,10 @@ def one_config(real, D, n, B, steps, reps, top, dev):
     res["tau_ms"] = time_loop(feed(tstep), steps, reps, reset)
     del tstep
     # parts at length n: every key's score, then the selection
-    BHM, C = B * Hq, cache.capacity
-    sc = torch.empty(BHM, C, dtype=torch.float32, device=dev)
-    rows = max(16, triton.next_power_of_2(Hq // Hkv))
+    sc = cache._score_all(q, cache.capacity)
 
     def score():
-        _score_all_kernel[(triton.cdiv(C, 64), B * Hkv)](
-            q, cache.k, sc, cache.lengths, q.stride(0), q.stride(1), q.stride(2), cache.k.stride(0),
-            cache.k.stride(1), cache.k.stride(2), sc.stride(0), Hq // Hkv, 1, Hkv,
-            ROWS=rows, BLOCK_N=64, HEAD_DIM=D, UPCAST=False, num_warps=4)
+        cache._score_all(q, cache.capacity)
 
     g = capture(score)
     res["part_score_ms"] = time_loop(lambda i: g.replay(), steps, reps)

@@ -376,10 +376,9 @@ def _code_filter_kernel(Q, ROT, SIGNS, QR, TAU, tau_scalar, MAXN, MAXE, CODES, S
             # (the add's program compiled as a function apart, noinline, to see whether its inlined
             # branch slows the filter programs: no faster, 49.8 against 50.9 us at 128K B 1 (three
             # launches 47.0), 19.8 against 19.9 at 16K; step_variants_h100_2026-12-06_apart.json)
-            _add_then_attend(Q, TAU, tau_scalar, BIAS, bias_scalar, KN, VN, K, V, CODES, SCALE, ERR, MAXN,
-                             MAXE, LENS, STATUS, ROT, REM, O_PART, L_PART, T, pid_bh, b, h,
-                             s_qb, s_qh, s_qm, s_tb, s_th, s_tm, s_bb, s_bh, s_bm, s_nb, s_nh, s_nt, s_wb,
-                             s_wh, s_wt,
+            _add_then_attend(Q, TAU, tau_scalar, BIAS, bias_scalar, KN, VN, K, V, CODES, SCALE, ERR, MAXN, MAXE, LENS,
+                             STATUS, ROT, REM, O_PART, L_PART, T, pid_bh, b, h,
+                             s_qb, s_qh, s_qm, s_tb, s_th, s_tm, s_bb, s_bh, s_bm, s_nb, s_nh, s_nt, s_wb, s_wh, s_wt,
                              s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_cb, s_ch, s_cn, s_sb, s_sh,
                              G, M, Hkv, defect, CAP, BHM, qk_scale, scale, ROWS, HEAD_DIM, DP, TAU_TENSOR,
                              BIAS_TENSOR, BLOCK_A, KIND, ALPHA, UPCAST, CERTIFY, GROUP)

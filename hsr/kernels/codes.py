@@ -665,11 +665,7 @@ class CodeKVCache:
             chunk = TOPK_CHUNK if C <= TOPK_CHUNKED_UP_TO and BHM <= 32 else 0
         # a row's width: the capacity, rounded up to whole chunks (past the length: -inf)
         width = -(-C // chunk) * chunk if chunk else C
-        sc = torch.empty(BHM, width, dtype=torch.float32, device=dev)
-        _score_all_kernel[(triton.cdiv(width, block), BH)](
-            q, self.k, sc, self.lengths, q.stride(0), q.stride(1), q.stride(2),
-            self.k.stride(0), self.k.stride(1), self.k.stride(2), sc.stride(0), G, M, self.Hkv,
-            ROWS=rows, BLOCK_N=block, HEAD_DIM=D, UPCAST=upcast, num_warps=4)
+        sc = self._score_all(q, width, block)
         # the k-th best score of each row; -inf where a row sees fewer than k keys (it keeps them all)
         kk = min(int(k), C)
         if not chunk:
@@ -689,6 +685,20 @@ class CodeKVCache:
         tau = (thr.view(B, Hq, M), 0.0)
         return self._finish(q, o_part, l_part, None if rem is None else rem.view(B, Hq, M), tau, s, out, lse,
                             return_terms)
+
+    def _score_all(self, q, width, block=64):
+        """``(B*Hq*M, width)`` fp32: every visible key's score for each query row (rows ordered
+        ``(b, hq, m)``), ``-inf`` past a row's causal limit and past the length up to ``width``
+        (at least the capacity): the top-k mode's first launch."""
+        B, Hq, M, D = q.shape
+        G = Hq // self.Hkv
+        sc = torch.empty(B * Hq * M, width, dtype=torch.float32, device=self.device)
+        _score_all_kernel[(triton.cdiv(width, block), B * self.Hkv)](
+            q, self.k, sc, self.lengths, q.stride(0), q.stride(1), q.stride(2),
+            self.k.stride(0), self.k.stride(1), self.k.stride(2), sc.stride(0), G, M, self.Hkv,
+            ROWS=max(16, triton.next_power_of_2(G * M)), BLOCK_N=block, HEAD_DIM=D,
+            UPCAST=interpreting() or q.dtype == torch.float32, num_warps=4)
+        return sc
 
     def step_form(self, adding: bool = True) -> dict:
         """The launches of a fused step (:meth:`attend`, a decode step), as ``_plan`` options.
