@@ -7,16 +7,21 @@ real keys (capacity ``n``), ``--steps`` consecutive captured steps, each adding 
 attending, median time per step over ``--reps`` repetitions, inputs in the steps' buffers:
 
 * ``topk``: ``cache.decode_step(..., topk=k)`` with ``k`` = ``--top`` of ``n`` (each row keeps
-  its k best keys, ties at the k-th kept): every key scored, ``torch.topk``, a softmax that
-  reads only the kept keys' values, the merge (one captured graph);
-* ``topk_certified``: the same, also writing each row's certified dropped share;
+  its k best keys, ties at the k-th kept): every key scored, ``torch.topk`` of each row's k + 1
+  best with their positions, a softmax over those that reads only the kept keys' values (the
+  gather), the merge (one captured graph);
+* ``topk_certified``: the same, also writing each row's certified dropped share (its softmax
+  scans every score: the certificate sums the dropped ones);
 * ``tau``: the threshold step keeping about the same share (each row's tau at its top ``--top``
   of the scores at the start), the filter in front;
 * ``sdpa_best``: the faster of SDPA captured at the final length and SDPA over the masked
   static cache (``bench_decode_loop.sdpa_captured``).
 
-Parts of the top-k step, each captured alone at length n: ``score`` (the kernel writing every
-key's score), ``select`` (``torch.topk`` of each row), and the rest by difference. The output
+Parts of the top-k step, each captured alone at length n, no add: ``score`` (the kernel writing
+every key's score), ``select`` (``torch.topk`` of each row's k best values, what the scan needs)
+and ``select_positions`` (the k + 1 best with positions, what the gather needs), and the whole
+step without its add in both forms: ``gather`` (the default) and ``scan`` (the softmax reading
+every score against the k-th best, the default before). The output
 of the last step is checked against an fp32 reference (softmax over each row's keys scoring
 at least its k-th best fp32 score).
 """
@@ -96,6 +101,13 @@ def one_config(real, D, n, B, steps, reps, top, dev):
     res["part_score_ms"] = time_loop(lambda i: g.replay(), steps, reps)
     g = capture(lambda: torch.topk(sc, kk, dim=1, sorted=False).values.amin(1))
     res["part_select_ms"] = time_loop(lambda i: g.replay(), steps, reps)
+    g = capture(lambda: torch.topk(sc, kk + 1, dim=1, sorted=False))
+    res["part_select_positions_ms"] = time_loop(lambda i: g.replay(), steps, reps)
+    for form, gather in (("gather", True), ("scan", False)):
+        g = capture(lambda gather=gather: cache._topk(q, kk, scale=scale, gather=gather))
+        res[f"part_{form}_ms"] = time_loop(lambda i: g.replay(), steps, reps)
+        res[f"part_{form}_max_err"] = float((cache._topk(q, kk, scale=scale, gather=gather)[0].float()
+                                             - ref).abs().max())
     t_graph, t_static = sdpa_captured(q, k, v, knew[-1], vnew[-1], n0, n, steps, reps)
     res["sdpa_graph_ms"], res["sdpa_static_ms"] = t_graph, t_static
     best = min(t_graph, t_static)
@@ -125,8 +137,9 @@ def main(argv=None):
                 r = one_config(real, D, n, B, args.steps, args.reps, args.top, dev)
                 rows.append(r)
                 print(f"d{D} {r['Hq']}/{r['Hkv']} n={n:6d} B={B} k={r['topk']}: topk {r['topk_ms']*1e3:7.1f} us "
-                      f"(certified {r['topk_certified_ms']*1e3:7.1f}; score {r['part_score_ms']*1e3:6.1f}, select "
-                      f"{r['part_select_ms']*1e3:6.1f}) | tau {r['tau_ms']*1e3:6.1f} | sdpa best "
+                      f"(certified {r['topk_certified_ms']*1e3:7.1f}; alone: gather {r['part_gather_ms']*1e3:6.1f}, "
+                      f"scan {r['part_scan_ms']*1e3:6.1f}; score {r['part_score_ms']*1e3:6.1f}, select "
+                      f"{r['part_select_ms']*1e3:6.1f} / {r['part_select_positions_ms']*1e3:6.1f}) | tau {r['tau_ms']*1e3:6.1f} | sdpa best "
                       f"{r['sdpa_best_ms']*1e3:6.1f} | topk x{r['topk_vs_sdpa_best']:.2f}, tau "
                       f"x{r['tau_vs_sdpa_best']:.2f} | err {r['topk_max_err']:.1e}, kept/row "
                       f"{r['topk_kept_per_row_mean']:.1f}, bound max {r['topk_bound_max']:.1e}", flush=True)

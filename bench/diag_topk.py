@@ -1,5 +1,6 @@
 """Where the GPU top-k step's time goes, and its tuning: the selection (``torch.topk`` over each
-row, or in chunks first), the attend launch's splits and tile, each as a whole captured step.
+row, or in chunks first), the softmax's form (``gather=False``: the scan of every score) and its
+splits and tile, each as a whole captured step.
 (A radix select of the k-th, three rounds of ``tl.histogram`` digit counts, measured 5-7x slower
 than ``torch.topk`` alone at 128K and was dropped: ``topk_diag_h100_2026-12-06.json``, "radix".)
 
@@ -28,9 +29,8 @@ from diag_step_kernels import kernel_times  # noqa: E402
 
 from hsr.kernels.codes import CodeKVCache  # noqa: E402
 
-VARIANTS = [dict(), dict(chunk=0), dict(chunk=4096), dict(chunk=8192), dict(chunk=16384), dict(splits=128),
-            dict(splits=256), dict(splits=512), dict(block=128), dict(block=128, splits=256),
-            dict(chunk=8192, splits=256)]
+VARIANTS = [dict(), dict(gather=False), dict(chunk=0), dict(chunk=4096), dict(chunk=8192), dict(splits=2),
+            dict(splits=8), dict(splits=32), dict(block=32), dict(block=128), dict(gather=False, splits=256)]
 
 
 def one(real, D, n, B, steps, reps, top, dev, variants=VARIANTS, profile=False):
@@ -73,7 +73,7 @@ def one(real, D, n, B, steps, reps, top, dev, variants=VARIANTS, profile=False):
         res["kernels_us"] = {name: round(x, 2) for name, x in kernel_times(g.replay, steps).items()}
         print("  kernels (us):", res["kernels_us"], flush=True)
     print(f"d{D} n={n} B={B} k={kk} (sdpa best {res['sdpa_best_us']:.1f} us):",
-          [(tuple((a, b) for a, b in r.items() if a in ("chunk", "splits", "block", "alone")),
+          [(tuple((a, b) for a, b in r.items() if a in ("chunk", "splits", "block", "gather", "alone")),
             round(r.get("step_us", r.get("us", float("nan"))), 1)) for r in rows], flush=True)
     return res
 
@@ -87,14 +87,14 @@ def main(argv=None):
     ap.add_argument("--real", default=str(ROOT / "bench" / "cache" / "gpu_real_keys.npz"))
     ap.add_argument("--out", default=default_out("topk_diag.json"))
     ap.add_argument("--profile", action="store_true", help="each kernel's time in the default step; variants: "
-                    "the default, no chunks and chunks of 4096 only")
+                    "the default, the scan, no chunks and chunks of 4096 only")
     args = ap.parse_args(argv)
     dev = torch.device("cuda")
     real = np.load(args.real)
     res = []
     for c in args.configs:
         D, n, B = (int(x) for x in c.split(":"))
-        var = [dict(), dict(chunk=0), dict(chunk=4096)] if args.profile else VARIANTS
+        var = [dict(), dict(gather=False), dict(chunk=0), dict(chunk=4096)] if args.profile else VARIANTS
         res.append(one(real, D, n, B, args.steps, args.reps, args.top, dev, var, args.profile))
         torch.cuda.empty_cache()
         save(args.out, res, steps=args.steps, top=args.top)

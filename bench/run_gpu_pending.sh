@@ -49,6 +49,11 @@
 #   topkshare the top-k tests compiled, then the top-k step's kernels at 128K B 1 keeping 0.01% and 10% of
 #            the keys (does the attend pass's time follow the values it reads? No: ran on 2026-12-06, H100,
 #            topk_diag_h100_2026-12-06_top*.json)
+#   gather   the top-k tests compiled, then where the top-k step's time goes with its softmax over
+#            torch.topk's k + 1 best (the gather, now the default) and with the scan of every score
+#            (diag_topk.py --profile)
+#   gatherloop the top-k step in the decode loop beside the threshold step and SDPA (bench_topk_step.py:
+#            both softmax forms timed alone too), d 128 and 64, 16K-128K, B 1 and 8
 #   loop128  the decode loop at d 128, 16K and 32K, B 1: the two-launch step there (step_form), in a loop
 #   loop     the decode loop at every size (16K-128K, d 128 and 64, B 1 and 8)
 #   ncu      Nsight Compute on one eager decode step's three kernels at 128K, B 1 (bench/profile_step_ncu.py):
@@ -125,6 +130,11 @@ case "${1:-decode}" in
               timeout 80 python bench/diag_topk.py --profile --configs 128:131072:1 --top $top \
                 --out "$OUT/topk_diag_top$top.json" 2>&1 | tee "$OUT/topk_diag_top${top}_log.txt"
             done ;;
+  gather)   timeout 200 python -m pytest -q -p no:cacheprovider tests/kernels/test_code_topk.py 2>&1 | tee "$OUT/tests_log.txt"
+            timeout 330 python bench/diag_topk.py --profile --configs 128:131072:1 128:16384:1 64:16384:1 128:131072:8 \
+              --out "$OUT/topk_diag.json" 2>&1 | tee "$OUT/topk_diag_log.txt" ;;
+  gatherloop) timeout 560 python bench/bench_topk_step.py --dims 128 64 --n 16384 131072 32768 --batch 1 8 \
+              --out "$OUT/topk_step.json" 2>&1 | tee "$OUT/topk_step_log.txt" ;;
   loop128)  timeout 560 python bench/bench_decode_loop.py --n 16384 32768 --dims 128 --batch 1 --reps 3 \
               --out "$OUT/decode_loop.json" 2>&1 | tee "$OUT/decode_loop_log.txt" ;;
   loop)     timeout 400 python bench/bench_decode_loop.py --n 131072 16384 32768 --dims 128 64 --batch 1 8 --reps 3 \
@@ -141,5 +151,5 @@ case "${1:-decode}" in
             done ;;
   kernels)  timeout 130 python bench/diag_step_kernels.py --sweep --out "$OUT/step_kernels.json" 2>&1 | tee "$OUT/step_kernels_log.txt" ;;
   owed)     OUT=$OUT bash bench/run_gpu_pending.sh kernels; OUT=$OUT bash bench/run_gpu_pending.sh count ;;
-  *) echo "usage: $0 decode|faiss|generate|striped|tests|eager|replay|b8|eps|count|kernels|owed|ride|form|loop|loop128|topk|topkprof|topkshare|pdl|ncu|prepare|ceiling"; exit 2 ;;
+  *) echo "usage: $0 decode|faiss|generate|striped|tests|eager|replay|b8|eps|count|kernels|owed|ride|form|loop|loop128|topk|topkprof|topkshare|gather|gatherloop|pdl|ncu|prepare|ceiling"; exit 2 ;;
 esac

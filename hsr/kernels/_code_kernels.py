@@ -53,8 +53,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._softmax import (_online_softmax_step, _pdl_enter, _relu_base, _relu_rows_step, _running_max_init,
-                       _weights_epilogue)
+from ._softmax import (_online_softmax_step, _online_softmax_step_row, _pdl_enter, _relu_base, _relu_rows_step,
+                       _running_max_init, _weights_epilogue)
 
 #: bits of the cache's device status word (``CodeKVCache.status``), set by the kernels
 BAD_Q = 1          # a query row holds NaN or Inf
@@ -747,3 +747,72 @@ def _topk_attend_kernel(Q, V, SC, THR, LENS, MAXN, STATUS, O_PART, L_PART, REM,
     _store_partial(m_i, l_i, acc, row_bad, r_ok, row, pid_s, BHM, O_PART, L_PART, HEAD_DIM, 0, 1)
     if CERTIFY:
         tl.atomic_add(REM + row, rem * 1.0001, mask=r_ok)
+
+
+@triton.jit
+def _topk_gather_kernel(Q, V, SC, VALS, IDX, LENS, MAXN, STATUS, O_PART, L_PART,
+                        s_qb, s_qh, s_qm, s_vb, s_vh, s_vn, s_sr, s_xr, s_ir, K2, KK, WIDTH, Hq, M, G, Hkv,
+                        SPLITS, BHM, qk_scale, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
+    # The top-k mode's softmax from torch.topk's answer, one program per (split, query row):
+    # VALS, IDX (BHM, K2): a row's K2 = min(KK + 1, WIDTH) best scores and their key
+    # positions, in no order. Their smallest value lo (found cnt times) and the next larger
+    # one give the k-th best: thr = lo where lo is tied (cnt >= 2) or K2 == KK, else the next.
+    # Every key scoring >= thr is then in the list (the rest score <= lo) unless lo is a
+    # finite tie that may go on outside it: only such a row scans its whole row of SC (as
+    # _topk_attend_kernel does). So a row reads K2 values and the kept keys' value rows,
+    # not its n scores. Partials as _code_attend_kernel's (split s at index s).
+    pid_s = tl.program_id(0)
+    row = tl.program_id(1)  # (b, hq, m)
+    b = row // (Hq * M)
+    hq = (row // M) % Hq
+    bh = b * Hkv + hq // G
+    N = tl.load(LENS + bh)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + b.to(tl.int64) * s_qb + hq.to(tl.int64) * s_qh + (row % M) * s_qm + offs_d)
+    code = tl.max(_bad_rows(q[None, :], tl.zeros([1], tl.float32), tl.full([1], 1, tl.int1), tl.load(MAXN + bh)), 0)
+    tl.atomic_or(STATUS, code, mask=(code > 0) & (pid_s == 0))
+    row_bad = (code > 0) | ((tl.load(STATUS) & (_BAD_KV | _BAD_FULL)) != 0)
+    offs = tl.arange(0, BLOCK)
+    vals = VALS + row.to(tl.int64) * s_xr
+    lo = float("inf")
+    nxt = float("inf")
+    cnt = 0
+    for off in range(0, K2, BLOCK):  # lo, its count and the next larger value, one pass
+        u = tl.load(vals + off + offs, mask=off + offs < K2, other=float("inf"))
+        bm = tl.min(u, 0)
+        bn = tl.min(tl.where(u > bm, u, float("inf")), 0)
+        new = tl.minimum(lo, bm)
+        nxt = tl.minimum(tl.minimum(nxt, bn), tl.minimum(tl.where(lo > new, lo, float("inf")),
+                                                         tl.where(bm > new, bm, float("inf"))))
+        cnt = tl.where(lo == new, cnt, 0) + tl.where(bm == new, tl.sum(tl.where(u == bm, 1, 0), 0), 0)
+        lo = new
+    plus1 = K2 > KK
+    thr = tl.where(plus1 & (cnt == 1), nxt, lo)
+    scan = plus1 & (cnt >= 2) & (lo > float("-inf")) & (K2 < WIDTH)
+    vbase = V + b.to(tl.int64) * s_vb + (hq // G).to(tl.int64) * s_vh
+    m_i = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), 0)
+    l_i = tl.sum(tl.zeros([BLOCK], tl.float32), 0)
+    acc = tl.zeros([HEAD_DIM], tl.float32)
+    if scan:  # the k-th best is tied beyond the list: every score of the row
+        limit = N - M + row % M
+        for tile in range(pid_s, tl.cdiv(N, BLOCK), SPLITS):
+            pos = tile * BLOCK + offs
+            seen = (pos < N) & (pos <= limit)
+            sc = tl.load(SC + row.to(tl.int64) * s_sr + pos, mask=seen, other=float("-inf"))
+            keep = seen & (sc >= thr)
+            v = tl.load(vbase + pos[:, None].to(tl.int64) * s_vn + offs_d[None, :], mask=keep[:, None], other=0.0)
+            m_i, l_i, acc = _online_softmax_step_row(tl.where(keep, sc * qk_scale, float("-inf")), v, m_i, l_i, acc)
+    else:  # the list holds every kept key (-inf entries: keys past the length or the causal limit)
+        for off in range(pid_s * BLOCK, K2, SPLITS * BLOCK):
+            i_ok = off + offs < K2
+            u = tl.load(vals + off + offs, mask=i_ok, other=float("-inf"))
+            pos = tl.load(IDX + row.to(tl.int64) * s_ir + off + offs, mask=i_ok, other=0)
+            keep = i_ok & (u >= thr) & (u > float("-inf")) & (pos < N)
+            v = tl.load(vbase + pos[:, None].to(tl.int64) * s_vn + offs_d[None, :], mask=keep[:, None], other=0.0)
+            m_i, l_i, acc = _online_softmax_step_row(tl.where(keep, u * qk_scale, float("-inf")), v, m_i, l_i, acc)
+    l_safe, lse = _weights_epilogue(m_i, l_i, 0, 1)
+    o = tl.where(row_bad, float("nan"), acc / l_safe)
+    lse = tl.where(row_bad, float("nan"), lse)
+    part = pid_s.to(tl.int64) * BHM + row
+    tl.store(O_PART + part * HEAD_DIM + offs_d, o)
+    tl.store(L_PART + part, lse)

@@ -38,7 +38,8 @@ import torch
 import triton
 
 from ._code_kernels import (BAD_FULL, BAD_KV, _certify_kernel, _code_add_kernel, _code_attend_kernel,
-                            _code_filter_kernel, _prepare_kernel, _score_all_kernel, _topk_attend_kernel)
+                            _code_filter_kernel, _prepare_kernel, _score_all_kernel, _topk_attend_kernel,
+                            _topk_gather_kernel)
 from ._code_plan import (CodePlan, as_float32, capturing as _capturing, hadamard_rotation, per_row_values, plan_info,
                          random_rotation, spec_thresholds, status_message)
 from ._compat import interpreting, patch_interpreter, pdl_supported
@@ -640,51 +641,84 @@ class CodeKVCache:
                                   pdl=launch.get("pdl"), added=added)
 
     def _topk(self, q, k, *, scale, certify=False, out=None, lse=None, return_terms=False, add=None, splits=None,
-              block=64, chunk=None):
+              block=64, chunk=None, gather=None):
         """Softmax over each row's ``k`` best keys and every key tied with the k-th (the top-k
         mode; ``k`` checked by the caller): every visible key scored in fp32 into a
-        ``(B*Hq*M, capacity)`` buffer, ``torch.topk`` for each row's k-th best score, then a
-        softmax that reads the scores again and only the kept keys' values, and the merge.
-        No filter: a top-k has no threshold to filter with before it is found (docs/codes.md,
-        "A top-k mode"). ``add=(k, v)``: first add these tokens (one launch of its own).
-        ``splits``, ``block``, ``chunk``: tuning (the attend's splits per head and tile; the
-        selection's chunk, 0 for none; default :data:`TOPK_CHUNK` up to :data:`TOPK_CHUNKED_UP_TO`
-        keys and 32 rows).
+        ``(B*Hq*M, width)`` buffer, ``torch.topk``, a softmax, and the merge. No filter: a
+        top-k has no threshold to filter with before it is found (docs/codes.md, "A top-k
+        mode"). ``add=(k, v)``: first add these tokens (one launch of its own).
+
+        ``gather`` (default: without ``certify``): ``torch.topk`` returns each row's ``k + 1``
+        best scores and their positions, and the softmax reads only those and the kept keys'
+        values; a row whose k-th best is tied beyond them scans its scores instead (on the
+        device, no sync). Otherwise (and always with ``certify``, whose dropped terms need
+        every score) the softmax scans every score of the row against the k-th best.
+        ``splits``, ``block``, ``chunk``: tuning (the softmax's splits and tile; the
+        selection's chunk, 0 for none; default :data:`TOPK_CHUNK` up to
+        :data:`TOPK_CHUNKED_UP_TO` keys and 32 rows).
         With ``certify``: the exact dropped terms, turned into the certificate with the
         row's k-th score as its tau. Returns :meth:`_finish`'s result."""
         if add is not None:
             self._launch_add(add[0], add[1], add[0].shape[2])
+        gather = not certify if gather is None else bool(gather)
+        if gather and certify:
+            raise ValueError("the top-k certificate needs every score: gather=True with certify=True")
         B, Hq, M, D = q.shape
         G = Hq // self.Hkv
-        rows = max(16, triton.next_power_of_2(G * M))
         BH, BHM, C = B * self.Hkv, B * Hq * M, self.capacity
         dev = self.device
         s = float(scale)
-        upcast = interpreting() or q.dtype == torch.float32
         if chunk is None:  # torch.topk of few rows is slow; in chunks first it measured faster (B 1, 16K)
             chunk = TOPK_CHUNK if C <= TOPK_CHUNKED_UP_TO and BHM <= 32 else 0
         # a row's width: the capacity, rounded up to whole chunks (past the length: -inf)
         width = -(-C // chunk) * chunk if chunk else C
         sc = self._score_all(q, width, block)
-        # the k-th best score of each row; -inf where a row sees fewer than k keys (it keeps them all)
         kk = min(int(k), C)
-        if not chunk:
-            thr = torch.topk(sc, kk, dim=1, sorted=False).values.amin(1)
-        else:  # each row's top k in chunks of ``chunk`` columns first, then over their union (exact)
-            part = torch.topk(sc.view(BHM * (width // chunk), chunk), min(kk, chunk), dim=1, sorted=False).values
-            thr = torch.topk(part.view(BHM, -1), kk, dim=1, sorted=False).values.amin(1)
-        splits = splits or max(1, min(64, 2 * _num_sms(dev) // BH))
+        # the gather reads k + 1 best (to see whether the k-th is tied beyond them); the scan the k-th best
+        vals, idx = self._select(sc, min(kk + 1, width) if gather else kk, chunk, gather)
+        if gather:
+            blocks = triton.cdiv(vals.shape[1], block)
+            splits = splits or max(1, min(blocks, triton.cdiv(4 * _num_sms(dev), BHM)))
+        else:
+            splits = splits or max(1, min(64, 2 * _num_sms(dev) // BH))
         o_part = torch.empty(splits, BHM, D, dtype=torch.float32, device=dev)
         l_part = torch.empty(splits, BHM, dtype=torch.float32, device=dev)
+        if gather:
+            _topk_gather_kernel[(splits, BHM)](
+                q, self.v, sc, vals, idx, self.lengths, self.max_norm, self.status, o_part, l_part,
+                q.stride(0), q.stride(1), q.stride(2), self.v.stride(0), self.v.stride(1), self.v.stride(2),
+                sc.stride(0), vals.stride(0), idx.stride(0), vals.shape[1], kk, width, Hq, M, G, self.Hkv,
+                splits, BHM, s * LOG2E, BLOCK=block, HEAD_DIM=D, num_warps=4)
+            return self._finish(q, o_part, l_part, None, None, s, out, lse, return_terms)
+        # the k-th best score of each row; -inf where a row sees fewer than k keys (it keeps them all)
+        thr = vals.amin(1)
         rem = torch.zeros(BHM, dtype=torch.float32, device=dev) if certify else None
         _topk_attend_kernel[(splits, BH)](
             q, self.v, sc, thr, self.lengths, self.max_norm, self.status, o_part, l_part,
             thr if rem is None else rem, q.stride(0), q.stride(1), q.stride(2),
             self.v.stride(0), self.v.stride(1), self.v.stride(2), sc.stride(0), M, G, self.Hkv, splits, BHM,
-            s * LOG2E, ROWS=rows, BLOCK_N=block, HEAD_DIM=D, UPCAST=upcast, CERTIFY=certify, num_warps=4)
+            s * LOG2E, ROWS=max(16, triton.next_power_of_2(G * M)), BLOCK_N=block, HEAD_DIM=D,
+            UPCAST=interpreting() or q.dtype == torch.float32, CERTIFY=certify, num_warps=4)
         tau = (thr.view(B, Hq, M), 0.0)
         return self._finish(q, o_part, l_part, None if rem is None else rem.view(B, Hq, M), tau, s, out, lse,
                             return_terms)
+
+    @staticmethod
+    def _select(sc, kk, chunk, positions):
+        """Each row's ``kk`` best of ``sc`` (rows, width), in no order: ``(values, positions)``
+        (positions None unless asked). With ``chunk``: the best of each chunk of columns first,
+        then over their union (the same values: a row's best in a chunk are among the chunk's
+        best)."""
+        if not chunk:
+            best = torch.topk(sc, kk, dim=1, sorted=False)
+            return best.values, best.indices if positions else None
+        rows, width = sc.shape
+        part = torch.topk(sc.view(rows * (width // chunk), chunk), min(kk, chunk), dim=1, sorted=False)
+        best = torch.topk(part.values.view(rows, -1), kk, dim=1, sorted=False)
+        if not positions:
+            return best.values, None
+        starts = torch.arange(0, width, chunk, device=sc.device).repeat(rows)[:, None]
+        return best.values, torch.gather((part.indices + starts).view(rows, -1), 1, best.indices)
 
     def _score_all(self, q, width, block=64):
         """``(B*Hq*M, width)`` fp32: every visible key's score for each query row (rows ordered
