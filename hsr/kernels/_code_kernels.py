@@ -754,13 +754,12 @@ def _topk_gather_kernel(Q, V, SC, VALS, IDX, LENS, MAXN, STATUS, O_PART, L_PART,
                         s_qb, s_qh, s_qm, s_vb, s_vh, s_vn, s_sr, s_xr, s_ir, K2, KK, WIDTH, Hq, M, G, Hkv,
                         SPLITS, BHM, qk_scale, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
     # The top-k mode's softmax from torch.topk's answer, one program per (split, query row):
-    # VALS, IDX (BHM, K2): a row's K2 = min(KK + 1, WIDTH) best scores and their key
-    # positions, in no order. Their smallest value lo (found cnt times) and the next larger
-    # one give the k-th best: thr = lo where lo is tied (cnt >= 2) or K2 == KK, else the next.
-    # Every key scoring >= thr is then in the list (the rest score <= lo) unless lo is a
-    # finite tie that may go on outside it: only such a row scans its whole row of SC (as
-    # _topk_attend_kernel does). So a row reads K2 values and the kept keys' value rows,
-    # not its n scores. Partials as _code_attend_kernel's (split s at index s).
+    # VALS, IDX (BHM, K2): a row's K2 = min(KK + extra, WIDTH) best scores, best first, and
+    # their key positions. The k-th best is VALS[row, KK - 1]. Every key scoring at least it
+    # is in the list unless the list's last score equals it (a tie that may go on beyond the
+    # list): only such a row scans its whole row of SC (as _topk_attend_kernel does, on the
+    # device, no sync). So a row reads its list and the kept keys' value rows, not its n
+    # scores. Partials as _code_attend_kernel's (split s at index s).
     pid_s = tl.program_id(0)
     row = tl.program_id(1)  # (b, hq, m)
     b = row // (Hq * M)
@@ -772,23 +771,10 @@ def _topk_gather_kernel(Q, V, SC, VALS, IDX, LENS, MAXN, STATUS, O_PART, L_PART,
     code = tl.max(_bad_rows(q[None, :], tl.zeros([1], tl.float32), tl.full([1], 1, tl.int1), tl.load(MAXN + bh)), 0)
     tl.atomic_or(STATUS, code, mask=(code > 0) & (pid_s == 0))
     row_bad = (code > 0) | ((tl.load(STATUS) & (_BAD_KV | _BAD_FULL)) != 0)
-    offs = tl.arange(0, BLOCK)
     vals = VALS + row.to(tl.int64) * s_xr
-    lo = float("inf")
-    nxt = float("inf")
-    cnt = 0
-    for off in range(0, K2, BLOCK):  # lo, its count and the next larger value, one pass
-        u = tl.load(vals + off + offs, mask=off + offs < K2, other=float("inf"))
-        bm = tl.min(u, 0)
-        bn = tl.min(tl.where(u > bm, u, float("inf")), 0)
-        new = tl.minimum(lo, bm)
-        nxt = tl.minimum(tl.minimum(nxt, bn), tl.minimum(tl.where(lo > new, lo, float("inf")),
-                                                         tl.where(bm > new, bm, float("inf"))))
-        cnt = tl.where(lo == new, cnt, 0) + tl.where(bm == new, tl.sum(tl.where(u == bm, 1, 0), 0), 0)
-        lo = new
-    plus1 = K2 > KK
-    thr = tl.where(plus1 & (cnt == 1), nxt, lo)
-    scan = plus1 & (cnt >= 2) & (lo > float("-inf")) & (K2 < WIDTH)
+    thr = tl.load(vals + KK - 1)  # -inf where the row sees fewer than k keys: all of them are listed
+    scan = (tl.load(vals + K2 - 1) == thr) & (thr > float("-inf")) & (K2 < WIDTH)
+    offs = tl.arange(0, BLOCK)
     vbase = V + b.to(tl.int64) * s_vb + (hq // G).to(tl.int64) * s_vh
     m_i = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), 0)
     l_i = tl.sum(tl.zeros([BLOCK], tl.float32), 0)

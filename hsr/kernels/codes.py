@@ -62,6 +62,10 @@ __all__ = ["CodeKVCache", "CodePlan"]
 #: 128K (272-281 against 219; bench/results/topk_diag_h100_2026-12-06*.json); B 8 not measured
 TOPK_CHUNK = 4096
 TOPK_CHUNKED_UP_TO = 1 << 14
+#: the top-k softmax's list holds each row's k + TOPK_EXTRA best scores: a row needs no scan of
+#: its scores unless its k-th best is tied with the list's last (so with TOPK_EXTRA keys ranked
+#: after it; a cache repeats keys: a prompt's repeated text, the benchmarks' keys tiled 16 times)
+TOPK_EXTRA = 64
 
 
 class CodeKVCache:
@@ -641,21 +645,21 @@ class CodeKVCache:
                                   pdl=launch.get("pdl"), added=added)
 
     def _topk(self, q, k, *, scale, certify=False, out=None, lse=None, return_terms=False, add=None, splits=None,
-              block=64, chunk=None, gather=None):
+              block=64, chunk=None, gather=None, extra=TOPK_EXTRA):
         """Softmax over each row's ``k`` best keys and every key tied with the k-th (the top-k
         mode; ``k`` checked by the caller): every visible key scored in fp32 into a
         ``(B*Hq*M, width)`` buffer, ``torch.topk``, a softmax, and the merge. No filter: a
         top-k has no threshold to filter with before it is found (docs/codes.md, "A top-k
         mode"). ``add=(k, v)``: first add these tokens (one launch of its own).
 
-        ``gather`` (default: without ``certify``): ``torch.topk`` returns each row's ``k + 1``
-        best scores and their positions, and the softmax reads only those and the kept keys'
-        values; a row whose k-th best is tied beyond them scans its scores instead (on the
-        device, no sync). Otherwise (and always with ``certify``, whose dropped terms need
-        every score) the softmax scans every score of the row against the k-th best.
-        ``splits``, ``block``, ``chunk``: tuning (the softmax's splits and tile; the
-        selection's chunk, 0 for none; default :data:`TOPK_CHUNK` up to
-        :data:`TOPK_CHUNKED_UP_TO` keys and 32 rows).
+        ``gather`` (default: without ``certify``): ``torch.topk`` returns each row's ``k + extra``
+        best scores, sorted, and their positions, and the softmax reads only those and the kept
+        keys' values; a row whose k-th best is tied with the list's last scans its scores
+        instead (on the device, no sync). Otherwise (and always with ``certify``, whose dropped
+        terms need every score) the softmax scans every score of the row against the k-th best.
+        ``splits``, ``block``, ``chunk``, ``extra``: tuning (the softmax's splits and tile; the
+        selection's chunk, 0 for none, default :data:`TOPK_CHUNK` up to
+        :data:`TOPK_CHUNKED_UP_TO` keys and 32 rows; the list's length past k).
         With ``certify``: the exact dropped terms, turned into the certificate with the
         row's k-th score as its tau. Returns :meth:`_finish`'s result."""
         if add is not None:
@@ -674,8 +678,8 @@ class CodeKVCache:
         width = -(-C // chunk) * chunk if chunk else C
         sc = self._score_all(q, width, block)
         kk = min(int(k), C)
-        # the gather reads k + 1 best (to see whether the k-th is tied beyond them); the scan the k-th best
-        vals, idx = self._select(sc, min(kk + 1, width) if gather else kk, chunk, gather)
+        # the gather reads k + extra best, sorted (is the k-th tied beyond them?); the scan the k-th best
+        vals, idx = self._select(sc, min(kk + max(1, int(extra)), width) if gather else kk, chunk, gather)
         if gather:
             blocks = triton.cdiv(vals.shape[1], block)
             splits = splits or max(1, min(blocks, triton.cdiv(4 * _num_sms(dev), BHM)))
@@ -705,16 +709,16 @@ class CodeKVCache:
 
     @staticmethod
     def _select(sc, kk, chunk, positions):
-        """Each row's ``kk`` best of ``sc`` (rows, width), in no order: ``(values, positions)``
-        (positions None unless asked). With ``chunk``: the best of each chunk of columns first,
-        then over their union (the same values: a row's best in a chunk are among the chunk's
-        best)."""
+        """Each row's ``kk`` best of ``sc`` (rows, width): ``(values, positions)``; with
+        ``positions``, best first, else in no order and positions None. With ``chunk``: the
+        best of each chunk of columns first, then over their union (the same values: a row's
+        best in a chunk are among the chunk's best)."""
         if not chunk:
-            best = torch.topk(sc, kk, dim=1, sorted=False)
+            best = torch.topk(sc, kk, dim=1, sorted=positions)
             return best.values, best.indices if positions else None
         rows, width = sc.shape
         part = torch.topk(sc.view(rows * (width // chunk), chunk), min(kk, chunk), dim=1, sorted=False)
-        best = torch.topk(part.values.view(rows, -1), kk, dim=1, sorted=False)
+        best = torch.topk(part.values.view(rows, -1), kk, dim=1, sorted=positions)
         if not positions:
             return best.values, None
         starts = torch.arange(0, width, chunk, device=sc.device).repeat(rows)[:, None]

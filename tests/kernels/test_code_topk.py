@@ -169,10 +169,10 @@ def test_topk_selection_in_chunks_or_not_gives_the_same_answer(device):
 
 @pytest.mark.parametrize("topk,kept", [(3, 3), (4, 6), (5, 6), (6, 6), (7, 7), (9, 9)])
 def test_topk_gather_branches(device, topk, kept):
-    # scores 10, 9, 8, 7, 7, 7, 1, 0, 0: the gather reads the k + 1 best. k = 3: its smallest
-    # (7) is alone, the k-th is the next (8): 3 kept from the list. k = 4, 5: the 7 is tied in
-    # the list and may go on beyond it: the row's scores are scanned (6 kept). k = 6: the list's
-    # smallest (1) is alone: the 7s, all in the list. k = 9: the list is the whole row.
+    # scores 10, 9, 8, 7, 7, 7, 1, 0, 0, the gather's list of the k + 1 best: k = 3, the list
+    # ends on a 7, past the k-th (8): 3 kept from the list. k = 4, 5: the list ends on the
+    # k-th (7), which may be tied beyond it: the row's scores are scanned (6 kept). k = 6: the
+    # list ends on a 1: the 7s, all listed. k = 9: the list is the whole row.
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     scores = torch.tensor([7, 0, 10, 7, 1, 9, 0, 8, 7], dtype=torch.float64)
     N, D = scores.numel(), 32
@@ -186,19 +186,20 @@ def test_topk_gather_branches(device, topk, kept):
     ref, *_ = _topk_reference(q, k, v, kept, 0.3)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     for gather in (True, False):
-        out, _ = cache._topk(q, topk, scale=0.3, gather=gather, chunk=0)
+        out, _ = cache._topk(q, topk, scale=0.3, gather=gather, chunk=0, extra=1)
         torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                   HealthCheck.function_scoped_fixture])
 @given(n=st.integers(2, 150), spare=st.integers(0, 40), G=st.integers(1, 3), M=st.integers(1, 3),
-       topk=st.integers(1, 160), chunk=st.sampled_from([0, 32]), seed=st.integers(0, 2 ** 16))
-def test_topk_gather_property(device, n, spare, G, M, topk, chunk, seed):
+       topk=st.integers(1, 160), chunk=st.sampled_from([0, 32]), extra=st.sampled_from([1, 3, 64]),
+       seed=st.integers(0, 2 ** 16))
+def test_topk_gather_property(device, n, spare, G, M, topk, chunk, extra, seed):
     # keys and queries in {-1, 0, 1}: exact scores with many ties, so ties at the k-th (inside
     # the k + 1 best, beyond them, or none), rows that see fewer than k keys (causal, M > 1),
     # k past the capacity, widths that are not whole tiles, rows that see no key (M > n: an
-    # empty row, 0); both softmax paths against float64
+    # empty row, 0), lists of k + 1, k + 3 and k + 64; both softmax paths against float64
     g = torch.Generator().manual_seed(seed)
     D = 16
     k = torch.randint(-1, 2, (1, 2, n, D), generator=g).double()
@@ -208,7 +209,7 @@ def test_topk_gather_property(device, n, spare, G, M, topk, chunk, seed):
     cache = CodeKVCache(k, v, capacity=n + spare)
     ref = _topk_reference(q, k, v, topk, 0.25)[0].nan_to_num(0.0)
     for gather in (True, False):
-        out, _ = cache._topk(q, topk, scale=0.25, gather=gather, chunk=chunk)
+        out, _ = cache._topk(q, topk, scale=0.25, gather=gather, chunk=chunk, extra=extra)
         torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
 
 
