@@ -239,3 +239,25 @@ def test_cpu_tensors_without_the_interpreter_name_the_fix(monkeypatch):
     for where, call in calls.items():
         with pytest.raises(ValueError, match=where.replace(".", r"\.") + ": .*" + fix):
             call()
+
+
+def test_merge_partials_refuses_what_it_would_read_or_write_out_of_bounds():
+    from hsr.kernels import merge_partials
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    z = lambda *s, dt=torch.float32: torch.zeros(*s, dtype=dt, device=dev)  # noqa: E731
+    ok = dict(o_part=z(3, 4, 32), lse_part=z(3, 4), out=z(1, 2, 2, 32), lse=z(1, 2, 2), M=2)
+    lens = torch.zeros(2, dtype=torch.int32, device=dev)
+    merge_partials(**ok, advance=(lens, 1, 8, 1))  # (1, 2 heads, 2 rows) and 2 kv heads: fine
+    assert lens.tolist() == [1, 1]
+    bad = [(dict(lse_part=z(3, 5)), "o_part must be"), (dict(o_part=z(3, 4, 32, dt=torch.float16)), "float32"),
+           (dict(out=z(1, 2, 3, 32)), "out must be"), (dict(M=1), "does not match"),
+           (dict(out=z(1, 2, 2, 64)), "does not match"), (dict(out=z(1, 2, 2, 64)[..., ::2]), "unit last stride"),
+           (dict(o_part=z(3, 4, 24), out=z(1, 2, 2, 24)), "power of two"),
+           (dict(lse_part=z(4, 3).t()), "contiguous")]
+    for change, match in bad:
+        with pytest.raises(ValueError, match=match):
+            merge_partials(**{**ok, **change})
+    for advance in ((lens.long(), 1, 8, 1), (lens, -1, 8, 1), (lens, 1, 8, 3), (lens[:1], 1, 8, 1)):
+        with pytest.raises(ValueError, match="advance must be"):
+            merge_partials(**ok, advance=advance)
