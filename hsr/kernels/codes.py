@@ -66,6 +66,12 @@ TOPK_CHUNKED_UP_TO = 1 << 14
 #: its scores unless its k-th best is tied with the list's last (so with TOPK_EXTRA keys ranked
 #: after it; a cache repeats keys: a prompt's repeated text, the benchmarks' keys tiled 16 times)
 TOPK_EXTRA = 64
+#: the top-k softmax reads torch.topk's list (the gather) where the capacity is above this, and
+#: scans every score below: H100, one captured step, 191.9 against 218.2 us at 128K B 1 (911
+#: against 1234 at B 8) but 90.0 against 74.5 at 16K, d 128 (80.6 against 67.2 at d 64): a
+#: sorted torch.topk with positions costs more than the scan saves at 16K
+#: (bench/results/topk_diag_h100_2026-12-06_gather.json)
+TOPK_GATHER_FROM = TOPK_CHUNKED_UP_TO
 
 
 class CodeKVCache:
@@ -652,9 +658,10 @@ class CodeKVCache:
         top-k has no threshold to filter with before it is found (docs/codes.md, "A top-k
         mode"). ``add=(k, v)``: first add these tokens (one launch of its own).
 
-        ``gather`` (default: without ``certify``): ``torch.topk`` returns each row's ``k + extra``
-        best scores, sorted, and their positions, and the softmax reads only those and the kept
-        keys' values; a row whose k-th best is tied with the list's last scans its scores
+        ``gather`` (default: without ``certify``, above a capacity of :data:`TOPK_GATHER_FROM`):
+        ``torch.topk`` returns each row's ``k + extra`` best scores, sorted, and their positions,
+        and the softmax reads only those and the kept keys' values; a row whose k-th best is
+        tied with the list's last scans its scores
         instead (on the device, no sync). Otherwise (and always with ``certify``, whose dropped
         terms need every score) the softmax scans every score of the row against the k-th best.
         ``splits``, ``block``, ``chunk``, ``extra``: tuning (the softmax's splits and tile; the
@@ -664,7 +671,9 @@ class CodeKVCache:
         row's k-th score as its tau. Returns :meth:`_finish`'s result."""
         if add is not None:
             self._launch_add(add[0], add[1], add[0].shape[2])
-        gather = not certify if gather is None else bool(gather)
+        if gather is None:  # measured faster only past the chunked selection's sizes (docs/codes.md)
+            gather = not certify and self.capacity > TOPK_GATHER_FROM
+        gather = bool(gather)
         if gather and certify:
             raise ValueError("the top-k certificate needs every score: gather=True with certify=True")
         B, Hq, M, D = q.shape
