@@ -66,12 +66,6 @@ TOPK_CHUNKED_UP_TO = 1 << 14
 #: its scores unless its k-th best is tied with the list's last (so with TOPK_EXTRA keys ranked
 #: after it; a cache repeats keys: a prompt's repeated text, the benchmarks' keys tiled 16 times)
 TOPK_EXTRA = 64
-#: the top-k softmax reads torch.topk's list (the gather) where the capacity is above this, and
-#: scans every score below: H100, one captured step, 191.9 against 218.2 us at 128K B 1 (911
-#: against 1234 at B 8) but 90.0 against 74.5 at 16K, d 128 (80.6 against 67.2 at d 64): a
-#: sorted torch.topk with positions costs more than the scan saves at 16K
-#: (bench/results/topk_diag_h100_2026-12-06_gather.json)
-TOPK_GATHER_FROM = TOPK_CHUNKED_UP_TO
 
 
 class CodeKVCache:
@@ -658,11 +652,10 @@ class CodeKVCache:
         top-k has no threshold to filter with before it is found (docs/codes.md, "A top-k
         mode"). ``add=(k, v)``: first add these tokens (one launch of its own).
 
-        ``gather`` (default: without ``certify``, above a capacity of :data:`TOPK_GATHER_FROM`):
+        ``gather`` (default: without ``certify`` where the selection is not chunked):
         ``torch.topk`` returns each row's ``k + extra`` best scores, sorted, and their positions,
         and the softmax reads only those and the kept keys' values; a row whose k-th best is
-        tied with the list's last scans its scores
-        instead (on the device, no sync). Otherwise (and always with ``certify``, whose dropped
+        tied with the list's last scans its scores instead (on the device, no sync). Otherwise (and always with ``certify``, whose dropped
         terms need every score) the softmax scans every score of the row against the k-th best.
         ``splits``, ``block``, ``chunk``, ``extra``: tuning (the softmax's splits and tile; the
         selection's chunk, 0 for none, default :data:`TOPK_CHUNK` up to
@@ -671,11 +664,6 @@ class CodeKVCache:
         row's k-th score as its tau. Returns :meth:`_finish`'s result."""
         if add is not None:
             self._launch_add(add[0], add[1], add[0].shape[2])
-        if gather is None:  # measured faster only past the chunked selection's sizes (docs/codes.md)
-            gather = not certify and self.capacity > TOPK_GATHER_FROM
-        gather = bool(gather)
-        if gather and certify:
-            raise ValueError("the top-k certificate needs every score: gather=True with certify=True")
         B, Hq, M, D = q.shape
         G = Hq // self.Hkv
         BH, BHM, C = B * self.Hkv, B * Hq * M, self.capacity
@@ -683,6 +671,14 @@ class CodeKVCache:
         s = float(scale)
         if chunk is None:  # torch.topk of few rows is slow; in chunks first it measured faster (B 1, 16K)
             chunk = TOPK_CHUNK if C <= TOPK_CHUNKED_UP_TO and BHM <= 32 else 0
+        if gather is None:
+            # H100, the step captured alone: the gather 183 against the scan's 212 us at 128K B 1
+            # (908 / 1235 at B 8, 183 / 206 at 16K B 8); with the chunked selection (whose positions
+            # cost two more launches and a sort) 82 against 69 at 16K B 1 (topk_step_h100_2026-12-06_gather.json)
+            gather = not certify and not chunk
+        gather = bool(gather)
+        if gather and certify:
+            raise ValueError("the top-k certificate needs every score: gather=True with certify=True")
         # a row's width: the capacity, rounded up to whole chunks (past the length: -inf)
         width = -(-C // chunk) * chunk if chunk else C
         sc = self._score_all(q, width, block)
