@@ -140,7 +140,8 @@ def main(argv=None):
                       f"(certified {r['topk_certified_ms']*1e3:7.1f}; alone: gather {r['part_gather_ms']*1e3:6.1f}, "
                       f"scan {r['part_scan_ms']*1e3:6.1f}; score {r['part_score_ms']*1e3:6.1f}, select "
                       f"{r['part_select_ms']*1e3:6.1f} / {r['part_select_positions_ms']*1e3:6.1f}) | tau "
-                      f"{r['tau_ms']*1e3:6.1f} | sdpa best {r['sdpa_best_ms']*1e3:6.1f} | topk x{r['topk_vs_sdpa_best']:.2f}, tau "
+                      f"{r['tau_ms']*1e3:6.1f} | sdpa best {r['sdpa_best_ms']*1e3:6.1f} | "
+                      f"topk x{r['topk_vs_sdpa_best']:.2f}, tau "
                       f"x{r['tau_vs_sdpa_best']:.2f} | err {r['topk_max_err']:.1e}, kept/row "
                       f"{r['topk_kept_per_row_mean']:.1f}, bound max {r['topk_bound_max']:.1e}", flush=True)
                 torch.cuda.empty_cache()

@@ -655,8 +655,9 @@ class CodeKVCache:
         ``gather`` (default: without ``certify`` where the selection is not chunked):
         ``torch.topk`` returns each row's ``k + extra`` best scores, sorted, and their positions,
         and the softmax reads only those and the kept keys' values; a row whose k-th best is
-        tied with the list's last scans its scores instead (on the device, no sync). Otherwise (and always with ``certify``, whose dropped
-        terms need every score) the softmax scans every score of the row against the k-th best.
+        tied with the list's last scans its scores instead (on the device, no sync). Otherwise
+        (and always with ``certify``, whose dropped terms need every score) the softmax scans
+        every score of the row against the k-th best.
         ``splits``, ``block``, ``chunk``, ``extra``: tuning (the softmax's splits and tile; the
         selection's chunk, 0 for none, default :data:`TOPK_CHUNK` up to
         :data:`TOPK_CHUNKED_UP_TO` keys and 32 rows; the list's length past k).
