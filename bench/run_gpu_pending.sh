@@ -54,6 +54,8 @@
 #            (diag_topk.py --profile)
 #   gatherloop the top-k step in the decode loop beside the threshold step and SDPA (bench_topk_step.py:
 #            both softmax forms timed alone too), d 128 and 64, 16K-128K, B 1 and 8
+#   d256     the fused step's forms (two launches or three; diag_step_kernels.py --variants) at d 256,
+#            14/2 heads (pairs of real heads side by side), 16K-128K, B 1: which form step_form should pick
 #   loop128  the decode loop at d 128, 16K and 32K, B 1: the two-launch step there (step_form), in a loop
 #   loop     the decode loop at every size (16K-128K, d 128 and 64, B 1 and 8)
 #   ncu      Nsight Compute on one eager decode step's three kernels at 128K, B 1 (bench/profile_step_ncu.py):
@@ -113,6 +115,8 @@ case "${1:-decode}" in
               2>&1 | tee "$OUT/tests_log.txt"
             timeout 300 python bench/diag_step_kernels.py --configs 4:131072:1 4:16384:1 3:16384:1:64 4:131072:8 \
               --variants --out "$OUT/step_variants.json" 2>&1 | tee "$OUT/step_variants_log.txt" ;;
+  d256)     timeout 240 python bench/diag_step_kernels.py --configs 2:16384:1:256 2:32768:1:256 2:131072:1:256 \
+              --variants --out "$OUT/step_variants_d256.json" 2>&1 | tee "$OUT/step_variants_d256_log.txt" ;;
   form)     timeout 200 python bench/diag_step_kernels.py --configs 3:16384:1:64 3:32768:1:64 3:131072:1:64 \
               3:16384:8:64 3:131072:8:64 4:32768:1 4:16384:8 --variants --out "$OUT/step_variants.json" 2>&1 \
               | tee "$OUT/step_variants_log.txt"
@@ -152,5 +156,5 @@ case "${1:-decode}" in
             done ;;
   kernels)  timeout 130 python bench/diag_step_kernels.py --sweep --out "$OUT/step_kernels.json" 2>&1 | tee "$OUT/step_kernels_log.txt" ;;
   owed)     OUT=$OUT bash bench/run_gpu_pending.sh kernels; OUT=$OUT bash bench/run_gpu_pending.sh count ;;
-  *) echo "usage: $0 decode|faiss|generate|striped|tests|eager|replay|b8|eps|count|kernels|owed|ride|form|loop|loop128|topk|topkprof|topkshare|gather|gatherloop|pdl|ncu|prepare|ceiling"; exit 2 ;;
+  *) echo "usage: $0 decode|faiss|generate|striped|tests|eager|replay|b8|eps|count|kernels|owed|ride|form|loop|loop128|topk|topkprof|topkshare|gather|gatherloop|d256|pdl|ncu|prepare|ceiling"; exit 2 ;;
 esac
