@@ -42,8 +42,10 @@ softmax (what dropping the keys below tau costs).
 
 Keys: real post-RoPE keys of SmolLM2-135M (``bench/make_gpu_keys.py``, carried as
 ``bench/cache/gpu_real_keys.npz``), tiled to n; d 128: 28/4 heads (two real heads
-concatenated per kv head); d 64: 9/3 heads (one real head per kv head). Each row's tau keeps
-its top ``--top`` of the scores at the start (constant over the loop). Values are random.
+concatenated per kv head); d 64: 9/3 heads (one real head per kv head); d 256: 14/2 heads (two
+of the d-128 kv heads side by side, each query row two of their rows side by side). Each row's
+tau keeps its top ``--top`` of the scores at the start (constant over the loop). Values are
+random.
 """
 from __future__ import annotations
 
@@ -82,6 +84,9 @@ def make_inputs(real, D, n, B, steps, dev, seed=0):
     q_all = torch.from_numpy(real["q"].astype(np.float32))  # (28, 128)
     if D == 128:
         k, q = k_all, q_all
+    elif D == 256:  # 14/2 heads: kv head i = heads 2i and 2i + 1 side by side, query row j their rows j
+        k = k_all.view(2, 2, -1, 128).permute(0, 2, 1, 3).reshape(2, -1, 256)
+        q = q_all.view(2, 2, 7, 128).permute(0, 2, 1, 3).reshape(14, 256)
     else:  # 9/3 heads: kv head i = layer L_i's kv head 0; its 3 query rows, first half
         k = k_all[:3, :, :64]
         q = torch.stack([q_all[i * 7 + j, :64] for i in range(3) for j in range(3)])
@@ -473,8 +478,9 @@ def plot(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, D in zip(axes, (128, 64)):
+    dims = sorted({r["D"] for r in rows}, reverse=True)
+    fig, axes = plt.subplots(1, len(dims), figsize=(6 * len(dims), 4.5), squeeze=False)
+    for ax, D in zip(axes[0], dims):
         sub = [r for r in rows if r["D"] == D]
         labels = [f"{r['n'] // 1024}K B{r['B']}" for r in sub]
         x = np.arange(len(sub))

@@ -43,13 +43,9 @@ def inputs(real, Hkv, n, B, dev, D=128):
     seven query rows; ``D=64``: the decode-loop bench's 9/3 heads of 64; ``D=256``: 14/2 heads,
     kv head i the real heads 2i and 2i + 1 side by side, query row j of its group their rows j
     side by side (each score the sum of two real heads' scores)."""
-    if D == 64:
-        return make_inputs(real, 64, n, B, 0, dev)
+    if D != 128:
+        return make_inputs(real, D, n, B, 0, dev)
     q, k, v = make_inputs(real, 128, n, B, 0, dev)
-    if D == 256:
-        q = q.view(B, 2, 2, 7, 1, 128).permute(0, 1, 3, 4, 2, 5).reshape(B, 14, 1, 256)
-        k = k.view(B, 2, 2, n, 128).permute(0, 1, 3, 2, 4).reshape(B, 2, n, 256)
-        return q.contiguous(), k.contiguous(), torch.cat([v[:, 0::2], v[:, 1::2]], -1).contiguous()
     if Hkv == 4:
         return q, k, v
     rows = [(i % 4) * 7 + j for i in range(Hkv) for j in range(4)]

@@ -56,6 +56,8 @@
 #            both softmax forms timed alone too), d 128 and 64, 16K-128K, B 1 and 8
 #   d256     the fused step's forms (two launches or three; diag_step_kernels.py --variants) at d 256,
 #            14/2 heads (pairs of real heads side by side), 16K-128K, B 1: which form step_form should pick
+#   loop256  the decode loop at d 256 (14/2 heads), 16K and 128K, B 1 and 8 (plain launches, the default
+#            there since step_variants_h100_2026-12-06_d256.json), then the decode-step tests compiled
 #   loop128  the decode loop at d 128, 16K and 32K, B 1: the two-launch step there (step_form), in a loop
 #   loop     the decode loop at every size (16K-128K, d 128 and 64, B 1 and 8)
 #   ncu      Nsight Compute on one eager decode step's three kernels at 128K, B 1 (bench/profile_step_ncu.py):
@@ -117,6 +119,10 @@ case "${1:-decode}" in
               --variants --out "$OUT/step_variants.json" 2>&1 | tee "$OUT/step_variants_log.txt" ;;
   d256)     timeout 240 python bench/diag_step_kernels.py --configs 2:16384:1:256 2:32768:1:256 2:131072:1:256 \
               --variants --out "$OUT/step_variants_d256.json" 2>&1 | tee "$OUT/step_variants_d256_log.txt" ;;
+  loop256)  timeout 300 python bench/bench_decode_loop.py --n 16384 131072 --dims 256 --batch 1 8 --reps 3 \
+              --out "$OUT/decode_loop_d256.json" 2>&1 | tee "$OUT/decode_loop_d256_log.txt"
+            timeout 120 python -m pytest -q -p no:cacheprovider tests/kernels/test_decode_step.py 2>&1 \
+              | tee "$OUT/tests_log.txt" ;;
   form)     timeout 200 python bench/diag_step_kernels.py --configs 3:16384:1:64 3:32768:1:64 3:131072:1:64 \
               3:16384:8:64 3:131072:8:64 4:32768:1 4:16384:8 --variants --out "$OUT/step_variants.json" 2>&1 \
               | tee "$OUT/step_variants_log.txt"
@@ -156,5 +162,5 @@ case "${1:-decode}" in
             done ;;
   kernels)  timeout 130 python bench/diag_step_kernels.py --sweep --out "$OUT/step_kernels.json" 2>&1 | tee "$OUT/step_kernels_log.txt" ;;
   owed)     OUT=$OUT bash bench/run_gpu_pending.sh kernels; OUT=$OUT bash bench/run_gpu_pending.sh count ;;
-  *) echo "usage: $0 decode|faiss|generate|striped|tests|eager|replay|b8|eps|count|kernels|owed|ride|form|loop|loop128|topk|topkprof|topkshare|gather|gatherloop|d256|pdl|ncu|prepare|ceiling"; exit 2 ;;
+  *) echo "usage: $0 decode|faiss|generate|striped|tests|eager|replay|b8|eps|count|kernels|owed|ride|form|loop|loop128|topk|topkprof|topkshare|gather|gatherloop|d256|loop256|pdl|ncu|prepare|ceiling"; exit 2 ;;
 esac

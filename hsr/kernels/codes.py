@@ -103,7 +103,9 @@ class CodeKVCache:
         Launch a step's kernels (the first launch, the filter, the merge) as programmatic
         dependent launches: True on CUDA devices of compute capability 9 on (Hopper), where
         each kernel's programs are scheduled while the kernel before it finishes, then wait
-        for it. Set it False before capturing to launch them plainly.
+        for it; False at d 256, where plain launches measured 11-17% faster (H100, B 1,
+        16K-128K: 37.8 against 42.3 us, 53.6 against 62.4, 87.4 against 105.4;
+        ``bench/results/step_variants_h100_2026-12-06_d256.json``). Set it before capturing.
 
     Examples
     --------
@@ -163,8 +165,8 @@ class CodeKVCache:
         self._guard_counts = None  # count_guard(): the guard's work, counted on the device
         # a step's three kernels are programmatic dependent launches where the device has them:
         # each kernel's programs are scheduled while the one before finishes, then wait for it
-        # (its launch latency hidden; docs/codes.md)
-        self.pdl = pdl_supported(self.device)
+        # (its launch latency hidden; docs/codes.md); not at d 256, where it measured slower
+        self.pdl = pdl_supported(self.device) and self.D <= 128
         self._alloc(max(int(capacity or 0), n, 64))
         self.add(k, v if self.has_values else None)
 

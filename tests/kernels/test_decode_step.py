@@ -552,6 +552,8 @@ def test_dependent_launches_only_where_the_device_has_them(device):
     assert not pdl_supported(torch.device("cpu"))
     if device == "cpu":  # the interpreter has no griddepcontrol: plain launches
         assert not cache.pdl
+    k256 = torch.zeros(1, 1, 4, 256, device=device)
+    assert not CodeKVCache(k256, k256).pdl  # d 256: plain launches measured faster
 
 
 @pytest.mark.gpu
