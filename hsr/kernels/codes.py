@@ -759,10 +759,12 @@ class CodeKVCache:
         25.6-26.1 against 14.9-15.1, 17.2, 28.1 µs at d 64 (9/3 heads), 16K, 32K, 128K; 19.5-20.6
         and 22.8-23.3 against 20.8-20.9 and 24.4-24.8 at d 128 (28/4), 16K and 32K, but 50.3-50.5
         against 46.6-47.1 at 128K. With 8 programs an SM (B 8) it lost everywhere measured
-        (+3 µs at d 64, +8 at d 128 16K, +42 at 128K).
+        (+3 µs at d 64, +8 at d 128 16K, +42 at 128K), and at d 256, B 1 (14/2 heads: 59.0,
+        99.6, 141.2 against 42.3, 62.4, 105.4 µs at 16K, 32K, 128K;
+        ``bench/results/step_variants_h100_2026-12-06_d256.json``).
         Returns ``{"rotate_inside": bool, "add_in_filter": bool}``."""
         two = (bool(adding) and self.signs is not None and self.DP == self.D and self.B * self.Hkv < 16
-               and (self.D <= 64 or (self.D == 128 and self.capacity <= 1 << 15)))  # d 256: not measured
+               and (self.D <= 64 or (self.D == 128 and self.capacity <= 1 << 15)))  # d 256: three, measured
         return {"rotate_inside": two, "add_in_filter": two}
 
     def _guard(self, q, res, eps, scale):
