@@ -37,7 +37,9 @@ __all__ = ["CodeLayer", "CodeCache", "CodeAttention", "register_code_attention",
 #: form), instead of the code filter: in the GPU decode loop on an H200
 #: (``bench/results/decode_loop_h200_2026-12-05_run1.json``, real keys, top 1%) the filtered
 #: step beat that form from ``B * n`` = 128K on (128K at B 1; 16K and 32K at B 8) and lost
-#: below it (16K and 32K at B 1), at d 128 and d 64 alike
+#: below it (16K and 32K at B 1), at d 128 and d 64 alike; at d 256 (H100, 14/2 heads,
+#: ``decode_loop_h100_2026-12-06_d256.json``) 1.11x that form at 16K B 8 and 1.32x at 128K B 1,
+#: 0.82x at 16K B 1
 FILTER_FROM = 1 << 17
 
 #: a layer whose calibrated ``tau`` keeps more than this share of the prompt's keys (for the
