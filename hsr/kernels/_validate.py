@@ -78,6 +78,31 @@ def check_tensor(name: str, x, ndim: int, layout: str) -> None:
         raise ValueError(f"{name} must have shape {layout}, got {tuple(x.shape)}")
 
 
+def check_merge_inputs(o_part, lse_part, out, lse, M: int, advance) -> None:
+    """:func:`~hsr.kernels.merge_partials`'s arguments, host-side only (no sync): what a wrong
+    call would otherwise read or write out of bounds. Raises ``ValueError`` naming the argument."""
+    if o_part.dim() != 3 or lse_part.shape != o_part.shape[:2]:
+        raise ValueError(f"merge_partials: o_part must be (S, B*Hq*M, D) and lse_part (S, B*Hq*M), got "
+                         f"{tuple(o_part.shape)} and {tuple(lse_part.shape)}")
+    if o_part.dtype != torch.float32 or lse_part.dtype != torch.float32 or lse.dtype != torch.float32:
+        raise ValueError("merge_partials: o_part, lse_part and lse must be float32")
+    if out.dim() != 4 or tuple(lse.shape) != tuple(out.shape[:3]) or out.stride(3) != 1:
+        raise ValueError(f"merge_partials: out must be (B, Hq, M, D) with unit last stride and lse (B, Hq, M), got "
+                         f"{tuple(out.shape)} and {tuple(lse.shape)}")
+    if not lse.is_contiguous() or not o_part.is_contiguous() or not lse_part.is_contiguous():
+        raise ValueError("merge_partials: o_part, lse_part and lse must be contiguous")
+    B, Hq, Mo, D = out.shape
+    if Mo != M or B * Hq * M != o_part.shape[1] or D != o_part.shape[2] or not _is_pow2(D):
+        raise ValueError(f"merge_partials: out {tuple(out.shape)} (M={M}) does not match partials "
+                         f"{tuple(o_part.shape)} (or D is not a power of two)")
+    if advance is not None:
+        lens, t, cap, G = advance
+        if (not isinstance(lens, torch.Tensor) or lens.dtype != torch.int32 or lens.device != out.device
+                or G < 1 or Hq % G or lens.numel() != B * (Hq // G) or t < 0 or cap < 0):
+            raise ValueError("merge_partials: advance must be (lengths, t, capacity, G): int32 lengths of "
+                             "B*Hq/G entries on out's device, t >= 0, capacity >= 0, G dividing Hq")
+
+
 def check_attention_inputs(q, k, v, *, check_dtypes: bool = True) -> Tuple[int, int, int, int, int, int]:
     """Check the q, k, v of a kernel wrapper.
 

@@ -40,7 +40,7 @@ from ._compat import patch_interpreter
 from .._shapes import list_row_offset
 from ._softmax import LN2, LOG2E, _dot, _online_softmax_step, _softmax_epilogue  # noqa: F401  (LN2, _dot: re-exported)
 from ._softmax import _pdl_enter
-from ._validate import check_triton_device
+from ._validate import check_merge_inputs, check_triton_device
 from ._validate import (MAX_STACKED_ROWS, MIN_TILE, check_attention_inputs, check_block_lists,
                         check_int32_offsets, check_positions, check_tile)
 from ._prefill import _bsa_prefill_kernel, _prefill_v2, split_block_lists  # noqa: F401  (split_block_lists re-exported)
@@ -193,7 +193,7 @@ def merge_partials(o_part: torch.Tensor, lse_part: torch.Tensor, out: torch.Tens
     ``advance=(lengths, t, capacity, G)``: also add ``t`` to each of the int32 ``(B*Hkv,)``
     ``lengths`` (``G`` query heads a kv head), leaving a length that would pass ``capacity``."""
     check_triton_device("merge_partials", o_part=o_part, lse_part=lse_part, out=out, lse=lse)
-    _check_merge(o_part, lse_part, out, lse, M, advance)
+    check_merge_inputs(o_part, lse_part, out, lse, M, advance)
     S, BHM, D = o_part.shape
     Hq = out.shape[1]
     lens, t, cap, G = advance if advance is not None else (lse, 0, 0, 1)  # without: unread
@@ -202,30 +202,6 @@ def merge_partials(o_part: torch.Tensor, lse_part: torch.Tensor, out: torch.Tens
         out.stride(0), out.stride(1), out.stride(2), Hq * M, lens, t, cap, G,
         BLOCK_S=max(triton.next_power_of_2(S), 2), HEAD_DIM=D, PDL=bool(pdl), launch_pdl=bool(pdl),
         ADVANCE=advance is not None)
-
-
-def _check_merge(o_part, lse_part, out, lse, M, advance):
-    # host-side shapes only (no sync): what a wrong call would otherwise read or write out of bounds
-    if o_part.dim() != 3 or lse_part.shape != o_part.shape[:2]:
-        raise ValueError(f"merge_partials: o_part must be (S, B*Hq*M, D) and lse_part (S, B*Hq*M), got "
-                         f"{tuple(o_part.shape)} and {tuple(lse_part.shape)}")
-    if o_part.dtype != torch.float32 or lse_part.dtype != torch.float32 or lse.dtype != torch.float32:
-        raise ValueError("merge_partials: o_part, lse_part and lse must be float32")
-    if out.dim() != 4 or tuple(lse.shape) != tuple(out.shape[:3]) or out.stride(3) != 1:
-        raise ValueError(f"merge_partials: out must be (B, Hq, M, D) with unit last stride and lse (B, Hq, M), got "
-                         f"{tuple(out.shape)} and {tuple(lse.shape)}")
-    if not lse.is_contiguous() or not o_part.is_contiguous() or not lse_part.is_contiguous():
-        raise ValueError("merge_partials: o_part, lse_part and lse must be contiguous")
-    B, Hq, Mo, D = out.shape
-    if Mo != M or B * Hq * M != o_part.shape[1] or D != o_part.shape[2] or D & (D - 1):
-        raise ValueError(f"merge_partials: out {tuple(out.shape)} (M={M}) does not match partials "
-                         f"{tuple(o_part.shape)} (or D is not a power of two)")
-    if advance is not None:
-        lens, t, cap, G = advance
-        if (not isinstance(lens, torch.Tensor) or lens.dtype != torch.int32 or lens.device != out.device
-                or G < 1 or Hq % G or lens.numel() != B * (Hq // G) or t < 0 or cap < 0):
-            raise ValueError("merge_partials: advance must be (lengths, t, capacity, G): int32 lengths of "
-                             "B*Hq/G entries on out's device, t >= 0, capacity >= 0, G dividing Hq")
 
 
 #: benchmarks set this to time the first prefill kernel with its default knobs
