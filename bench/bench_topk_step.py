@@ -7,9 +7,10 @@ real keys (capacity ``n``), ``--steps`` consecutive captured steps, each adding 
 attending, median time per step over ``--reps`` repetitions, inputs in the steps' buffers:
 
 * ``topk``: ``cache.decode_step(..., topk=k)`` with ``k`` = ``--top`` of ``n`` (each row keeps
-  its k best keys, ties at the k-th kept): every key scored, ``torch.topk`` of each row's k + 1
-  best with their positions, a softmax over those that reads only the kept keys' values (the
-  gather), the merge (one captured graph);
+  its k best keys, ties at the k-th kept): every key scored, the selection on the device
+  (``hsr.kernels._select.select_kth``: each row's k-th best and the positions reaching it), a
+  softmax over those that reads only the kept keys' values (the gather), the merge (one
+  captured graph);
 * ``topk_certified``: the same, also writing each row's certified dropped share (its softmax
   scans every score: the certificate sums the dropped ones);
 * ``tau``: the threshold step keeping about the same share (each row's tau at its top ``--top``
@@ -18,12 +19,12 @@ attending, median time per step over ``--reps`` repetitions, inputs in the steps
   static cache (``bench_decode_loop.sdpa_captured``).
 
 Parts of the top-k step, each captured alone at length n, no add: ``score`` (the kernel writing
-every key's score), ``select`` (``torch.topk`` of each row's k best values, what the scan needs)
-and ``select_positions`` (the k + 64 best, sorted, with positions: what the gather needs, unchunked), and the whole
-step without its add in both forms: ``gather`` (the default) and ``scan`` (the softmax reading
-every score against the k-th best, the default before). The output
-of the last step is checked against an fp32 reference (softmax over each row's keys scoring
-at least its k-th best fp32 score).
+every key's score), ``select`` (our selection), and for comparison in the same run
+``torch_topk`` (each row's k best values, unsorted: the k-th alone) and ``torch_topk_positions``
+(the k + 64 best, sorted, with positions: what the softmax read before); the whole step without
+its add in both forms: ``gather`` (the default) and ``scan`` (the certified form's softmax,
+reading every score). The output of the last step is checked against an fp32 reference
+(softmax over each row's keys scoring at least its k-th best fp32 score).
 """
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 from _results import default_out, save  # noqa: E402
 from bench_decode_loop import capture, make_inputs, scores, sdpa_captured, time_loop  # noqa: E402
 
-from hsr.kernels.codes import TOPK_EXTRA, CodeKVCache  # noqa: E402
+from hsr.kernels._select import select_kth  # noqa: E402
+from hsr.kernels.codes import CodeKVCache  # noqa: E402
 
 
 def topk_reference(q, k, v, kk, scale):
@@ -92,21 +94,27 @@ def one_config(real, D, n, B, steps, reps, top, dev):
     res["tau_ms"] = time_loop(feed(tstep), steps, reps, reset)
     del tstep
     # parts at length n: every key's score, then the selection
-    sc = cache._score_all(q, cache.capacity)
-
-    def score():
-        cache._score_all(q, cache.capacity)
-
-    g = capture(score)
+    sc = cache._score_all(q)
+    sc[:, len(cache):] = float("-inf")  # (not written: no reader of the step looks there; torch.topk does)
+    g = capture(lambda: cache._score_all(q))
     res["part_score_ms"] = time_loop(lambda i: g.replay(), steps, reps)
-    g = capture(lambda: torch.topk(sc, kk, dim=1, sorted=False).values.amin(1))
+    layout = (Hq, 1, Hq // Hkv, Hkv)
+    g = capture(lambda: select_kth(sc, kk, cache.lengths, layout))
     res["part_select_ms"] = time_loop(lambda i: g.replay(), steps, reps)
-    g = capture(lambda: CodeKVCache._select(sc, min(kk + TOPK_EXTRA, n), 0, True))
-    res["part_select_positions_ms"] = time_loop(lambda i: g.replay(), steps, reps)
-    for form, gather in (("gather", True), ("scan", False)):
-        g = capture(lambda gather=gather: cache._topk(q, kk, scale=scale, gather=gather))
+    sel = select_kth(sc, kk, cache.lengths, layout)
+    ref_kth = torch.topk(sc, kk, dim=1).values[:, -1]
+    res["select_equals_torch_topk"] = bool(torch.equal(sel.threshold, ref_kth))
+    res["select_list_mean"] = float(sel.count.float().mean())
+    res["select_list_max"] = int(sel.count.max())
+    g = capture(lambda: torch.topk(sc, kk, dim=1, sorted=False).values.amin(1))
+    res["part_torch_topk_ms"] = time_loop(lambda i: g.replay(), steps, reps)
+    g = capture(lambda: torch.topk(sc, min(kk + 64, n), dim=1, sorted=True))
+    res["part_torch_topk_positions_ms"] = time_loop(lambda i: g.replay(), steps, reps)
+    sc = None  # free the parts' scores before the whole steps allocate theirs
+    for form, certify in (("gather", False), ("scan", True)):
+        g = capture(lambda certify=certify: cache._topk(q, kk, scale=scale, certify=certify))
         res[f"part_{form}_ms"] = time_loop(lambda i: g.replay(), steps, reps)
-        res[f"part_{form}_max_err"] = float((cache._topk(q, kk, scale=scale, gather=gather)[0].float()
+        res[f"part_{form}_max_err"] = float((cache._topk(q, kk, scale=scale, certify=certify)[0].float()
                                              - ref).abs().max())
     t_graph, t_static = sdpa_captured(q, k, v, knew[-1], vnew[-1], n0, n, steps, reps)
     res["sdpa_graph_ms"], res["sdpa_static_ms"] = t_graph, t_static
@@ -139,7 +147,9 @@ def main(argv=None):
                 print(f"d{D} {r['Hq']}/{r['Hkv']} n={n:6d} B={B} k={r['topk']}: topk {r['topk_ms']*1e3:7.1f} us "
                       f"(certified {r['topk_certified_ms']*1e3:7.1f}; alone: gather {r['part_gather_ms']*1e3:6.1f}, "
                       f"scan {r['part_scan_ms']*1e3:6.1f}; score {r['part_score_ms']*1e3:6.1f}, select "
-                      f"{r['part_select_ms']*1e3:6.1f} / {r['part_select_positions_ms']*1e3:6.1f}) | tau "
+                      f"{r['part_select_ms']*1e3:6.1f} (torch.topk {r['part_torch_topk_ms']*1e3:6.1f} / "
+                      f"{r['part_torch_topk_positions_ms']*1e3:6.1f}), exact {r['select_equals_torch_topk']}, "
+                      f"list {r['select_list_mean']:.0f}) | tau "
                       f"{r['tau_ms']*1e3:6.1f} | sdpa best {r['sdpa_best_ms']*1e3:6.1f} | "
                       f"topk x{r['topk_vs_sdpa_best']:.2f}, tau "
                       f"x{r['tau_vs_sdpa_best']:.2f} | err {r['topk_max_err']:.1e}, kept/row "

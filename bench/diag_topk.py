@@ -1,8 +1,10 @@
-"""Where the GPU top-k step's time goes, and its tuning: the selection (``torch.topk`` over each
-row, or in chunks first), the softmax's form (``gather=False``: the scan of every score) and its
-splits and tile, each as a whole captured step.
-(A radix select of the k-th, three rounds of ``tl.histogram`` digit counts, measured 5-7x slower
-than ``torch.topk`` alone at 128K and was dropped: ``topk_diag_h100_2026-12-06.json``, "radix".)
+"""Where the GPU top-k step's time goes, and its tuning: the softmax's form (``certify=True``:
+the scan of every score) and its splits and tile, each as a whole captured step; the selection
+alone (``hsr.kernels._select.select_kth``, its programs per row and block) beside
+``torch.topk`` and ``torch.kthvalue`` on the same scores.
+(A first radix select, three rounds of 2048-bin ``tl.histogram`` digit counts, measured 5-7x
+slower than ``torch.topk`` alone at 128K: ``topk_diag_h100_2026-12-06.json``, "radix". The
+selection now counts 64 bins a round.)
 
     python bench/diag_topk.py --out bench/results/topk_diag_<device>_<date>.json
 
@@ -27,10 +29,13 @@ from _results import default_out, save  # noqa: E402
 from bench_decode_loop import capture, make_inputs, sdpa_captured, time_loop  # noqa: E402
 from diag_step_kernels import kernel_times  # noqa: E402
 
+from hsr.kernels._select import select_kth  # noqa: E402
 from hsr.kernels.codes import CodeKVCache  # noqa: E402
 
-VARIANTS = [dict(), dict(gather=False), dict(chunk=0), dict(chunk=4096), dict(chunk=8192), dict(splits=2),
-            dict(splits=8), dict(splits=32), dict(block=32), dict(block=128), dict(gather=False, splits=256)]
+VARIANTS = [dict(), dict(certify=True), dict(splits=2), dict(splits=8), dict(splits=32), dict(block=32),
+            dict(block=128)]
+SELECT_VARIANTS = [dict(), dict(block=1024), dict(block=4096), dict(programs=1), dict(programs=2), dict(programs=8),
+                   dict(programs=32)]
 
 
 def one(real, D, n, B, steps, reps, top, dev, variants=VARIANTS, profile=False):
@@ -57,11 +62,18 @@ def one(real, D, n, B, steps, reps, top, dev, variants=VARIANTS, profile=False):
         ref = out.float().clone() if ref is None else ref
         rows.append(dict(var, step_us=t * 1e3, max_diff_vs_default=float((out.float() - ref).abs().max())))
         del g
-    sc = torch.randn(B * q.shape[1], n, device=dev)
+    sc = cache._score_all(q)  # the real scores at the cache's length
+    sc[:, len(cache):] = float("-inf")  # (not written: no reader of the step looks there; torch.topk does)
+    layout = (q.shape[1], 1, q.shape[1] // cache.Hkv, cache.Hkv)
+    for var in SELECT_VARIANTS:
+        g = capture(lambda var=var: select_kth(sc, kk, cache.lengths, layout, **var))
+        rows.append(dict(alone="select", **var, us=time_loop(lambda i: g.replay(), steps, reps) * 1e3))
     for name, fn in (("topk", lambda: torch.topk(sc, kk, dim=1, sorted=False).values.amin(1)),
+                     ("topk_positions", lambda: torch.topk(sc, kk + 64, dim=1, sorted=True)),
                      ("kthvalue", lambda: torch.kthvalue(-sc, kk, dim=1).values)):
         g = capture(fn)
         rows.append(dict(alone=name, us=time_loop(lambda i: g.replay(), steps, reps) * 1e3))
+    sc = g = None
     t_graph, t_static = sdpa_captured(q, k, v, kn, vn, n0, n, steps, reps)
     res = dict(D=D, n=n, B=B, topk=kk, rows=rows, sdpa_best_us=min(t_graph, t_static) * 1e3)
     if profile:  # each kernel's GPU us in one replay of the default step (the merge's includes its wait)
@@ -73,7 +85,7 @@ def one(real, D, n, B, steps, reps, top, dev, variants=VARIANTS, profile=False):
         res["kernels_us"] = {name: round(x, 2) for name, x in kernel_times(g.replay, steps).items()}
         print("  kernels (us):", res["kernels_us"], flush=True)
     print(f"d{D} n={n} B={B} k={kk} (sdpa best {res['sdpa_best_us']:.1f} us):",
-          [(tuple((a, b) for a, b in r.items() if a in ("chunk", "splits", "block", "gather", "alone")),
+          [(tuple((a, b) for a, b in r.items() if a in ("programs", "splits", "block", "certify", "alone")),
             round(r.get("step_us", r.get("us", float("nan"))), 1)) for r in rows], flush=True)
     return res
 
@@ -87,14 +99,14 @@ def main(argv=None):
     ap.add_argument("--real", default=str(ROOT / "bench" / "cache" / "gpu_real_keys.npz"))
     ap.add_argument("--out", default=default_out("topk_diag.json"))
     ap.add_argument("--profile", action="store_true", help="each kernel's time in the default step; variants: "
-                    "the default, the scan, no chunks and chunks of 4096 only")
+                    "the default and the certified step only")
     args = ap.parse_args(argv)
     dev = torch.device("cuda")
     real = np.load(args.real)
     res = []
     for c in args.configs:
         D, n, B = (int(x) for x in c.split(":"))
-        var = [dict(), dict(gather=False), dict(chunk=0), dict(chunk=4096)] if args.profile else VARIANTS
+        var = [dict(), dict(certify=True)] if args.profile else VARIANTS
         res.append(one(real, D, n, B, args.steps, args.reps, args.top, dev, var, args.profile))
         torch.cuda.empty_cache()
         save(args.out, res, steps=args.steps, top=args.top)

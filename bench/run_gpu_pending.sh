@@ -54,6 +54,9 @@
 #            (diag_topk.py --profile)
 #   gatherloop the top-k step in the decode loop beside the threshold step and SDPA (bench_topk_step.py:
 #            both softmax forms timed alone too), d 128 and 64, 16K-128K, B 1 and 8
+#   select   the selection on the device (hsr/kernels/_select.py) and top-k tests compiled, then where the top-k
+#            step's time goes with it, and the selection alone beside torch.topk (diag_topk.py --profile)
+#   selectloop the top-k step with the selection on the device in the decode loop (bench_topk_step.py, as gatherloop)
 #   d256     the fused step's forms (two launches or three; diag_step_kernels.py --variants) at d 256,
 #            14/2 heads (pairs of real heads side by side), 16K-128K, B 1: which form step_form should pick
 #   loop256  the decode loop at d 256 (14/2 heads), 16K and 128K, B 1 and 8 (plain launches, the default
@@ -146,6 +149,12 @@ case "${1:-decode}" in
   gatherloop) timeout 110 python -m pytest -q -p no:cacheprovider tests/kernels/test_code_topk.py 2>&1 | tee "$OUT/tests_log.txt"
             timeout 470 python bench/bench_topk_step.py --dims 128 64 --n 16384 131072 32768 --batch 1 8 \
               --out "$OUT/topk_step.json" 2>&1 | tee "$OUT/topk_step_log.txt" ;;
+  select)   timeout 150 python -m pytest -q -p no:cacheprovider tests/kernels/test_select.py tests/kernels/test_code_topk.py \
+              2>&1 | tee "$OUT/tests_log.txt"
+            timeout 420 python bench/diag_topk.py --profile --configs 128:131072:1 128:131072:8 64:16384:1 128:16384:8 \
+              --out "$OUT/topk_diag.json" 2>&1 | tee "$OUT/topk_diag_log.txt" ;;
+  selectloop) timeout 560 python bench/bench_topk_step.py --dims 128 64 --n 16384 131072 32768 --batch 1 8 \
+              --out "$OUT/topk_step.json" 2>&1 | tee "$OUT/topk_step_log.txt" ;;
   loop128)  timeout 560 python bench/bench_decode_loop.py --n 16384 32768 --dims 128 --batch 1 --reps 3 \
               --out "$OUT/decode_loop.json" 2>&1 | tee "$OUT/decode_loop_log.txt" ;;
   loop)     timeout 400 python bench/bench_decode_loop.py --n 131072 16384 32768 --dims 128 64 --batch 1 8 --reps 3 \
@@ -162,5 +171,5 @@ case "${1:-decode}" in
             done ;;
   kernels)  timeout 130 python bench/diag_step_kernels.py --sweep --out "$OUT/step_kernels.json" 2>&1 | tee "$OUT/step_kernels_log.txt" ;;
   owed)     OUT=$OUT bash bench/run_gpu_pending.sh kernels; OUT=$OUT bash bench/run_gpu_pending.sh count ;;
-  *) echo "usage: $0 decode|faiss|generate|striped|tests|eager|replay|b8|eps|count|kernels|owed|ride|form|loop|loop128|topk|topkprof|topkshare|gather|gatherloop|d256|loop256|pdl|ncu|prepare|ceiling"; exit 2 ;;
+  *) echo "usage: $0 decode|faiss|generate|striped|tests|eager|replay|b8|eps|count|kernels|owed|ride|form|loop|loop128|topk|topkprof|topkshare|gather|gatherloop|select|selectloop|d256|loop256|pdl|ncu|prepare|ceiling"; exit 2 ;;
 esac

@@ -39,10 +39,12 @@ the partials; :meth:`~hsr.kernels.CodeKVCache.plan` and ``run`` launch them apar
     causal limit, accumulates softmax (online) or ReLU^alpha. A row whose inputs it must not
     trust gets NaN (never a finite wrong answer) and a bit in ``STATUS`` (see ``BAD_*``).
 
-``_score_all_kernel``, grid (capacity tiles, B*Hkv), and ``_topk_attend_kernel``, grid (splits, B*Hkv)
+``_score_all_kernel``, grid (capacity tiles, B*Hkv), ``_topk_gather_kernel``, grid (splits, rows),
+and ``_topk_attend_kernel``, grid (splits, B*Hkv)
     The top-k mode (no filter): every visible key's fp32 score into a (rows, capacity)
-    buffer, then, after ``torch.topk`` found each row's k-th best, softmax over the keys
-    scoring at least it, reading only their values.
+    buffer, then, after ``_select.select_topk`` found each row's k-th best and the keys that
+    reach it, softmax over those keys (the gather reads only the listed keys; the certified
+    form scans every score for the dropped terms), reading only the kept keys' values.
 
 ``_certify_kernel``, grid (rows / 32,)
     Turns each row's dropped-term sum and lse into the certificate (``_code_plan.dropped_terms``
@@ -680,30 +682,30 @@ def _score_all_kernel(Q, K, SC, LENS, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_sr, 
                       ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
     # SC (B*Hq*M, C) fp32, rows ordered (b, hq, m): every key's score for the group's rows of
     # kv head pid_bh, fp32-accumulated as _attend_tile scores (the top-k mode keeps and weighs
-    # keys by these very numbers), -inf past a row's causal limit and past the length. The grid
-    # covers the capacity (one capture serves every length): a tile past the length only
-    # writes -inf, so torch.topk over the whole row sees nothing stale.
+    # keys by these very numbers), -inf past a row's causal limit. The grid covers the
+    # capacity (one capture serves every length); a tile past the length writes nothing (no
+    # reader looks past a row's length).
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // Hkv
     h = pid_bh % Hkv
     N = tl.load(LENS + pid_bh)
+    if pid_n * BLOCK_N >= N:
+        return
     q, r_ok, head, mrow = _load_query_rows(Q, s_qb, s_qh, s_qm, b, h, G, M, ROWS, HEAD_DIM)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    sc = tl.full([ROWS, BLOCK_N], float("-inf"), tl.float32)
-    if pid_n * BLOCK_N < N:
-        n_ok = offs_n < N
-        offs_d = tl.arange(0, HEAD_DIM)
-        kbase = K + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
-        k = tl.load(kbase + offs_n[:, None].to(tl.int64) * s_kn + offs_d[None, :], mask=n_ok[:, None], other=0.0)
-        if UPCAST:
-            d = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
-        else:
-            d = tl.dot(q, tl.trans(k))
-        limit = N - M + mrow  # causal: query m of M sits at N - M + m
-        sc = tl.where(n_ok[None, :] & (offs_n[None, :] <= limit[:, None]), d, float("-inf"))
+    n_ok = offs_n < N
+    offs_d = tl.arange(0, HEAD_DIM)
+    kbase = K + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
+    k = tl.load(kbase + offs_n[:, None].to(tl.int64) * s_kn + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+    if UPCAST:
+        d = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+    else:
+        d = tl.dot(q, tl.trans(k))
+    limit = N - M + mrow  # causal: query m of M sits at N - M + m
+    sc = tl.where(n_ok[None, :] & (offs_n[None, :] <= limit[:, None]), d, float("-inf"))
     row = (b * Hkv * G + head).to(tl.int64) * M + mrow
-    tl.store(SC + row[:, None] * s_sr + offs_n[None, :], sc, mask=r_ok[:, None] & (offs_n[None, :] < s_sr))
+    tl.store(SC + row[:, None] * s_sr + offs_n[None, :], sc, mask=r_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
@@ -750,52 +752,38 @@ def _topk_attend_kernel(Q, V, SC, THR, LENS, MAXN, STATUS, O_PART, L_PART, REM,
 
 
 @triton.jit
-def _topk_gather_kernel(Q, V, SC, VALS, IDX, LENS, MAXN, STATUS, O_PART, L_PART,
-                        s_qb, s_qh, s_qm, s_vb, s_vh, s_vn, s_sr, s_xr, s_ir, K2, KK, WIDTH, Hq, M, G, Hkv,
+def _topk_gather_kernel(Q, V, SC, THR, LIST, COUNT, LENS, MAXN, STATUS, O_PART, L_PART,
+                        s_qb, s_qh, s_qm, s_vb, s_vh, s_vn, s_sr, s_lr, Hq, M, G, Hkv,
                         SPLITS, BHM, qk_scale, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
-    # The top-k mode's softmax from torch.topk's answer, one program per (split, query row):
-    # VALS, IDX (BHM, K2): a row's K2 = min(KK + extra, WIDTH) best scores, best first, and
-    # their key positions. The k-th best is VALS[row, KK - 1]. Every key scoring at least it
-    # is in the list unless the list's last score equals it (a tie that may go on beyond the
-    # list): only such a row scans its whole row of SC (as _topk_attend_kernel does, on the
-    # device, no sync). So a row reads its list and the kept keys' value rows, not its n
-    # scores. Partials as _code_attend_kernel's (split s at index s).
+    # The top-k mode's softmax from the selection (hsr.kernels._select.select_topk), one
+    # program per (split, query row): THR, the row's k-th best score; LIST[row, :COUNT[row]],
+    # ascending positions of every key scoring at least it (and of a few just below: kept
+    # here by score >= THR). A row reads its list, those keys' scores and the kept keys'
+    # value rows, not its n scores. Partials as _code_attend_kernel's (split s at index s).
     pid_s = tl.program_id(0)
     row = tl.program_id(1)  # (b, hq, m)
     b = row // (Hq * M)
     hq = (row // M) % Hq
     bh = b * Hkv + hq // G
-    N = tl.load(LENS + bh)
     offs_d = tl.arange(0, HEAD_DIM)
     q = tl.load(Q + b.to(tl.int64) * s_qb + hq.to(tl.int64) * s_qh + (row % M) * s_qm + offs_d)
     code = tl.max(_bad_rows(q[None, :], tl.zeros([1], tl.float32), tl.full([1], 1, tl.int1), tl.load(MAXN + bh)), 0)
     tl.atomic_or(STATUS, code, mask=(code > 0) & (pid_s == 0))
     row_bad = (code > 0) | ((tl.load(STATUS) & (_BAD_KV | _BAD_FULL)) != 0)
-    vals = VALS + row.to(tl.int64) * s_xr
-    thr = tl.load(vals + KK - 1)  # -inf where the row sees fewer than k keys: all of them are listed
-    scan = (tl.load(vals + K2 - 1) == thr) & (thr > float("-inf")) & (K2 < WIDTH)
+    thr = tl.load(THR + row)  # -inf where the row sees fewer than k keys: it keeps them all
+    cnt = tl.load(COUNT + row)
     offs = tl.arange(0, BLOCK)
     vbase = V + b.to(tl.int64) * s_vb + (hq // G).to(tl.int64) * s_vh
     m_i = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), 0)
     l_i = tl.sum(tl.zeros([BLOCK], tl.float32), 0)
     acc = tl.zeros([HEAD_DIM], tl.float32)
-    if scan:  # the k-th best is tied beyond the list: every score of the row
-        limit = N - M + row % M
-        for tile in range(pid_s, tl.cdiv(N, BLOCK), SPLITS):
-            pos = tile * BLOCK + offs
-            seen = (pos < N) & (pos <= limit)
-            sc = tl.load(SC + row.to(tl.int64) * s_sr + pos, mask=seen, other=float("-inf"))
-            keep = seen & (sc >= thr)
-            v = tl.load(vbase + pos[:, None].to(tl.int64) * s_vn + offs_d[None, :], mask=keep[:, None], other=0.0)
-            m_i, l_i, acc = _online_softmax_step_row(tl.where(keep, sc * qk_scale, float("-inf")), v, m_i, l_i, acc)
-    else:  # the list holds every kept key (-inf entries: keys past the length or the causal limit)
-        for off in range(pid_s * BLOCK, K2, SPLITS * BLOCK):
-            i_ok = off + offs < K2
-            u = tl.load(vals + off + offs, mask=i_ok, other=float("-inf"))
-            pos = tl.load(IDX + row.to(tl.int64) * s_ir + off + offs, mask=i_ok, other=0)
-            keep = i_ok & (u >= thr) & (u > float("-inf")) & (pos < N)
-            v = tl.load(vbase + pos[:, None].to(tl.int64) * s_vn + offs_d[None, :], mask=keep[:, None], other=0.0)
-            m_i, l_i, acc = _online_softmax_step_row(tl.where(keep, u * qk_scale, float("-inf")), v, m_i, l_i, acc)
+    for off in range(pid_s * BLOCK, cnt, SPLITS * BLOCK):
+        i_ok = off + offs < cnt
+        pos = tl.load(LIST + row.to(tl.int64) * s_lr + off + offs, mask=i_ok, other=0)
+        u = tl.load(SC + row.to(tl.int64) * s_sr + pos, mask=i_ok, other=float("-inf"))
+        keep = i_ok & (u >= thr) & (u > float("-inf"))  # -inf: past the row's causal limit
+        v = tl.load(vbase + pos[:, None].to(tl.int64) * s_vn + offs_d[None, :], mask=keep[:, None], other=0.0)
+        m_i, l_i, acc = _online_softmax_step_row(tl.where(keep, u * qk_scale, float("-inf")), v, m_i, l_i, acc)
     l_safe, lse = _weights_epilogue(m_i, l_i, 0, 1)
     o = tl.where(row_bad, float("nan"), acc / l_safe)
     lse = tl.where(row_bad, float("nan"), lse)

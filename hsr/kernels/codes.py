@@ -44,6 +44,7 @@ from ._code_plan import (CodePlan, as_float32, capturing as _capturing, hadamard
                          random_rotation, spec_thresholds, status_message)
 from ._compat import interpreting, patch_interpreter, pdl_supported
 from ._replay import Replays
+from ._select import select_kth
 from ._softmax import LOG2E
 from ._validate import check_alpha, check_kind, check_topk, check_triton_device
 from .._lock import RWLock, reads, writes
@@ -54,18 +55,6 @@ from .decode import DecodeStep
 patch_interpreter()
 
 __all__ = ["CodeKVCache", "CodePlan"]
-
-#: the top-k mode's selection runs ``torch.topk`` over chunks of this many columns first (then
-#: over the chunks' union) where the capacity is at most TOPK_CHUNKED_UP_TO keys and there are
-#: at most 32 query rows: H100, one captured step at 16K, B 1, 66.5 against 119.2 us at d 64
-#: (9 rows), 74.6 against 78.5 at d 128 (28 rows); it lost at 32K (133.7 against 107.4) and at
-#: 128K (272-281 against 219; bench/results/topk_diag_h100_2026-12-06*.json); B 8 not measured
-TOPK_CHUNK = 4096
-TOPK_CHUNKED_UP_TO = 1 << 14
-#: the top-k softmax's list holds each row's k + TOPK_EXTRA best scores: a row needs no scan of
-#: its scores unless its k-th best is tied with the list's last (so with TOPK_EXTRA keys ranked
-#: after it; a cache repeats keys: a prompt's repeated text, the benchmarks' keys tiled 16 times)
-TOPK_EXTRA = 64
 
 
 class CodeKVCache:
@@ -647,24 +636,20 @@ class CodeKVCache:
                                   pdl=launch.get("pdl"), added=added)
 
     def _topk(self, q, k, *, scale, certify=False, out=None, lse=None, return_terms=False, add=None, splits=None,
-              block=64, chunk=None, gather=None, extra=TOPK_EXTRA):
+              block=64):
         """Softmax over each row's ``k`` best keys and every key tied with the k-th (the top-k
         mode; ``k`` checked by the caller): every visible key scored in fp32 into a
-        ``(B*Hq*M, width)`` buffer, ``torch.topk``, a softmax, and the merge. No filter: a
-        top-k has no threshold to filter with before it is found (docs/codes.md, "A top-k
-        mode"). ``add=(k, v)``: first add these tokens (one launch of its own).
+        ``(B*Hq*M, capacity)`` buffer, the selection (:func:`~hsr.kernels._select.select_kth`:
+        each row's k-th best and the positions that reach it, on the device), a softmax, and the
+        merge. No filter: a top-k has no threshold to filter with before it is found
+        (docs/codes.md, "A top-k mode"). ``add=(k, v)``: first add these tokens (one launch of
+        its own).
 
-        ``gather`` (default: without ``certify`` where the selection is not chunked):
-        ``torch.topk`` returns each row's ``k + extra`` best scores, sorted, and their positions,
-        and the softmax reads only those and the kept keys' values; a row whose k-th best is
-        tied with the list's last scans its scores instead (on the device, no sync). Otherwise
-        (and always with ``certify``, whose dropped terms need every score) the softmax scans
-        every score of the row against the k-th best.
-        ``splits``, ``block``, ``chunk``, ``extra``: tuning (the softmax's splits and tile; the
-        selection's chunk, 0 for none, default :data:`TOPK_CHUNK` up to
-        :data:`TOPK_CHUNKED_UP_TO` keys and 32 rows; the list's length past k).
-        With ``certify``: the exact dropped terms, turned into the certificate with the
-        row's k-th score as its tau. Returns :meth:`_finish`'s result."""
+        The softmax reads each row's list of positions and only the kept keys' values (the
+        gather); with ``certify``, whose dropped terms need every score, it scans every score of
+        the row against the k-th best instead and turns the exact dropped terms into the
+        certificate with the row's k-th score as its tau. ``splits``, ``block``: tuning (the
+        softmax's splits and tile). Returns :meth:`_finish`'s result."""
         if add is not None:
             self._launch_add(add[0], add[1], add[0].shape[2])
         B, Hq, M, D = q.shape
@@ -672,74 +657,42 @@ class CodeKVCache:
         BH, BHM, C = B * self.Hkv, B * Hq * M, self.capacity
         dev = self.device
         s = float(scale)
-        if chunk is None:  # torch.topk of few rows is slow; in chunks first it measured faster (B 1, 16K)
-            chunk = TOPK_CHUNK if C <= TOPK_CHUNKED_UP_TO and BHM <= 32 else 0
-        if gather is None:
-            # H100, the step captured alone: the gather 183 against the scan's 212 us at 128K B 1
-            # (908 / 1235 at B 8, 183 / 206 at 16K B 8); with the chunked selection (whose positions
-            # cost two more launches and a sort) 82 against 69 at 16K B 1 (topk_step_h100_2026-12-06_gather.json)
-            gather = not certify and not chunk
-        gather = bool(gather)
-        if gather and certify:
-            raise ValueError("the top-k certificate needs every score: gather=True with certify=True")
-        # a row's width: the capacity, rounded up to whole chunks (past the length: -inf)
-        width = -(-C // chunk) * chunk if chunk else C
-        sc = self._score_all(q, width, block)
+        sc = self._score_all(q, block)
         kk = min(int(k), C)
-        # the gather reads k + extra best, sorted (is the k-th tied beyond them?); the scan the k-th best
-        vals, idx = self._select(sc, min(kk + max(1, int(extra)), width) if gather else kk, chunk, gather)
-        if gather:
-            blocks = triton.cdiv(vals.shape[1], block)
-            splits = splits or max(1, min(blocks, triton.cdiv(4 * _num_sms(dev), BHM)))
+        sel = select_kth(sc, kk, self.lengths, (Hq, M, G, self.Hkv))
+        if not certify:
+            splits = splits or max(1, min(triton.cdiv(kk, block) + 1, triton.cdiv(4 * _num_sms(dev), BHM)))
         else:
             splits = splits or max(1, min(64, 2 * _num_sms(dev) // BH))
         o_part = torch.empty(splits, BHM, D, dtype=torch.float32, device=dev)
         l_part = torch.empty(splits, BHM, dtype=torch.float32, device=dev)
-        if gather:
+        if not certify:
             _topk_gather_kernel[(splits, BHM)](
-                q, self.v, sc, vals, idx, self.lengths, self.max_norm, self.status, o_part, l_part,
-                q.stride(0), q.stride(1), q.stride(2), self.v.stride(0), self.v.stride(1), self.v.stride(2),
-                sc.stride(0), vals.stride(0), idx.stride(0), vals.shape[1], kk, width, Hq, M, G, self.Hkv,
+                q, self.v, sc, sel.threshold, sel.positions, sel.count, self.lengths, self.max_norm, self.status,
+                o_part, l_part, q.stride(0), q.stride(1), q.stride(2), self.v.stride(0), self.v.stride(1),
+                self.v.stride(2), sc.stride(0), sel.positions.stride(0), Hq, M, G, self.Hkv,
                 splits, BHM, s * LOG2E, BLOCK=block, HEAD_DIM=D, num_warps=4)
             return self._finish(q, o_part, l_part, None, None, s, out, lse, return_terms)
         # the k-th best score of each row; -inf where a row sees fewer than k keys (it keeps them all)
-        thr = vals.amin(1)
-        rem = torch.zeros(BHM, dtype=torch.float32, device=dev) if certify else None
+        thr = sel.threshold
+        rem = torch.zeros(BHM, dtype=torch.float32, device=dev)
         _topk_attend_kernel[(splits, BH)](
-            q, self.v, sc, thr, self.lengths, self.max_norm, self.status, o_part, l_part,
-            thr if rem is None else rem, q.stride(0), q.stride(1), q.stride(2),
+            q, self.v, sc, thr, self.lengths, self.max_norm, self.status, o_part, l_part, rem,
+            q.stride(0), q.stride(1), q.stride(2),
             self.v.stride(0), self.v.stride(1), self.v.stride(2), sc.stride(0), M, G, self.Hkv, splits, BHM,
             s * LOG2E, ROWS=max(16, triton.next_power_of_2(G * M)), BLOCK_N=block, HEAD_DIM=D,
-            UPCAST=interpreting() or q.dtype == torch.float32, CERTIFY=certify, num_warps=4)
+            UPCAST=interpreting() or q.dtype == torch.float32, CERTIFY=True, num_warps=4)
         tau = (thr.view(B, Hq, M), 0.0)
-        return self._finish(q, o_part, l_part, None if rem is None else rem.view(B, Hq, M), tau, s, out, lse,
-                            return_terms)
+        return self._finish(q, o_part, l_part, rem.view(B, Hq, M), tau, s, out, lse, return_terms)
 
-    @staticmethod
-    def _select(sc, kk, chunk, positions):
-        """Each row's ``kk`` best of ``sc`` (rows, width): ``(values, positions)``; with
-        ``positions``, best first, else in no order and positions None. With ``chunk``: the
-        best of each chunk of columns first, then over their union (the same values: a row's
-        best in a chunk are among the chunk's best)."""
-        if not chunk:
-            best = torch.topk(sc, kk, dim=1, sorted=positions)
-            return best.values, best.indices if positions else None
-        rows, width = sc.shape
-        part = torch.topk(sc.view(rows * (width // chunk), chunk), min(kk, chunk), dim=1, sorted=False)
-        best = torch.topk(part.values.view(rows, -1), kk, dim=1, sorted=positions)
-        if not positions:
-            return best.values, None
-        starts = torch.arange(0, width, chunk, device=sc.device).repeat(rows)[:, None]
-        return best.values, torch.gather((part.indices + starts).view(rows, -1), 1, best.indices)
-
-    def _score_all(self, q, width, block=64):
-        """``(B*Hq*M, width)`` fp32: every visible key's score for each query row (rows ordered
-        ``(b, hq, m)``), ``-inf`` past a row's causal limit and past the length up to ``width``
-        (at least the capacity): the top-k mode's first launch."""
+    def _score_all(self, q, block=64):
+        """``(B*Hq*M, capacity)`` fp32: every visible key's score for each query row (rows
+        ordered ``(b, hq, m)``), ``-inf`` past a row's causal limit; entries at or past the
+        length are not written (no reader looks there): the top-k mode's first launch."""
         B, Hq, M, D = q.shape
         G = Hq // self.Hkv
-        sc = torch.empty(B * Hq * M, width, dtype=torch.float32, device=self.device)
-        _score_all_kernel[(triton.cdiv(width, block), B * self.Hkv)](
+        sc = torch.empty(B * Hq * M, self.capacity, dtype=torch.float32, device=self.device)
+        _score_all_kernel[(triton.cdiv(self.capacity, block), B * self.Hkv)](
             q, self.k, sc, self.lengths, q.stride(0), q.stride(1), q.stride(2),
             self.k.stride(0), self.k.stride(1), self.k.stride(2), sc.stride(0), G, M, self.Hkv,
             ROWS=max(16, triton.next_power_of_2(G * M)), BLOCK_N=block, HEAD_DIM=D,

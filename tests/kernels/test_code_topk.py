@@ -65,11 +65,11 @@ def test_topk_matches_dense_and_certifies(device, lattice, B, Hkv, G, M, N, D, t
     ref, dropped, clear = _topk_reference(q, k, v, topk, scale)
     spec = AttentionSpec(kind="softmax", topk=topk, causal=True)
     out, info = cache.attend(q, spec, with_info=True)
-    again, none = cache.attend(q, spec)  # replayed, uncertified: the gather's softmax where it is the default
+    again, none = cache.attend(q, spec)  # replayed, uncertified: the gather's softmax
     assert none is None
     tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: P is rounded for the PV product
     torch.testing.assert_close(again, out, atol=tol, rtol=tol)
-    for res in (out, again, cache._topk(q, topk, scale=scale, gather=True)[0]):
+    for res in (out, again, cache._topk(q, topk, scale=scale)[0]):
         torch.testing.assert_close(res.double()[clear], ref[clear], atol=tol, rtol=tol)
     # the certificate holds (the exact dropped terms, widened by the fp32 score's gap)
     bound = info.dropped_bound.double()
@@ -153,27 +153,11 @@ def test_topk_refusals_and_bad_values(device):
         cache.check()
 
 
-def test_topk_selection_in_chunks_or_not_gives_the_same_answer(device):
-    # the selection's k-th score is found over the whole row (chunk=0) or over chunks first
-    # (the default for small caches; here also several chunks of 32 a row): the same value, so
-    # the same kept set (with ties at the k-th too). Outputs agree to fp32 summation order: the
-    # scores buffer's row stride (the capacity, or whole chunks) changes the compiled layout
-    # (H100: up to 3e-7 apart; a kept set that differed would move them by far more)
-    q, k, v = _inputs(1, 2, 3, 150, 32, torch.float32, device, True, seed=11, M=2)
-    cache = CodeKVCache(k, v, capacity=170)
-    for topk in (1, 10, 40, 170):
-        outs = [cache._topk(q, topk, scale=0.2, chunk=c) for c in (None, 0, 32)]
-        for out, lse in outs[1:]:
-            torch.testing.assert_close(out, outs[0][0], atol=2e-6, rtol=2e-6)
-            torch.testing.assert_close(lse, outs[0][1], atol=2e-6, rtol=2e-6)
-
-
 @pytest.mark.parametrize("topk,kept", [(3, 3), (4, 6), (5, 6), (6, 6), (7, 7), (9, 9)])
-def test_topk_gather_branches(device, topk, kept):
-    # scores 10, 9, 8, 7, 7, 7, 1, 0, 0, the gather's list of the k + 1 best: k = 3, the list
-    # ends on a 7, past the k-th (8): 3 kept from the list. k = 4, 5: the list ends on the
-    # k-th (7), which may be tied beyond it: the row's scores are scanned (6 kept). k = 6: the
-    # list ends on a 1: the 7s, all listed. k = 9: the list is the whole row.
+def test_topk_ties_in_both_forms(device, topk, kept):
+    # scores 10, 9, 8, 7, 7, 7, 1, 0, 0: k = 4, 5, 6 end on the three-way tie at 7 (6 kept);
+    # k = 9 is the whole row. Both softmax forms (the gather over the selection's list, and the
+    # certified scan of every score) against float64
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     scores = torch.tensor([7, 0, 10, 7, 1, 9, 0, 8, 7], dtype=torch.float64)
     N, D = scores.numel(), 32
@@ -186,21 +170,19 @@ def test_topk_gather_branches(device, topk, kept):
     cache = CodeKVCache(k, v)
     ref, *_ = _topk_reference(q, k, v, kept, 0.3)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    for gather in (True, False):
-        out, _ = cache._topk(q, topk, scale=0.3, gather=gather, chunk=0, extra=1)
+    for certify in (False, True):
+        out, _ = cache._topk(q, topk, scale=0.3, certify=certify)[:2]
         torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                   HealthCheck.function_scoped_fixture])
 @given(n=st.integers(2, 150), spare=st.integers(0, 40), G=st.integers(1, 3), M=st.integers(1, 3),
-       topk=st.integers(1, 160), chunk=st.sampled_from([0, 32]), extra=st.sampled_from([1, 3, 64]),
-       seed=st.integers(0, 2 ** 16))
-def test_topk_gather_property(device, n, spare, G, M, topk, chunk, extra, seed):
-    # keys and queries in {-1, 0, 1}: exact scores with many ties, so ties at the k-th (inside
-    # the k + 1 best, beyond them, or none), rows that see fewer than k keys (causal, M > 1),
-    # k past the capacity, widths that are not whole tiles, rows that see no key (M > n: an
-    # empty row, 0), lists of k + 1, k + 3 and k + 64; both softmax paths against float64
+       topk=st.integers(1, 160), seed=st.integers(0, 2 ** 16))
+def test_topk_property(device, n, spare, G, M, topk, seed):
+    # keys and queries in {-1, 0, 1}: exact scores with many ties, so ties at the k-th, rows
+    # that see fewer than k keys (causal, M > 1), k past the capacity, widths that are not whole
+    # tiles, rows that see no key (M > n: an empty row, 0); both softmax forms against float64
     g = torch.Generator().manual_seed(seed)
     D = 16
     k = torch.randint(-1, 2, (1, 2, n, D), generator=g).double()
@@ -209,12 +191,6 @@ def test_topk_gather_property(device, n, spare, G, M, topk, chunk, extra, seed):
     q, k, v = (x.float().to(device) for x in (q, k, v))
     cache = CodeKVCache(k, v, capacity=n + spare)
     ref = _topk_reference(q, k, v, topk, 0.25)[0].nan_to_num(0.0)
-    for gather in (True, False):
-        out, _ = cache._topk(q, topk, scale=0.25, gather=gather, chunk=chunk, extra=extra)
+    for certify in (False, True):
+        out = cache._topk(q, topk, scale=0.25, certify=certify)[0]
         torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
-
-
-def test_topk_gather_refuses_the_certificate(device):
-    q, k, v = _inputs(1, 1, 1, 20, 32, torch.float32, device, False, seed=1)
-    with pytest.raises(ValueError, match="needs every score"):
-        CodeKVCache(k, v)._topk(q, 3, scale=0.2, certify=True, gather=True)

@@ -1,0 +1,256 @@
+"""Each row's k-th largest score, and the positions of the keys at or above it, on the device.
+
+The top-k mode (:meth:`hsr.kernels.CodeKVCache._topk`) scores every visible key into a
+``(rows, width)`` fp32 buffer and must find, per query row, the k-th best score and the keys
+that reach it. ``torch.topk`` of a decode step's few long rows (28 rows of 128K) took ~90 µs on
+an H100 whatever the length, more than scoring the keys; this module does it in three launches
+over the scores and no host synchronisation (a CUDA graph captures it):
+
+1. **Two counting rounds** (grid: programs per row x rows). Each float maps to a uint32 *key*
+   with the same order (negative floats' bits flipped, positive ones' sign bit set). Round r
+   counts, in a 64-bin histogram, the next 6 bits of every key whose higher bits equal the
+   digits found so far, and adds it into the row's histogram (integer atomics). The next
+   launch reads the histograms, walks each from the top bin down and finds the digit of the
+   bin that holds the k-th key.
+2. **The collection** (same grid): each program writes the positions of its keys at or
+   above the lowest key of the bucket found (12 bits: a sign, the exponent and 3 mantissa
+   bits, an eighth of an octave) into its own segment of the row's list. That is every key
+   above the k-th (fewer than k) plus the bucket's keys: on real scores k plus a fraction of
+   a percent of the row.
+3. **The finish** (one program per row): gathers the segments to the front of the row's list
+   and finds the key's 20 remaining bits by counting over the list alone. The k-th largest
+   is that key's float, bit for bit one of the row's own scores.
+
+Why 6-bit digits: ``tl.histogram`` counts with one warp ballot per bit of the bin index and,
+per bin a thread owns, a popcount; 64 bins cost each thread two bins, where the 2048 bins of
+11-bit digits cost it 64 (a first radix select with those measured 5x slower than
+``torch.topk``; ``bench/results/topk_diag_h100_2026-12-06.json``, "radix").
+
+Ties: every key scoring exactly the k-th is in the list (the finish keeps the whole bucket),
+so a caller that keeps ``score >= threshold`` keeps them all, as the CPU index does. ``-0.0``
+counts as ``0.0``. A row that sees fewer than k keys (its length below k) gets the threshold
+``-inf`` and every position below its length; one that sees fewer than k finite scores gets
+``-inf`` from the count itself. NaN scores order above every number (a NaN query row: its
+caller flags it and returns NaN).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._compat import patch_interpreter
+
+patch_interpreter()
+
+__all__ = ["KthSelection", "select_kth"]
+
+#: bits of a key found per counting round (64 bins: see the module docstring)
+DIGIT_BITS = 6
+#: counting rounds over every score before the collection (the rest run over the list)
+FULL_ROUNDS = 2
+
+
+class KthSelection(NamedTuple):
+    """:func:`select_kth`'s answer, on the device.
+
+    Attributes
+    ----------
+    threshold : Tensor, (R,) float32
+        Each row's k-th largest score (``-inf`` where the row sees fewer than k keys).
+    positions : Tensor, (R, W') int32
+        Row r's first ``count[r]`` entries: ascending positions of every key scoring at least
+        ``threshold[r]``, and of some scoring just below it (the rest of its bucket): a caller
+        keeps ``score >= threshold``. The entries past ``count[r]`` are stale.
+    count : Tensor, (R,) int32
+    """
+    threshold: torch.Tensor
+    positions: torch.Tensor
+    count: torch.Tensor
+
+
+@triton.jit
+def _row_length(LENS, row, Hq, M, G, Hkv):
+    # rows are ordered (b, hq, m); a row sees the keys below its kv head's length
+    b = row // (Hq * M)
+    hq = (row // M) % Hq
+    return tl.load(LENS + b * Hkv + hq // G)
+
+
+@triton.jit
+def _ordered(x):
+    # fp32 -> uint32 keys in the same order (-0.0 as 0.0, so equal scores share a key)
+    u = tl.where(x == 0.0, 0.0, x).to(tl.uint32, bitcast=True)
+    return u ^ tl.where((u >> 31) != 0, 0xFFFFFFFF, 0x80000000).to(tl.uint32)
+
+
+@triton.jit
+def _from_ordered(key):
+    u = key ^ tl.where((key >> 31) != 0, 0x80000000, 0xFFFFFFFF).to(tl.uint32)
+    return u.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _pick(h, want, NB: tl.constexpr):
+    # the digit whose bin holds the want-th largest key of h (bins counted from the top) and
+    # the key's rank within that bin
+    bins = tl.arange(0, NB)
+    at_or_above = tl.cumsum(h, 0, reverse=True)
+    d = tl.max(tl.where(at_or_above >= want, bins, 0), 0)
+    return d, want - tl.sum(tl.where(bins > d, h, 0), 0)
+
+
+@triton.jit
+def _descend(HIST, row, R, KK, ROUNDS: tl.constexpr, NB: tl.constexpr):
+    # the digits the first ROUNDS counting rounds found (as one int64) and the k-th's rank
+    # among the keys that share them
+    prefix = tl.zeros([], tl.int64)
+    want = KK + tl.zeros([], tl.int32)
+    for r in tl.static_range(ROUNDS):
+        d, want = _pick(tl.load(HIST + (r * R + row) * NB + tl.arange(0, NB)), want, NB)
+        prefix = prefix * NB + d
+    return prefix, want
+
+
+@triton.jit
+def _select_pass_kernel(SC, HIST, LIST, SEGCNT, LENS, s_sr, s_lr, KK, CHUNK, P, R, Hq, M, G, Hkv,
+                        ROUND: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr, COLLECT: tl.constexpr):
+    # grid (P, R): program p reads columns [p*CHUNK, (p+1)*CHUNK) of row r below its length.
+    # Counting (not COLLECT): the digit below the ROUND found ones of every key that shares
+    # them, added into HIST[ROUND, r]. COLLECT: the positions of the keys at or above the
+    # found bucket's lowest key (every position where the row sees fewer than k keys) into
+    # LIST[r, p*CHUNK:], their number into SEGCNT[r, p].
+    NB: tl.constexpr = 1 << BITS
+    p = tl.program_id(0)
+    row = tl.program_id(1)
+    N = _row_length(LENS, row, Hq, M, G, Hkv)
+    short = N < KK
+    lo = p * CHUNK
+    hi = tl.minimum(lo + CHUNK, N)
+    base = SC + row.to(tl.int64) * s_sr
+    offs = tl.arange(0, BLOCK)
+    prefix, want = _descend(HIST, row, R, KK, ROUND, NB)
+    if COLLECT:
+        kmin = tl.where(short, 0, prefix << (32 - BITS * ROUND))
+        out = LIST + row.to(tl.int64) * s_lr + lo
+        found = 0
+        for off in range(lo, hi, BLOCK):
+            j = off + offs
+            ok = j < hi
+            key = _ordered(tl.load(base + j, mask=ok, other=0.0))
+            keep = ok & (key.to(tl.int64) >= kmin)
+            keep_i = keep.to(tl.int32)
+            tl.store(out + found + tl.cumsum(keep_i, 0) - 1, j, mask=keep)
+            found += tl.sum(keep_i, 0)
+        tl.store(SEGCNT + row * P + p, found)
+    else:
+        hist = tl.zeros([NB], tl.int32)
+        for off in range(lo, tl.where(short, lo, hi), BLOCK):  # a short row keeps every key: no count
+            j = off + offs
+            ok = j < hi
+            key = _ordered(tl.load(base + j, mask=ok, other=0.0))
+            if ROUND > 0:
+                ok = ok & ((key >> (32 - BITS * ROUND)).to(tl.int64) == prefix)
+            hist += tl.histogram(((key >> (32 - BITS * (ROUND + 1))) & (NB - 1)).to(tl.int32), NB, mask=ok)
+        tl.atomic_add(HIST + (ROUND * R + row) * NB + tl.arange(0, NB), hist)
+
+
+@triton.jit
+def _select_finish_kernel(SC, HIST, LIST, SEGCNT, THR, COUNT, LENS, s_sr, s_lr, KK, CHUNK, P, R, Hq, M, G, Hkv,
+                          FULL: tl.constexpr, ROUNDS: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr):
+    # one program per row: the segments moved to the front of the row's list (COUNT), then the
+    # key's remaining digits counted over the list alone, rounds FULL .. ROUNDS - 1 (the last
+    # one narrower where BITS does not divide 32); THR: the k-th largest score
+    NB: tl.constexpr = 1 << BITS
+    row = tl.program_id(0)
+    N = _row_length(LENS, row, Hq, M, G, Hkv)
+    prefix, want = _descend(HIST, row, R, KK, FULL, NB)
+    lbase = LIST + row.to(tl.int64) * s_lr
+    offs = tl.arange(0, BLOCK)
+    total = 0
+    for p in range(0, P):
+        cnt = tl.load(SEGCNT + row * P + p)
+        for off in range(0, cnt, BLOCK):
+            i_ok = off + offs < cnt
+            pos = tl.load(lbase + p * CHUNK + off + offs, mask=i_ok)
+            tl.debug_barrier()  # every thread has read its entries before any overwrites them (moving left)
+            tl.store(lbase + total + off + offs, pos, mask=i_ok)
+        total += cnt
+    tl.debug_barrier()  # the moved list, read below by other threads
+    base = SC + row.to(tl.int64) * s_sr
+    n_list = tl.where(N < KK, 0, total)  # a short row's threshold is -inf: nothing to count
+    for r in tl.static_range(FULL, ROUNDS):
+        SH = 32 - BITS * (r + 1) if 32 - BITS * (r + 1) > 0 else 0
+        hist = tl.zeros([NB], tl.int32)
+        for off in range(0, n_list, BLOCK):
+            i_ok = off + offs < n_list
+            key = _ordered(tl.load(base + tl.load(lbase + off + offs, mask=i_ok, other=0), mask=i_ok, other=0.0))
+            ok = i_ok & ((key >> (32 - BITS * r)).to(tl.int64) == prefix)
+            hist += tl.histogram(((key >> SH) & ((1 << (32 - BITS * r - SH)) - 1)).to(tl.int32), NB, mask=ok)
+        d, want = _pick(hist, want, NB)
+        prefix = (prefix << (32 - BITS * r - SH)) | d
+    thr = _from_ordered(prefix.to(tl.uint32))
+    tl.store(THR + row, tl.where(N < KK, float("-inf"), thr))
+    tl.store(COUNT + row, total)
+
+
+@triton.jit
+def _zero_kernel(X, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(X + offs, tl.zeros([BLOCK], tl.int32), mask=offs < n)
+
+
+def select_kth(sc: torch.Tensor, k: int, lengths: torch.Tensor, layout: tuple, *, programs: int | None = None,
+                block: int = 2048) -> KthSelection:
+    """Each row's k-th largest score and the positions that reach it (see the module docstring).
+
+    Parameters
+    ----------
+    sc : Tensor, (R, W) float32, rows contiguous
+        Scores, rows ordered ``(b, hq, m)``; a row's entries at or past its length are not read.
+    k : int in [1, W]
+    lengths : Tensor, (B * Hkv,) int32
+        Each (batch, kv head)'s length, read on the device.
+    layout : (Hq, M, G, Hkv)
+        Query heads, query rows per head, query heads per kv head, kv heads.
+    programs : int, optional
+        Programs per row of the counting launches (default: about four per multiprocessor in all).
+    block : int, power of two
+        Scores a program reads at a time.
+
+    Returns
+    -------
+    KthSelection
+    """
+    if sc.dim() != 2 or sc.dtype != torch.float32 or sc.stride(1) != 1:
+        raise ValueError(f"sc must be a (R, W) float32 tensor with contiguous rows, got {tuple(sc.shape)} {sc.dtype}")
+    R, W = sc.shape
+    if isinstance(k, bool) or not 1 <= int(k) <= W:
+        raise ValueError(f"k must be an integer in [1, {W}], got {k!r}")
+    Hq, M, G, Hkv = (int(x) for x in layout)
+    dev = sc.device
+    if programs is None:
+        sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 4
+        programs = max(1, 4 * sms // max(R, 1))
+    P = max(1, min(int(programs), triton.cdiv(W, block)))
+    chunk = triton.cdiv(triton.cdiv(W, P), block) * block
+    P = triton.cdiv(W, chunk)
+    nb = 1 << DIGIT_BITS
+    hist = torch.empty(FULL_ROUNDS * R * nb, dtype=torch.int32, device=dev)
+    _zero_kernel[(triton.cdiv(hist.numel(), 1024),)](hist, hist.numel(), BLOCK=1024, num_warps=4)
+    positions = torch.empty(R, P * chunk, dtype=torch.int32, device=dev)
+    segcnt = torch.empty(R, P, dtype=torch.int32, device=dev)
+    thr = torch.empty(R, dtype=torch.float32, device=dev)
+    count = torch.empty(R, dtype=torch.int32, device=dev)
+    args = (sc, hist, positions, segcnt, lengths, sc.stride(0), positions.stride(0), int(k), chunk, P, R,
+            Hq, M, G, Hkv)
+    for rnd in range(FULL_ROUNDS + 1):
+        _select_pass_kernel[(P, R)](*args, ROUND=rnd, BITS=DIGIT_BITS, BLOCK=block,
+                                    COLLECT=rnd == FULL_ROUNDS, num_warps=4)
+    rounds = triton.cdiv(32, DIGIT_BITS)
+    _select_finish_kernel[(R,)](sc, hist, positions, segcnt, thr, count, lengths, sc.stride(0), positions.stride(0),
+                                int(k), chunk, P, R, Hq, M, G, Hkv, FULL=FULL_ROUNDS, ROUNDS=rounds,
+                                BITS=DIGIT_BITS, BLOCK=min(block, 1024), num_warps=4)
+    return KthSelection(thr, positions, count)
