@@ -17,9 +17,12 @@ over the scores and no host synchronisation (a CUDA graph captures it):
    bits, an eighth of an octave) into its own segment of the row's list. That is every key
    above the k-th (fewer than k) plus the bucket's keys: on real scores k plus a fraction of
    a percent of the row.
-3. **The finish** (one program per row): gathers the segments to the front of the row's list
-   and finds the key's 20 remaining bits by counting over the list alone. The k-th largest
-   is that key's float, bit for bit one of the row's own scores.
+3. **The finish** (one program per row) finds the key's 20 remaining bits by counting over the
+   list alone. The k-th largest is that key's float, bit for bit one of the row's own scores.
+
+The list stays in its segments (no compaction: each program's segment is read where it was
+written); a reader maps an entry's index in the row's list to its slot with the segments'
+counts (:func:`_list_slots`), as the top-k softmax's gather does.
 
 Why 6-bit digits: ``tl.histogram`` counts with one warp ballot per bit of the bin index and,
 per bin a thread owns, a popcount; 64 bins cost each thread two bins, where the 2048 bins of
@@ -60,15 +63,26 @@ class KthSelection(NamedTuple):
     ----------
     threshold : Tensor, (R,) float32
         Each row's k-th largest score (``-inf`` where the row sees fewer than k keys).
-    positions : Tensor, (R, W') int32
-        Row r's first ``count[r]`` entries: ascending positions of every key scoring at least
-        ``threshold[r]``, and of some scoring just below it (the rest of its bucket): a caller
-        keeps ``score >= threshold``. The entries past ``count[r]`` are stale.
+    positions : Tensor, (R, P * chunk) int32
+        Row r's list, in P segments of ``chunk`` slots: segment p's first ``segments[r, p]``
+        slots hold ascending positions, of every key scoring at least ``threshold[r]`` and of
+        some scoring just below it (the rest of its bucket), so a reader keeps
+        ``score >= threshold``. The other slots are stale.
+    segments : Tensor, (R, P) int32
     count : Tensor, (R,) int32
+        The list's length (the segments' sum).
+    chunk : int
     """
     threshold: torch.Tensor
     positions: torch.Tensor
+    segments: torch.Tensor
     count: torch.Tensor
+    chunk: int
+
+    def row_list(self, r: int) -> torch.Tensor:
+        """Row ``r``'s list, its segments joined (a host-side view for tests and inspection)."""
+        cnt = self.segments[r].tolist()
+        return torch.cat([self.positions[r, p * self.chunk:p * self.chunk + c] for p, c in enumerate(cnt)])
 
 
 @triton.jit
@@ -112,6 +126,24 @@ def _descend(HIST, row, R, KK, ROUNDS: tl.constexpr, NB: tl.constexpr):
         d, want = _pick(tl.load(HIST + (r * R + row) * NB + tl.arange(0, NB)), want, NB)
         prefix = prefix * NB + d
     return prefix, want
+
+
+@triton.jit
+def _list_segments(SEGCNT, row, P, PB: tl.constexpr):
+    # row's segments as (first, last + 1) entry indices in its list (PB: P as a power of two)
+    sp = tl.arange(0, PB)
+    cnt = tl.load(SEGCNT + row * P + sp, mask=sp < P, other=0)
+    ends = tl.cumsum(cnt, 0)
+    return ends - cnt, ends
+
+
+@triton.jit
+def _list_slots(i, starts, ends, CHUNK, PB: tl.constexpr):
+    # the slots of list entries i (< the list's length): entry i of segment p sits at
+    # p * CHUNK + (i - starts[p])
+    inside = (i[:, None] >= starts[None, :]) & (i[:, None] < ends[None, :])
+    slot = tl.arange(0, PB)[None, :] * CHUNK + i[:, None] - starts[None, :]
+    return tl.sum(tl.where(inside, slot, 0), 1)
 
 
 @triton.jit
@@ -159,34 +191,29 @@ def _select_pass_kernel(SC, HIST, LIST, SEGCNT, LENS, s_sr, s_lr, KK, CHUNK, P, 
 
 @triton.jit
 def _select_finish_kernel(SC, HIST, LIST, SEGCNT, THR, COUNT, LENS, s_sr, s_lr, KK, CHUNK, P, R, Hq, M, G, Hkv,
-                          FULL: tl.constexpr, ROUNDS: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr):
-    # one program per row: the segments moved to the front of the row's list (COUNT), then the
-    # key's remaining digits counted over the list alone, rounds FULL .. ROUNDS - 1 (the last
-    # one narrower where BITS does not divide 32); THR: the k-th largest score
+                          FULL: tl.constexpr, ROUNDS: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr,
+                          PB: tl.constexpr):
+    # one program per row: the key's remaining digits counted over the row's list alone, rounds
+    # FULL .. ROUNDS - 1 (the last one narrower where BITS does not divide 32); THR: the k-th
+    # largest score; COUNT: the list's length
     NB: tl.constexpr = 1 << BITS
     row = tl.program_id(0)
     N = _row_length(LENS, row, Hq, M, G, Hkv)
     prefix, want = _descend(HIST, row, R, KK, FULL, NB)
+    starts, ends = _list_segments(SEGCNT, row, P, PB)
+    total = tl.sum(ends - starts, 0)
     lbase = LIST + row.to(tl.int64) * s_lr
-    offs = tl.arange(0, BLOCK)
-    total = 0
-    for p in range(0, P):
-        cnt = tl.load(SEGCNT + row * P + p)
-        for off in range(0, cnt, BLOCK):
-            i_ok = off + offs < cnt
-            pos = tl.load(lbase + p * CHUNK + off + offs, mask=i_ok)
-            tl.debug_barrier()  # every thread has read its entries before any overwrites them (moving left)
-            tl.store(lbase + total + off + offs, pos, mask=i_ok)
-        total += cnt
-    tl.debug_barrier()  # the moved list, read below by other threads
     base = SC + row.to(tl.int64) * s_sr
+    offs = tl.arange(0, BLOCK)
     n_list = tl.where(N < KK, 0, total)  # a short row's threshold is -inf: nothing to count
     for r in tl.static_range(FULL, ROUNDS):
         SH = 32 - BITS * (r + 1) if 32 - BITS * (r + 1) > 0 else 0
         hist = tl.zeros([NB], tl.int32)
         for off in range(0, n_list, BLOCK):
-            i_ok = off + offs < n_list
-            key = _ordered(tl.load(base + tl.load(lbase + off + offs, mask=i_ok, other=0), mask=i_ok, other=0.0))
+            i = off + offs
+            i_ok = i < n_list
+            pos = tl.load(lbase + _list_slots(i, starts, ends, CHUNK, PB), mask=i_ok, other=0)
+            key = _ordered(tl.load(base + pos, mask=i_ok, other=0.0))
             ok = i_ok & ((key >> (32 - BITS * r)).to(tl.int64) == prefix)
             hist += tl.histogram(((key >> SH) & ((1 << (32 - BITS * r - SH)) - 1)).to(tl.int32), NB, mask=ok)
         d, want = _pick(hist, want, NB)
@@ -252,5 +279,5 @@ def select_kth(sc: torch.Tensor, k: int, lengths: torch.Tensor, layout: tuple, *
     rounds = triton.cdiv(32, DIGIT_BITS)
     _select_finish_kernel[(R,)](sc, hist, positions, segcnt, thr, count, lengths, sc.stride(0), positions.stride(0),
                                 int(k), chunk, P, R, Hq, M, G, Hkv, FULL=FULL_ROUNDS, ROUNDS=rounds,
-                                BITS=DIGIT_BITS, BLOCK=min(block, 1024), num_warps=4)
-    return KthSelection(thr, positions, count)
+                                BITS=DIGIT_BITS, BLOCK=min(block, 1024), PB=triton.next_power_of_2(P), num_warps=4)
+    return KthSelection(thr, positions, segcnt, count, chunk)

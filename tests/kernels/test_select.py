@@ -45,7 +45,8 @@ def _check(x, lens, k, sel):
         else:
             ref = torch.topk(row, k).values[-1].item()
             assert thr == ref, (r, thr, ref)
-        pos = sel.positions[r, :int(sel.count[r])].long().cpu()
+        pos = sel.row_list(r).long().cpu()
+        assert pos.numel() == int(sel.count[r])
         assert (pos[1:] > pos[:-1]).all() and (pos < n).all()
         kept = set(pos[row[pos] >= thr].tolist()) - set(torch.nonzero(row == float("-inf")).flatten().tolist())
         assert kept == set(torch.nonzero((row >= thr) & (row > float("-inf"))).flatten().tolist())
