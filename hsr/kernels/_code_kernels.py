@@ -55,7 +55,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._select import _list_segments, _list_slots
 from ._softmax import (_online_softmax_step, _online_softmax_step_row, _pdl_enter, _relu_base, _relu_rows_step,
                        _running_max_init, _weights_epilogue)
 
@@ -753,15 +752,14 @@ def _topk_attend_kernel(Q, V, SC, THR, LENS, MAXN, STATUS, O_PART, L_PART, REM,
 
 
 @triton.jit
-def _topk_gather_kernel(Q, V, SC, THR, LIST, SEGCNT, LENS, MAXN, STATUS, O_PART, L_PART,
-                        s_qb, s_qh, s_qm, s_vb, s_vh, s_vn, s_sr, s_lr, Hq, M, G, Hkv, CHUNK, P,
-                        SPLITS, BHM, qk_scale, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, PB: tl.constexpr):
+def _topk_gather_kernel(Q, V, SC, THR, LIST, COUNT, LENS, MAXN, STATUS, O_PART, L_PART,
+                        s_qb, s_qh, s_qm, s_vb, s_vh, s_vn, s_sr, s_lr, Hq, M, G, Hkv,
+                        SPLITS, BHM, qk_scale, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
     # The top-k mode's softmax from the selection (hsr.kernels._select.select_kth), one
-    # program per (split, query row): THR, the row's k-th best score; LIST, SEGCNT, CHUNK, P:
-    # the row's list in P segments (ascending positions of every key scoring at least THR and
-    # of a few just below: kept here by score >= THR). A row reads its list, those keys' scores
-    # and the kept keys' value rows, not its n scores. Partials as _code_attend_kernel's
-    # (split s at index s).
+    # program per (split, query row): THR, the row's k-th best score; LIST[row, :COUNT[row]],
+    # ascending positions of every key scoring at least it and of a few just below (kept
+    # here by score >= THR). A row reads its list, those keys' scores and the kept keys' value
+    # rows, not its n scores. Partials as _code_attend_kernel's (split s at index s).
     pid_s = tl.program_id(0)
     row = tl.program_id(1)  # (b, hq, m)
     b = row // (Hq * M)
@@ -773,8 +771,7 @@ def _topk_gather_kernel(Q, V, SC, THR, LIST, SEGCNT, LENS, MAXN, STATUS, O_PART,
     tl.atomic_or(STATUS, code, mask=(code > 0) & (pid_s == 0))
     row_bad = (code > 0) | ((tl.load(STATUS) & (_BAD_KV | _BAD_FULL)) != 0)
     thr = tl.load(THR + row)  # -inf where the row sees fewer than k keys: it keeps them all
-    starts, ends = _list_segments(SEGCNT, row, P, PB)
-    cnt = tl.sum(ends - starts, 0)
+    cnt = tl.load(COUNT + row)
     offs = tl.arange(0, BLOCK)
     vbase = V + b.to(tl.int64) * s_vb + (hq // G).to(tl.int64) * s_vh
     m_i = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), 0)
@@ -782,8 +779,7 @@ def _topk_gather_kernel(Q, V, SC, THR, LIST, SEGCNT, LENS, MAXN, STATUS, O_PART,
     acc = tl.zeros([HEAD_DIM], tl.float32)
     for off in range(pid_s * BLOCK, cnt, SPLITS * BLOCK):
         i_ok = off + offs < cnt
-        pos = tl.load(LIST + row.to(tl.int64) * s_lr + _list_slots(off + offs, starts, ends, CHUNK, PB), mask=i_ok,
-                      other=0)
+        pos = tl.load(LIST + row.to(tl.int64) * s_lr + off + offs, mask=i_ok, other=0)
         u = tl.load(SC + row.to(tl.int64) * s_sr + pos, mask=i_ok, other=float("-inf"))
         keep = i_ok & (u >= thr) & (u > float("-inf"))  # -inf: past the row's causal limit
         v = tl.load(vbase + pos[:, None].to(tl.int64) * s_vn + offs_d[None, :], mask=keep[:, None], other=0.0)

@@ -3,26 +3,24 @@
 The top-k mode (:meth:`hsr.kernels.CodeKVCache._topk`) scores every visible key into a
 ``(rows, width)`` fp32 buffer and must find, per query row, the k-th best score and the keys
 that reach it. ``torch.topk`` of a decode step's few long rows (28 rows of 128K) took ~90 µs on
-an H100 whatever the length, more than scoring the keys; this module does it in three launches
-over the scores and no host synchronisation (a CUDA graph captures it):
+an H100 whatever the length, more than scoring the keys; this module does it in four launches
+and no host synchronisation (a CUDA graph captures it):
 
 1. **Two counting rounds** (grid: programs per row x rows). Each float maps to a uint32 *key*
-   with the same order (negative floats' bits flipped, positive ones' sign bit set). Round r
-   counts, in a 64-bin histogram, the next 6 bits of every key whose higher bits equal the
-   digits found so far, and adds it into the row's histogram (integer atomics). The next
-   launch reads the histograms, walks each from the top bin down and finds the digit of the
-   bin that holds the k-th key.
+   with the same order (negative floats' bits flipped, positive ones' sign bit set). In round r
+   each program counts, in a 64-bin histogram of its own, the next 6 bits of every key of its
+   columns whose higher bits equal the digits found so far. The next launch sums a row's
+   histograms, walks the sum from the top bin down and finds the digit of the bin that holds
+   the k-th key.
 2. **The collection** (same grid): each program writes the positions of its keys at or
    above the lowest key of the bucket found (12 bits: a sign, the exponent and 3 mantissa
-   bits, an eighth of an octave) into its own segment of the row's list. That is every key
-   above the k-th (fewer than k) plus the bucket's keys: on real scores k plus a fraction of
-   a percent of the row.
+   bits, an eighth of an octave) into the row's list, at the offset its predecessors' counts
+   give (read from the histograms: no atomics, the list ascending and the same every run).
+   That is every key above the k-th (fewer than k) plus the bucket's keys: on the benchmarks'
+   real keys k + 8% at 128K (1419 entries for k = 1311).
 3. **The finish** (one program per row) finds the key's 20 remaining bits by counting over the
-   list alone. The k-th largest is that key's float, bit for bit one of the row's own scores.
-
-The list stays in its segments (no compaction: each program's segment is read where it was
-written); a reader maps an entry's index in the row's list to its slot with the segments'
-counts (:func:`_list_slots`), as the top-k softmax's gather does.
+   list alone (held in registers where it fits one block). The k-th largest is that key's
+   float, bit for bit one of the row's own scores.
 
 Why 6-bit digits: ``tl.histogram`` counts with one warp ballot per bit of the bin index and,
 per bin a thread owns, a popcount; 64 bins cost each thread two bins, where the 2048 bins of
@@ -54,6 +52,8 @@ __all__ = ["KthSelection", "select_kth"]
 DIGIT_BITS = 6
 #: counting rounds over every score before the collection (the rest run over the list)
 FULL_ROUNDS = 2
+#: the finish holds a list of up to this many entries in registers (longer ones: read every round)
+FINISH_BLOCK = 2048
 
 
 class KthSelection(NamedTuple):
@@ -63,26 +63,15 @@ class KthSelection(NamedTuple):
     ----------
     threshold : Tensor, (R,) float32
         Each row's k-th largest score (``-inf`` where the row sees fewer than k keys).
-    positions : Tensor, (R, P * chunk) int32
-        Row r's list, in P segments of ``chunk`` slots: segment p's first ``segments[r, p]``
-        slots hold ascending positions, of every key scoring at least ``threshold[r]`` and of
-        some scoring just below it (the rest of its bucket), so a reader keeps
-        ``score >= threshold``. The other slots are stale.
-    segments : Tensor, (R, P) int32
+    positions : Tensor, (R, W') int32, W' >= W
+        Row r's first ``count[r]`` entries: ascending positions of every key scoring at least
+        ``threshold[r]`` and of some scoring just below it (the rest of its bucket), so a reader
+        keeps ``score >= threshold``. The entries past ``count[r]`` are stale.
     count : Tensor, (R,) int32
-        The list's length (the segments' sum).
-    chunk : int
     """
     threshold: torch.Tensor
     positions: torch.Tensor
-    segments: torch.Tensor
     count: torch.Tensor
-    chunk: int
-
-    def row_list(self, r: int) -> torch.Tensor:
-        """Row ``r``'s list, its segments joined (a host-side view for tests and inspection)."""
-        cnt = self.segments[r].tolist()
-        return torch.cat([self.positions[r, p * self.chunk:p * self.chunk + c] for p, c in enumerate(cnt)])
 
 
 @triton.jit
@@ -117,43 +106,51 @@ def _pick(h, want, NB: tl.constexpr):
 
 
 @triton.jit
-def _descend(HIST, row, R, KK, ROUNDS: tl.constexpr, NB: tl.constexpr):
-    # the digits the first ROUNDS counting rounds found (as one int64) and the k-th's rank
-    # among the keys that share them
+def _descend(HIST, row, R, P, KK, ROUNDS: tl.constexpr, NB: tl.constexpr, PB: tl.constexpr):
+    # HIST (rounds, R, P, NB): each program's counts. Returns the digits the first ROUNDS
+    # rounds found (as one int64), the k-th's rank among the keys that share them, and per
+    # program (PB: P as a power of two) its keys at or above the bucket they define
     prefix = tl.zeros([], tl.int64)
     want = KK + tl.zeros([], tl.int32)
+    bins = tl.arange(0, NB)
+    progs = tl.arange(0, PB)
+    mine = tl.zeros([PB], tl.int32)
     for r in tl.static_range(ROUNDS):
-        d, want = _pick(tl.load(HIST + (r * R + row) * NB + tl.arange(0, NB)), want, NB)
+        h = tl.load(HIST + ((r * R + row) * P + progs[:, None]) * NB + bins[None, :],
+                    mask=progs[:, None] < P, other=0)
+        d, want = _pick(tl.sum(h, 0), want, NB)
         prefix = prefix * NB + d
-    return prefix, want
+        mine += tl.sum(tl.where(bins[None, :] > d, h, 0), 1)
+        if r == ROUNDS - 1:
+            mine += tl.sum(tl.where(bins[None, :] == d, h, 0), 1)
+    return prefix, want, mine
 
 
 @triton.jit
-def _list_segments(SEGCNT, row, P, PB: tl.constexpr):
-    # row's segments as (first, last + 1) entry indices in its list (PB: P as a power of two)
-    sp = tl.arange(0, PB)
-    cnt = tl.load(SEGCNT + row * P + sp, mask=sp < P, other=0)
-    ends = tl.cumsum(cnt, 0)
-    return ends - cnt, ends
+def _count_round(key, ok, prefix, r: tl.constexpr, BITS: tl.constexpr, NB: tl.constexpr):
+    # the finish's round r over keys in registers: the counts of the next digit of the keys
+    # that share the digits found (prefix)
+    SH: tl.constexpr = 32 - BITS * (r + 1) if 32 - BITS * (r + 1) > 0 else 0
+    ok = ok & ((key >> (32 - BITS * r)).to(tl.int64) == prefix)
+    return tl.histogram(((key >> SH) & ((1 << (32 - BITS * r - SH)) - 1)).to(tl.int32), NB, mask=ok)
 
 
 @triton.jit
-def _list_slots(i, starts, ends, CHUNK, PB: tl.constexpr):
-    # the slots of list entries i (< the list's length): entry i of segment p sits at
-    # p * CHUNK + (i - starts[p])
-    inside = (i[:, None] >= starts[None, :]) & (i[:, None] < ends[None, :])
-    slot = tl.arange(0, PB)[None, :] * CHUNK + i[:, None] - starts[None, :]
-    return tl.sum(tl.where(inside, slot, 0), 1)
+def _append(prefix, d, r: tl.constexpr, BITS: tl.constexpr):
+    # the found digits with round r's digit d after them (the last round's may be narrower)
+    SH: tl.constexpr = 32 - BITS * (r + 1) if 32 - BITS * (r + 1) > 0 else 0
+    return (prefix << (32 - BITS * r - SH)) | d
 
 
 @triton.jit
-def _select_pass_kernel(SC, HIST, LIST, SEGCNT, LENS, s_sr, s_lr, KK, CHUNK, P, R, Hq, M, G, Hkv,
-                        ROUND: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr, COLLECT: tl.constexpr):
+def _select_pass_kernel(SC, HIST, LIST, LENS, s_sr, s_lr, KK, CHUNK, P, R, Hq, M, G, Hkv,
+                        ROUND: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr, COLLECT: tl.constexpr,
+                        PB: tl.constexpr):
     # grid (P, R): program p reads columns [p*CHUNK, (p+1)*CHUNK) of row r below its length.
-    # Counting (not COLLECT): the digit below the ROUND found ones of every key that shares
-    # them, added into HIST[ROUND, r]. COLLECT: the positions of the keys at or above the
-    # found bucket's lowest key (every position where the row sees fewer than k keys) into
-    # LIST[r, p*CHUNK:], their number into SEGCNT[r, p].
+    # Counting (not COLLECT): the digit below the ROUND found ones of each of its keys that
+    # shares them, its counts into HIST[ROUND, r, p]. COLLECT: the positions of its keys at or
+    # above the found bucket's lowest key (every position where the row sees fewer than k
+    # keys) into LIST[r], after its predecessors' (the histograms give their numbers).
     NB: tl.constexpr = 1 << BITS
     p = tl.program_id(0)
     row = tl.program_id(1)
@@ -163,10 +160,11 @@ def _select_pass_kernel(SC, HIST, LIST, SEGCNT, LENS, s_sr, s_lr, KK, CHUNK, P, 
     hi = tl.minimum(lo + CHUNK, N)
     base = SC + row.to(tl.int64) * s_sr
     offs = tl.arange(0, BLOCK)
-    prefix, want = _descend(HIST, row, R, KK, ROUND, NB)
+    prefix, want, mine = _descend(HIST, row, R, P, KK, ROUND, NB, PB)
     if COLLECT:
         kmin = tl.where(short, 0, prefix << (32 - BITS * ROUND))
-        out = LIST + row.to(tl.int64) * s_lr + lo
+        before = tl.sum(tl.where(tl.arange(0, PB) < p, mine, 0), 0)
+        out = LIST + row.to(tl.int64) * s_lr + tl.where(short, lo, before)
         found = 0
         for off in range(lo, hi, BLOCK):
             j = off + offs
@@ -176,7 +174,6 @@ def _select_pass_kernel(SC, HIST, LIST, SEGCNT, LENS, s_sr, s_lr, KK, CHUNK, P, 
             keep_i = keep.to(tl.int32)
             tl.store(out + found + tl.cumsum(keep_i, 0) - 1, j, mask=keep)
             found += tl.sum(keep_i, 0)
-        tl.store(SEGCNT + row * P + p, found)
     else:
         hist = tl.zeros([NB], tl.int32)
         for off in range(lo, tl.where(short, lo, hi), BLOCK):  # a short row keeps every key: no count
@@ -186,11 +183,11 @@ def _select_pass_kernel(SC, HIST, LIST, SEGCNT, LENS, s_sr, s_lr, KK, CHUNK, P, 
             if ROUND > 0:
                 ok = ok & ((key >> (32 - BITS * ROUND)).to(tl.int64) == prefix)
             hist += tl.histogram(((key >> (32 - BITS * (ROUND + 1))) & (NB - 1)).to(tl.int32), NB, mask=ok)
-        tl.atomic_add(HIST + (ROUND * R + row) * NB + tl.arange(0, NB), hist)
+        tl.store(HIST + ((ROUND * R + row) * P + p) * NB + tl.arange(0, NB), hist)
 
 
 @triton.jit
-def _select_finish_kernel(SC, HIST, LIST, SEGCNT, THR, COUNT, LENS, s_sr, s_lr, KK, CHUNK, P, R, Hq, M, G, Hkv,
+def _select_finish_kernel(SC, HIST, LIST, THR, COUNT, LENS, s_sr, s_lr, KK, P, R, Hq, M, G, Hkv,
                           FULL: tl.constexpr, ROUNDS: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr,
                           PB: tl.constexpr):
     # one program per row: the key's remaining digits counted over the row's list alone, rounds
@@ -199,34 +196,32 @@ def _select_finish_kernel(SC, HIST, LIST, SEGCNT, THR, COUNT, LENS, s_sr, s_lr, 
     NB: tl.constexpr = 1 << BITS
     row = tl.program_id(0)
     N = _row_length(LENS, row, Hq, M, G, Hkv)
-    prefix, want = _descend(HIST, row, R, KK, FULL, NB)
-    starts, ends = _list_segments(SEGCNT, row, P, PB)
-    total = tl.sum(ends - starts, 0)
+    short = N < KK
+    prefix, want, mine = _descend(HIST, row, R, P, KK, FULL, NB, PB)
+    total = tl.where(short, N, tl.sum(mine, 0))
     lbase = LIST + row.to(tl.int64) * s_lr
     base = SC + row.to(tl.int64) * s_sr
     offs = tl.arange(0, BLOCK)
-    n_list = tl.where(N < KK, 0, total)  # a short row's threshold is -inf: nothing to count
-    for r in tl.static_range(FULL, ROUNDS):
-        SH = 32 - BITS * (r + 1) if 32 - BITS * (r + 1) > 0 else 0
-        hist = tl.zeros([NB], tl.int32)
-        for off in range(0, n_list, BLOCK):
-            i = off + offs
-            i_ok = i < n_list
-            pos = tl.load(lbase + _list_slots(i, starts, ends, CHUNK, PB), mask=i_ok, other=0)
-            key = _ordered(tl.load(base + pos, mask=i_ok, other=0.0))
-            ok = i_ok & ((key >> (32 - BITS * r)).to(tl.int64) == prefix)
-            hist += tl.histogram(((key >> SH) & ((1 << (32 - BITS * r - SH)) - 1)).to(tl.int32), NB, mask=ok)
-        d, want = _pick(hist, want, NB)
-        prefix = (prefix << (32 - BITS * r - SH)) | d
+    n_list = tl.where(short, 0, total)  # a short row's threshold is -inf: nothing to count
+    if n_list <= BLOCK:  # the list in registers once, every round over it
+        i_ok = offs < n_list
+        key = _ordered(tl.load(base + tl.load(lbase + offs, mask=i_ok, other=0), mask=i_ok, other=0.0))
+        for r in tl.static_range(FULL, ROUNDS):
+            d, want = _pick(_count_round(key, i_ok, prefix, r, BITS, NB), want, NB)
+            prefix = _append(prefix, d, r, BITS)
+    else:  # a long list (a wide tie, or crowded scores): read again every round
+        for r in tl.static_range(FULL, ROUNDS):
+            h = tl.zeros([NB], tl.int32)
+            for off in range(0, n_list, BLOCK):
+                i_ok = off + offs < n_list
+                key = _ordered(tl.load(base + tl.load(lbase + off + offs, mask=i_ok, other=0), mask=i_ok,
+                                       other=0.0))
+                h += _count_round(key, i_ok, prefix, r, BITS, NB)
+            d, want = _pick(h, want, NB)
+            prefix = _append(prefix, d, r, BITS)
     thr = _from_ordered(prefix.to(tl.uint32))
-    tl.store(THR + row, tl.where(N < KK, float("-inf"), thr))
+    tl.store(THR + row, tl.where(short, float("-inf"), thr))
     tl.store(COUNT + row, total)
-
-
-@triton.jit
-def _zero_kernel(X, n, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(X + offs, tl.zeros([BLOCK], tl.int32), mask=offs < n)
 
 
 def select_kth(sc: torch.Tensor, k: int, lengths: torch.Tensor, layout: tuple, *, programs: int | None = None,
@@ -265,19 +260,16 @@ def select_kth(sc: torch.Tensor, k: int, lengths: torch.Tensor, layout: tuple, *
     chunk = triton.cdiv(triton.cdiv(W, P), block) * block
     P = triton.cdiv(W, chunk)
     nb = 1 << DIGIT_BITS
-    hist = torch.empty(FULL_ROUNDS * R * nb, dtype=torch.int32, device=dev)
-    _zero_kernel[(triton.cdiv(hist.numel(), 1024),)](hist, hist.numel(), BLOCK=1024, num_warps=4)
+    pb = triton.next_power_of_2(P)
+    hist = torch.empty(FULL_ROUNDS * R * P * nb, dtype=torch.int32, device=dev)  # every program writes its own
     positions = torch.empty(R, P * chunk, dtype=torch.int32, device=dev)
-    segcnt = torch.empty(R, P, dtype=torch.int32, device=dev)
     thr = torch.empty(R, dtype=torch.float32, device=dev)
     count = torch.empty(R, dtype=torch.int32, device=dev)
-    args = (sc, hist, positions, segcnt, lengths, sc.stride(0), positions.stride(0), int(k), chunk, P, R,
-            Hq, M, G, Hkv)
+    args = (sc, hist, positions, lengths, sc.stride(0), positions.stride(0), int(k), chunk, P, R, Hq, M, G, Hkv)
     for rnd in range(FULL_ROUNDS + 1):
-        _select_pass_kernel[(P, R)](*args, ROUND=rnd, BITS=DIGIT_BITS, BLOCK=block,
-                                    COLLECT=rnd == FULL_ROUNDS, num_warps=4)
-    rounds = triton.cdiv(32, DIGIT_BITS)
-    _select_finish_kernel[(R,)](sc, hist, positions, segcnt, thr, count, lengths, sc.stride(0), positions.stride(0),
-                                int(k), chunk, P, R, Hq, M, G, Hkv, FULL=FULL_ROUNDS, ROUNDS=rounds,
-                                BITS=DIGIT_BITS, BLOCK=min(block, 1024), PB=triton.next_power_of_2(P), num_warps=4)
-    return KthSelection(thr, positions, segcnt, count, chunk)
+        _select_pass_kernel[(P, R)](*args, ROUND=rnd, BITS=DIGIT_BITS, BLOCK=block, COLLECT=rnd == FULL_ROUNDS,
+                                    PB=pb, num_warps=4)
+    _select_finish_kernel[(R,)](sc, hist, positions, thr, count, lengths, sc.stride(0), positions.stride(0),
+                                int(k), P, R, Hq, M, G, Hkv, FULL=FULL_ROUNDS, ROUNDS=triton.cdiv(32, DIGIT_BITS),
+                                BITS=DIGIT_BITS, BLOCK=FINISH_BLOCK, PB=pb, num_warps=4)
+    return KthSelection(thr, positions, count)

@@ -668,11 +668,10 @@ class CodeKVCache:
         l_part = torch.empty(splits, BHM, dtype=torch.float32, device=dev)
         if not certify:
             _topk_gather_kernel[(splits, BHM)](
-                q, self.v, sc, sel.threshold, sel.positions, sel.segments, self.lengths, self.max_norm, self.status,
+                q, self.v, sc, sel.threshold, sel.positions, sel.count, self.lengths, self.max_norm, self.status,
                 o_part, l_part, q.stride(0), q.stride(1), q.stride(2), self.v.stride(0), self.v.stride(1),
-                self.v.stride(2), sc.stride(0), sel.positions.stride(0), Hq, M, G, self.Hkv, sel.chunk,
-                sel.segments.shape[1], splits, BHM, s * LOG2E, BLOCK=block, HEAD_DIM=D,
-                PB=triton.next_power_of_2(sel.segments.shape[1]), num_warps=4)
+                self.v.stride(2), sc.stride(0), sel.positions.stride(0), Hq, M, G, self.Hkv,
+                splits, BHM, s * LOG2E, BLOCK=block, HEAD_DIM=D, num_warps=4)
             return self._finish(q, o_part, l_part, None, None, s, out, lse, return_terms)
         # the k-th best score of each row; -inf where a row sees fewer than k keys (it keeps them all)
         thr = sel.threshold

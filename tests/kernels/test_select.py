@@ -45,8 +45,7 @@ def _check(x, lens, k, sel):
         else:
             ref = torch.topk(row, k).values[-1].item()
             assert thr == ref, (r, thr, ref)
-        pos = sel.row_list(r).long().cpu()
-        assert pos.numel() == int(sel.count[r])
+        pos = sel.positions[r, :int(sel.count[r])].long().cpu()
         assert (pos[1:] > pos[:-1]).all() and (pos < n).all()
         kept = set(pos[row[pos] >= thr].tolist()) - set(torch.nonzero(row == float("-inf")).flatten().tolist())
         assert kept == set(torch.nonzero((row >= thr) & (row > float("-inf"))).flatten().tolist())
@@ -78,6 +77,18 @@ def test_select_kth_rows_share_their_kv_heads_length(device):
     lens = head_lens[(rows // (Hq * M)) * Hkv + (rows // M) % Hq // G]
     sel = select_kth(x.to(device), 6, head_lens.to(device), (Hq, M, G, Hkv), programs=2, block=128)
     _check(x, lens, 6, sel)
+
+
+@pytest.mark.parametrize("k", [10, 2999, 4000])
+def test_select_kth_list_longer_than_the_finish_holds(device, k):
+    # scores in {0, 1}: the bucket of the k-th is a tie of ~3000 keys, past the finish's
+    # 2048-entry block (it then reads the list again every round)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randint(0, 2, (2, 6000), generator=g).float()
+    lens = torch.tensor([6000, 5000], dtype=torch.int32)
+    sel = select_kth(x.to(device), k, lens.to(device), (2, 1, 1, 2), programs=3, block=1024)
+    assert int(sel.count.max()) > 2048
+    _check(x, lens, k, sel)
 
 
 def test_select_kth_refuses_what_it_cannot_do(device):
