@@ -55,8 +55,10 @@
 #   gatherloop the top-k step in the decode loop beside the threshold step and SDPA (bench_topk_step.py:
 #            both softmax forms timed alone too), d 128 and 64, 16K-128K, B 1 and 8
 #   select   the selection on the device (hsr/kernels/_select.py) and top-k tests compiled, then where the top-k
-#            step's time goes with it, and the selection alone beside torch.topk (diag_topk.py --profile)
-#   selectloop the top-k step with the selection on the device in the decode loop (bench_topk_step.py, as gatherloop)
+#            step's time goes with it, and the selection alone beside torch.topk (diag_topk.py --profile; ran on
+#            2026-12-06, H100, 128K B 1 and 8: topk_diag_h100_2026-12-06_select{,_first}.json)
+#   selectloop the top-k and selection tests compiled, then the top-k step with the selection on the device in the
+#            decode loop (bench_topk_step.py, as gatherloop; ran on 2026-12-06, H100: topk_step_h100_2026-12-06_select.json)
 #   d256     the fused step's forms (two launches or three; diag_step_kernels.py --variants) at d 256,
 #            14/2 heads (pairs of real heads side by side), 16K-128K, B 1: which form step_form should pick
 #   loop256  the decode loop at d 256 (14/2 heads), 16K and 128K, B 1 and 8 (plain launches, the default
