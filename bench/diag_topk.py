@@ -32,7 +32,7 @@ from diag_step_kernels import kernel_times  # noqa: E402
 from hsr.kernels._select import select_kth  # noqa: E402
 from hsr.kernels.codes import CodeKVCache  # noqa: E402
 
-VARIANTS = [dict(), dict(pdl=False), dict(certify=True), dict(splits=2), dict(splits=8), dict(splits=32), dict(block=32),
+VARIANTS = [dict(), dict(certify=True), dict(splits=2), dict(splits=8), dict(splits=32), dict(block=32),
             dict(block=128)]
 SELECT_VARIANTS = [dict(), dict(block=1024), dict(block=4096), dict(programs=1), dict(programs=2), dict(programs=8),
                    dict(programs=32)]
@@ -46,20 +46,17 @@ def one(real, D, n, B, steps, reps, top, dev, variants=VARIANTS, profile=False):
     kn = k[:, :, n0:n0 + 1].contiguous()
     vn = v[:, :, n0:n0 + 1].contiguous()
     rows, ref = [], None
-    pdl_default = cache.pdl
     for var in variants:
-        opts = dict(var)
-        cache.pdl = opts.pop("pdl", pdl_default)  # pdl=False: every launch of the step plain
+        if var.get("chunk", 0) > n:
+            continue
         out = torch.empty_like(q)
         lse = torch.empty(q.shape[:3], dtype=torch.float32, device=dev)
         cache.crop(n0)
         try:
-            g = capture(lambda: cache._topk(q, kk, scale=D ** -0.5, out=out, lse=lse, add=(kn, vn), **opts), warm=1)
+            g = capture(lambda: cache._topk(q, kk, scale=D ** -0.5, out=out, lse=lse, add=(kn, vn), **var), warm=1)
         except Exception as e:  # noqa: BLE001 - recorded, the others still run
             rows.append(dict(var, error=f"{type(e).__name__}: {e}"))
             continue
-        finally:
-            cache.pdl = pdl_default
         cache.crop(n0)
         t = time_loop(lambda i: g.replay(), steps, reps, lambda: cache.lengths.fill_(n0))
         ref = out.float().clone() if ref is None else ref
@@ -88,7 +85,7 @@ def one(real, D, n, B, steps, reps, top, dev, variants=VARIANTS, profile=False):
         res["kernels_us"] = {name: round(x, 2) for name, x in kernel_times(g.replay, steps).items()}
         print("  kernels (us):", res["kernels_us"], flush=True)
     print(f"d{D} n={n} B={B} k={kk} (sdpa best {res['sdpa_best_us']:.1f} us):",
-          [(tuple((a, b) for a, b in r.items() if a in ("programs", "splits", "block", "certify", "alone", "pdl")),
+          [(tuple((a, b) for a, b in r.items() if a in ("programs", "splits", "block", "certify", "alone")),
             round(r.get("step_us", r.get("us", float("nan"))), 1)) for r in rows], flush=True)
     return res
 
@@ -102,14 +99,14 @@ def main(argv=None):
     ap.add_argument("--real", default=str(ROOT / "bench" / "cache" / "gpu_real_keys.npz"))
     ap.add_argument("--out", default=default_out("topk_diag.json"))
     ap.add_argument("--profile", action="store_true", help="each kernel's time in the default step; variants: "
-                    "the default, with plain launches, and the certified step only")
+                    "the default and the certified step only")
     args = ap.parse_args(argv)
     dev = torch.device("cuda")
     real = np.load(args.real)
     res = []
     for c in args.configs:
         D, n, B = (int(x) for x in c.split(":"))
-        var = [dict(), dict(pdl=False), dict(certify=True)] if args.profile else VARIANTS
+        var = [dict(), dict(certify=True)] if args.profile else VARIANTS
         res.append(one(real, D, n, B, args.steps, args.reps, args.top, dev, var, args.profile))
         torch.cuda.empty_cache()
         save(args.out, res, steps=args.steps, top=args.top)

@@ -679,15 +679,12 @@ def _certify_kernel(REM, LSE, TAU, tau_scalar, Q, MAXN, LENS, BOUND, LOG_DROPPED
 
 @triton.jit
 def _score_all_kernel(Q, K, SC, LENS, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_sr, G, M, Hkv,
-                      ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr,
-                      PDL: tl.constexpr):
+                      ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
     # SC (B*Hq*M, C) fp32, rows ordered (b, hq, m): every key's score for the group's rows of
     # kv head pid_bh, fp32-accumulated as _attend_tile scores (the top-k mode keeps and weighs
     # keys by these very numbers), -inf past a row's causal limit. The grid covers the
     # capacity (one capture serves every length); a tile past the length writes nothing (no
-    # reader looks past a row's length). PDL: as _code_filter_kernel's.
-    if PDL:
-        _pdl_enter()
+    # reader looks past a row's length).
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // Hkv
@@ -757,15 +754,12 @@ def _topk_attend_kernel(Q, V, SC, THR, LENS, MAXN, STATUS, O_PART, L_PART, REM,
 @triton.jit
 def _topk_gather_kernel(Q, V, SC, THR, LIST, COUNT, LENS, MAXN, STATUS, O_PART, L_PART,
                         s_qb, s_qh, s_qm, s_vb, s_vh, s_vn, s_sr, s_lr, Hq, M, G, Hkv,
-                        SPLITS, BHM, qk_scale, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, PDL: tl.constexpr):
+                        SPLITS, BHM, qk_scale, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
     # The top-k mode's softmax from the selection (hsr.kernels._select.select_kth), one
     # program per (split, query row): THR, the row's k-th best score; LIST[row, :COUNT[row]],
     # ascending positions of every key scoring at least it and of a few just below (kept
     # here by score >= THR). A row reads its list, those keys' scores and the kept keys' value
-    # rows, not its n scores. Partials as _code_attend_kernel's (split s at index s). PDL: as
-    # _code_filter_kernel's.
-    if PDL:
-        _pdl_enter()
+    # rows, not its n scores. Partials as _code_attend_kernel's (split s at index s).
     pid_s = tl.program_id(0)
     row = tl.program_id(1)  # (b, hq, m)
     b = row // (Hq * M)

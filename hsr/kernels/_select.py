@@ -43,7 +43,6 @@ import triton
 import triton.language as tl
 
 from ._compat import patch_interpreter
-from ._softmax import _pdl_enter
 
 patch_interpreter()
 
@@ -146,14 +145,12 @@ def _append(prefix, d, r: tl.constexpr, BITS: tl.constexpr):
 @triton.jit
 def _select_pass_kernel(SC, HIST, LIST, LENS, s_sr, s_lr, KK, CHUNK, P, R, Hq, M, G, Hkv,
                         ROUND: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr, COLLECT: tl.constexpr,
-                        PB: tl.constexpr, PDL: tl.constexpr):
+                        PB: tl.constexpr):
     # grid (P, R): program p reads columns [p*CHUNK, (p+1)*CHUNK) of row r below its length.
     # Counting (not COLLECT): the digit below the ROUND found ones of each of its keys that
     # shares them, its counts into HIST[ROUND, r, p]. COLLECT: the positions of its keys at or
     # above the found bucket's lowest key (every position where the row sees fewer than k
     # keys) into LIST[r], after its predecessors' (the histograms give their numbers).
-    if PDL:  # (a programmatic dependent launch: its launch hidden behind the kernel before)
-        _pdl_enter()
     NB: tl.constexpr = 1 << BITS
     p = tl.program_id(0)
     row = tl.program_id(1)
@@ -192,12 +189,10 @@ def _select_pass_kernel(SC, HIST, LIST, LENS, s_sr, s_lr, KK, CHUNK, P, R, Hq, M
 @triton.jit
 def _select_finish_kernel(SC, HIST, LIST, THR, COUNT, LENS, s_sr, s_lr, KK, P, R, Hq, M, G, Hkv,
                           FULL: tl.constexpr, ROUNDS: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr,
-                          PB: tl.constexpr, PDL: tl.constexpr):
+                          PB: tl.constexpr):
     # one program per row: the key's remaining digits counted over the row's list alone, rounds
     # FULL .. ROUNDS - 1 (the last one narrower where BITS does not divide 32); THR: the k-th
     # largest score; COUNT: the list's length
-    if PDL:
-        _pdl_enter()
     NB: tl.constexpr = 1 << BITS
     row = tl.program_id(0)
     N = _row_length(LENS, row, Hq, M, G, Hkv)
@@ -230,7 +225,7 @@ def _select_finish_kernel(SC, HIST, LIST, THR, COUNT, LENS, s_sr, s_lr, KK, P, R
 
 
 def select_kth(sc: torch.Tensor, k: int, lengths: torch.Tensor, layout: tuple, *, programs: int | None = None,
-               block: int = 2048, pdl: bool = False) -> KthSelection:
+                block: int = 2048) -> KthSelection:
     """Each row's k-th largest score and the positions that reach it (see the module docstring).
 
     Parameters
@@ -247,9 +242,6 @@ def select_kth(sc: torch.Tensor, k: int, lengths: torch.Tensor, layout: tuple, *
         all, and at least 8).
     block : int, power of two
         Scores a program reads at a time.
-    pdl : bool
-        Launch each kernel as a programmatic dependent launch
-        (:func:`~hsr.kernels._compat.pdl_supported` devices only).
 
     Returns
     -------
@@ -279,9 +271,8 @@ def select_kth(sc: torch.Tensor, k: int, lengths: torch.Tensor, layout: tuple, *
     args = (sc, hist, positions, lengths, sc.stride(0), positions.stride(0), int(k), chunk, P, R, Hq, M, G, Hkv)
     for rnd in range(FULL_ROUNDS + 1):
         _select_pass_kernel[(P, R)](*args, ROUND=rnd, BITS=DIGIT_BITS, BLOCK=block, COLLECT=rnd == FULL_ROUNDS,
-                                    PB=pb, PDL=bool(pdl), launch_pdl=bool(pdl), num_warps=4)
+                                    PB=pb, num_warps=4)
     _select_finish_kernel[(R,)](sc, hist, positions, thr, count, lengths, sc.stride(0), positions.stride(0),
                                 int(k), P, R, Hq, M, G, Hkv, FULL=FULL_ROUNDS, ROUNDS=triton.cdiv(32, DIGIT_BITS),
-                                BITS=DIGIT_BITS, BLOCK=FINISH_BLOCK, PB=pb, PDL=bool(pdl), launch_pdl=bool(pdl),
-                                num_warps=4)
+                                BITS=DIGIT_BITS, BLOCK=FINISH_BLOCK, PB=pb, num_warps=4)
     return KthSelection(thr, positions, count)

@@ -657,10 +657,9 @@ class CodeKVCache:
         BH, BHM, C = B * self.Hkv, B * Hq * M, self.capacity
         dev = self.device
         s = float(scale)
-        pdl = bool(self.pdl)  # each launch's latency hidden behind the one before (Hopper on)
-        sc = self._score_all(q, block, pdl=pdl)
+        sc = self._score_all(q, block)
         kk = min(int(k), C)
-        sel = select_kth(sc, kk, self.lengths, (Hq, M, G, self.Hkv), pdl=pdl)
+        sel = select_kth(sc, kk, self.lengths, (Hq, M, G, self.Hkv))
         if not certify:
             splits = splits or max(1, min(triton.cdiv(kk, block) + 1, triton.cdiv(4 * _num_sms(dev), BHM)))
         else:
@@ -672,7 +671,7 @@ class CodeKVCache:
                 q, self.v, sc, sel.threshold, sel.positions, sel.count, self.lengths, self.max_norm, self.status,
                 o_part, l_part, q.stride(0), q.stride(1), q.stride(2), self.v.stride(0), self.v.stride(1),
                 self.v.stride(2), sc.stride(0), sel.positions.stride(0), Hq, M, G, self.Hkv,
-                splits, BHM, s * LOG2E, BLOCK=block, HEAD_DIM=D, PDL=pdl, launch_pdl=pdl, num_warps=4)
+                splits, BHM, s * LOG2E, BLOCK=block, HEAD_DIM=D, num_warps=4)
             return self._finish(q, o_part, l_part, None, None, s, out, lse, return_terms)
         # the k-th best score of each row; -inf where a row sees fewer than k keys (it keeps them all)
         thr = sel.threshold
@@ -686,7 +685,7 @@ class CodeKVCache:
         tau = (thr.view(B, Hq, M), 0.0)
         return self._finish(q, o_part, l_part, rem.view(B, Hq, M), tau, s, out, lse, return_terms)
 
-    def _score_all(self, q, block=64, pdl=False):
+    def _score_all(self, q, block=64):
         """``(B*Hq*M, capacity)`` fp32: every visible key's score for each query row (rows
         ordered ``(b, hq, m)``), ``-inf`` past a row's causal limit; entries at or past the
         length are not written (no reader looks there): the top-k mode's first launch."""
@@ -697,7 +696,7 @@ class CodeKVCache:
             q, self.k, sc, self.lengths, q.stride(0), q.stride(1), q.stride(2),
             self.k.stride(0), self.k.stride(1), self.k.stride(2), sc.stride(0), G, M, self.Hkv,
             ROWS=max(16, triton.next_power_of_2(G * M)), BLOCK_N=block, HEAD_DIM=D,
-            UPCAST=interpreting() or q.dtype == torch.float32, PDL=pdl, launch_pdl=pdl, num_warps=4)
+            UPCAST=interpreting() or q.dtype == torch.float32, num_warps=4)
         return sc
 
     def step_form(self, adding: bool = True) -> dict:
