@@ -151,7 +151,7 @@ case "${1:-decode}" in
   gatherloop) timeout 110 python -m pytest -q -p no:cacheprovider tests/kernels/test_code_topk.py 2>&1 | tee "$OUT/tests_log.txt"
             timeout 470 python bench/bench_topk_step.py --dims 128 64 --n 16384 131072 32768 --batch 1 8 \
               --out "$OUT/topk_step.json" 2>&1 | tee "$OUT/topk_step_log.txt" ;;
-  select)   timeout 150 python -m pytest -q -p no:cacheprovider tests/kernels/test_select.py tests/kernels/test_code_topk.py \
+  select)   timeout 200 python -m pytest -q -p no:cacheprovider tests/kernels/test_select.py tests/kernels/test_code_topk.py \
               2>&1 | tee "$OUT/tests_log.txt"
             timeout 420 python bench/diag_topk.py --profile --configs ${CONFIGS:-128:131072:1 128:131072:8 64:16384:1 128:16384:8} \
               --out "$OUT/topk_diag.json" 2>&1 | tee "$OUT/topk_diag_log.txt" ;;
