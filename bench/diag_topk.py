@@ -35,7 +35,7 @@ from hsr.kernels.codes import CodeKVCache  # noqa: E402
 VARIANTS = [dict(), dict(certify=True), dict(splits=2), dict(splits=8), dict(splits=32), dict(block=32),
             dict(block=128)]
 SELECT_VARIANTS = [dict(), dict(block=1024), dict(block=4096), dict(programs=1), dict(programs=2), dict(programs=8),
-                   dict(programs=32)]
+                   dict(programs=32), dict(finish_warps=1), dict(finish_warps=2), dict(finish_warps=8)]
 
 
 def one(real, D, n, B, steps, reps, top, dev, variants=VARIANTS, profile=False):
@@ -85,7 +85,8 @@ def one(real, D, n, B, steps, reps, top, dev, variants=VARIANTS, profile=False):
         res["kernels_us"] = {name: round(x, 2) for name, x in kernel_times(g.replay, steps).items()}
         print("  kernels (us):", res["kernels_us"], flush=True)
     print(f"d{D} n={n} B={B} k={kk} (sdpa best {res['sdpa_best_us']:.1f} us):",
-          [(tuple((a, b) for a, b in r.items() if a in ("programs", "splits", "block", "certify", "alone")),
+          [(tuple((a, b) for a, b in r.items() if a in ("programs", "splits", "block", "certify", "alone",
+                                                         "finish_warps")),
             round(r.get("step_us", r.get("us", float("nan"))), 1)) for r in rows], flush=True)
     return res
 

@@ -225,7 +225,7 @@ def _select_finish_kernel(SC, HIST, LIST, THR, COUNT, LENS, s_sr, s_lr, KK, P, R
 
 
 def select_kth(sc: torch.Tensor, k: int, lengths: torch.Tensor, layout: tuple, *, programs: int | None = None,
-                block: int = 2048) -> KthSelection:
+               block: int = 2048, finish_warps: int = 4) -> KthSelection:
     """Each row's k-th largest score and the positions that reach it (see the module docstring).
 
     Parameters
@@ -242,6 +242,8 @@ def select_kth(sc: torch.Tensor, k: int, lengths: torch.Tensor, layout: tuple, *
         all, and at least 8).
     block : int, power of two
         Scores a program reads at a time.
+    finish_warps : int
+        Warps of the finish's program (one a row).
 
     Returns
     -------
@@ -274,5 +276,5 @@ def select_kth(sc: torch.Tensor, k: int, lengths: torch.Tensor, layout: tuple, *
                                     PB=pb, num_warps=4)
     _select_finish_kernel[(R,)](sc, hist, positions, thr, count, lengths, sc.stride(0), positions.stride(0),
                                 int(k), P, R, Hq, M, G, Hkv, FULL=FULL_ROUNDS, ROUNDS=triton.cdiv(32, DIGIT_BITS),
-                                BITS=DIGIT_BITS, BLOCK=FINISH_BLOCK, PB=pb, num_warps=4)
+                                BITS=DIGIT_BITS, BLOCK=FINISH_BLOCK, PB=pb, num_warps=int(finish_warps))
     return KthSelection(thr, positions, count)
