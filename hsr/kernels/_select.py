@@ -225,7 +225,7 @@ def _select_finish_kernel(SC, HIST, LIST, THR, COUNT, LENS, s_sr, s_lr, KK, P, R
 
 
 def select_kth(sc: torch.Tensor, k: int, lengths: torch.Tensor, layout: tuple, *, programs: int | None = None,
-               block: int = 2048, finish_warps: int = 4) -> KthSelection:
+               block: int = 2048, finish_warps: int = 8) -> KthSelection:
     """Each row's k-th largest score and the positions that reach it (see the module docstring).
 
     Parameters
@@ -243,7 +243,9 @@ def select_kth(sc: torch.Tensor, k: int, lengths: torch.Tensor, layout: tuple, *
     block : int, power of two
         Scores a program reads at a time.
     finish_warps : int
-        Warps of the finish's program (one a row).
+        Warps of the finish's program (one a row). H100, the selection alone: 8 took 60.5 against
+        64.0 us with 4 at 128K B 1, 20.4 against 23.1 at d 64 16K B 1, 304 against 312 at 128K
+        B 8; 16 no faster, 1 and 2 slower (bench/results/select_finish_warps_h100_2026-12-06.txt).
 
     Returns
     -------
