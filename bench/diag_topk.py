@@ -47,8 +47,6 @@ def one(real, D, n, B, steps, reps, top, dev, variants=VARIANTS, profile=False):
     vn = v[:, :, n0:n0 + 1].contiguous()
     rows, ref = [], None
     for var in variants:
-        if var.get("chunk", 0) > n:
-            continue
         out = torch.empty_like(q)
         lse = torch.empty(q.shape[:3], dtype=torch.float32, device=dev)
         cache.crop(n0)

@@ -42,7 +42,7 @@ the partials; :meth:`~hsr.kernels.CodeKVCache.plan` and ``run`` launch them apar
 ``_score_all_kernel``, grid (capacity tiles, B*Hkv), ``_topk_gather_kernel``, grid (splits, rows),
 and ``_topk_attend_kernel``, grid (splits, B*Hkv)
     The top-k mode (no filter): every visible key's fp32 score into a (rows, capacity)
-    buffer, then, after ``_select.select_topk`` found each row's k-th best and the keys that
+    buffer, then, after ``_select.select_kth`` found each row's k-th best and the keys that
     reach it, softmax over those keys (the gather reads only the listed keys; the certified
     form scans every score for the dropped terms), reading only the kept keys' values.
 

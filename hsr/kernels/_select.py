@@ -128,10 +128,11 @@ def _descend(HIST, row, R, P, KK, ROUNDS: tl.constexpr, NB: tl.constexpr, PB: tl
 
 @triton.jit
 def _count_round(key, ok, prefix, r: tl.constexpr, BITS: tl.constexpr, NB: tl.constexpr):
-    # the finish's round r over keys in registers: the counts of the next digit of the keys
-    # that share the digits found (prefix)
+    # round r's counts: the next digit of each key (where ok) that shares the digits found
+    # (prefix; round 0 has none)
     SH: tl.constexpr = 32 - BITS * (r + 1) if 32 - BITS * (r + 1) > 0 else 0
-    ok = ok & ((key >> (32 - BITS * r)).to(tl.int64) == prefix)
+    if r > 0:
+        ok = ok & ((key >> (32 - BITS * r)).to(tl.int64) == prefix)
     return tl.histogram(((key >> SH) & ((1 << (32 - BITS * r - SH)) - 1)).to(tl.int32), NB, mask=ok)
 
 
@@ -179,10 +180,7 @@ def _select_pass_kernel(SC, HIST, LIST, LENS, s_sr, s_lr, KK, CHUNK, P, R, Hq, M
         for off in range(lo, tl.where(short, lo, hi), BLOCK):  # a short row keeps every key: no count
             j = off + offs
             ok = j < hi
-            key = _ordered(tl.load(base + j, mask=ok, other=0.0))
-            if ROUND > 0:
-                ok = ok & ((key >> (32 - BITS * ROUND)).to(tl.int64) == prefix)
-            hist += tl.histogram(((key >> (32 - BITS * (ROUND + 1))) & (NB - 1)).to(tl.int32), NB, mask=ok)
+            hist += _count_round(_ordered(tl.load(base + j, mask=ok, other=0.0)), ok, prefix, ROUND, BITS, NB)
         tl.store(HIST + ((ROUND * R + row) * P + p) * NB + tl.arange(0, NB), hist)
 
 
