@@ -68,6 +68,9 @@
 #   ncu      Nsight Compute on one eager decode step's three kernels at 128K, B 1 (bench/profile_step_ncu.py):
 #            throughput, occupancy and warp stall reasons, as text (ran on 2026-12-06, H100:
 #            bench/results/ncu_step_h100_2026-12-06_{128k,16k}_b1.txt)
+#   full     every test that touches the GPU, compiled (no interpreter): the kernel, device-cache, distributed,
+#            PowerAttention, protocol and docs tests, spread over 12 pytest workers (pytest-xdist where the image
+#            has it, else 8 processes by file); one log, $OUT/full_tests.txt
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out}; mkdir -p "$OUT"
@@ -173,7 +176,28 @@ case "${1:-decode}" in
                 python bench/profile_step_ncu.py --config $cfg > "$OUT/ncu_step_${cfg//:/_}.txt" 2>&1
               tail -5 "$OUT/ncu_step_${cfg//:/_}.txt" | tee -a "$OUT/ncu_log.txt"
             done ;;
+  full)     FILES="tests/kernels tests/integrations/test_device_cache.py tests/distributed tests/attention/test_power.py
+              tests/test_protocols.py tests/test_docs.py"
+            if python -c "import xdist" 2>/dev/null; then
+              timeout 560 python -m pytest -q -p no:cacheprovider -n 12 --dist load $FILES > "$OUT/full_tests.txt" 2>&1
+              echo "pytest exit $?" >> "$OUT/full_tests.txt"
+            else  # by hand: the longest file alone, the rest in groups
+              i=0
+              for g in "tests/kernels/test_decode_step.py" "tests/kernels/test_block_sparse.py tests/kernels/test_blockmask.py" \
+                  "tests/kernels/test_search.py tests/kernels/test_search_plan.py tests/kernels/test_validation.py tests/kernels/test_selected.py" \
+                  "tests/kernels/test_replay.py tests/integrations/test_device_cache.py tests/kernels/test_dispatch.py" \
+                  "tests/kernels/test_prefill.py tests/kernels/test_relu_prefill.py tests/kernels/test_relu_scaling.py" \
+                  "tests/kernels/test_code_topk.py tests/kernels/test_select.py tests/kernels/test_codes.py tests/kernels/test_sm90_compile.py" \
+                  "tests/distributed tests/kernels/test_fuzz.py tests/kernels/test_compile.py" \
+                  "tests/attention/test_power.py tests/test_protocols.py tests/test_docs.py"; do
+                (timeout 560 python -m pytest -q -p no:cacheprovider $g > "$OUT/part_$i.txt" 2>&1; echo "pytest exit $? ($g)" >> "$OUT/part_$i.txt") &
+                i=$((i + 1))
+              done
+              wait
+              cat "$OUT"/part_*.txt > "$OUT/full_tests.txt"; rm -f "$OUT"/part_*.txt
+            fi
+            grep -E "passed|failed|pytest exit" "$OUT/full_tests.txt" ;;
   kernels)  timeout 130 python bench/diag_step_kernels.py --sweep --out "$OUT/step_kernels.json" 2>&1 | tee "$OUT/step_kernels_log.txt" ;;
   owed)     OUT=$OUT bash bench/run_gpu_pending.sh kernels; OUT=$OUT bash bench/run_gpu_pending.sh count ;;
-  *) echo "usage: $0 decode|faiss|generate|striped|tests|eager|replay|b8|eps|count|kernels|owed|ride|form|loop|loop128|topk|topkprof|topkshare|gather|gatherloop|select|selectloop|d256|loop256|pdl|ncu|prepare|ceiling"; exit 2 ;;
+  *) echo "usage: $0 full|decode|faiss|generate|striped|tests|eager|replay|b8|eps|count|kernels|owed|ride|form|loop|loop128|topk|topkprof|topkshare|gather|gatherloop|select|selectloop|d256|loop256|pdl|ncu|prepare|ceiling"; exit 2 ;;
 esac

@@ -255,7 +255,13 @@ def select_kth(sc: torch.Tensor, k: int, lengths: torch.Tensor, layout: tuple, *
     if isinstance(k, bool) or not 1 <= int(k) <= W:
         raise ValueError(f"k must be an integer in [1, {W}], got {k!r}")
     Hq, M, G, Hkv = (int(x) for x in layout)
+    if min(Hq, M, G, Hkv) < 1 or Hq != G * Hkv or R % (Hq * M):
+        raise ValueError(f"layout (Hq, M, G, Hkv) = {tuple(layout)} does not describe {R} rows ordered (b, hq, m)")
     dev = sc.device
+    if (not torch.is_tensor(lengths) or lengths.dtype != torch.int32 or lengths.device != dev
+            or lengths.shape != (R // (Hq * M) * Hkv,)):
+        raise ValueError(f"lengths must be a ({R // (Hq * M) * Hkv},) int32 tensor on {dev}, got "
+                         f"{tuple(lengths.shape) if torch.is_tensor(lengths) else type(lengths).__name__}")
     if programs is None:
         # at least 8 a row: 128K, B 8 (224 rows), H100: 315 against 385 us with 2 (the counting
         # rounds' programs are short, more of them hide more of the memory's latency)

@@ -100,3 +100,11 @@ def test_select_kth_refuses_what_it_cannot_do(device):
         select_kth(x, 11, lens, (2, 1, 1, 2))
     with pytest.raises(ValueError, match="float32"):
         select_kth(x.double(), 1, lens, (2, 1, 1, 2))
+    with pytest.raises(ValueError, match="does not describe 2 rows"):
+        select_kth(x, 1, lens, (2, 1, 2, 2))  # Hq != G * Hkv
+    with pytest.raises(ValueError, match="does not describe 2 rows"):
+        select_kth(x, 1, lens, (4, 1, 2, 2))  # 2 rows are not a whole batch of 4 heads
+    with pytest.raises(ValueError, match=r"lengths must be a \(2,\) int32"):
+        select_kth(x, 1, lens.long(), (2, 1, 1, 2))
+    with pytest.raises(ValueError, match=r"lengths must be a \(2,\) int32"):
+        select_kth(x, 1, lens[:1], (2, 1, 1, 2))
