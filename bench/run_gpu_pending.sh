@@ -70,7 +70,7 @@
 #            bench/results/ncu_step_h100_2026-12-06_{128k,16k}_b1.txt)
 #   full     every test that touches the GPU, compiled (no interpreter): the kernel, device-cache, distributed,
 #            PowerAttention, protocol and docs tests, spread over 12 pytest workers (pytest-xdist where the image
-#            has it, else 8 processes by file); one log, $OUT/full_tests.txt
+#            has it, else 8 processes by file; TESTS_TIMEOUT s each, default 560); one log, $OUT/full_tests.txt
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out}; mkdir -p "$OUT"
@@ -179,7 +179,7 @@ case "${1:-decode}" in
   full)     FILES="tests/kernels tests/integrations/test_device_cache.py tests/distributed tests/attention/test_power.py
               tests/test_protocols.py tests/test_docs.py"
             if python -c "import xdist" 2>/dev/null; then
-              timeout 560 python -m pytest -q -p no:cacheprovider -n 12 --dist load $FILES > "$OUT/full_tests.txt" 2>&1
+              timeout ${TESTS_TIMEOUT:-560} python -m pytest -q -p no:cacheprovider -n 12 --dist load $FILES > "$OUT/full_tests.txt" 2>&1
               echo "pytest exit $?" >> "$OUT/full_tests.txt"
             else  # by hand: the longest file alone, the rest in groups
               i=0
@@ -190,7 +190,7 @@ case "${1:-decode}" in
                   "tests/kernels/test_code_topk.py tests/kernels/test_select.py tests/kernels/test_codes.py tests/kernels/test_sm90_compile.py" \
                   "tests/distributed tests/kernels/test_fuzz.py tests/kernels/test_compile.py" \
                   "tests/attention/test_power.py tests/test_protocols.py tests/test_docs.py"; do
-                (timeout 560 python -m pytest -q -p no:cacheprovider $g > "$OUT/part_$i.txt" 2>&1; echo "pytest exit $? ($g)" >> "$OUT/part_$i.txt") &
+                (timeout ${TESTS_TIMEOUT:-560} python -m pytest -q -p no:cacheprovider $g > "$OUT/part_$i.txt" 2>&1; echo "pytest exit $? ($g)" >> "$OUT/part_$i.txt") &
                 i=$((i + 1))
               done
               wait
