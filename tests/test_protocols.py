@@ -7,6 +7,8 @@ import hsr
 from hsr import AttentionSpec, SearchIndex
 
 torch = pytest.importorskip("torch")
+#: where the GPU index's tensors live: a GPU, else the CPU under the Triton interpreter
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _lattice(n, d, seed):
@@ -19,7 +21,11 @@ def _indexes(keys):
     from hsr.kernels.code_index import GPUCodeIndex
 
     return {"code": hsr.HSRIndex(keys, method="code"), "tree": hsr.HSRIndex(keys, method="tree", leaf_size=8),
-            "brute": hsr.BruteForceIndex(keys), "gpu_code": GPUCodeIndex(torch.from_numpy(keys))}
+            "brute": hsr.BruteForceIndex(keys), "gpu_code": GPUCodeIndex(_t(keys))}
+
+
+def _t(x):
+    return torch.as_tensor(x).to(DEV)
 
 
 def _np(x):
@@ -43,10 +49,10 @@ def test_every_index_answers_the_search_protocol_alike():
     want_sets = [set(live[scores[:, i] >= 4.0].tolist()) for i in range(len(Q))]
     for name, idx in _indexes(keys).items():
         assert isinstance(idx, SearchIndex), name
-        q = torch.from_numpy(Q) if name == "gpu_code" else Q
-        added = idx.add(torch.from_numpy(more) if name == "gpu_code" else more)
+        q = _t(Q) if name == "gpu_code" else Q
+        added = idx.add(_t(more) if name == "gpu_code" else more)
         np.testing.assert_array_equal(_np(added), np.arange(300, 340), err_msg=name)
-        idx.remove(torch.from_numpy(gone) if name == "gpu_code" else gone)
+        idx.remove(_t(gone) if name == "gpu_code" else gone)
         assert idx.ntotal == len(idx) == len(live) and idx.d == d, name
         assert _sets(idx.range_search(q, 4.0)) == want_sets, name
         np.testing.assert_array_equal(_np(idx.count(q, 4.0)), [len(s) for s in want_sets], err_msg=name)
@@ -55,7 +61,7 @@ def test_every_index_answers_the_search_protocol_alike():
         np.testing.assert_array_equal(D, best, err_msg=name)
         assert all(set(I[i]) <= set(live.tolist()) for i in range(len(Q))), name
         with pytest.raises(ValueError, match="already removed"):
-            idx.remove(torch.tensor([5]) if name == "gpu_code" else [5])
+            idx.remove(_t([5]) if name == "gpu_code" else [5])
         moved = idx.to("cpu")
         assert isinstance(moved, SearchIndex) and moved.ntotal == len(live), name
         assert _sets(moved.range_search(Q, 4.0)) == want_sets, name
@@ -75,9 +81,9 @@ def test_search_on_an_index_with_fewer_live_keys_than_k_pads():
     from hsr.kernels.code_index import GPUCodeIndex
 
     keys = _lattice(3, 16, 4)
-    gpu = GPUCodeIndex(torch.from_numpy(keys))
-    gpu.remove(torch.tensor([1]))
-    D, I = gpu.search(torch.from_numpy(keys[:1]), 4)
+    gpu = GPUCodeIndex(_t(keys))
+    gpu.remove(_t([1]))
+    D, I = gpu.search(_t(keys[:1]), 4)
     assert (I[0, 2:] == -1).all() and torch.isinf(D[0, 2:]).all() and set(I[0, :2].tolist()) == {0, 2}
 
 

@@ -439,8 +439,9 @@ def hsr_decode(q: torch.Tensor, index: GPUBlockIndex, *, tau: float | torch.Tens
         return call_hsr_decode(q, index, tau=tau, top_fraction=top_fraction, kind=kind, alpha=alpha,
                                bias=bias, scale=scale, exact_set=exact_set, return_lse=return_lse,
                                num_splits=num_splits, count_visited=count_visited, mode=mode)
-    B, Hq, M, D, Hkv, _ = check_attention_inputs(q, index.kp, index.vp)
+    # a CPU query against a GPU index: the fix (move it, or the interpreter), not a device mismatch
     check_triton_device("hsr_decode", q=q, keys=index.kp)
+    B, Hq, M, D, Hkv, _ = check_attention_inputs(q, index.kp, index.vp)
     kind_id = check_kind(kind)
     if kind_id == 1:
         check_alpha(int(alpha))
