@@ -663,10 +663,12 @@ class CodeKVCache:
         sc = self._score_all(q, block)
         kk = min(int(k), C)
         sel = select_kth(sc, kk, self.lengths, (Hq, M, G, self.Hkv))
+        # the gather splits a row's list (k and a few more); the certified scan a head's every score
+        splits = splits or (max(1, min(64, 2 * _num_sms(dev) // BH)) if certify
+                            else max(1, min(triton.cdiv(kk, block) + 1, triton.cdiv(4 * _num_sms(dev), BHM))))
+        o_part = torch.empty(splits, BHM, D, dtype=torch.float32, device=dev)
+        l_part = torch.empty(splits, BHM, dtype=torch.float32, device=dev)
         if not certify:
-            splits = splits or max(1, min(triton.cdiv(kk, block) + 1, triton.cdiv(4 * _num_sms(dev), BHM)))
-            o_part = torch.empty(splits, BHM, D, dtype=torch.float32, device=dev)
-            l_part = torch.empty(splits, BHM, dtype=torch.float32, device=dev)
             _topk_gather_kernel[(splits, BHM)](
                 q, self.v, sc, sel.threshold, sel.positions, sel.count, self.lengths, self.max_norm, self.status,
                 o_part, l_part, q.stride(0), q.stride(1), q.stride(2), self.v.stride(0), self.v.stride(1),
@@ -675,9 +677,6 @@ class CodeKVCache:
             return self._finish(q, o_part, l_part, None, None, s, out, lse, return_terms)
         # the k-th best score of each row; -inf where a row sees fewer than k keys (it keeps them all)
         thr = sel.threshold
-        splits = splits or max(1, min(64, 2 * _num_sms(dev) // BH))
-        o_part = torch.empty(splits, BHM, D, dtype=torch.float32, device=dev)
-        l_part = torch.empty(splits, BHM, dtype=torch.float32, device=dev)
         rem = torch.zeros(BHM, dtype=torch.float32, device=dev)
         _topk_attend_kernel[(splits, BH)](
             q, self.v, sc, thr, self.lengths, self.max_norm, self.status, o_part, l_part, rem,
